@@ -1,0 +1,24 @@
+# lora_kernels developer commands. Each target sets up .venv itself on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo lint gpu-check bench-dry wheel clean
+
+setup:
+	bash scripts/setup_env.sh
+
+test: setup
+	bash scripts/run_tests.sh
+
+demo: setup
+	$(PY) -m lora_kernels demo
+
+lint: setup
+	$(VENV)/bin/ruff check lora_kernels tests bench
+	$(VENV)/bin/ruff format --check lora_kernels tests bench
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build dist *.egg-info lora_kernels/*.so lora_kernels/_build_info.py

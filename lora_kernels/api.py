@@ -1,0 +1,164 @@
+"""Public entry point ``lora_linear``: argument checks, autocast, seeding and backend dispatch.
+
+Every backend implements the same 2-D contract (see ``lora_kernels/backends.py``); this module
+turns the user's call into that contract exactly once, so error messages and semantics are the
+same whichever backend runs.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import backends
+from .reference import lora_linear_ref
+
+__all__ = ["lora_linear", "check_inputs", "new_seed", "MASK_MODES"]
+
+MASK_MODES = ("bitmask", "regenerate")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t: object, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}"
+        )
+
+
+def check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: int | None,
+) -> None:
+    """Raise ValueError/TypeError naming the argument for anything the kernels cannot take."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    _check_tensor("lora_A", lora_A)
+    _check_tensor("lora_B", lora_B)
+    _check_tensor("bias", bias, optional=True)
+    _check_tensor("lora_bias", lora_bias, optional=True)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., K), got a 0-d tensor")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, K) = (N, {K}), got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if lora_A.dim() != 2:
+        raise ValueError(f"lora_A must have shape (r, K) = (r, {K}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A has rank r = 0: the LoRA rank must be at least 1")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape (r, K) = ({r}, {K}), got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape (N, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    if lora_bias is not None and tuple(lora_bias.shape) != (N,):
+        raise ValueError(f"lora_bias must have shape (N,) = ({N},), got {tuple(lora_bias.shape)}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    named += [(n, t) for n, t in (("bias", bias), ("lora_bias", lora_bias)) if t is not None]
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x (or use torch.autocast)"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B dtype {lora_B.dtype} differs from lora_A dtype {lora_A.dtype}")
+    if lora_bias is not None and lora_bias.dtype != lora_A.dtype:
+        raise TypeError(f"lora_bias dtype {lora_bias.dtype} differs from lora_A dtype {lora_A.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if scaling != scaling or abs(float(scaling)) == float("inf"):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's default CPU generator (reproducible under manual_seed)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_bias: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    backend: str = "auto",
+    dropout_mask: str = "bitmask",
+) -> torch.Tensor:
+    """Fused LoRA linear ``y = x Wᵀ + bias + scaling · (dropout(x) Aᵀ Bᵀ + lora_bias)``.
+
+    Args:
+        x: ``(..., K)`` activations, any leading dims and strides.
+        weight: ``(N, K)`` frozen base weight (nn.Linear layout); bias: ``(N,)`` or None.
+        lora_A: ``(r, K)``; lora_B: ``(N, r)`` (PEFT's layout); lora_bias: ``(N,)`` or None.
+            Adapters may be float32 while x/weight are float16/bfloat16 (PEFT's default).
+        scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout probability on the low-rank path, in ``[0, 1)``; ignored unless
+            ``training``. The mask is a function of ``seed`` (see ``reference``), bit-identical
+            across backends.
+        seed: dropout seed; drawn from torch's default generator when None.
+        backend: "auto", "torch" (reference, any device), "triton" or "cuda".
+        dropout_mask: "bitmask" (save 1 bit per element of x for backward) or "regenerate"
+            (save nothing; the mask is recomputed from the seed in backward).
+
+    Returns:
+        ``(..., N)`` in x's dtype (autocast's dtype inside ``torch.autocast``).
+    """
+    check_inputs(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, seed)
+    if dropout_mask not in MASK_MODES:
+        raise ValueError(f"dropout_mask must be one of {MASK_MODES}, got {dropout_mask!r}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not look inside custom kernels: apply its linear-layer rule here once
+        # (base path in the autocast dtype; adapters keep their own dtype, as PEFT's fp32
+        # adapters do), then run with autocast off so nothing is cast twice.
+        dt = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(
+                x.to(dt), weight.to(dt), lora_A, lora_B,
+                None if bias is None else bias.to(dt), lora_bias, scaling, dropout_p,
+                training, seed, backend, dropout_mask,
+            )  # fmt: skip
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = new_seed()
+    impl = backends.resolve(backend, x, weight, lora_A)
+    if impl is None:
+        return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, True, seed)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, dropout_mask)
+    return y2.reshape(*x.shape[:-1], N)

@@ -1,0 +1,89 @@
+"""Backend registry and selection.
+
+Every kernel backend exposes the same 2-D contract::
+
+    fn(x2: (M, K), weight: (N, K), bias: (N,) | None, lora_A: (r, K), lora_B: (N, r),
+       lora_bias: (N,) | None, scaling: float, p: float, seed: int, mask_mode: str) -> (M, N)
+
+``p`` is already 0 when not training; ``seed`` is an int in [0, 2**63) (ignored when p == 0);
+``mask_mode`` is "bitmask" or "regenerate". Inputs were validated by ``api.check_inputs``.
+The function is differentiable (an autograd.Function) in x, lora_A, lora_B, lora_bias and,
+when they require grad, weight and bias.
+
+A backend module provides ``unavailable_reason(x, weight, lora_A) -> str | None`` (None means
+it can run these tensors) and ``lora_linear_2d`` (the contract above).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "resolve", "interpret_mode"]
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {
+    "triton": "lora_kernels.triton_ops.lora_linear",
+    "cuda": "lora_kernels.cuda_ops.lora_linear",
+}
+# "auto" preference per GPU compute capability: measured winner first (bench/results).
+# Until a CUDA-backend measurement says otherwise, Triton is preferred everywhere.
+_AUTO_ORDER: dict[tuple[int, int], tuple[str, ...]] = {}
+_AUTO_DEFAULT = ("triton", "cuda")
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as e:  # e.g. triton missing on a CPU-only install
+        return None, f"cannot import the {name} backend: {e}"
+
+
+def _unavailable(name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    if name == "torch":
+        return None
+    mod, err = _module(name)
+    if mod is None:
+        return err
+    return mod.unavailable_reason(x, weight, lora_A)
+
+
+def available_backends(
+    x: torch.Tensor | None = None, dtype: torch.dtype = torch.float16, device: str | None = None
+) -> dict[str, str | None]:
+    """Map backend name -> None if it can run on (x's or the given) device and dtype, else why not."""
+    if x is None:
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        x = torch.empty(1, 16, dtype=dtype, device=dev)
+    w = torch.empty(16, x.shape[-1], dtype=x.dtype, device=x.device)
+    return {name: _unavailable(name, x, w, w) for name in BACKENDS}
+
+
+def resolve(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
+) -> Callable[..., torch.Tensor] | None:
+    """The 2-D kernel for ``backend`` ("auto" picks one), or None for the torch reference."""
+    if backend == "torch":
+        return None
+    if backend in ("triton", "cuda"):
+        reason = _unavailable(backend, x, weight, lora_A)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+        return _module(backend)[0].lora_linear_2d
+    if backend != "auto":
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if x.device.type != "cuda":
+        return None  # on CPU the reference is the fast path (the interpreter is for testing)
+    order = _AUTO_ORDER.get(torch.cuda.get_device_capability(x.device), _AUTO_DEFAULT)
+    for name in order:
+        if _unavailable(name, x, weight, lora_A) is None:
+            return _module(name)[0].lora_linear_2d
+    return None

@@ -1,0 +1,160 @@
+"""Pure-PyTorch reference: the semantics every backend is tested against.
+
+    y = x Wᵀ + bias + scaling · (dropout(x) Aᵀ Bᵀ + lora_bias)
+
+Shapes: ``x: (..., K)``, ``weight: (N, K)``, ``bias: (N,)``, ``lora_A: (r, K)``,
+``lora_B: (N, r)``, ``lora_bias: (N,)``; returns ``(..., N)``.
+
+Dropout applies only to the low-rank path, with inverted scaling ``1 / (1 - p)``.
+
+The dropout mask
+----------------
+The mask is a pure function of ``(seed, m, k, p)`` where ``m`` is the row of ``x`` viewed as
+``(M, K)`` (leading dims flattened in logical row-major order, independent of strides) and
+``k`` the column. It is built from Philox4x32-10 (the generator behind Triton's
+``tl.randint4x`` and cuRAND's Philox), so the reference, the Triton kernels and the CUDA C++
+kernels produce bit-identical masks:
+
+* one Philox call serves 8 consecutive columns of a row (one *group*, ``g = k // 8``):
+  counter ``(c0, c1, c2, c3) = (g, m mod 2³², m >> 32, 0)``, key ``(seed mod 2³², seed >> 32)``;
+* column ``k = 8 g + j`` uses the 16-bit half ``j // 4`` (0 = low) of output lane ``j % 4``;
+* the element is kept iff that 16-bit value ``u >= threshold`` with
+  ``threshold = round(p · 65536)`` (so ``p`` is resolved to 1/65536);
+* the packed *bitmask* saved for backward holds group ``g`` of row ``m`` in byte ``[m, g]``,
+  bit ``j`` set iff column ``8 g + j`` is kept: ``M · ceil(K / 8)`` bytes.
+
+Amortising one Philox call over 8 decisions is what makes in-kernel dropout affordable:
+measured on H100, one call per element costs ~5x a plain pass over x (see shared/ANCHORS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PHILOX_KEY_A",
+    "PHILOX_KEY_B",
+    "PHILOX_ROUND_A",
+    "PHILOX_ROUND_B",
+    "philox4x32_10",
+    "dropout_threshold",
+    "dropout_keep_mask",
+    "pack_mask",
+    "unpack_mask",
+    "lora_linear_ref",
+]
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+_U16 = 0xFFFF
+
+
+def _mul32(a: torch.Tensor | int, b: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of two uint32 values held in int64.
+
+    Done in 16-bit limbs so no intermediate exceeds 2⁴⁹: int64 never overflows.
+    """
+    a_lo, a_hi = a & _U16, a >> 16
+    b_lo, b_hi = b & _U16, b >> 16
+    ll = a_lo * b_lo
+    hl = a_hi * b_lo
+    lh = a_lo * b_hi
+    hh = a_hi * b_hi
+    cross = (ll >> 16) + (hl & _U16) + lh  # < 2^34
+    hi = (hh + (hl >> 16) + (cross >> 16)) & _U32
+    lo = ((cross & _U16) << 16) | (ll & _U16)
+    return hi, lo
+
+
+def philox4x32_10(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 with 10 rounds on uint32 values stored in int64 tensors (same as ``tl.randint4x``)."""
+    for _ in range(10):
+        hi_b, lo_b = _mul32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _U32
+        k1 = (k1 + PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """16-bit threshold: an element is dropped iff its random 16-bit value is below it."""
+    return int(round(p * 65536.0))
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+
+
+def dropout_keep_mask(
+    seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean keep-mask of shape ``(M, K)`` (True = kept) defined by the module docstring."""
+    _check_seed(seed)
+    G = (K + 7) // 8
+    rows = torch.arange(M, device=device, dtype=torch.int64)[:, None].expand(M, G)
+    groups = torch.arange(G, device=device, dtype=torch.int64)[None, :].expand(M, G)
+    zero = torch.zeros_like(rows)
+    lanes = philox4x32_10(groups, rows & _U32, rows >> 32, zero, seed & _U32, (seed >> 32) & _U32)
+    halves = [(lane >> (16 * h)) & _U16 for h in (0, 1) for lane in lanes]  # index j = 4*h + lane
+    u16 = torch.stack(halves, dim=-1).reshape(M, G * 8)[:, :K]
+    return u16 >= dropout_threshold(p)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """``(M, K)`` bool -> ``(M, ceil(K/8))`` uint8, bit ``j`` of byte ``g`` = column ``8g + j``."""
+    M, K = keep.shape
+    G = (K + 7) // 8
+    padded = torch.zeros(M, G * 8, dtype=torch.int32, device=keep.device)
+    padded[:, :K] = keep.to(torch.int32)
+    weights = 1 << torch.arange(8, device=keep.device, dtype=torch.int32)
+    return (padded.view(M, G, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``(M, ceil(K/8))`` uint8 -> ``(M, K)`` bool."""
+    M, G = bits.shape
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    out = (bits.to(torch.int32)[:, :, None] >> shifts) & 1
+    return out.reshape(M, G * 8)[:, :K].bool()
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_bias: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Reference LoRA linear, differentiable by autograd in every input.
+
+    Numerics follow PEFT: the base path runs in x's dtype; the low-rank path runs in the
+    adapters' dtype (x is cast to it, as PEFT does for fp32 adapters) and its result is cast
+    back to x's dtype before the add. In float64 this is the exact definition.
+    """
+    K = x.shape[-1]
+    y = F.linear(x, weight, bias)
+    h = x.to(lora_A.dtype)
+    if training and dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed is required when training with dropout_p > 0")
+        M = x.numel() // K if K else 0
+        keep = dropout_keep_mask(seed, M, K, dropout_p, device=x.device).reshape(x.shape)
+        h = h * keep.to(h.dtype) * (1.0 / (1.0 - dropout_p))
+    t = F.linear(h, lora_A)
+    u = F.linear(t.to(lora_B.dtype), lora_B, lora_bias)
+    return y + (u * scaling).to(y.dtype)

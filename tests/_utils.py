@@ -1,0 +1,48 @@
+"""Shared test helpers: the one per-dtype tolerance table, float64 comparison, poisoning."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+# One table for every backend and test: (atol, rtol) of a result in this dtype against the
+# float64 reference, relative to the scale of the reference (see assert_close_ref).
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def tol_for(*dtypes: torch.dtype) -> tuple[float, float]:
+    """The loosest tolerance among the dtypes that took part in a computation."""
+    return max((TOL[d] for d in dtypes), key=lambda t: t[0])
+
+
+def assert_close_ref(out: torch.Tensor, ref: torch.Tensor, dtypes, name: str = "output") -> None:
+    """Compare a backend result with the float64 reference.
+
+    Error is measured against the reference's scale (max |ref|), because LoRA outputs and
+    gradients are sums whose individual entries can cancel to ~0.
+    """
+    atol, rtol = tol_for(*dtypes)
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (NaN poison not overwritten?)"
+    out64, ref64 = out.double(), ref.double()
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    assert err <= atol * max(scale, 1.0) + rtol * scale, (
+        f"{name}: max abs err {err:.3e} vs scale {scale:.3e} (atol={atol}, rtol={rtol})"
+    )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a tensor with NaN so that any element a kernel forgets to write shows up."""
+    return t.fill_(float("nan"))

@@ -1,0 +1,25 @@
+"""Test setup: on a machine without a CUDA GPU the Triton kernels run in the CPU interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit kernel is defined, so it is set here,
+before lora_kernels is imported by any test module.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_report_header(config):
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    return f"lora_kernels tests: device={dev}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
