@@ -1,0 +1,1 @@
+"""Triton kernels for lora_kernels (one op per file)."""

@@ -1,0 +1,494 @@
+"""Fused LoRA linear in Triton: two launches forward, two launches backward.
+
+    y = x Wᵀ + bias + s · (dropout(x) Aᵀ Bᵀ + lora_bias)        x: (M, K), W: (N, K), A: (r, K), B: (N, r)
+
+Forward
+  1. ``_shrink_kernel``: T = dropout(x)·Aᵀ / (1-p)  (M, r) fp32, one pass over x; writes the packed
+     keep bits (M, ceil(K/8)) uint8 when the mask is kept for backward.
+  2. ``_fwd_kernel``: the frozen GEMM x·Wᵀ whose epilogue adds (s·T)·Bᵀ, bias and s·lora_bias
+     before the single store of y: no M×N or M×K intermediate is written.
+Backward (deterministic: every output element is reduced by exactly one program, no atomics)
+  1. ``_bwd_dy_kernel``: programs [0, ⌈M/BM⌉) compute dT = s·dY·B (M, r); the others reduce
+     over M for an N-block: dB = s·dYᵀ·T, Σ dY (for dlora_bias and dbias).
+  2. ``_bwd_dx_kernel``: programs for dX tiles compute dY·W and add (dT·A) ⊙ mask/(1-p) in the
+     epilogue; the remaining programs reduce over M for a K-block: dA = dTᵀ·(x ⊙ mask)/(1-p).
+Saved for backward: x (alive anyway), T (M×r fp32) and the bitmask (M·K/8 bytes), or in
+"regenerate" mode no mask at all (recomputed from the seed in backward).
+
+The kernels are pointer-based (any strides, any shapes, GPUs without TMA, the CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import dropout_threshold, lora_linear_ref
+from .philox import dropout_mask_bytes, unpack_bytes
+
+__all__ = ["unavailable_reason", "lora_linear_2d", "lora_fwd", "lora_bwd"]
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_cast(ptrs, mask, CDT: tl.constexpr):
+    # Loads in the storage dtype, converts to the compute dtype right away (fp32 adapters under a
+    # bf16 base, and the interpreter's bf16 upcast, both land here).
+    return tl.load(ptrs, mask=mask, other=0.0).to(CDT)
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _keep_from_bits(BITS, stride_bm, rm, offs_k, mask):
+    # Gather the packed byte of each (m, k) and pick bit k % 8.
+    byte = tl.load(BITS + rm[:, None] * stride_bm + (offs_k // 8)[None, :], mask=mask, other=0)
+    return ((byte.to(tl.int32) >> (offs_k % 8)[None, :]) & 1) != 0
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _shrink_kernel(
+    X, A, T, BITS,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_bm,
+    seed_lo, seed_hi, threshold, keep_scale,
+    HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """T[m, :] = (x[m, :] ⊙ keep[m, :]) · Aᵀ · keep_scale for a block of BLOCK_M rows."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    G: tl.constexpr = BLOCK_K // 8
+    n_groups = tl.cdiv(K, 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        rk = offs_k.to(tl.int64)
+        x_mask = m_ok[:, None] & (offs_k < K)[None, :]
+        x = _load_cast(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk, x_mask, CDT)
+        if HAS_DROPOUT:
+            byte = dropout_mask_bytes(seed_lo, seed_hi, offs_m, k0 // 8, threshold, BLOCK_M, G)
+            if STORE_BITS:
+                offs_g = k0 // 8 + tl.arange(0, G)
+                # Bits of columns past K are stored as 0 (the layout of reference.pack_mask).
+                n_valid = tl.minimum(tl.maximum(K - offs_g * 8, 0), 8)
+                tl.store(
+                    BITS + rm[:, None] * stride_bm + offs_g[None, :],
+                    (byte & ((1 << n_valid) - 1)[None, :]).to(tl.uint8),
+                    mask=m_ok[:, None] & (offs_g < n_groups)[None, :],
+                )
+            x = tl.where(unpack_bytes(byte, BLOCK_M, BLOCK_K), x, 0.0)
+        a_mask = (offs_k < K)[:, None] & (offs_r < R)[None, :]
+        a = _load_cast(A + offs_r[None, :] * stride_ar + rk[:, None] * stride_ak, a_mask, CDT)  # Aᵀ tile
+        acc = _mma(x, a, acc, IEEE)
+    t_mask = m_ok[:, None] & (offs_r < R)[None, :]
+    tl.store(T + rm[:, None] * stride_tm + offs_r[None, :], acc * keep_scale, mask=t_mask)
+
+
+@triton.jit
+def _fwd_kernel(
+    X, W, BIAS, T, LB, LBIAS, Y,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_lbn, stride_lbr, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y = x·Wᵀ + bias + (s·T)·Bᵀ + s·lora_bias for one (BLOCK_M, BLOCK_N) tile."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks share W tiles in L2.
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        rk = offs_k.to(tl.int64)
+        k_ok = offs_k < K
+        x = _load_cast(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk, m_ok[:, None] & k_ok[None, :], CDT)
+        w = _load_cast(W + rn[None, :] * stride_wn + rk[:, None] * stride_wk, k_ok[:, None] & n_ok[None, :], CDT)
+        acc = _mma(x, w, acc, IEEE)
+    # Low-rank epilogue: one more (BLOCK_M × BLOCK_R) · (BLOCK_R × BLOCK_N) product on the accumulator.
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    b = _load_cast(LB + rn[None, :] * stride_lbn + offs_r[:, None] * stride_lbr, r_ok[:, None] & n_ok[None, :], CDT)
+    acc = _mma((t * scaling).to(CDT), b, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LBIAS:
+        acc += scaling * tl.load(LBIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_dy_kernel(
+    DY, LB, T, DT, DB, DSUM,
+    M, N, R,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_dtm, stride_dbn,
+    scaling,
+    DO_DT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Role 1 (first ⌈M/BM⌉ programs, if DO_DT): dT = s·dY·B.  Role 2: dB = s·dYᵀ·T and Σ_m dY."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    num_pid_m = 0
+    if DO_DT:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+    if pid < num_pid_m:
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            rn = offs_n.to(tl.int64)
+            n_ok = offs_n < N
+            dy = _load_cast(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT)
+            b = _load_cast(LB + rn[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, n_ok[:, None] & r_ok[None, :], CDT)
+            acc = _mma(dy, b, acc, IEEE)
+        tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        pid_n = pid - num_pid_m
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = offs_n.to(tl.int64)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rm = offs_m.to(tl.int64)
+            m_ok = offs_m < M
+            # dYᵀ tile loaded directly as (BLOCK_N, BLOCK_M).
+            dyt = _load_cast(DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT)
+            t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = _mma(dyt, t.to(CDT), acc, IEEE)
+            colsum += tl.sum(dyt.to(tl.float32), axis=1)
+        tl.store(DB + rn[:, None] * stride_dbn + offs_r[None, :], acc * scaling, mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(DSUM + rn, colsum, mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _bwd_dx_kernel(
+    DY, W, DT, A, X, BITS, DX, DA,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak,
+    stride_xm, stride_xk, stride_bm, stride_dxm, stride_dxk, stride_dar,
+    seed_lo, seed_hi, threshold, keep_scale,
+    DO_DX: tl.constexpr, DO_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Role 1: dX = dY·W + (dT·A) ⊙ keep · keep_scale per (BM, BK) tile.  Role 2: dA = dTᵀ·(x ⊙ keep)·keep_scale."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    G: tl.constexpr = BLOCK_K // 8
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    num_dx = 0
+    if DO_DX:
+        num_dx = num_pid_m * num_pid_k
+    if pid < num_dx:
+        num_in_group = GROUP_M * num_pid_k
+        first_m = (pid // num_in_group) * GROUP_M
+        group_size = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % num_in_group) % group_size
+        pid_k = (pid % num_in_group) // group_size
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rm = offs_m.to(tl.int64)
+        rk = offs_k.to(tl.int64)
+        m_ok = offs_m < M
+        k_ok = offs_k < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            rn = offs_n.to(tl.int64)
+            n_ok = offs_n < N
+            dy = _load_cast(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT)
+            w = _load_cast(W + rn[:, None] * stride_wn + rk[None, :] * stride_wk, n_ok[:, None] & k_ok[None, :], CDT)
+            acc = _mma(dy, w, acc, IEEE)
+        # Epilogue: the low-rank part of dX, masked like the forward's dropout.
+        dt = tl.load(DT + rm[:, None] * stride_dtm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = _load_cast(A + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, r_ok[:, None] & k_ok[None, :], CDT)
+        lo = _mma(dt.to(CDT), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), IEEE)
+        if HAS_DROPOUT:
+            if LOAD_BITS:
+                keep = _keep_from_bits(BITS, stride_bm, rm, offs_k, m_ok[:, None] & k_ok[None, :])
+            else:
+                byte = dropout_mask_bytes(seed_lo, seed_hi, offs_m, pid_k * G, threshold, BLOCK_M, G)
+                keep = unpack_bytes(byte, BLOCK_M, BLOCK_K)
+            lo = tl.where(keep, lo * keep_scale, 0.0)
+        acc += lo
+        dx_ptrs = DX + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+    elif DO_DA:
+        pid_k = pid - num_dx
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rk = offs_k.to(tl.int64)
+        k_ok = offs_k < K
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rm = offs_m.to(tl.int64)
+            m_ok = offs_m < M
+            xk_mask = m_ok[:, None] & k_ok[None, :]
+            x = _load_cast(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk, xk_mask, CDT)
+            if HAS_DROPOUT:
+                if LOAD_BITS:
+                    keep = _keep_from_bits(BITS, stride_bm, rm, offs_k, xk_mask)
+                else:
+                    byte = dropout_mask_bytes(seed_lo, seed_hi, offs_m, pid_k * G, threshold, BLOCK_M, G)
+                    keep = unpack_bytes(byte, BLOCK_M, BLOCK_K)
+                x = tl.where(keep, x, 0.0)
+            # dTᵀ tile loaded directly as (BLOCK_R, BLOCK_M).
+            dtt = tl.load(DT + rm[None, :] * stride_dtm + offs_r[:, None], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+            acc = _mma(dtt.to(CDT), x, acc, IEEE)
+        tl.store(DA + offs_r[:, None] * stride_dar + rk[None, :], acc * keep_scale, mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> tuple[tl.dtype, bool]:
+    """(tensor-core input dtype, use ieee fp32 dots). bf16 is upcast in the interpreter (whose
+    bf16 arithmetic is wrong) and fp32 runs as true fp32 (F.linear's default), not tf32."""
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpret()):
+        return tl.float32, True
+    return (tl.float16 if x.dtype == torch.float16 else tl.bfloat16), False
+
+
+def _block_r(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def _cfg(x: torch.Tensor, R: int) -> dict:
+    """Tile sizes. The interpreter runs one numpy op per tile: tiles ≥ 32 keep it fast.
+    On GPU: 128×128×64 for 16-bit inputs, smaller for fp32 and for very large ranks."""
+    if _interpret():
+        return dict(BM=32, BN=32, BK=32, GROUP_M=4, warps=4, stages=1)
+    if x.dtype == torch.float32:
+        return dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2)
+    if _block_r(R) >= 256:
+        return dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=8, stages=3)
+    return dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3)
+
+
+def _seed_parts(seed: int) -> tuple[int, int]:
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+def lora_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    store_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launches. x: (M, K), weight: (N, K), lora_A: (r, K), lora_B: (N, r).
+
+    Returns ``y (M, N)`` in x's dtype, ``T (M, r)`` fp32 (already divided by 1-p) and the packed
+    keep bits ``(M, ceil(K/8))`` uint8 (an empty tensor unless ``p > 0 and store_mask``).
+    """
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    cdt, ieee = _compute_dtype(x)
+    c = _cfg(x, R)
+    BR = _block_r(R)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    has_dropout = p > 0.0
+    store_bits = has_dropout and store_mask
+    bits = torch.empty((M, (K + 7) // 8) if store_bits else (0, 0), device=x.device, dtype=torch.uint8)
+    lo, hi = _seed_parts(seed)
+    _shrink_kernel[(triton.cdiv(M, c["BM"]),)](
+        x, lora_A, t, bits, M, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
+        lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
+        HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee,
+        BLOCK_M=c["BM"], BLOCK_K=c["BK"], BLOCK_R=BR, num_warps=4, num_stages=c["stages"],
+    )  # fmt: skip
+    grid = (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)
+    _fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, t, lora_B, lora_bias if lora_bias is not None else y, y,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, IEEE=ieee,
+        BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR, GROUP_M=c["GROUP_M"],
+        num_warps=c["warps"], num_stages=c["stages"],
+    )  # fmt: skip
+    return y, t, bits
+
+
+def lora_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    bits: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launches. dy: (M, N); x: (M, K); t: (M, r) fp32; bits: packed mask or empty.
+
+    Returns ``dx (M, K)`` in x's dtype (empty unless need_dx), and fp32 ``dA (r, K)``,
+    ``dB (N, r)``, ``dy_colsum (N,)`` (= Σ_m dY, for dlora_bias = s·colsum and dbias).
+    """
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    cdt, ieee = _compute_dtype(x)
+    c = _cfg(x, R)
+    BR = _block_r(R)
+    dev = x.device
+    has_dropout = p > 0.0
+    load_bits = has_dropout and bits.numel() > 0
+    do_dt = need_dx or need_da
+    dt = torch.empty((M, R) if do_dt else (0, R), device=dev, dtype=torch.float32)
+    db = torch.empty((N, R), device=dev, dtype=torch.float32)
+    colsum = torch.empty((N,), device=dev, dtype=torch.float32)
+    grid1 = ((triton.cdiv(M, c["BM"]) if do_dt else 0) + triton.cdiv(N, c["BN"]),)
+    _bwd_dy_kernel[grid1](
+        dy, lora_B, t, dt, db, colsum, M, N, R,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
+        db.stride(0), scaling,
+        DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_R=BR,
+        num_warps=c["warps"], num_stages=c["stages"],
+    )  # fmt: skip
+    dx = torch.empty((M, K) if need_dx else (0, K), device=dev, dtype=x.dtype)
+    da = torch.empty((R, K), device=dev, dtype=torch.float32)
+    if need_dx or need_da:
+        n_dx = triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]) if need_dx else 0
+        grid2 = (n_dx + (triton.cdiv(K, c["BK"]) if need_da else 0),)
+        lo, hi = _seed_parts(seed)
+        _bwd_dx_kernel[grid2](
+            dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
+            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), max(bits.stride(0), 1),
+            max(dx.stride(0), 1), dx.stride(1), da.stride(0),
+            lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
+            DO_DX=need_dx, DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, IEEE=ieee,
+            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR, GROUP_M=c["GROUP_M"],
+            num_warps=c["warps"], num_stages=c["stages"],
+        )  # fmt: skip
+    return dx, da, db, colsum
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class LoRALinearTriton(torch.autograd.Function):
+    """Autograd wrapper: saves x, T and the bitmask (or nothing for the mask in regenerate mode)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        store_mask = mask_mode == "bitmask"
+        y, t, bits = lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.has_bias, ctx.has_lbias = bias is not None, lora_bias is not None
+        ctx.lbias_dtype = lora_bias.dtype if lora_bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
+        nx, nw, nb, na, nB, nlb = ctx.needs_input_grad[:6]
+        dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+        dx, da, db, colsum = lora_bwd(
+            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na
+        )
+        grad_x = dx if nx else None
+        grad_A = da.to(lora_A.dtype) if na else None
+        grad_B = db.to(lora_B.dtype) if nB else None
+        grad_lb = (colsum * ctx.scaling).to(ctx.lbias_dtype) if (nlb and ctx.has_lbias) else None
+        grad_b = colsum.to(weight.dtype) if (nb and ctx.has_bias) else None
+        # The frozen weight normally needs no gradient; when it does, cuBLAS computes dYᵀ·x.
+        grad_w = (dy.t().float() @ x.float()).to(weight.dtype) if nw else None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_lb, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public (backend contract of lora_kernels/backends.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """None if the Triton kernels can run on these tensors, else the reason."""
+    if x.device.type == "cpu":
+        if not _interpret():
+            return "x is on the CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
+    elif x.device.type != "cuda":
+        return f"Triton kernels run on CUDA GPUs, x is on {x.device.type}"
+    if x.dtype not in _SUPPORTED:
+        return f"Triton kernels support float16, bfloat16 and float32 activations, got {x.dtype}"
+    if lora_A.dtype not in _SUPPORTED:
+        return f"Triton kernels support float16, bfloat16 and float32 adapters, got {lora_A.dtype}"
+    if lora_A.shape[0] > 256:
+        return f"Triton kernels support LoRA ranks up to 256, got r = {lora_A.shape[0]}"
+    return None
+
+
+def lora_linear_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+    """The backend contract (see lora_kernels/backends.py): x (M, K) -> y (M, N)."""
+    M, K = x.shape
+    if M == 0 or K == 0 or weight.shape[0] == 0:
+        # Degenerate sizes: nothing to launch; the reference gives the right (empty/zero) results.
+        return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, p, True, seed)
+    return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
