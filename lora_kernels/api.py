@@ -26,9 +26,7 @@ def _check_tensor(name: str, t: object, *, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
 def check_inputs(
@@ -74,9 +72,7 @@ def check_inputs(
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
     if weight.dtype != x.dtype:
-        raise TypeError(
-            f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x (or use torch.autocast)"
-        )
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x (or use torch.autocast)")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     if lora_B.dtype != lora_A.dtype:

@@ -95,9 +95,7 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
 
-def dropout_keep_mask(
-    seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def dropout_keep_mask(seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean keep-mask of shape ``(M, K)`` (True = kept) defined by the module docstring."""
     _check_seed(seed)
     G = (K + 7) // 8

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..reference import dropout_threshold, lora_linear_ref
 from .philox import dropout_mask_bytes, unpack_bytes
 
-__all__ = ["unavailable_reason", "lora_linear_2d", "lora_fwd", "lora_bwd"]
+__all__ = ["unavailable_reason", "lora_linear_2d", "lora_fwd", "lora_bwd", "triton_lora_fwd", "triton_lora_bwd"]
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -183,8 +183,12 @@ def _bwd_dy_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             rn = offs_n.to(tl.int64)
             n_ok = offs_n < N
-            dy = _load_cast(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT)
-            b = _load_cast(LB + rn[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, n_ok[:, None] & r_ok[None, :], CDT)
+            dy = _load_cast(
+                DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT
+            )
+            b = _load_cast(
+                LB + rn[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, n_ok[:, None] & r_ok[None, :], CDT
+            )
             acc = _mma(dy, b, acc, IEEE)
         tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
     else:
@@ -199,7 +203,9 @@ def _bwd_dy_kernel(
             rm = offs_m.to(tl.int64)
             m_ok = offs_m < M
             # dYᵀ tile loaded directly as (BLOCK_N, BLOCK_M).
-            dyt = _load_cast(DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT)
+            dyt = _load_cast(
+                DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT
+            )
             t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             acc = _mma(dyt, t.to(CDT), acc, IEEE)
             colsum += tl.sum(dyt.to(tl.float32), axis=1)
@@ -246,7 +252,9 @@ def _bwd_dx_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             rn = offs_n.to(tl.int64)
             n_ok = offs_n < N
-            dy = _load_cast(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT)
+            dy = _load_cast(
+                DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT
+            )
             w = _load_cast(W + rn[:, None] * stride_wn + rk[None, :] * stride_wk, n_ok[:, None] & k_ok[None, :], CDT)
             acc = _mma(dy, w, acc, IEEE)
         # Epilogue: the low-rank part of dX, masked like the forward's dropout.
@@ -283,7 +291,9 @@ def _bwd_dx_kernel(
                     keep = unpack_bytes(byte, BLOCK_M, BLOCK_K)
                 x = tl.where(keep, x, 0.0)
             # dTᵀ tile loaded directly as (BLOCK_R, BLOCK_M).
-            dtt = tl.load(DT + rm[None, :] * stride_dtm + offs_r[:, None], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+            dtt = tl.load(
+                DT + rm[None, :] * stride_dtm + offs_r[:, None], mask=r_ok[:, None] & m_ok[None, :], other=0.0
+            )
             acc = _mma(dtt.to(CDT), x, acc, IEEE)
         tl.store(DA + offs_r[:, None] * stride_dar + rk[None, :], acc * keep_scale, mask=r_ok[:, None] & k_ok[None, :])
 
@@ -317,6 +327,16 @@ def _cfg(x: torch.Tensor, R: int) -> dict:
     return dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3)
 
 
+def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every kernel output is allocated here, uninitialised: tests replace this with a
+    NaN-poisoning allocator so that an element a kernel forgets to write is caught."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _identity(kernel):
+    return kernel
+
+
 def _seed_parts(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 
@@ -332,6 +352,7 @@ def lora_fwd(
     p: float,
     seed: int,
     store_mask: bool,
+    wrap=_identity,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launches. x: (M, K), weight: (N, K), lora_A: (r, K), lora_B: (N, r).
 
@@ -343,13 +364,13 @@ def lora_fwd(
     cdt, ieee = _compute_dtype(x)
     c = _cfg(x, R)
     BR = _block_r(R)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    t = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    y = _empty((M, N), x.device, x.dtype)
+    t = _empty((M, R), x.device, torch.float32)
     has_dropout = p > 0.0
     store_bits = has_dropout and store_mask
-    bits = torch.empty((M, (K + 7) // 8) if store_bits else (0, 0), device=x.device, dtype=torch.uint8)
+    bits = _empty((M, (K + 7) // 8) if store_bits else (0, 0), x.device, torch.uint8)
     lo, hi = _seed_parts(seed)
-    _shrink_kernel[(triton.cdiv(M, c["BM"]),)](
+    wrap(_shrink_kernel)[(triton.cdiv(M, c["BM"]),)](
         x, lora_A, t, bits, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
         lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
@@ -357,7 +378,7 @@ def lora_fwd(
         BLOCK_M=c["BM"], BLOCK_K=c["BK"], BLOCK_R=BR, num_warps=4, num_stages=c["stages"],
     )  # fmt: skip
     grid = (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)
-    _fwd_kernel[grid](
+    wrap(_fwd_kernel)[grid](
         x, weight, bias if bias is not None else y, t, lora_B, lora_bias if lora_bias is not None else y, y,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
@@ -383,6 +404,7 @@ def lora_bwd(
     seed: int,
     need_dx: bool,
     need_da: bool,
+    wrap=_identity,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launches. dy: (M, N); x: (M, K); t: (M, r) fp32; bits: packed mask or empty.
 
@@ -398,24 +420,24 @@ def lora_bwd(
     has_dropout = p > 0.0
     load_bits = has_dropout and bits.numel() > 0
     do_dt = need_dx or need_da
-    dt = torch.empty((M, R) if do_dt else (0, R), device=dev, dtype=torch.float32)
-    db = torch.empty((N, R), device=dev, dtype=torch.float32)
-    colsum = torch.empty((N,), device=dev, dtype=torch.float32)
+    dt = _empty((M, R) if do_dt else (0, R), dev, torch.float32)
+    db = _empty((N, R), dev, torch.float32)
+    colsum = _empty((N,), dev, torch.float32)
     grid1 = ((triton.cdiv(M, c["BM"]) if do_dt else 0) + triton.cdiv(N, c["BN"]),)
-    _bwd_dy_kernel[grid1](
+    wrap(_bwd_dy_kernel)[grid1](
         dy, lora_B, t, dt, db, colsum, M, N, R,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
         db.stride(0), scaling,
         DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_R=BR,
         num_warps=c["warps"], num_stages=c["stages"],
     )  # fmt: skip
-    dx = torch.empty((M, K) if need_dx else (0, K), device=dev, dtype=x.dtype)
-    da = torch.empty((R, K), device=dev, dtype=torch.float32)
+    dx = _empty((M, K) if need_dx else (0, K), dev, x.dtype)
+    da = _empty((R, K), dev, torch.float32)
     if need_dx or need_da:
         n_dx = triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]) if need_dx else 0
         grid2 = (n_dx + (triton.cdiv(K, c["BK"]) if need_da else 0),)
         lo, hi = _seed_parts(seed)
-        _bwd_dx_kernel[grid2](
+        wrap(_bwd_dx_kernel)[grid2](
             dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
             lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), max(bits.stride(0), 1),
@@ -429,6 +451,65 @@ def lora_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile sees (eager calls skip the dispatcher, see below)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("lora_kernels::triton_lora_fwd", mutates_args=())
+def triton_lora_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    store_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Op form of :func:`lora_fwd`: ``(y (M, N), T (M, r) fp32, bits (M, ⌈K/8⌉) uint8 or empty)``."""
+    return lora_fwd(
+        x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=torch.library.wrap_triton
+    )
+
+
+@torch.library.triton_op("lora_kernels::triton_lora_bwd", mutates_args=())
+def triton_lora_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    bits: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Op form of :func:`lora_bwd`: ``(dx, dA, dB, Σ_m dY)``."""
+    return lora_bwd(
+        dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=torch.library.wrap_triton
+    )
+
+
+def _fwd(*args):
+    # Eager: call the launcher directly (the dispatcher costs tens of µs, visible at small M).
+    # Under torch.compile: the registered op, which the compiler understands.
+    if torch.compiler.is_compiling():
+        return triton_lora_fwd(*args)
+    return lora_fwd(*args)
+
+
+def _bwd(*args):
+    if torch.compiler.is_compiling():
+        return triton_lora_bwd(*args)
+    return lora_bwd(*args)
+
+
+# ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
 
@@ -439,7 +520,7 @@ class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
         store_mask = mask_mode == "bitmask"
-        y, t, bits = lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
+        y, t, bits = _fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         ctx.has_bias, ctx.has_lbias = bias is not None, lora_bias is not None
@@ -451,9 +532,7 @@ class LoRALinearTriton(torch.autograd.Function):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
         nx, nw, nb, na, nB, nlb = ctx.needs_input_grad[:6]
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
-        dx, da, db, colsum = lora_bwd(
-            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na
-        )
+        dx, da, db, colsum = _bwd(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na)
         grad_x = dx if nx else None
         grad_A = da.to(lora_A.dtype) if na else None
         grad_B = db.to(lora_B.dtype) if nB else None

@@ -1,0 +1,383 @@
+"""PEFT integration: run ``peft.tuners.lora.Linear`` layers through :func:`lora_kernels.lora_linear`.
+
+Two ways in, same forward:
+
+* ``patch(model)`` on a built PEFT model: every eligible LoRA Linear gets an instance-level
+  ``forward`` (the class is untouched); ``unpatch(model)`` deletes it, so PEFT's own forward
+  runs again, bit for bit.
+* ``register_fused_peft_module(config)`` before ``get_peft_model``: PEFT's custom-module hook
+  (``LoraConfig._register_custom_module``) then builds :class:`FusedLoraLinear` (a subclass of
+  ``peft.tuners.lora.Linear``) for every float ``nn.Linear`` target.
+
+The fused forward computes, for the active adapters ``i`` of a layer (``x: (..., K)``,
+``W: (N, K)``, ``A_i: (r_i, K)``, ``B_i: (N, r_i)``)::
+
+    y = x Wᵀ + bias + Σ_i s_i · (dropout(x) A_iᵀ B_iᵀ + lora_bias_i)
+
+in one fused call: one adapter is passed as is; several are stacked into one rank-Σr update
+``A = [A_1; A_2; ...]``, ``B = [s_1 B_1, s_2 B_2, ...]`` (scaling 1). PEFT draws an independent
+dropout mask per adapter; stacked adapters share one mask (each adapter's own mask has the
+same distribution), so stacking needs one dropout p for all active adapters.
+
+Each call checks whether the fused path applies and otherwise runs PEFT's own forward
+unchanged: merged or disabled adapters, ``adapter_names=`` mixed batches (and any other extra
+argument), LoRA variants (DoRA, aLoRA, ...), active adapters with different dropout p or dtypes,
+disabled input casting. Layers that can never be fused (Embedding/Conv LoRA layers, quantized or
+non-``nn.Linear`` bases, subclasses with their own forward, ``fan_in_fan_out``) are not patched.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..api import MASK_MODES, lora_linear
+from ..backends import BACKENDS
+
+__all__ = [
+    "FusedLoraLinear",
+    "PatchReport",
+    "fused_linear_class",
+    "patch",
+    "unpatch",
+    "register_fused_peft_module",
+    "inspect_model",
+]
+
+logger = logging.getLogger("lora_kernels")
+
+# Keyword arguments PEFT's Linear.forward pops (not passed to the base layer). When all of
+# them are None the fused path is equivalent; anything else goes to PEFT.
+_POPPED_KWARGS = ("adapter_names", "alora_offsets")
+_PATCH_KEYS = ("forward", "_lk_patched", "_lk_backend", "_lk_dropout_mask", "_lk_last_fallback")
+
+
+def _check_options(backend: str, dropout_mask: str) -> None:
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if dropout_mask not in MASK_MODES:
+        raise ValueError(f"dropout_mask must be one of {MASK_MODES}, got {dropout_mask!r}")
+
+
+# ----------------------------------------------------------------------------- eligibility
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    """Why the fused op cannot stand in for ``base`` (the frozen layer), or None."""
+    if not isinstance(base, nn.Linear):
+        return f"base layer {type(base).__name__} is not an nn.Linear"
+    if type(base).forward is not nn.Linear.forward:
+        # bitsandbytes / HQQ / torchao / TE linears subclass nn.Linear with their own forward.
+        return f"base layer {type(base).__name__} has its own forward (quantized or wrapped linear)"
+    w = base.weight
+    if type(w) not in (torch.Tensor, nn.Parameter) or not w.dtype.is_floating_point:
+        return f"base weight is {type(w).__name__} of {w.dtype} (quantized or tensor subclass)"
+    return None
+
+
+def _static_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a PEFT LoRA layer) can never take the fused path, or None."""
+    if not isinstance(layer, PeftLoraLinear):
+        return f"{type(layer).__name__} LoRA layer: only LoRA Linear layers are fused"
+    if not isinstance(layer, FusedLoraLinear) and type(layer).forward is not PeftLoraLinear.forward:
+        return f"{type(layer).__name__} overrides peft's lora.Linear.forward"
+    reason = _base_reason(layer.get_base_layer())
+    if reason is not None:
+        return reason
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (base weight stored transposed)"
+    return None
+
+
+def _variant_name(layer: nn.Module, adapter: str) -> str | None:
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return "DoRA"
+    variants = getattr(layer, "lora_variant", None)  # peft >= 0.16
+    if variants and adapter in variants:
+        return type(variants[adapter]).__name__
+    return None
+
+
+def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
+    """The active adapters and their shared dropout p, or why the layer's state needs PEFT's path.
+
+    Depends only on the layer's state (not on the input), so :func:`inspect_model` reports it.
+    """
+    if layer.disable_adapters:
+        return "adapters disabled (disable_adapter() / disable_adapters)"
+    if layer.merged:
+        return f"adapter(s) {', '.join(map(repr, layer.merged_adapters))} merged into the base weight"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return "no active adapter on this layer"
+    ps: set[float] = set()
+    dtypes: set[torch.dtype] = set()
+    for a in active:
+        variant = _variant_name(layer, a)
+        if variant is not None:
+            return f"adapter {a!r} is a LoRA variant ({variant})"
+        lora_A, lora_B = layer.lora_A[a], layer.lora_B[a]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
+            return f"adapter {a!r} has non-Linear lora_A/lora_B ({type(lora_A).__name__})"
+        drop = layer.lora_dropout[a]
+        # PEFT applies the dropout module, so its own training flag decides (as nn.Dropout does).
+        if type(drop) is nn.Dropout:
+            ps.add(float(drop.p) if drop.training else 0.0)
+        elif type(drop) is nn.Identity:
+            ps.add(0.0)
+        else:
+            return f"adapter {a!r} has a custom dropout module ({type(drop).__name__})"
+        dtypes.add(lora_A.weight.dtype)
+        dtypes.add(lora_B.weight.dtype)
+    if len(ps) > 1:
+        return f"active adapters have different dropout p {sorted(ps)} (a fused call shares one mask)"
+    if len(dtypes) > 1:
+        return f"active adapters have different dtypes {sorted(map(str, dtypes))}"
+    return active, ps.pop()
+
+
+def _call_plan(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> str | tuple[list[str], float]:
+    """:func:`_state_plan` plus the checks that depend on this call's arguments."""
+    if args or any(k not in _POPPED_KWARGS or v is not None for k, v in kwargs.items()):
+        return "extra forward arguments (adapter_names mixed batch or variant kwargs)"
+    plan = _state_plan(layer)
+    if isinstance(plan, str):
+        return plan
+    base = layer.get_base_layer()
+    if not isinstance(x, torch.Tensor) or x.dtype != base.weight.dtype and not torch.is_autocast_enabled(
+        x.device.type
+    ):
+        return "input dtype differs from the base weight's (PEFT's path decides what happens)"
+    adapter_dtype = layer.lora_A[plan[0][0]].weight.dtype
+    if x.dtype != adapter_dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
+    return plan
+
+
+def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: float) -> torch.Tensor:
+    """One fused ``lora_linear`` call for the active ``adapters`` (sharing dropout ``p``)."""
+    base = layer.get_base_layer()
+    backend = getattr(layer, "_lk_backend", "auto")
+    dropout_mask = getattr(layer, "_lk_dropout_mask", "bitmask")
+    if len(adapters) == 1:
+        a = adapters[0]
+        lora_A, lora_B = layer.lora_A[a].weight, layer.lora_B[a]
+        return lora_linear(
+            x, base.weight, lora_A, lora_B.weight, bias=base.bias, lora_bias=lora_B.bias,
+            scaling=float(layer.scaling[a]), dropout_p=p, training=True, backend=backend,
+            dropout_mask=dropout_mask,
+        )  # fmt: skip
+    # Several adapters: Σ_i s_i B_i A_i h = [s_1 B_1, s_2 B_2, ...] [A_1; A_2; ...] h, one rank-Σr
+    # update. The cat/mul are autograd ops, so every adapter still gets its own gradient.
+    lora_A = torch.cat([layer.lora_A[a].weight for a in adapters], dim=0)
+    lora_B = torch.cat([layer.lora_B[a].weight * float(layer.scaling[a]) for a in adapters], dim=1)
+    biases = [layer.lora_B[a].bias * float(layer.scaling[a]) for a in adapters if layer.lora_B[a].bias is not None]
+    lora_bias = torch.stack(biases).sum(0) if biases else None
+    return lora_linear(
+        x, base.weight, lora_A, lora_B, bias=base.bias, lora_bias=lora_bias, scaling=1.0,
+        dropout_p=p, training=True, backend=backend, dropout_mask=dropout_mask,
+    )  # fmt: skip
+
+
+def _forward(layer: PeftLoraLinear, fallback, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    plan = _call_plan(layer, x, args, kwargs)
+    # Written straight into __dict__: nn.Module.__setattr__ is needlessly slow for a per-call note.
+    layer.__dict__["_lk_last_fallback"] = plan if isinstance(plan, str) else None
+    if isinstance(plan, str):
+        return fallback(layer, x, *args, **kwargs)
+    return _fused_call(layer, x, *plan)
+
+
+# ----------------------------------------------------------------------------- fused class
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """``peft.tuners.lora.Linear`` whose forward runs the fused kernels (PEFT's forward as fallback).
+
+    Built by PEFT through :func:`register_fused_peft_module`. Everything else (adapters, merging,
+    saving, ``merge_and_unload``) is PEFT's own code. ``_lk_backend`` / ``_lk_dropout_mask`` are
+    class defaults, overridable per instance by :func:`patch`.
+    """
+
+    _lk_backend = "auto"
+    _lk_dropout_mask = "bitmask"
+
+    def __new__(cls, base_layer: nn.Module, *args: Any, **kwargs: Any):
+        # PEFT's custom-module dispatch matches by isinstance, so bitsandbytes/HQQ/torchao linears
+        # (nn.Linear subclasses) would land here too. Returning None makes PEFT's dispatcher try
+        # its next candidate (its own quantized LoRA layers) instead, on every supported version.
+        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        config = kwargs.get("config")
+        fan_in_fan_out = getattr(config, "fan_in_fan_out", kwargs.get("fan_in_fan_out", False))
+        if _base_reason(target) is not None or fan_in_fan_out:
+            return None
+        return super().__new__(cls)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x: (..., K)`` -> ``(..., N)``, fused where it applies, else PEFT's forward."""
+        return _forward(self, PeftLoraLinear.forward, x, args, kwargs)
+
+    def __repr__(self) -> str:
+        return "lora_kernels." + super().__repr__()
+
+
+_FUSED_CLASSES: dict[tuple[str, str], type[FusedLoraLinear]] = {("auto", "bitmask"): FusedLoraLinear}
+
+
+def fused_linear_class(backend: str = "auto", dropout_mask: str = "bitmask") -> type[FusedLoraLinear]:
+    """The :class:`FusedLoraLinear` (sub)class with these defaults, created once per pair.
+
+    Subclasses are published in this module's namespace under a stable name, so models holding
+    them still pickle by reference.
+    """
+    _check_options(backend, dropout_mask)
+    key = (backend, dropout_mask)
+    if key not in _FUSED_CLASSES:
+        name = f"FusedLoraLinear_{backend}_{dropout_mask}"
+        cls = type(name, (FusedLoraLinear,), {"_lk_backend": backend, "_lk_dropout_mask": dropout_mask})
+        cls.__module__ = __name__
+        globals()[name] = cls
+        _FUSED_CLASSES[key] = cls
+    return _FUSED_CLASSES[key]
+
+
+def register_fused_peft_module(config: Any, *, backend: str = "auto", dropout_mask: str = "bitmask") -> Any:
+    """Make PEFT build fused LoRA Linear layers for ``config``; returns ``config``.
+
+    Call before ``get_peft_model(model, config)`` (or ``add_adapter``). Every float ``nn.Linear``
+    target becomes a :class:`FusedLoraLinear`; quantized linears and other layer types still get
+    PEFT's own LoRA layers. Uses PEFT's experimental ``LoraConfig._register_custom_module``.
+    """
+    cls = fused_linear_class(backend, dropout_mask)
+    register = getattr(config, "_register_custom_module", None)
+    if register is None:
+        raise RuntimeError(
+            f"{type(config).__name__} has no _register_custom_module (peft {peft.__version__}); "
+            "use lora_kernels.patch(model) after get_peft_model instead"
+        )
+    register({nn.Linear: cls})
+    return config
+
+
+# ----------------------------------------------------------------------------- patch / unpatch
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did, by module name.
+
+    Attributes:
+        accelerated: patched layers whose next forward takes the fused path.
+        fallback: patched layers whose current state sends them to PEFT's forward -> why
+            (merged, disabled, DoRA adapter, ...); they switch to the fused path by themselves
+            when the state changes (e.g. after ``unmerge_adapter()``).
+        skipped: LoRA layers left alone -> why (Embedding/Conv layer, quantized base, ...).
+    """
+
+    accelerated: list[str] = field(default_factory=list)
+    fallback: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    backend: str = "auto"
+    dropout_mask: str = "bitmask"
+
+    @property
+    def patched(self) -> list[str]:
+        return self.accelerated + list(self.fallback)
+
+    def __str__(self) -> str:
+        total = len(self.accelerated) + len(self.fallback) + len(self.skipped)
+        lines = [
+            f"lora_kernels: {len(self.accelerated)} of {total} LoRA layers run fused "
+            f"(backend={self.backend!r}, dropout_mask={self.dropout_mask!r})"
+        ]
+        if self.fallback:
+            lines.append(f"  patched, but on PEFT's path in their current state ({len(self.fallback)}):")
+            lines += [f"    {name}: {why}" for name, why in self.fallback.items()]
+        if self.skipped:
+            lines.append(f"  not patched ({len(self.skipped)}):")
+            lines += [f"    {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return isinstance(module, FusedLoraLinear) or module.__dict__.get("_lk_patched", False)
+
+
+def inspect_model(model: nn.Module) -> PatchReport:
+    """The report :func:`patch` would give now, without changing anything."""
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not _is_fused(module):
+            reason = _static_reason(module)
+            report.skipped[name] = reason or "not patched (call lora_kernels.patch)"
+            continue
+        report.backend = getattr(module, "_lk_backend", report.backend)
+        report.dropout_mask = getattr(module, "_lk_dropout_mask", report.dropout_mask)
+        plan = _state_plan(module)
+        if isinstance(plan, str):
+            report.fallback[name] = plan
+        else:
+            report.accelerated.append(name)
+    return report
+
+
+def _patched_forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # Bound per instance by patch(); the class's forward (PEFT's) is the fallback.
+    return _forward(self, type(self).forward, x, args, kwargs)
+
+
+def patch(
+    model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True
+) -> PatchReport:
+    """Run every eligible LoRA Linear in ``model`` (a PEFT model or any module) fused.
+
+    Installs an instance-level ``forward`` on each ``peft.tuners.lora.Linear`` whose base is a
+    float ``nn.Linear`` (idempotent: patching again updates ``backend``/``dropout_mask``);
+    :class:`FusedLoraLinear` layers only get the new options. Nothing else changes: parameters,
+    state_dict keys, adapter saving/loading, merging, ``disable_adapter()``, gradient
+    checkpointing all stay PEFT's. Returns a :class:`PatchReport` and logs it once (logger
+    ``"lora_kernels"``, INFO; WARNING when nothing could be patched).
+    """
+    _check_options(backend, dropout_mask)
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or _static_reason(module) is not None:
+            continue
+        # Plain instance attributes (not parameters/buffers): invisible to state_dict and
+        # removed again by unpatch().
+        module.__dict__["_lk_backend"] = backend
+        module.__dict__["_lk_dropout_mask"] = dropout_mask
+        if not isinstance(module, FusedLoraLinear):
+            module.__dict__["_lk_patched"] = True
+            module.__dict__["forward"] = types.MethodType(_patched_forward, module)
+    report = inspect_model(model)
+    report.backend, report.dropout_mask = backend, dropout_mask
+    if log:
+        level = logging.INFO if report.patched else logging.WARNING
+        logger.log(level, "%s", report)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Remove what :func:`patch` installed; returns the number of layers restored.
+
+    Patched layers run PEFT's class forward again (bit-identical to never having patched).
+    :class:`FusedLoraLinear` layers were built fused and stay so; only patch's options go.
+    """
+    restored = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        restored += int(module.__dict__.get("_lk_patched", False))
+        for key in _PATCH_KEYS:
+            module.__dict__.pop(key, None)
+    return restored

@@ -1,0 +1,835 @@
+"""``python -m lora_kernels verify`` / ``demo``: check every backend against the float64 reference.
+
+For each available backend × dtype configuration × shape ``(M, K, N, r)`` × dropout ``p`` (× mask
+mode for kernel backends) a *case* runs ``lora_linear`` forward and backward and compares
+
+* the output ``y: (M, N)`` and the gradients ``dx: (M, K)``, ``dA: (r, K)``, ``dB: (N, r)``,
+  ``dlora_bias: (N,)`` with :func:`lora_kernels.reference.lora_linear_ref` evaluated in float64 on
+  the same (already rounded) inputs and the same seed, against :data:`TOLERANCES`;
+* the dropout mask, bit for bit, with :func:`lora_kernels.reference.dropout_keep_mask` through a
+  *mask probe* (see :func:`mask_probe`): a call whose output and input gradient *are* the mask, so
+  a backend cannot hide a few flipped mask bits inside a loose bf16 tolerance. When a backend
+  module also exposes ``dropout_bitmask(seed, M, K, p, device) -> uint8 (M, ceil(K/8))`` or
+  ``dropout_keep_mask(seed, M, K, p, device) -> bool (M, K)``, those bits are compared directly.
+
+Without a GPU it checks the reference itself (float64/float32 vs float64) and, with
+``--interpret``, the Triton kernels in the Triton CPU interpreter (bf16 skipped: the interpreter's
+bf16 arithmetic is wrong). The exit status is non-zero when any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TOLERANCES",
+    "DTYPE_CONFIGS",
+    "tol_for",
+    "Comparison",
+    "compare",
+    "Case",
+    "CaseResult",
+    "make_inputs",
+    "run_case",
+    "mask_probe",
+    "default_shapes",
+    "default_dtypes",
+    "run_verify",
+    "run_demo",
+    "add_verify_args",
+    "parse_shape",
+]
+
+# The one tolerance table (tests/_utils.py uses the same numbers): (atol, rtol) of a result
+# computed in this dtype against the float64 reference, relative to the reference's scale.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+# name -> (dtype of x / weight / bias, dtype of lora_A / lora_B / lora_bias).
+# "bf16+fp32a" is PEFT's default: a bf16 base with adapters kept in float32.
+DTYPE_CONFIGS: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "fp64": (torch.float64, torch.float64),
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "bf16+fp32a": (torch.bfloat16, torch.float32),
+    "fp16+fp32a": (torch.float16, torch.float32),
+}
+
+_GPU_DTYPES = ("fp32", "fp16", "bf16", "bf16+fp32a")
+_INTERPRETER_BF16 = "the Triton interpreter's bfloat16 arithmetic is wrong (numpy has no bfloat16)"
+# Seeds with bits above 2**32 so both Philox key words are exercised.
+_SEED = 0x5DEECE66D_1234
+_PROBE_SEED = 0x2545F491_4F6CDD1D
+SCALING = 2.0
+GRAD_NAMES = ("dx", "dA", "dB", "dlora_bias")
+
+
+def tol_for(*dtypes: torch.dtype) -> tuple[float, float]:
+    """The loosest tolerance among the dtypes that took part in a computation."""
+    return max((TOLERANCES[d] for d in dtypes), key=lambda t: t[0])
+
+
+@dataclass
+class Comparison:
+    """Max abs error of a result against the float64 reference, and the bound it must stay within.
+
+    ``bound = atol · max(scale, 1) + rtol · scale`` with ``scale = max |ref|`` (LoRA outputs and
+    gradients are sums whose entries can cancel to ~0, so errors are measured against the scale).
+    """
+
+    err: float
+    scale: float
+    bound: float
+    ok: bool
+
+    @property
+    def rel(self) -> float:
+        """Error relative to the reference's scale."""
+        return self.err / self.scale if self.scale > 0 else self.err
+
+    @property
+    def frac(self) -> float:
+        """Fraction of the tolerance used (> 1 fails)."""
+        return self.err / self.bound if self.bound > 0 else (0.0 if self.err == 0 else math.inf)
+
+    def to_dict(self) -> dict[str, float | bool]:
+        d = asdict(self)
+        d.update(rel=self.rel, frac=self.frac)
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in d.items()}
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, dtypes: Sequence[torch.dtype]) -> Comparison:
+    """Compare ``out`` (any dtype) with the float64 ``ref`` under :func:`tol_for` of ``dtypes``."""
+    atol, rtol = tol_for(*dtypes)
+    if tuple(out.shape) != tuple(ref.shape):
+        return Comparison(math.inf, math.nan, 0.0, False)
+    if ref.numel() == 0:
+        return Comparison(0.0, 0.0, atol, True)
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    scale = ref64.abs().max().item()
+    bound = atol * max(scale, 1.0) + rtol * scale
+    if not torch.isfinite(out64).all():
+        return Comparison(math.inf, scale, bound, False)
+    err = (out64 - ref64).abs().max().item()
+    return Comparison(err, scale, bound, err <= bound)
+
+
+@dataclass
+class Case:
+    """One verification case: ``backend`` on ``x: (M, K)``, ``weight: (N, K)``, rank ``r``."""
+
+    backend: str
+    dtype: str
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+    mask_mode: str = "bitmask"
+    seed: int = _SEED
+
+    @property
+    def label(self) -> str:
+        mode = f" {self.mask_mode}" if self.p > 0 and self.backend != "torch" else ""
+        return f"{self.backend} {self.dtype} {self.M}x{self.K}->{self.N} r={self.r} p={self.p:g}{mode}"
+
+
+@dataclass
+class CaseResult:
+    """Outcome of a :class:`Case` (``status``: "pass", "fail", "error" or "skip")."""
+
+    case: Case
+    status: str
+    reason: str = ""
+    checks: dict[str, Comparison] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = asdict(self.case)
+        d.update(
+            kind="case",
+            status=self.status,
+            reason=self.reason,
+            seconds=round(self.seconds, 4),
+            checks={k: v.to_dict() for k, v in self.checks.items()},
+        )
+        return d
+
+
+def make_inputs(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    x_dtype: torch.dtype,
+    a_dtype: torch.dtype,
+    device: torch.device | str,
+    gen_seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random inputs at sizes where the base and low-rank paths contribute comparably.
+
+    ``x: (M, K)``, ``weight: (N, K)``, ``bias: (N,)`` in ``x_dtype``; ``lora_A: (r, K)``,
+    ``lora_B: (N, r)`` (non-zero, unlike PEFT's init, so the low-rank path is tested),
+    ``lora_bias: (N,)`` in ``a_dtype``; ``dy: (M, N)`` in ``x_dtype``.
+    """
+    g = torch.Generator(device=device).manual_seed(gen_seed)
+
+    def rnd(*shape: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    return {
+        "x": rnd(M, K, std=1.0, dtype=x_dtype),
+        "weight": rnd(N, K, std=K**-0.5, dtype=x_dtype),
+        "bias": rnd(N, std=0.1, dtype=x_dtype),
+        "lora_A": rnd(r, K, std=K**-0.5, dtype=a_dtype),
+        "lora_B": rnd(N, r, std=r**-0.5, dtype=a_dtype),
+        "lora_bias": rnd(N, std=0.1, dtype=a_dtype),
+        "dy": rnd(M, N, std=1.0, dtype=x_dtype),
+    }
+
+
+Impl = Callable[..., torch.Tensor]
+
+
+def _forward_backward(
+    impl: Impl, inp: dict[str, torch.Tensor], dtype: torch.dtype | None, p: float, seed: int, **kw
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``impl`` on (optionally upcast) copies of ``inp``; returns ``(y, grads)``."""
+    leaves = {}
+    for name in ("x", "weight", "bias", "lora_A", "lora_B", "lora_bias"):
+        t = inp[name].detach()
+        t = t.to(dtype) if dtype is not None else t.clone()
+        leaves[name] = t.requires_grad_(name not in ("weight", "bias"))
+    y = impl(
+        leaves["x"],
+        leaves["weight"],
+        leaves["lora_A"],
+        leaves["lora_B"],
+        leaves["bias"],
+        leaves["lora_bias"],
+        scaling=SCALING,
+        dropout_p=p,
+        training=True,
+        seed=seed,
+        **kw,
+    )
+    dy = inp["dy"] if dtype is None else inp["dy"].to(dtype)
+    y.backward(dy)
+    names = {"dx": "x", "dA": "lora_A", "dB": "lora_B", "dlora_bias": "lora_bias"}
+    grads = {}
+    for g, leaf in names.items():
+        grad = leaves[leaf].grad
+        grads[g] = grad if grad is not None else torch.zeros_like(leaves[leaf])
+    return y.detach(), grads
+
+
+def _reference_impl(x, weight, lora_A, lora_B, bias, lora_bias, *, scaling, dropout_p, training, seed, **_):
+    from .reference import lora_linear_ref
+
+    return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, training, seed)
+
+
+def backend_impl(name: str) -> Impl:
+    """The public ``lora_linear`` pinned to one backend."""
+    from .api import lora_linear
+
+    return functools.partial(lora_linear, backend=name)
+
+
+def unavailable(name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """Why ``name`` cannot run these tensors (None if it can), including interpreter limits."""
+    from . import backends
+
+    if name != "torch" and backends.interpret_mode() and torch.bfloat16 in (x.dtype, lora_A.dtype):
+        if name == "triton":
+            return _INTERPRETER_BF16
+    try:
+        backends.resolve(name, x, weight, lora_A)
+    except (RuntimeError, ValueError, ImportError) as e:
+        return str(e)
+    return None
+
+
+def run_case(case: Case, device: torch.device | str, impl: Impl | None = None) -> CaseResult:
+    """Run one case against the float64 reference; exceptions become an "error" result."""
+    x_dt, a_dt = DTYPE_CONFIGS[case.dtype]
+    t0 = time.perf_counter()
+    inp = make_inputs(
+        case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode())
+    )
+    reason = unavailable(case.backend, inp["x"], inp["weight"], inp["lora_A"])
+    if reason is not None:
+        return CaseResult(case, "skip", reason)
+    impl = impl or backend_impl(case.backend)
+    try:
+        y_ref, g_ref = _forward_backward(_reference_impl, inp, torch.float64, case.p, case.seed)
+        y, grads = _forward_backward(impl, inp, None, case.p, case.seed, dropout_mask=case.mask_mode)
+    except Exception as e:  # a crashing backend is a failed case, reported with its cause
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return CaseResult(case, "error", tb, seconds=time.perf_counter() - t0)
+    dts = (x_dt, a_dt)
+    checks = {"out": compare(y, y_ref, dts)}
+    for name in GRAD_NAMES:
+        checks[name] = compare(grads[name], g_ref[name], dts)
+    if y.dtype != x_dt:
+        return CaseResult(case, "fail", f"output dtype {y.dtype} != x dtype {x_dt}", checks)
+    bad = [k for k, c in checks.items() if not c.ok]
+    status = "fail" if bad else "pass"
+    reason = ", ".join(f"{k} err {checks[k].err:.2e} > {checks[k].bound:.2e}" for k in bad)
+    return CaseResult(case, status, reason, checks, time.perf_counter() - t0)
+
+
+def _mask_hook(name: str) -> Callable[..., torch.Tensor] | None:
+    """A backend module's own mask generator, if it exposes one (returns a packed bitmask)."""
+    from . import backends
+
+    if name == "torch":
+        return None
+    try:
+        mod = importlib.import_module(backends._MODULES[name])
+    except ImportError:
+        return None
+    fn = getattr(mod, "dropout_bitmask", None)
+    if fn is not None:
+        return fn
+    keep_fn = getattr(mod, "dropout_keep_mask", None)
+    if keep_fn is not None:
+        from .reference import pack_mask
+
+        return lambda seed, M, K, p, device: pack_mask(keep_fn(seed, M, K, p, device))
+    return None
+
+
+def mask_probe(
+    impl: Impl,
+    M: int,
+    K: int,
+    p: float,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    mask_mode: str = "bitmask",
+) -> dict[str, int]:
+    """Number of mask bits where the backend's forward and backward masks differ from the reference.
+
+    With ``x = 1``, ``weight = 0``, ``lora_A = I``, ``lora_B = I`` (``r = N = K``) and
+    ``scaling = 1 - p``, the output is ``y = keep`` and, for ``dy = 1``, ``dx = keep``: the
+    backend's mask can be read off exactly in any dtype (values are 0 or ≈1).
+    """
+    from .reference import dropout_keep_mask
+
+    eye = torch.eye(K, device=device, dtype=dtype)
+    x = torch.ones(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = torch.zeros(K, K, device=device, dtype=dtype)
+    A = eye.clone().requires_grad_(True)
+    B = eye.clone().requires_grad_(True)
+    y = impl(
+        x, w, A, B, None, None, scaling=1.0 - p, dropout_p=p, training=True, seed=seed, dropout_mask=mask_mode
+    )
+    y.backward(torch.ones_like(y))
+    keep = dropout_keep_mask(seed, M, K, p, device=device)
+    return {
+        "forward": int(((y.detach().float() > 0.5) != keep).sum().item()),
+        "backward": int(((x.grad.float() > 0.5) != keep).sum().item()),
+    }
+
+
+@dataclass
+class MaskResult:
+    backend: str
+    dtype: str
+    mask_mode: str
+    M: int
+    K: int
+    p: float
+    status: str
+    reason: str = ""
+    mismatches: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["kind"] = "mask"
+        return d
+
+
+def run_mask_check(
+    backend: str,
+    dtype: str,
+    device: torch.device | str,
+    p: float,
+    mask_mode: str,
+    impl: Impl | None = None,
+    M: int = 300,
+    K: int = 100,
+) -> MaskResult:
+    """Mask identity of one backend (probe + the module's own mask function when it has one)."""
+    from .reference import dropout_keep_mask, pack_mask
+
+    x_dt = DTYPE_CONFIGS[dtype][0]
+    res = MaskResult(backend, dtype, mask_mode, M, K, p, "pass")
+    probe_x = torch.empty(M, K, dtype=x_dt, device=device)
+    reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_x[:K])
+    if reason is not None:
+        res.status, res.reason = "skip", reason
+        return res
+    try:
+        res.mismatches = mask_probe(
+            impl or backend_impl(backend), M, K, p, _PROBE_SEED, x_dt, device, mask_mode
+        )
+        hook = _mask_hook(backend) if impl is None else None
+        if hook is not None:
+            bits = hook(_PROBE_SEED, M, K, p, device)
+            ref_bits = pack_mask(dropout_keep_mask(_PROBE_SEED, M, K, p, device=device))
+            res.mismatches["module_bitmask"] = int((bits.to(ref_bits.device) != ref_bits).sum().item())
+    except Exception as e:
+        res.status = "error"
+        res.reason = traceback.format_exception_only(type(e), e)[-1].strip()
+        return res
+    bad = {k: v for k, v in res.mismatches.items() if v}
+    if bad:
+        res.status = "fail"
+        res.reason = ", ".join(f"{k}: {v} of {M * K} mask bits differ" for k, v in bad.items())
+    return res
+
+
+class Progress:
+    """A plain-text progress bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True, width: int = 28) -> None:
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+
+    def _bar(self) -> str:
+        filled = int(self.width * self.done / self.total)
+        pct = 100 * self.done // self.total
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {pct:3d}%"
+
+    def start(self, label: str) -> None:
+        if self.enabled and self.tty:
+            line = f"{self._bar()} {time.perf_counter() - self.t0:5.0f}s  {label}"
+            self.stream.write("\r" + line[:118].ljust(118))
+            self.stream.flush()
+
+    def step(self, label: str, status: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            self.start(label)
+        else:
+            self.stream.write(f"{self._bar()} {label}: {status}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r" + " " * 118 + "\r")
+            self.stream.flush()
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"M,K,N,r"`` -> ``(M, K, N, r)``; raises argparse.ArgumentTypeError on bad input."""
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or vals[0] < 0 or min(vals[1:]) < 1:
+        raise argparse.ArgumentTypeError(f"--shape wants M,K,N,r with M >= 0 and K, N, r >= 1; got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def default_shapes(device_type: str, backend: str) -> list[tuple[int, int, int, int]]:
+    """The shape sweep ``(M, K, N, r)``: odd sizes, every rank class, real model sizes on a GPU."""
+    if device_type == "cuda":
+        return [
+            (1, 64, 64, 8),
+            (67, 200, 136, 1),
+            (300, 1000, 520, 16),
+            (1024, 4096, 4096, 64),
+            (2048, 4096, 14336, 16),
+            (512, 14336, 4096, 256),
+        ]
+    if backend == "torch":
+        return [(1, 16, 16, 1), (33, 72, 40, 8), (67, 300, 136, 16), (256, 512, 384, 64)]
+    # The Triton interpreter runs every program in Python: keep it to a few tiles.
+    return [(1, 16, 16, 1), (33, 72, 40, 8), (64, 96, 80, 16)]
+
+
+def default_dtypes(device_type: str, backend: str) -> list[str]:
+    """fp32/fp16/bf16/bf16+fp32a on a GPU; on CPU the reference in fp64/fp32 (the interpreter: as on GPU)."""
+    if device_type == "cuda":
+        return list(_GPU_DTYPES)
+    if backend == "torch":
+        return ["fp64", "fp32"]
+    return list(_GPU_DTYPES)  # bf16 configurations are reported as skipped in the interpreter
+
+
+def _versions() -> dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    from .version import __version__
+
+    info["lora_kernels"] = __version__
+    return info
+
+
+def _fmt_frac(results: list[CaseResult], keys: Sequence[str]) -> str:
+    fracs = [r.checks[k].frac for r in results for k in keys if k in r.checks]
+    return f"{max(fracs):.2f}" if fracs else "-"
+
+
+def _fmt_rel(results: list[CaseResult], keys: Sequence[str]) -> str:
+    rels = [r.checks[k].rel for r in results for k in keys if k in r.checks]
+    return f"{max(rels):.1e}" if rels else "-"
+
+
+def summary_table(results: list[CaseResult], masks: list[MaskResult]) -> str:
+    """Markdown table: one row per (backend, dtype) with pass/fail counts and worst errors."""
+    groups: dict[tuple[str, str], list[CaseResult]] = {}
+    for r in results:
+        groups.setdefault((r.case.backend, r.case.dtype), []).append(r)
+    mgroups: dict[tuple[str, str], list[MaskResult]] = {}
+    for m in masks:
+        mgroups.setdefault((m.backend, m.dtype), []).append(m)
+    head = (
+        "| backend | dtype | cases | pass | fail | skip | worst rel err out | worst rel err grads "
+        "| worst err/tol | mask bits |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for key in sorted(set(groups) | set(mgroups), key=lambda k: (k[0], list(DTYPE_CONFIGS).index(k[1]))):
+        rs = groups.get(key, [])
+        ms = mgroups.get(key, [])
+        n_pass = sum(r.status == "pass" for r in rs)
+        n_fail = sum(r.status in ("fail", "error") for r in rs)
+        n_skip = sum(r.status == "skip" for r in rs)
+        if not ms:
+            mask = "-"
+        elif all(m.status == "skip" for m in ms):
+            mask = "skip"
+        elif all(m.status in ("pass", "skip") for m in ms):
+            mask = "identical"
+        else:
+            mask = "DIFFER"
+        lines.append(
+            f"| {key[0]} | {key[1]} | {len(rs)} | {n_pass} | {n_fail} | {n_skip} | {_fmt_rel(rs, ['out'])} "
+            f"| {_fmt_rel(rs, GRAD_NAMES)} | {_fmt_frac(rs, ['out', *GRAD_NAMES])} | {mask} |"
+        )
+    return "\n".join(lines)
+
+
+def _resolve_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if args.interpret:
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _enable_interpreter() -> str | None:
+    """Set TRITON_INTERPRET=1 before the Triton backend is imported (kernels are built at import)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "lora_kernels.triton_ops.lora_linear" in sys.modules:
+        return (
+            "the Triton backend was imported before --interpret took effect; its kernels may be compiled "
+            "for a GPU: set TRITON_INTERPRET=1 in the environment instead"
+        )
+    return None
+
+
+def add_verify_args(ap: argparse.ArgumentParser) -> None:
+    """The ``verify`` command-line options."""
+    from .backends import BACKENDS
+
+    ap.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="backend to check (repeatable; "
+        "default: every backend, those that cannot run here are reported as skipped)",
+    )
+    ap.add_argument(
+        "--dtype",
+        action="append",
+        choices=list(DTYPE_CONFIGS),
+        help="dtype configuration "
+        "(repeatable); 'bf16+fp32a' = bf16 base with float32 adapters (PEFT's default)",
+    )
+    ap.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        default=[],
+        metavar="M,K,N,r",
+        help="extra shape to check (repeatable), added to the default sweep",
+    )
+    ap.add_argument("--only-shapes", action="store_true", help="check only the --shape shapes")
+    ap.add_argument(
+        "-p",
+        "--dropout",
+        action="append",
+        type=float,
+        metavar="P",
+        help="dropout probability (repeatable; default 0 and 0.1)",
+    )
+    ap.add_argument(
+        "--mask-mode",
+        action="append",
+        choices=("bitmask", "regenerate"),
+        help="dropout mask mode for p > 0 (repeatable; default both)",
+    )
+    ap.add_argument("--seed", type=int, default=_SEED, help="dropout seed of every case")
+    ap.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run the Triton kernels in the Triton CPU interpreter (sets TRITON_INTERPRET=1)",
+    )
+    ap.add_argument("--json", metavar="PATH", help="write every result as JSON to PATH")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
+    """Run the sweep described by ``args`` (see :func:`add_verify_args`); 0 iff nothing failed."""
+    from .backends import BACKENDS
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if args.interpret:
+        warning = _enable_interpreter()
+        if warning:
+            print(f"warning: {warning}", file=err)
+    device = _resolve_device(args)
+    names = list(dict.fromkeys(args.backend or BACKENDS))
+    explicit = bool(args.backend)
+    ps = list(dict.fromkeys(args.dropout if args.dropout is not None else [0.0, 0.1]))
+    modes = list(dict.fromkeys(args.mask_mode or ["bitmask", "regenerate"]))
+    for p in ps:
+        if not 0.0 <= p < 1.0:
+            print(f"error: dropout p must be in [0, 1), got {p}", file=err)
+            return 2
+
+    cases: list[Case] = []
+    mask_jobs: list[tuple[str, str, float, str]] = []
+    results: list[CaseResult] = []
+    masks: list[MaskResult] = []
+    for name in names:
+        shapes = [] if args.only_shapes else default_shapes(device.type, name)
+        shapes += [s for s in args.shape if s not in shapes]
+        for dt in args.dtype or default_dtypes(device.type, name):
+            # A backend that cannot run this device/dtype at all is reported once per group, not run.
+            x_dt, a_dt = DTYPE_CONFIGS[dt]
+            probe = torch.empty(1, 16, dtype=x_dt, device=device)
+            group_reason = unavailable(
+                name, probe, probe.expand(16, 16), torch.empty(8, 16, dtype=a_dt, device=device)
+            )
+            mode_list = modes if name != "torch" else modes[:1]  # the reference has one mask path
+            for shape in shapes:
+                for p in ps:
+                    for mode in mode_list if p > 0 else modes[:1]:
+                        case = Case(name, dt, *shape, p=p, mask_mode=mode, seed=args.seed)
+                        if group_reason is None:
+                            cases.append(case)
+                        else:
+                            results.append(CaseResult(case, "skip", group_reason))
+            for p in (p for p in ps if p > 0):
+                for mode in mode_list:
+                    if group_reason is None:
+                        mask_jobs.append((name, dt, p, mode))
+                    else:
+                        masks.append(MaskResult(name, dt, mode, 300, 100, p, "skip", group_reason))
+
+    progress = Progress(len(cases) + len(mask_jobs), stream=err, enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    for case in cases:
+        progress.start(case.label)
+        res = run_case(case, device)
+        results.append(res)
+        progress.step(case.label, res.status)
+    for name, dt, p, mode in mask_jobs:
+        label = f"{name} {dt} mask probe p={p:g} {mode}"
+        progress.start(label)
+        m = run_mask_check(name, dt, device, p, mode)
+        masks.append(m)
+        progress.step(label, m.status)
+    progress.close()
+
+    failed = [r for r in results if r.status in ("fail", "error")]
+    mask_failed = [m for m in masks if m.status in ("fail", "error")]
+    ran = {r.case.backend for r in results if r.status != "skip"}
+    missing = [n for n in names if n not in ran] if explicit else []
+
+    info = _versions()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    interp = "on" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "off"
+    print(
+        f"lora_kernels verify: device={device} ({dev_name}), triton interpreter {interp}, "
+        f"torch {info['torch']}, triton {info['triton']}, {time.perf_counter() - t0:.1f}s",
+        file=out,
+    )
+    print(summary_table(results, masks), file=out)
+    print(
+        "errors are relative to max|float64 reference|; err/tol > 1 fails (tolerances: "
+        + ", ".join(f"{str(d).split('.')[-1]} {a:g}" for d, (a, _) in TOLERANCES.items())
+        + ")",
+        file=out,
+    )
+    skips: dict[tuple[str, str], str] = {}
+    for r in results:
+        if r.status == "skip":
+            skips.setdefault((r.case.backend, r.reason), r.case.dtype)
+    for (name, reason), _ in skips.items():
+        dts = sorted({r.case.dtype for r in results if r.case.backend == name and r.reason == reason})
+        hint = (
+            " (use --interpret to run it in the Triton interpreter)"
+            if (
+                name == "triton"
+                and device.type == "cpu"
+                and not args.interpret
+                and reason != _INTERPRETER_BF16
+            )
+            else ""
+        )
+        print(f"skipped {name} [{', '.join(dts)}]: {reason}{hint}", file=out)
+    for r in failed[:30]:
+        print(f"FAILED {r.case.label}: {r.status}: {r.reason}", file=out)
+    if len(failed) > 30:
+        print(f"... and {len(failed) - 30} more failed cases (see --json)", file=out)
+    for m in mask_failed:
+        print(f"FAILED mask {m.backend} {m.dtype} p={m.p:g} {m.mask_mode}: {m.reason}", file=out)
+    for n in missing:
+        print(f"FAILED backend {n} was requested but no case could run: see the skip reasons", file=out)
+    ok = not failed and not mask_failed and not missing
+    n_pass = sum(r.status == "pass" for r in results)
+    print(
+        f"{'PASS' if ok else 'FAIL'}: {n_pass} passed, {len(failed)} failed, "
+        f"{sum(r.status == 'skip' for r in results)} skipped cases; "
+        f"mask checks: {sum(m.status == 'pass' for m in masks)} identical, {len(mask_failed)} differ, "
+        f"{sum(m.status == 'skip' for m in masks)} skipped",
+        file=out,
+    )
+
+    if args.json:
+        doc = {
+            "ok": ok,
+            "device": str(device),
+            "device_name": dev_name,
+            "interpret": interp == "on",
+            "versions": info,
+            "tolerances": {str(d).split(".")[-1]: list(t) for d, t in TOLERANCES.items()},
+            "dtype_configs": {
+                k: [str(a).split(".")[-1], str(b).split(".")[-1]] for k, (a, b) in DTYPE_CONFIGS.items()
+            },
+            "results": [r.to_dict() for r in results],
+            "mask_checks": [m.to_dict() for m in masks],
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}", file=out)
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _bench_shape(M: int, K: int, N: int, r: int, backends_: Sequence[str], out) -> None:
+    """Timing rows of one shape: F.linear (frozen W) vs lora_linear per backend, bf16, s = 2, p ∈ {0, 0.1}."""
+    from triton.testing import do_bench
+
+    from .api import lora_linear
+
+    inp = make_inputs(M, K, N, r, torch.bfloat16, torch.bfloat16, "cuda", gen_seed=1)
+    x, w, dy = inp["x"], inp["weight"], inp["dy"]
+    xg = x.clone().requires_grad_(True)
+    A = inp["lora_A"].clone().requires_grad_(True)
+    B = inp["lora_B"].clone().requires_grad_(True)
+    t_lin = do_bench(lambda: F.linear(x, w))
+    t_lin_fb = do_bench(lambda: F.linear(xg, w).backward(dy), grad_to_none=[xg])
+    for p in (0.0, 0.1):
+        for name in backends_:
+            kw = dict(scaling=SCALING, dropout_p=p, seed=7, backend=name)
+            t_f = do_bench(lambda kw=kw: lora_linear(x, w, A, B, **kw))
+            t_fb = do_bench(
+                lambda kw=kw: lora_linear(xg, w, A, B, **kw).backward(dy), grad_to_none=[xg, A, B]
+            )
+            print(
+                f"| {M} x {K} -> {N}, {r} | {p:g} | {name} | {t_lin:.3f} / {t_f:.3f} | {t_f / t_lin:.2f}x "
+                f"| {t_lin_fb:.3f} / {t_fb:.3f} | {t_fb / t_lin_fb:.2f}x |",
+                file=out,
+            )
+
+
+def run_demo(argv: Sequence[str] = (), out=None, err=None) -> int:
+    """Quick numerics check of every backend, then (GPU only) a quick benchmark."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    ap = argparse.ArgumentParser(prog="lora_kernels demo")
+    ap.add_argument("--no-bench", action="store_true", help="skip the GPU benchmark")
+    ap.add_argument("--no-progress", action="store_true")
+    dargs = ap.parse_args(list(argv))
+    gpu = torch.cuda.is_available()
+    vap = argparse.ArgumentParser()
+    add_verify_args(vap)
+    if gpu:
+        print("== numerics: every backend vs the float64 reference (GPU, quick sweep) ==", file=out)
+        vargv = ["--only-shapes", "--shape", "67,200,136,16", "--shape", "1024,4096,4096,64"]
+    else:
+        print(
+            "== numerics: reference and Triton interpreter vs float64 (no CUDA GPU, small shapes) ==",
+            file=out,
+        )
+        vargv = ["--interpret", "--only-shapes", "--shape", "33,72,40,8", "--shape", "64,96,80,16"]
+    vargv += ["--no-progress"] if dargs.no_progress else []
+    rc = run_verify(vap.parse_args(vargv), out=out, err=err)
+    if not gpu:
+        print(
+            "\n== timing: skipped: no CUDA GPU on this machine. The Triton interpreter and CPU torch say "
+            "nothing about kernel speed; run `make demo` on a GPU (or `python -m bench.lora_linear`). ==",
+            file=out,
+        )
+        return rc
+    if dargs.no_bench:
+        return rc
+    from .backends import available_backends
+
+    avail = [n for n, why in available_backends(dtype=torch.bfloat16).items() if why is None and n != "torch"]
+    if not avail:
+        print(
+            "\n== timing: skipped: no kernel backend can run here (see the skip reasons above) ==", file=out
+        )
+        return rc
+    print(f"\n== timing (triton.testing.do_bench, bf16, {torch.cuda.get_device_name()}) ==", file=out)
+    print("| M x K -> N, r | p | backend | fwd ms (F.linear / lora) | ratio | fwd+bwd ms | ratio |", file=out)
+    print("|---|---|---|---|---|---|---|", file=out)
+    for shape in [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16)]:
+        _bench_shape(*shape, avail, out)
+        torch.cuda.empty_cache()
+    print("fwd+bwd: F.linear's backward is dX only (W frozen); lora_linear's is dX, dA, dB.", file=out)
+    return rc

@@ -1,0 +1,1 @@
+"""lora_kernels tests (a package so modules can share tests/_utils.py)."""

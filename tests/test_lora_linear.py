@@ -1,0 +1,240 @@
+"""Every backend against the float64 reference: outputs and all gradients, odd shapes, dropout,
+mixed dtypes, strided/3-D inputs, both mask modes, NaN-poisoned outputs.
+
+On a machine without a GPU the Triton kernels run in the interpreter (tests/conftest.py); the
+same tests run on CUDA (and add bf16-native and larger shapes) when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.backends import available_backends
+from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
+
+from ._utils import HAS_CUDA, assert_close_ref, requires_gpu
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ["torch", "triton", "cuda"]
+
+
+def _skip_unavailable(backend: str, dtype: torch.dtype = torch.float32) -> None:
+    reason = available_backends(dtype=dtype, device=DEVICE)[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Kernel outputs start as NaN (floats) or 0xAA (bytes): unwritten elements fail the checks."""
+    import importlib
+
+    def nan_empty(shape, device, dtype):
+        t = torch.empty(shape, device=device, dtype=dtype)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(0xAA)
+
+    for name in ("lora_kernels.triton_ops.lora_linear", "lora_kernels.cuda_ops.lora_linear"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "_empty"):
+            monkeypatch.setattr(mod, "_empty", nan_empty)
+
+
+def make_inputs(M, K, N, r, *, xdt, adt, bias=True, lora_bias=False, lead=(), device=DEVICE, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    x = rnd(*lead, M, K).to(device, xdt)
+    W = (rnd(N, K) / K**0.5).to(device, xdt)
+    A = (rnd(r, K) / K**0.5).to(device, adt)
+    B = rnd(N, r).to(device, adt)  # non-zero, unlike a fresh adapter, so every path is exercised
+    b = rnd(N).to(device, xdt) if bias else None
+    lb = rnd(N).to(device, adt) if lora_bias else None
+    return x, W, A, B, b, lb
+
+
+def run_and_check(backend, x, W, A, B, b, lb, *, scaling=2.0, p=0.0, seed=1234, mode="bitmask"):
+    """Forward + backward through ``backend`` and the float64 reference; compare everything."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, A, B, lb)]
+    xg, Ag, Bg, lbg = leaves
+    y = lk.lora_linear(xg, W, Ag, Bg, b, lbg, scaling, p, True, seed, backend=backend, dropout_mask=mode)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+    y.backward(dy)
+
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()
+    rx, rA, rB, rlb = d(x), d(A), d(B), d(lb)
+    rW, rb = W.double(), None if b is None else b.double()
+    yr = lora_linear_ref(rx, rW, rA, rB, rb, rlb, scaling, p, True, seed)
+    yr.backward(dy.double())
+    dts = (x.dtype, A.dtype)
+    assert_close_ref(y, yr, dts, "y")
+    assert_close_ref(xg.grad, rx.grad, dts, "dx")
+    assert_close_ref(Ag.grad, rA.grad, dts, "dA")
+    assert_close_ref(Bg.grad, rB.grad, dts, "dB")
+    assert Ag.grad.dtype == A.dtype and Bg.grad.dtype == B.dtype and xg.grad.dtype == x.dtype
+    if lb is not None:
+        assert_close_ref(lbg.grad, rlb.grad, dts, "dlora_bias")
+        assert lbg.grad.dtype == lb.dtype
+
+
+SHAPES = [  # M, K, N, r: M ∈ {1, 3, 67, 300}; K, N not multiples of 16; r from 1 to 256
+    (1, 40, 24, 1),
+    (3, 33, 50, 8),
+    (67, 72, 45, 16),
+    (300, 100, 70, 64),
+    (67, 40, 33, 256),
+]
+DTYPES = [  # (x/weight dtype, adapter dtype)
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+_ids = lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_shapes_and_dropout_fp32(backend, shape, p):
+    _skip_unavailable(backend)
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float32, adt=torch.float32, lora_bias=r % 2 == 0)
+    run_and_check(backend, x, W, A, B, b, lb, p=p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dts", DTYPES, ids=_ids)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dtypes(backend, dts, p):
+    xdt, adt = dts
+    _skip_unavailable(backend, xdt)
+    x, W, A, B, b, lb = make_inputs(67, 72, 45, 16, xdt=xdt, adt=adt, lora_bias=True)
+    run_and_check(backend, x, W, A, B, b, lb, p=p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,lora_bias", [(False, False), (True, True), (False, True)])
+def test_bias_flags(backend, bias, lora_bias):
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(33, 48, 40, 4, xdt=torch.float32, adt=torch.float32, bias=bias, lora_bias=lora_bias)
+    run_and_check(backend, x, W, A, B, b, lb, p=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_and_noncontiguous_x(backend):
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(21, 40, 36, 8, xdt=torch.float32, adt=torch.float32, lead=(2, 3))
+    run_and_check(backend, x, W, A, B, b, lb, p=0.1)  # (2, 3, 21, 40)
+    base = torch.randn(50, 90, device=DEVICE)
+    run_and_check(backend, base[:, 3:83:2], W, A, B, b, lb, p=0.1)  # (50, 40), strides (90, 2)
+    xt = torch.randn(40, 50, device=DEVICE).t()  # (50, 40), column-major: stride (1, 50)
+    run_and_check(backend, xt, W, A, B, b, lb, p=0.5)
+    x3 = torch.randn(3, 40, 5, device=DEVICE).transpose(1, 2)  # (3, 5, 40) non-contiguous 3-D
+    run_and_check(backend, x3, W, A, B, b, lb, p=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["bitmask", "regenerate"])
+def test_mask_modes(backend, mode):
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(67, 100, 45, 8, xdt=torch.float32, adt=torch.float32, lora_bias=True)
+    run_and_check(backend, x, W, A, B, b, lb, p=0.5, mode=mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_disables_dropout(backend):
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(9, 40, 20, 4, xdt=torch.float32, adt=torch.float32)
+    y_eval = lk.lora_linear(x, W, A, B, b, scaling=2.0, dropout_p=0.5, training=False, seed=3, backend=backend)
+    y_p0 = lk.lora_linear(x, W, A, B, b, scaling=2.0, dropout_p=0.0, backend=backend)
+    torch.testing.assert_close(y_eval, y_p0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_gradients_when_requested(backend):
+    """If weight/bias require grad, their gradients are computed, never silently None."""
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(17, 40, 24, 4, xdt=torch.float32, adt=torch.float32)
+    Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+    y = lk.lora_linear(x, Wg, A, B, bg, scaling=2.0, dropout_p=0.1, seed=1, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    rW, rb = W.double().requires_grad_(), b.double().requires_grad_()
+    lora_linear_ref(x.double(), rW, A.double(), B.double(), rb, None, 2.0, 0.1, True, 1).backward(dy.double())
+    assert_close_ref(Wg.grad, rW.grad, (torch.float32,), "dW")
+    assert_close_ref(bg.grad, rb.grad, (torch.float32,), "dbias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_run_to_run(backend):
+    _skip_unavailable(backend)
+    x, W, A, B, b, lb = make_inputs(67, 72, 45, 16, xdt=torch.float32, adt=torch.float32, lora_bias=True)
+    outs = []
+    for _ in range(2):
+        xg, Ag = x.clone().requires_grad_(), A.clone().requires_grad_()
+        y = lk.lora_linear(xg, W, Ag, B, b, lb, 2.0, 0.1, True, 77, backend=backend)
+        y.sum().backward()
+        outs.append((y, xg.grad, Ag.grad))
+    for a, c in zip(*outs, strict=False):
+        assert torch.equal(a, c)
+
+
+def test_seed_none_draws_from_torch_generator():
+    x, W, A, B, b, lb = make_inputs(8, 16, 8, 2, xdt=torch.float32, adt=torch.float32)
+    torch.manual_seed(0)
+    y1 = lk.lora_linear(x, W, A, B, scaling=1.0, dropout_p=0.5, backend="torch")
+    y2 = lk.lora_linear(x, W, A, B, scaling=1.0, dropout_p=0.5, backend="torch")
+    torch.manual_seed(0)
+    y3 = lk.lora_linear(x, W, A, B, scaling=1.0, dropout_p=0.5, backend="torch")
+    assert torch.equal(y1, y3) and not torch.equal(y1, y2)
+
+
+def test_triton_mask_bits_identical_to_reference():
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops.lora_linear import lora_fwd
+
+    for M, K, p, seed in [(67, 100, 0.1, 1), (5, 33, 0.5, (1 << 40) + 3), (300, 64, 0.9, 2**63 - 1)]:
+        x, W, A, B, b, _ = make_inputs(M, K, 16, 4, xdt=torch.float32, adt=torch.float32)
+        _, _, bits = lora_fwd(x, W, b, A, B, None, 2.0, p, seed, True)
+        assert torch.equal(bits.cpu(), pack_mask(dropout_keep_mask(seed, M, K, p))), (M, K, p)
+
+
+def test_autocast_cpu_reference():
+    x, W, A, B, b, _ = make_inputs(9, 32, 16, 4, xdt=torch.float32, adt=torch.float32, device="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lk.lora_linear(x, W, A, B, b, scaling=2.0, backend="torch")
+    assert y.dtype == torch.bfloat16
+    expected = lora_linear_ref(x.bfloat16(), W.bfloat16(), A, B, b.bfloat16(), None, 2.0)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_backend(backend):
+    _skip_unavailable(backend, torch.bfloat16)
+    x, W, A, B, b, lb = make_inputs(33, 40, 24, 4, xdt=torch.float32, adt=torch.float32)
+    xg, Ag = x.clone().requires_grad_(), A.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = lk.lora_linear(xg, W, Ag, B, b, scaling=2.0, dropout_p=0.1, seed=4, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert xg.grad.dtype == torch.float32 and Ag.grad.dtype == torch.float32
+    yr = lora_linear_ref(x.bfloat16().double(), W.bfloat16().double(), A.double(), B.double(),
+                         b.bfloat16().double(), None, 2.0, 0.1, True, 4)  # fmt: skip
+    assert_close_ref(y, yr, (torch.bfloat16,), "y")
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(1024, 4096, 4096, 16), (2048, 4096, 1000, 64), (777, 1000, 3000, 128)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_real_sizes_bf16(backend, shape, p):
+    _skip_unavailable(backend, torch.bfloat16)
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
+    run_and_check(backend, x, W, A, B, b, lb, p=p)
