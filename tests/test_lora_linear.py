@@ -238,3 +238,36 @@ def test_gpu_real_sizes_bf16(backend, shape, p):
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
     run_and_check(backend, x, W, A, B, b, lb, p=p)
+
+
+@pytest.mark.parametrize("dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=_ids)
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (3, 64, 200, 1), (130, 96, 48, 64)], ids=str)
+def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
+    """The Hopper kernels (persistent, TMA descriptors) forced on: in the interpreter on CI, on any GPU."""
+    _skip_unavailable("triton", dts[0])
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    taken = []
+    real = tri._tma_ok
+    monkeypatch.setattr(tri, "_tma_ok", lambda *ts: taken.append(real(*ts)) or taken[-1])
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
+    assert taken == [True, True], "both the forward and the dX kernel must take the TMA path"
+
+
+@pytest.mark.parametrize("shape", [(67, 100, 72), (67, 104, 70)], ids=str)
+def test_triton_tma_falls_back_on_unaligned_rows(monkeypatch, shape):
+    """Rows that are not 16-byte aligned (K or N not a multiple of 8 in fp16) use the pointer kernels."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    M, K, N = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, 8, xdt=torch.float16, adt=torch.float16)
+    assert not tri._tma_ok(x, W, torch.empty(M, N, dtype=x.dtype, device=x.device))
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
