@@ -20,5 +20,8 @@ lint: setup
 gpu-check:
 	bash scripts/gpu_check.sh
 
+bench-dry: setup
+	$(PY) -m bench.lora_linear --dry
+
 clean:
 	rm -rf build dist *.egg-info lora_kernels/*.so lora_kernels/_build_info.py

@@ -1,0 +1,275 @@
+"""The implementations the LoRA-linear benchmark compares, built on one shared set of inputs.
+
+A :class:`Problem` holds the inputs of one configuration (x copies, dY copies, W, bias, A, B);
+:func:`build` turns an implementation name into an :class:`Impl` (a forward callable plus the
+tensors that belong to it) or raises :class:`Unavailable` with the reason it cannot run here.
+
+Names:
+    ``cublas``  frozen ``F.linear(x, W, b)``: the floor (on CPU it is whatever BLAS torch uses).
+    ``naive``   PEFT's math in eager with adapters in the activation dtype.
+    ``peft``    a real ``peft`` LoRA ``Linear`` with PEFT's defaults (fp32 adapters).
+    ``compile`` ``torch.compile`` of ``naive``.
+    ``torch``   ``lora_kernels.lora_linear(backend="torch")`` (the reference; a dry-run row).
+    ``triton-bitmask``, ``triton-regen``, ``cuda-bitmask``, ``cuda-regen``:
+                ``lora_kernels.lora_linear`` with that backend and ``dropout_mask`` mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ALL_IMPLS",
+    "Impl",
+    "Problem",
+    "Unavailable",
+    "build",
+    "make_problem",
+    "num_copies",
+]
+
+ALL_IMPLS = (
+    "cublas",
+    "naive",
+    "peft",
+    "compile",
+    "torch",
+    "triton-bitmask",
+    "triton-regen",
+    "cuda-bitmask",
+    "cuda-regen",
+)
+_MASK_MODES = {"bitmask": "bitmask", "regen": "regenerate"}
+
+
+class Unavailable(Exception):
+    """An implementation cannot run on this machine / these inputs; the message says why."""
+
+
+@dataclass
+class Problem:
+    """Inputs of one configuration, shared by every implementation in the run.
+
+    ``xs``: copies of x, each ``(M, K)`` in ``dtype`` with ``requires_grad`` (backward computes
+    dX); ``dys``: matching ``(M, N)`` output gradients; ``weight``: ``(N, K)`` frozen; ``bias``:
+    ``(N,)`` frozen or None; ``lora_A``: ``(r, K)`` and ``lora_B``: ``(N, r)`` in ``adapter_dtype``,
+    trainable. Everything is random and non-zero (lora_B included, unlike PEFT's init, so the
+    low-rank path does real work).
+    """
+
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+    scaling: float
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    device: torch.device
+    xs: list[torch.Tensor]
+    dys: list[torch.Tensor]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    @property
+    def lora_flops_fwd(self) -> float:
+        """x·Wᵀ plus the shrink x̃·Aᵀ and the expand T·Bᵀ."""
+        return 2.0 * self.M * self.N * self.K + 2.0 * self.M * self.r * (self.K + self.N)
+
+    @property
+    def lora_flops_fwdbwd(self) -> float:
+        """Forward plus dX = dY·W, dT = dY·B, dX += dT·A, dA = dTᵀ·x̃, dB = dYᵀ·T."""
+        return 4.0 * self.M * self.N * self.K + 6.0 * self.M * self.r * (self.K + self.N)
+
+    @property
+    def base_flops_fwd(self) -> float:
+        return 2.0 * self.M * self.N * self.K
+
+    @property
+    def base_flops_fwdbwd(self) -> float:
+        """W is frozen, so the floor's backward is dX only."""
+        return 4.0 * self.M * self.N * self.K
+
+
+@dataclass
+class Impl:
+    """One benchmark row's implementation.
+
+    ``fn(x) -> y`` maps an ``(M, K)`` copy from ``Problem.xs`` to ``(M, N)``; ``owned`` are the
+    tensors that are parameters of this implementation (excluded from saved-activation
+    accounting, their ``.grad`` reset between timed runs).
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    owned: list[torch.Tensor] = field(default_factory=list)
+    flops_fwd: float = 0.0
+    flops_fwdbwd: float = 0.0
+
+
+def num_copies(per_copy_bytes: int, device: torch.device, max_copies: int = 8) -> int:
+    """How many input copies to rotate through so that consecutive calls miss in L2.
+
+    Inputs that fit in L2 would otherwise be served cache-hot; rotate enough copies to cover
+    twice the L2, at most ``max_copies`` and at most a quarter of the free device memory.
+    """
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        l2 = int(getattr(props, "L2_cache_size", 50 * 2**20))
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        l2 = 4 * 2**20  # a typical per-core L2/L3 slice: only exercises the rotation on CPU
+        free = 2**62
+    want = math.ceil(2 * l2 / max(per_copy_bytes, 1))
+    fit = max(1, (free // 4) // max(per_copy_bytes, 1))
+    return int(max(1, min(want, max_copies, fit)))
+
+
+def make_problem(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    p: float,
+    *,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    device: torch.device | str,
+    bias: bool = False,
+    scaling: float = 2.0,
+    copies: int | None = None,
+    seed: int = 0,
+) -> Problem:
+    """Random inputs for one configuration (see :class:`Problem`); ``copies`` defaults to
+    :func:`num_copies`."""
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    elt = torch.empty((), dtype=dtype).element_size()
+    n = copies if copies is not None else num_copies((M * K + M * N) * elt, device)
+
+    def randn(*shape: int, scale: float = 1.0, dt: torch.dtype = dtype, grad: bool = False) -> torch.Tensor:
+        # Generated on the CPU generator so every device sees the same numbers for a seed.
+        t = (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+        return t.requires_grad_(grad)
+
+    xs = [randn(M, K, grad=True) for _ in range(n)]
+    dys = [randn(M, N) for _ in range(n)]
+    return Problem(
+        M=M, K=K, N=N, r=r, p=float(p), scaling=float(scaling), dtype=dtype, adapter_dtype=adapter_dtype,
+        device=device, xs=xs, dys=dys,
+        weight=randn(N, K, scale=K**-0.5),
+        bias=randn(N) if bias else None,
+        lora_A=randn(r, K, scale=K**-0.5, dt=adapter_dtype, grad=True),
+        lora_B=randn(N, r, scale=r**-0.5, dt=adapter_dtype, grad=True),
+    )  # fmt: skip
+
+
+def _cublas(prob: Problem) -> Impl:
+    W, b = prob.weight, prob.bias
+    return Impl("cublas", lambda x: F.linear(x, W, b), [W] + ([b] if b is not None else []),
+                prob.base_flops_fwd, prob.base_flops_fwdbwd)  # fmt: skip
+
+
+def _naive_fn(prob: Problem) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
+    """PEFT's forward, written out in eager, with the adapters cast to the activation dtype."""
+    W, b, s, p = prob.weight, prob.bias, prob.scaling, prob.p
+    A = prob.lora_A.detach().to(prob.dtype).requires_grad_(True)
+    B = prob.lora_B.detach().to(prob.dtype).requires_grad_(True)
+    # PEFT uses nn.Identity at p = 0, so no dropout kernel runs there.
+    drop = (lambda t: t) if p == 0.0 else (lambda t: F.dropout(t, p, training=True))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, W, b) + s * F.linear(F.linear(drop(x), A), B)
+
+    return fn, [W, A, B] + ([b] if b is not None else [])
+
+
+def _naive(prob: Problem) -> Impl:
+    fn, owned = _naive_fn(prob)
+    return Impl("naive", fn, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
+def _compile(prob: Problem) -> Impl:
+    if not hasattr(torch, "compile"):
+        raise Unavailable("torch.compile is not available in this torch")
+    fn, owned = _naive_fn(prob)
+    # A fresh dynamo cache per configuration: otherwise shape/p guards pile up across the run
+    # and past the recompile limit dynamo silently falls back to eager.
+    torch._dynamo.reset()
+    return Impl("compile", torch.compile(fn, dynamic=False), owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
+def _peft(prob: Problem) -> Impl:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise Unavailable(f"peft is not installed ({e})") from e
+
+    class _OneLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(
+                prob.K, prob.N, bias=prob.bias is not None, device=prob.device, dtype=prob.dtype
+            )
+
+    model = _OneLinear()
+    with torch.no_grad():
+        model.proj.weight.copy_(prob.weight)
+        if prob.bias is not None:
+            model.proj.bias.copy_(prob.bias)
+    # lora_alpha = scaling · r gives PEFT's scaling alpha / r = scaling. get_peft_model's default
+    # autocast_adapter_dtype=True keeps the adapters in fp32 next to a bf16/fp16 base: PEFT's default.
+    config = LoraConfig(r=prob.r, lora_alpha=prob.scaling * prob.r, lora_dropout=prob.p, target_modules=["proj"])
+    peft_model = get_peft_model(model, config)
+    peft_model.train()
+    layer = peft_model.base_model.model.proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        A.copy_(prob.lora_A)
+        B.copy_(prob.lora_B)
+    owned = [t for t in layer.parameters()]
+    return Impl("peft", layer, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
+def _ours(prob: Problem, backend: str, mask_mode: str, name: str) -> Impl:
+    from lora_kernels import available_backends, lora_linear
+
+    reason = available_backends(x=prob.xs[0]).get(backend, f"unknown backend {backend!r}")
+    if reason is not None:
+        raise Unavailable(reason)
+    W, b, A, B, s, p = prob.weight, prob.bias, prob.lora_A, prob.lora_B, prob.scaling, prob.p
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        # seed=None: a fresh seed per call, as in training.
+        return lora_linear(x, W, A, B, b, None, s, p, training=True, seed=None,
+                           backend=backend, dropout_mask=mask_mode)  # fmt: skip
+
+    owned = [W, A, B] + ([b] if b is not None else [])
+    return Impl(name, fn, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
+def build(name: str, prob: Problem) -> Impl:
+    """The :class:`Impl` called ``name`` on ``prob``; raises :class:`Unavailable` with a reason."""
+    if name == "cublas":
+        return _cublas(prob)
+    if name == "naive":
+        return _naive(prob)
+    if name == "compile":
+        return _compile(prob)
+    if name == "peft":
+        return _peft(prob)
+    if name == "torch":
+        return _ours(prob, "torch", "bitmask", name)
+    backend, _, mode = name.partition("-")
+    if backend in ("triton", "cuda") and mode in _MASK_MODES:
+        if mode == "regen" and prob.p == 0.0:
+            raise Unavailable("p = 0: no mask, identical to the bitmask row")
+        return _ours(prob, backend, _MASK_MODES[mode], name)
+    raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(ALL_IMPLS)}")

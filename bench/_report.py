@@ -1,0 +1,140 @@
+"""Run metadata, the CSV results file and the markdown table of the LoRA-linear benchmark.
+
+The CSV columns are documented in ``bench/results/README.md``; keep the two in sync.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import platform
+import re
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["COLUMNS", "run_metadata", "device_slug", "write_csv", "read_csv", "markdown_table"]
+
+COLUMNS = (
+    # run
+    "run_id", "date", "gpu", "commit", "torch", "triton", "peft", "preset", "timer",
+    # configuration
+    "M", "K", "N", "r", "p", "dtype", "adapter_dtype", "bias", "scaling", "copies",
+    # row
+    "impl", "status",
+    "fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops",
+    "saved_mib", "retained_mib", "peak_mib", "rel_err",
+)  # fmt: skip
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # not installed, or broken: the CSV records that instead of failing the run
+        return "n/a"
+
+
+def _git_commit(repo: Path) -> str:
+    """Short HEAD commit, with "-dirty" when tracked files differ from it; "unknown" without git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=repo, capture_output=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()}".strip()
+
+
+def device_slug(name: str) -> str:
+    """ "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3" (the results file name)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def run_metadata(device: torch.device, preset: str) -> dict[str, str]:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
+        "date": now.isoformat(timespec="seconds"),
+        "gpu": device_name(device),
+        "commit": _git_commit(Path(__file__).resolve().parent.parent),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "preset": preset,
+    }
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    """Append ``rows`` to ``path`` (header written when new). Returns the file written.
+
+    If an existing file has a different header (columns changed since), the rows go to a new
+    file next to it instead of corrupting the old one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = list(COLUMNS)
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            existing = next(csv.reader(f), [])
+        if existing != header:
+            path = path.with_name(f"{path.stem}-{rows[0]['run_id'] if rows else 'new'}{path.suffix}")
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in header})
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict, key: str, spec: str) -> str:
+    v = row.get(key)
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(float(v), spec)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One line per row; ratios are to cuBLAS of the same configuration and run."""
+    lines = [
+        "| M × K → N | r | p | impl | fwd ms | fwd+bwd ms | fwd × | fwd+bwd × | TFLOP/s fwd / f+b "
+        "| saved MiB | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        shape = f"{row['M']} × {row['K']} → {row['N']}"
+        tf = f"{_num(row, 'fwd_tflops', '.0f')} / {_num(row, 'fwdbwd_tflops', '.0f')}"
+        if row["status"] == "ok" and row.get("fwd_tflops") not in (None, "") and float(row["fwd_tflops"]) < 1:
+            tf = f"{_num(row, 'fwd_tflops', '.3f')} / {_num(row, 'fwdbwd_tflops', '.3f')}"  # CPU dry run
+        lines.append(
+            f"| {shape} | {row['r']} | {row['p']} | {row['impl']} | {_num(row, 'fwd_ms', '.4f')} "
+            f"| {_num(row, 'fwdbwd_ms', '.4f')} | {_num(row, 'fwd_ratio', '.3f')} "
+            f"| {_num(row, 'fwdbwd_ratio', '.3f')} | {tf} | {_num(row, 'saved_mib', '.4g')} "
+            f"| {_num(row, 'peak_mib', '.1f')} | {row['status']} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""LoRA-linear benchmark: ours vs cuBLAS, naive eager, PEFT and torch.compile on the same inputs.
+
+    python -m bench.lora_linear                 # default shape set (bf16, H100-sized; long)
+    python -m bench.lora_linear --quick         # a few shapes
+    python -m bench.lora_linear --dry           # tiny fp32 run on the CPU (writes to a temp dir)
+    python -m bench.lora_linear --m 8192 --shapes 4096x4096,4096x14336 --ranks 16 --dropout 0,0.1 \
+        --impls cublas,naive,triton-bitmask,triton-regen
+
+Every configuration (M tokens, K → N, rank r, dropout p) builds one set of random inputs and runs
+each implementation on them (see ``bench/_impls.py`` for the names). Per row it measures forward
+and forward+backward medians (backward = dX for the frozen ``cublas`` floor; dX, dA, dB for LoRA
+rows), ratios to ``cublas``, TFLOP/s, the activation memory saved for backward beyond x, and the
+peak memory of a step (see ``bench/_measure.py``). Progress goes to stderr; the markdown table is
+printed last; rows are appended to ``<out>/<gpu-name-slug>.csv`` and plotted to
+``<out>/<gpu-name-slug>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import _impls, _measure, _report
+
+__all__ = ["Config", "PRESETS", "main", "parse_args", "build_configs", "run_config"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: x is ``(M, K)``, W is ``(N, K)``, rank ``r``, dropout ``p``."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+
+
+# Axes of each preset (cartesian product) plus extra configurations appended to it.
+PRESETS: dict[str, dict] = {
+    "full": {
+        "m": [4096, 8192, 16384],
+        "shapes": [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
+        "ranks": [16, 64],
+        "dropout": [0.0, 0.1],
+        "extra": [],
+    },
+    "quick": {
+        "m": [8192],
+        "shapes": [(4096, 4096), (4096, 14336)],
+        "ranks": [16],
+        "dropout": [0.0, 0.1],
+        "extra": [Config(2048, 4096, 4096, 16, 0.0), Config(2048, 4096, 4096, 16, 0.1)],
+    },
+    # Tiny and non-square (K != N) so that mixed-up dimensions show; runs in seconds on a CPU.
+    "dry": {"m": [64], "shapes": [(64, 96)], "ranks": [8], "dropout": [0.0, 0.1], "extra": []},
+}
+_AXES = ("m", "shapes", "ranks", "dropout")
+GPU_IMPLS = ("cublas", "naive", "peft", "compile", "triton-bitmask", "triton-regen", "cuda-bitmask", "cuda-regen")
+# torch.compile is left out of the dry run: inductor's C++ build takes minutes on a small CPU.
+DRY_IMPLS = ("cublas", "naive", "peft", "torch", "triton-bitmask", "triton-regen")
+
+
+def _int_list(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def _float_list(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def _shape_list(s: str) -> list[tuple[int, int]]:
+    """ "4096x14336,14336->4096" -> [(4096, 14336), (14336, 4096)] (each K→N)."""
+    out = []
+    for item in s.split(","):
+        item = item.strip().replace("->", "x").replace("→", "x")
+        if not item:
+            continue
+        k, sep, n = item.partition("x")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not KxN (e.g. 4096x14336)")
+        out.append((int(k), int(n)))
+    return out
+
+
+def _impl_list(s: str) -> list[str]:
+    names = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [n for n in names if n not in _impls.ALL_IMPLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown implementation(s) {bad}; choose from {', '.join(_impls.ALL_IMPLS)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.lora_linear",
+        description="Benchmark LoRA linear forward / forward+backward against the frozen cuBLAS GEMM.",
+    )
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few shapes: M=8192 (4096→4096, 4096→14336) + M=2048")
+    mode.add_argument(
+        "--dry", action="store_true",
+        help="tiny fp32 run on the CPU with perf_counter timing; output to a temp dir unless --out",
+    )  # fmt: skip
+    ap.add_argument("--m", type=_int_list, help="token counts M, e.g. 4096,8192 (overrides the preset)")
+    ap.add_argument("--shapes", type=_shape_list, help="K→N pairs, e.g. 4096x4096,4096x14336")
+    ap.add_argument("--ranks", type=_int_list, help="LoRA ranks, e.g. 16,64")
+    ap.add_argument("--dropout", type=_float_list, help="dropout probabilities, e.g. 0,0.1")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), help="activation/weight dtype (default bf16; dry: fp32)")
+    ap.add_argument(
+        "--adapter-dtype", default="same", choices=["same", *sorted(_DTYPES)],
+        help="dtype of lora_A/lora_B for ours rows (naive always uses the activation dtype, peft fp32)",
+    )  # fmt: skip
+    ap.add_argument("--bias", action="store_true", help="give the base layer a bias (default: none, as in Llama)")
+    ap.add_argument("--scaling", type=float, default=2.0, help="LoRA scaling alpha/r (default 2)")
+    ap.add_argument(
+        "--impls", type=_impl_list,
+        help=f"comma list from {', '.join(_impls.ALL_IMPLS)} (cublas is always run: it is the ratio base). "
+        f"Default GPU: {','.join(GPU_IMPLS)}; dry: {','.join(DRY_IMPLS)}",
+    )  # fmt: skip
+    ap.add_argument("--device", help="cuda or cpu (default: cuda if available; dry: cpu)")
+    ap.add_argument("--out", type=Path, help=f"directory for the CSV and PNG (default {RESULTS_DIR}; dry: temp)")
+    ap.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    ap.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per measurement")
+    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per measurement")
+    ap.add_argument("--cpu-reps", type=int, default=5, help="perf_counter repetitions (non-CUDA timing)")
+    ap.add_argument("--copies", type=int, help="input copies to rotate through (default: enough to defeat L2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    return ap.parse_args(argv)
+
+
+def build_configs(args: argparse.Namespace) -> list[Config]:
+    """The preset's configurations, or the cartesian product with the axes given on the command line."""
+    preset = PRESETS["dry" if args.dry else "quick" if args.quick else "full"]
+    given = {a: getattr(args, a) for a in _AXES if getattr(args, a) is not None}
+    axes = {a: given.get(a, preset[a]) for a in _AXES}
+    configs = [
+        Config(m, k, n, r, p)
+        for (k, n), m, r, p in itertools.product(axes["shapes"], axes["m"], axes["ranks"], axes["dropout"])
+    ]
+    if not given:
+        configs += preset["extra"]
+    return configs
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _reference_fp32(prob: _impls.Problem, lora: bool) -> torch.Tensor:
+    """fp32 y of copy 0 at p = 0 (the base GEMM alone when ``lora`` is False)."""
+    x = prob.xs[0].detach().float()
+    b = None if prob.bias is None else prob.bias.float()
+    y = F.linear(x, prob.weight.float(), b)
+    if lora:
+        y += prob.scaling * F.linear(F.linear(x, prob.lora_A.detach().float()), prob.lora_B.detach().float())
+    return y
+
+
+def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, refs: dict) -> dict:
+    """Every measured column of one row (see bench/results/README.md)."""
+    dev = prob.device
+    nxt = _measure.rotating(len(prob.xs))
+    trainable = [t for t in impl.owned if t.requires_grad]
+    grad_to_none = list(prob.xs) + trainable
+
+    def fwd() -> torch.Tensor:
+        return impl.fn(prob.xs[nxt()])
+
+    def step() -> None:
+        i = nxt()
+        impl.fn(prob.xs[i]).backward(prob.dys[i])
+
+    def clear() -> None:
+        for t in grad_to_none:
+            t.grad = None
+
+    # One untimed step first: JIT compilation, autotuning and torch.compile stay out of every number.
+    step()
+    clear()
+    out: dict = {}
+    if prob.p == 0.0:
+        lora = impl.name != "cublas"
+        if lora not in refs:
+            refs[lora] = _reference_fp32(prob, lora)
+        ref = refs[lora]
+        with torch.no_grad():
+            y = impl.fn(prob.xs[0]).float()
+        out["rel_err"] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        del y
+    saved, _ = _measure.saved_activation_bytes(lambda: impl.fn(prob.xs[0]), exclude=list(prob.xs) + impl.owned)
+    out["saved_mib"] = saved / _measure.MIB
+    retained = _measure.retained_bytes(lambda: impl.fn(prob.xs[0]), dev)
+    out["retained_mib"] = None if retained is None else retained / _measure.MIB
+    timing = dict(grad_to_none=grad_to_none, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
+    out["fwd_ms"], out["timer"] = _measure.time_ms(fwd, dev, **timing)
+    out["fwdbwd_ms"], _ = _measure.time_ms(step, dev, **timing)
+    clear()
+    peak = _measure.peak_step_bytes(step, dev)
+    out["peak_mib"] = None if peak is None else peak / _measure.MIB
+    clear()
+    out["fwd_tflops"] = impl.flops_fwd / (out["fwd_ms"] * 1e-3) / 1e12
+    out["fwdbwd_tflops"] = impl.flops_fwdbwd / (out["fwdbwd_ms"] * 1e-3) / 1e12
+    return out
+
+
+def run_config(
+    cfg: Config, impl_names: Sequence[str], args: argparse.Namespace, device: torch.device, base: dict, tag: str
+) -> list[dict]:
+    """All rows of one configuration, ratios filled in against its ``cublas`` row."""
+    dtype = _DTYPES[args.dtype]
+    adapter_dtype = dtype if args.adapter_dtype == "same" else _DTYPES[args.adapter_dtype]
+    prob = _impls.make_problem(
+        cfg.M, cfg.K, cfg.N, cfg.r, cfg.p, dtype=dtype, adapter_dtype=adapter_dtype, device=device,
+        bias=args.bias, scaling=args.scaling, copies=args.copies, seed=args.seed,
+    )  # fmt: skip
+    common = dict(base, M=cfg.M, K=cfg.K, N=cfg.N, r=cfg.r, p=cfg.p, dtype=args.dtype,
+                  adapter_dtype=_DTYPE_NAMES[adapter_dtype], bias=int(args.bias),
+                  scaling=args.scaling, copies=len(prob.xs))  # fmt: skip
+    rows, refs = [], {}
+    for name in impl_names:
+        row = dict(common, impl=name)
+        t0 = time.perf_counter()
+        try:
+            impl = _impls.build(name, prob)
+            row.update(measure(impl, prob, args, refs), status="ok")
+            del impl
+        except _impls.Unavailable as e:
+            row["status"] = f"skipped: {e}"
+        except Exception as e:  # one failing row (OOM, kernel error) must not lose the whole run
+            traceback.print_exc(file=sys.stderr)
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if row["status"] == "ok":
+            _log(f"{tag} {name:>15}: fwd {row['fwd_ms']:.4f} ms, fwd+bwd {row['fwdbwd_ms']:.4f} ms, "
+                 f"saved {row['saved_mib']:.4g} MiB ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+        else:
+            _log(f"{tag} {name:>15}: {row['status']}")
+    floor = next((r for r in rows if r["impl"] == "cublas" and r["status"] == "ok"), None)
+    for row in rows:
+        if floor is not None and row["status"] == "ok":
+            row["fwd_ratio"] = row["fwd_ms"] / floor["fwd_ms"]
+            row["fwdbwd_ratio"] = row["fwdbwd_ms"] / floor["fwdbwd_ms"]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns the rows (also written to CSV/PNG unless disabled)."""
+    args = parse_args(argv)
+    preset = "dry" if args.dry else "quick" if args.quick else "full"
+    if any(getattr(args, a) is not None for a in _AXES):
+        preset = f"{preset}+custom"
+    device = torch.device(args.device or ("cpu" if args.dry or not torch.cuda.is_available() else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is available")
+    if device.type != "cuda" and not args.dry:
+        raise SystemExit("no CUDA GPU: the benchmark needs one (use --dry for the tiny CPU run)")
+    args.dtype = args.dtype or ("fp32" if args.dry else "bf16")
+    impl_names = list(args.impls or (DRY_IMPLS if args.dry else GPU_IMPLS))
+    if "cublas" not in impl_names:
+        impl_names.insert(0, "cublas")
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="lora-bench-dry-")) if args.dry else RESULTS_DIR)
+
+    configs = build_configs(args)
+    base = _report.run_metadata(device, preset)
+    _log(
+        f"bench.lora_linear: {len(configs)} configurations x {len(impl_names)} implementations on {base['gpu']} "
+        f"({args.dtype}), commit {base['commit']}, torch {base['torch']}, triton {base['triton']}"
+    )
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for i, cfg in enumerate(configs, 1):
+        tag = f"[{i}/{len(configs)}] M={cfg.M} {cfg.K}->{cfg.N} r={cfg.r} p={cfg.p}"
+        rows += run_config(cfg, impl_names, args, device, base, tag)
+    _log(f"bench.lora_linear: done in {time.perf_counter() - t_start:.1f} s")
+    timers = {r["timer"] for r in rows if r.get("timer")}
+    run_timer = timers.pop() if len(timers) == 1 else ""
+    for row in rows:  # skipped rows carry the run's timer too, so every CSV line is self-describing
+        row["timer"] = row.get("timer") or run_timer
+
+    slug = _report.device_slug(base["gpu"])
+    if not args.no_csv:
+        csv_path = _report.write_csv(rows, out_dir / f"{slug}.csv")
+        _log(f"bench.lora_linear: appended {len(rows)} rows to {csv_path}")
+    if not args.no_plot:
+        from . import plot
+
+        png = plot.plot_rows(rows, out_dir / f"{slug}.png")
+        _log(f"bench.lora_linear: plot {png}" if png else "bench.lora_linear: no plot (matplotlib missing)")
+    print(_report.markdown_table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    if "--dry" in sys.argv[1:] and not any(a.endswith("cuda") for a in sys.argv[1:]):
+        # On the CPU, Triton kernels run only in the interpreter, which must be on before they are
+        # defined. Set here and not in main(): in-process callers (pytest) may already hold compiled
+        # kernels, and flipping the variable under them would change every later Triton call.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    main()

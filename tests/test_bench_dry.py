@@ -1,0 +1,187 @@
+"""The benchmark harness in its --dry mode (tiny fp32 shapes on the CPU), run in-process.
+
+Checks the rows, the CSV columns, the plot and the saved-activation accounting on cases whose
+answer is known from the algorithm (no assertion on wall time).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from bench import _impls, _measure, _report, plot
+from bench import lora_linear as bench_ll
+from lora_kernels import available_backends
+
+# The dry run is on the CPU: its Triton rows run iff the interpreter is on (tests/conftest.py turns it
+# on when there is no GPU); otherwise they must be skipped with the backend's own reason.
+TRITON_REASON = available_backends(dtype=torch.float32, device="cpu")["triton"]
+# The accounting tests run on the CPU and, where there is one, on the GPU (where the real kernels run).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-dry")
+    rows = bench_ll.main(["--dry", "--out", str(out), "--cpu-reps", "2"])
+    return out, rows
+
+
+def test_dry_run_writes_every_row_and_column(dry_run):
+    out, rows = dry_run
+    csvs = list(out.glob("*.csv"))
+    assert [p.name for p in csvs] == [f"{_report.device_slug(rows[0]['gpu'])}.csv"]
+    with csvs[0].open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == _report.COLUMNS
+        written = list(reader)
+    configs = bench_ll.build_configs(bench_ll.parse_args(["--dry"]))
+    assert len(configs) == 2
+    assert len(written) == len(rows) == len(configs) * len(bench_ll.DRY_IMPLS)
+    assert {r["run_id"] for r in written} == {rows[0]["run_id"]}
+    for r in written:
+        assert (int(r["M"]), int(r["K"]), int(r["N"]), int(r["r"])) == (64, 64, 96, 8)
+        assert r["dtype"] == "fp32" and r["timer"] == "perf_counter" and r["preset"] == "dry"
+        assert r["torch"] == torch.__version__ and r["commit"] and r["gpu"]
+    by = {(r["impl"], float(r["p"])): r for r in written}
+    for impl in ("cublas", "naive", "peft", "torch"):
+        for p in (0.0, 0.1):
+            r = by[(impl, p)]
+            assert r["status"] == "ok", r["status"]
+            for col in ("fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops"):
+                assert float(r[col]) > 0, (impl, p, col)
+            assert float(r["saved_mib"]) >= 0
+            # Allocator statistics exist only on CUDA: empty, not made-up, on the CPU.
+            assert r["peak_mib"] == "" and r["retained_mib"] == ""
+        assert float(by[("cublas", 0.0)]["fwd_ratio"]) == 1.0
+    # Every implementation computes the same function at p = 0 (the check the GPU run also records).
+    for (impl, p), r in by.items():
+        if p == 0.0 and r["status"] == "ok":
+            assert float(r["rel_err"]) < 1e-5, (impl, r["rel_err"])
+    assert by[("triton-regen", 0.0)]["status"].startswith("skipped: p = 0")
+    for key in (("triton-bitmask", 0.0), ("triton-bitmask", 0.1), ("triton-regen", 0.1)):
+        if TRITON_REASON is None:
+            assert by[key]["status"] == "ok", by[key]["status"]
+        else:
+            assert by[key]["status"] == f"skipped: {TRITON_REASON}"
+
+
+def test_dry_run_plot_and_table(dry_run):
+    out, rows = dry_run
+    png = out / f"{_report.device_slug(rows[0]['gpu'])}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _report.markdown_table(rows).splitlines()
+    assert table[0].startswith("| M × K → N |") and len(table) == 2 + len(rows)
+    # Re-plotting from the CSV picks that run and gives the same kind of file.
+    again = plot.plot_csv(next(out.glob("*.csv")), out / "again.png")
+    assert again is not None and again.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_csv_appends_and_never_mixes_headers(tmp_path):
+    row = {c: "1" for c in _report.COLUMNS} | {"run_id": "R1", "impl": "cublas", "status": "ok"}
+    path = tmp_path / "gpu.csv"
+    assert _report.write_csv([row], path) == path
+    assert _report.write_csv([row | {"run_id": "R2"}], path) == path
+    assert [r["run_id"] for r in _report.read_csv(path)] == ["R1", "R2"]
+    old = tmp_path / "old.csv"
+    old.write_text("run_id,some_old_column\nR0,1\n")
+    moved = _report.write_csv([row], old)
+    assert moved != old and _report.read_csv(moved)[0]["run_id"] == "R1"
+    assert old.read_text() == "run_id,some_old_column\nR0,1\n"
+
+
+def test_cli_parsing_and_presets():
+    a = bench_ll.parse_args(["--shapes", "4096x14336,14336->4096", "--m", "128", "--ranks", "16,64"])
+    assert a.shapes == [(4096, 14336), (14336, 4096)]
+    cfgs = bench_ll.build_configs(a)
+    assert len(cfgs) == 2 * 1 * 2 * 2 and {c.M for c in cfgs} == {128}
+    quick = bench_ll.build_configs(bench_ll.parse_args(["--quick"]))
+    assert {(c.M, c.K, c.N) for c in quick} == {(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096)}
+    assert {c.p for c in quick} == {0.0, 0.1} and len(quick) == 6
+    full = bench_ll.build_configs(bench_ll.parse_args([]))
+    assert len(full) == 3 * 4 * 2 * 2
+    with pytest.raises(SystemExit):
+        bench_ll.parse_args(["--impls", "cublas,nonsense"])
+
+
+# ---- saved-activation accounting on known cases --------------------------------------------------
+
+M, K, N, R = 64, 64, 96, 8
+
+
+def _saved(name: str, p: float, device: str, dtype=torch.float32, adapter_dtype=None) -> tuple[int, list]:
+    prob = _impls.make_problem(
+        M, K, N, R, p, dtype=dtype, adapter_dtype=adapter_dtype or dtype, device=device, copies=1
+    )
+    try:
+        impl = _impls.build(name, prob)
+    except _impls.Unavailable as e:
+        pytest.skip(f"{name} cannot run on {device} here: {e}")
+    return _measure.saved_activation_bytes(lambda: impl.fn(prob.xs[0]), exclude=prob.xs + impl.owned)
+
+
+def test_accounting_counts_unique_storages_and_skips_views_of_x():
+    x = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(K, requires_grad=True)
+
+    def forward():
+        h = x * 2.0  # a new M×K storage, saved twice below (h * h): counted once
+        return (x.reshape(M * K) * w.repeat(M)).sum() + (h * h).sum() + (x.t() * 3.0).sum()
+
+    total, details = _measure.saved_activation_bytes(forward, exclude=[x, w])
+    # x.reshape and x.t() are views of x: free. w.repeat(M) is a new storage saved for the
+    # gradient of x.reshape(...) * it: M·K floats. h: M·K floats.
+    assert total == 2 * M * K * 4, details
+    assert _measure.retained_bytes(forward, torch.device("cpu")) is None
+    assert _measure.peak_step_bytes(lambda: None, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_naive_saves_only_the_rank_r_product_at_p0(device):
+    total, details = _saved("naive", 0.0, device)
+    assert total == M * R * 4, details  # T = x·Aᵀ for dB; x itself and the weights are not counted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_naive_saves_a_dropped_copy_of_x_and_a_mask_at_p_positive(device):
+    total, details = _saved("naive", 0.1, device)
+    dropped_x, t = M * K * 4, M * R * 4
+    # The mask is a bool tensor where the fused CUDA dropout runs, a float "noise" tensor on the CPU.
+    assert total - dropped_x - t == (M * K if device == "cuda" else M * K * 4), details
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peft_default_saves_an_fp32_copy_of_x(device):
+    # fp16 base, fp32 adapters (PEFT's default): x is cast to fp32 before lora_A and that copy is saved.
+    total, details = _saved("peft", 0.0, device, dtype=torch.float16, adapter_dtype=torch.float32)
+    assert total == M * K * 4 + M * R * 4, details
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name,p,extra",
+    [
+        ("triton-regen", 0.1, 0),  # only T (M×r fp32): the mask is regenerated from the seed
+        ("triton-bitmask", 0.1, M * math.ceil(K / 8)),  # T plus one bit per element of x
+        ("triton-bitmask", 0.0, 0),  # no dropout, no mask
+    ],
+)
+def test_ours_saves_only_t_and_the_mask_mode(name, p, extra, device):
+    total, details = _saved(name, p, device)
+    assert total == M * R * 4 + extra, details
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="allocator statistics need a CUDA GPU")
+def test_retained_and_peak_on_cuda():
+    prob = _impls.make_problem(M, K, N, R, 0.1, dtype=torch.float32, adapter_dtype=torch.float32, device="cuda")
+    impl = _impls.build("naive", prob)
+    dev = torch.device("cuda")
+    saved, _ = _measure.saved_activation_bytes(lambda: impl.fn(prob.xs[0]), exclude=prob.xs + impl.owned)
+    retained = _measure.retained_bytes(lambda: impl.fn(prob.xs[0]), dev)
+    # The caching allocator rounds each block up to 512 bytes; everything saved must show as retained.
+    assert saved <= retained <= saved + 8 * 512
+    peak = _measure.peak_step_bytes(lambda: impl.fn(prob.xs[0]).backward(prob.dys[0]), dev)
+    assert peak >= retained + M * N * 4  # saved activations and y are alive together in the step
