@@ -22,6 +22,7 @@ gpu-check:
 
 bench-dry: setup
 	$(PY) -m bench.lora_linear --dry
+	$(PY) bench/e2e_peft.py --dry
 
 clean:
 	rm -rf build dist *.egg-info lora_kernels/*.so lora_kernels/_build_info.py

@@ -1,7 +1,15 @@
-"""lora_kernels: fused LoRA linear forward/backward kernels (Triton and CUDA C++)."""
+"""lora_kernels: fused LoRA linear forward/backward kernels (Triton and CUDA C++).
+
+    y = lora_kernels.lora_linear(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, ...)
+
+``LoRALinear`` is the nn.Module form; ``patch(model)`` / ``unpatch(model)`` run a PEFT model's
+LoRA Linear layers through the fused kernels; ``lora_linear_ref`` is the reference semantics.
+"""
 
 from .api import lora_linear
 from .backends import available_backends
+from .integrations import patch, register_fused_peft_module, unpatch
+from .layer import LoRALinear
 from .reference import dropout_keep_mask, lora_linear_ref
 from .version import __version__
 
@@ -11,4 +19,8 @@ __all__ = [
     "lora_linear_ref",
     "dropout_keep_mask",
     "available_backends",
+    "LoRALinear",
+    "patch",
+    "unpatch",
+    "register_fused_peft_module",
 ]

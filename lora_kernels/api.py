@@ -132,11 +132,13 @@ def lora_linear(
     Returns:
         ``(..., N)`` in x's dtype (autocast's dtype inside ``torch.autocast``).
     """
-    check_inputs(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, seed)
     if dropout_mask not in MASK_MODES:
         raise ValueError(f"dropout_mask must be one of {MASK_MODES}, got {dropout_mask!r}")
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    _check_tensor("bias", bias, optional=True)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and x.device == weight.device:
         # Autocast does not look inside custom kernels: apply its linear-layer rule here once
         # (base path in the autocast dtype; adapters keep their own dtype, as PEFT's fp32
         # adapters do), then run with autocast off so nothing is cast twice.
@@ -147,6 +149,8 @@ def lora_linear(
                 None if bias is None else bias.to(dt), lora_bias, scaling, dropout_p,
                 training, seed, backend, dropout_mask,
             )  # fmt: skip
+    # Checked after autocast's casts: an fp32 model under bf16 autocast passes bf16 x and fp32 W.
+    check_inputs(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = new_seed()

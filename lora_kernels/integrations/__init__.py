@@ -17,9 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["patch", "unpatch", "register_fused_peft_module"]
 
 
-def patch(
-    model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True
-) -> PatchReport:
+def patch(model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True) -> PatchReport:
     """Run every eligible PEFT LoRA Linear of ``model`` through the fused kernels.
 
     See :func:`lora_kernels.integrations.peft.patch`.

@@ -29,7 +29,6 @@ non-``nn.Linear`` bases, subclasses with their own forward, ``fan_in_fan_out``) 
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,10 +150,10 @@ def _call_plan(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict
     plan = _state_plan(layer)
     if isinstance(plan, str):
         return plan
-    base = layer.get_base_layer()
-    if not isinstance(x, torch.Tensor) or x.dtype != base.weight.dtype and not torch.is_autocast_enabled(
-        x.device.type
-    ):
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    base_dtype = layer.get_base_layer().weight.dtype
+    if x.dtype != base_dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype differs from the base weight's (PEFT's path decides what happens)"
     adapter_dtype = layer.lora_A[plan[0][0]].weight.dtype
     if x.dtype != adapter_dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -210,7 +209,9 @@ class FusedLoraLinear(PeftLoraLinear):
     _lk_backend = "auto"
     _lk_dropout_mask = "bitmask"
 
-    def __new__(cls, base_layer: nn.Module, *args: Any, **kwargs: Any):
+    def __new__(cls, base_layer: nn.Module | None = None, *args: Any, **kwargs: Any):
+        if base_layer is None:  # copy.deepcopy / unpickling: object.__new__ without arguments
+            return super().__new__(cls)
         # PEFT's custom-module dispatch matches by isinstance, so bitsandbytes/HQQ/torchao linears
         # (nn.Linear subclasses) would land here too. Returning None makes PEFT's dispatcher try
         # its next candidate (its own quantized LoRA layers) instead, on every supported version.
@@ -331,14 +332,30 @@ def inspect_model(model: nn.Module) -> PatchReport:
     return report
 
 
-def _patched_forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    # Bound per instance by patch(); the class's forward (PEFT's) is the fallback.
-    return _forward(self, type(self).forward, x, args, kwargs)
+class _PatchedForward:
+    """The instance-level ``forward`` that :func:`patch` installs on one PEFT LoRA Linear.
+
+    A small class rather than a bound method so that patched models still deep-copy *and*
+    pickle (a bound method of a function that is not a class attribute does not unpickle).
+    The class's own forward (PEFT's) is the fallback.
+    """
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: PeftLoraLinear) -> None:
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _forward(self.layer, type(self.layer).forward, x, args, kwargs)
+
+    def __getstate__(self) -> tuple[PeftLoraLinear]:
+        return (self.layer,)
+
+    def __setstate__(self, state: tuple[PeftLoraLinear]) -> None:
+        (self.layer,) = state
 
 
-def patch(
-    model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True
-) -> PatchReport:
+def patch(model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True) -> PatchReport:
     """Run every eligible LoRA Linear in ``model`` (a PEFT model or any module) fused.
 
     Installs an instance-level ``forward`` on each ``peft.tuners.lora.Linear`` whose base is a
@@ -358,7 +375,7 @@ def patch(
         module.__dict__["_lk_dropout_mask"] = dropout_mask
         if not isinstance(module, FusedLoraLinear):
             module.__dict__["_lk_patched"] = True
-            module.__dict__["forward"] = types.MethodType(_patched_forward, module)
+            module.__dict__["forward"] = _PatchedForward(module)
     report = inspect_model(model)
     report.backend, report.dropout_mask = backend, dropout_mask
     if log:

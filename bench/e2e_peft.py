@@ -1,0 +1,245 @@
+"""End-to-end LoRA fine-tuning throughput: PEFT with and without lora_kernels.patch.
+
+A Llama-style model (random init; default: 4 decoder layers at Llama-3-8B sizes, bf16,
+sequence 2048 x batch 4), LoRA r=16 on all linear layers, dropout 0.05, AdamW on the adapters.
+Each variant builds a fresh model and reports tokens/s and peak GPU memory over timed steps
+(forward + backward + optimizer step):
+
+  floor         same model, no adapters, backward to the embeddings only (no weight grads):
+                the cost of the frozen model itself, what LoRA overhead is measured against
+  peft_default  PEFT's defaults (adapters kept in fp32 next to the bf16 base)
+  peft_bf16     PEFT with ``autocast_adapter_dtype=False`` (bf16 adapters)
+  patched       PEFT's defaults + ``lora_kernels.patch(model)``
+
+Prints a table and appends one CSV row per variant to ``bench/results/e2e_<gpu-slug>.csv`` (GPU name,
+commit, date, torch/peft/transformers versions, sizes). ``--dry`` runs a tiny fp32 config on the
+CPU in seconds (a smoke test; it writes no CSV unless ``--csv`` is given).
+
+    python bench/e2e_peft.py                       # the full H100 configuration
+    python bench/e2e_peft.py --layers 2 --seq 1024 # shrink
+    python bench/e2e_peft.py --dry
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's lora_kernels
+    sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("floor", "peft_default", "peft_bf16", "patched")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CSV_FIELDS = [
+    "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "layers", "hidden",
+    "intermediate", "heads", "kv_heads", "vocab", "seq", "batch", "r", "lora_alpha", "dropout",
+    "dtype", "backend", "dropout_mask", "steps", "step_ms", "tokens_per_s", "peak_gib",
+]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--backend", default="auto", help="lora_kernels backend for the patched variant")
+    p.add_argument("--dropout-mask", default="bitmask", choices=("bitmask", "regenerate"))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/e2e_<gpu>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only")
+    p.add_argument("--dry", action="store_true", help="tiny fp32 config on the CPU (smoke test)")
+    args = p.parse_args(argv)
+    if args.dry:
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
+        args.vocab, args.seq, args.batch, args.r, args.lora_alpha = 128, 32, 2, 8, 16
+        args.dtype, args.device, args.steps, args.warmup = "fp32", "cpu", 2, 1
+        args.no_csv = args.no_csv or args.csv is None
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def build_model(args: argparse.Namespace):
+    """A random-init LlamaForCausalLM in ``args.dtype`` on ``args.device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False,
+    )  # fmt: skip
+    # Create the weights directly in the target dtype and device (as from_pretrained does):
+    # no fp32 copy of a multi-GiB model, and RoPE buffers built explicitly in fp32 stay so.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[args.dtype])
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def prepare(variant: str, args: argparse.Namespace):
+    """(model, trainable params) for one variant."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_kernels.integrations import patch
+
+    model = build_model(args)
+    if variant == "floor":
+        model.requires_grad_(False)
+        # Backward runs through every layer down to the embedding output, computing activation
+        # gradients only: the frozen model's own training cost.
+        model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        return model, []
+    cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, target_modules="all-linear")
+    model = get_peft_model(model, cfg, autocast_adapter_dtype=variant != "peft_bf16")
+    if variant == "patched":
+        report = patch(model, backend=args.backend, dropout_mask=args.dropout_mask, log=False)
+        print(report, file=sys.stderr)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    """Build, warm up and time one variant; returns its measurements."""
+    torch.manual_seed(0)
+    model, params = prepare(variant, args)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    cuda = args.device.startswith("cuda")
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(args.device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {
+        "variant": variant,
+        "step_ms": 1e3 * elapsed / args.steps,
+        "tokens_per_s": args.batch * args.seq * args.steps / elapsed,
+        "peak_gib": peak,
+    }
+
+
+def _gpu_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def format_table(rows: list[dict]) -> str:
+    floor = next((r["tokens_per_s"] for r in rows if r["variant"] == "floor"), None)
+    lines = [f"{'variant':<14} {'tokens/s':>12} {'step ms':>10} {'peak GiB':>9} {'vs floor':>9}"]
+    for r in rows:
+        rel = f"{r['tokens_per_s'] / floor:.2f}x" if floor else "-"
+        peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"
+        lines.append(f"{r['variant']:<14} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>10.1f} {peak:>9} {rel:>9}")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    import peft
+    import transformers
+
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    common = {
+        "gpu": _gpu_name(args.device), "commit": _commit(), "date": date,
+        "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+        "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+        "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "seq": args.seq,
+        "batch": args.batch, "r": args.r, "lora_alpha": args.lora_alpha, "dropout": args.dropout,
+        "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "steps": args.steps,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            numbers = {
+                "step_ms": f"{r['step_ms']:.2f}",
+                "tokens_per_s": f"{r['tokens_per_s']:.0f}",
+                "peak_gib": f"{r['peak_gib']:.3f}",
+            }
+            writer.writerow({**common, **r, **numbers})
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    print(
+        f"e2e_peft on {_gpu_name(args.device)}: {args.layers} layers, hidden {args.hidden}, "
+        f"MLP {args.intermediate}, seq {args.seq} x batch {args.batch}, {args.dtype}, LoRA r={args.r} "
+        f"alpha={args.lora_alpha:g} dropout={args.dropout:g}, {args.steps} timed steps"
+    )
+    rows = []
+    for variant in args.variants:
+        rows.append(run_variant(variant, args))
+        gc.collect()  # the variant's model and optimizer state go before the next one is built
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(format_table(rows))
+    if not args.no_csv:
+        # Same slug as bench/lora_linear.py's results files: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3".
+        slug = re.sub(r"[^a-z0-9]+", "-", _gpu_name(args.device).lower()).strip("-") or "unknown"
+        path = Path(args.csv) if args.csv else ROOT / "bench" / "results" / f"e2e_{slug}.csv"
+        write_csv(path, rows, args)
+        print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

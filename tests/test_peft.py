@@ -1,0 +1,421 @@
+"""PEFT integration on a tiny random Llama (no hub): patch/unpatch, fused class, fallbacks, training."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft", reason="the PEFT integration tests need peft installed")
+pytest.importorskip("transformers", reason="the PEFT integration tests need transformers installed")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import Linear as PeftLoraLinear  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import lora_kernels.integrations.peft as lkp  # noqa: E402
+from lora_kernels.integrations import patch, register_fused_peft_module, unpatch  # noqa: E402
+from tests._utils import assert_close_ref  # noqa: E402
+
+HAS_TRITON_BACKEND = importlib.util.find_spec("lora_kernels.triton_ops.lora_linear") is not None
+N_LINEAR = 14  # 2 layers x (q, k, v, o, gate, up, down)
+# Explicit names for add_adapter: PEFT 0.14 does not expand "all-linear" there.
+LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, VOCAB = 2, 16, 128
+
+
+def _llama(seed: int = 0, dtype: torch.dtype = torch.float32, bias: bool = False) -> LlamaForCausalLM:
+    """hidden 64, 2 layers, 4 heads of 16 (k/v: 2 heads -> N = 32), MLP 128, vocab 128."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+        attention_bias=bias, mlp_bias=bias,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _peft_model(dtype: torch.dtype = torch.float32, bias: bool = False, seed: int = 0, **lora_kw) -> PeftModel:
+    kw = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+    # init_lora_weights=False: B random too (B = 0 would make every dA zero and hide errors).
+    kw.update(init_lora_weights=False)
+    kw.update(lora_kw)
+    return get_peft_model(_llama(seed, dtype, bias), LoraConfig(**kw))
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+
+
+def _run(model: nn.Module, ids: torch.Tensor, gy: torch.Tensor | None = None):
+    """Logits and the gradients of every trainable parameter for the loss sum(logits * gy)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    if gy is None:
+        gy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (logits * gy.to(logits.dtype)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _assert_model_close(logits, grads, ref_logits, ref_grads, dtypes) -> None:
+    assert_close_ref(logits, ref_logits, dtypes, "logits")
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_close_ref(grads[name], ref_grads[name], dtypes, name)
+
+
+class _Spy:
+    """Counts lora_linear calls made by the integration (proves the fused path ran)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[dict] = []
+        real = lkp.lora_linear
+
+        def spy(*args, **kwargs):
+            self.calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lkp, "lora_linear", spy)
+
+
+def _lora_linears(model: nn.Module) -> list[PeftLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"use_rslora": True, "r": 4, "lora_alpha": 8},
+        {"lora_bias": True, "bias": True},
+    ],
+    ids=["default", "rslora", "lora_bias"],
+)
+def test_patched_matches_peft_p0(case: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = dict(case)
+    model = _peft_model(bias=case.pop("bias", False), **case)
+    ref64 = copy.deepcopy(model).double()  # PEFT's own forward in float64: the truth
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    report = patch(model, backend="torch")
+    assert len(report.accelerated) == N_LINEAR and not report.fallback and not report.skipped
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert len(spy.calls) == N_LINEAR
+    assert all(m._lk_last_fallback is None for m in _lora_linears(model))
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+    if case.get("lora_bias"):
+        assert any(n.endswith("lora_B.default.bias") for n in grads)
+
+
+def test_fp32_adapters_under_bf16_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PEFT's default autocast_adapter_dtype=True keeps adapters in fp32 next to a bf16 base;
+    # the torch backend runs bf16 correctly on CPU (the Triton interpreter does not).
+    model = _peft_model(dtype=torch.bfloat16)
+    lin = _lora_linears(model)[0]
+    assert lin.base_layer.weight.dtype == torch.bfloat16 and lin.lora_A["default"].weight.dtype == torch.float32
+    ref64 = copy.deepcopy(model).double()
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    peft_logits, peft_grads = _run(model, ids)
+    patch(model, backend="torch")
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert len(spy.calls) == N_LINEAR and logits.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.bfloat16])
+    # PEFT's own bf16 run meets the same bound: the patch is no less accurate than PEFT.
+    _assert_model_close(peft_logits, peft_grads, ref_logits, ref_grads, [torch.bfloat16])
+
+
+def test_autocast_bf16_over_fp32_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mixed-precision training (fp32 weights, bf16 autocast): lora_linear applies autocast's
+    # linear rule itself, the adapters keep fp32 (PEFT under autocast computes them in bf16).
+    model = _peft_model()
+    ref64 = copy.deepcopy(model).double()
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    patch(model, backend="torch")
+    spy = _Spy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads = _run(model, ids)
+    assert len(spy.calls) == N_LINEAR
+    _assert_model_close(logits.float(), grads, ref_logits, ref_grads, [torch.bfloat16])
+
+
+def test_patched_models_deepcopy_and_pickle() -> None:
+    ids = _ids()
+    patched = _peft_model()
+    patch(patched, backend="torch", log=False)
+    cfg = register_fused_peft_module(
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False), backend="torch"
+    )
+    fused = get_peft_model(_llama(), cfg)
+    for model in (patched, fused):
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+            lins = _lora_linears(clone)
+            assert len(lkp.inspect_model(clone).accelerated) == N_LINEAR
+            # the clone's forward is bound to the clone's own layers, not the original's
+            assert all(getattr(m.forward, "layer", m) is m for m in lins)
+            with torch.no_grad():
+                torch.testing.assert_close(clone(input_ids=ids).logits, want, atol=0, rtol=0)
+            assert all(m._lk_last_fallback is None for m in lins)
+
+
+def test_multi_adapter_sum_and_dropout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_model()
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=LINEAR_NAMES, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():  # set_adapter's trainability differs across PEFT versions
+        p.requires_grad_("lora_" in n)
+    ref64 = copy.deepcopy(model).double()
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    assert any(".second." in n for n in ref_grads) and any(".default." in n for n in ref_grads)
+    patch(model, backend="torch")
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    # one fused call per layer: both adapters stacked into one rank-12 update
+    assert len(spy.calls) == N_LINEAR and all(c["scaling"] == 1.0 for c in spy.calls)
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+
+    # Same dropout p on both adapters in training: still fused (one shared mask).
+    for m in _lora_linears(model):
+        for a in ("default", "second"):
+            m.lora_dropout[a] = nn.Dropout(0.1)
+    model.train()
+    spy.calls.clear()
+    model(input_ids=ids)
+    assert len(spy.calls) == N_LINEAR and all(c["dropout_p"] == 0.1 for c in spy.calls)
+    # Different p: cannot share one mask -> PEFT's path, with the reason recorded and reported.
+    for m in _lora_linears(model):
+        m.lora_dropout["second"] = nn.Dropout(0.2)
+    spy.calls.clear()
+    torch.manual_seed(5)
+    patched_out = model(input_ids=ids).logits
+    assert not spy.calls
+    assert all("different dropout p" in m._lk_last_fallback for m in _lora_linears(model))
+    assert all("different dropout p" in why for why in lkp.inspect_model(model).fallback.values())
+    unpatch(model)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(input_ids=ids).logits, patched_out, atol=0, rtol=0)
+
+
+def test_training_with_dropout_reduces_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_model(lora_dropout=0.1, init_lora_weights=True)
+    patch(model, backend="torch")
+    spy = _Spy(monkeypatch)
+    model.train()
+    ids = _ids()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert len(spy.calls) == 8 * N_LINEAR and all(c["dropout_p"] == 0.1 for c in spy.calls)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_fallback_report_dora_embedding_merged(caplog: pytest.LogCaptureFixture) -> None:
+    # DoRA: every layer is patched but its adapter is a variant -> PEFT's path, reported.
+    dora = _peft_model(use_dora=True)
+    ids = _ids()
+    before = dora(input_ids=ids).logits
+    report = patch(dora, backend="torch", log=False)
+    assert report.accelerated == [] and len(report.fallback) == N_LINEAR
+    assert all("DoRA" in why for why in report.fallback.values())
+    torch.testing.assert_close(dora(input_ids=ids).logits, before, atol=0, rtol=0)
+
+    # An Embedding target is not patched (skipped, with the reason); Linear targets are.
+    model = _peft_model(target_modules=["embed_tokens", "q_proj", "v_proj"])
+    with caplog.at_level(logging.INFO, logger="lora_kernels"):
+        report = patch(model, backend="torch")
+    assert len(report.accelerated) == 4
+    assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
+    assert "Embedding" in report.skipped["base_model.model.model.embed_tokens"]
+    assert len(caplog.records) == 1 and "4 of 5 LoRA layers run fused" in caplog.records[0].getMessage()
+
+    # A merged adapter: PEFT's path (plain base layer) until unmerged, then fused again.
+    model.merge_adapter()
+    report = lkp.inspect_model(model)
+    assert report.accelerated == [] and all("merged" in why for why in report.fallback.values())
+    assert "merged into the base weight" in str(report)
+    model.unmerge_adapter()
+    assert len(lkp.inspect_model(model).accelerated) == 4
+
+
+def test_unpatch_restores_bit_identical_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_model(lora_dropout=0.1)
+    model.train()
+    ids = _ids()
+    torch.manual_seed(3)
+    before = model(input_ids=ids).logits
+    patch(model, backend="torch")
+    torch.manual_seed(3)
+    patched = model(input_ids=ids).logits
+    assert not torch.equal(patched, before)  # different (bit-identical-across-backends) dropout masks
+    assert unpatch(model) == N_LINEAR
+    assert unpatch(model) == 0
+    for m in _lora_linears(model):
+        assert not any(k.startswith("_lk_") or k == "forward" for k in m.__dict__)
+    spy = _Spy(monkeypatch)
+    torch.manual_seed(3)
+    after = model(input_ids=ids).logits
+    assert not spy.calls
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_mixed_batch_adapter_names_falls_back() -> None:
+    model = _peft_model()
+    model.add_adapter("second", LoraConfig(r=4, target_modules=LINEAR_NAMES, init_lora_weights=False))
+    model.eval()
+    ids = _ids()
+    names = ["default", "second"]
+    before = model(input_ids=ids, adapter_names=names).logits
+    patch(model, backend="torch")
+    out = model(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(out, before, atol=0, rtol=0)
+    assert all("adapter_names" in m._lk_last_fallback for m in _lora_linears(model))
+
+
+def test_save_load_merge_and_unload_on_patched_model(tmp_path) -> None:
+    model = _peft_model()
+    patch(model, backend="torch")
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = PeftModel.from_pretrained(_llama(), tmp_path)  # same base seed -> same base weights
+    keys = set(saved.state_dict())
+    assert keys == set(model.state_dict())
+    assert patch(saved, backend="torch", log=False).accelerated
+    with torch.no_grad():
+        assert_close_ref(saved(input_ids=ids).logits, logits.double(), [torch.float32], "reloaded")
+
+    merged = model.merge_and_unload()
+    assert isinstance(merged, LlamaForCausalLM)
+    assert not any(isinstance(m, PeftLoraLinear) for m in merged.modules())
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert_close_ref(merged(input_ids=ids).logits, logits.double(), [torch.float32], "merged")
+
+
+def test_disable_adapter_context_on_patched_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_model()
+    base_only = _llama()  # same seed: the base weights get_peft_model wrapped
+    patch(model, backend="torch")
+    ids = _ids()
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+            assert all("disabled" in why for why in lkp.inspect_model(model).fallback.values())
+        assert not spy.calls
+        torch.testing.assert_close(disabled, base_only(input_ids=ids).logits, atol=0, rtol=0)
+        model(input_ids=ids)
+    assert len(spy.calls) == N_LINEAR
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_replays_the_same_masks(use_reentrant: bool) -> None:
+    # Checkpointing restores the CPU RNG state before recomputing, and the dropout seed is drawn
+    # from it: the recomputed forward uses the same masks, so gradients equal the plain run's.
+    model = _peft_model(lora_dropout=0.1)
+    patch(model, backend="torch", log=False)
+    model.train()
+    ids = _ids()
+    torch.manual_seed(11)
+    _, plain = _run(model, ids)
+    # transformers 5 renamed gradient_checkpointing_enable; the GPU image may have either.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    torch.manual_seed(11)
+    _, ckpt = _run(model, ids)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_register_fused_peft_module_builds_fused_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    class CustomLinear(nn.Linear):  # stands in for a quantized nn.Linear subclass with its own forward
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)
+
+    def build(fused: bool) -> PeftModel:
+        base = _llama()
+        q = base.model.layers[0].self_attn.q_proj
+        custom = CustomLinear(q.in_features, q.out_features, bias=False)
+        custom.load_state_dict(q.state_dict())
+        base.model.layers[0].self_attn.q_proj = custom
+        cfg = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False
+        )
+        if fused:
+            assert register_fused_peft_module(cfg, backend="torch") is cfg
+        torch.manual_seed(4)
+        return get_peft_model(base, cfg)
+
+    plain, fused = build(False), build(True)
+    q0 = fused.base_model.model.model.layers[0].self_attn.q_proj
+    v0 = fused.base_model.model.model.layers[0].self_attn.v_proj
+    assert type(q0) is PeftLoraLinear  # custom forward: FusedLoraLinear.__new__ deferred to PEFT
+    assert isinstance(v0, lkp.FusedLoraLinear) and v0._lk_backend == "torch"
+    assert repr(v0).startswith("lora_kernels.lora.FusedLoraLinear")
+    assert len(lkp.inspect_model(fused).accelerated) == 3  # v0, q1, v1
+    spy = _Spy(monkeypatch)
+    ids = _ids()
+    ref_logits, ref_grads = _run(plain, ids)
+    logits, grads = _run(fused, ids)
+    assert len(spy.calls) == 3
+    ref_grads = {k: g.double() for k, g in ref_grads.items()}
+    _assert_model_close(logits, grads, ref_logits.double(), ref_grads, [torch.float32])
+    # patch() on a fused-built model only updates the options; unpatch() leaves it fused.
+    patch(fused, backend="auto", log=False)
+    assert v0._lk_backend == "auto" and unpatch(fused) == 0 and v0._lk_backend == "torch"
+
+
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="lora_kernels.triton_ops.lora_linear does not exist")
+def test_triton_backend_end_to_end_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real Triton kernels (under TRITON_INTERPRET=1 on CPU) behind a patched model, fp32.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _peft_model(r=16, lora_alpha=32).to(dev)
+    ref64 = copy.deepcopy(model).double()
+    ids = _ids().to(dev)
+    gy = torch.randn(BATCH, SEQ, VOCAB, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref_logits, ref_grads = _run(ref64, ids, gy.to(dev))
+    patch(model, backend="triton", log=False)
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids, gy.to(dev))
+    assert len(spy.calls) == N_LINEAR and all(c["backend"] == "triton" for c in spy.calls)
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+
+
+def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    import bench.e2e_peft as e2e
+
+    csv = tmp_path / "e2e.csv"
+    rows = e2e.main(["--dry", "--csv", str(csv)])
+    assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "patched" in out
+    lines = csv.read_text().strip().splitlines()
+    assert len(lines) == 1 + len(rows) and lines[0].startswith("gpu,")
+    assert os.path.exists(csv)
