@@ -24,5 +24,8 @@ bench-dry: setup
 	$(PY) -m bench.lora_linear --dry
 	$(PY) bench/e2e_peft.py --dry
 
+wheel: setup
+	bash scripts/build_wheels.sh
+
 clean:
 	rm -rf build dist *.egg-info lora_kernels/*.so lora_kernels/_build_info.py

@@ -1,4 +1,134 @@
-# Placeholder until the CUDA extension build lands (issue 5): pure-Python install.
-from setuptools import setup
+"""Build lora_kernels: the pure-Python package, plus the CUDA extension ``lora_kernels._C`` when a
+CUDA toolkit and a CUDA build of torch are present (otherwise a warning, not a failure).
 
-setup()
+    pip install .                                   # isolated build
+    pip install -e . --no-build-isolation           # editable, against the installed torch
+
+Environment variables (flash-attention style):
+    LORA_KERNELS_CUDA_ARCHS       SM versions, default "80;90" (90 -> sm_90a; PTX for the newest)
+    LORA_KERNELS_SKIP_CUDA_BUILD  =1: install without the extension (backend="cuda" JIT-builds it)
+    LORA_KERNELS_FORCE_BUILD      =1: no toolkit / CPU-only torch is an error instead of a warning
+    LORA_KERNELS_LOCAL_VERSION    local version tag, e.g. "cu130torch2.14" (scripts/build_wheels.sh)
+    MAX_JOBS, NVCC_THREADS        parallel compile jobs (ninja) and nvcc --threads per job
+See docs/BUILDING.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.dist import Distribution
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_build_helper():
+    # By path: importing the lora_kernels package here would need its dependencies.
+    spec = importlib.util.spec_from_file_location("_lk_build", ROOT / "lora_kernels" / "cuda_ops" / "_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _LocalVersionDistribution(Distribution):
+    """Appends LORA_KERNELS_LOCAL_VERSION (e.g. "cu130torch2.14") to the version.
+
+    pyproject.toml reads the version from lora_kernels/version.py (tool.setuptools.dynamic), which
+    overrides a ``version=`` passed to setup(); so the tag is added after the config is parsed.
+    """
+
+    def parse_config_files(self, *args, **kwargs):
+        super().parse_config_files(*args, **kwargs)
+        local = os.environ.get("LORA_KERNELS_LOCAL_VERSION", "").strip()
+        if local:
+            if not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
+                sys.exit(f"LORA_KERNELS_LOCAL_VERSION={local!r} is not a valid local version label")
+            self.metadata.version = f"{self.metadata.version.split('+')[0]}+{local}"
+
+
+def _skip(reason: str) -> dict:
+    if _flag("LORA_KERNELS_FORCE_BUILD"):
+        sys.exit(f"lora_kernels: LORA_KERNELS_FORCE_BUILD=1 but the CUDA extension cannot be built: {reason}")
+    warnings.warn(
+        f"lora_kernels: building WITHOUT the CUDA extension: {reason}. backend='cuda' will try to JIT-build "
+        "it at first use; backend='triton' and 'torch' are unaffected.",
+        stacklevel=1,
+    )
+    return {}
+
+
+def _extension_kwargs() -> dict:
+    if _flag("LORA_KERNELS_SKIP_CUDA_BUILD"):
+        print("lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1: pure-Python install")
+        return {}
+    build = _load_build_helper()
+    cuda_home = build.find_cuda_home()
+    if cuda_home is None:
+        return _skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    try:
+        import torch
+    except ImportError:
+        return _skip("torch is not importable in the build environment")
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} is a CPU-only build")
+    try:
+        archs = build.parse_archs()
+        includes = build.include_dirs(cuda_home)
+    except (RuntimeError, ValueError) as e:
+        return _skip(str(e))
+    # torch checks TORCH_CUDA_ARCH_LIST even though our -gencode flags take precedence; without a
+    # GPU it would otherwise warn and guess.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.torch_arch_list(archs))
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    print(f"lora_kernels: building lora_kernels._C for sm_{', sm_'.join(archs)} with CUDA_HOME={cuda_home}")
+    ext = CUDAExtension(
+        name="lora_kernels._C",
+        sources=[os.path.relpath(s, ROOT) for s in build.sources()],
+        include_dirs=includes,
+        extra_compile_args=build.compile_flags(archs),
+    )
+
+    class BuildExtWithInfo(BuildExtension):
+        """Also writes lora_kernels/_build_info.py, checked when _C is imported (build_info.py)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            # A fixed object directory instead of pip's per-build temp dir: the editable install
+            # and a later wheel build (scripts/build_wheels.sh) share ninja's objects, so the
+            # wheel after `make setup` only relinks instead of recompiling CUTLASS for minutes.
+            tag = (
+                f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
+                f"-cu{torch.version.cuda}-sm{'_'.join(archs)}"
+            )
+            self.build_temp = str(ROOT / "build" / f"temp-{tag}")
+
+        def run(self):
+            super().run()
+            info = build.build_info(archs, cuda_home)
+            targets = {ROOT / "lora_kernels" / "_build_info.py"}
+            if not self.inplace:
+                targets.add(Path(self.build_lib) / "lora_kernels" / "_build_info.py")
+            for path in targets:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                build.write_build_info(path, info)
+
+    return {
+        "ext_modules": [ext],
+        "cmdclass": {"build_ext": BuildExtWithInfo.with_options(use_ninja=True)},
+    }
+
+
+setup(distclass=_LocalVersionDistribution, **_extension_kwargs())

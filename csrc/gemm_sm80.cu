@@ -1,0 +1,73 @@
+// Ampere base GEMM (also the fallback on any sm_80+ GPU that is not sm_90a): CUTLASS 2.x
+// GemmUniversal, cp.async multistage mainloop + mma.sync 16×8×16, epilogue D = acc + C with
+// C = D = out, so the low-rank part already written into out is added in the epilogue.
+#include "gemm.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/device/gemm_universal.h"
+#include "cutlass/gemm/threadblock/threadblock_swizzle.h"
+
+namespace lora_kernels {
+
+bool gemm_aligned(const GemmProblem& p) {
+  // 16-byte vectors of 2-byte elements: leading dimensions multiple of 8, pointers 16-byte aligned.
+  auto ptr_ok = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+  // Leading dimensions must also cover a row (broadcast views with stride 0 go to cuBLAS).
+  const bool ld_ok = p.lda >= p.K && p.ldo >= p.N && p.ldb >= (p.b_kmajor ? p.K : p.N);
+  return ld_ok && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.ldo % 8 == 0 && p.K % 8 == 0 && p.N % 8 == 0 &&
+         ptr_ok(p.a) && ptr_ok(p.b) && ptr_ok(p.out);
+}
+
+namespace {
+
+template <typename Element, typename LayoutB>
+struct Sm80Gemm {
+  // CUTLASS's profiler default for 16-bit tensor-op GEMMs on A100: 128×128×32 tiles, 4 stages.
+  using Gemm = cutlass::gemm::device::GemmUniversal<
+      Element, cutlass::layout::RowMajor, Element, LayoutB, Element, cutlass::layout::RowMajor, float,
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<128, 128, 32>,
+      cutlass::gemm::GemmShape<64, 64, 32>, cutlass::gemm::GemmShape<16, 8, 16>,
+      cutlass::epilogue::thread::LinearCombination<Element, 8, float, float>,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, 4, 8, 8>;
+
+  static bool run(const GemmProblem& p, int device, cudaStream_t stream) {
+    const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
+    typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K}, 1, {1.0f, 1.0f}, p.a,
+                                  p.b, p.out, p.out, 0, 0, 0, 0, p.lda, p.ldb, p.ldo, p.ldo);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
+    size_t ws_size = Gemm::get_workspace_size(args);
+    at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)},
+                              at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+    cutlass::Status st = gemm.initialize(args, ws_size ? ws.data_ptr() : nullptr, stream);
+    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm80 GEMM initialize failed: ",
+                cutlass::cutlassGetStatusString(st));
+    st = gemm.run(stream);
+    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm80 GEMM launch failed: ",
+                cutlass::cutlassGetStatusString(st));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+};
+
+}  // namespace
+
+bool gemm_accumulate_sm80(const GemmProblem& p, int device, cudaStream_t stream) {
+  if (!gemm_aligned(p) || p.M > INT32_MAX || p.N > INT32_MAX || p.K > INT32_MAX) return false;
+  using Col = cutlass::layout::ColumnMajor;  // b (N, K) row-major == (K, N) column-major
+  using Row = cutlass::layout::RowMajor;     // b (K, N) row-major
+  if (p.dtype == GemmDtype::kBF16) {
+    return p.b_kmajor ? Sm80Gemm<cutlass::bfloat16_t, Col>::run(p, device, stream)
+                      : Sm80Gemm<cutlass::bfloat16_t, Row>::run(p, device, stream);
+  }
+  return p.b_kmajor ? Sm80Gemm<cutlass::half_t, Col>::run(p, device, stream)
+                    : Sm80Gemm<cutlass::half_t, Row>::run(p, device, stream);
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,313 @@
+// Host side of the CUDA backend: forward and backward of the fused LoRA linear on 2-D tensors,
+// composed from the low-rank kernels (lowrank.cu) and the CUTLASS base GEMMs (gemm_sm80/90.cu).
+//
+//   forward : T = dropout(x)·Aᵀ (fp32, M×r) [+ packed mask]  -> launch 1 (skinny, mask in-kernel)
+//             y = bias + s·(T·Bᵀ + lora_bias)                 -> launch 2 (expand)
+//             y += x·Wᵀ                                       -> launch 3 (CUTLASS, epilogue adds y)
+//   backward: dT = s·dY·B; [dB | dlora_bias] = s·dYᵀ·[T | 1]; dAᵀ = D(x)ᵀ·dT with
+//             D(x) = x⊙mask/(1-p); dX = (dT·A)⊙mask/(1-p) then dX += dY·W (CUTLASS).
+#include "lora_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <atomic>
+
+#include "gemm.h"
+#include "lowrank.h"
+
+namespace lora_kernels {
+namespace {
+
+std::atomic<int> g_gemm_backend{static_cast<int>(GemmBackend::kAuto)};
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kHalf:
+      return kF16;
+    case at::kBFloat16:
+      return kBF16;
+    default:
+      TORCH_CHECK(false, "lora_kernels cuda backend: unsupported dtype ", t.scalar_type(),
+                  " (float16, bfloat16 and float32 are supported)");
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), "lora_kernels cuda backend: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == dev, "lora_kernels cuda backend: ", name, " is on ", t.device(), ", x on ", dev);
+  dtype_of(t);
+}
+
+// out (M×N) += a (M×K) · (b_kmajor ? bᵀ : b): CUTLASS when it can take the problem, else cuBLAS.
+void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b, bool b_kmajor, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  if (M == 0 || N == 0 || K == 0) return;  // nothing to add (an empty sum)
+  const auto st = a.scalar_type();
+  const auto mode = static_cast<GemmBackend>(g_gemm_backend.load());
+  bool done = false;
+  if ((st == at::kHalf || st == at::kBFloat16) && mode != GemmBackend::kCublas && a.stride(1) == 1 &&
+      b.stride(1) == 1 && out.stride(1) == 1) {
+    GemmProblem prob{st == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
+                     b_kmajor,
+                     M,
+                     N,
+                     K,
+                     a.data_ptr(),
+                     a.stride(0),
+                     b.data_ptr(),
+                     b.stride(0),
+                     out.data_ptr(),
+                     out.stride(0)};
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    const int dev = a.get_device();
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev);
+    const bool hopper = prop->major == 9 && prop->minor == 0 && sm90_kernels_compiled();
+    if (hopper && (mode == GemmBackend::kAuto || mode == GemmBackend::kSm90)) {
+      done = gemm_accumulate_sm90(prob, dev, stream);
+    }
+    if (!done && prop->major >= 8 && (mode == GemmBackend::kAuto || mode == GemmBackend::kSm80)) {
+      done = gemm_accumulate_sm80(prob, dev, stream);
+    }
+  }
+  if (!done) {
+    // cuBLAS: float32 inputs, unaligned shapes or strides, GPUs without a compiled CUTLASS path.
+    out.addmm_(a, b_kmajor ? b.t() : b);
+  }
+}
+
+}  // namespace
+
+void set_gemm_backend(GemmBackend b) { g_gemm_backend.store(static_cast<int>(b)); }
+GemmBackend gemm_backend() { return static_cast<GemmBackend>(g_gemm_backend.load()); }
+
+std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                 double scaling, double p, int64_t seed, bool save_mask) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2,
+              "lora_fwd: expected 2-D x, weight, lora_A, lora_B");
+  const auto dev = x.device();
+  check_cuda(x, "x", dev);
+  check_cuda(weight, "weight", dev);
+  check_cuda(lora_A, "lora_A", dev);
+  check_cuda(lora_B, "lora_B", dev);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == r,
+              "lora_fwd: shape mismatch");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "lora_fwd: weight dtype must equal x dtype");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_fwd: p must be in [0, 1)");
+  if (bias) check_cuda(*bias, "bias", dev);
+  if (lora_bias) check_cuda(*lora_bias, "lora_bias", dev);
+  c10::cuda::CUDAGuard guard(dev);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  const bool dropout = p > 0.0;
+  const int64_t G = (K + 7) / 8;
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor T = at::empty({M, r}, f32);
+  at::Tensor bits = (dropout && save_mask) ? at::empty({M, G}, x.options().dtype(at::kByte))
+                                           : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor y = at::empty({M, N}, x.options());
+
+  SkinnyArgs s{};
+  s.x = x.data_ptr();
+  s.sxi = x.stride(0);
+  s.sxc = x.stride(1);
+  s.xt = dtype_of(x);
+  s.a = lora_A.data_ptr();
+  s.saj = lora_A.stride(0);
+  s.sac = lora_A.stride(1);
+  s.at = dtype_of(lora_A);
+  s.R = M;
+  s.J = r;
+  s.C = K;
+  s.ones_col = false;
+  s.alpha = 1.f;
+  s.mask = dropout ? SkinnyMask::kGenerate : SkinnyMask::kNone;
+  s.seed = static_cast<uint64_t>(seed);
+  s.threshold = dropout_threshold(p);
+  s.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  s.bits_out = bits.numel() ? bits.data_ptr<uint8_t>() : nullptr;
+  s.ld_bits_out = G;
+  s.out = T.data_ptr<float>();
+  s.ldo = r;
+  launch_skinny(s, stream);
+
+  ExpandArgs e{};
+  e.t = T.data_ptr<float>();
+  e.ldt = r;
+  e.b = lora_B.data_ptr();
+  e.sbn = lora_B.stride(0);
+  e.sbj = lora_B.stride(1);
+  e.bt = dtype_of(lora_B);
+  e.v1 = lora_bias ? lora_bias->data_ptr() : nullptr;
+  e.v1t = lora_bias ? dtype_of(*lora_bias) : kF32;
+  e.v2 = bias ? bias->data_ptr() : nullptr;
+  e.v2t = bias ? dtype_of(*bias) : kF32;
+  e.R = M;
+  e.N = N;
+  e.J = r;
+  e.alpha = static_cast<float>(scaling);
+  e.bits = nullptr;
+  e.out = y.data_ptr();
+  e.ldo = N;
+  e.ot = dtype_of(y);
+  launch_expand(e, stream);
+
+  base_gemm_accumulate(x, weight, /*b_kmajor=*/true, y);
+  return {y, T, bits};
+}
+
+std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& T,
+                                 const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx) {
+  const auto dev = x.device();
+  check_cuda(dy, "dy", dev);
+  check_cuda(x, "x", dev);
+  check_cuda(weight, "weight", dev);
+  check_cuda(lora_A, "lora_A", dev);
+  check_cuda(lora_B, "lora_B", dev);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "lora_bwd: dy must be (M, N)");
+  TORCH_CHECK(T.scalar_type() == at::kFloat && T.dim() == 2 && T.size(0) == M && T.size(1) == r &&
+                  T.is_contiguous(),
+              "lora_bwd: T must be a contiguous float32 (M, r) tensor");
+  c10::cuda::CUDAGuard guard(dev);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool dropout = p > 0.0;
+  const int64_t G = (K + 7) / 8;
+  const uint32_t threshold = dropout_threshold(p);
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  auto f32 = x.options().dtype(at::kFloat);
+
+  // dT = s · dY · B  (M × r)
+  at::Tensor dT = at::empty({M, r}, f32);
+  {
+    SkinnyArgs s{};
+    s.x = dy.data_ptr();
+    s.sxi = dy.stride(0);
+    s.sxc = dy.stride(1);
+    s.xt = dtype_of(dy);
+    s.a = lora_B.data_ptr();  // A(j, c = n) = B[n, j]
+    s.saj = lora_B.stride(1);
+    s.sac = lora_B.stride(0);
+    s.at = dtype_of(lora_B);
+    s.R = M;
+    s.J = r;
+    s.C = N;
+    s.alpha = static_cast<float>(scaling);
+    s.mask = SkinnyMask::kNone;
+    s.keep_scale = 1.f;
+    s.out = dT.data_ptr<float>();
+    s.ldo = r;
+    launch_skinny(s, stream);
+  }
+  // [dB | dlora_bias] = s · dYᵀ · [T | 1]  (N × (r + 1)): one pass over dY for both.
+  at::Tensor dBx = at::empty({N, r + 1}, f32);
+  {
+    SkinnyArgs s{};
+    s.x = dy.data_ptr();  // X(i = n, c = m) = dY[m, n]
+    s.sxi = dy.stride(1);
+    s.sxc = dy.stride(0);
+    s.xt = dtype_of(dy);
+    s.a = T.data_ptr();  // A(j, c = m) = T[m, j]
+    s.saj = 1;
+    s.sac = r;
+    s.at = kF32;
+    s.R = N;
+    s.J = r;
+    s.C = M;
+    s.ones_col = true;
+    s.alpha = static_cast<float>(scaling);
+    s.mask = SkinnyMask::kNone;
+    s.keep_scale = 1.f;
+    s.out = dBx.data_ptr<float>();
+    s.ldo = r + 1;
+    launch_skinny(s, stream);
+  }
+  // The packed mask: saved in "bitmask" mode, regenerated from the seed otherwise (M·K/8 bytes).
+  at::Tensor mask = bits;
+  if (dropout && mask.numel() != M * G) {
+    mask = at::empty({M, G}, x.options().dtype(at::kByte));
+    launch_make_mask(static_cast<uint64_t>(seed), threshold, M, K, mask.data_ptr<uint8_t>(), stream);
+  }
+  if (dropout) {
+    TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == M * G,
+                "lora_bwd: bits must be a contiguous uint8 (M, ceil(K/8)) tensor");
+  }
+  // dAᵀ = D(x)ᵀ · dT  (K × r), D(x) = x ⊙ mask / (1 - p)
+  at::Tensor dAt = at::empty({K, r}, f32);
+  {
+    SkinnyArgs s{};
+    s.x = x.data_ptr();  // X(i = k, c = m) = x[m, k]
+    s.sxi = x.stride(1);
+    s.sxc = x.stride(0);
+    s.xt = dtype_of(x);
+    s.a = dT.data_ptr();  // A(j, c = m) = dT[m, j]
+    s.saj = 1;
+    s.sac = r;
+    s.at = kF32;
+    s.R = K;
+    s.J = r;
+    s.C = M;
+    s.alpha = 1.f;
+    s.mask = dropout ? SkinnyMask::kBitsTransposed : SkinnyMask::kNone;
+    s.keep_scale = keep_scale;
+    s.bits_in = dropout ? mask.data_ptr<uint8_t>() : nullptr;
+    s.ld_bits_in = G;
+    s.out = dAt.data_ptr<float>();
+    s.ldo = r;
+    launch_skinny(s, stream);
+  }
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    // dX = (dT · A) ⊙ mask / (1 - p), then dX += dY · W in the GEMM's epilogue.
+    dx = at::empty({M, K}, x.options());
+    ExpandArgs e{};
+    e.t = dT.data_ptr<float>();
+    e.ldt = r;
+    e.b = lora_A.data_ptr();  // B(n = k, j) = A[j, k]
+    e.sbn = lora_A.stride(1);
+    e.sbj = lora_A.stride(0);
+    e.bt = dtype_of(lora_A);
+    e.R = M;
+    e.N = K;
+    e.J = r;
+    e.alpha = 1.f;
+    e.bits = dropout ? mask.data_ptr<uint8_t>() : nullptr;
+    e.ld_bits = G;
+    e.keep_scale = keep_scale;
+    e.out = dx.data_ptr();
+    e.ldo = K;
+    e.ot = dtype_of(dx);
+    launch_expand(e, stream);
+    base_gemm_accumulate(dy, weight, /*b_kmajor=*/false, dx);
+  }
+  const auto adt = lora_A.scalar_type();
+  at::Tensor dA = dAt.t().to(adt).contiguous();
+  at::Tensor dB = dBx.narrow(1, 0, r).to(lora_B.scalar_type()).contiguous();
+  at::Tensor dlb = dBx.select(1, r).to(lora_B.scalar_type()).contiguous();
+  return {dx, dA, dB, dlb};
+}
+
+at::Tensor host_pack_mask_tensor(uint64_t seed, int64_t M, int64_t K, double p) {
+  TORCH_CHECK(M >= 0 && K >= 0, "host_pack_mask: M and K must be >= 0");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "host_pack_mask: p must be in [0, 1)");
+  at::Tensor bits = at::empty({M, (K + 7) / 8}, at::TensorOptions().dtype(at::kByte));
+  if (bits.numel()) host_pack_mask(seed, dropout_threshold(p), M, K, bits.data_ptr<uint8_t>());
+  return bits;
+}
+
+at::Tensor host_keep_mask_tensor(uint64_t seed, int64_t M, int64_t K, double p) {
+  at::Tensor bits = host_pack_mask_tensor(seed, M, K, p);
+  // Unpack bit j of byte g -> column 8g + j, the inverse of reference.pack_mask.
+  at::Tensor shifts = at::arange(8, at::TensorOptions().dtype(at::kInt));
+  at::Tensor out = bits.to(at::kInt).unsqueeze(2).bitwise_right_shift(shifts).bitwise_and(1);
+  return out.reshape({M, ((K + 7) / 8) * 8}).narrow(1, 0, K).to(at::kBool).contiguous();
+}
+
+}  // namespace lora_kernels

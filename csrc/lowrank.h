@@ -1,0 +1,78 @@
+// Low-rank and mask kernels of the LoRA linear (CUDA cores, fp32 accumulation).
+//
+// Two generic kernels cover every low-rank product of forward and backward; operands are read
+// through (row, column) element strides, so transposed views and strided x need no copies:
+//   skinny:  out[i, j] = alpha · Σ_c X(i, c) · mask(i, c) · A(j, c)          (fp32 out, j < J [+1])
+//   expand:  out[i, n] = (alpha · (Σ_j T[i, j] · B(n, j) + v1[n]) + v2[n]) · mask(i, n)
+// plus the packed-bitmask generator. All reductions run in a fixed order inside one thread
+// block (no atomics), so results are deterministic run to run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_kernels {
+
+// Runtime element types of the operands (the kernels convert to fp32 on load).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+enum class SkinnyMask : int {
+  kNone = 0,
+  kGenerate = 1,        // X(i, c) is x[m = i, k = c]: Philox mask generated in the kernel
+  kBitsTransposed = 2,  // X(i, c) is x[m = c, k = i]: bit (m, k) read from a packed bitmask
+};
+
+struct SkinnyArgs {
+  const void* x;  // X(i, c) = x[i * sxi + c * sxc]
+  int64_t sxi, sxc;
+  DType xt;
+  const void* a;  // A(j, c) = a[j * saj + c * sac]
+  int64_t saj, sac;
+  DType at;
+  int64_t R, J, C;  // out is (R, J + ones_col)
+  bool ones_col;    // A(J, c) = 1: the extra column J of out holds alpha · Σ_c X(i, c)
+  float alpha;
+  SkinnyMask mask;
+  uint64_t seed;
+  uint32_t threshold;
+  float keep_scale;          // 1 / (1 - p): kept elements are scaled by it
+  uint8_t* bits_out;         // kGenerate: packed mask (R, ceil(C / 8)) written if not null
+  int64_t ld_bits_out;
+  const uint8_t* bits_in;    // kBitsTransposed: packed mask (C, ceil(R / 8))
+  int64_t ld_bits_in;
+  float* out;
+  int64_t ldo;
+};
+
+struct ExpandArgs {
+  const float* t;  // T (R, J) fp32, row stride ldt
+  int64_t ldt;
+  const void* b;  // B(n, j) = b[n * sbn + j * sbj]
+  int64_t sbn, sbj;
+  DType bt;
+  const void* v1;  // (N,) added before alpha (lora_bias) or null
+  DType v1t;
+  const void* v2;  // (N,) added after alpha (bias) or null
+  DType v2t;
+  int64_t R, N, J;
+  float alpha;
+  const uint8_t* bits;  // packed mask (R, ceil(N / 8)) or null: out = kept ? v · keep_scale : 0
+  int64_t ld_bits;
+  float keep_scale;
+  void* out;  // (R, N), row stride ldo
+  int64_t ldo;
+  DType ot;
+};
+
+void launch_skinny(const SkinnyArgs& a, cudaStream_t stream);
+void launch_expand(const ExpandArgs& a, cudaStream_t stream);
+// bits (M, ceil(K / 8)) row-major: the packed keep-mask of reference.pack_mask.
+void launch_make_mask(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, uint8_t* bits,
+                      cudaStream_t stream);
+
+// Host (CPU) versions built from the same Philox code: used to prove bit-identity in CPU tests.
+uint32_t dropout_threshold(double p);
+void host_pack_mask(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, uint8_t* bits);
+
+}  // namespace lora_kernels

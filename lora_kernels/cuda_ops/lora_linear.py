@@ -1,0 +1,154 @@
+"""backend="cuda": the fused LoRA linear on the CUDA C++ extension (csrc/, CUTLASS base GEMMs).
+
+Layers, bottom up:
+    * ``lora_kernels._C.lora_fwd / lora_bwd`` (csrc/lora_ops.cpp): the kernels on 2-D tensors;
+    * ``torch.ops.lora_kernels.cuda_lora_fwd / cuda_lora_bwd``: ``torch.library.custom_op``
+      wrappers with fake (meta) implementations, so torch.compile traces them as opaque ops;
+    * ``_CudaLoraFunction``: the autograd.Function tying forward and backward together;
+    * ``lora_linear_2d`` and ``unavailable_reason``: the backend contract of lora_kernels/backends.py.
+
+Saved for backward: x, ``T = dropout(x)·Aᵀ`` (M×r, fp32) and, in "bitmask" mode, the packed
+mask (M × ceil(K/8) uint8); in "regenerate" mode the mask is recomputed from the seed.
+"""
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+__all__ = ["unavailable_reason", "lora_linear_2d", "cuda_lora_fwd", "cuda_lora_bwd"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# NB: no `from __future__ import annotations` here: custom_op infers the op schema from the
+# runtime annotations.
+
+
+@torch.library.custom_op("lora_kernels::cuda_lora_fwd", mutates_args=())
+def cuda_lora_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, K) -> (y (M, N) in x.dtype, T (M, r) fp32, bits (M, ceil(K/8)) uint8 or (0,))."""
+    y, t, bits = _ext.get_ext().lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask)
+    return y, t, bits
+
+
+@cuda_lora_fwd.register_fake
+def _cuda_lora_fwd_fake(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask):
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    y = x.new_empty((M, N))
+    t = x.new_empty((M, r), dtype=torch.float32)
+    bits_shape = (M, (K + 7) // 8) if (p > 0.0 and save_mask) else (0,)
+    return y, t, x.new_empty(bits_shape, dtype=torch.uint8)
+
+
+@torch.library.custom_op("lora_kernels::cuda_lora_bwd", mutates_args=())
+def cuda_lora_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    t: Tensor,
+    bits: Tensor,
+    scaling: float,
+    p: float,
+    seed: int,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dy (M, N) -> (dx (M, K) or (0,), dA (r, K), dB (N, r), dlora_bias (N,)); adapters' dtype.
+
+    ``bits`` is the forward's packed mask, or an empty tensor to regenerate it from ``seed``.
+    """
+    dx, dA, dB, dlb = _ext.get_ext().lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx)
+    return dx, dA, dB, dlb
+
+
+@cuda_lora_bwd.register_fake
+def _cuda_lora_bwd_fake(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx):
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    dx = x.new_empty((M, K)) if need_dx else x.new_empty((0,))
+    return (
+        dx,
+        lora_A.new_empty((r, K)),
+        lora_B.new_empty((N, r)),
+        lora_B.new_empty((N,)),
+    )
+
+
+class _CudaLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        save_mask = p > 0.0 and mask_mode == "bitmask"
+        y, t, bits = torch.ops.lora_kernels.cuda_lora_fwd(
+            x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask
+        )
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB, dlb = torch.ops.lora_kernels.cuda_lora_bwd(
+            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0])
+        )
+        # Gradients of the (normally frozen) base layer: plain cuBLAS, only when asked for.
+        dW = dy.t().mm(x) if need[1] else None
+        db = dy.sum(0) if (need[2] and ctx.has_bias) else None
+        return (
+            dx if need[0] else None,
+            dW,
+            db,
+            dA if need[3] else None,
+            dB if need[4] else None,
+            dlb if (need[5] and ctx.has_lora_bias) else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
+    """None if backend="cuda" can run these tensors, else a one-line reason."""
+    if x.device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors (x is on {x.device})"
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A)):
+        if t.dtype not in _DTYPES:
+            return f"{name} dtype {t.dtype} is not supported by the cuda backend (float16, bfloat16, float32)"
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap < (8, 0):
+        return f"the cuda backend needs an sm_80 or newer GPU, this one is sm_{cap[0]}{cap[1]}"
+    return _ext.availability(x.device)
+
+
+def lora_linear_2d(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    mask_mode: str,
+) -> Tensor:
+    """The backend contract (lora_kernels/backends.py): x2 (M, K) -> (M, N), differentiable."""
+    return _CudaLoraFunction.apply(
+        x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(p), int(seed), mask_mode
+    )

@@ -1,0 +1,214 @@
+"""backend="cuda" on a GPU: outputs and every gradient against the float64 reference, masks
+bit-identical to the reference, both mask modes, odd shapes, and opcheck of the custom ops.
+
+Every test here needs a CUDA GPU (and the extension, built or JIT-built) and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels import lora_linear, reference
+from tests._utils import assert_close_ref, requires_gpu
+
+pytestmark = requires_gpu
+
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from lora_kernels.cuda_ops import _ext
+
+    return _ext.get_ext()
+
+
+@pytest.fixture
+def gemm(ext, request):
+    """Pin the base GEMM implementation for one test, restoring "auto" afterwards."""
+    name = getattr(request, "param", "auto")
+    ext.set_gemm_backend(name)
+    yield name
+    ext.set_gemm_backend("auto")
+
+
+def _poison_allocator(nbytes: int = 64 << 20) -> None:
+    """Leave NaN-filled blocks in the caching allocator: outputs the kernels allocate with
+    at::empty then start as NaN, so an element a kernel forgets to write fails isfinite()."""
+    blocks = [torch.full((nbytes // 4,), float("nan"), device="cuda") for _ in range(2)]
+    small = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 10, 1 << 14, 1 << 18)]
+    del blocks, small
+
+
+def _make(M, K, N, r, dtype, adapter_dtype=None, bias=True, lora_bias=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    adt = adapter_dtype or dtype
+
+    def rnd(*shape, dt, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(dt)
+
+    t = {
+        "x": rnd(M, K, dt=dtype),
+        "weight": rnd(N, K, dt=dtype, scale=K**-0.5),
+        "lora_A": rnd(r, K, dt=adt, scale=K**-0.5),
+        "lora_B": rnd(N, r, dt=adt, scale=r**-0.5),
+        "bias": rnd(N, dt=dtype) if bias else None,
+        "lora_bias": rnd(N, dt=adt) if lora_bias else None,
+    }
+    return t
+
+
+def _run(t, backend, scaling, p, seed, mask_mode, dy, grads=("x", "lora_A", "lora_B", "lora_bias")):
+    # Inputs without a gradient are passed as they are (clone() would densify a strided x).
+    leaves = {k: (v.detach().clone().requires_grad_() if k in grads and v is not None else v) for k, v in t.items()}
+    y = lora_linear(
+        leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"], leaves["lora_bias"],
+        scaling=scaling, dropout_p=p, training=True, seed=seed, backend=backend, dropout_mask=mask_mode,
+    )  # fmt: skip
+    y.backward(dy.to(y.dtype))
+    return y, {k: leaves[k].grad for k in grads if leaves[k] is not None}
+
+
+def _check_against_ref(t, scaling, p, seed, mask_mode, grads=("x", "lora_A", "lora_B", "lora_bias")):
+    M, N = t["x"].shape[0], t["weight"].shape[0]
+    dy = torch.randn(M, N, device="cuda", dtype=torch.float32)
+    _poison_allocator()
+    y, g = _run(t, "cuda", scaling, p, seed, mask_mode, dy, grads)
+    t64 = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    y64, g64 = _run(t64, "torch", scaling, p, seed, mask_mode, dy, grads)
+    dts = (t["x"].dtype, t["lora_A"].dtype)
+    assert y.dtype == t["x"].dtype
+    assert_close_ref(y, y64, dts, "y")
+    for k in g64:
+        assert g[k].dtype == t[k].dtype, k
+        assert_close_ref(g[k], g64[k], dts, f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 67, 300])
+@pytest.mark.parametrize("K, N", [(72, 40), (33, 50)])  # 8-aligned (CUTLASS) and odd (cuBLAS fallback)
+@pytest.mark.parametrize("r", [1, 16, 64, 256])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
+def test_matches_reference(dtype, M, K, N, r, p, mask_mode):
+    if p == 0.0 and mask_mode == "regenerate":
+        pytest.skip("identical to bitmask at p = 0 (no mask)")
+    t = _make(M, K, N, r, dtype, seed=M * 1000 + r)
+    _check_against_ref(t, scaling=2.0, p=p, seed=1234 + M, mask_mode=mask_mode)
+
+
+@pytest.mark.parametrize("gemm", ["auto", "sm80", "sm90", "cublas"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_base_gemm_paths(gemm, dtype, p):
+    """Each base GEMM implementation on aligned shapes larger than one 128×256 tile."""
+    t = _make(300, 264, 520, 16, dtype)
+    _check_against_ref(t, scaling=0.5, p=p, seed=7, mask_mode="bitmask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp32_adapters(dtype):
+    """PEFT's default: bf16/fp16 base with float32 adapters, converted in-kernel."""
+    t = _make(67, 72, 40, 16, dtype, adapter_dtype=torch.float32)
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=3, mask_mode="bitmask")
+
+
+def test_fp32_everything():
+    t = _make(67, 33, 40, 8, torch.float32)
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=3, mask_mode="regenerate")
+
+
+def test_no_biases_and_frozen_base_grads():
+    """Without bias/lora_bias; then with weight and bias requiring grad (cuBLAS dW, db)."""
+    t = _make(67, 72, 40, 16, torch.bfloat16, bias=False, lora_bias=False)
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=5, mask_mode="bitmask", grads=("x", "lora_A", "lora_B"))
+    t = _make(67, 72, 40, 16, torch.bfloat16)
+    _check_against_ref(
+        t, scaling=2.0, p=0.1, seed=5, mask_mode="bitmask", grads=("x", "weight", "bias", "lora_A", "lora_B")
+    )
+
+
+def test_strided_and_3d_x():
+    t = _make(64, 72, 40, 16, torch.float16)
+    big = torch.randn(64, 2 * 72, device="cuda", dtype=torch.float16)
+    t["x"] = big[:, ::2]  # inner stride 2: the kernels read it in place, the GEMM via cuBLAS
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=9, mask_mode="bitmask", grads=("lora_A", "lora_B"))
+    t["x"] = torch.randn(72, 64, device="cuda", dtype=torch.float16).t()  # column-major x
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=9, mask_mode="regenerate")
+    x3 = torch.randn(2, 5, 72, device="cuda", dtype=torch.float16)
+    y = lora_linear(x3, t["weight"], t["lora_A"], t["lora_B"], scaling=2.0, dropout_p=0.1, seed=4, backend="cuda")
+    y_ref = lora_linear(
+        x3.double(), t["weight"].double(), t["lora_A"].double(), t["lora_B"].double(),
+        scaling=2.0, dropout_p=0.1, seed=4, backend="torch",
+    )  # fmt: skip
+    assert y.shape == (2, 5, 40)
+    assert_close_ref(y, y_ref, (torch.float16,), "y 3-D")
+
+
+def test_empty_batch():
+    t = _make(0, 72, 40, 16, torch.bfloat16)
+    dy = torch.randn(0, 40, device="cuda")
+    y, g = _run(t, "cuda", 2.0, 0.1, 1, "bitmask", dy)
+    assert y.shape == (0, 40) and g["x"].shape == (0, 72)
+    assert torch.count_nonzero(g["lora_A"]) == 0 and torch.count_nonzero(g["lora_B"]) == 0
+    assert torch.count_nonzero(g["lora_bias"]) == 0
+
+
+@pytest.mark.parametrize("M, K", [(1, 1), (67, 33), (300, 72), (5, 1000)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_saved_mask_and_T_match_reference(M, K, p):
+    t = _make(M, K, 24, 16, torch.float16)
+    seed = 2**40 + 17
+    y, T, bits = torch.ops.lora_kernels.cuda_lora_fwd(
+        t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 2.0, p, seed, True
+    )
+    keep = reference.dropout_keep_mask(seed, M, K, p, device="cuda")
+    assert torch.equal(bits, reference.pack_mask(keep))
+    h = t["x"].double() * keep.double() / (1 - p)
+    assert_close_ref(T, h @ t["lora_A"].double().t(), (torch.float16,), "T")
+
+
+def test_backward_is_deterministic():
+    t = _make(300, 72, 40, 64, torch.bfloat16)
+    dy = torch.randn(300, 40, device="cuda")
+    _, g1 = _run(t, "cuda", 2.0, 0.1, 11, "regenerate", dy)
+    _, g2 = _run(t, "cuda", 2.0, 0.1, 11, "regenerate", dy)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_mask_modes_agree_bitwise():
+    t = _make(67, 72, 40, 16, torch.float16)
+    dy = torch.randn(67, 40, device="cuda")
+    y1, g1 = _run(t, "cuda", 2.0, 0.1, 11, "bitmask", dy)
+    y2, g2 = _run(t, "cuda", 2.0, 0.1, 11, "regenerate", dy)
+    assert torch.equal(y1, y2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_opcheck_forward_and_backward():
+    t = _make(67, 72, 40, 16, torch.bfloat16)
+    fwd_args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 2.0, 0.1, 5, True)
+    torch.library.opcheck(torch.ops.lora_kernels.cuda_lora_fwd.default, fwd_args)
+    torch.library.opcheck(torch.ops.lora_kernels.cuda_lora_fwd.default, fwd_args[:6] + (2.0, 0.0, 0, False))
+    y, T, bits = torch.ops.lora_kernels.cuda_lora_fwd(*fwd_args)
+    dy = torch.randn_like(y)
+    for b, need_dx in ((bits, True), (torch.empty(0, dtype=torch.uint8, device="cuda"), False)):
+        bwd_args = (dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], T, b, 2.0, 0.1, 5, need_dx)
+        torch.library.opcheck(torch.ops.lora_kernels.cuda_lora_bwd.default, bwd_args)
+
+
+def test_torch_compile_traces_the_ops():
+    t = _make(67, 72, 40, 16, torch.bfloat16)
+
+    def f(x, w, a, b):
+        return lora_linear(x, w, a, b, scaling=2.0, dropout_p=0.1, seed=3, backend="cuda") * 2
+
+    x = t["x"].clone().requires_grad_()
+    y = torch.compile(f, fullgraph=False)(x, t["weight"], t["lora_A"], t["lora_B"])
+    y_eager = f(t["x"], t["weight"], t["lora_A"], t["lora_B"])
+    assert torch.equal(y, y_eager)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -1,0 +1,196 @@
+"""The CUDA extension's build, metadata and host-side mask (runs on CPU CI).
+
+Where a CUDA toolkit and a CUDA build of torch are present (CI included), `make test` builds
+lora_kernels._C during the editable install, so these tests require it to import: a failed or
+skipped build is a test failure here, not a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_kernels import build_info, reference
+from lora_kernels.cuda_ops import _build, _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+CAN_BUILD = _build.find_cuda_home() is not None and torch.version.cuda is not None
+requires_toolkit = pytest.mark.skipif(
+    not CAN_BUILD, reason="no CUDA toolkit or a CPU-only torch: lora_kernels._C is not built here"
+)
+
+
+# ---- build configuration (pure Python, runs everywhere) ---------------------------------------
+
+
+def test_parse_archs_spellings():
+    assert _build.parse_archs("80;90") == ["80", "90"]
+    assert _build.parse_archs("9.0a, 8.0") == ["80", "90"]
+    assert _build.parse_archs("sm_86") == ["86"]
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        _build.parse_archs("75;80")
+    with pytest.raises(ValueError, match="cannot parse"):
+        _build.parse_archs("hopper")
+
+
+def test_arch_flags_use_sm90a_and_ptx_of_newest():
+    flags = _build.arch_flags(["80", "90"])
+    assert "-gencode=arch=compute_80,code=sm_80" in flags
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags
+    assert flags[-1] == "-gencode=arch=compute_90,code=compute_90"
+    assert _build.torch_arch_list(["80", "90"]) == "8.0;9.0a"
+    assert "-DLORA_KERNELS_ARCHS=80_90" in _build.compile_flags(["80", "90"])["nvcc"]
+    assert "-DLORA_KERNELS_SM90A" in _build.compile_flags(["80", "90"])["nvcc"]
+    assert "-DLORA_KERNELS_SM90A" not in _build.compile_flags(["80"])["nvcc"]
+
+
+def test_runs_on_capabilities():
+    assert _ext.runs_on("80;90", (8, 0)) and _ext.runs_on("80;90", (8, 6)) and _ext.runs_on("80;90", (9, 0))
+    assert _ext.runs_on("80;90", (10, 0))  # through the compute_90 PTX
+    assert not _ext.runs_on("90", (8, 0))
+
+
+def test_build_info_mismatch_message():
+    info = {
+        "torch_version": "1.13.0+cu117",
+        "torch_cuda_version": "11.7",
+        "nvcc_version": "11.7",
+        "cuda_archs": "80",
+        "git_commit": "x",
+        "build_date": "d",
+    }
+    reason = build_info.mismatch_reason(info)
+    assert reason is not None and "built for torch 1.13.0+cu117" in reason and torch.__version__ in reason
+    same = dict(info, torch_version=torch.__version__, torch_cuda_version=str(torch.version.cuda))
+    assert build_info.mismatch_reason(same) is None
+
+
+def test_cuda_backend_reports_why_not_on_cpu():
+    from lora_kernels.cuda_ops import lora_linear as cuda_mod
+
+    x = torch.zeros(2, 8)
+    reason = cuda_mod.unavailable_reason(x, torch.zeros(4, 8), torch.zeros(2, 8))
+    assert reason is not None and "CUDA tensors" in reason
+
+
+# ---- the built extension (toolkit + CUDA torch present, as on CI) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def ext():
+    assert _ext.prebuilt_available(), (
+        "lora_kernels._C is not built although a CUDA toolkit and CUDA torch are present: run "
+        "`pip install --no-build-isolation -e .` (scripts/setup_env.sh does) and check its output"
+    )
+    return _ext.get_ext(build=False)
+
+
+@requires_toolkit
+def test_extension_imports_with_matching_metadata(ext):
+    info = build_info.load()
+    assert info is not None, "lora_kernels/_build_info.py was not written by the build"
+    assert build_info.mismatch_reason(info) is None
+    assert info["torch_version"] == torch.__version__
+    assert info["torch_cuda_version"] == torch.version.cuda
+    assert len(info["git_commit"]) >= 7 and info["build_date"][:2] == "20"
+    meta = ext.build_metadata()
+    assert meta["torch_version"] == torch.__version__.split("+")[0]
+    assert meta["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+    assert meta["archs"] == info["cuda_archs"]
+    assert meta["sm90_kernels"] == ("90" in meta["archs"].split(";"))
+    for name in ("lora_fwd", "lora_bwd", "host_pack_mask", "host_keep_mask", "host_philox"):
+        assert callable(getattr(ext, name))
+
+
+@requires_toolkit
+def test_gemm_backend_switch(ext):
+    assert ext.gemm_backend() == "auto"
+    try:
+        ext.set_gemm_backend("sm80")
+        assert ext.gemm_backend() == "sm80"
+        with pytest.raises(ValueError, match="gemm backend"):
+            ext.set_gemm_backend("tensorcore")
+    finally:
+        ext.set_gemm_backend("auto")
+
+
+@requires_toolkit
+def test_host_philox_matches_reference(ext):
+    g = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (20, 4), generator=g, dtype=torch.int64).tolist()
+    keys = torch.randint(0, 2**32, (20, 2), generator=g, dtype=torch.int64).tolist()
+    counters[0] = [0, 0, 0, 0]
+    counters[1] = [2**32 - 1] * 4
+    for c, k in zip(counters, keys, strict=True):
+        want = reference.philox4x32_10(*(torch.tensor([v]) for v in c), k[0], k[1])
+        assert tuple(ext.host_philox(*c, *k)) == tuple(int(w) for w in want), (c, k)
+
+
+@requires_toolkit
+@pytest.mark.parametrize(
+    "seed, M, K, p",
+    [
+        (0, 1, 1, 0.1),
+        (1, 3, 7, 0.5),
+        (12345, 17, 33, 0.1),
+        (2**32 + 5, 9, 64, 0.25),  # key high word used
+        (2**63 - 1, 5, 100, 0.9),
+        (2**64 - 1, 2, 9, 0.05),
+        (7, 11, 40, 0.0),
+        (7, 11, 40, 0.999),
+        (99, 4, 23, 1.5 / 65536),  # threshold rounds half to even, like Python's round()
+        (99, 4, 23, 2.5 / 65536),
+        (3, 0, 16, 0.1),  # M = 0
+    ],
+)
+def test_host_mask_is_bit_identical_to_reference(ext, seed, M, K, p):
+    keep_ref = reference.dropout_keep_mask(seed, M, K, p)
+    assert torch.equal(ext.host_keep_mask(seed, M, K, p), keep_ref)
+    bits = ext.host_pack_mask(seed, M, K, p)
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (M, (K + 7) // 8)
+    assert torch.equal(bits, reference.pack_mask(keep_ref))
+
+
+@requires_toolkit
+def test_host_mask_rejects_bad_p(ext):
+    with pytest.raises(RuntimeError, match="p must be in"):
+        ext.host_pack_mask(0, 2, 8, 1.0)
+
+
+@requires_toolkit
+@pytest.mark.skipif(
+    os.environ.get("LORA_KERNELS_TEST_WHEEL", "1") == "0", reason="LORA_KERNELS_TEST_WHEEL=0 disables it"
+)
+def test_wheel_packs_the_built_extension(ext, tmp_path):
+    """scripts/build_wheels.sh's wheel: local version tag, _C and _build_info inside.
+
+    Uses the objects of the editable install's build (same flags -> ninja has nothing to
+    recompile), so this takes seconds, not a second full compile.
+    """
+    so = importlib.util.find_spec("lora_kernels._C").origin
+    env = dict(os.environ, VENV=str(Path(sys.executable).parents[1]))
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = list(tmp_path.glob("lora_kernels-*.whl"))
+    assert len(wheels) == 1, wheels
+    v = torch.__version__.split("+")[0].split(".")
+    tag = f"+cu{torch.version.cuda.replace('.', '')}torch{v[0]}.{v[1]}"
+    assert tag in wheels[0].name
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert any(n.startswith("lora_kernels/_C") and n.endswith(".so") for n in names), names
+    assert "lora_kernels/_build_info.py" in names
+    assert Path(so).exists()
