@@ -51,7 +51,7 @@ def check_inputs(
         raise ValueError("x must have at least 1 dimension (..., K), got a 0-d tensor")
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"weight must have shape (N, K) = (N, {K}), got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have shape (N, K) with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
     N = weight.shape[0]
     if lora_A.dim() != 2:
         raise ValueError(f"lora_A must have shape (r, K) = (r, {K}), got {tuple(lora_A.shape)}")
@@ -90,7 +90,7 @@ def check_inputs(
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not 0 <= int(seed) < 2**63:
+        if not torch.compiler.is_compiling() and not 0 <= int(seed) < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
@@ -151,6 +151,8 @@ def lora_linear(
             )  # fmt: skip
     # Checked after autocast's casts: an fp32 model under bf16 autocast passes bf16 x and fp32 W.
     check_inputs(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, seed)
+    if seed is not None:
+        seed = int(seed)  # numpy integers and the like become a plain int
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = new_seed()
@@ -160,5 +162,6 @@ def lora_linear(
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
-    y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed or 0, dropout_mask)
+    seed = 0 if seed is None else seed  # (not `seed or 0`: a symbolic int under torch.compile)
+    y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask)
     return y2.reshape(*x.shape[:-1], N)

@@ -95,9 +95,7 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
 
-def dropout_keep_mask(seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean keep-mask of shape ``(M, K)`` (True = kept) defined by the module docstring."""
-    _check_seed(seed)
+def _keep_mask_impl(seed: int, M: int, K: int, p: float, device: torch.device | str) -> torch.Tensor:
     G = (K + 7) // 8
     rows = torch.arange(M, device=device, dtype=torch.int64)[:, None].expand(M, G)
     groups = torch.arange(G, device=device, dtype=torch.int64)[None, :].expand(M, G)
@@ -106,6 +104,28 @@ def dropout_keep_mask(seed: int, M: int, K: int, p: float, device: torch.device 
     halves = [(lane >> (16 * h)) & _U16 for h in (0, 1) for lane in lanes]  # index j = 4*h + lane
     u16 = torch.stack(halves, dim=-1).reshape(M, G * 8)[:, :K]
     return u16 >= dropout_threshold(p)
+
+
+@torch.library.custom_op("lora_kernels::dropout_keep_mask", mutates_args=())
+def _keep_mask_op(seed: int, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
+    """Opaque to torch.compile: inductor would otherwise inline the 10 Philox rounds into one
+    enormous fused expression and take minutes to lower it."""
+    return _keep_mask_impl(seed, M, K, p, device)
+
+
+@_keep_mask_op.register_fake
+def _(seed, M, K, p, device):
+    return torch.empty((M, K), dtype=torch.bool, device=device)
+
+
+def dropout_keep_mask(seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean keep-mask of shape ``(M, K)`` (True = kept) defined by the module docstring."""
+    if torch.compiler.is_compiling():
+        # The seed may be a symbolic int here (drawn with .item() inside the compiled region).
+        torch._check(seed >= 0)
+        return _keep_mask_op(seed, M, K, p, torch.device(device))
+    _check_seed(seed)
+    return _keep_mask_impl(seed, M, K, p, device)
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:

@@ -274,9 +274,7 @@ def run_case(case: Case, device: torch.device | str, impl: Impl | None = None) -
     """Run one case against the float64 reference; exceptions become an "error" result."""
     x_dt, a_dt = DTYPE_CONFIGS[case.dtype]
     t0 = time.perf_counter()
-    inp = make_inputs(
-        case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode())
-    )
+    inp = make_inputs(case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode()))
     reason = unavailable(case.backend, inp["x"], inp["weight"], inp["lora_A"])
     if reason is not None:
         return CaseResult(case, "skip", reason)
@@ -343,9 +341,7 @@ def mask_probe(
     w = torch.zeros(K, K, device=device, dtype=dtype)
     A = eye.clone().requires_grad_(True)
     B = eye.clone().requires_grad_(True)
-    y = impl(
-        x, w, A, B, None, None, scaling=1.0 - p, dropout_p=p, training=True, seed=seed, dropout_mask=mask_mode
-    )
+    y = impl(x, w, A, B, None, None, scaling=1.0 - p, dropout_p=p, training=True, seed=seed, dropout_mask=mask_mode)
     y.backward(torch.ones_like(y))
     keep = dropout_keep_mask(seed, M, K, p, device=device)
     return {
@@ -379,13 +375,14 @@ def run_mask_check(
     p: float,
     mask_mode: str,
     impl: Impl | None = None,
-    M: int = 300,
-    K: int = 100,
+    M: int | None = None,
+    K: int | None = None,
 ) -> MaskResult:
     """Mask identity of one backend (probe + the module's own mask function when it has one)."""
     from .reference import dropout_keep_mask, pack_mask
 
     x_dt = DTYPE_CONFIGS[dtype][0]
+    M, K = (M, K) if M is not None and K is not None else probe_size(torch.device(device).type)
     res = MaskResult(backend, dtype, mask_mode, M, K, p, "pass")
     probe_x = torch.empty(M, K, dtype=x_dt, device=device)
     reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_x[:K])
@@ -393,9 +390,7 @@ def run_mask_check(
         res.status, res.reason = "skip", reason
         return res
     try:
-        res.mismatches = mask_probe(
-            impl or backend_impl(backend), M, K, p, _PROBE_SEED, x_dt, device, mask_mode
-        )
+        res.mismatches = mask_probe(impl or backend_impl(backend), M, K, p, _PROBE_SEED, x_dt, device, mask_mode)
         hook = _mask_hook(backend) if impl is None else None
         if hook is not None:
             bits = hook(_PROBE_SEED, M, K, p, device)
@@ -410,6 +405,12 @@ def run_mask_check(
         res.status = "fail"
         res.reason = ", ".join(f"{k}: {v} of {M * K} mask bits differ" for k, v in bad.items())
     return res
+
+
+def probe_size(device_type: str) -> tuple[int, int]:
+    """``(M, K)`` of the mask probe: K is not a multiple of 8 (a partial Philox group) and spans
+    several column tiles; the interpreter gets a smaller one (it runs each program in Python)."""
+    return (1000, 203) if device_type == "cuda" else (96, 52)
 
 
 class Progress:
@@ -578,8 +579,7 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
         "--dtype",
         action="append",
         choices=list(DTYPE_CONFIGS),
-        help="dtype configuration "
-        "(repeatable); 'bf16+fp32a' = bf16 base with float32 adapters (PEFT's default)",
+        help="dtype configuration (repeatable); 'bf16+fp32a' = bf16 base with float32 adapters (PEFT's default)",
     )
     ap.add_argument(
         "--shape",
@@ -646,9 +646,7 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             # A backend that cannot run this device/dtype at all is reported once per group, not run.
             x_dt, a_dt = DTYPE_CONFIGS[dt]
             probe = torch.empty(1, 16, dtype=x_dt, device=device)
-            group_reason = unavailable(
-                name, probe, probe.expand(16, 16), torch.empty(8, 16, dtype=a_dt, device=device)
-            )
+            group_reason = unavailable(name, probe, probe.expand(16, 16), torch.empty(8, 16, dtype=a_dt, device=device))
             mode_list = modes if name != "torch" else modes[:1]  # the reference has one mask path
             for shape in shapes:
                 for p in ps:
@@ -663,7 +661,7 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
                     if group_reason is None:
                         mask_jobs.append((name, dt, p, mode))
                     else:
-                        masks.append(MaskResult(name, dt, mode, 300, 100, p, "skip", group_reason))
+                        masks.append(MaskResult(name, dt, mode, *probe_size(device.type), p, "skip", group_reason))
 
     progress = Progress(len(cases) + len(mask_jobs), stream=err, enabled=not args.no_progress)
     t0 = time.perf_counter()
@@ -708,12 +706,7 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
         dts = sorted({r.case.dtype for r in results if r.case.backend == name and r.reason == reason})
         hint = (
             " (use --interpret to run it in the Triton interpreter)"
-            if (
-                name == "triton"
-                and device.type == "cpu"
-                and not args.interpret
-                and reason != _INTERPRETER_BF16
-            )
+            if (name == "triton" and device.type == "cpu" and not args.interpret and reason != _INTERPRETER_BF16)
             else ""
         )
         print(f"skipped {name} [{', '.join(dts)}]: {reason}{hint}", file=out)
@@ -743,9 +736,7 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             "interpret": interp == "on",
             "versions": info,
             "tolerances": {str(d).split(".")[-1]: list(t) for d, t in TOLERANCES.items()},
-            "dtype_configs": {
-                k: [str(a).split(".")[-1], str(b).split(".")[-1]] for k, (a, b) in DTYPE_CONFIGS.items()
-            },
+            "dtype_configs": {k: [str(a).split(".")[-1], str(b).split(".")[-1]] for k, (a, b) in DTYPE_CONFIGS.items()},
             "results": [r.to_dict() for r in results],
             "mask_checks": [m.to_dict() for m in masks],
         }
@@ -776,9 +767,7 @@ def _bench_shape(M: int, K: int, N: int, r: int, backends_: Sequence[str], out) 
         for name in backends_:
             kw = dict(scaling=SCALING, dropout_p=p, seed=7, backend=name)
             t_f = do_bench(lambda kw=kw: lora_linear(x, w, A, B, **kw))
-            t_fb = do_bench(
-                lambda kw=kw: lora_linear(xg, w, A, B, **kw).backward(dy), grad_to_none=[xg, A, B]
-            )
+            t_fb = do_bench(lambda kw=kw: lora_linear(xg, w, A, B, **kw).backward(dy), grad_to_none=[xg, A, B])
             print(
                 f"| {M} x {K} -> {N}, {r} | {p:g} | {name} | {t_lin:.3f} / {t_f:.3f} | {t_f / t_lin:.2f}x "
                 f"| {t_lin_fb:.3f} / {t_fb:.3f} | {t_fb / t_lin_fb:.2f}x |",
@@ -786,11 +775,19 @@ def _bench_shape(M: int, K: int, N: int, r: int, backends_: Sequence[str], out) 
             )
 
 
+# Small shapes for the CPU demo (reference + Triton interpreter): about half a minute on 2 cores.
+DEMO_SHAPES_CPU: list[tuple[int, int, int, int]] = [(33, 72, 40, 8), (64, 96, 80, 16)]
+
+
 def run_demo(argv: Sequence[str] = (), out=None, err=None) -> int:
     """Quick numerics check of every backend, then (GPU only) a quick benchmark."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    ap = argparse.ArgumentParser(prog="lora_kernels demo")
+    ap = argparse.ArgumentParser(
+        prog="lora-kernels demo",
+        description="A quick verify of every backend (small shapes; on CPU the reference and the Triton "
+        "interpreter), then on a GPU a do_bench timing of F.linear vs lora_linear, forward and forward+backward.",
+    )
     ap.add_argument("--no-bench", action="store_true", help="skip the GPU benchmark")
     ap.add_argument("--no-progress", action="store_true")
     dargs = ap.parse_args(list(argv))
@@ -805,7 +802,8 @@ def run_demo(argv: Sequence[str] = (), out=None, err=None) -> int:
             "== numerics: reference and Triton interpreter vs float64 (no CUDA GPU, small shapes) ==",
             file=out,
         )
-        vargv = ["--interpret", "--only-shapes", "--shape", "33,72,40,8", "--shape", "64,96,80,16"]
+        vargv = ["--interpret", "--only-shapes"]
+        vargv += [a for shape in DEMO_SHAPES_CPU for a in ("--shape", ",".join(map(str, shape)))]
     vargv += ["--no-progress"] if dargs.no_progress else []
     rc = run_verify(vap.parse_args(vargv), out=out, err=err)
     if not gpu:
@@ -821,9 +819,7 @@ def run_demo(argv: Sequence[str] = (), out=None, err=None) -> int:
 
     avail = [n for n, why in available_backends(dtype=torch.bfloat16).items() if why is None and n != "torch"]
     if not avail:
-        print(
-            "\n== timing: skipped: no kernel backend can run here (see the skip reasons above) ==", file=out
-        )
+        print("\n== timing: skipped: no kernel backend can run here (see the skip reasons above) ==", file=out)
         return rc
     print(f"\n== timing (triton.testing.do_bench, bf16, {torch.cuda.get_device_name()}) ==", file=out)
     print("| M x K -> N, r | p | backend | fwd ms (F.linear / lora) | ratio | fwd+bwd ms | ratio |", file=out)

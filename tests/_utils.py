@@ -7,18 +7,15 @@ import os
 import pytest
 import torch
 
+from lora_kernels.verify import TOLERANCES
+
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
 
-# One table for every backend and test: (atol, rtol) of a result in this dtype against the
-# float64 reference, relative to the scale of the reference (see assert_close_ref).
-TOL: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
+# One table for every backend, test and the `verify` CLI: (atol, rtol) of a result in this dtype
+# against the float64 reference, relative to the scale of the reference (see assert_close_ref).
+TOL: dict[torch.dtype, tuple[float, float]] = TOLERANCES
 
 
 def tol_for(*dtypes: torch.dtype) -> tuple[float, float]:

@@ -271,3 +271,33 @@ def test_triton_tma_falls_back_on_unaligned_rows(monkeypatch, shape):
     x, W, A, B, b, lb = make_inputs(M, K, N, 8, xdt=torch.float16, adt=torch.float16)
     assert not tri._tma_ok(x, W, torch.empty(M, N, dtype=x.dtype, device=x.device))
     run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+
+
+def _triton_op_args(device):
+    x, W, A, B, b, lb = make_inputs(67, 72, 48, 16, xdt=torch.float32, adt=torch.float32, lora_bias=True, device=device)
+    return (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
+
+
+def test_triton_ops_registered_schema():
+    """The Triton kernels are torch.library ops (what torch.compile traces); their schema checks here.
+    (Fake-tensor and autograd checks need a GPU: the CPU interpreter cannot run on fake tensors.)"""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    args = _triton_op_args(DEVICE)
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default, args, test_utils=["test_schema"])
+    for got, want in zip(torch.ops.lora_kernels.triton_lora_fwd(*args), tri.lora_fwd(*args), strict=True):
+        assert torch.equal(got, want)
+
+
+@requires_gpu
+def test_triton_ops_opcheck_gpu():
+    _skip_unavailable("triton", torch.bfloat16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    args = _triton_op_args("cuda")
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_fwd.default, args)
+    y, t, bits = tri.lora_fwd(*args)
+    x, W, _, A, B = args[:5]
+    bwd_args = (torch.randn_like(y), x, W, A, B, t, bits, 2.0, 0.1, 5, True, True)
+    torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd.default, bwd_args)

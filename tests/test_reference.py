@@ -112,3 +112,11 @@ def test_fp32_adapters_under_bf16_follow_peft_casting():
     assert y.dtype == torch.bfloat16
     expected = F.linear(xb, Wb) + (2.0 * F.linear(F.linear(xb.float(), A), B)).bfloat16()
     torch.testing.assert_close(y, expected)
+
+
+def test_keep_mask_custom_op_opcheck_and_equality():
+    """The compile-time form of the mask generator is a real torch.library op, equal to the eager one."""
+    op = torch.ops.lora_kernels.dropout_keep_mask.default
+    args = (12345, 7, 29, 0.3, torch.device("cpu"))
+    torch.library.opcheck(op, args)
+    assert torch.equal(op(*args), dropout_keep_mask(12345, 7, 29, 0.3))

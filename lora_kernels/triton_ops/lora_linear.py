@@ -32,10 +32,18 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
 except ImportError:  # pragma: no cover - older Triton: pointer kernels only
     TensorDescriptor = None
 
-from ..reference import dropout_threshold, lora_linear_ref
+from ..reference import dropout_threshold, lora_linear_ref, pack_mask
 from .philox import dropout_mask_bytes, unpack_bytes
 
-__all__ = ["unavailable_reason", "lora_linear_2d", "lora_fwd", "lora_bwd", "triton_lora_fwd", "triton_lora_bwd"]
+__all__ = [
+    "unavailable_reason",
+    "lora_linear_2d",
+    "lora_fwd",
+    "lora_bwd",
+    "triton_lora_fwd",
+    "triton_lora_bwd",
+    "dropout_bitmask",
+]
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -536,8 +544,9 @@ def lora_fwd(
         HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee,
         BLOCK_M=c["BM"], BLOCK_K=c["BK"], BLOCK_R=BR, num_warps=4, num_stages=c["stages"],
     )  # fmt: skip
-    bias_arg = bias if bias is not None else t  # never read when HAS_BIAS is False
-    lbias_arg = lora_bias if lora_bias is not None else t
+    # The epilogue reads the (N,) vectors with unit stride; they are tiny, so copy if strided.
+    bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
+    lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
     if _tma_ok(x, weight, y):
         c = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
@@ -756,6 +765,16 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
     if lora_A.shape[0] > 256:
         return f"Triton kernels support LoRA ranks up to 256, got r = {lora_A.shape[0]}"
     return None
+
+
+def dropout_bitmask(seed: int, M: int, K: int, p: float, device: torch.device | str = "cuda") -> torch.Tensor:
+    """The packed keep bits ``(M, ceil(K/8))`` uint8 exactly as the forward kernel writes them
+    (layout of ``reference.pack_mask``): ``verify`` compares them with the reference bit for bit."""
+    if p <= 0.0 or M == 0 or K == 0:  # nothing to launch; p = 0 keeps everything
+        return pack_mask(torch.ones((M, K), dtype=torch.bool, device=device))
+    x = torch.zeros((M, K), device=device, dtype=torch.float32)
+    a = torch.zeros((1, K), device=device, dtype=torch.float32)
+    return lora_fwd(x, a, None, a, torch.zeros((1, 1), device=device), None, 1.0, p, seed, True)[2]
 
 
 def lora_linear_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):

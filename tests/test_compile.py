@@ -1,0 +1,202 @@
+"""torch.compile: ``lora_linear`` (and ``LoRALinear``) compile with ``fullgraph=True`` — no graph
+breaks — and the compiled model matches eager, forward and backward.
+
+On CPU: backend "torch" under ``aot_eager`` (the no-graph-break check, cheap) plus one inductor
+graph (inductor compiles C++ with gcc: slow, so one graph only). On a GPU: "triton" and "cuda"
+under inductor. Ops registered in the ``lora_kernels`` torch.library namespace get
+``torch.library.opcheck`` with the arguments they receive in a real forward/backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_kernels as lk
+from lora_kernels import backends
+from tests._utils import HAS_CUDA, assert_close_ref, requires_gpu
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _skip_unless_available(backend: str, dtype: torch.dtype = torch.float32) -> None:
+    reason = backends.available_backends(torch.empty(1, 16, device=DEVICE, dtype=dtype))[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+
+
+class TinyLoRAModel(nn.Module):
+    """``x: (B, T, K)`` -> LoRA linear (K -> H) -> GELU -> LoRA linear (H -> K) + residual.
+
+    Dropout seeds are fixed per layer: a ``seed=None`` call draws one with ``.item()``, which
+    is a data-dependent Python int (see test_seed_none_under_fullgraph).
+    """
+
+    def __init__(self, K: int = 32, H: int = 48, r: int = 8, p: float = 0.1, backend: str = "torch",
+                 dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        ad = adapter_dtype or dtype
+
+        def param(*shape, std, dt, grad=True):
+            t = (torch.randn(*shape, generator=g) * std).to(dt)
+            return nn.Parameter(t, requires_grad=grad)
+
+        self.w1 = param(H, K, std=K**-0.5, dt=dtype, grad=False)
+        self.b1 = param(H, std=0.1, dt=dtype, grad=False)
+        self.A1, self.B1 = param(r, K, std=K**-0.5, dt=ad), param(H, r, std=r**-0.5, dt=ad)
+        self.lb1 = param(H, std=0.1, dt=ad)
+        self.w2 = param(K, H, std=H**-0.5, dt=dtype, grad=False)
+        self.A2, self.B2 = param(r, H, std=H**-0.5, dt=ad), param(K, r, std=r**-0.5, dt=ad)
+        self.p, self.backend = p, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = lk.lora_linear(x, self.w1, self.A1, self.B1, self.b1, self.lb1, scaling=2.0, dropout_p=self.p,
+                           training=self.training, seed=1234, backend=self.backend)  # fmt: skip
+        h = torch.nn.functional.gelu(h)
+        y = lk.lora_linear(h, self.w2, self.A2, self.B2, scaling=0.5, dropout_p=self.p, training=self.training,
+                           seed=2**40 + 5, backend=self.backend, dropout_mask="regenerate")  # fmt: skip
+        return x + y
+
+
+def _fwd_bwd(model: nn.Module, fn, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    y = fn(xg)
+    y.backward(torch.cos(torch.arange(y.numel(), device=y.device, dtype=torch.float32)).view_as(y).to(y.dtype))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), xg.grad.clone(), grads
+
+
+def _assert_compiled_matches_eager(model: nn.Module, x: torch.Tensor, backend: str, dtypes) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    y_e, dx_e, g_e = _fwd_bwd(model, model, x)
+    y_c, dx_c, g_c = _fwd_bwd(model, compiled, x)
+    assert_close_ref(y_c, y_e.double(), dtypes, "output")
+    assert_close_ref(dx_c, dx_e.double(), dtypes, "dx")
+    assert g_c.keys() == g_e.keys() and g_e
+    for name in g_e:
+        assert_close_ref(g_c[name], g_e[name].double(), dtypes, f"grad {name}")
+
+
+def _x(dtype=torch.float32, shape=(2, 5, 32)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fullgraph_no_graph_break_aot_eager(training):
+    model = TinyLoRAModel(backend="torch").to(DEVICE).train(training)
+    _assert_compiled_matches_eager(model, _x(), "aot_eager", [torch.float32])
+
+
+def test_inductor_matches_eager_reference_backend():
+    # One inductor graph on CPU (C++ codegen through gcc), with dropout: the mask generator is an
+    # opaque custom op (lora_kernels::dropout_keep_mask), so inductor does not inline 10 Philox rounds.
+    model = TinyLoRAModel(backend="torch", p=0.1).to(DEVICE).train()
+    _assert_compiled_matches_eager(model, _x(), "inductor", [torch.float32])
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_inductor_gpu_backends(backend, dtype):
+    _skip_unless_available(backend, dtype)
+    model = TinyLoRAModel(K=64, H=96, r=16, backend=backend, dtype=dtype, adapter_dtype=torch.float32)
+    _assert_compiled_matches_eager(model.cuda().train(), _x(dtype, (4, 33, 64)), "inductor", [dtype])
+
+
+def test_layer_module_compiles():
+    LoRALinear = getattr(lk, "LoRALinear", None)
+    if LoRALinear is None:
+        pytest.skip("lora_kernels.LoRALinear is not exported yet")
+    base = nn.Linear(32, 24).to(DEVICE)
+    layer = LoRALinear(base, r=4, lora_alpha=8, lora_dropout=0.0, lora_bias=True, backend="torch")
+    with torch.no_grad():  # B starts at zero (PEFT init): make the low-rank path visible
+        layer.lora_B.normal_(generator=torch.Generator(device=DEVICE).manual_seed(3))
+    for training in (True, False):
+        _assert_compiled_matches_eager(layer.train(training), _x(shape=(3, 32)), "aot_eager", [torch.float32])
+
+
+def test_seed_none_under_fullgraph():
+    """With dropout and no seed, lora_linear draws one per call (``torch.randint(...).item()``,
+    as LoRALinear does in training). Compiled, that must trace (an unbacked scalar), draw a new
+    mask per call, and draw the same seeds as eager under ``torch.manual_seed``."""
+    w, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4)
+
+    def f(x):
+        return lk.lora_linear(x, w, A, B, dropout_p=0.5, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(64, 16)
+    torch.manual_seed(3)
+    y1, y2 = compiled(x), compiled(x)
+    torch.manual_seed(3)
+    e1, e2 = f(x), f(x)
+    assert not torch.equal(y1, y2), "two calls with seed=None used the same dropout mask"
+    assert torch.equal(y1, e1) and torch.equal(y2, e2), "compiled calls drew other seeds than eager"
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library ops of the lora_kernels namespace
+
+
+class _RecordLoraOps(TorchDispatchMode):
+    """Records (op, args, kwargs) of every op in the ``namespace`` torch.library namespace that runs."""
+
+    def __init__(self, namespace: str = "lora_kernels") -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.calls: list[tuple[torch._ops.OpOverload, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "namespace", None) == self.namespace:
+            clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            self.calls.append((func, tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_opcheck_registered_ops(backend):
+    _skip_unless_available(backend)
+    if HAS_CUDA:
+        x_dt = torch.bfloat16
+    else:
+        x_dt = torch.float32  # the interpreter: no bf16
+    model = TinyLoRAModel(K=64, H=96, r=16, backend=backend, dtype=x_dt).to(DEVICE).train()
+    x = _x(x_dt, (2, 9, 64)).requires_grad_(True)
+    rec = _RecordLoraOps()
+    with rec:
+        model(x).sum().backward()
+    if not rec.calls:
+        pytest.skip(f"backend {backend!r} registers no torch.library ops in the lora_kernels namespace")
+    seen = set()
+    for op, args, kwargs in rec.calls:
+        if op in seen:
+            continue
+        seen.add(op)
+        torch.library.opcheck(op, args, kwargs)
+
+
+@torch.library.custom_op("lora_kernels_selftest::scale_rows", mutates_args=())
+def _scale_rows(x: torch.Tensor, s: float) -> torch.Tensor:
+    return x * s
+
+
+@_scale_rows.register_fake
+def _(x, s):
+    return torch.empty_like(x)
+
+
+def test_op_recorder_sees_custom_ops():
+    """The recorder behind test_opcheck_registered_ops really sees custom ops (a self-check)."""
+    rec = _RecordLoraOps("lora_kernels_selftest")
+    with rec:
+        torch.ops.lora_kernels_selftest.scale_rows(torch.randn(3, 4), 2.0)
+    assert [op.name() for op, _, _ in rec.calls] == ["lora_kernels_selftest::scale_rows"]
+    op, args, kwargs = rec.calls[0]
+    torch.library.opcheck(op, args, kwargs)

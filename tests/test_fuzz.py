@@ -1,0 +1,209 @@
+"""Property tests: every available backend agrees with the float64 reference on random inputs.
+
+Random sizes (M may be 0), leading dims, non-contiguous layouts (transposes, strided and offset
+slices) of x and of the parameters, dtype configurations, bias flags, dropout p, mask modes, seeds
+and scalings. Outputs and the gradients of x, lora_A, lora_B and lora_bias are compared with the
+reference in float64 using the one tolerance table (tests/_utils.py).
+
+Example counts: the "lora-ci" profile (CPU / Triton interpreter: small shapes, 25 examples) or
+"lora-gpu" (full ranges M ≤ 600, K, N ≤ 700, r ≤ 256; 200 examples). Set
+``LORA_KERNELS_FUZZ_EXAMPLES`` to change the count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lora_kernels import backends, lora_linear  # noqa: E402
+from lora_kernels.reference import lora_linear_ref  # noqa: E402
+from tests._utils import HAS_CUDA, INTERPRET, assert_close_ref  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+_EXAMPLES = os.environ.get("LORA_KERNELS_FUZZ_EXAMPLES")
+
+settings.register_profile(
+    "lora-ci",
+    max_examples=int(_EXAMPLES or 25),
+    deadline=None,
+    derandomize=True,  # CI runs the same examples every time: a failure reproduces locally
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "lora-gpu",
+    max_examples=int(_EXAMPLES or 200),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = "lora-gpu" if HAS_CUDA else "lora-ci"
+# (max M, max K / N, max r): the interpreter runs every tile in Python, so CI keeps shapes small.
+LIMITS = (600, 700, 256) if HAS_CUDA else (96, 96, 32)
+
+# name -> (x / weight / bias dtype, adapter dtype)
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "bf16+fp32a": (torch.bfloat16, torch.float32),
+    "fp16+fp32a": (torch.float16, torch.float32),
+}
+
+
+def _dtype_names(backend: str) -> list[str]:
+    if backend == "triton" and INTERPRET:
+        # The interpreter's bf16 arithmetic is wrong (tests/conftest.py): bf16 runs on a GPU only.
+        return ["fp32", "fp16", "fp16+fp32a"]
+    return list(DTYPES)
+
+
+def _skip_unless_available(backend: str) -> None:
+    probe = torch.empty(1, 16, device=DEVICE)
+    reason = backends.available_backends(probe)[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """Same values as ``t`` (2-D or more), stored with a different layout."""
+    if how == "transposed":  # column-major storage of the last two dims
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if how == "strided":  # every other column of a wider buffer
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "offset":  # a view that starts mid-buffer (misaligned base pointer)
+        buf = torch.zeros(t.numel() + 3, dtype=t.dtype, device=t.device)
+        view = buf[3:].view(t.shape)
+        view.copy_(t)
+        return view
+    return t
+
+
+LAYOUTS = ["contiguous", "transposed", "strided", "offset"]
+
+
+@st.composite
+def lora_problems(draw, backend: str):
+    max_m, max_kn, max_r = LIMITS
+    lead = draw(st.lists(st.integers(1, 3), max_size=2))
+    m = draw(st.integers(0, max_m // math.prod(lead)))
+    return {
+        "shape_x": (*lead, m),
+        "K": draw(st.integers(1, max_kn)),
+        "N": draw(st.integers(1, max_kn)),
+        "r": draw(st.integers(1, max_r)),
+        "dtype": draw(st.sampled_from(_dtype_names(backend))),
+        "x_layout": draw(st.sampled_from(LAYOUTS)),
+        "param_layout": draw(st.sampled_from(["contiguous", "transposed"])),  # + strided biases
+        "bias": draw(st.booleans()),
+        "lora_bias": draw(st.booleans()),
+        "p": draw(st.sampled_from([0.0, 0.0, 0.1, 0.5]) | st.floats(0.0, 0.9)),
+        "training": draw(st.booleans() | st.just(True)),
+        "seed": draw(st.integers(0, 2**63 - 1)),
+        "scaling": draw(st.sampled_from([2.0, 0.5, -1.25])),
+        "mask_mode": draw(st.sampled_from(["bitmask", "regenerate"])),
+        "data_seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _make(prob: dict) -> dict[str, torch.Tensor | None]:
+    x_dt, a_dt = DTYPES[prob["dtype"]]
+    K, N, r = prob["K"], prob["N"], prob["r"]
+    g = torch.Generator(device=DEVICE).manual_seed(prob["data_seed"])
+
+    def rnd(*shape: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=DEVICE) * std).to(dtype)
+
+    x = _layout(rnd(*prob["shape_x"], K, std=1.0, dtype=x_dt), prob["x_layout"])
+    pl = prob["param_layout"]
+
+    def vec(dtype: torch.dtype) -> torch.Tensor:  # (N,), with stride 2 when params are strided
+        v = rnd(N, std=0.1, dtype=dtype)
+        return _layout(v[None], "strided")[0] if pl == "transposed" else v
+
+    return {
+        "x": x,
+        "weight": _layout(rnd(N, K, std=K**-0.5, dtype=x_dt), pl),
+        "lora_A": _layout(rnd(r, K, std=K**-0.5, dtype=a_dt), pl),
+        "lora_B": _layout(rnd(N, r, std=r**-0.5, dtype=a_dt), pl),
+        "bias": vec(x_dt) if prob["bias"] else None,
+        "lora_bias": vec(a_dt) if prob["lora_bias"] else None,
+        "dy": rnd(*prob["shape_x"], N, std=1.0, dtype=x_dt),
+    }
+
+
+TRAINABLE = ("x", "lora_A", "lora_B", "lora_bias")
+
+
+def _run(fn, t: dict, prob: dict, upcast: bool, **kw):
+    """Forward + backward of ``fn`` on fresh leaves; returns (y, {name: grad})."""
+    leaves = {}
+    for k in ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"):
+        v = t[k]
+        if v is not None:
+            # detach() keeps the (possibly non-contiguous) layout: the backend sees the strides
+            v = (v.detach().double() if upcast else v.detach()).requires_grad_(k in TRAINABLE)
+        leaves[k] = v
+    y = fn(
+        leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"], leaves["lora_bias"],
+        scaling=prob["scaling"], dropout_p=prob["p"], training=prob["training"], seed=prob["seed"], **kw,
+    )  # fmt: skip
+    y.backward(t["dy"].double() if upcast else t["dy"])
+    grads = {k: leaves[k].grad for k in TRAINABLE if leaves[k] is not None}
+    return y.detach(), grads
+
+
+def _ref(x, weight, lora_A, lora_B, bias, lora_bias, *, scaling, dropout_p, training, seed):
+    return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, training, seed)
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_backend_matches_reference(backend):
+    _skip_unless_available(backend)
+
+    @settings(settings.get_profile(PROFILE))
+    @given(prob=lora_problems(backend))
+    def check(prob):
+        t = _make(prob)
+        y, grads = _run(lora_linear, t, prob, upcast=False, backend=backend, dropout_mask=prob["mask_mode"])
+        y_ref, g_ref = _run(_ref, t, prob, upcast=True)
+        dts = DTYPES[prob["dtype"]]
+        assert y.dtype == dts[0]
+        assert_close_ref(y, y_ref, dts, "output")
+        for k, g in g_ref.items():
+            assert grads[k] is not None, f"no gradient for {k}"
+            assert grads[k].dtype == t[k].dtype, f"grad of {k} has dtype {grads[k].dtype}"
+            assert_close_ref(grads[k], g, dts, f"grad {k}")
+
+    check()
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_same_seed_is_bit_identical_run_to_run(backend):
+    """Deterministic path: same inputs and seed ⇒ the same bits (no atomics, no RNG state)."""
+    _skip_unless_available(backend)
+    base = settings.get_profile(PROFILE)
+
+    @settings(base, max_examples=max(5, base.max_examples // 3))
+    @given(prob=lora_problems(backend))
+    def check(prob):
+        prob = dict(prob, training=True, p=max(prob["p"], 0.1))
+        t = _make(prob)
+        kw = dict(backend=backend, dropout_mask=prob["mask_mode"])
+        y1, g1 = _run(lora_linear, t, prob, upcast=False, **kw)
+        y2, g2 = _run(lora_linear, t, prob, upcast=False, **kw)
+        y3, _ = _run(lora_linear, t, dict(prob, seed=prob["seed"] ^ 0x5A5A), upcast=False, **kw)
+        assert torch.equal(y1, y2), "output differs between two identical calls"
+        for k in g1:
+            assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two identical calls"
+        if t["x"].numel() >= 64 and y1.numel():  # another seed must give another mask and output
+            assert not torch.equal(y1, y3), "changing the seed did not change the dropout"
+
+    check()

@@ -1,0 +1,426 @@
+"""Hostile inputs: each one gives either the correct result or a clear Python exception that names
+the offending argument — never a crash, a hang, or a silently wrong answer.
+
+Run over the "torch" (reference) and "triton" backends (the Triton CPU interpreter without a GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora_kernels import backends, lora_linear
+from lora_kernels.reference import (
+    dropout_keep_mask,
+    dropout_threshold,
+    lora_linear_ref,
+    philox4x32_10,
+)
+from tests._utils import HAS_CUDA, assert_close_ref, requires_gpu
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+M, K, N, R = 37, 24, 20, 4
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request) -> str:
+    reason = backends.available_backends(torch.empty(1, 16, device=DEVICE))[request.param]
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {reason}")
+    return request.param
+
+
+def _inputs(dtype=torch.float32, m=M, k=K, n=N, r=R, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(DEVICE)
+
+    return {
+        "x": rnd(m, k),
+        "weight": rnd(n, k, std=k**-0.5),
+        "lora_A": rnd(r, k, std=k**-0.5),
+        "lora_B": rnd(n, r, std=r**-0.5),
+        "bias": rnd(n, std=0.1),
+        "lora_bias": rnd(n, std=0.1),
+    }
+
+
+def _call(backend: str, t: dict, **kw) -> torch.Tensor:
+    return lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t.get("bias"), t.get("lora_bias"),
+                       backend=backend, **kw)  # fmt: skip
+
+
+def _raises(backend: str, t: dict, exc: type[Exception], match: str, **kw) -> None:
+    with pytest.raises(exc, match=match):
+        _call(backend, t, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument errors: the message names the argument
+
+
+def test_non_tensor_argument(backend):
+    t = _inputs()
+    t["x"] = t["x"].tolist()
+    _raises(backend, t, TypeError, r"^x must be a torch.Tensor, got list")
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "lora_A", "lora_B", "bias", "lora_bias"])
+@pytest.mark.parametrize("int_dtype", [torch.int64, torch.int8, torch.bool])
+def test_integer_tensors(backend, name, int_dtype):
+    t = _inputs()
+    t[name] = t[name].to(int_dtype)
+    _raises(backend, t, TypeError, rf"^{name} must be a floating tensor .* got {int_dtype}")
+
+
+def test_zero_dim_x(backend):
+    t = _inputs()
+    t["x"] = torch.tensor(1.0, device=DEVICE)
+    _raises(backend, t, ValueError, r"^x must have at least 1 dimension")
+
+
+SHAPE_ERRORS = {
+    # name: (bad value builder, message)
+    "weight 1-D": ("weight", lambda t: t["weight"][0], r"^weight must have shape \(N, K\)"),
+    "weight 3-D": ("weight", lambda t: t["weight"][None], r"^weight must have shape \(N, K\)"),
+    "weight wrong K": ("weight", lambda t: t["weight"][:, :-1], rf"^weight must have shape \(N, K\) with K = .* = {K}"),
+    "x wrong K": ("x", lambda t: t["x"][:, :-1], rf"K = x.shape\[-1\] = {K - 1}, got \({N}, {K}\)"),
+    "lora_A 1-D": ("lora_A", lambda t: t["lora_A"][0], r"^lora_A must have shape \(r, K\)"),
+    "lora_A wrong K": ("lora_A", lambda t: t["lora_A"][:, 1:], rf"^lora_A must have shape \(r, K\) = \({R}, {K}\)"),
+    "lora_B transposed": ("lora_B", lambda t: t["lora_B"].t(), rf"^lora_B must have shape \(N, r\) = \({N}, {R}\)"),
+    "lora_B wrong r": ("lora_B", lambda t: t["lora_B"][:, 1:], r"^lora_B must have shape \(N, r\)"),
+    "lora_B 3-D": ("lora_B", lambda t: t["lora_B"][None], r"^lora_B must have shape \(N, r\)"),
+    "bias wrong N": ("bias", lambda t: t["bias"][1:], rf"^bias must have shape \(N,\) = \({N},\)"),
+    "bias 2-D": ("bias", lambda t: t["bias"][None], r"^bias must have shape \(N,\)"),
+    "lora_bias wrong N": ("lora_bias", lambda t: t["lora_bias"][1:], r"^lora_bias must have shape \(N,\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SHAPE_ERRORS))
+def test_wrong_ranks_and_shapes(backend, case):
+    name, bad, match = SHAPE_ERRORS[case]
+    t = _inputs()
+    t[name] = bad(t)
+    _raises(backend, t, ValueError, match)
+
+
+def test_rank_zero(backend):
+    t = _inputs()
+    t["lora_A"], t["lora_B"] = t["lora_A"][:0], t["lora_B"][:, :0]
+    _raises(backend, t, ValueError, r"^lora_A has rank r = 0")
+
+
+@pytest.mark.parametrize("name", ["weight", "lora_A", "lora_B", "bias", "lora_bias"])
+def test_wrong_device(backend, name):
+    # "meta" is a second device on every machine: the check must happen before any kernel runs.
+    t = _inputs()
+    t[name] = t[name].to("meta")
+    _raises(backend, t, ValueError, rf"^{name} is on meta but x is on {DEVICE}")
+
+
+@requires_gpu
+def test_cpu_parameter_with_gpu_activations(backend):
+    t = _inputs()
+    t["lora_A"] = t["lora_A"].cpu()
+    _raises(backend, t, ValueError, r"^lora_A is on cpu but x is on cuda")
+
+
+@requires_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_different_gpus(backend):
+    t = _inputs()
+    t["weight"] = t["weight"].to("cuda:1")
+    _raises(backend, t, ValueError, r"^weight is on cuda:1 but x is on cuda:0")
+
+
+DTYPE_ERRORS = {
+    "weight": (torch.float16, r"^weight dtype torch.float16 differs from x dtype torch.float32"),
+    "bias": (torch.float16, r"^bias dtype torch.float16 differs from weight dtype"),
+    "lora_B": (torch.float16, r"^lora_B dtype torch.float16 differs from lora_A dtype"),
+    "lora_bias": (torch.float64, r"^lora_bias dtype torch.float64 differs from lora_A dtype"),
+}
+
+
+@pytest.mark.parametrize("name", list(DTYPE_ERRORS))
+def test_mismatched_dtypes(backend, name):
+    dtype, match = DTYPE_ERRORS[name]
+    t = _inputs()
+    t[name] = t[name].to(dtype)
+    _raises(backend, t, TypeError, match)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_dropout_out_of_range(backend, p):
+    _raises(backend, _inputs(), ValueError, r"^dropout_p must be in \[0, 1\)", dropout_p=p, seed=1)
+
+
+@pytest.mark.parametrize("p", ["0.1", True, None, torch.tensor(0.1)])
+def test_dropout_wrong_type(backend, p):
+    _raises(backend, _inputs(), TypeError, r"^dropout_p must be a float", dropout_p=p, seed=1)
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", True, torch.tensor(3), [1]])
+def test_non_int_seed(backend, seed):
+    _raises(backend, _inputs(), TypeError, r"^seed must be an int or None", dropout_p=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70])
+def test_seed_out_of_range(backend, seed):
+    _raises(backend, _inputs(), ValueError, r"^seed must be in \[0, 2\*\*63\)", dropout_p=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scaling(backend, scaling):
+    _raises(backend, _inputs(), ValueError, r"^scaling must be finite", scaling=scaling)
+
+
+@pytest.mark.parametrize("scaling", ["2", None, True, torch.tensor(2.0)])
+def test_scaling_wrong_type(backend, scaling):
+    _raises(backend, _inputs(), TypeError, r"^scaling must be a real number", scaling=scaling)
+
+
+def test_unknown_backend_and_mask_mode():
+    _raises("tpu", _inputs(), ValueError, r"^backend must be one of 'auto', 'torch'")
+    _raises("torch", _inputs(), ValueError, r"^dropout_mask must be one of", dropout_mask="bytes")
+
+
+def test_triton_refuses_what_it_cannot_run_with_the_reason():
+    reason = backends.available_backends(torch.empty(1, 16, device=DEVICE))["triton"]
+    if reason is not None:
+        pytest.skip(f"backend 'triton' cannot run here: {reason}")
+    _raises("triton", _inputs(torch.float64), RuntimeError, r"backend='triton' cannot run here: .*float64")
+    t = _inputs(r=300)
+    _raises("triton", t, RuntimeError, r"backend='triton' cannot run here: .*rank.*300")
+    # "auto" falls back instead of failing (on CPU to the reference; on a GPU maybe to "cuda")
+    y = _call("auto", t)
+    assert y.shape == (M, N) and torch.isfinite(y).all()
+    if not HAS_CUDA:
+        assert_close_ref(y, _call("torch", {k: v.double() for k, v in t.items()}), [torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------
+# unusual but valid inputs: the correct result (compared with the float64 reference)
+
+
+def _check_against_reference(backend: str, make, dtype=torch.float32, grads=True, **kw) -> None:
+    """``make(cast)`` builds the call's tensors from fixed random values (``cast`` maps a float32
+    tensor to the working dtype) and returns ``(args, leaves)``: the 6 tensor arguments of
+    lora_linear and the leaves whose gradients are compared."""
+    args, leaves = make(lambda t: t.to(dtype).to(DEVICE))
+    args64, leaves64 = make(lambda t: t.to(dtype).to(DEVICE).double())
+    y = lora_linear(*args, backend=backend, **kw)
+    y64 = lora_linear_ref(*args64[:2], *args64[2:4], *args64[4:], **_ref_kw(kw))
+    assert_close_ref(y, y64, [dtype], "output")
+    if not grads:
+        return
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    y.backward(dy)
+    y64.backward(dy.double())
+    for name in leaves:
+        assert leaves[name].grad is not None, f"no gradient for {name}"
+        assert_close_ref(leaves[name].grad, leaves64[name].grad, [dtype], f"grad {name}")
+
+
+def _ref_kw(kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if k in ("scaling", "dropout_p", "training", "seed")}
+
+
+def _randn(*shape, seed: int, std: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def test_expanded_and_overlapping_strides(backend):
+    """x = one row broadcast to M rows (stride 0), overlapping windows, a stride-0 weight."""
+
+    def make(cast):
+        row = cast(_randn(K, seed=1)).requires_grad_(True)
+        A = cast(_randn(1, K, seed=3, std=K**-0.5)).requires_grad_(True)
+        B = cast(_randn(N, R, seed=4, std=R**-0.5)).requires_grad_(True)
+        w = cast(_randn(1, K, seed=5, std=K**-0.5))
+        # every row of x, of weight and of lora_A is the same memory (stride 0)
+        args = (row.expand(M, K), w.expand(N, K), A.expand(R, K), B, None, None)
+        return args, {"row": row, "lora_A": A, "lora_B": B}
+
+    _check_against_reference(backend, make, dropout_p=0.2, seed=11, scaling=1.5)
+
+    def make_windows(cast):
+        win = cast(_randn(M + K, seed=2)).requires_grad_(True)
+        A = cast(_randn(R, K, seed=3, std=K**-0.5)).requires_grad_(True)
+        B = cast(_randn(N, R, seed=4, std=R**-0.5)).requires_grad_(True)
+        w = cast(_randn(N, K, seed=5, std=K**-0.5))
+        x = win.as_strided((M, K), (1, 1))  # x[m, k] = win[m + k]: overlapping rows (like unfold)
+        return (x, w, A, B, None, None), {"win": win, "lora_A": A, "lora_B": B}
+
+    _check_against_reference(backend, make_windows, dropout_p=0.1, seed=12)
+
+
+def test_non_contiguous_everything(backend):
+    def make(cast):
+        x = cast(_randn(3, K, 2 * M, seed=1)).requires_grad_(True)
+        w = cast(_randn(K, N, seed=2, std=K**-0.5))
+        A = cast(_randn(K, R, seed=3, std=K**-0.5)).requires_grad_(True)
+        B = cast(_randn(R, N, seed=4, std=R**-0.5)).requires_grad_(True)
+        lb = cast(_randn(2 * N, seed=5, std=0.1)).requires_grad_(True)
+        b = cast(_randn(N, 3, seed=6, std=0.1))
+        xv = x[1:, :, ::2].transpose(1, 2)  # (2, M, K), strides (2KM, 2, 2M)
+        # bias and lora_bias with stride != 1 (columns of a matrix, every other element)
+        return (xv, w.t(), A.t(), B.t(), b[:, 1], lb[::2]), {"x": x, "lora_A": A, "lora_B": B, "lb": lb}
+
+    _check_against_reference(backend, make, dropout_p=0.3, seed=5, dropout_mask="regenerate")
+
+
+def test_frozen_weight_and_bias_that_require_grad(backend):
+    """If a user forgets to freeze W and bias, their gradients must still be right."""
+
+    def make(cast):
+        t = _inputs(torch.float32, seed=3)
+        leaves = {k: cast(v.cpu()).requires_grad_(True) for k, v in t.items()}
+        args = tuple(leaves[k] for k in ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"))
+        return args, leaves
+
+    _check_against_reference(backend, make, dropout_p=0.1, seed=3, scaling=0.5)
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (3, 1)])
+def test_empty_batch_forward_and_backward(backend, lead):
+    t = _inputs(m=0)
+    x = torch.zeros(*lead, 0, K, device=DEVICE, requires_grad=True)
+    params = {k: t[k].clone().requires_grad_(True) for k in ("lora_A", "lora_B", "lora_bias")}
+    y = lora_linear(x, t["weight"], params["lora_A"], params["lora_B"], t["bias"], params["lora_bias"],
+                    dropout_p=0.1, seed=3, backend=backend)  # fmt: skip
+    assert y.shape == (*lead, 0, N) and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for k, p in params.items():
+        assert p.grad is not None and p.grad.shape == p.shape, k
+        assert torch.equal(p.grad, torch.zeros_like(p)), f"grad of {k} over an empty batch must be 0"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_nan_and_inf_in_x_propagate_like_peft(backend):
+    t = _inputs()
+    x = t["x"].clone()
+    x[3, 5] = float("nan")
+    x[7, 0] = float("inf")
+    x[8, K - 1] = -float("inf")
+    for p in (0.0, 0.3):
+        xg = x.clone().requires_grad_(True)
+        A = t["lora_A"].clone().requires_grad_(True)
+        y = lora_linear(xg, t["weight"], A, t["lora_B"], t["bias"], t["lora_bias"], scaling=2.0,
+                        dropout_p=p, seed=9, backend=backend)  # fmt: skip
+        x64 = x.double().requires_grad_(True)
+        A64 = t["lora_A"].double().requires_grad_(True)
+        y64 = lora_linear_ref(x64, t["weight"].double(), A64, t["lora_B"].double(), t["bias"].double(),
+                              t["lora_bias"].double(), 2.0, p, True, 9)  # fmt: skip
+        bad_rows = [3, 7, 8]
+        assert not torch.isfinite(y[bad_rows]).any(), "a non-finite input row must give a non-finite output row"
+        assert torch.equal(torch.isfinite(y), torch.isfinite(y64))
+        good = torch.ones(M, dtype=torch.bool)
+        good[bad_rows] = False
+        assert_close_ref(y[good], y64[good], [torch.float32], f"finite rows (p={p})")
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        y.backward(dy)
+        y64.backward(dy.double())
+        # dX does not depend on x's values: it stays finite and correct
+        assert_close_ref(xg.grad, x64.grad, [torch.float32], "dx")
+        if p == 0.0:  # without a mask every backend must agree on which dA columns are poisoned
+            assert torch.equal(torch.isfinite(A.grad), torch.isfinite(A64.grad))
+            cols = torch.isfinite(A64.grad).all(0)
+            assert_close_ref(A.grad[:, cols], A64.grad[:, cols], [torch.float32], "dA (finite columns)")
+
+
+def test_numpy_integer_seed_matches_int_seed(backend):
+    t = _inputs()
+    y_np = _call(backend, t, dropout_p=0.25, seed=np.int64(123456789))
+    y_int = _call(backend, t, dropout_p=0.25, seed=123456789)
+    assert torch.equal(y_np, y_int)
+
+
+def test_largest_seed_and_tiny_dims(backend):
+    def make(cast):
+        leaves = {
+            "x": cast(_randn(5, 1, seed=1)).requires_grad_(True),
+            "lora_A": cast(_randn(1, 1, seed=2)).requires_grad_(True),
+            "lora_B": cast(_randn(1, 1, seed=3)).requires_grad_(True),
+        }
+        w = cast(_randn(1, 1, seed=4))
+        return (leaves["x"], w, leaves["lora_A"], leaves["lora_B"], None, None), leaves
+
+    _check_against_reference(backend, make, dropout_p=0.5, seed=2**63 - 1)
+
+
+def test_eval_mode_ignores_dropout_and_inference_mode_works(backend):
+    t = _inputs()
+    y_eval = _call(backend, t, dropout_p=0.5, training=False)
+    assert torch.equal(y_eval, _call(backend, t, dropout_p=0.0))
+    with torch.inference_mode():
+        y_inf = _call(backend, t, dropout_p=0.3, seed=4)
+    assert_close_ref(y_inf, lora_linear_ref(*(t[k].double() for k in ("x", "weight", "lora_A", "lora_B", "bias",
+                     "lora_bias")), 1.0, 0.3, True, 4), [torch.float32])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# more than 2**31 elements: 64-bit offsets (GPU only)
+
+
+def keep_rows(seed: int, rows: torch.Tensor, K: int, p: float) -> torch.Tensor:
+    """Rows ``rows`` of the reference keep-mask (``dropout_keep_mask`` materialises all M rows)."""
+    G = (K + 7) // 8
+    r = rows.to(torch.int64)[:, None].expand(-1, G)
+    g = torch.arange(G, device=rows.device, dtype=torch.int64)[None, :].expand(rows.numel(), G)
+    lanes = philox4x32_10(g, r & 0xFFFFFFFF, r >> 32, torch.zeros_like(r), seed & 0xFFFFFFFF, seed >> 32)
+    halves = [(lane >> (16 * h)) & 0xFFFF for h in (0, 1) for lane in lanes]
+    u16 = torch.stack(halves, dim=-1).reshape(rows.numel(), G * 8)[:, :K]
+    return u16 >= dropout_threshold(p)
+
+
+def test_keep_rows_helper_is_the_reference_mask():
+    seed = 2**40 + 77
+    full = dropout_keep_mask(seed, 50, 21, 0.3)
+    rows = torch.tensor([0, 7, 49, 13])
+    assert torch.equal(keep_rows(seed, rows, 21, 0.3), full[rows])
+
+
+@requires_gpu
+@pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
+def test_more_than_2_pow_31_elements(mask_mode):
+    """M·K > 2³¹: every offset in the kernels must be 64-bit (x, dx, the bitmask)."""
+    backend = "triton"
+    reason = backends.available_backends(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16))[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+    k, n, r, p, seed, s = 4096, 64, 16, 0.1, 2**35 + 3, 2.0
+    m = 2**31 // k + 1000  # the last 1000 rows lie beyond element 2**31
+    dt = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=dt, generator=g).requires_grad_(True)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(dt)
+    A = (torch.randn(r, k, device="cuda", generator=g) * k**-0.5).to(dt).requires_grad_(True)
+    B = (torch.randn(n, r, device="cuda", generator=g) * r**-0.5).to(dt).requires_grad_(True)
+    dy = torch.randn(m, n, device="cuda", dtype=dt, generator=g)
+    y = lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=seed, backend=backend, dropout_mask=mask_mode)
+    y.backward(dy)
+    rows = torch.cat([torch.arange(0, 8), torch.arange(2**31 // k - 4, 2**31 // k + 4), torch.arange(m - 8, m)])
+    rows = rows.cuda()
+    keep = keep_rows(seed, rows, k, p)
+    x64, dy64 = x.detach()[rows].double(), dy[rows].double()
+    w64, A64, B64 = w.double(), A.detach().double(), B.detach().double()
+    h = x64 * keep / (1 - p)
+    y_ref = x64 @ w64.t() + s * (h @ A64.t()) @ B64.t()
+    assert_close_ref(y[rows], y_ref, [dt], "output rows around element 2**31")
+    dx_ref = dy64 @ w64 + (s * dy64 @ B64 @ A64) * keep / (1 - p)
+    assert_close_ref(x.grad[rows], dx_ref, [dt], "dx rows around element 2**31")
+    # dA, dB reduce over all rows: a float32 reference, in chunks of rows
+    dA = torch.zeros(r, k, device="cuda", dtype=torch.float64)
+    dB = torch.zeros(n, r, device="cuda", dtype=torch.float64)
+    for start in range(0, m, 65536):
+        idx = torch.arange(start, min(start + 65536, m), device="cuda")
+        hc = x.detach()[idx].float() * keep_rows(seed, idx, k, p) / (1 - p)
+        tc = hc @ A.detach().float().t()
+        dyc = dy[idx].float()
+        dB += (s * dyc.t() @ tc).double()
+        dA += ((s * dyc @ B.detach().float()).t() @ hc).double()
+    assert_close_ref(A.grad, dA, [dt], "dA over > 2**31 elements")
+    assert_close_ref(B.grad, dB, [dt], "dB over > 2**31 elements")

@@ -1,0 +1,270 @@
+"""The ``verify`` / ``demo`` command line (lora_kernels/verify.py, lora_kernels/__main__.py).
+
+The checker is itself tested against deliberately broken backends: a verifier that cannot fail
+proves nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_kernels import backends, verify
+from lora_kernels.__main__ import main
+from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
+from tests._utils import HAS_CUDA, TOL, requires_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FAKE = "lk_fake_backend_for_tests"
+
+
+def test_tolerance_table_is_the_test_table():
+    assert verify.TOLERANCES == TOL
+    assert verify.tol_for(torch.bfloat16, torch.float32) == TOL[torch.bfloat16]
+
+
+def test_compare_uses_the_scale_of_the_reference():
+    ref = torch.tensor([100.0, -50.0, 0.0], dtype=torch.float64)
+    atol, rtol = TOL[torch.float32]
+    bound = atol * 100.0 + rtol * 100.0
+    ok = verify.compare(ref + torch.tensor([0.0, 0.0, 0.9 * bound], dtype=torch.float64), ref, [torch.float32])
+    bad = verify.compare(ref + torch.tensor([0.0, 0.0, 1.1 * bound], dtype=torch.float64), ref, [torch.float32])
+    assert ok.ok and not bad.ok
+    assert bad.frac == pytest.approx(1.1) and bad.rel == pytest.approx(1.1 * bound / 100.0)
+    assert not verify.compare(torch.full((3,), float("nan")), ref, [torch.float32]).ok
+    assert not verify.compare(ref[:2], ref, [torch.float32]).ok
+    assert verify.compare(torch.empty(0, 4), torch.empty(0, 4, dtype=torch.float64), [torch.float16]).ok
+
+
+def _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+    return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, p, True, seed)
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """Install a module as the "cuda" backend: its ``lora_linear_2d`` can be swapped per test."""
+    mod = types.ModuleType(FAKE)
+    mod.unavailable_reason = lambda x, weight, lora_A: None
+    mod.lora_linear_2d = _ref_2d
+    monkeypatch.setitem(sys.modules, FAKE, mod)
+    monkeypatch.setitem(backends._MODULES, "cuda", FAKE)
+    return mod
+
+
+def _args(*argv: str):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    verify.add_verify_args(ap)
+    return ap.parse_args(["--no-progress", "--device", DEVICE, *argv])
+
+
+def test_correct_backend_passes_every_check(fake_backend):
+    case = verify.Case("cuda", "fp32", 37, 45, 29, 5, p=0.3, mask_mode="regenerate")
+    res = verify.run_case(case, DEVICE)
+    assert res.status == "pass", res.reason
+    assert set(res.checks) == {"out", "dx", "dA", "dB", "dlora_bias"}
+    mask = verify.run_mask_check("cuda", "fp16", DEVICE, 0.3, "bitmask")
+    assert mask.status == "pass" and mask.mismatches == {"forward": 0, "backward": 0}
+
+
+def test_wrong_dropout_mask_is_caught_by_output_and_probe(fake_backend):
+    def wrong_seed(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed + 1, mask_mode)
+
+    fake_backend.lora_linear_2d = wrong_seed
+    at_p0 = verify.run_case(verify.Case("cuda", "fp32", 40, 48, 24, 4, p=0.0), DEVICE)
+    assert at_p0.status == "pass", "p = 0 has no mask: the wrong seed must not matter"
+    res = verify.run_case(verify.Case("cuda", "fp32", 40, 48, 24, 4, p=0.1), DEVICE)
+    assert res.status == "fail" and "out err" in res.reason
+    # In bf16 one flipped bit can hide inside the tolerance; the probe reads the mask exactly.
+    mask = verify.run_mask_check("cuda", "bf16", DEVICE, 0.1, "bitmask")
+    assert mask.status == "fail"
+    assert mask.mismatches["forward"] > 0 and mask.mismatches["backward"] > 0
+
+
+def test_backward_only_bug_is_caught(fake_backend):
+    class DropsLoraBiasGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, lb):
+            return lb.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.zeros_like(g)
+
+    def bad(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        lb = DropsLoraBiasGrad.apply(lora_bias)
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lb, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = bad
+    res = verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.0), DEVICE)
+    assert res.status == "fail"
+    assert res.checks["out"].ok and res.checks["dx"].ok and not res.checks["dlora_bias"].ok
+
+
+def test_module_mask_function_is_compared_bit_for_bit(fake_backend):
+    fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(
+        dropout_keep_mask(seed, M, K, p, device=device)
+    )
+    good = verify.run_mask_check("cuda", "fp32", DEVICE, 0.25, "regenerate")
+    assert good.status == "pass" and good.mismatches["module_bitmask"] == 0
+    fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(
+        dropout_keep_mask(seed ^ 1, M, K, p, device=device)
+    )
+    bad = verify.run_mask_check("cuda", "fp32", DEVICE, 0.25, "regenerate")
+    assert bad.status == "fail" and bad.mismatches["module_bitmask"] > 0
+    assert bad.mismatches["forward"] == 0, "the kernels themselves were right: only the module mask differs"
+
+
+def test_crash_is_an_error_not_a_pass(fake_backend):
+    def crash(*args):
+        raise RuntimeError("illegal memory access (simulated)")
+
+    fake_backend.lora_linear_2d = crash
+    res = verify.run_case(verify.Case("cuda", "fp16", 8, 16, 8, 2, p=0.1), DEVICE)
+    assert res.status == "error" and "illegal memory access" in res.reason
+
+
+def test_cli_fails_with_nonzero_exit_and_lists_failures(fake_backend, tmp_path):
+    def no_scaling(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, 1.0, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = no_scaling
+    out = io.StringIO()
+    path = tmp_path / "v.json"
+    argv = ["--backend", "cuda", "--dtype", "fp32", "--only-shapes", "--shape", "9,16,8,2", "-p", "0"]
+    rc = verify.run_verify(_args(*argv, "--json", str(path)), out=out, err=io.StringIO())
+    assert rc == 1
+    text = out.getvalue()
+    assert "FAILED cuda fp32 9x16->8 r=2 p=0" in text and text.rstrip().splitlines()[-2].startswith("FAIL")
+    doc = json.loads(path.read_text())
+    assert doc["ok"] is False and doc["results"][0]["status"] == "fail"
+
+
+def test_cli_reference_sweep_passes_with_json_table_and_progress(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    path = tmp_path / "verify.json"
+    args = _args("--backend", "torch", "--dtype", "fp32", "--dtype", "fp64", "--shape", "0,8,8,2",
+                 "--shape", "5,24,16,4", "--only-shapes", "--json", str(path))  # fmt: skip
+    args.no_progress = False
+    rc = verify.run_verify(args, out=out, err=err)
+    assert rc == 0, out.getvalue()
+    assert "| torch | fp32 | 4 | 4 | 0 | 0 |" in out.getvalue()
+    assert "| torch | fp64 | 4 | 4 | 0 | 0 |" in out.getvalue()
+    assert "10/10 100%" in err.getvalue()
+    doc = json.loads(path.read_text())
+    assert doc["ok"] is True and doc["tolerances"]["float32"] == list(TOL[torch.float32])
+    cases = [r for r in doc["results"] if r["kind"] == "case"]
+    assert len(cases) == 8 and {r["status"] for r in cases} == {"pass"}
+    assert {(r["M"], r["K"], r["N"], r["r"]) for r in cases} == {(0, 8, 8, 2), (5, 24, 16, 4)}
+    assert all(set(r["checks"]) == {"out", "dx", "dA", "dB", "dlora_bias"} for r in cases)
+    assert [m["status"] for m in doc["mask_checks"]] == ["pass", "pass"]
+
+
+def test_unavailable_backend_skips_with_reason_but_fails_when_requested(monkeypatch):
+    monkeypatch.setitem(backends._MODULES, "cuda", "lora_kernels._no_such_backend_module")
+    out = io.StringIO()
+    argv = ["--dtype", "fp32", "--only-shapes", "--shape", "4,8,8,2", "-p", "0"]
+    assert verify.run_verify(_args("--backend", "torch", *argv), out=out, err=io.StringIO()) == 0
+    out = io.StringIO()
+    rc = verify.run_verify(_args("--backend", "torch", "--backend", "cuda", *argv), out=out, err=io.StringIO())
+    assert rc == 1
+    assert "skipped cuda [fp32]: " in out.getvalue() and "_no_such_backend_module" in out.getvalue()
+    assert "FAILED backend cuda was requested" in out.getvalue()
+
+
+def test_triton_backend_passes_verify(monkeypatch, tmp_path):
+    """The real Triton kernels (the interpreter without a GPU: bf16 reported skipped, with the reason)."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # restored afterwards
+    path = tmp_path / "t.json"
+    argv = [
+        "--backend",
+        "triton",
+        "--dtype",
+        "fp16",
+        "--dtype",
+        "bf16",
+        "--only-shapes",
+        "--shape",
+        "37,40,24,8",
+    ]
+    argv += ["--json", str(path)] + ([] if HAS_CUDA else ["--interpret"])
+    out = io.StringIO()
+    rc = verify.run_verify(_args(*argv), out=out, err=io.StringIO())
+    assert rc == 0, out.getvalue()
+    doc = json.loads(path.read_text())
+    by_dtype = {}
+    for r in doc["results"]:
+        by_dtype.setdefault(r["dtype"], set()).add(r["status"])
+    assert by_dtype["fp16"] == {"pass"}
+    if HAS_CUDA:
+        assert by_dtype["bf16"] == {"pass"}
+    else:
+        assert by_dtype["bf16"] == {"skip"}
+        assert "interpreter's bfloat16" in out.getvalue()
+    masks = {(m["dtype"], m["mask_mode"]): m["status"] for m in doc["mask_checks"]}
+    assert masks[("fp16", "bitmask")] == masks[("fp16", "regenerate")] == "pass"
+
+
+def test_progress_bar_redraws_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = verify.Progress(4, stream=stream)
+    for i in range(4):
+        bar.start(f"case {i}")
+        bar.step(f"case {i}", "pass")
+    bar.close()
+    text = stream.getvalue()
+    assert "\r[" in text and "4/4 100%" in text and "case 3" in text and "\n" not in text
+
+
+def test_shape_argument_is_validated():
+    assert verify.parse_shape("8,16,32,4") == (8, 16, 32, 4)
+    for bad in ("8,16,32", "a,b,c,d", "8,0,32,4", "-1,16,32,4"):
+        with pytest.raises(Exception, match="--shape"):
+            verify.parse_shape(bad)
+
+
+def test_python_dash_m_entry_point(capsys):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = ["verify", "--backend", "torch", "--only-shapes", "--shape", "3,16,8,2", "--no-progress"]
+    res = subprocess.run([sys.executable, "-m", "lora_kernels", *argv], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PASS:" in res.stdout and "| torch | fp64 | 2 | 2 | 0 | 0 |" in res.stdout
+    assert main(argv) == 0  # the console script's entry point, in-process
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--shape", "3,16"])
+    assert exc.value.code == 2 and "--shape" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU demo path (a GPU machine runs test_demo_gpu)")
+def test_demo_on_cpu_checks_numerics_and_explains_missing_timing(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(verify, "DEMO_SHAPES_CPU", [(33, 40, 24, 8)])  # the full demo takes ~30 s
+    out = io.StringIO()
+    assert verify.run_demo(["--no-progress"], out=out, err=io.StringIO()) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "| triton | fp32 |" in text and "PASS" in text
+    assert "timing: skipped: no CUDA GPU" in text
+
+
+@requires_gpu
+def test_demo_gpu():
+    out = io.StringIO()
+    assert verify.run_demo(["--no-progress"], out=out, err=io.StringIO()) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "| 8192 x 4096 -> 4096, 16 | 0.1 | triton |" in text
