@@ -301,3 +301,36 @@ def test_triton_ops_opcheck_gpu():
     x, W, _, A, B = args[:5]
     bwd_args = (torch.randn_like(y), x, W, A, B, t, bits, 2.0, 0.1, 5, True, True)
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_triton_autotuned_launch_path(monkeypatch, tma):
+    """The autotuned launches (grid lambdas, per-kernel config filtering, TMA descriptor pre-hooks)
+    with one interpreter-sized config per kernel, so the interpreter can run them (GPU calls tune over
+    the real tables)."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    def one_config_tables():
+        def c(hook=None):
+            return tri._c(32, 32, 32, 4, 1, hook, group_m=4)
+
+        return {
+            tri._shrink_kernel: [c()],
+            tri._fwd_kernel: [c()],
+            tri._fwd_tma_kernel: [c(tri._set_fwd_desc_blocks)],
+            tri._bwd_dy_kernel: [c()],
+            tri._bwd_dx_kernel: [c()],
+            tri._bwd_dx_tma_kernel: [c(tri._set_dx_desc_blocks)],
+        }
+
+    monkeypatch.setattr(tri, "_configs", one_config_tables)
+    monkeypatch.setattr(tri, "TMA_MODE", tma)
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    tri._autotuner.cache_clear()
+    try:
+        x, W, A, B, b, lb = make_inputs(67, 64, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+        run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+        assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
+    finally:
+        tri._autotuner.cache_clear()

@@ -175,7 +175,7 @@ def _da_block(pid_k, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk, stride_dtm,
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _shrink_kernel(
     X, A, T, BITS,
-    M, K, R,
+    M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_bm,
     seed_lo, seed_hi, threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
@@ -219,7 +219,7 @@ def _shrink_kernel(
 @triton.jit
 def _fwd_kernel(
     X, W, BIAS, T, LB, LBIAS, Y,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_lbn, stride_lbr, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr,
@@ -252,7 +252,7 @@ def _fwd_kernel(
 @triton.jit
 def _fwd_tma_kernel(
     x_desc, w_desc, y_desc, BIAS, T, LB, LBIAS,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_tm, stride_lbn, stride_lbr,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
@@ -283,7 +283,7 @@ def _fwd_tma_kernel(
 @triton.jit
 def _bwd_dy_kernel(
     DY, LB, T, DT, DB, DSUM,
-    M, N, R,
+    M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_dtm, stride_dbn,
     scaling,
     DO_DT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
@@ -338,7 +338,7 @@ def _bwd_dy_kernel(
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _bwd_dx_kernel(
     DY, W, DT, A, X, BITS, DX, DA,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_bm, stride_dxm, stride_dxk, stride_dar,
     seed_lo, seed_hi, threshold, keep_scale,
@@ -385,7 +385,7 @@ def _bwd_dx_kernel(
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _bwd_dx_tma_kernel(
     dy_desc, w_desc, dx_desc, DT, A, X, BITS, DA,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_dtm, stride_ar, stride_ak, stride_xm, stride_xk, stride_bm, stride_dar,
     seed_lo, seed_hi, threshold, keep_scale,
     DO_DX: tl.constexpr, DO_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr,
@@ -442,15 +442,27 @@ def _block_r(R: int) -> int:
 
 
 def _cfg(x: torch.Tensor, R: int) -> dict:
-    """Tile sizes. The interpreter runs one numpy op per tile: tiles ≥ 32 keep it fast.
-    On GPU: 128×128×64 for 16-bit inputs, smaller for fp32 and for very large ranks."""
+    """Fixed tiles of the pointer kernels, used in the interpreter, under torch.compile and with
+    LORA_KERNELS_AUTOTUNE=0 (eager GPU calls autotune over ``_CONFIGS``). The interpreter runs one
+    numpy op per tile: tiles ≥ 32 keep it fast. GPU: 128×128×64 for 16-bit inputs."""
     if _interpret():
-        return dict(BM=32, BN=32, BK=32, GROUP_M=4, warps=4, stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if x.dtype == torch.float32:
-        return dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
     if _block_r(R) >= 256:
-        return dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=8, stages=3)
-    return dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
+    """Fixed tiles of the persistent TMA kernels: 128×256×64, 8 warps, 3 stages measured best for
+    the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy."""
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if backward:  # (BM, BK) output tiles, BN is the reduction step over N
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    bn = 256 if _block_r(R) <= 64 else 128
+    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -467,9 +479,16 @@ def _seed_parts(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 
 
+def _m_bucket(M: int) -> int:
+    # Autotuning key for M: the next power of two, so varying batch sizes reuse one tuning.
+    return triton.next_power_of_2(max(M, 1))
+
+
 # "auto": TMA persistent kernels on sm90+ GPUs; "1": wherever the tensors allow it (the CPU
 # interpreter included: that is how CI tests them); "0": never.
 TMA_MODE = os.environ.get("LORA_KERNELS_TMA", "auto")
+# Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -498,14 +517,93 @@ def _grid_sms(x: torch.Tensor) -> int:
     return 4 if x.device.type != "cuda" else _num_sms(x.device.index or 0)
 
 
-def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
-    """Tiles of the persistent TMA kernels: 128×256×64, 8 warps, 3 stages measured best for the
-    plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy."""
-    if _interpret():
-        return dict(BM=32, BN=32, BK=32, GROUP_M=4, warps=4, stages=1)
-    if backward:  # (BM, BK) output tiles, BN is the reduction step over N
-        return dict(BM=128, BN=64, BK=128, GROUP_M=8, warps=8, stages=3)
-    return dict(BM=128, BN=256 if _block_r(R) <= 64 else 128, BK=64, GROUP_M=8, warps=8, stages=3)
+# ----------------------------------------------------------------------------------------------
+# autotuning (eager GPU calls; the fixed tiles above elsewhere)
+# ----------------------------------------------------------------------------------------------
+
+
+def _c(bm, bn, bk, warps, stages, pre_hook=None, group_m=8):
+    return triton.Config(
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages, pre_hook=pre_hook
+    )
+
+
+def _set_fwd_desc_blocks(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn]
+
+
+def _set_dx_desc_blocks(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["dy_desc"].block_shape = [bm, bn]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["dx_desc"].block_shape = [bm, bk]
+
+
+def _configs() -> dict:
+    """Search spaces per kernel. fp32 configs use BLOCK_K = 32 (true-fp32 dots need the smaller
+    tiles); 16-bit ones BLOCK_K ≥ 64; ``_prune`` keeps the family matching the call."""
+    gemm16 = [_c(128, 128, 64, 8, 3), _c(128, 256, 64, 8, 3), _c(64, 128, 64, 4, 4), _c(128, 64, 64, 4, 4),
+              _c(64, 64, 64, 4, 3)]  # fmt: skip
+    gemm32 = [_c(64, 64, 32, 4, 2), _c(32, 64, 32, 4, 2), _c(64, 128, 32, 8, 2)]
+    return {
+        _shrink_kernel: [_c(bm, 32, bk, w, s) for bm, bk, w, s in
+                         ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2))],
+        _fwd_kernel: gemm16 + gemm32,
+        _fwd_tma_kernel: [_c(128, 256, 64, 8, 3, _set_fwd_desc_blocks), _c(128, 128, 64, 8, 4, _set_fwd_desc_blocks),
+                          _c(128, 128, 64, 4, 3, _set_fwd_desc_blocks), _c(64, 256, 64, 8, 3, _set_fwd_desc_blocks)],
+        _bwd_dy_kernel: [_c(bm, bn, 64, w, s) for bm, bn, w, s in
+                         ((64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))]
+                        + [_c(32, 64, 32, 4, 2)],
+        _bwd_dx_kernel: [_c(128, 64, 128, 8, 3), _c(128, 128, 64, 8, 3), _c(64, 64, 128, 4, 3), _c(64, 128, 64, 4, 4)]
+                        + gemm32,
+        _bwd_dx_tma_kernel: [_c(128, 64, 128, 8, 3, _set_dx_desc_blocks), _c(128, 64, 256, 8, 3, _set_dx_desc_blocks),
+                             _c(128, 128, 128, 8, 3, _set_dx_desc_blocks), _c(64, 64, 128, 4, 4, _set_dx_desc_blocks)],
+    }  # fmt: skip
+
+
+_default_configs = _configs  # tests swap in one-config tables to run the tuned path in the interpreter
+
+
+def _prune(configs, named_args, **kwargs):
+    fp32 = bool(named_args.get("IEEE", kwargs.get("IEEE", False)))
+    br = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+    keep = [c for c in configs if (c.kwargs.get("BLOCK_K", 32) == 32) == fp32]
+    if br >= 256:  # a 256-wide rank tile next to a 256-wide N tile does not fit in registers
+        keep = [c for c in keep if c.kwargs.get("BLOCK_N", 0) <= 128] or keep
+    return keep or configs
+
+
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE"]
+
+
+@functools.cache
+def _autotuner(kernel):
+    names = kernel.arg_names
+    configs = [
+        triton.Config({k: v for k, v in c.kwargs.items() if k in names}, num_warps=c.num_warps,
+                      num_stages=c.num_stages, pre_hook=c.pre_hook)
+        for c in _configs()[kernel]
+    ]  # fmt: skip
+    keys = [k for k in _KEYS if k in names]
+    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
+    """Launch ``kernel``: autotuned in eager GPU calls, else with the ``fixed`` tiles.
+
+    grid: META -> grid tuple (META holds BLOCK_M/N/K); meta: the constexprs the caller decides;
+    fixed: tile constexprs plus num_warps/num_stages for the untuned launch.
+    """
+    if wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs):
+        _autotuner(kernel)[grid](*args, **meta)
+        return
+    tiles = {k: v for k, v in fixed.items() if k not in ("num_warps", "num_stages")}
+    if "BLOCK_N" not in kernel.arg_names:
+        fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
+    wrap(kernel)[grid({**meta, **tiles})](*args, **meta, **fixed)
 
 
 def lora_fwd(
@@ -529,49 +627,54 @@ def lora_fwd(
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     cdt, ieee = _compute_dtype(x)
-    c = _cfg(x, R)
+    fixed = _cfg(x, R)
     BR = _block_r(R)
+    MB = _m_bucket(M)
     y = _empty((M, N), x.device, x.dtype)
     t = _empty((M, R), x.device, torch.float32)
     has_dropout = p > 0.0
     store_bits = has_dropout and store_mask
     bits = _empty((M, (K + 7) // 8) if store_bits else (0, 0), x.device, torch.uint8)
     lo, hi = _seed_parts(seed)
-    wrap(_shrink_kernel)[(triton.cdiv(M, c["BM"]),)](
-        x, lora_A, t, bits, M, K, R,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
-        lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee,
-        BLOCK_M=c["BM"], BLOCK_K=c["BK"], BLOCK_R=BR, num_warps=4, num_stages=c["stages"],
+    _launch(
+        _shrink_kernel,
+        lambda META: (triton.cdiv(M, META["BLOCK_M"]),),
+        (x, lora_A, t, bits, M, K, R, MB,
+         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
+         lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
+        dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+        {**fixed, "num_warps": 4},
+        wrap,
     )  # fmt: skip
     # The epilogue reads the (N,) vectors with unit stride; they are tiny, so copy if strided.
     bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
+    flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR)
     if _tma_ok(x, weight, y):
-        c = _tma_cfg(x, R, backward=False)
+        fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
-        x_desc = TensorDescriptor.from_tensor(x, [c["BM"], c["BK"]])
-        w_desc = TensorDescriptor.from_tensor(weight, [c["BN"], c["BK"]])
-        y_desc = TensorDescriptor.from_tensor(y, [c["BM"], c["BN"]])
-        tiles = triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"])
-        wrap(_fwd_tma_kernel)[(min(sms, tiles),)](
-            x_desc, w_desc, y_desc, bias_arg, t, lora_B, lbias_arg, M, N, K, R,
-            t.stride(0), lora_B.stride(0), lora_B.stride(1), scaling,
-            HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, OUT_DT=_TL_DTYPE[y.dtype],
-            BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR, GROUP_M=c["GROUP_M"], NUM_SMS=sms,
-            num_warps=c["warps"], num_stages=c["stages"],
+        x_desc = TensorDescriptor.from_tensor(x, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
+        w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
+        y_desc = TensorDescriptor.from_tensor(y, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
+        _launch(
+            _fwd_tma_kernel,
+            lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),),
+            (x_desc, w_desc, y_desc, bias_arg, t, lora_B, lbias_arg, M, N, K, R, MB,
+             t.stride(0), lora_B.stride(0), lora_B.stride(1), scaling),
+            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms),
+            fixed,
+            wrap,
         )  # fmt: skip
         return y, t, bits
-    grid = (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)
-    wrap(_fwd_kernel)[grid](
-        x, weight, bias_arg, t, lora_B, lbias_arg, y,
-        M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        scaling,
-        HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, IEEE=ieee,
-        BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR, GROUP_M=c["GROUP_M"],
-        num_warps=c["warps"], num_stages=c["stages"],
+    _launch(
+        _fwd_kernel,
+        lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),),
+        (x, weight, bias_arg, t, lora_B, lbias_arg, y, M, N, K, R, MB,
+         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
+         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling),
+        dict(flags, IEEE=ieee),
+        fixed,
+        wrap,
     )  # fmt: skip
     return y, t, bits
 
@@ -599,8 +702,9 @@ def lora_bwd(
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     cdt, ieee = _compute_dtype(x)
-    c = _cfg(x, R)
+    fixed = _cfg(x, R)
     BR = _block_r(R)
+    MB = _m_bucket(M)
     dev = x.device
     has_dropout = p > 0.0
     load_bits = has_dropout and bits.numel() > 0
@@ -608,13 +712,15 @@ def lora_bwd(
     dt = _empty((M, R) if do_dt else (0, R), dev, torch.float32)
     db = _empty((N, R), dev, torch.float32)
     colsum = _empty((N,), dev, torch.float32)
-    grid1 = ((triton.cdiv(M, c["BM"]) if do_dt else 0) + triton.cdiv(N, c["BN"]),)
-    wrap(_bwd_dy_kernel)[grid1](
-        dy, lora_B, t, dt, db, colsum, M, N, R,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
-        db.stride(0), scaling,
-        DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_R=BR,
-        num_warps=c["warps"], num_stages=c["stages"],
+    _launch(
+        _bwd_dy_kernel,
+        lambda META: ((triton.cdiv(M, META["BLOCK_M"]) if do_dt else 0) + triton.cdiv(N, META["BLOCK_N"]),),
+        (dy, lora_B, t, dt, db, colsum, M, N, R, MB,
+         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
+         db.stride(0), scaling),
+        dict(DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+        {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")},
+        wrap,
     )  # fmt: skip
     dx = _empty((M, K) if need_dx else (0, K), dev, x.dtype)
     da = _empty((R, K), dev, torch.float32)
@@ -622,33 +728,37 @@ def lora_bwd(
         return dx, da, db, colsum
     lo, hi = _seed_parts(seed)
     bits_stride = max(bits.stride(0), 1)
+    seeds = (lo, hi, dropout_threshold(p), 1.0 / (1.0 - p))
+    flags = dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR)
+    n_da = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
     if need_dx and _tma_ok(dy, weight, dx):
-        c = _tma_cfg(x, R, backward=True)
+        fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
-        dy_desc = TensorDescriptor.from_tensor(dy, [c["BM"], c["BN"]])
-        w_desc = TensorDescriptor.from_tensor(weight, [c["BN"], c["BK"]])
-        dx_desc = TensorDescriptor.from_tensor(dx, [c["BM"], c["BK"]])
-        tiles = triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]) + (triton.cdiv(K, c["BK"]) if need_da else 0)
-        wrap(_bwd_dx_tma_kernel)[(min(sms, tiles),)](
-            dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R,
-            dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
-            lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
-            DO_DX=True, DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt,
-            OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR,
-            GROUP_M=c["GROUP_M"], NUM_SMS=sms, num_warps=c["warps"], num_stages=c["stages"],
+        dy_desc = TensorDescriptor.from_tensor(dy, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
+        w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
+        dx_desc = TensorDescriptor.from_tensor(dx, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
+        _launch(
+            _bwd_dx_tma_kernel,
+            lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) + n_da(META)),),
+            (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R, MB,
+             dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
+             *seeds),
+            dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms),
+            fixed,
+            wrap,
         )  # fmt: skip
         return dx, da, db, colsum
-    n_dx = triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]) if need_dx else 0
-    grid2 = (n_dx + (triton.cdiv(K, c["BK"]) if need_da else 0),)
-    wrap(_bwd_dx_kernel)[grid2](
-        dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
-        lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
-        max(dx.stride(0), 1), dx.stride(1), da.stride(0),
-        lo, hi, dropout_threshold(p), 1.0 / (1.0 - p),
-        DO_DX=need_dx, DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, IEEE=ieee,
-        BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"], BLOCK_R=BR, GROUP_M=c["GROUP_M"],
-        num_warps=c["warps"], num_stages=c["stages"],
+    n_dx = (lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])) if need_dx else n_da
+    _launch(
+        _bwd_dx_kernel,
+        lambda META: ((n_dx(META) if need_dx else 0) + n_da(META),),
+        (dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R, MB,
+         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
+         lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
+         max(dx.stride(0), 1), dx.stride(1), da.stride(0), *seeds),
+        dict(flags, DO_DX=need_dx, IEEE=ieee),
+        fixed,
+        wrap,
     )  # fmt: skip
     return dx, da, db, colsum
 
