@@ -253,7 +253,7 @@ def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     taken = []
     real = tri._tma_ok
-    monkeypatch.setattr(tri, "_tma_ok", lambda *ts: taken.append(real(*ts)) or taken[-1])
+    monkeypatch.setattr(tri, "_tma_ok", lambda *ts, **kw: taken.append(real(*ts, **kw)) or taken[-1])
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)

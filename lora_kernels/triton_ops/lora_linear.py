@@ -492,9 +492,12 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA descriptors need 2-D row-major tensors with 16-byte aligned base and row stride."""
-    if TMA_MODE == "0" or TensorDescriptor is None:
+def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
+    """TMA descriptors need 2-D row-major tensors with 16-byte aligned base and row stride.
+
+    ``traced``: inside the torch.library op (torch.compile). "auto" keeps the pointer kernels there
+    until descriptor arguments through ``wrap_triton`` are verified on a GPU (bench/NOTES.md)."""
+    if TMA_MODE == "0" or TensorDescriptor is None or (traced and TMA_MODE == "auto"):
         return False
     if tensors[0].dtype not in (torch.float16, torch.bfloat16):
         return False  # fp32 runs true-fp32 dots on the pointer path
@@ -650,7 +653,7 @@ def lora_fwd(
     bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
     flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR)
-    if _tma_ok(x, weight, y):
+    if _tma_ok(x, weight, y, traced=wrap is not _identity):
         fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
         x_desc = TensorDescriptor.from_tensor(x, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
@@ -731,7 +734,7 @@ def lora_bwd(
     seeds = (lo, hi, dropout_threshold(p), 1.0 / (1.0 - p))
     flags = dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR)
     n_da = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
-    if need_dx and _tma_ok(dy, weight, dx):
+    if need_dx and _tma_ok(dy, weight, dx, traced=wrap is not _identity):
         fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
         dy_desc = TensorDescriptor.from_tensor(dy, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
