@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Autotuning benchmarks every config for every new (M bucket, N, K, rank): across the hundreds of
+# shapes the suite uses that would take many minutes on a GPU. Tests use the fixed tiles;
+# test_triton_autotune_gpu covers the tuned path on one shape.
+os.environ.setdefault("LORA_KERNELS_AUTOTUNE", "0")
 
 
 def pytest_report_header(config):

@@ -334,3 +334,15 @@ def test_triton_autotuned_launch_path(monkeypatch, tma):
         assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
     finally:
         tri._autotuner.cache_clear()
+
+
+@requires_gpu
+def test_triton_autotune_gpu(monkeypatch):
+    """The real autotuning tables on a GPU (the suite otherwise runs the fixed tiles, see conftest)."""
+    _skip_unavailable("triton", torch.bfloat16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    x, W, A, B, b, lb = make_inputs(1024, 1024, 2048, 16, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1, mode="regenerate")
