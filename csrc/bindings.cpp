@@ -85,6 +85,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::string("auto");
     }
   });
+  m.def(
+      "last_gemm_path",
+      [] {
+        switch (lora_kernels::last_gemm_path()) {
+          case GemmBackend::kCublas:
+            return std::string("cublas");
+          case GemmBackend::kSm80:
+            return std::string("sm80");
+          case GemmBackend::kSm90:
+            return std::string("sm90");
+          default:
+            return std::string("none");
+        }
+      },
+      "Which implementation ran the most recent non-empty base GEMM: 'sm90', 'sm80', 'cublas' or "
+      "'none' (the CUTLASS paths fall back to cuBLAS silently; tests check which one ran)");
   m.def("build_metadata", [] {
     py::dict d;
     d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +

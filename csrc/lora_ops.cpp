@@ -21,6 +21,7 @@ namespace lora_kernels {
 namespace {
 
 std::atomic<int> g_gemm_backend{static_cast<int>(GemmBackend::kAuto)};
+std::atomic<int> g_last_gemm_path{static_cast<int>(GemmBackend::kAuto)};
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -68,14 +69,17 @@ void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b, bool b_kmajo
     const bool hopper = prop->major == 9 && prop->minor == 0 && sm90_kernels_compiled();
     if (hopper && (mode == GemmBackend::kAuto || mode == GemmBackend::kSm90)) {
       done = gemm_accumulate_sm90(prob, dev, stream);
+      if (done) g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90));
     }
     if (!done && prop->major >= 8 && (mode == GemmBackend::kAuto || mode == GemmBackend::kSm80)) {
       done = gemm_accumulate_sm80(prob, dev, stream);
+      if (done) g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm80));
     }
   }
   if (!done) {
     // cuBLAS: float32 inputs, unaligned shapes or strides, GPUs without a compiled CUTLASS path.
     out.addmm_(a, b_kmajor ? b.t() : b);
+    g_last_gemm_path.store(static_cast<int>(GemmBackend::kCublas));
   }
 }
 
@@ -83,6 +87,7 @@ void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b, bool b_kmajo
 
 void set_gemm_backend(GemmBackend b) { g_gemm_backend.store(static_cast<int>(b)); }
 GemmBackend gemm_backend() { return static_cast<GemmBackend>(g_gemm_backend.load()); }
+GemmBackend last_gemm_path() { return static_cast<GemmBackend>(g_last_gemm_path.load()); }
 
 std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -102,6 +107,11 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_fwd: p must be in [0, 1)");
   if (bias) check_cuda(*bias, "bias", dev);
   if (lora_bias) check_cuda(*lora_bias, "lora_bias", dev);
+  // The expand kernel reads bias[n * stride(0)] for n < N: anything but an (N,) vector would be
+  // read out of bounds (the op is callable directly through torch.ops, not only via api.py).
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "lora_fwd: bias must be (N,)");
+  TORCH_CHECK(!lora_bias || (lora_bias->dim() == 1 && lora_bias->size(0) == N),
+              "lora_fwd: lora_bias must be (N,)");
   c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -145,8 +155,10 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
   e.sbj = lora_B.stride(1);
   e.bt = dtype_of(lora_B);
   e.v1 = lora_bias ? lora_bias->data_ptr() : nullptr;
+  e.sv1 = lora_bias ? lora_bias->stride(0) : 0;  // strided views are legal (e.g. b[::2])
   e.v1t = lora_bias ? dtype_of(*lora_bias) : kF32;
   e.v2 = bias ? bias->data_ptr() : nullptr;
+  e.sv2 = bias ? bias->stride(0) : 0;
   e.v2t = bias ? dtype_of(*bias) : kF32;
   e.R = M;
   e.N = N;
@@ -173,6 +185,9 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   check_cuda(lora_B, "lora_B", dev);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "lora_bwd: dy must be (M, N)");
+  // dX += dY·W runs one GEMM dtype for dY, W and dX (CUTLASS reinterprets the raw pointers).
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "lora_bwd: dy and weight must have x's dtype");
   TORCH_CHECK(T.scalar_type() == at::kFloat && T.dim() == 2 && T.size(0) == M && T.size(1) == r &&
                   T.is_contiguous(),
               "lora_bwd: T must be a contiguous float32 (M, r) tensor");

@@ -14,6 +14,9 @@ namespace lora_kernels {
 enum class GemmBackend : int { kAuto = 0, kCublas = 1, kSm80 = 2, kSm90 = 3 };
 void set_gemm_backend(GemmBackend b);
 GemmBackend gemm_backend();
+// The implementation the most recent non-empty base GEMM actually ran on (kAuto = none yet):
+// the CUTLASS paths fall back to cuBLAS silently, so tests need this to prove a path ran.
+GemmBackend last_gemm_path();
 
 // x (M, K), weight (N, K), bias (N,)?, lora_A (r, K), lora_B (N, r), lora_bias (N,)?
 // -> {y (M, N) in x's dtype, T = dropout(x)·Aᵀ (M, r) fp32, bits (M, ceil(K/8)) uint8 or (0,)}

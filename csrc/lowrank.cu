@@ -194,9 +194,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
       const int64_t n = n0 + tn + 16 * q;
       if (n >= p.N) continue;
       float v = acc[r][q];
-      if (p.v1 != nullptr) v += load_f32(p.v1, n, p.v1t);
+      if (p.v1 != nullptr) v += load_f32(p.v1, n * p.sv1, p.v1t);
       v *= p.alpha;
-      if (p.v2 != nullptr) v += load_f32(p.v2, n, p.v2t);
+      if (p.v2 != nullptr) v += load_f32(p.v2, n * p.sv2, p.v2t);
       if (p.bits != nullptr) {
         const uint32_t bit = (p.bits[i * p.ld_bits + (n >> 3)] >> (n & 7)) & 1u;
         v = bit ? v * p.keep_scale : 0.f;

@@ -51,9 +51,13 @@ struct ExpandArgs {
   const void* b;  // B(n, j) = b[n * sbn + j * sbj]
   int64_t sbn, sbj;
   DType bt;
-  const void* v1;  // (N,) added before alpha (lora_bias) or null
+  // Bias vectors are read through their element stride: a bias may be a strided view (a column
+  // of a matrix, every other element), and the backend contract does not make it contiguous.
+  const void* v1;  // v1[n * sv1]: (N,) added before alpha (lora_bias) or null
+  int64_t sv1;
   DType v1t;
-  const void* v2;  // (N,) added after alpha (bias) or null
+  const void* v2;  // v2[n * sv2]: (N,) added after alpha (bias) or null
+  int64_t sv2;
   DType v2t;
   int64_t R, N, J;
   float alpha;

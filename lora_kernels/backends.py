@@ -16,7 +16,6 @@ it can run these tensors) and ``lora_linear_2d`` (the contract above).
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 
@@ -25,10 +24,6 @@ import torch
 __all__ = ["BACKENDS", "available_backends", "resolve", "interpret_mode"]
 
 BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {
-    "triton": "lora_kernels.triton_ops.lora_linear",
-    "cuda": "lora_kernels.cuda_ops.lora_linear",
-}
 # "auto" preference per GPU compute capability: measured winner first (bench/results).
 # Until a CUDA-backend measurement says otherwise, Triton is preferred everywhere.
 _AUTO_ORDER: dict[tuple[int, int], tuple[str, ...]] = {}
@@ -41,8 +36,14 @@ def interpret_mode() -> bool:
 
 
 def _module(name: str):
+    # Import statements, not importlib.import_module: dynamo refuses to trace the latter, and
+    # resolve() runs inside torch.compile(fullgraph=True) regions.
     try:
-        return importlib.import_module(_MODULES[name]), None
+        if name == "triton":
+            from .triton_ops import lora_linear as mod
+        else:
+            from .cuda_ops import lora_linear as mod
+        return mod, None
     except ImportError as e:  # e.g. triton missing on a CPU-only install
         return None, f"cannot import the {name} backend: {e}"
 

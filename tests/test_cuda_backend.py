@@ -98,13 +98,134 @@ def test_matches_reference(dtype, M, K, N, r, p, mask_mode):
     _check_against_ref(t, scaling=2.0, p=p, seed=1234 + M, mask_mode=mask_mode)
 
 
+def _expected_gemm_path(ext, pinned: str) -> str:
+    """The implementation an aligned fp16/bf16 problem must run on when ``pinned`` is requested."""
+    hopper = torch.cuda.get_device_capability() == (9, 0) and ext.build_metadata()["sm90_kernels"]
+    if pinned == "auto":
+        return "sm90" if hopper else "sm80"
+    if pinned == "sm90":
+        return "sm90" if hopper else "cublas"
+    return pinned  # "sm80" runs on every sm_80+ GPU; "cublas"
+
+
 @pytest.mark.parametrize("gemm", ["auto", "sm80", "sm90", "cublas"], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_base_gemm_paths(gemm, dtype, p):
-    """Each base GEMM implementation on aligned shapes larger than one 128×256 tile."""
+def test_base_gemm_paths(ext, gemm, dtype, p):
+    """Each base GEMM implementation on aligned shapes larger than one 128×256 tile.
+
+    The CUTLASS paths fall back to cuBLAS silently when can_implement() refuses a problem, so
+    the test also checks which implementation actually ran (forward GEMM, then the dX GEMM)."""
     t = _make(300, 264, 520, 16, dtype)
+    want = _expected_gemm_path(ext, gemm)
+    torch.ops.lora_kernels.cuda_lora_fwd(
+        t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 0.5, p, 7, True
+    )
+    assert ext.last_gemm_path() == want, "forward base GEMM"
     _check_against_ref(t, scaling=0.5, p=p, seed=7, mask_mode="bitmask")
+    assert ext.last_gemm_path() == want, "dX base GEMM"
+
+
+def test_unaligned_and_fp32_problems_use_cublas(ext):
+    for t in (_make(67, 33, 50, 16, torch.bfloat16), _make(67, 72, 40, 16, torch.float32)):
+        torch.ops.lora_kernels.cuda_lora_fwd(
+            t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 2.0, 0.0, 0, False
+        )
+        assert ext.last_gemm_path() == "cublas"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_bias_and_lora_bias(dtype):
+    """bias / lora_bias as strided views (stride != 1): the expand kernel must honour the stride
+    (it once read them as contiguous). Aligned shapes, so the CUTLASS epilogue path runs too."""
+    t = _make(67, 72, 40, 16, dtype)
+    t["bias"] = torch.randn(40, 3, device="cuda", dtype=dtype)[:, 1]  # stride 3
+    t["lora_bias"] = torch.randn(80, device="cuda", dtype=dtype)[::2]  # stride 2
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=5, mask_mode="bitmask")
+
+
+def test_hostile_layouts():
+    """tests/test_hostile.py's layout cases (run there for torch/triton) on the cuda backend:
+    stride-0 rows of x, weight and lora_A; overlapping rows; transposed parameters; strided
+    biases; a frozen weight and bias that require grad."""
+    from tests import test_hostile as hostile
+
+    hostile.test_expanded_and_overlapping_strides("cuda")
+    hostile.test_non_contiguous_everything("cuda")
+    hostile.test_frozen_weight_and_bias_that_require_grad("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_runs_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the op must set the device (CUDAGuard) for its
+    launches, its workspace and the device properties it reads."""
+    t = {k: (v.to("cuda:1") if v is not None else None) for k, v in _make(67, 72, 40, 16, torch.bfloat16).items()}
+    dy = torch.randn(67, 40, device="cuda:1")
+    with torch.cuda.device(0):
+        y, g = _run(t, "cuda", 2.0, 0.1, 3, "bitmask", dy)
+    t64 = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    y64, g64 = _run(t64, "torch", 2.0, 0.1, 3, "bitmask", dy)
+    assert y.device == torch.device("cuda:1")
+    assert_close_ref(y, y64, (torch.bfloat16,), "y on cuda:1")
+    for k in g64:
+        assert_close_ref(g[k], g64[k], (torch.bfloat16,), f"d{k} on cuda:1")
+
+
+def test_seed_none_under_fullgraph():
+    """seed=None under torch.compile(fullgraph=True): the seed is an unbacked int from .item(),
+    which lora_linear_2d must pass through (int() on it cannot be traced)."""
+    t = _make(64, 72, 40, 16, torch.bfloat16)
+
+    def f(x):
+        return lora_linear(x, t["weight"], t["lora_A"], t["lora_B"], dropout_p=0.5, backend="cuda")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    y1, y2 = compiled(t["x"]), compiled(t["x"])
+    torch.manual_seed(3)
+    e1, e2 = f(t["x"]), f(t["x"])
+    assert not torch.equal(y1, y2), "two calls with seed=None used the same dropout mask"
+    assert torch.equal(y1, e1) and torch.equal(y2, e2), "compiled calls drew other seeds than eager"
+
+
+@pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
+def test_more_than_2_pow_31_elements(mask_mode):
+    """M·K > 2³¹ (about 13 GB of GPU memory): every offset in the kernels must be 64-bit (x, dx,
+    the bitmask, the transposed reads of the backward reductions). Rows around element 2³¹ are
+    checked against float64, dA and dB against a chunked float32 reference."""
+    from tests.test_hostile import keep_rows
+
+    k, n, r, p, seed, s = 4096, 64, 16, 0.1, 2**35 + 3, 2.0
+    m = 2**31 // k + 1000  # the last 1000 rows lie beyond element 2**31
+    dt = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=dt, generator=g).requires_grad_(True)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(dt)
+    A = (torch.randn(r, k, device="cuda", generator=g) * k**-0.5).to(dt).requires_grad_(True)
+    B = (torch.randn(n, r, device="cuda", generator=g) * r**-0.5).to(dt).requires_grad_(True)
+    dy = torch.randn(m, n, device="cuda", dtype=dt, generator=g)
+    y = lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=seed, backend="cuda", dropout_mask=mask_mode)
+    y.backward(dy)
+    rows = torch.cat([torch.arange(0, 8), torch.arange(2**31 // k - 4, 2**31 // k + 4), torch.arange(m - 8, m)])
+    rows = rows.cuda()
+    keep = keep_rows(seed, rows, k, p)
+    x64, dy64 = x.detach()[rows].double(), dy[rows].double()
+    w64, A64, B64 = w.double(), A.detach().double(), B.detach().double()
+    h = x64 * keep / (1 - p)
+    assert_close_ref(y[rows], x64 @ w64.t() + s * (h @ A64.t()) @ B64.t(), [dt], "y rows around 2**31")
+    dx_ref = dy64 @ w64 + (s * dy64 @ B64 @ A64) * keep / (1 - p)
+    assert_close_ref(x.grad[rows], dx_ref, [dt], "dx rows around 2**31")
+    dA = torch.zeros(r, k, device="cuda", dtype=torch.float64)
+    dB = torch.zeros(n, r, device="cuda", dtype=torch.float64)
+    for start in range(0, m, 65536):
+        idx = torch.arange(start, min(start + 65536, m), device="cuda")
+        hc = x.detach()[idx].float() * keep_rows(seed, idx, k, p) / (1 - p)
+        dyc = dy[idx].float()
+        dB += (s * dyc.t() @ (hc @ A.detach().float().t())).double()
+        dA += ((s * dyc @ B.detach().float()).t() @ hc).double()
+    assert_close_ref(A.grad, dA, [dt], "dA over > 2**31 elements")
+    assert_close_ref(B.grad, dB, [dt], "dB over > 2**31 elements")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

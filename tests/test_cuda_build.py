@@ -105,7 +105,7 @@ def test_extension_imports_with_matching_metadata(ext):
     assert meta["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
     assert meta["archs"] == info["cuda_archs"]
     assert meta["sm90_kernels"] == ("90" in meta["archs"].split(";"))
-    for name in ("lora_fwd", "lora_bwd", "host_pack_mask", "host_keep_mask", "host_philox"):
+    for name in ("lora_fwd", "lora_bwd", "host_pack_mask", "host_keep_mask", "host_philox", "last_gemm_path"):
         assert callable(getattr(ext, name))
 
 
@@ -115,10 +115,31 @@ def test_gemm_backend_switch(ext):
     try:
         ext.set_gemm_backend("sm80")
         assert ext.gemm_backend() == "sm80"
+        assert ext.last_gemm_path() in ("none", "cublas", "sm80", "sm90")
         with pytest.raises(ValueError, match="gemm backend"):
             ext.set_gemm_backend("tensorcore")
     finally:
         ext.set_gemm_backend("auto")
+
+
+@requires_toolkit
+def test_device_reason_traces_under_fullgraph_compile(ext, monkeypatch):
+    """backends.resolve runs inside compiled regions; the cuda backend's device check calls the
+    pybind module (build_metadata), which dynamo cannot trace: it must be a trace-time constant.
+    The GPU query is faked (an sm_90 device 0) so this runs on CPU."""
+    from lora_kernels.cuda_ops import lora_linear as cuda_mod
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_mod, "_DEVICE_REASONS", {})
+
+    def f(x):
+        return x * 2 if cuda_mod._device_reason(0) is None else x * 3
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0))
+    assert cuda_mod._DEVICE_REASONS == {0: None}
+    torch._dynamo.reset()
 
 
 @requires_toolkit

@@ -103,6 +103,8 @@ class _CudaLoraFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
         need = ctx.needs_input_grad
+        # dX += dY·W runs in x's dtype (lora_bwd refuses a mismatch rather than misread the bytes).
+        dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
         dx, dA, dB, dlb = torch.ops.lora_kernels.cuda_lora_bwd(
             dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0])
         )
@@ -123,6 +125,28 @@ class _CudaLoraFunction(torch.autograd.Function):
         )
 
 
+_DEVICE_REASONS: dict[int, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _device_reason(index: int) -> str | None:
+    """Why the extension cannot run on GPU ``index`` (None if it can), computed once per device.
+
+    ``resolve`` runs inside compiled regions (torch.compile(fullgraph=True) of a model): this
+    calls into importlib and the pybind module (build_metadata), which dynamo cannot trace, so
+    dynamo evaluates it at trace time and bakes in the answer (it is fixed for the process).
+    """
+    if index not in _DEVICE_REASONS:
+        device = torch.device("cuda", index)
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            reason = f"the cuda backend needs an sm_80 or newer GPU, this one is sm_{cap[0]}{cap[1]}"
+        else:
+            reason = _ext.availability(device)
+        _DEVICE_REASONS[index] = reason
+    return _DEVICE_REASONS[index]
+
+
 def unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
     """None if backend="cuda" can run these tensors, else a one-line reason."""
     if x.device.type != "cuda":
@@ -130,10 +154,8 @@ def unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A)):
         if t.dtype not in _DTYPES:
             return f"{name} dtype {t.dtype} is not supported by the cuda backend (float16, bfloat16, float32)"
-    cap = torch.cuda.get_device_capability(x.device)
-    if cap < (8, 0):
-        return f"the cuda backend needs an sm_80 or newer GPU, this one is sm_{cap[0]}{cap[1]}"
-    return _ext.availability(x.device)
+    # A CUDA tensor's device always carries its index.
+    return _device_reason(x.device.index)
 
 
 def lora_linear_2d(
@@ -149,6 +171,8 @@ def lora_linear_2d(
     mask_mode: str,
 ) -> Tensor:
     """The backend contract (lora_kernels/backends.py): x2 (M, K) -> (M, N), differentiable."""
+    # seed is passed as it is: under torch.compile it may be a symbolic (even unbacked, from
+    # .item()) int, which int() would specialize or fail on; the op schema takes a SymInt.
     return _CudaLoraFunction.apply(
-        x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(p), int(seed), mask_mode
+        x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(p), seed, mask_mode
     )
