@@ -11,6 +11,8 @@
 #   BENCH_ARGS="..." extra arguments for `python -m bench.lora_linear --quick`
 #   PYTEST_ARGS="..." extra arguments for pytest
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
+#   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
+#                    scripts/vendor_cutlass.sh; the device image has no nvidia-cutlass package)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,10 @@ if [ -n "$CUDA_HOME" ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# No package registry on the device image: CUTLASS headers carried in by scripts/vendor_cutlass.sh.
+if [ -z "${LORA_KERNELS_CUTLASS_DIR:-}" ] && [ -f third_party/cutlass/include/cutlass/cutlass.h ]; then
+  export LORA_KERNELS_CUTLASS_DIR="$PWD/third_party/cutlass"
+fi
 export HF_HUB_OFFLINE=1
 LOG_DIR=${GPU_CHECK_LOGS:-$(mktemp -d -t gpu-check-XXXXXX)}
 mkdir -p "$LOG_DIR"

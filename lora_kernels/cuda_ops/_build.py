@@ -116,9 +116,18 @@ def _site_dirs() -> list[Path]:
 
 
 def cutlass_include_dirs() -> list[str]:
-    """CUTLASS/CuTe headers of the ``nvidia-cutlass`` package (``cutlass_library/source/include``)."""
+    """CUTLASS/CuTe headers: ``LORA_KERNELS_CUTLASS_DIR`` (a CUTLASS source tree with ``include/`` and
+    ``tools/util/include/``, e.g. made by scripts/vendor_cutlass.sh for a machine without a package
+    registry), else those of the ``nvidia-cutlass`` package (``cutlass_library/source/include``)."""
     import importlib.util
 
+    override = os.environ.get("LORA_KERNELS_CUTLASS_DIR", "").strip()
+    if override:
+        root = Path(override)
+        inc, util = root / "include", root / "tools" / "util" / "include"
+        if not (inc / "cutlass" / "cutlass.h").exists():
+            raise RuntimeError(f"LORA_KERNELS_CUTLASS_DIR={override}: {inc}/cutlass/cutlass.h is missing")
+        return [str(inc), str(util)]
     spec = importlib.util.find_spec("cutlass_library")
     if spec is None or spec.origin is None:
         raise RuntimeError("the CUTLASS headers come from the 'nvidia-cutlass' package: pip install nvidia-cutlass")
