@@ -346,3 +346,32 @@ def test_triton_autotune_gpu(monkeypatch):
     x, W, A, B, b, lb = make_inputs(1024, 1024, 2048, 16, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=0.1)
     run_and_check("triton", x, W, A, B, b, lb, p=0.1, mode="regenerate")
+
+
+def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
+    """Fixed tiles too big for a GPU's shared memory: one stage fewer, then half the N tile."""
+    _skip_unavailable("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    tried = []
+
+    class FakeKernel:
+        arg_names = ["X", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append((kw["BLOCK_N"], kw["num_stages"], grid))
+                if kw["BLOCK_N"] > 128:
+                    raise OutOfResources(232448, 227000, "shared memory")
+
+            return launch
+
+    fixed = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    grid = lambda META: (META["BLOCK_N"],)  # noqa: E731
+    tri._launch(FakeKernel(), grid, ("x",), {}, fixed, tri._identity)
+    assert tried == [(256, 3, (256,)), (256, 2, (256,)), (128, 2, (128,))]
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        tri._launch(FakeKernel(), grid, ("x",), {}, {**fixed, "BLOCK_N": 512}, tri._identity)

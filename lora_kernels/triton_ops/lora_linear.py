@@ -26,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -580,6 +581,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE"]
+_DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
 @functools.cache
@@ -603,10 +605,25 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     if wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs):
         _autotuner(kernel)[grid](*args, **meta)
         return
-    tiles = {k: v for k, v in fixed.items() if k not in ("num_warps", "num_stages")}
     if "BLOCK_N" not in kernel.arg_names:
         fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
-    wrap(kernel)[grid({**meta, **tiles})](*args, **meta, **fixed)
+    # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
+    # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
+    variants = [fixed]
+    if wrap is _identity:
+        fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
+        variants += [fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed.get("BLOCK_N", 0) > 64 else [])
+    for i, cfg in enumerate(variants):
+        tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        hook = _DESC_HOOKS.get(kernel)
+        if hook is not None:  # TMA descriptors carry the block shape: keep them in step with the tiles
+            hook({**dict(zip(kernel.arg_names, args, strict=False)), **tiles})
+        try:
+            wrap(kernel)[grid({**meta, **tiles})](*args, **meta, **cfg)
+            return
+        except OutOfResources:
+            if i == len(variants) - 1:
+                raise
 
 
 def lora_fwd(
