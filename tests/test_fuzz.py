@@ -5,7 +5,7 @@ slices) of x and of the parameters, dtype configurations, bias flags, dropout p,
 and scalings. Outputs and the gradients of x, lora_A, lora_B and lora_bias are compared with the
 reference in float64 using the one tolerance table (tests/_utils.py).
 
-Example counts: the "lora-ci" profile (CPU / Triton interpreter: small shapes, 25 examples) or
+Example counts: the "lora-ci" profile (CPU / Triton interpreter: small shapes, 60 examples) or
 "lora-gpu" (full ranges M ≤ 600, K, N ≤ 700, r ≤ 256; 200 examples). Set
 ``LORA_KERNELS_FUZZ_EXAMPLES`` to change the count.
 """
@@ -31,7 +31,7 @@ _EXAMPLES = os.environ.get("LORA_KERNELS_FUZZ_EXAMPLES")
 
 settings.register_profile(
     "lora-ci",
-    max_examples=int(_EXAMPLES or 25),
+    max_examples=int(_EXAMPLES or 60),
     deadline=None,
     derandomize=True,  # CI runs the same examples every time: a failure reproduces locally
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
