@@ -16,6 +16,7 @@ it can run these tensors) and ``lora_linear_2d`` (the contract above).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 
@@ -24,6 +25,11 @@ import torch
 __all__ = ["BACKENDS", "available_backends", "resolve", "interpret_mode"]
 
 BACKENDS = ("torch", "triton", "cuda")
+# Backend name -> module implementing the contract above (replaceable, e.g. by tests).
+_MODULES = {
+    "triton": "lora_kernels.triton_ops.lora_linear",
+    "cuda": "lora_kernels.cuda_ops.lora_linear",
+}
 # "auto" preference per GPU compute capability: measured winner first (bench/results).
 # Until a CUDA-backend measurement says otherwise, Triton is preferred everywhere.
 _AUTO_ORDER: dict[tuple[int, int], tuple[str, ...]] = {}
@@ -36,13 +42,16 @@ def interpret_mode() -> bool:
 
 
 def _module(name: str):
-    # Import statements, not importlib.import_module: dynamo refuses to trace the latter, and
-    # resolve() runs inside torch.compile(fullgraph=True) regions.
+    path = _MODULES[name]
+    # Import statements for the built-in backends, not importlib.import_module: dynamo refuses to
+    # trace the latter, and resolve() runs inside torch.compile(fullgraph=True) regions.
     try:
-        if name == "triton":
+        if path == "lora_kernels.triton_ops.lora_linear":
             from .triton_ops import lora_linear as mod
-        else:
+        elif path == "lora_kernels.cuda_ops.lora_linear":
             from .cuda_ops import lora_linear as mod
+        else:  # a module registered at run time (tests, plug-ins); eager use only
+            mod = importlib.import_module(path)
         return mod, None
     except ImportError as e:  # e.g. triton missing on a CPU-only install
         return None, f"cannot import the {name} backend: {e}"
