@@ -375,3 +375,136 @@ def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
     tried.clear()
     with pytest.raises(OutOfResources):
         tri._launch(FakeKernel(), grid, ("x",), {}, {**fixed, "BLOCK_N": 512}, tri._identity)
+
+
+def test_tuned_launch_falls_back_to_fixed_tiles_on_out_of_resources(monkeypatch):
+    """If no autotuning config fits the GPU's shared memory the launcher uses (and steps down) the
+    fixed tiles instead of failing: the autotuner benchmarks the misfits as inf and then runs one."""
+    _skip_unavailable("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    tried = []
+
+    class OversizedTuner:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append("tuned")
+                raise OutOfResources(393216, 232448, "shared memory")
+
+            return launch
+
+    class FakeKernel:
+        arg_names = ["X", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: tried.append(("fixed", kw["BLOCK_N"], kw["num_stages"]))
+
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    monkeypatch.setattr(tri, "_configs", lambda: {})  # the tuned branch also runs in the interpreter
+    monkeypatch.setattr(tri, "_autotuner", lambda kernel: OversizedTuner())
+    fixed = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2)
+    tri._launch(FakeKernel(), lambda META: (1,), ("x",), {}, fixed, tri._identity)
+    assert tried == ["tuned", ("fixed", 64, 2)]
+
+
+# Compiles (does not run) every kernel the launchers pick, for an H100 (sm_90), through Triton's real
+# compiler with a stand-in driver: catches what the interpreter cannot (constexpr globals, a name
+# bound with two types across a runtime `if`, layouts, shared memory over the 227 KiB of an H100).
+# The launches go through the real `_launch`, so its step-down on OutOfResources is exercised too.
+_SM90_COMPILE = r"""
+import json, os, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.errors import OutOfResources
+
+H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+class Sm90:  # compile-only driver: nothing is launched, no GPU is needed
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+
+driver.set_active(Sm90())
+import lora_kernels.triton_ops.lora_linear as tri
+
+tri.AUTOTUNE = False
+real_launch = tri._launch
+results = []
+
+class Compile:  # stands in for the JITFunction (same hash/eq, so _DESC_HOOKS finds its hook)
+    def __init__(self, fn): self.fn, self.arg_names = fn, fn.arg_names
+    def __hash__(self): return hash(self.fn)
+    def __eq__(self, other): return other is self.fn or other is self
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            k = self.fn.run(*args, grid=None, warmup=True, **kw)
+            cfg = {n: kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages") if n in kw}
+            results.append(dict(kernel=self.fn.__name__, case=CASE, cfg=cfg, smem=k.metadata.shared))
+            if k.metadata.shared > H100_SMEM:
+                raise OutOfResources(k.metadata.shared, H100_SMEM, "shared memory")
+        return launch
+
+def launch(kernel, *a):
+    results.append("launch")
+    real_launch(Compile(kernel), *a)
+
+tri._launch = launch
+for CASE in json.loads(sys.argv[1]):
+    dt = getattr(torch, CASE["dtype"])
+    R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
+    M, N, K = 96, 160, 128
+    x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
+    a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
+    y, t, bits = tri.lora_fwd(x, w, bias, a, b, bias, 2.0, p, 2**40 + 3, store)
+    tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, p, 2**40 + 3, True, True)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """Every kernel variant of a representative set compiles for sm_90 and the launcher finds
+    tiles within the H100's shared memory (fixed tiles, stepping down like on a real GPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    cases = [
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1"),  # TMA forward/backward, stored mask
+        dict(dtype="float16", r=64, mode="regenerate", tma="0"),  # pointer kernels, regenerated mask
+        dict(dtype="bfloat16", r=256, mode="regenerate", tma="1"),  # widest rank: BM != BN, big epilogue
+        dict(dtype="float32", r=16, mode="bitmask", tma="1"),  # ieee fp32 dots (never TMA)
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_COMPILE, json.dumps(cases)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    # One list of compiles per launch: more than one means the launcher stepped down (_launch
+    # re-raises when its last variant does not fit, so a zero exit means every launch fit).
+    launches = []
+    for r in results:
+        if r == "launch":
+            launches.append([])
+        else:
+            launches[-1].append(r)
+    assert len(launches) == 4 * len(cases) and all(launches), launches
+    assert {c["kernel"] for tries in launches for c in tries} == {
+        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel"
+    }  # fmt: skip
+    assert all(tries[-1]["smem"] <= 232448 for tries in launches)
+    # The measured-best 128x256 forward tile (ANCHORS.md) fits as it is at rank 16.
+    fwd_tma = [t for t in launches if t[0]["kernel"] == "_fwd_tma_kernel" and t[0]["case"]["r"] == 16]
+    assert [(t[0]["cfg"]["BLOCK_N"], len(t)) for t in fwd_tma] == [(256, 1)], fwd_tma

@@ -319,7 +319,9 @@ def _bwd_dy_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rn = offs_n.to(tl.int64)
         n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        # Not ``acc``: a name bound in both branches of a runtime ``if`` must have one type in the
+        # compiler, and this tile is (BN, BR) where the dT one is (BM, BR).
+        acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -330,9 +332,9 @@ def _bwd_dy_kernel(
                 DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT
             )
             t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _mma(dyt, t.to(CDT), acc, IEEE)
+            acc_db = _mma(dyt, t.to(CDT), acc_db, IEEE)
             colsum += tl.sum(dyt.to(tl.float32), axis=1)
-        tl.store(DB + rn[:, None] * stride_dbn + offs_r[None, :], acc * scaling, mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(DB + rn[:, None] * stride_dbn + offs_r[None, :], acc_db * scaling, mask=n_ok[:, None] & r_ok[None, :])
         tl.store(DSUM + rn, colsum, mask=n_ok)
 
 
@@ -461,7 +463,10 @@ def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if backward:  # (BM, BK) output tiles, BN is the reduction step over N
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        # Rank ≥ 128: 3 stages need 256 KiB (r=128) / 384 KiB (r=256) of shared memory, 2 stages
+        # 160 / 224 KiB (triton 3.6, sm_90): start at 2 rather than compile a kernel that cannot load.
+        stages = 2 if _block_r(R) >= 128 else 3
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=stages)
     bn = 256 if _block_r(R) <= 64 else 128
     return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -508,6 +513,8 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
             return False
     for t in tensors:
         if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+        if t.stride(0) < t.shape[1]:  # overlapping rows (e.g. an expanded dY with row stride 0)
             return False
     return True
 
@@ -563,8 +570,10 @@ def _configs() -> dict:
                         + [_c(32, 64, 32, 4, 2)],
         _bwd_dx_kernel: [_c(128, 64, 128, 8, 3), _c(128, 128, 64, 8, 3), _c(64, 64, 128, 4, 3), _c(64, 128, 64, 4, 4)]
                         + gemm32,
+        # The last one is the only one that fits in 227 KiB of shared memory at rank 256 (180 KiB).
         _bwd_dx_tma_kernel: [_c(128, 64, 128, 8, 3, _set_dx_desc_blocks), _c(128, 64, 256, 8, 3, _set_dx_desc_blocks),
-                             _c(128, 128, 128, 8, 3, _set_dx_desc_blocks), _c(64, 64, 128, 4, 4, _set_dx_desc_blocks)],
+                             _c(128, 128, 128, 8, 3, _set_dx_desc_blocks), _c(64, 64, 128, 4, 4, _set_dx_desc_blocks),
+                             _c(128, 64, 64, 8, 2, _set_dx_desc_blocks)],
     }  # fmt: skip
 
 
@@ -603,8 +612,11 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     fixed: tile constexprs plus num_warps/num_stages for the untuned launch.
     """
     if wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs):
-        _autotuner(kernel)[grid](*args, **meta)
-        return
+        try:
+            _autotuner(kernel)[grid](*args, **meta)
+            return
+        except OutOfResources:
+            pass  # every tuned config exceeds this GPU: the fixed tiles below step down until one fits
     if "BLOCK_N" not in kernel.arg_names:
         fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the

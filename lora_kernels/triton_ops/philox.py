@@ -10,10 +10,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+# Module-level constants must be ``tl.constexpr`` *instances* for the compiler (an annotation alone
+# is rejected: "Cannot access global variable ... from within @jit'ed function"); the interpreter
+# accepts either, so only a GPU compile catches it.
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 @triton.jit
