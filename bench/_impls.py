@@ -12,6 +12,8 @@ Names:
     ``torch``   ``lora_kernels.lora_linear(backend="torch")`` (the reference; a dry-run row).
     ``triton-bitmask``, ``triton-regen``, ``cuda-bitmask``, ``cuda-regen``:
                 ``lora_kernels.lora_linear`` with that backend and ``dropout_mask`` mode.
+    ``triton-1pass`` ``triton-bitmask`` with the single-pass forward (one launch, Hopper TMA path;
+                opt-in via ``LORA_KERNELS_FWD=single`` until measured, see bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ALL_IMPLS = (
     "compile",
     "torch",
     "triton-bitmask",
+    "triton-1pass",
     "triton-regen",
     "cuda-bitmask",
     "cuda-regen",
@@ -255,6 +258,29 @@ def _ours(prob: Problem, backend: str, mask_mode: str, name: str) -> Impl:
     return Impl(name, fn, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 
 
+def _ours_single_pass(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the single-pass forward switched on for this row's calls only."""
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops.fwd_single_pass import single_pass_reason
+
+    base = _ours(prob, "triton", "bitmask", "triton-1pass")
+    x, W = prob.xs[0], prob.weight
+    if not (tri._tma_ok(x, W) and (prob.N * x.element_size()) % 16 == 0):
+        raise Unavailable("the single-pass forward runs on the TMA path only (sm90+, 16-bit x, 16-byte rows)")
+    reason = single_pass_reason(x, W, prob.lora_A)
+    if reason is not None:
+        raise Unavailable(reason)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        prev, tri.FWD_MODE = tri.FWD_MODE, "single"
+        try:
+            return base.fn(x)
+        finally:
+            tri.FWD_MODE = prev
+
+    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+
+
 def build(name: str, prob: Problem) -> Impl:
     """The :class:`Impl` called ``name`` on ``prob``; raises :class:`Unavailable` with a reason."""
     if name == "cublas":
@@ -267,6 +293,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _peft(prob)
     if name == "torch":
         return _ours(prob, "torch", "bitmask", name)
+    if name == "triton-1pass":
+        return _ours_single_pass(prob)
     backend, _, mode = name.partition("-")
     if backend in ("triton", "cuda") and mode in _MASK_MODES:
         if mode == "regen" and prob.p == 0.0:

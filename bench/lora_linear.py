@@ -71,7 +71,17 @@ PRESETS: dict[str, dict] = {
     "dry": {"m": [64], "shapes": [(64, 96)], "ranks": [8], "dropout": [0.0, 0.1], "extra": []},
 }
 _AXES = ("m", "shapes", "ranks", "dropout")
-GPU_IMPLS = ("cublas", "naive", "peft", "compile", "triton-bitmask", "triton-regen", "cuda-bitmask", "cuda-regen")
+GPU_IMPLS = (
+    "cublas",
+    "naive",
+    "peft",
+    "compile",
+    "triton-bitmask",
+    "triton-1pass",
+    "triton-regen",
+    "cuda-bitmask",
+    "cuda-regen",
+)
 # torch.compile is left out of the dry run: inductor's C++ build takes minutes on a small CPU.
 DRY_IMPLS = ("cublas", "naive", "peft", "torch", "triton-bitmask", "triton-regen")
 

@@ -429,6 +429,7 @@ class Sm90:  # compile-only driver: nothing is launched, no GPU is needed
 
 driver.set_active(Sm90())
 import lora_kernels.triton_ops.lora_linear as tri
+import lora_kernels.triton_ops.fwd_single_pass as sp
 
 tri.AUTOTUNE = False
 real_launch = tri._launch
@@ -452,9 +453,17 @@ def launch(kernel, *a):
     real_launch(Compile(kernel), *a)
 
 tri._launch = launch
+# The single-pass forward launches its kernel itself (one launch, stepping down on OutOfResources).
+real_single = sp.lora_fwd_single_pass
+def single(*a, **k):
+    results.append("launch")
+    return real_single(*a, **k)
+sp.lora_fwd_single_pass = single
+sp._fwd_single_pass_kernel = Compile(sp._fwd_single_pass_kernel)
 for CASE in json.loads(sys.argv[1]):
     dt = getattr(torch, CASE["dtype"])
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
+    tri.FWD_MODE = CASE.get("fwd", "two")
     M, N, K = 96, 160, 128
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
@@ -479,6 +488,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="float16", r=64, mode="regenerate", tma="0"),  # pointer kernels, regenerated mask
         dict(dtype="bfloat16", r=256, mode="regenerate", tma="1"),  # widest rank: BM != BN, big epilogue
         dict(dtype="float32", r=16, mode="bitmask", tma="1"),  # ieee fp32 dots (never TMA)
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single"),  # single-pass forward, 128×256
+        dict(dtype="float16", r=128, mode="regenerate", tma="1", fwd="single"),  # single-pass, 128×128 tiles
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
@@ -500,11 +511,19 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
             launches.append([])
         else:
             launches[-1].append(r)
-    assert len(launches) == 4 * len(cases) and all(launches), launches
+    # Four launches per case (shrink, GEMM, dY, dX), three with the single-pass forward.
+    assert len(launches) == sum(3 if c.get("fwd") == "single" else 4 for c in cases) and all(launches), launches
     assert {c["kernel"] for tries in launches for c in tries} == {
-        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel"
+        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel",
+        "_fwd_single_pass_kernel",
     }  # fmt: skip
     assert all(tries[-1]["smem"] <= 232448 for tries in launches)
     # The measured-best 128x256 forward tile (ANCHORS.md) fits as it is at rank 16.
     fwd_tma = [t for t in launches if t[0]["kernel"] == "_fwd_tma_kernel" and t[0]["case"]["r"] == 16]
     assert [(t[0]["cfg"]["BLOCK_N"], len(t)) for t in fwd_tma] == [(256, 1)], fwd_tma
+    # So does the single-pass forward's with its partial-T tile (223 KiB under Triton 3.6, 158 under 3.8;
+    # at rank 64, 3.6 needs 254 KiB and steps down to 2 stages).
+    single = [t for t in launches if t[0]["kernel"] == "_fwd_single_pass_kernel"]
+    assert [(t[0]["case"]["r"], t[0]["cfg"]["BLOCK_N"], len(t)) for t in single] == [(16, 256, 1), (128, 128, 1)], (
+        single
+    )

@@ -108,12 +108,22 @@ def _fwd_epilogue(acc, BIAS, T, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, s
                   BLOCK_R: tl.constexpr):  # fmt: skip
     """acc (BM, BN) += (s·T)·Bᵀ + bias + s·lora_bias: one small extra MMA on the accumulator."""
     rm = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
+                other=0.0)  # fmt: skip
+    return _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
+                           HAS_BIAS, HAS_LBIAS, CDT, IEEE, BLOCK_R)  # fmt: skip
+
+
+@triton.jit
+def _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
+                    HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_R: tl.constexpr):  # fmt: skip
+    """The epilogue with T (BM, BLOCK_R) fp32 already in registers (the single-pass forward)."""
     rn = offs_n.to(tl.int64)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     b = _load_cast(LB + rn[None, :] * stride_lbn + offs_r[:, None] * stride_lbr, r_ok[:, None] & n_ok[None, :], CDT)
     acc = _mma((t * scaling).to(CDT), b, acc, IEEE)
     if HAS_BIAS:
@@ -173,6 +183,34 @@ def _da_block(pid_k, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk, stride_dtm,
     tl.store(DA + offs_r[:, None] * stride_dar + rk[None, :], acc * keep_scale, mask=r_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _shrink_step(acc, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold,
+                 HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """acc (BM, BLOCK_R) += (x ⊙ keep)·Aᵀ for the x tile (BM, BK) of columns k0 + [0, BK), storing its
+    keep bits when STORE_BITS. Shared by the shrink kernel and the single-pass forward."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    rk = offs_k.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    if HAS_DROPOUT:
+        # One Philox call per 8 columns; the same bytes are stored for backward.
+        G: tl.constexpr = BLOCK_K // 8
+        byte = dropout_mask_bytes(seed_lo, seed_hi, offs_m, k0 // 8, threshold, BLOCK_M, G)
+        if STORE_BITS:
+            offs_g = k0 // 8 + tl.arange(0, G)
+            # Bits of columns past K are stored as 0 (the layout of reference.pack_mask).
+            n_valid = tl.minimum(tl.maximum(K - offs_g * 8, 0), 8)
+            tl.store(
+                BITS + offs_m.to(tl.int64)[:, None] * stride_bm + offs_g[None, :],
+                (byte & ((1 << n_valid) - 1)[None, :]).to(tl.uint8),
+                mask=(offs_m < M)[:, None] & (offs_g < tl.cdiv(K, 8))[None, :],
+            )
+        x = tl.where(unpack_bytes(byte, BLOCK_M, BLOCK_K), x, 0.0)
+    a_mask = (offs_k < K)[:, None] & (offs_r < R)[None, :]
+    a = _load_cast(A + offs_r[None, :] * stride_ar + rk[:, None] * stride_ak, a_mask, CDT)  # Aᵀ tile
+    return _mma(x, a, acc, IEEE)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _shrink_kernel(
     X, A, T, BITS,
@@ -189,30 +227,14 @@ def _shrink_kernel(
     rm = offs_m.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
-    G: tl.constexpr = BLOCK_K // 8
-    n_groups = tl.cdiv(K, 8)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        rk = offs_k.to(tl.int64)
         x_mask = m_ok[:, None] & (offs_k < K)[None, :]
-        x = _load_cast(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk, x_mask, CDT)
-        if HAS_DROPOUT:
-            # One Philox call per 8 columns; the same bytes are stored for backward.
-            byte = dropout_mask_bytes(seed_lo, seed_hi, offs_m, k0 // 8, threshold, BLOCK_M, G)
-            if STORE_BITS:
-                offs_g = k0 // 8 + tl.arange(0, G)
-                # Bits of columns past K are stored as 0 (the layout of reference.pack_mask).
-                n_valid = tl.minimum(tl.maximum(K - offs_g * 8, 0), 8)
-                tl.store(
-                    BITS + rm[:, None] * stride_bm + offs_g[None, :],
-                    (byte & ((1 << n_valid) - 1)[None, :]).to(tl.uint8),
-                    mask=m_ok[:, None] & (offs_g < n_groups)[None, :],
-                )
-            x = tl.where(unpack_bytes(byte, BLOCK_M, BLOCK_K), x, 0.0)
-        a_mask = (offs_k < K)[:, None] & (offs_r < R)[None, :]
-        a = _load_cast(A + offs_r[None, :] * stride_ar + rk[:, None] * stride_ak, a_mask, CDT)  # Aᵀ tile
-        acc = _mma(x, a, acc, IEEE)
+        x = _load_cast(X + rm[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk, x_mask, CDT)
+        acc = _shrink_step(acc, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, stride_bm,
+                           seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT, IEEE,
+                           BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
     t_mask = m_ok[:, None] & (offs_r < R)[None, :]
     tl.store(T + rm[:, None] * stride_tm + offs_r[None, :], acc * keep_scale, mask=t_mask)
 
@@ -493,6 +515,9 @@ def _m_bucket(M: int) -> int:
 # "auto": TMA persistent kernels on sm90+ GPUs; "1": wherever the tensors allow it (the CPU
 # interpreter included: that is how CI tests them); "0": never.
 TMA_MODE = os.environ.get("LORA_KERNELS_TMA", "auto")
+# "single": the one-launch forward of fwd_single_pass.py where it applies (Hopper TMA path, eager);
+# "two" (default until measured on a GPU, bench/NOTES.md): the shrink launch + the GEMM launch.
+FWD_MODE = os.environ.get("LORA_KERNELS_FWD", "two")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -658,6 +683,11 @@ def lora_fwd(
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    if FWD_MODE == "single" and wrap is _identity and (N * x.element_size()) % 16 == 0 and _tma_ok(x, weight):
+        from .fwd_single_pass import lora_fwd_single_pass, single_pass_reason
+
+        if single_pass_reason(x, weight, lora_A) is None:
+            return lora_fwd_single_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
     cdt, ieee = _compute_dtype(x)
     fixed = _cfg(x, R)
     BR = _block_r(R)

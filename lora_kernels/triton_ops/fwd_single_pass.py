@@ -1,0 +1,313 @@
+"""Single-pass fused LoRA forward (Hopper, opt-in): one launch, x streamed once.
+
+    y = x Wᵀ + bias + s · (dropout(x) Aᵀ Bᵀ + lora_bias)        x: (M, K), W: (N, K), A: (r, K), B: (N, r)
+
+The two-launch forward (``lora_linear.py``) pays a separate pass over x for T = dropout(x)·Aᵀ: 10–15 %
+of the GEMM at N = 4096 (bench/NOTES.md). Here T and the mask bits come from the x tiles that the
+persistent TMA GEMM loads anyway. Every output tile (m, n) needs all of T[m] (a sum over all of K) in
+its epilogue, so the shrink work of row-block m is split across its first S tiles, the producers:
+
+  1. producer (m, n < S) runs its K loop starting at K-slice n = K-blocks [n·kt/S, (n+1)·kt/S); for
+     that slice only it also generates the Philox mask (storing the bits) and accumulates the partial
+     T_n[m] = (x ⊙ keep)·Aᵀ, then finishes the GEMM over the other K-blocks; consumers (n ≥ S) run
+     a plain GEMM loop;
+  2. producers store T_n[m] (fp32) and arrive at row m's barrier; the last one publishes;
+  3. every tile of the row then sums the S partials in a fixed order (deterministic), tile (m, 0)
+     stores T[m] for backward, and the epilogue adds (s·T)·Bᵀ, bias and s·lora_bias before the TMA
+     store of y.
+Philox and the shrink MMA ride inside the tensor-core loop; no M×K or M×N intermediate exists; the
+extra traffic is S partials (S·BM·r·4 bytes read per tile, from L2). S and the grid come from
+``_plan``: S = all nt tiles of a row-block when the grid can hold whole row-blocks per round (nt = 16
+at N = 4096: 128 of 132 SMs), else S = min(nt, MAX_PRODUCERS).
+
+Deadlock freedom. Programs walk tiles in row-major order (tile_id = m·nt + n; program p takes p,
+p + P, p + 2P, …). Producers wait only for the producers of their own row-block, consumers only for
+the producers of theirs, which have lower tile ids. If every program is resident (persistent grid
+P ≤ #SMs, one CTA per SM) and S ≤ P: by induction on m, a producer of row m was preceded on its
+program only by tiles t − P, t − 2P, … < m·nt + S − P ≤ m·nt, i.e. tiles of earlier rows, so all S
+producers of row m arrive and the barrier opens; a consumer's earlier tiles are of rows ≤ m and
+only ever wait for producers. A producer group that straddles two rounds costs its early members a
+wait, not a deadlock. Under MPS or green contexts that cap a process below its grid, resident-ness is
+not guaranteed: keep this path off there (it is opt-in: ``LORA_KERNELS_FWD=single``).
+
+The barrier lives in a small int32 buffer owned by this module (per device and stream, zeroed once):
+per row-block an arrival count, which the last producer resets, and a flag into which it writes the
+launch's epoch (a host counter, fresh per launch), which everyone waits for; no memset launch per
+call. A CUDA graph would replay a stale epoch, so graph capture keeps the two-launch forward.
+Ordering: all warps' partial stores, ``debug_barrier`` (CTA), then an acq_rel arrival / release
+publish at GPU scope; waiters acquire, then ``debug_barrier`` again before any warp reads partials.
+
+The CPU interpreter runs the programs of a grid one after another, where any barrier would spin
+forever. There the kernel runs as two launches of the same code (PHASE 1: the shrink slices and
+partials; PHASE 2: the GEMM, the fixed-order sum and the epilogue), unless ``INTERPRETER_PHASES`` is
+False, which tests set while running the programs concurrently (tests/_concurrent_interp.py):
+then the real barrier runs, with real atomics, on the CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from ..reference import dropout_threshold
+from . import lora_linear as _ll  # _ll._empty: tests swap in a NaN-poisoning allocator
+from .lora_linear import (
+    _TL_DTYPE,
+    TensorDescriptor,
+    _block_r,
+    _compute_dtype,
+    _fwd_epilogue_t,
+    _grid_sms,
+    _interpret,
+    _m_bucket,
+    _seed_parts,
+    _shrink_step,
+)
+
+__all__ = ["single_pass_reason", "lora_fwd_single_pass"]
+
+# The interpreter runs the kernel as two phased launches (see the module docstring); tests that
+# execute the programs concurrently set this to False to run the real barrier.
+INTERPRETER_PHASES = True
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_barrier(SYNC, row, n_producers, epoch, IS_PRODUCER):
+    """Row-block barrier: producers arrive, everyone waits until the last producer has published.
+
+    SYNC[2·row] counts this launch's producer arrivals (left at 0 for the next launch);
+    SYNC[2·row + 1] holds the epoch of the last launch whose producers all arrived. The host passes
+    a fresh epoch per launch, so a value left by an earlier launch never opens this one."""
+    count_ptr = SYNC + 2 * row
+    flag_ptr = count_ptr + 1
+    tl.debug_barrier()  # every warp's partial-T stores precede this CTA's arrival
+    if IS_PRODUCER:
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if arrived == n_producers - 1:
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed")  # every producer of this launch has arrived
+            tl.atomic_xchg(flag_ptr, epoch, sem="release")
+    cur = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    while cur != epoch:
+        cur = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    tl.debug_barrier()  # no warp reads the partials before the acquire
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch"])
+def _fwd_single_pass_kernel(
+    x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
+    M, N, K, R, M_BUCKET, NUM_PROD, epoch,
+    stride_ar, stride_ak, stride_tm, stride_pn, stride_pm, stride_bm, stride_lbn, stride_lbr,
+    seed_lo, seed_hi, threshold, keep_scale, scaling,
+    PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """Persistent grid of NUM_SMS programs; PHASE 0 = everything (GPU), 1 = shrink slices only,
+    2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
+
+    The first NUM_PROD tiles of each row-block are its producers (K-slice n of NUM_PROD each).
+    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2·⌈M/BM⌉,) int32."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+        # Row-major walk: a row-block's producers are consecutive tiles (the barrier needs it, see above).
+        pid_m = tile_id // num_pid_n
+        pid_n = tile_id % num_pid_n
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        rm = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        p_mask = m_ok[:, None] & r_ok[None, :]
+        is_producer = pid_n < NUM_PROD
+        # Consumers get an empty slice (no shrink work) and run the GEMM over all of K below.
+        kb_lo = tl.where(is_producer, pid_n * k_tiles // NUM_PROD, 0)
+        kb_hi = tl.where(is_producer, (pid_n + 1) * k_tiles // NUM_PROD, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # A producer's K-slice: the GEMM step plus the shrink step on the same x tile.
+        for kb in range(kb_lo, kb_hi):
+            k0 = kb * BLOCK_K
+            x = x_desc.load([off_m, k0]).to(CDT)
+            if PHASE != 2:
+                part = _shrink_step(part, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, stride_bm,
+                                    seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT, False,
+                                    BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+            if PHASE != 1:
+                acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
+        if PHASE != 1:
+            # The rest of K, wrapping around: GEMM only (a plain, pipelined TMA loop).
+            for i in range(kb_hi - kb_lo, k_tiles):
+                k0 = ((kb_lo + i) % k_tiles) * BLOCK_K
+                acc = tl.dot(x_desc.load([off_m, k0]).to(CDT), w_desc.load([off_n, k0]).to(CDT).T, acc)
+        if PHASE != 2:
+            if is_producer:
+                part_ptrs = PART + pid_n * stride_pn + rm[:, None] * stride_pm + offs_r[None, :]
+                tl.store(part_ptrs, part * keep_scale, mask=p_mask)
+        if PHASE == 0:
+            _row_barrier(SYNC, pid_m, NUM_PROD, epoch, is_producer)
+        if PHASE != 1:
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for j in range(0, NUM_PROD):  # fixed order: every tile of the row gets the same bits
+                # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
+                t += tl.load(PART + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
+                             other=0.0, cache_modifier=".cg")  # fmt: skip
+            if pid_n == 0:
+                tl.store(T + rm[:, None] * stride_tm + offs_r[None, :], t, mask=p_mask)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc = _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
+                                  HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R)  # fmt: skip
+            y_desc.store([off_m, off_n], acc.to(OUT_DT))
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+_SYNC_LOCK = threading.Lock()
+_SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [buffer, last epoch]
+_EPOCH_MAX = 2**31 - 1
+# Producers per row-block when the grid cannot hold whole row-blocks per round (see _plan).
+MAX_PRODUCERS = 8
+
+
+def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int]:
+    """The barrier words for ``rows`` row-blocks and a fresh epoch for one launch.
+
+    One zeroed buffer per (device, stream): launches in flight on different streams must not share
+    counters, and launches on one stream run in order. The kernel leaves every count at 0 and
+    writes the launch's epoch into each row's flag, so the buffer is never cleared again; it is
+    reallocated (zeroed) when it must grow and when the epoch wraps."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    with _SYNC_LOCK:
+        entry = _SYNC.get(key)
+        if entry is None or entry[0].numel() < 2 * rows or entry[1] >= _EPOCH_MAX:
+            entry = [torch.zeros(2 * max(rows, 64), dtype=torch.int32, device=device), 0]
+            _SYNC[key] = entry
+        entry[1] += 1  # flags start at 0: epochs start at 1
+        return entry[0], entry[1]
+
+
+def _plan(nt: int, sms: int) -> tuple[int, int]:
+    """(programs, producers per row-block) for nt N-tiles per row-block on ``sms`` SMs.
+
+    All nt tiles produce (each a 1/nt slice of the shrink: the least skew) when the grid can hold
+    whole row-blocks per round with at most ~3 % of the SMs left out (nt = 16 on 132 SMs: 128
+    programs); then no row-block straddles two rounds. Otherwise (nt = 56 at N = 14336) the first
+    min(nt, MAX_PRODUCERS) tiles produce: only they wait for each other, the rest wait on earlier
+    tiles only, so a straddling row-block idles at most MAX_PRODUCERS − 1 programs for a tile."""
+    if nt <= sms and sms % nt <= max(sms // 32, 0):
+        return sms - sms % nt, nt
+    return sms, min(nt, MAX_PRODUCERS, sms)
+
+
+def _grid_size(programs: int, tiles: int) -> int:
+    return min(programs, tiles)
+
+
+def _single_cfg(R: int) -> dict:
+    """128×256×64, 8 warps, 3 stages (the plain GEMM's measured best on H100, ANCHORS.md) while the
+    rank tile is small; 128-wide N tiles when the partial-T and epilogue tiles grow with the rank."""
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=256 if _block_r(R) <= 64 else 128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """None if the single-pass forward can run on these (2-D) tensors, else why not."""
+    if TensorDescriptor is None:
+        return "this Triton has no tensor descriptors"
+    if _block_r(lora_A.shape[0]) > 128:
+        return f"rank {lora_A.shape[0]} > 128: the partial-T tile would not fit next to the accumulator"
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A captured launch replays its epoch argument: a flag left by the previous replay would open
+        # the barrier early. Graph capture keeps the two-launch forward.
+        return "CUDA graph capture in progress (the barrier needs a fresh epoch per launch)"
+    return None
+
+
+def lora_fwd_single_pass(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: int,
+    store_mask: bool,
+    num_programs: int | None = None,
+    num_producers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`lora_linear.lora_fwd` (``y (M, N)``, ``T (M, r)`` fp32, bits), in one
+    launch. The caller checks :func:`single_pass_reason` and TMA eligibility (16-bit x, 16-byte rows).
+    ``num_programs`` / ``num_producers``: override :func:`_plan` (tests use small grids)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    cdt, _ = _compute_dtype(x)
+    BR = _block_r(R)
+    y = _ll._empty((M, N), x.device, x.dtype)
+    t = _ll._empty((M, R), x.device, torch.float32)
+    has_dropout = p > 0.0
+    store_bits = has_dropout and store_mask
+    bits = _ll._empty((M, (K + 7) // 8) if store_bits else (0, 0), x.device, torch.uint8)
+    bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
+    lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
+    lo, hi = _seed_parts(seed)
+    fixed = _single_cfg(R)
+    # Step down (fewer stages, then half-width N tiles) if the tiles exceed this GPU's shared memory.
+    fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
+    variants = [fixed, fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed["BLOCK_N"] > 64 else [])
+    for i, cfg in enumerate(variants):
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        nt, mt = triton.cdiv(N, bn), triton.cdiv(M, bm)
+        programs, producers = _plan(nt, _grid_sms(x))
+        programs, producers = num_programs or programs, num_producers or min(producers, nt)
+        if producers > programs:  # the producers of a row-block must be resident together
+            raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
+        part = _ll._empty((producers, M, R), x.device, torch.float32)
+        sync, epoch = _sync_buffer(x.device, mt)
+        grid = (_grid_size(programs, nt * mt),)
+        args = (
+            TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+            TensorDescriptor.from_tensor(y, [bm, bn]), lora_A, bias_arg, t, part, bits, lora_B, lbias_arg, sync,
+            M, N, K, R, _m_bucket(M), producers, epoch,
+            lora_A.stride(0), lora_A.stride(1), t.stride(0), part.stride(0), part.stride(1), max(bits.stride(0), 1),
+            lora_B.stride(0), lora_B.stride(1),
+            lo, hi, dropout_threshold(p), 1.0 / (1.0 - p), scaling,
+        )  # fmt: skip
+        meta = dict(
+            HAS_DROPOUT=has_dropout,
+            STORE_BITS=store_bits,
+            HAS_BIAS=bias is not None,
+            HAS_LBIAS=lora_bias is not None,
+            CDT=cdt,
+            OUT_DT=_TL_DTYPE[y.dtype],
+            BLOCK_R=BR,
+            NUM_SMS=programs,
+            **cfg,
+        )  # fmt: skip  (the walk's stride; fewer programs when tiles < programs)
+        phases = (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,)
+        try:
+            for phase in phases:
+                _fwd_single_pass_kernel[grid](*args, PHASE=phase, **meta)
+            return y, t, bits
+        except OutOfResources:
+            if i == len(variants) - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,168 @@
+"""The single-pass forward (lora_kernels/triton_ops/fwd_single_pass.py): one launch whose tiles share
+the shrink work of their row-block through a cross-program barrier.
+
+On CI (no GPU) the kernel runs in the interpreter in two ways: as the two phased launches the
+interpreter uses by default, and with every program of the persistent grid running concurrently in
+its own thread (tests/_concurrent_interp.py), which executes the real barrier with real atomics,
+including rows that straddle two rounds of the persistent walk and K-slices that are empty.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
+
+from ._concurrent_interp import Deadlock, concurrent_programs
+from ._utils import HAS_CUDA, INTERPRET, assert_close_ref, requires_gpu
+from .test_lora_linear import _poison, make_inputs, run_and_check  # noqa: F401 - _poison: autouse fixture
+
+tri = pytest.importorskip("lora_kernels.triton_ops.lora_linear")
+sp = pytest.importorskip("lora_kernels.triton_ops.fwd_single_pass")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the interpreter's programs concurrently (CPU)")
+
+
+@pytest.fixture
+def single(monkeypatch):
+    """Route lora_fwd to the single-pass kernel (TMA forced on so the interpreter takes it too) and
+    record every call, so a test fails if the launcher silently fell back to two launches."""
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if not (HAS_CUDA or INTERPRET):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(tri, "FWD_MODE", "single")
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    calls = []
+    real = sp.lora_fwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def _ref_fwd(x, W, A, B, b, lb, p, seed, scaling=2.0):
+    d = lambda t: None if t is None else t.double()
+    return lora_linear_ref(d(x), d(W), d(A), d(B), d(b), d(lb), scaling, p, True, seed)
+
+
+@pytest.mark.parametrize(
+    "dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=["fp16", "bf16-fp32A"]
+)
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (1, 64, 96, 1), (130, 96, 48, 64), (40, 200, 120, 128)], ids=str)
+def test_single_pass_forward_and_gradients(single, dts, p, mode, shape):
+    """Through the public API: output and every gradient (the backward consumes the single-pass T and
+    bits) against the float64 reference."""
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
+    assert single == [(M, K)], "lora_fwd did not take the single-pass kernel"
+
+
+def _check_direct(x, W, A, B, b, lb, p, seed, programs, producers=None, store=True):
+    y, t, bits = sp.lora_fwd_single_pass(
+        x, W, b, A, B, lb, 2.0, p, seed, store, num_programs=programs, num_producers=producers
+    )
+    dts = (x.dtype, A.dtype)
+    assert_close_ref(y, _ref_fwd(x, W, A, B, b, lb, p, seed), dts, "y")
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device).double()
+    t_ref = (x.double() * keep / (1 - p)) @ A.double().t()
+    assert_close_ref(t, t_ref, dts, "T")
+    if p > 0 and store:
+        assert torch.equal(bits, pack_mask(dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)))
+    return y, t, bits
+
+
+# (M, K, N, r, programs, producers): 32×32×32 tiles in the interpreter, nt = ⌈N/32⌉ tiles per row-block.
+CONCURRENT = [
+    (100, 200, 96, 8, 4, 3),  # all 3 tiles produce, 4 programs: producer groups straddle rounds
+    (100, 200, 96, 8, 3, 3),  # one whole row-block per round
+    (67, 64, 128, 16, 5, 4),  # K has 2 blocks for 4 producers: two producers' slices are empty
+    (33, 96, 40, 1, 2, 2),  # r = 1, ragged M and N
+    (90, 128, 200, 8, 4, 2),  # 7 tiles, 2 producers, 5 consumers waiting on the flag; nt > programs
+    (64, 96, 160, 4, 3, 1),  # a single producer per row-block
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("M,K,N,r,programs,producers", CONCURRENT, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p):
+    """The real barrier (PHASE 0), every program in its own thread: y, T and the bits match the
+    reference, the results are bit-identical run to run, the counts are left at zero and every
+    row-block's flag holds the last launch's epoch."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    rows = (M + 31) // 32
+    with concurrent_programs(timeout=120):
+        first = _check_direct(x, W, A, B, b, lb, p, 99, programs, producers)
+        again = sp.lora_fwd_single_pass(
+            x, W, b, A, B, lb, 2.0, p, 99, True, num_programs=programs, num_producers=producers
+        )
+    for u, v in zip(first, again, strict=True):
+        assert torch.equal(u, v), "single-pass forward is not deterministic"
+    sync, epoch = sp._sync_buffer(x.device, rows)
+    assert int(sync[0::2].abs().sum()) == 0, "the barrier left an arrival count behind"
+    assert sync[1::2][:rows].tolist() == [epoch - 1] * rows, "a row-block's flag misses the last epoch"
+
+
+@needs_interpreter
+def test_single_pass_concurrent_harness_detects_a_deadlock(monkeypatch):
+    """Producers that are not all resident: the barrier cannot open. The launcher refuses producers >
+    programs; bypassing that (4 programs claimed, 2 launched), the concurrent interpreter must report
+    the deadlock rather than hang, which shows the harness really runs the barrier."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    x, W, A, B, b, lb = make_inputs(40, 64, 128, 4, xdt=torch.float16, adt=torch.float16)
+    with pytest.raises(ValueError, match="4 producers per row-block need at least as many programs"):
+        sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.0, 1, True, num_programs=2, num_producers=4)
+    monkeypatch.setitem(sp._SYNC, ("cpu", None, 0), [torch.zeros(128, dtype=torch.int32), 0])  # a scratch buffer
+    monkeypatch.setattr(sp, "_grid_size", lambda programs, tiles: 2)
+    with pytest.raises(Deadlock), concurrent_programs(timeout=5):
+        sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.0, 1, True, num_programs=4, num_producers=4)
+
+
+def test_single_pass_plan():
+    """Whole row-blocks per round where that leaves at most ~3 % of the SMs out, else ≤ 8 producers."""
+    assert sp._plan(16, 132) == (128, 16)  # N = 4096, BN = 256 on an H100: 8 row-blocks per round
+    assert sp._plan(56, 132) == (132, 8)  # N = 14336: 132 % 56 = 20 SMs would idle
+    assert sp._plan(33, 132) == (132, 33)  # 132 = 4 · 33: whole row-blocks again
+    assert sp._plan(1, 132) == (132, 1)
+    assert sp._plan(3, 4) == (4, 3)  # the interpreter's 4 programs: 4 % 3 = 1 > 0 left out
+    assert sp._plan(6, 4) == (4, 4)  # never more producers than programs
+
+
+@pytest.mark.parametrize("why", ["rank", "fp32", "unaligned"])
+def test_single_pass_not_taken_where_it_does_not_apply(single, why):
+    """Rank > 128, fp32 activations (no TMA path) and rows that are not 16-byte aligned keep the
+    two-launch forward; the results are still right."""
+    shape, xdt = {"rank": ((40, 64, 64, 200), torch.float16), "fp32": ((40, 64, 64, 8), torch.float32),
+                  "unaligned": ((40, 64, 70, 8), torch.float16)}[why]  # fmt: skip
+    x, W, A, B, b, lb = make_inputs(*shape, xdt=xdt, adt=xdt)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    assert single == []
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096, 16), (2048, 4096, 14336, 64), (1000, 2048, 3000, 128)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_single_pass_gpu_matches_two_launch(single, shape, p):
+    """Real sizes on a GPU, the whole grid resident: y and T agree with the two-launch forward, the
+    bits are identical, and 20 repeated launches give bit-identical outputs (a barrier race would show
+    as run-to-run differences or NaN from an unwritten partial)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
+    args = (x, W, b, A, B, lb, 2.0, p, 1234, True)
+    y, t, bits = tri.lora_fwd(*args)
+    assert single == [(M, K)]
+    tri.FWD_MODE = "two"
+    y2, t2, bits2 = tri.lora_fwd(*args)
+    tri.FWD_MODE = "single"
+    assert_close_ref(t, t2.double(), (torch.bfloat16, torch.float32), "T vs two-launch")
+    assert_close_ref(y, y2.double(), (torch.bfloat16,), "y vs two-launch")
+    assert torch.equal(bits, bits2)
+    for _ in range(20):
+        y3, t3, _b = tri.lora_fwd(*args)
+        assert torch.equal(y3, y) and torch.equal(t3, t)
