@@ -122,7 +122,7 @@ def test_single_pass_concurrent_harness_detects_a_deadlock(monkeypatch):
         sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.0, 1, True, num_programs=4, num_producers=4)
 
 
-def test_single_pass_plan():
+def test_single_pass_plan(monkeypatch):
     """Whole row-blocks per round where that leaves at most ~3 % of the SMs out, else ≤ 8 producers."""
     assert sp._plan(16, 132) == (128, 16)  # N = 4096, BN = 256 on an H100: 8 row-blocks per round
     assert sp._plan(56, 132) == (132, 8)  # N = 14336: 132 % 56 = 20 SMs would idle
@@ -130,6 +130,8 @@ def test_single_pass_plan():
     assert sp._plan(1, 132) == (132, 1)
     assert sp._plan(3, 4) == (4, 3)  # the interpreter's 4 programs: 4 % 3 = 1 > 0 left out
     assert sp._plan(6, 4) == (4, 4)  # never more producers than programs
+    monkeypatch.setattr(sp, "FORCE_PRODUCERS", 4)  # LORA_KERNELS_PRODUCERS=4: the full grid, 4 producers
+    assert sp._plan(16, 132) == (132, 4) and sp._plan(2, 132) == (132, 2)
 
 
 @pytest.mark.parametrize("why", ["rank", "fp32", "unaligned"])

@@ -46,6 +46,7 @@ then the real barrier runs, with real atomics, on the CPU.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -182,6 +183,8 @@ _SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [buffer, last e
 _EPOCH_MAX = 2**31 - 1
 # Producers per row-block when the grid cannot hold whole row-blocks per round (see _plan).
 MAX_PRODUCERS = 8
+# LORA_KERNELS_PRODUCERS=k: always the full grid with min(nt, k) producers (for measuring _plan's choice).
+FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
 
 
 def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int]:
@@ -209,7 +212,10 @@ def _plan(nt: int, sms: int) -> tuple[int, int]:
     whole row-blocks per round with at most ~3 % of the SMs left out (nt = 16 on 132 SMs: 128
     programs); then no row-block straddles two rounds. Otherwise (nt = 56 at N = 14336) the first
     min(nt, MAX_PRODUCERS) tiles produce: only they wait for each other, the rest wait on earlier
-    tiles only, so a straddling row-block idles at most MAX_PRODUCERS − 1 programs for a tile."""
+    tiles only, so a straddling row-block idles at most MAX_PRODUCERS − 1 programs for a tile.
+    Which one wins is a GPU measurement (bench/NOTES.md); ``FORCE_PRODUCERS`` overrides."""
+    if FORCE_PRODUCERS > 0:
+        return sms, min(nt, FORCE_PRODUCERS, sms)
     if nt <= sms and sms % nt <= max(sms // 32, 0):
         return sms - sms % nt, nt
     return sms, min(nt, MAX_PRODUCERS, sms)
