@@ -24,12 +24,15 @@ class Deadlock(RuntimeError):
 
 
 @contextlib.contextmanager
-def concurrent_programs(timeout: float = 120.0):
+def concurrent_programs(timeout: float = 120.0, max_resident: int | None = None):
+    """``max_resident``: at most this many programs run at once (the rest start as others finish),
+    like a GPU that cannot hold the whole grid (an MPS cap); default: all of them."""
     from triton.runtime import interpreter as I
 
     builder = I.interpreter_builder
     local = threading.local()
     abort = threading.Event()
+    slots = threading.BoundedSemaphore(max_resident) if max_resident else None
     base_cls = type(builder)
 
     class _ThreadLocalGrid(base_cls):
@@ -67,11 +70,16 @@ def concurrent_programs(timeout: float = 120.0):
             errors: list[BaseException] = []
 
             def program(idx):
+                if slots is not None:
+                    slots.acquire()
                 try:
                     builder.set_grid_idx(*idx)
                     self.fn(**args)
                 except BaseException as e:  # noqa: BLE001 - reported to the caller below
                     errors.append(e)
+                finally:
+                    if slots is not None:
+                        slots.release()
 
             threads = [
                 threading.Thread(target=program, args=((x, y, z),), daemon=True)

@@ -27,8 +27,10 @@ P ≤ #SMs, one CTA per SM) and S ≤ P: by induction on m, a producer of row m 
 program only by tiles t − P, t − 2P, … < m·nt + S − P ≤ m·nt, i.e. tiles of earlier rows, so all S
 producers of row m arrive and the barrier opens; a consumer's earlier tiles are of rows ≤ m and
 only ever wait for producers. A producer group that straddles two rounds costs its early members a
-wait, not a deadlock. Under MPS or green contexts that cap a process below its grid, resident-ness is
-not guaranteed: keep this path off there (it is opt-in: ``LORA_KERNELS_FWD=single``).
+wait, not a deadlock. Where residency does not hold (MPS or green contexts that cap a process below
+its grid, a GPU shared with long-running kernels), a wait is still bounded: after ``max_spins`` polls
+a tile recomputes T from x itself (slice by slice, in the producers' order) and counts it
+(``barrier_fallbacks``) — correct and slower, never a hang.
 
 The barrier lives in a small int32 buffer owned by this module (per device and stream, zeroed once):
 per row-block an arrival count, which the last producer resets, and a flag into which it writes the
@@ -69,7 +71,7 @@ from .lora_linear import (
     _shrink_step,
 )
 
-__all__ = ["single_pass_reason", "lora_fwd_single_pass"]
+__all__ = ["single_pass_reason", "lora_fwd_single_pass", "barrier_fallbacks"]
 
 # The interpreter runs the kernel as two phased launches (see the module docstring); tests that
 # execute the programs concurrently set this to False to run the real barrier.
@@ -82,8 +84,9 @@ INTERPRETER_PHASES = True
 
 
 @triton.jit
-def _row_barrier(SYNC, row, n_producers, epoch, IS_PRODUCER):
+def _row_barrier(SYNC, row, n_producers, epoch, max_spins, IS_PRODUCER):
     """Row-block barrier: producers arrive, everyone waits until the last producer has published.
+    Returns False if that did not happen within ``max_spins`` polls (the caller then recomputes).
 
     SYNC[2·row] counts this launch's producer arrivals (left at 0 for the next launch);
     SYNC[2·row + 1] holds the epoch of the last launch whose producers all arrived. The host passes
@@ -97,15 +100,18 @@ def _row_barrier(SYNC, row, n_producers, epoch, IS_PRODUCER):
             tl.atomic_xchg(count_ptr, 0, sem="relaxed")  # every producer of this launch has arrived
             tl.atomic_xchg(flag_ptr, epoch, sem="release")
     cur = tl.atomic_add(flag_ptr, 0, sem="acquire")
-    while cur != epoch:
+    spins = 0
+    while (cur != epoch) & (spins < max_spins):
         cur = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        spins += 1
     tl.debug_barrier()  # no warp reads the partials before the acquire
+    return cur == epoch
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch", "max_spins"])
 def _fwd_single_pass_kernel(
     x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
-    M, N, K, R, M_BUCKET, NUM_PROD, epoch,
+    M, N, K, R, M_BUCKET, NUM_PROD, epoch, max_spins, FALLBACKS,
     stride_ar, stride_ak, stride_tm, stride_pn, stride_pm, stride_bm, stride_lbn, stride_lbr,
     seed_lo, seed_hi, threshold, keep_scale, scaling,
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
@@ -158,14 +164,29 @@ def _fwd_single_pass_kernel(
             if is_producer:
                 part_ptrs = PART + pid_n * stride_pn + rm[:, None] * stride_pm + offs_r[None, :]
                 tl.store(part_ptrs, part * keep_scale, mask=p_mask)
+        opened = True
         if PHASE == 0:
-            _row_barrier(SYNC, pid_m, NUM_PROD, epoch, is_producer)
+            opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
         if PHASE != 1:
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for j in range(0, NUM_PROD):  # fixed order: every tile of the row gets the same bits
-                # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
-                t += tl.load(PART + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
-                             other=0.0, cache_modifier=".cg")  # fmt: skip
+            if opened:
+                for j in range(0, NUM_PROD):  # fixed order: every tile of the row gets the same bits
+                    # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
+                    t += tl.load(PART + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
+                                 other=0.0, cache_modifier=".cg")  # fmt: skip
+            else:
+                # The producers did not publish in time (programs not all resident: MPS, green
+                # contexts, a GPU shared with long kernels): recompute T from x, slice by slice in the
+                # producers' order, and count it (``barrier_fallbacks``). Correct, slower.
+                tl.atomic_add(FALLBACKS, 1)
+                for j in range(0, NUM_PROD):
+                    pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for kb in range(j * k_tiles // NUM_PROD, (j + 1) * k_tiles // NUM_PROD):
+                        k0 = kb * BLOCK_K
+                        pj = _shrink_step(pj, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R,
+                                          stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold,
+                                          HAS_DROPOUT, False, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                    t += pj * keep_scale
             if pid_n == 0:
                 tl.store(T + rm[:, None] * stride_tm + offs_r[None, :], t, mask=p_mask)
             offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -187,8 +208,8 @@ MAX_PRODUCERS = 8
 FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
 
 
-def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int]:
-    """The barrier words for ``rows`` row-blocks and a fresh epoch for one launch.
+def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The barrier words for ``rows`` row-blocks, a fresh epoch for one launch, and the fallback counter.
 
     One zeroed buffer per (device, stream): launches in flight on different streams must not share
     counters, and launches on one stream run in order. The kernel leaves every count at 0 and
@@ -198,11 +219,23 @@ def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int]:
     key = (device.type, device.index, stream)
     with _SYNC_LOCK:
         entry = _SYNC.get(key)
-        if entry is None or entry[0].numel() < 2 * rows or entry[1] >= _EPOCH_MAX:
-            entry = [torch.zeros(2 * max(rows, 64), dtype=torch.int32, device=device), 0]
-            _SYNC[key] = entry
+        if entry is None:
+            entry = _SYNC[key] = [torch.zeros(0, dtype=torch.int32, device=device), _EPOCH_MAX,
+                                  torch.zeros(1, dtype=torch.int32, device=device)]  # fmt: skip
+        if entry[0].numel() < 2 * rows or entry[1] >= _EPOCH_MAX:
+            entry[0], entry[1] = torch.zeros(2 * max(rows, 64), dtype=torch.int32, device=device), 0
         entry[1] += 1  # flags start at 0: epochs start at 1
-        return entry[0], entry[1]
+        return entry[0], entry[1], entry[2]
+
+
+def barrier_fallbacks(device: torch.device | str = "cuda") -> int:
+    """How many tiles, summed over the single-pass launches on this device's current stream, gave up
+    waiting for their row-block's producers and recomputed T themselves (0 when every program was
+    resident, as it should be). Synchronises with the device."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    entry = _SYNC.get((device.type, device.index, stream))
+    return 0 if entry is None else int(entry[2].item())
 
 
 def _plan(nt: int, sms: int) -> tuple[int, int]:
@@ -221,8 +254,10 @@ def _plan(nt: int, sms: int) -> tuple[int, int]:
     return sms, min(nt, MAX_PRODUCERS, sms)
 
 
-def _grid_size(programs: int, tiles: int) -> int:
-    return min(programs, tiles)
+def _max_spins() -> int:
+    # A poll is an L2 round trip (~1 µs on a GPU): 2^18 ≈ 0.1–0.3 s, far beyond a normal wait (one
+    # tile, ~50 µs). The interpreter's threads poll slowly and may wait for whole interpreted tiles.
+    return (1 << 30) if _interpret() else (1 << 18)
 
 
 def _single_cfg(R: int) -> dict:
@@ -259,10 +294,12 @@ def lora_fwd_single_pass(
     store_mask: bool,
     num_programs: int | None = None,
     num_producers: int | None = None,
+    max_spins: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`lora_linear.lora_fwd` (``y (M, N)``, ``T (M, r)`` fp32, bits), in one
     launch. The caller checks :func:`single_pass_reason` and TMA eligibility (16-bit x, 16-byte rows).
-    ``num_programs`` / ``num_producers``: override :func:`_plan` (tests use small grids)."""
+    ``num_programs`` / ``num_producers``: override :func:`_plan` (tests use small grids);
+    ``max_spins``: polls of the barrier flag before a tile recomputes T itself (see the kernel)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     cdt, _ = _compute_dtype(x)
@@ -287,12 +324,12 @@ def lora_fwd_single_pass(
         if producers > programs:  # the producers of a row-block must be resident together
             raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
         part = _ll._empty((producers, M, R), x.device, torch.float32)
-        sync, epoch = _sync_buffer(x.device, mt)
-        grid = (_grid_size(programs, nt * mt),)
+        sync, epoch, fallbacks = _sync_buffer(x.device, mt)
+        grid = (min(programs, nt * mt),)
         args = (
             TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
             TensorDescriptor.from_tensor(y, [bm, bn]), lora_A, bias_arg, t, part, bits, lora_B, lbias_arg, sync,
-            M, N, K, R, _m_bucket(M), producers, epoch,
+            M, N, K, R, _m_bucket(M), producers, epoch, max_spins or _max_spins(), fallbacks,
             lora_A.stride(0), lora_A.stride(1), t.stride(0), part.stride(0), part.stride(1), max(bits.stride(0), 1),
             lora_B.stride(0), lora_B.stride(1),
             lo, hi, dropout_threshold(p), 1.0 / (1.0 - p), scaling,
