@@ -207,3 +207,41 @@ def test_same_seed_is_bit_identical_run_to_run(backend):
             assert not torch.equal(y1, y3), "changing the seed did not change the dropout"
 
     check()
+
+
+def test_triton_single_pass_forward_matches_reference(monkeypatch):
+    """The opt-in single-pass forward (LORA_KERNELS_FWD=single) on random TMA-eligible problems (16-bit
+    x, K and N multiples of 8, contiguous rows): output and every gradient against float64. In the
+    interpreter it runs as its two phased launches; tests/test_single_pass.py runs its barrier."""
+    _skip_unless_available("triton")
+    from lora_kernels.triton_ops import fwd_single_pass as sp
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
+    monkeypatch.setattr(tri, "FWD_MODE", "single")
+    if INTERPRET:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    taken = []
+    real = sp.lora_fwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append(1) or real(*a, **k))
+    names = [n for n in _dtype_names("triton") if DTYPES[n][0] != torch.float32]
+    base = settings.get_profile(PROFILE)
+
+    @settings(base, max_examples=max(10, base.max_examples // 2))
+    @given(prob=lora_problems("triton"), k8=st.integers(1, LIMITS[1] // 8), n8=st.integers(1, LIMITS[1] // 8),
+           r=st.integers(1, min(LIMITS[2], 128)), dtype=st.sampled_from(names))  # fmt: skip
+    def check(prob, k8, n8, r, dtype):
+        prob = dict(prob, K=8 * k8, N=8 * n8, r=r, dtype=dtype, x_layout="contiguous", param_layout="contiguous")
+        t = _make(prob)
+        y, grads = _run(lora_linear, t, prob, upcast=False, backend="triton", dropout_mask=prob["mask_mode"])
+        y_ref, g_ref = _run(_ref, t, prob, upcast=True)
+        dts = DTYPES[prob["dtype"]]
+        assert_close_ref(y, y_ref, dts, "output")
+        for k, g in g_ref.items():
+            assert_close_ref(grads[k], g, dts, f"grad {k}")
+
+    check()
+    assert taken, "no example took the single-pass forward"
