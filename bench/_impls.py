@@ -12,8 +12,9 @@ Names:
     ``torch``   ``lora_kernels.lora_linear(backend="torch")`` (the reference; a dry-run row).
     ``triton-bitmask``, ``triton-regen``, ``cuda-bitmask``, ``cuda-regen``:
                 ``lora_kernels.lora_linear`` with that backend and ``dropout_mask`` mode.
-    ``triton-1pass`` ``triton-bitmask`` with the single-pass forward (one launch, Hopper TMA path;
-                opt-in via ``LORA_KERNELS_FWD=single`` until measured, see bench/NOTES.md).
+    ``triton-1pass`` ``triton-bitmask`` with the single-pass kernels (forward in one launch, backward
+                reading dY once less; Hopper TMA path; opt-in via ``LORA_KERNELS_FWD=single`` and
+                ``LORA_KERNELS_BWD=single`` until measured, see bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -259,9 +260,10 @@ def _ours(prob: Problem, backend: str, mask_mode: str, name: str) -> Impl:
 
 
 def _ours_single_pass(prob: Problem) -> Impl:
-    """``triton-bitmask`` with the single-pass forward switched on for this row's calls only."""
+    """``triton-bitmask`` with the single-pass forward and backward switched on for this row's calls
+    only (the backward follows the mode in force when its forward ran)."""
     from lora_kernels.triton_ops import lora_linear as tri
-    from lora_kernels.triton_ops.fwd_single_pass import single_pass_reason
+    from lora_kernels.triton_ops.single_pass import single_pass_reason
 
     base = _ours(prob, "triton", "bitmask", "triton-1pass")
     x, W = prob.xs[0], prob.weight
@@ -272,11 +274,12 @@ def _ours_single_pass(prob: Problem) -> Impl:
         raise Unavailable(reason)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        prev, tri.FWD_MODE = tri.FWD_MODE, "single"
+        prev = tri.FWD_MODE, tri.BWD_MODE
+        tri.FWD_MODE = tri.BWD_MODE = "single"
         try:
             return base.fn(x)
         finally:
-            tri.FWD_MODE = prev
+            tri.FWD_MODE, tri.BWD_MODE = prev
 
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 

@@ -191,8 +191,8 @@ def test_retained_and_peak_on_cuda():
 def test_single_pass_row(monkeypatch):
     """``triton-1pass``: refused with its reason off the TMA path; with TMA forced (interpreter) it
     takes the single-pass forward, saves exactly what ``triton-bitmask`` saves and computes the same."""
-    from lora_kernels.triton_ops import fwd_single_pass as sp
     from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
 
     prob = _impls.make_problem(
         M, K, N, R, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
@@ -202,17 +202,21 @@ def test_single_pass_row(monkeypatch):
         _impls.build("triton-1pass", prob)
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     calls = []
-    real = sp.lora_fwd_single_pass
-    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append("fwd") or fwd(*a, **k))
+    monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: calls.append("bwd") or bwd(*a, **k))
     one = _impls.build("triton-1pass", prob)
     total, details = _measure.saved_activation_bytes(lambda: one.fn(prob.xs[0]), exclude=prob.xs + one.owned)
     assert total == M * R * 4 + M * math.ceil(K / 8), details
-    assert calls and tri.FWD_MODE == "two", "the row must switch the single-pass forward on for its calls only"
+    assert calls == ["fwd"] and (tri.FWD_MODE, tri.BWD_MODE) == ("two", "two"), "modes must be set per call only"
+    one.fn(prob.xs[0]).backward(prob.dys[0])  # the backward follows the forward's mode, set or not
+    assert calls == ["fwd", "fwd", "bwd"]
+    calls.clear()
     # At p = 0 the rows compute the same function (at p > 0 each call draws a fresh seed).
     prob0 = _impls.make_problem(
         M, K, N, R, 0.0, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
     )
     y1 = _impls.build("triton-1pass", prob0).fn(prob0.xs[0])
     y2 = _impls.build("triton-bitmask", prob0).fn(prob0.xs[0])
-    assert len(calls) == 2
+    assert calls == ["fwd"]
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)

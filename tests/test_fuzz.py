@@ -210,23 +210,26 @@ def test_same_seed_is_bit_identical_run_to_run(backend):
 
 
 def test_triton_single_pass_forward_matches_reference(monkeypatch):
-    """The opt-in single-pass forward (LORA_KERNELS_FWD=single) on random TMA-eligible problems (16-bit
-    x, K and N multiples of 8, contiguous rows): output and every gradient against float64. In the
-    interpreter it runs as its two phased launches; tests/test_single_pass.py runs its barrier."""
+    """The opt-in single-pass forward and backward (LORA_KERNELS_FWD/BWD=single) on random TMA-eligible
+    problems (16-bit x, K and N multiples of 8, contiguous rows): output and every gradient against
+    float64. In the interpreter they run as their phased launches; tests/test_single_pass.py runs the
+    barriers."""
     _skip_unless_available("triton")
-    from lora_kernels.triton_ops import fwd_single_pass as sp
     from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
 
     if tri.TensorDescriptor is None:
         pytest.skip("this Triton has no triton.tools.tensor_descriptor")
     if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the single-pass forward is a Hopper (sm90+) path")
     monkeypatch.setattr(tri, "FWD_MODE", "single")
+    monkeypatch.setattr(tri, "BWD_MODE", "single")
     if INTERPRET:
         monkeypatch.setattr(tri, "TMA_MODE", "1")
     taken = []
-    real = sp.lora_fwd_single_pass
-    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append(1) or real(*a, **k))
+    fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
+    monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
     names = [n for n in _dtype_names("triton") if DTYPES[n][0] != torch.float32]
     base = settings.get_profile(PROFILE)
 
@@ -244,4 +247,4 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
             assert_close_ref(grads[k], g, dts, f"grad {k}")
 
     check()
-    assert taken, "no example took the single-pass forward"
+    assert {"fwd", "bwd"} <= set(taken), "no example took the single-pass forward and backward"

@@ -429,7 +429,7 @@ class Sm90:  # compile-only driver: nothing is launched, no GPU is needed
 
 driver.set_active(Sm90())
 import lora_kernels.triton_ops.lora_linear as tri
-import lora_kernels.triton_ops.fwd_single_pass as sp
+import lora_kernels.triton_ops.single_pass as sp
 
 tri.AUTOTUNE = False
 real_launch = tri._launch
@@ -459,11 +459,17 @@ def single(*a, **k):
     results.append("launch")
     return real_single(*a, **k)
 sp.lora_fwd_single_pass = single
+real_single_bwd = sp.lora_bwd_single_pass
+def single_bwd(*a, **k):
+    results.append("launch")
+    return real_single_bwd(*a, **k)
+sp.lora_bwd_single_pass = single_bwd
 sp._fwd_single_pass_kernel = Compile(sp._fwd_single_pass_kernel)
+sp._bwd_single_pass_kernel = Compile(sp._bwd_single_pass_kernel)
 for CASE in json.loads(sys.argv[1]):
     dt = getattr(torch, CASE["dtype"])
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
-    tri.FWD_MODE = CASE.get("fwd", "two")
+    tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
     M, N, K = 96, 160, 128
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
@@ -511,11 +517,12 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
             launches.append([])
         else:
             launches[-1].append(r)
-    # Four launches per case (shrink, GEMM, dY, dX), three with the single-pass forward.
+    # Four launches per case (shrink, GEMM, dY, dX); three with the single-pass kernels (forward, dX with
+    # dT and dB, dA).
     assert len(launches) == sum(3 if c.get("fwd") == "single" else 4 for c in cases) and all(launches), launches
     assert {c["kernel"] for tries in launches for c in tries} == {
         "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel",
-        "_fwd_single_pass_kernel",
+        "_fwd_single_pass_kernel", "_bwd_single_pass_kernel",
     }  # fmt: skip
     assert all(tries[-1]["smem"] <= 232448 for tries in launches)
     # The measured-best 128x256 forward tile (ANCHORS.md) fits as it is at rank 16.

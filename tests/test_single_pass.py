@@ -1,4 +1,4 @@
-"""The single-pass forward (lora_kernels/triton_ops/fwd_single_pass.py): one launch whose tiles share
+"""The single-pass forward (lora_kernels/triton_ops/single_pass.py): one launch whose tiles share
 the shrink work of their row-block through a cross-program barrier.
 
 On CI (no GPU) the kernel runs in the interpreter in two ways: as the two phased launches the
@@ -21,7 +21,7 @@ from .test_lora_linear import _poison, make_inputs, run_and_check  # noqa: F401 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 tri = pytest.importorskip("lora_kernels.triton_ops.lora_linear")
-sp = pytest.importorskip("lora_kernels.triton_ops.fwd_single_pass")
+sp = pytest.importorskip("lora_kernels.triton_ops.single_pass")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the interpreter's programs concurrently (CPU)")
@@ -29,17 +29,19 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the interpret
 
 @pytest.fixture
 def single(monkeypatch):
-    """Route lora_fwd to the single-pass kernel (TMA forced on so the interpreter takes it too) and
-    record every call, so a test fails if the launcher silently fell back to two launches."""
+    """Route lora_fwd and lora_bwd to the single-pass kernels (TMA forced on so the interpreter takes
+    them too) and record every call, so a test fails if a launcher silently fell back to two launches."""
     if tri.TensorDescriptor is None:
         pytest.skip("this Triton has no triton.tools.tensor_descriptor")
     if not (HAS_CUDA or INTERPRET):
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
     monkeypatch.setattr(tri, "FWD_MODE", "single")
+    monkeypatch.setattr(tri, "BWD_MODE", "single")
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     calls = []
-    real = sp.lora_fwd_single_pass
-    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append(("fwd", a[0].shape)) or fwd(*a, **k))
+    monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: calls.append(("bwd", a[1].shape)) or bwd(*a, **k))
     return calls
 
 
@@ -59,7 +61,7 @@ def test_single_pass_forward_and_gradients(single, dts, p, mode, shape):
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
-    assert single == [(M, K)], "lora_fwd did not take the single-pass kernel"
+    assert single == [("fwd", (M, K)), ("bwd", (M, K))], "a launcher did not take the single-pass kernel"
 
 
 def _check_direct(x, W, A, B, b, lb, p, seed, programs, producers=None, store=True):
@@ -170,7 +172,7 @@ def test_single_pass_plan(monkeypatch):
 @pytest.mark.parametrize("why", ["rank", "fp32", "unaligned"])
 def test_single_pass_not_taken_where_it_does_not_apply(single, why):
     """Rank > 128, fp32 activations (no TMA path) and rows that are not 16-byte aligned keep the
-    two-launch forward; the results are still right."""
+    two-launch forward and backward; the results are still right."""
     shape, xdt = {"rank": ((40, 64, 64, 200), torch.float16), "fp32": ((40, 64, 64, 8), torch.float32),
                   "unaligned": ((40, 64, 70, 8), torch.float16)}[why]  # fmt: skip
     x, W, A, B, b, lb = make_inputs(*shape, xdt=xdt, adt=xdt)
@@ -192,7 +194,7 @@ def test_single_pass_gpu_matches_two_launch(single, shape, p):
     args = (x, W, b, A, B, lb, 2.0, p, 1234, True)
     fallbacks = sp.barrier_fallbacks()
     y, t, bits = tri.lora_fwd(*args)
-    assert single == [(M, K)]
+    assert single == [("fwd", (M, K))]
     tri.FWD_MODE = "two"
     y2, t2, bits2 = tri.lora_fwd(*args)
     tri.FWD_MODE = "single"
@@ -203,3 +205,85 @@ def test_single_pass_gpu_matches_two_launch(single, shape, p):
         y3, t3, _b = tri.lora_fwd(*args)
         assert torch.equal(y3, y) and torch.equal(t3, t)
     assert sp.barrier_fallbacks() == fallbacks, "with the whole grid resident no tile may time out"
+
+
+def _bwd_inputs(M, K, N, r, p, store, dt=torch.float16):
+    x, W, A, B, _b, _lb = make_inputs(M, K, N, r, xdt=dt, adt=torch.float32)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(x.device, dt)
+    _y, t, bits = tri.lora_fwd(x, W, None, A, B, None, 2.0, p, 77, store)
+    return dy, x, W, A, B, t, bits
+
+
+def _bwd_ref(dy, x, W, A, B, t, bits, p):
+    """The two-launch backward (itself checked against float64 in test_lora_linear.py)."""
+    return tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, p, 77, True, True)
+
+
+# (M, K, N, r, programs, producers, p, store the mask)
+CONCURRENT_BWD = [
+    (100, 200, 96, 8, 4, 4, 0.1, True),  # 7 K-tiles per row-block, 4 producers, dB tiles first in the walk
+    (67, 96, 200, 16, 5, 2, 0.5, False),  # regenerated mask, ragged M
+    (64, 64, 64, 1, 3, 1, 0.0, True),  # a single producer, r = 1
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("M,K,N,r,programs,producers,p,store", CONCURRENT_BWD, ids=str)
+def test_single_pass_backward_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p, store):
+    """The backward's real barrier with every program in its own thread: dX, dA, dB and Σ dY match
+    the two-launch backward, bit-identical run to run, no tile fell back."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    dy, x, W, A, B, t, bits = _bwd_inputs(M, K, N, r, p, store)
+    ref = _bwd_ref(dy, x, W, A, B, t, bits, p)
+    fallbacks = sp.barrier_fallbacks("cpu")
+    kw = dict(num_programs=programs, num_producers=producers)
+    with concurrent_programs(timeout=120):
+        out = sp.lora_bwd_single_pass(dy, x, W, A, B, t, bits, 2.0, p, 77, True, **kw)
+        again = sp.lora_bwd_single_pass(dy, x, W, A, B, t, bits, 2.0, p, 77, True, **kw)
+    assert sp.barrier_fallbacks("cpu") == fallbacks
+    for name, o, a, r_ in zip(("dx", "dA", "dB", "colsum"), out, again, ref, strict=True):
+        assert torch.equal(o, a), f"{name} differs between two identical calls"
+        assert_close_ref(o, r_.double(), (x.dtype, A.dtype), name)
+
+
+@needs_interpreter
+def test_single_pass_backward_starved_barrier_recomputes(monkeypatch):
+    """Only 2 of 4 programs resident with 4 producers: dT is recomputed by the waiters, still right."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    dy, x, W, A, B, t, bits = _bwd_inputs(40, 128, 96, 4, 0.1, True)
+    ref = _bwd_ref(dy, x, W, A, B, t, bits, 0.1)
+    before = sp.barrier_fallbacks("cpu")
+    with concurrent_programs(timeout=120, max_resident=2):
+        out = sp.lora_bwd_single_pass(
+            dy, x, W, A, B, t, bits, 2.0, 0.1, 77, True, num_programs=4, num_producers=4, max_spins=50
+        )
+    assert sp.barrier_fallbacks("cpu") > before
+    for name, o, r_ in zip(("dx", "dA", "dB", "colsum"), out, ref, strict=True):
+        assert_close_ref(o, r_.double(), (x.dtype, A.dtype), name)
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096, 16), (2048, 14336, 4096, 64), (1000, 3000, 2048, 128)], ids=str)
+@pytest.mark.parametrize("p,store", [(0.0, True), (0.1, True), (0.1, False)])
+def test_single_pass_backward_gpu_matches_two_launch(single, shape, p, store):
+    """Real sizes, whole grid resident: the single-pass backward agrees with the two-launch one, is
+    bit-identical over 10 repeats, and no tile fell back to recomputing dT."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass backward is a Hopper (sm90+) path")
+    M, K, N, r = shape
+    tri.FWD_MODE = "two"
+    dy, x, W, A, B, t, bits = _bwd_inputs(M, K, N, r, p, store, dt=torch.bfloat16)
+    tri.BWD_MODE = "two"
+    ref = _bwd_ref(dy, x, W, A, B, t, bits, p)
+    tri.BWD_MODE = "single"
+    fallbacks = sp.barrier_fallbacks()
+    out = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, p, 77, True, True)
+    assert single == [("bwd", (M, K))]
+    for name, o, r_ in zip(("dx", "dA", "dB", "colsum"), out, ref, strict=True):
+        assert_close_ref(o, r_.double(), (torch.bfloat16, torch.float32), name)
+    for _ in range(10):
+        again = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, p, 77, True, True)
+        assert all(torch.equal(o, a) for o, a in zip(out, again, strict=True))
+    assert sp.barrier_fallbacks() == fallbacks

@@ -139,12 +139,25 @@ def _dx_epilogue(acc, DT, A, BITS, offs_m, k_start, M, K, R, stride_dtm, stride_
                  HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """acc (BM, BK) += (dT·A) ⊙ keep · keep_scale: the low-rank part of dX for columns k_start + [0, BK)."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
     rm = offs_m.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    dt = tl.load(DT + rm[:, None] * stride_dtm + offs_r[None, :], mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
+                 other=0.0)  # fmt: skip
+    return _dx_epilogue_t(acc, dt, A, BITS, offs_m, k_start, M, K, R, stride_ar, stride_ak, stride_bm,
+                          seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, IEEE,
+                          BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+
+
+@triton.jit
+def _dx_epilogue_t(acc, dt, A, BITS, offs_m, k_start, M, K, R, stride_ar, stride_ak, stride_bm,
+                   seed_lo, seed_hi, threshold, keep_scale,
+                   HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """The dX epilogue with dT (BM, BLOCK_R) fp32 already in registers (the single-pass backward)."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     rk = offs_k.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    dt = tl.load(DT + rm[:, None] * stride_dtm + offs_r[None, :], mask=(offs_m < M)[:, None] & r_ok[None, :], other=0.0)
     a = _load_cast(
         A + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, r_ok[:, None] & (offs_k < K)[None, :], CDT
     )
@@ -304,6 +317,31 @@ def _fwd_tma_kernel(
 
 
 @triton.jit
+def _db_block(pid_n, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, scaling,
+              CDT: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """dB[N-block] = s·dYᵀ·T and Σ_m dY for an N-block, reduced over all of M by this one program."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n.to(tl.int64)
+    n_ok = offs_n < N
+    acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rm = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        # dYᵀ tile loaded directly as (BLOCK_N, BLOCK_M).
+        dyt = _load_cast(DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT)
+        t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc_db = _mma(dyt, t.to(CDT), acc_db, IEEE)
+        colsum += tl.sum(dyt.to(tl.float32), axis=1)
+    tl.store(DB + rn[:, None] * stride_dbn + offs_r[None, :], acc_db * scaling, mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(DSUM + rn, colsum, mask=n_ok)
+
+
+@triton.jit
 def _bwd_dy_kernel(
     DY, LB, T, DT, DB, DSUM,
     M, N, R, M_BUCKET,
@@ -337,27 +375,8 @@ def _bwd_dy_kernel(
             acc = _mma(dy, b, acc, IEEE)
         tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        pid_n = pid - num_pid_m
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn = offs_n.to(tl.int64)
-        n_ok = offs_n < N
-        # Not ``acc``: a name bound in both branches of a runtime ``if`` must have one type in the
-        # compiler, and this tile is (BN, BR) where the dT one is (BM, BR).
-        acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            rm = offs_m.to(tl.int64)
-            m_ok = offs_m < M
-            # dYᵀ tile loaded directly as (BLOCK_N, BLOCK_M).
-            dyt = _load_cast(
-                DY + rm[None, :] * stride_dym + rn[:, None] * stride_dyn, n_ok[:, None] & m_ok[None, :], CDT
-            )
-            t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            acc_db = _mma(dyt, t.to(CDT), acc_db, IEEE)
-            colsum += tl.sum(dyt.to(tl.float32), axis=1)
-        tl.store(DB + rn[:, None] * stride_dbn + offs_r[None, :], acc_db * scaling, mask=n_ok[:, None] & r_ok[None, :])
-        tl.store(DSUM + rn, colsum, mask=n_ok)
+        _db_block(pid - num_pid_m, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, scaling,
+                  CDT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
@@ -515,9 +534,11 @@ def _m_bucket(M: int) -> int:
 # "auto": TMA persistent kernels on sm90+ GPUs; "1": wherever the tensors allow it (the CPU
 # interpreter included: that is how CI tests them); "0": never.
 TMA_MODE = os.environ.get("LORA_KERNELS_TMA", "auto")
-# "single": the one-launch forward of fwd_single_pass.py where it applies (Hopper TMA path, eager);
+# "single": the one-launch forward of single_pass.py where it applies (Hopper TMA path, eager);
 # "two" (default until measured on a GPU, bench/NOTES.md): the shrink launch + the GEMM launch.
 FWD_MODE = os.environ.get("LORA_KERNELS_FWD", "two")
+# "single": the backward of single_pass.py (dT from the dX GEMM's own dY tiles; dA in a second launch).
+BWD_MODE = os.environ.get("LORA_KERNELS_BWD", "two")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -684,7 +705,7 @@ def lora_fwd(
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if FWD_MODE == "single" and wrap is _identity and (N * x.element_size()) % 16 == 0 and _tma_ok(x, weight):
-        from .fwd_single_pass import lora_fwd_single_pass, single_pass_reason
+        from .single_pass import lora_fwd_single_pass, single_pass_reason
 
         if single_pass_reason(x, weight, lora_A) is None:
             return lora_fwd_single_pass(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
@@ -755,14 +776,23 @@ def lora_bwd(
     need_dx: bool,
     need_da: bool,
     wrap=_identity,
+    bwd_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launches. dy: (M, N); x: (M, K); t: (M, r) fp32; bits: packed mask or empty.
+    ``bwd_mode``: "single" or "two" (default: ``BWD_MODE``, i.e. LORA_KERNELS_BWD).
 
     Returns ``dx (M, K)`` in x's dtype (empty unless need_dx), and fp32 ``dA (r, K)``,
     ``dB (N, r)``, ``dy_colsum (N,)`` (= Σ_m dY, for dlora_bias = s·colsum and dbias).
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    single = (bwd_mode or BWD_MODE) == "single"
+    if single and need_dx and wrap is _identity and (K * x.element_size()) % 16 == 0:
+        if _tma_ok(dy, weight):
+            from .single_pass import lora_bwd_single_pass, single_pass_reason
+
+            if single_pass_reason(x, weight, lora_A) is None:
+                return lora_bwd_single_pass(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_da)
     cdt, ieee = _compute_dtype(x)
     fixed = _cfg(x, R)
     BR = _block_r(R)
@@ -878,10 +908,10 @@ def _fwd(*args):
     return lora_fwd(*args)
 
 
-def _bwd(*args):
+def _bwd(*args, bwd_mode: str | None = None):
     if torch.compiler.is_compiling():
         return triton_lora_bwd(*args)
-    return lora_bwd(*args)
+    return lora_bwd(*args, bwd_mode=bwd_mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -898,6 +928,7 @@ class LoRALinearTriton(torch.autograd.Function):
         y, t, bits = _fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.bwd_mode = BWD_MODE  # the backward follows the mode in force when the forward ran
         ctx.has_bias, ctx.has_lbias = bias is not None, lora_bias is not None
         ctx.lbias_dtype = lora_bias.dtype if lora_bias is not None else None
         return y
@@ -907,7 +938,9 @@ class LoRALinearTriton(torch.autograd.Function):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
         nx, nw, nb, na, nB, nlb = ctx.needs_input_grad[:6]
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
-        dx, da, db, colsum = _bwd(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na)
+        dx, da, db, colsum = _bwd(
+            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na, bwd_mode=ctx.bwd_mode
+        )
         grad_x = dx if nx else None
         grad_A = da.to(lora_A.dtype) if na else None
         grad_B = db.to(lora_B.dtype) if nB else None

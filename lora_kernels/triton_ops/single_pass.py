@@ -1,4 +1,4 @@
-"""Single-pass fused LoRA forward (Hopper, opt-in): one launch, x streamed once.
+"""Single-pass fused LoRA forward and backward (Hopper, opt-in): x streamed once forward, dY once less backward.
 
     y = x Wᵀ + bias + s · (dropout(x) Aᵀ Bᵀ + lora_bias)        x: (M, K), W: (N, K), A: (r, K), B: (N, r)
 
@@ -39,6 +39,12 @@ call. A CUDA graph would replay a stale epoch, so graph capture keeps the two-la
 Ordering: all warps' partial stores, ``debug_barrier`` (CTA), then an acq_rel arrival / release
 publish at GPU scope; waiters acquire, then ``debug_barrier`` again before any warp reads partials.
 
+The backward (``_bwd_single_pass_kernel``) applies the same scheme to dT = s·dY·B inside the dX GEMM
+dX = dY·W + (dT·A) ⊙ keep/(1-p): the first tiles of each row-block of dX take N-slices of dT from the
+dY tiles they load, meet at the same kind of barrier, and every tile sums the partials for its
+epilogue; the dB = s·dYᵀ·T and Σ dY reductions are tiles at the head of the walk (they never wait);
+dA = dTᵀ·(x ⊙ keep)/(1-p) follows in a second launch, since x is not an operand of the dX GEMM.
+
 The CPU interpreter runs the programs of a grid one after another, where any barrier would spin
 forever. There the kernel runs as two launches of the same code (PHASE 1: the shrink slices and
 partials; PHASE 2: the GEMM, the fixed-order sum and the epilogue), unless ``INTERPRETER_PHASES`` is
@@ -63,15 +69,18 @@ from .lora_linear import (
     TensorDescriptor,
     _block_r,
     _compute_dtype,
+    _db_block,
+    _dx_epilogue_t,
     _fwd_epilogue_t,
     _grid_sms,
     _interpret,
+    _load_cast,
     _m_bucket,
     _seed_parts,
     _shrink_step,
 )
 
-__all__ = ["single_pass_reason", "lora_fwd_single_pass", "barrier_fallbacks"]
+__all__ = ["single_pass_reason", "lora_fwd_single_pass", "lora_bwd_single_pass", "barrier_fallbacks"]
 
 # The interpreter runs the kernel as two phased launches (see the module docstring); tests that
 # execute the programs concurrently set this to False to run the real barrier.
@@ -193,6 +202,98 @@ def _fwd_single_pass_kernel(
             acc = _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
                                   HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R)  # fmt: skip
             y_desc.store([off_m, off_n], acc.to(OUT_DT))
+
+
+@triton.jit
+def _dt_step(acc, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_R: tl.constexpr):  # fmt: skip
+    """acc (BM, BLOCK_R) += dY tile (BM, BN) · B[n0 : n0 + BN, :]: one N-step of dT = dY·B."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    b_mask = (offs_n < N)[:, None] & (offs_r < R)[None, :]
+    b = _load_cast(LB + offs_n.to(tl.int64)[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, b_mask, CDT)
+    return tl.dot(dy, b, acc)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch", "max_spins"])
+def _bwd_single_pass_kernel(
+    dy_desc, w_desc, dx_desc, DY, LB, T, A, BITS, DT, DB, DSUM, DTP, SYNC,
+    M, N, K, R, M_BUCKET, NUM_PROD, epoch, max_spins, FALLBACKS,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_ar, stride_ak, stride_bm, stride_dtm,
+    stride_dbn, stride_pn, stride_pm,
+    seed_lo, seed_hi, threshold, keep_scale, scaling,
+    PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
+    OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
+    dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all of M;
+    they never wait), then the dX tiles (m, k) row-major; the first NUM_PROD tiles of a row-block
+    produce dT partials over their N-slice, meet at the row barrier, and everyone sums them.
+    PHASE as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
+    num_db = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    for tile_id in tl.range(tl.program_id(0), num_db + num_pid_m * num_pid_k, NUM_SMS):
+        if tile_id < num_db:
+            if PHASE != 2:
+                _db_block(tile_id, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, scaling,
+                          CDT, False, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
+        else:
+            pid_m = (tile_id - num_db) // num_pid_k
+            pid_k = (tile_id - num_db) % num_pid_k
+            off_m = pid_m * BLOCK_M
+            off_k = pid_k * BLOCK_K
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            rm = offs_m.to(tl.int64)
+            p_mask = (offs_m < M)[:, None] & r_ok[None, :]
+            is_producer = pid_k < NUM_PROD
+            nb_lo = tl.where(is_producer, pid_k * n_tiles // NUM_PROD, 0)
+            nb_hi = tl.where(is_producer, (pid_k + 1) * n_tiles // NUM_PROD, 0)
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            dtp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for nb in range(nb_lo, nb_hi):  # a producer's N-slice: the GEMM step and the dT step
+                n0 = nb * BLOCK_N
+                dy = dy_desc.load([off_m, n0]).to(CDT)
+                if PHASE != 2:
+                    dtp = _dt_step(dtp, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
+                if PHASE != 1:
+                    acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
+            if PHASE != 1:
+                for i in range(nb_hi - nb_lo, n_tiles):  # the rest of N, wrapping around: GEMM only
+                    n0 = ((nb_lo + i) % n_tiles) * BLOCK_N
+                    acc = tl.dot(dy_desc.load([off_m, n0]).to(CDT), w_desc.load([n0, off_k]).to(CDT), acc)
+            if PHASE != 2:
+                if is_producer:
+                    tl.store(DTP + pid_k * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], dtp * scaling,
+                             mask=p_mask)  # fmt: skip
+            opened = True
+            if PHASE == 0:
+                opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
+            if PHASE != 1:
+                dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                if opened:
+                    for j in range(0, NUM_PROD):  # fixed order: deterministic
+                        dt += tl.load(DTP + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
+                                      other=0.0, cache_modifier=".cg")  # fmt: skip
+                else:  # producers not resident in time: recompute dT (see the forward kernel)
+                    tl.atomic_add(FALLBACKS, 1)
+                    for j in range(0, NUM_PROD):
+                        pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                        for nb in range(j * n_tiles // NUM_PROD, (j + 1) * n_tiles // NUM_PROD):
+                            n0 = nb * BLOCK_N
+                            dy = dy_desc.load([off_m, n0]).to(CDT)
+                            pj = _dt_step(pj, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
+                        dt += pj * scaling
+                if pid_k == 0:
+                    tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], dt, mask=p_mask)
+                acc = _dx_epilogue_t(acc, dt, A, BITS, offs_m, off_k, M, K, R, stride_ar, stride_ak, stride_bm,
+                                     seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                                     BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                dx_desc.store([off_m, off_k], acc.to(OUT_DT))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,3 +455,95 @@ def lora_fwd_single_pass(
             if i == len(variants) - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def _single_bwd_cfg(R: int) -> dict:
+    """The dX GEMM's tiles of the two-launch TMA kernel: (BM, BK) output tiles, BN the step over N."""
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    stages = 2 if _block_r(R) >= 128 else 3
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=stages)
+
+
+def lora_bwd_single_pass(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    bits: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: int,
+    need_da: bool,
+    num_programs: int | None = None,
+    num_producers: int | None = None,
+    max_spins: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`lora_linear.lora_bwd` with ``need_dx=True``: ``dx (M, K)``, fp32
+    ``dA (r, K)``, ``dB (N, r)``, ``Σ_m dY (N,)``. Launch 1: the dX GEMM with dT from its own dY
+    tiles, and the dB reductions; launch 2 (if need_da): dA = dTᵀ·(x ⊙ keep)/(1-p), one pass over x.
+    dY is read by the GEMM and by the dB tiles: once fewer than the two-launch path's dT launch.
+    The caller checks TMA eligibility of dy, weight and dx (16-bit, 16-byte rows) and the rank."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    dev = x.device
+    cdt, _ = _compute_dtype(x)
+    BR = _block_r(R)
+    has_dropout = p > 0.0
+    load_bits = has_dropout and bits.numel() > 0
+    lo, hi = _seed_parts(seed)
+    thr, keep_scale = dropout_threshold(p), 1.0 / (1.0 - p)
+    bits_stride = max(bits.stride(0), 1)
+    dx = _ll._empty((M, K), dev, x.dtype)
+    dt = _ll._empty((M, R), dev, torch.float32)
+    db = _ll._empty((N, R), dev, torch.float32)
+    colsum = _ll._empty((N,), dev, torch.float32)
+    fixed = _single_bwd_cfg(R)
+    fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
+    for i, cfg in enumerate([fixed, fewer]):
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        kt, mt = triton.cdiv(K, bk), triton.cdiv(M, bm)
+        # dB tiles come first in the walk, so row-blocks never align with rounds: the full grid with
+        # at most MAX_PRODUCERS producers (see _plan).
+        programs = num_programs or _grid_sms(x)
+        producers = num_producers or min(kt, MAX_PRODUCERS, programs)
+        if producers > programs:
+            raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
+        dtp = _ll._empty((producers, M, R), dev, torch.float32)
+        sync, epoch, fallbacks = _sync_buffer(dev, mt)
+        args = (
+            TensorDescriptor.from_tensor(dy, [bm, bn]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+            TensorDescriptor.from_tensor(dx, [bm, bk]), dy, lora_B, t, lora_A, bits, dt, db, colsum, dtp, sync,
+            M, N, K, R, _m_bucket(M), producers, epoch, max_spins or _max_spins(), fallbacks,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), lora_A.stride(0),
+            lora_A.stride(1), bits_stride, dt.stride(0), db.stride(0), dtp.stride(0), dtp.stride(1),
+            lo, hi, thr, keep_scale, scaling,
+        )  # fmt: skip
+        meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
+                    NUM_SMS=programs, **cfg)  # fmt: skip
+        grid = (min(programs, triton.cdiv(N, bn) + mt * kt),)
+        try:
+            for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
+                _bwd_single_pass_kernel[grid](*args, PHASE=phase, **meta)
+            break
+        except OutOfResources:
+            if i == 1:
+                raise
+    da = _ll._empty((R, K), dev, torch.float32)
+    if need_da:
+        # The dA programs of the pointer kernel (no dX tiles): reads x (and the bits) once.
+        _ll._launch(
+            _ll._bwd_dx_kernel,
+            lambda META: (triton.cdiv(K, META["BLOCK_K"]),),
+            (dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R, _m_bucket(M),
+             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
+             lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
+             dx.stride(0), dx.stride(1), da.stride(0), lo, hi, thr, keep_scale),
+            dict(DO_DX=False, DO_DA=True, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR,
+                 IEEE=False),
+            _ll._cfg(x, R),
+            _ll._identity,
+        )  # fmt: skip
+    return dx, da, db, colsum
