@@ -686,8 +686,17 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
     info = _versions()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     interp = "on" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "off"
+    modes_note = ""
+    if "triton" in names:
+        try:
+            from .triton_ops import lora_linear as _tri
+
+            # LORA_KERNELS_FWD / _BWD=single route eligible Triton cases through the single-pass kernels.
+            modes_note = f", triton forward={_tri.FWD_MODE} backward={_tri.BWD_MODE}"
+        except ImportError:
+            pass
     print(
-        f"lora_kernels verify: device={device} ({dev_name}), triton interpreter {interp}, "
+        f"lora_kernels verify: device={device} ({dev_name}), triton interpreter {interp}{modes_note}, "
         f"torch {info['torch']}, triton {info['triton']}, {time.perf_counter() - t0:.1f}s",
         file=out,
     )

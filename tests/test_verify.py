@@ -265,3 +265,31 @@ def test_demo_gpu():
     assert verify.run_demo(["--no-progress"], out=out, err=io.StringIO()) == 0, out.getvalue()
     text = out.getvalue()
     assert "| 8192 x 4096 -> 4096, 16 | 0.1 | triton |" in text
+
+
+def test_verify_runs_the_single_pass_kernels_when_selected(monkeypatch, tmp_path):
+    """LORA_KERNELS_FWD/BWD=single: verify's Triton cases (and its mask probe) go through the
+    single-pass kernels where eligible, pass, and the header says which modes ran."""
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass kernels are a Hopper (sm90+) path")
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # restored afterwards
+    monkeypatch.setattr(tri, "FWD_MODE", "single")
+    monkeypatch.setattr(tri, "BWD_MODE", "single")
+    if not HAS_CUDA:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    calls = []
+    fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append("fwd") or fwd(*a, **k))
+    monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: calls.append("bwd") or bwd(*a, **k))
+    argv = ["--backend", "triton", "--dtype", "fp16", "--only-shapes", "--shape", "37,40,24,8"]
+    argv += [] if HAS_CUDA else ["--interpret"]
+    out = io.StringIO()
+    rc = verify.run_verify(_args(*argv), out=out, err=io.StringIO())
+    assert rc == 0, out.getvalue()
+    assert "triton forward=single backward=single" in out.getvalue()
+    assert {"fwd", "bwd"} <= set(calls)
