@@ -11,6 +11,8 @@
 #   BENCH_ARGS="..." extra arguments for `python -m bench.lora_linear --quick`
 #   PYTEST_ARGS="..." extra arguments for pytest
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
+#   STEP_TIMEOUT=s   stop a step after s seconds (default 0: no limit) so one hung step cannot eat a
+#                    time-limited device session; a stopped step shows as "FAILED (exit 124)"
 #   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
 #                    scripts/vendor_cutlass.sh; the device image has no nvidia-cutlass package)
 set -uo pipefail
@@ -45,6 +47,9 @@ run_step() {
   shift
   echo "=== gpu-check: $name: $*"
   local start=$SECONDS
+  if [ "${STEP_TIMEOUT:-0}" -gt 0 ]; then
+    set -- timeout --kill-after=10 "$STEP_TIMEOUT" "$@"
+  fi
   "$@" 2>&1 | tee "$LOG_DIR/$name.log"
   local rc=${PIPESTATUS[0]}
   local status=ok
