@@ -384,12 +384,20 @@ def test_keep_rows_helper_is_the_reference_mask():
 
 
 @requires_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-single", "cuda"])
 @pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
-def test_more_than_2_pow_31_elements(backend, mask_mode):
+def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
     """M·K > 2³¹ (about 13 GB of GPU memory): every offset in the kernels must be 64-bit (x, dx, the
-    bitmask, the transposed reads of the backward reductions). Rows around element 2³¹ are checked
-    against float64, dA and dB against a chunked float32 reference."""
+    bitmask, the transposed reads of the backward reductions, the single-pass partials). Rows around
+    element 2³¹ are checked against float64, dA and dB against a chunked float32 reference."""
+    if backend == "triton-single":  # the opt-in single-pass kernels (LORA_KERNELS_FWD/BWD=single)
+        from lora_kernels.triton_ops import lora_linear as tri
+
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("the single-pass kernels are a Hopper (sm90+) path")
+        monkeypatch.setattr(tri, "FWD_MODE", "single")
+        monkeypatch.setattr(tri, "BWD_MODE", "single")
+        backend = "triton"
     reason = backends.available_backends(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16))[backend]
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run here: {reason}")

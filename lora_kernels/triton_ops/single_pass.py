@@ -148,6 +148,7 @@ def _fwd_single_pass_kernel(
         rm = offs_m.to(tl.int64)
         m_ok = offs_m < M
         p_mask = m_ok[:, None] & r_ok[None, :]
+        p_off = rm[:, None] * stride_pm + offs_r[None, :]  # (row, rank) offset inside one partial (int64)
         is_producer = pid_n < NUM_PROD
         # Consumers get an empty slice (no shrink work) and run the GEMM over all of K below.
         kb_lo = tl.where(is_producer, pid_n * k_tiles // NUM_PROD, 0)
@@ -171,7 +172,7 @@ def _fwd_single_pass_kernel(
                 acc = tl.dot(x_desc.load([off_m, k0]).to(CDT), w_desc.load([off_n, k0]).to(CDT).T, acc)
         if PHASE != 2:
             if is_producer:
-                part_ptrs = PART + pid_n * stride_pn + rm[:, None] * stride_pm + offs_r[None, :]
+                part_ptrs = PART + pid_n.to(tl.int64) * stride_pn + p_off
                 tl.store(part_ptrs, part * keep_scale, mask=p_mask)
         opened = True
         if PHASE == 0:
@@ -181,8 +182,8 @@ def _fwd_single_pass_kernel(
             if opened:
                 for j in range(0, NUM_PROD):  # fixed order: every tile of the row gets the same bits
                     # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
-                    t += tl.load(PART + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
-                                 other=0.0, cache_modifier=".cg")  # fmt: skip
+                    t += tl.load(PART + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
             else:
                 # The producers did not publish in time (programs not all resident: MPS, green
                 # contexts, a GPU shared with long kernels): recompute T from x, slice by slice in the
@@ -250,6 +251,7 @@ def _bwd_single_pass_kernel(
             offs_m = off_m + tl.arange(0, BLOCK_M)
             rm = offs_m.to(tl.int64)
             p_mask = (offs_m < M)[:, None] & r_ok[None, :]
+            p_off = rm[:, None] * stride_pm + offs_r[None, :]  # (row, rank) offset inside one partial (int64)
             is_producer = pid_k < NUM_PROD
             nb_lo = tl.where(is_producer, pid_k * n_tiles // NUM_PROD, 0)
             nb_hi = tl.where(is_producer, (pid_k + 1) * n_tiles // NUM_PROD, 0)
@@ -268,8 +270,7 @@ def _bwd_single_pass_kernel(
                     acc = tl.dot(dy_desc.load([off_m, n0]).to(CDT), w_desc.load([n0, off_k]).to(CDT), acc)
             if PHASE != 2:
                 if is_producer:
-                    tl.store(DTP + pid_k * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], dtp * scaling,
-                             mask=p_mask)  # fmt: skip
+                    tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp * scaling, mask=p_mask)
             opened = True
             if PHASE == 0:
                 opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
@@ -277,8 +278,8 @@ def _bwd_single_pass_kernel(
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 if opened:
                     for j in range(0, NUM_PROD):  # fixed order: deterministic
-                        dt += tl.load(DTP + j * stride_pn + rm[:, None] * stride_pm + offs_r[None, :], mask=p_mask,
-                                      other=0.0, cache_modifier=".cg")  # fmt: skip
+                        dt += tl.load(DTP + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
                 else:  # producers not resident in time: recompute dT (see the forward kernel)
                     tl.atomic_add(FALLBACKS, 1)
                     for j in range(0, NUM_PROD):
