@@ -117,6 +117,26 @@ def _row_barrier(SYNC, row, n_producers, epoch, max_spins, IS_PRODUCER):
     return cur == epoch
 
 
+@triton.jit
+def _producer_slice(pid_in_row, n_blocks, NUM_PROD):
+    """(is_producer, first block, end block) of this tile's share of the reduction dimension: the first
+    NUM_PROD tiles of a row-block split the n_blocks blocks evenly; consumers get an empty slice."""
+    is_producer = pid_in_row < NUM_PROD
+    lo = tl.where(is_producer, pid_in_row * n_blocks // NUM_PROD, 0)
+    hi = tl.where(is_producer, (pid_in_row + 1) * n_blocks // NUM_PROD, 0)
+    return is_producer, lo, hi
+
+
+@triton.jit
+def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Σ_j P[j] over the NUM_PROD partials of one (BM, BLOCK_R) tile, in a fixed order (deterministic)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j in range(0, NUM_PROD):
+        # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
+        acc += tl.load(P + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch", "max_spins"])
 def _fwd_single_pass_kernel(
     x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
@@ -149,10 +169,8 @@ def _fwd_single_pass_kernel(
         m_ok = offs_m < M
         p_mask = m_ok[:, None] & r_ok[None, :]
         p_off = rm[:, None] * stride_pm + offs_r[None, :]  # (row, rank) offset inside one partial (int64)
-        is_producer = pid_n < NUM_PROD
         # Consumers get an empty slice (no shrink work) and run the GEMM over all of K below.
-        kb_lo = tl.where(is_producer, pid_n * k_tiles // NUM_PROD, 0)
-        kb_hi = tl.where(is_producer, (pid_n + 1) * k_tiles // NUM_PROD, 0)
+        is_producer, kb_lo, kb_hi = _producer_slice(pid_n, k_tiles, NUM_PROD)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         # A producer's K-slice: the GEMM step plus the shrink step on the same x tile.
@@ -179,11 +197,8 @@ def _fwd_single_pass_kernel(
             opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
         if PHASE != 1:
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if opened:
-                for j in range(0, NUM_PROD):  # fixed order: every tile of the row gets the same bits
-                    # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
-                    t += tl.load(PART + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0,
-                                 cache_modifier=".cg")  # fmt: skip
+            if opened:  # every tile of the row-block sums the same partials in the same order: same bits
+                t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
             else:
                 # The producers did not publish in time (programs not all resident: MPS, green
                 # contexts, a GPU shared with long kernels): recompute T from x, slice by slice in the
@@ -252,9 +267,7 @@ def _bwd_single_pass_kernel(
             rm = offs_m.to(tl.int64)
             p_mask = (offs_m < M)[:, None] & r_ok[None, :]
             p_off = rm[:, None] * stride_pm + offs_r[None, :]  # (row, rank) offset inside one partial (int64)
-            is_producer = pid_k < NUM_PROD
-            nb_lo = tl.where(is_producer, pid_k * n_tiles // NUM_PROD, 0)
-            nb_hi = tl.where(is_producer, (pid_k + 1) * n_tiles // NUM_PROD, 0)
+            is_producer, nb_lo, nb_hi = _producer_slice(pid_k, n_tiles, NUM_PROD)
             acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             dtp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for nb in range(nb_lo, nb_hi):  # a producer's N-slice: the GEMM step and the dT step
@@ -277,9 +290,7 @@ def _bwd_single_pass_kernel(
             if PHASE != 1:
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 if opened:
-                    for j in range(0, NUM_PROD):  # fixed order: deterministic
-                        dt += tl.load(DTP + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0,
-                                      cache_modifier=".cg")  # fmt: skip
+                    dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
                 else:  # producers not resident in time: recompute dT (see the forward kernel)
                     tl.atomic_add(FALLBACKS, 1)
                     for j in range(0, NUM_PROD):
