@@ -177,13 +177,22 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
 std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& T,
                                  const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx) {
+  // The op is public (torch.ops.lora_kernels.cuda_lora_bwd): check everything the kernels rely on,
+  // as lora_fwd does, so a direct caller gets an error rather than an out-of-bounds read.
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2,
+              "lora_bwd: expected 2-D x, weight, lora_A and lora_B");
   const auto dev = x.device();
   check_cuda(dy, "dy", dev);
   check_cuda(x, "x", dev);
   check_cuda(weight, "weight", dev);
   check_cuda(lora_A, "lora_A", dev);
   check_cuda(lora_B, "lora_B", dev);
+  check_cuda(T, "T", dev);
+  check_cuda(bits, "bits", dev);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == r,
+              "lora_bwd: shape mismatch: x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r)");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_bwd: p must be in [0, 1)");
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "lora_bwd: dy must be (M, N)");
   // dX += dY·W runs one GEMM dtype for dY, W and dX (CUTLASS reinterprets the raw pointers).
   TORCH_CHECK(dy.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
@@ -304,8 +313,12 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   }
   const auto adt = lora_A.scalar_type();
   at::Tensor dA = dAt.t().to(adt).contiguous();
-  at::Tensor dB = dBx.narrow(1, 0, r).to(lora_B.scalar_type()).contiguous();
-  at::Tensor dlb = dBx.select(1, r).to(lora_B.scalar_type()).contiguous();
+  // Fresh storages: for N == 1 with fp32 adapters .to()/.contiguous() would return views of dBx, and
+  // a custom op may not return outputs that alias each other (torch.library checks it on every call).
+  at::Tensor dB = at::empty({N, r}, lora_B.options());
+  dB.copy_(dBx.narrow(1, 0, r));
+  at::Tensor dlb = at::empty({N}, lora_B.options());
+  dlb.copy_(dBx.select(1, r));
   return {dx, dA, dB, dlb};
 }
 

@@ -199,6 +199,32 @@ def test_fp32_adapters(dtype):
     _check_against_ref(t, scaling=2.0, p=0.1, seed=3, mask_mode="bitmask")
 
 
+def test_single_output_column_with_fp32_adapters():
+    """N = 1 (a score/regression head) with fp32 adapters: dB and dlora_bias must not come back as views
+    of one buffer (torch.library rejects aliasing outputs on every call)."""
+    t = _make(67, 72, 1, 16, torch.bfloat16, adapter_dtype=torch.float32)
+    _check_against_ref(t, scaling=2.0, p=0.1, seed=3, mask_mode="bitmask")
+
+
+def test_backward_op_checks_its_inputs():
+    """Direct calls of the public op with inconsistent inputs raise instead of reading out of bounds."""
+    t = _make(67, 72, 40, 16, torch.bfloat16)
+    x, W, A, B = t["x"], t["weight"], t["lora_A"], t["lora_B"]
+    y, T, bits = torch.ops.lora_kernels.cuda_lora_fwd(x, W, None, A, B, None, 2.0, 0.1, 5, True)
+    dy = torch.randn_like(y)
+    op = torch.ops.lora_kernels.cuda_lora_bwd
+    bad = {
+        "shape mismatch": (dy, x, W, A[:, :40], B, T, bits, 2.0, 0.1, 5, True),
+        "shape mismatch ": (dy, x, W, A, B[:, :8], T, bits, 2.0, 0.1, 5, True),
+        "p must be in": (dy, x, W, A, B, T, bits, 2.0, -0.5, 5, True),
+        "must be a CUDA tensor": (dy, x, W, A, B, T, bits.cpu(), 2.0, 0.1, 5, True),
+        "expected 2-D": (dy, x, W, A[None], B, T, bits, 2.0, 0.1, 5, True),
+    }
+    for msg, args in bad.items():
+        with pytest.raises(RuntimeError, match=msg.strip()):
+            op(*args)
+
+
 def test_fp32_everything():
     t = _make(67, 33, 40, 8, torch.float32)
     _check_against_ref(t, scaling=2.0, p=0.1, seed=3, mask_mode="regenerate")

@@ -1,0 +1,208 @@
+// Device code of the low-rank and dropout-mask kernels (see lowrank.h for the contracts), included
+// by lowrank.cu inside its anonymous namespace. It is a header so that tests/cuda_emu/ can compile the
+// very same kernels for the CPU (threads for a block, a barrier for __syncthreads) and check them
+// against float64 in CI, where there is no GPU. Keep it free of host-only or launch code.
+//
+// Tiling: one 256-thread block computes a 32 × 64 output tile, staging 32-wide slices of the
+// reduction dimension of both operands in shared memory (as fp32, padded +1 against bank
+// conflicts); each thread owns 2 × 4 outputs. The low-rank products are < 1% of the base GEMM's
+// FLOPs at r = 16, so CUDA-core FMAs are enough; what matters is reading x (and dY) once.
+#pragma once
+
+constexpr int kThreads = 256;
+constexpr int kTileI = 32;  // output rows per block
+constexpr int kTileJ = 64;  // output columns per block
+constexpr int kTileC = 32;  // reduction slice per step
+constexpr int kGroupsPerSlice = kTileC / 8;
+
+// Uniform branch on the operand's runtime dtype: cheaper in code size than templating every
+// kernel on 3 × 3 dtype combinations, and the loads are memory-bound anyway.
+__device__ __forceinline__ float load_f32(const void* p, int64_t idx, DType t) {
+  switch (t) {
+    case kF16:
+      return __half2float(static_cast<const __half*>(p)[idx]);
+    case kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[idx]);
+    default:
+      return static_cast<const float*>(p)[idx];
+  }
+}
+
+__device__ __forceinline__ void store_f32(void* p, int64_t idx, DType t, float v) {
+  switch (t) {
+    case kF16:
+      static_cast<__half*>(p)[idx] = __float2half_rn(v);
+      break;
+    case kBF16:
+      static_cast<__nv_bfloat16*>(p)[idx] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<float*>(p)[idx] = v;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) skinny_kernel(const SkinnyArgs p) {
+  __shared__ float xs[kTileI][kTileC + 1];
+  __shared__ float as[kTileJ][kTileC + 1];
+  const int tid = threadIdx.x;
+  const int ti = tid / 16, tj = tid % 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTileJ;
+  const int64_t JT = p.J + (p.ones_col ? 1 : 0);
+  // Coalesce the tile loads along whichever index has unit stride.
+  const bool x_c_fast = p.sxc == 1 || p.sxi != 1;
+  const bool a_c_fast = p.sac == 1 || p.saj != 1;
+  // Several column blocks recompute the same mask; only the first writes the bitmask.
+  const bool write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
+
+  float acc[2][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[r][q] = 0.f;
+
+  for (int64_t c0 = 0; c0 < p.C; c0 += kTileC) {
+    if (p.mask == SkinnyMask::kGenerate) {
+      // One Philox call per (row, group of 8 columns): threads 0..127 each own one group.
+      if (tid < kTileI * kGroupsPerSlice) {
+        const int ii = tid / kGroupsPerSlice, gg = tid % kGroupsPerSlice;
+        const int64_t i = i0 + ii;
+        const int64_t cb = c0 + 8 * gg;
+        uint32_t keep = 0;
+        if (i < p.R && cb < p.C) {
+          const int64_t g = cb / 8;
+          keep = dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(g), p.threshold) &
+                 valid_bits(p.C, g);
+          if (write_bits) p.bits_out[i * p.ld_bits_out + g] = static_cast<uint8_t>(keep);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float v = 0.f;
+          if ((keep >> e) & 1u) v = load_f32(p.x, i * p.sxi + (cb + e) * p.sxc, p.xt) * p.keep_scale;
+          xs[ii][8 * gg + e] = v;
+        }
+      }
+    } else {
+      for (int e = tid; e < kTileI * kTileC; e += kThreads) {
+        const int ii = x_c_fast ? e / kTileC : e % kTileI;
+        const int cc = x_c_fast ? e % kTileC : e / kTileI;
+        const int64_t i = i0 + ii, c = c0 + cc;
+        float v = 0.f;
+        if (i < p.R && c < p.C) {
+          v = load_f32(p.x, i * p.sxi + c * p.sxc, p.xt);
+          if (p.mask == SkinnyMask::kBitsTransposed) {
+            const uint32_t bit = (p.bits_in[c * p.ld_bits_in + (i >> 3)] >> (i & 7)) & 1u;
+            v = bit ? v * p.keep_scale : 0.f;
+          }
+        }
+        xs[ii][cc] = v;
+      }
+    }
+    for (int e = tid; e < kTileJ * kTileC; e += kThreads) {
+      const int jj = a_c_fast ? e / kTileC : e % kTileJ;
+      const int cc = a_c_fast ? e % kTileC : e / kTileJ;
+      const int64_t j = j0 + jj, c = c0 + cc;
+      float v = 0.f;
+      if (c < p.C) {
+        if (j < p.J) {
+          v = load_f32(p.a, j * p.saj + c * p.sac, p.at);
+        } else if (j == p.J && p.ones_col) {
+          v = 1.f;
+        }
+      }
+      as[jj][cc] = v;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int cc = 0; cc < kTileC; ++cc) {
+      const float x0 = xs[2 * ti][cc], x1 = xs[2 * ti + 1][cc];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float av = as[tj + 16 * q][cc];
+        acc[0][q] = fmaf(x0, av, acc[0][q]);
+        acc[1][q] = fmaf(x1, av, acc[1][q]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = i0 + 2 * ti + r;
+    if (i >= p.R) continue;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t j = j0 + tj + 16 * q;
+      if (j < JT) p.out[i * p.ldo + j] = p.alpha * acc[r][q];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
+  __shared__ float ts[kTileI][kTileC + 1];
+  __shared__ float bs[kTileJ][kTileC + 1];
+  const int tid = threadIdx.x;
+  const int ti = tid / 16, tn = tid % 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileJ;
+  const bool b_j_fast = p.sbj == 1 || p.sbn != 1;
+
+  float acc[2][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[r][q] = 0.f;
+
+  for (int64_t j0 = 0; j0 < p.J; j0 += kTileC) {
+    for (int e = tid; e < kTileI * kTileC; e += kThreads) {
+      const int ii = e / kTileC, jj = e % kTileC;
+      const int64_t i = i0 + ii, j = j0 + jj;
+      ts[ii][jj] = (i < p.R && j < p.J) ? p.t[i * p.ldt + j] : 0.f;
+    }
+    for (int e = tid; e < kTileJ * kTileC; e += kThreads) {
+      const int nn = b_j_fast ? e / kTileC : e % kTileJ;
+      const int jj = b_j_fast ? e % kTileC : e / kTileJ;
+      const int64_t n = n0 + nn, j = j0 + jj;
+      bs[nn][jj] = (n < p.N && j < p.J) ? load_f32(p.b, n * p.sbn + j * p.sbj, p.bt) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int jj = 0; jj < kTileC; ++jj) {
+      const float t0 = ts[2 * ti][jj], t1 = ts[2 * ti + 1][jj];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float bv = bs[tn + 16 * q][jj];
+        acc[0][q] = fmaf(t0, bv, acc[0][q]);
+        acc[1][q] = fmaf(t1, bv, acc[1][q]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = i0 + 2 * ti + r;
+    if (i >= p.R) continue;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t n = n0 + tn + 16 * q;
+      if (n >= p.N) continue;
+      float v = acc[r][q];
+      if (p.v1 != nullptr) v += load_f32(p.v1, n * p.sv1, p.v1t);
+      v *= p.alpha;
+      if (p.v2 != nullptr) v += load_f32(p.v2, n * p.sv2, p.v2t);
+      if (p.bits != nullptr) {
+        const uint32_t bit = (p.bits[i * p.ld_bits + (n >> 3)] >> (n & 7)) & 1u;
+        v = bit ? v * p.keep_scale : 0.f;
+      }
+      store_f32(p.out, i * p.ldo + n, p.ot, v);
+    }
+  }
+}
+
+__global__ void make_mask_kernel(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, int64_t G,
+                                 uint8_t* bits) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * G) return;
+  const int64_t m = idx / G, g = idx % G;
+  bits[idx] = static_cast<uint8_t>(
+      dropout_keep_byte(seed, static_cast<uint64_t>(m), static_cast<uint64_t>(g), threshold) & valid_bits(K, g));
+}

@@ -1,0 +1,244 @@
+// CPU emulation of the CUDA backend's low-rank and dropout-mask kernels (csrc/lowrank_kernels.cuh),
+// run by tests/test_cuda_emulation.py where there is no GPU.
+//
+// The device code is compiled for the host as it is: a block is 256 std::threads, __syncthreads is a
+// std::barrier, __shared__ arrays are statics (blocks run one after another), and blockIdx/threadIdx
+// are thread-locals. The launch sequence of each test case mirrors csrc/lora_ops.cpp (lora_fwd:
+// shrink T with the mask bits, expand into y, then the base GEMM accumulating into y; lora_bwd: dT,
+// [dB | dlora_bias], the mask regenerated when not saved, dAᵀ, dX's low-rank part, then dY·W), with the
+// CUTLASS GEMMs replaced by plain loops. Everything is checked against a float64 reference computed
+// here, the bits against the Philox mask bit for bit. Prints "<n> cases, <f> failures".
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <cstdio>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <functional>
+#include <string>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include "lowrank.h"
+#include "philox.cuh"
+#undef __global__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __launch_bounds__(x)
+#define __shared__ static
+struct D3 { unsigned x = 0, y = 0, z = 0; };
+thread_local D3 threadIdx, blockIdx;
+D3 blockDim{256, 1, 1};
+std::barrier<>* g_bar;
+#define __syncthreads() g_bar->arrive_and_wait()
+namespace lora_kernels {
+namespace {
+#include "lowrank_kernels.cuh"
+}
+template <class F>
+void launch(unsigned gx, unsigned gy, unsigned nthreads, F f) {
+  std::barrier<> bar(nthreads);
+  g_bar = &bar;
+  for (unsigned by = 0; by < gy; ++by)
+    for (unsigned bx = 0; bx < gx; ++bx) {
+      std::vector<std::thread> ts;
+      for (unsigned t = 0; t < nthreads; ++t)
+        ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; f(); });
+      for (auto& t : ts) t.join();
+    }
+}
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
+  const int64_t JT = a.J + (a.ones_col ? 1 : 0);
+  if (a.R == 0 || JT == 0) return;
+  launch(cdiv(a.R, kTileI), cdiv(JT, kTileJ), kThreads, [&] { skinny_kernel(a); });
+}
+void launch_expand(const ExpandArgs& a, cudaStream_t) {
+  if (a.R == 0 || a.N == 0) return;
+  launch(cdiv(a.R, kTileI), cdiv(a.N, kTileJ), kThreads, [&] { expand_kernel(a); });
+}
+void launch_make_mask(uint64_t seed, uint32_t th, int64_t M, int64_t K, uint8_t* bits, cudaStream_t) {
+  int64_t G = cdiv(K, 8);
+  if (M == 0 || G == 0) return;
+  blockDim.x = kThreads;
+  launch(cdiv(M * G, kThreads), 1, kThreads, [&] {
+    // make_mask_kernel has an early return but no barrier: run it without the barrier
+    make_mask_kernel(seed, th, M, K, G, bits);
+  });
+}
+uint32_t dropout_threshold(double p) { return (uint32_t)std::nearbyint(p * 65536.0); }
+}  // namespace lora_kernels
+using namespace lora_kernels;
+
+int fails = 0;
+bool g_selftest = false;  // --selftest: corrupt one value of T, of the bits and of dT: every case must fail
+void cmp(const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got, double tol) {
+  double maxerr = 0, maxref = 1e-30;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    { double d = std::fabs(ref[i] - got(i)); if (!(d == d)) d = INFINITY; maxerr = std::max(maxerr, d); }
+    maxref = std::max(maxref, std::fabs(ref[i]));
+  }
+  if (!(maxerr <= tol * maxref + 1e-6)) { printf("  FAIL %s maxerr %g maxref %g\n", what, maxerr, maxref); ++fails; }
+}
+
+// x layout: 0 = row-major padded (ld = K + 3), 1 = column-major, 2 = stride-2 inner
+void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t seed, int xlayout, bool save_mask) {
+  std::mt19937 rng(M * 131 + K * 7 + N + r);
+  std::normal_distribution<float> nd;
+  int64_t sxi, sxc, xsize;
+  if (xlayout == 0) { sxi = K + 3; sxc = 1; xsize = M * (K + 3) + 1; }
+  else if (xlayout == 1) { sxi = 1; sxc = M; xsize = M * K + 1; }
+  else { sxi = 2 * K; sxc = 2; xsize = 2 * M * K + 1; }
+  std::vector<float> xb(xsize), W(N * K), A(r * K), B(N * r), bias(N), lb(N), dy(M * N);
+  for (auto& v : xb) v = nd(rng);
+  for (auto& v : W) v = nd(rng); for (auto& v : A) v = nd(rng); for (auto& v : B) v = nd(rng);
+  for (auto& v : bias) v = nd(rng); for (auto& v : lb) v = nd(rng); for (auto& v : dy) v = nd(rng);
+  auto X = [&](int64_t m, int64_t k) { return (double)xb[m * sxi + k * sxc]; };
+  const double s = 1.7;
+  const bool dropout = p > 0;
+  const int64_t G = (K + 7) / 8;
+  const uint32_t th = dropout_threshold(p);
+  auto keep = [&](int64_t m, int64_t k) -> double {
+    if (!dropout) return 1.0;
+    return (dropout_keep_byte(seed, m, k / 8, th) >> (k % 8)) & 1u ? 1.0 / (1.0 - p) : 0.0;
+  };
+  // ---------------- forward (mirrors lora_ops.cpp lora_fwd, fp32 everything) -------------
+  std::vector<float> T(M * r, NAN), y(M * N, NAN);
+  std::vector<uint8_t> bits((dropout && save_mask) ? M * G : 0, 0xAB);
+  {
+    SkinnyArgs a{};
+    a.x = xb.data(); a.sxi = sxi; a.sxc = sxc; a.xt = kF32;
+    a.a = A.data(); a.saj = K; a.sac = 1; a.at = kF32;
+    a.R = M; a.J = r; a.C = K; a.ones_col = false; a.alpha = 1.f;
+    a.mask = dropout ? SkinnyMask::kGenerate : SkinnyMask::kNone;
+    a.seed = seed; a.threshold = th; a.keep_scale = (float)(1.0 / (1.0 - p));
+    a.bits_out = bits.size() ? bits.data() : nullptr; a.ld_bits_out = G;
+    a.out = T.data(); a.ldo = r;
+    launch_skinny(a, nullptr);
+    ExpandArgs e{};
+    e.t = T.data(); e.ldt = r; e.b = B.data(); e.sbn = r; e.sbj = 1; e.bt = kF32;
+    e.v1 = lb.data(); e.sv1 = 1; e.v1t = kF32; e.v2 = bias.data(); e.sv2 = 1; e.v2t = kF32;
+    e.R = M; e.N = N; e.J = r; e.alpha = (float)s; e.bits = nullptr; e.out = y.data(); e.ldo = N; e.ot = kF32;
+    launch_expand(e, nullptr);
+    for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
+      double acc = 0; for (int64_t k = 0; k < K; ++k) acc += X(m, k) * W[n * K + k];
+      y[m * N + n] += acc;
+    }
+  }
+  std::vector<double> Tref(M * r), yref(M * N);
+  for (int64_t m = 0; m < M; ++m) for (int64_t j = 0; j < r; ++j) {
+    double acc = 0; for (int64_t k = 0; k < K; ++k) acc += X(m, k) * keep(m, k) * A[j * K + k];
+    Tref[m * r + j] = acc;
+  }
+  for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
+    double base = bias[n]; for (int64_t k = 0; k < K; ++k) base += X(m, k) * W[n * K + k];
+    double lr = lb[n]; for (int64_t j = 0; j < r; ++j) lr += Tref[m * r + j] * B[n * r + j];
+    yref[m * N + n] = base + s * lr;
+  }
+  if (g_selftest) {
+    T[(M * r) / 2] += 1.0f;
+    if (bits.size()) bits[bits.size() / 2] ^= 1;
+  }
+  cmp("T", Tref, [&](int64_t i) { return T[i]; }, 1e-4);
+  cmp("y", yref, [&](int64_t i) { return y[i]; }, 1e-4);
+  if (bits.size()) {
+    for (int64_t m = 0; m < M; ++m) for (int64_t g = 0; g < G; ++g) {
+      uint32_t want = 0;
+      for (int j = 0; j < 8; ++j) if (8 * g + j < K && keep(m, 8 * g + j) != 0) want |= 1u << j;
+      if (bits[m * G + g] != want) { printf("  FAIL bits m=%ld g=%ld\n", (long)m, (long)g); ++fails; goto done_bits; }
+    }
+  }
+done_bits:
+  // ---------------- backward (mirrors lora_bwd) -------------
+  std::vector<float> dT(M * r, NAN), dBx(N * (r + 1), NAN), dAt(K * r, NAN), dx(M * K, NAN);
+  std::vector<uint8_t> mask = bits;
+  {
+    SkinnyArgs a{};
+    a.x = dy.data(); a.sxi = N; a.sxc = 1; a.xt = kF32;
+    a.a = B.data(); a.saj = 1; a.sac = r; a.at = kF32;
+    a.R = M; a.J = r; a.C = N; a.alpha = (float)s; a.mask = SkinnyMask::kNone; a.keep_scale = 1.f;
+    a.out = dT.data(); a.ldo = r;
+    launch_skinny(a, nullptr);
+  }
+  {
+    SkinnyArgs a{};
+    a.x = dy.data(); a.sxi = 1; a.sxc = N; a.xt = kF32;
+    a.a = T.data(); a.saj = 1; a.sac = r; a.at = kF32;
+    a.R = N; a.J = r; a.C = M; a.ones_col = true; a.alpha = (float)s; a.mask = SkinnyMask::kNone;
+    a.keep_scale = 1.f; a.out = dBx.data(); a.ldo = r + 1;
+    launch_skinny(a, nullptr);
+  }
+  if (dropout && (int64_t)mask.size() != M * G) {
+    mask.assign(M * G, 0xCD);
+    launch_make_mask(seed, th, M, K, mask.data(), nullptr);
+  }
+  {
+    SkinnyArgs a{};
+    a.x = xb.data(); a.sxi = sxc; a.sxc = sxi; a.xt = kF32;
+    a.a = dT.data(); a.saj = 1; a.sac = r; a.at = kF32;
+    a.R = K; a.J = r; a.C = M; a.alpha = 1.f;
+    a.mask = dropout ? SkinnyMask::kBitsTransposed : SkinnyMask::kNone;
+    a.keep_scale = (float)(1.0 / (1.0 - p)); a.bits_in = dropout ? mask.data() : nullptr; a.ld_bits_in = G;
+    a.out = dAt.data(); a.ldo = r;
+    launch_skinny(a, nullptr);
+  }
+  {
+    ExpandArgs e{};
+    e.t = dT.data(); e.ldt = r; e.b = A.data(); e.sbn = 1; e.sbj = K; e.bt = kF32;
+    e.R = M; e.N = K; e.J = r; e.alpha = 1.f; e.bits = dropout ? mask.data() : nullptr; e.ld_bits = G;
+    e.keep_scale = (float)(1.0 / (1.0 - p)); e.out = dx.data(); e.ldo = K; e.ot = kF32;
+    launch_expand(e, nullptr);
+    for (int64_t m = 0; m < M; ++m) for (int64_t k = 0; k < K; ++k) {
+      double acc = 0; for (int64_t n = 0; n < N; ++n) acc += (double)dy[m * N + n] * W[n * K + k];
+      dx[m * K + k] += acc;
+    }
+  }
+  std::vector<double> dTr(M * r), dAr(r * K), dBr(N * r), dlbr(N), dxr(M * K);
+  for (int64_t m = 0; m < M; ++m) for (int64_t j = 0; j < r; ++j) {
+    double acc = 0; for (int64_t n = 0; n < N; ++n) acc += (double)dy[m * N + n] * B[n * r + j];
+    dTr[m * r + j] = s * acc;
+  }
+  for (int64_t j = 0; j < r; ++j) for (int64_t k = 0; k < K; ++k) {
+    double acc = 0; for (int64_t m = 0; m < M; ++m) acc += dTr[m * r + j] * X(m, k) * keep(m, k);
+    dAr[j * K + k] = acc;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    double sl = 0; for (int64_t m = 0; m < M; ++m) sl += dy[m * N + n];
+    dlbr[n] = s * sl;
+    for (int64_t j = 0; j < r; ++j) {
+      double acc = 0; for (int64_t m = 0; m < M; ++m) acc += (double)dy[m * N + n] * Tref[m * r + j];
+      dBr[n * r + j] = s * acc;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) for (int64_t k = 0; k < K; ++k) {
+    double base = 0; for (int64_t n = 0; n < N; ++n) base += (double)dy[m * N + n] * W[n * K + k];
+    double lr = 0; for (int64_t j = 0; j < r; ++j) lr += dTr[m * r + j] * A[j * K + k];
+    dxr[m * K + k] = base + lr * keep(m, k);
+  }
+  if (g_selftest) dT[(M * r) / 2] += 1.0f;
+  cmp("dT", dTr, [&](int64_t i) { return dT[i]; }, 1e-4);
+  cmp("dA", dAr, [&](int64_t i) { int64_t j = i / K, k = i % K; return dAt[k * r + j]; }, 1e-4);
+  cmp("dB", dBr, [&](int64_t i) { int64_t n = i / r, j = i % r; return dBx[n * (r + 1) + j]; }, 1e-4);
+  cmp("dlb", dlbr, [&](int64_t n) { return dBx[n * (r + 1) + r]; }, 1e-4);
+  cmp("dx", dxr, [&](int64_t i) { return dx[i]; }, 1e-4);
+}
+
+int main(int argc, char** argv) {
+  g_selftest = argc > 1 && std::string(argv[1]) == "--selftest";
+  int n = 0;
+  for (int64_t M : {1, 37, 70})
+    for (int64_t K : {1, 33, 72})
+      for (int64_t N : {5, 40, 70})
+        for (int64_t r : {1, 16, 65})
+          for (double p : {0.0, 0.3})
+            for (int xl : {0, 1, 2}) {
+              if ((M + K + N + r + xl) % 3) continue;  // subsample to keep it quick
+              if (g_selftest && n >= 6) continue;
+              int before = fails;
+              run_case(M, K, N, r, p, (uint64_t(1) << 40) + 17 + M, xl, (M + K) % 2 == 0);
+              if (fails != before) printf("case M=%ld K=%ld N=%ld r=%ld p=%g xl=%d failed\n", (long)M, (long)K, (long)N, (long)r, p, xl);
+              ++n;
+            }
+  printf("%d cases, %d failures\n", n, fails);
+}
