@@ -94,12 +94,14 @@ CONCURRENT = [
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p):
     """The real barrier (PHASE 0), every program in its own thread: y, T and the bits match the
-    reference, the results are bit-identical run to run, the counts are left at zero and every
-    row-block's flag holds the last launch's epoch."""
+    reference, the results are bit-identical run to run, each launch advanced the device-side epoch
+    by one, the counts are left at zero and every row-block's flag holds the last launch's epoch."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     rows = (M + 31) // 32
     fallbacks = sp.barrier_fallbacks("cpu")
+    sync, _ = sp._sync_buffer(x.device, rows)
+    epoch0 = int(sync[0])
     with concurrent_programs(timeout=120):
         first = _check_direct(x, W, A, B, b, lb, p, 99, programs, producers)
         again = sp.lora_fwd_single_pass(
@@ -108,9 +110,11 @@ def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs
     for u, v in zip(first, again, strict=True):
         assert torch.equal(u, v), "single-pass forward is not deterministic"
     assert sp.barrier_fallbacks("cpu") == fallbacks, "a tile gave up on the barrier and recomputed T"
-    sync, epoch, _ = sp._sync_buffer(x.device, rows)
-    assert int(sync[0::2].abs().sum()) == 0, "the barrier left an arrival count behind"
-    assert sync[1::2][:rows].tolist() == [epoch - 1] * rows, "a row-block's flag misses the last epoch"
+    assert sp._sync_buffer(x.device, rows)[0] is sync
+    assert int(sync[0]) == epoch0 + 2, "each launch must advance the epoch exactly once"
+    assert int(sync[1]) == 0, "the exit count was not reset"
+    assert int(sync[2::2].abs().sum()) == 0, "the barrier left an arrival count behind"
+    assert sync[3::2][:rows].tolist() == [epoch0 + 2] * rows, "a row-block's flag misses the last epoch"
 
 
 @needs_interpreter
@@ -286,4 +290,34 @@ def test_single_pass_backward_gpu_matches_two_launch(single, shape, p, store):
     for _ in range(10):
         again = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, p, 77, True, True)
         assert all(torch.equal(o, a) for o, a in zip(out, again, strict=True))
+    assert sp.barrier_fallbacks() == fallbacks
+
+
+@requires_gpu
+def test_single_pass_forward_replays_in_a_cuda_graph(single):
+    """The epoch lives on the device, so a captured launch waits for a fresh epoch on every replay:
+    replays with new inputs match eager calls bit for bit."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
+    M, K, N, r = 2048, 4096, 4096, 16
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
+    static_x = x.clone()
+    args = lambda xx: (xx, W, b, A, B, lb, 2.0, 0.1, 1234, True)  # noqa: E731
+    tri.lora_fwd(*args(static_x))  # compile and allocate the barrier words outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tri.lora_fwd(*args(static_x))  # the capture stream's own barrier words
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y_static, t_static, _ = tri.lora_fwd(*args(static_x))
+    torch.cuda.current_stream().wait_stream(stream)
+    fallbacks = sp.barrier_fallbacks()
+    for seed in (1, 2, 3):
+        new_x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(x.dtype)
+        static_x.copy_(new_x)
+        graph.replay()
+        y_eager, t_eager, _ = tri.lora_fwd(*args(new_x))
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, y_eager) and torch.equal(t_static, t_eager)
     assert sp.barrier_fallbacks() == fallbacks

@@ -34,8 +34,10 @@ a tile recomputes T from x itself (slice by slice, in the producers' order) and 
 
 The barrier lives in a small int32 buffer owned by this module (per device and stream, zeroed once):
 per row-block an arrival count, which the last producer resets, and a flag into which it writes the
-launch's epoch (a host counter, fresh per launch), which everyone waits for; no memset launch per
-call. A CUDA graph would replay a stale epoch, so graph capture keeps the two-launch forward.
+launch's epoch, which everyone waits for. The epoch lives on the device, in the same buffer: every
+program reads it when the launch starts and the last program to exit advances it, so each launch (a
+CUDA-graph replay, an autotuner's repeated call with the same arguments) waits for its own epoch, and
+no memset or host bookkeeping is needed per call.
 Ordering: all warps' partial stores, ``debug_barrier`` (CTA), then an acq_rel arrival / release
 publish at GPU scope; waiters acquire, then ``debug_barrier`` again before any warp reads partials.
 
@@ -92,15 +94,33 @@ INTERPRETER_PHASES = True
 # ----------------------------------------------------------------------------------------------
 
 
+# SYNC layout (int32): [0] the epoch of the last completed launch, [1] programs exited in this launch,
+# then per row-block [2 + 2·row] producer arrivals (left at 0) and [3 + 2·row] its flag.
+@triton.jit
+def _launch_epoch(SYNC):
+    """This launch's epoch: one past the last completed launch's. Every program reads the same value:
+    the word only changes once every program of this launch has exited (``_exit_launch``)."""
+    return tl.atomic_add(SYNC, 0, sem="acquire") + 1
+
+
+@triton.jit
+def _exit_launch(SYNC, epoch):
+    """Count this program out; the last one resets the count and publishes the epoch as completed."""
+    tl.debug_barrier()
+    exited = tl.atomic_add(SYNC + 1, 1, sem="acq_rel")
+    if exited == tl.num_programs(0) - 1:
+        tl.atomic_xchg(SYNC + 1, 0, sem="relaxed")
+        tl.atomic_xchg(SYNC, epoch, sem="release")
+
+
 @triton.jit
 def _row_barrier(SYNC, row, n_producers, epoch, max_spins, IS_PRODUCER):
     """Row-block barrier: producers arrive, everyone waits until the last producer has published.
     Returns False if that did not happen within ``max_spins`` polls (the caller then recomputes).
 
-    SYNC[2·row] counts this launch's producer arrivals (left at 0 for the next launch);
-    SYNC[2·row + 1] holds the epoch of the last launch whose producers all arrived. The host passes
-    a fresh epoch per launch, so a value left by an earlier launch never opens this one."""
-    count_ptr = SYNC + 2 * row
+    The arrival count is left at 0 for the next launch; the flag holds the epoch of the last launch
+    whose producers all arrived, so a value left by an earlier launch never opens this one."""
+    count_ptr = SYNC + 2 + 2 * row
     flag_ptr = count_ptr + 1
     tl.debug_barrier()  # every warp's partial-T stores precede this CTA's arrival
     if IS_PRODUCER:
@@ -137,10 +157,10 @@ def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M: tl.constexpr, 
     return acc
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
 def _fwd_single_pass_kernel(
     x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
-    M, N, K, R, M_BUCKET, NUM_PROD, epoch, max_spins, FALLBACKS,
+    M, N, K, R, M_BUCKET, NUM_PROD, max_spins, FALLBACKS,
     stride_ar, stride_ak, stride_tm, stride_pn, stride_pm, stride_bm, stride_lbn, stride_lbr,
     seed_lo, seed_hi, threshold, keep_scale, scaling,
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
@@ -152,7 +172,10 @@ def _fwd_single_pass_kernel(
     2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
 
     The first NUM_PROD tiles of each row-block are its producers (K-slice n of NUM_PROD each).
-    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2·⌈M/BM⌉,) int32."""
+    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2 + 2·⌈M/BM⌉,) int32."""
+    epoch = 0
+    if PHASE == 0:
+        epoch = _launch_epoch(SYNC)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -218,6 +241,8 @@ def _fwd_single_pass_kernel(
             acc = _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
                                   HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R)  # fmt: skip
             y_desc.store([off_m, off_n], acc.to(OUT_DT))
+    if PHASE == 0:
+        _exit_launch(SYNC, epoch)
 
 
 @triton.jit
@@ -231,10 +256,10 @@ def _dt_step(acc, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT: tl.constexpr, B
     return tl.dot(dy, b, acc)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
 def _bwd_single_pass_kernel(
     dy_desc, w_desc, dx_desc, DY, LB, T, A, BITS, DT, DB, DSUM, DTP, SYNC,
-    M, N, K, R, M_BUCKET, NUM_PROD, epoch, max_spins, FALLBACKS,
+    M, N, K, R, M_BUCKET, NUM_PROD, max_spins, FALLBACKS,
     stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_ar, stride_ak, stride_bm, stride_dtm,
     stride_dbn, stride_pn, stride_pm,
     seed_lo, seed_hi, threshold, keep_scale, scaling,
@@ -247,6 +272,9 @@ def _bwd_single_pass_kernel(
     they never wait), then the dX tiles (m, k) row-major; the first NUM_PROD tiles of a row-block
     produce dT partials over their N-slice, meet at the row barrier, and everyone sums them.
     PHASE as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
+    epoch = 0
+    if PHASE == 0:
+        epoch = _launch_epoch(SYNC)
     num_db = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -306,6 +334,8 @@ def _bwd_single_pass_kernel(
                                      seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
                                      BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
                 dx_desc.store([off_m, off_k], acc.to(OUT_DT))
+    if PHASE == 0:
+        _exit_launch(SYNC, epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,32 +343,30 @@ def _bwd_single_pass_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _SYNC_LOCK = threading.Lock()
-_SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [buffer, last epoch]
-_EPOCH_MAX = 2**31 - 1
+_SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [barrier words, fallback counter]
 # Producers per row-block when the grid cannot hold whole row-blocks per round (see _plan).
 MAX_PRODUCERS = 8
 # LORA_KERNELS_PRODUCERS=k: always the full grid with min(nt, k) producers (for measuring _plan's choice).
 FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
 
 
-def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """The barrier words for ``rows`` row-blocks, a fresh epoch for one launch, and the fallback counter.
+def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The barrier words for ``rows`` row-blocks (layout above ``_launch_epoch``) and the fallback counter.
 
     One zeroed buffer per (device, stream): launches in flight on different streams must not share
-    counters, and launches on one stream run in order. The kernel leaves every count at 0 and
-    writes the launch's epoch into each row's flag, so the buffer is never cleared again; it is
-    reallocated (zeroed) when it must grow and when the epoch wraps."""
+    it, and launches on one stream run in order. Every launch leaves it consistent (counts at 0, the
+    epoch advanced), so it is never cleared again; it is replaced by a zeroed one when it must grow
+    (stream-ordered: a launch still running on the old one finishes first)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     with _SYNC_LOCK:
         entry = _SYNC.get(key)
         if entry is None:
-            entry = _SYNC[key] = [torch.zeros(0, dtype=torch.int32, device=device), _EPOCH_MAX,
+            entry = _SYNC[key] = [torch.zeros(0, dtype=torch.int32, device=device),
                                   torch.zeros(1, dtype=torch.int32, device=device)]  # fmt: skip
-        if entry[0].numel() < 2 * rows or entry[1] >= _EPOCH_MAX:
-            entry[0], entry[1] = torch.zeros(2 * max(rows, 64), dtype=torch.int32, device=device), 0
-        entry[1] += 1  # flags start at 0: epochs start at 1
-        return entry[0], entry[1], entry[2]
+        if entry[0].numel() < 2 + 2 * rows:
+            entry[0] = torch.zeros(2 + 2 * max(rows, 64), dtype=torch.int32, device=device)
+        return entry[0], entry[1]
 
 
 def barrier_fallbacks(device: torch.device | str = "cuda") -> int:
@@ -348,7 +376,7 @@ def barrier_fallbacks(device: torch.device | str = "cuda") -> int:
     device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     entry = _SYNC.get((device.type, device.index, stream))
-    return 0 if entry is None else int(entry[2].item())
+    return 0 if entry is None else int(entry[1].item())
 
 
 def _plan(nt: int, sms: int) -> tuple[int, int]:
@@ -387,10 +415,6 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
         return "this Triton has no tensor descriptors"
     if _block_r(lora_A.shape[0]) > 128:
         return f"rank {lora_A.shape[0]} > 128: the partial-T tile would not fit next to the accumulator"
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A captured launch replays its epoch argument: a flag left by the previous replay would open
-        # the barrier early. Graph capture keeps the two-launch forward.
-        return "CUDA graph capture in progress (the barrier needs a fresh epoch per launch)"
     return None
 
 
@@ -437,12 +461,12 @@ def lora_fwd_single_pass(
         if producers > programs:  # the producers of a row-block must be resident together
             raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
         part = _ll._empty((producers, M, R), x.device, torch.float32)
-        sync, epoch, fallbacks = _sync_buffer(x.device, mt)
+        sync, fallbacks = _sync_buffer(x.device, mt)
         grid = (min(programs, nt * mt),)
         args = (
             TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
             TensorDescriptor.from_tensor(y, [bm, bn]), lora_A, bias_arg, t, part, bits, lora_B, lbias_arg, sync,
-            M, N, K, R, _m_bucket(M), producers, epoch, max_spins or _max_spins(), fallbacks,
+            M, N, K, R, _m_bucket(M), producers, max_spins or _max_spins(), fallbacks,
             lora_A.stride(0), lora_A.stride(1), t.stride(0), part.stride(0), part.stride(1), max(bits.stride(0), 1),
             lora_B.stride(0), lora_B.stride(1),
             lo, hi, dropout_threshold(p), 1.0 / (1.0 - p), scaling,
@@ -524,11 +548,11 @@ def lora_bwd_single_pass(
         if producers > programs:
             raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
         dtp = _ll._empty((producers, M, R), dev, torch.float32)
-        sync, epoch, fallbacks = _sync_buffer(dev, mt)
+        sync, fallbacks = _sync_buffer(dev, mt)
         args = (
             TensorDescriptor.from_tensor(dy, [bm, bn]), TensorDescriptor.from_tensor(weight, [bn, bk]),
             TensorDescriptor.from_tensor(dx, [bm, bk]), dy, lora_B, t, lora_A, bits, dt, db, colsum, dtp, sync,
-            M, N, K, R, _m_bucket(M), producers, epoch, max_spins or _max_spins(), fallbacks,
+            M, N, K, R, _m_bucket(M), producers, max_spins or _max_spins(), fallbacks,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), lora_A.stride(0),
             lora_A.stride(1), bits_stride, dt.stride(0), db.stride(0), dtp.stride(0), dtp.stride(1),
             lo, hi, thr, keep_scale, scaling,
