@@ -321,3 +321,21 @@ def test_single_pass_forward_replays_in_a_cuda_graph(single):
         torch.cuda.synchronize()
         assert torch.equal(y_static, y_eager) and torch.equal(t_static, t_eager)
     assert sp.barrier_fallbacks() == fallbacks
+
+
+@requires_gpu
+def test_single_pass_not_captured_without_barrier_words(single):
+    """A capture on a stream that has no barrier words yet keeps the two-launch kernels (zeroing them
+    inside the graph would reset the epoch on every replay)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
+    x, W, A, B, b, lb = make_inputs(512, 1024, 1024, 16, xdt=torch.bfloat16, adt=torch.float32)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            assert "CUDA graph capture" in sp.single_pass_reason(x, W, A)
+            tri.lora_fwd(x, W, b, A, B, lb, 2.0, 0.1, 7, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert single == [], "the single-pass kernel must not be captured before its barrier words exist"

@@ -410,11 +410,19 @@ def _single_cfg(R: int) -> dict:
 
 
 def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
-    """None if the single-pass forward can run on these (2-D) tensors, else why not."""
+    """None if the single-pass kernels can run on these (2-D) tensors, else why not."""
     if TensorDescriptor is None:
         return "this Triton has no tensor descriptors"
     if _block_r(lora_A.shape[0]) > 128:
         return f"rank {lora_A.shape[0]} > 128: the partial-T tile would not fit next to the accumulator"
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Allocating (zeroing) the barrier words inside a capture would put the memset into the graph:
+        # every replay would reset the epoch and stale flags would open the barriers early.
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        entry = _SYNC.get((x.device.type, x.device.index, stream))
+        rows = triton.cdiv(x.shape[0], min(_single_cfg(1)["BLOCK_M"], _single_bwd_cfg(1)["BLOCK_M"]))
+        if entry is None or entry[0].numel() < 2 + 2 * rows:
+            return "CUDA graph capture: run one eager call on the capturing stream first (barrier words)"
     return None
 
 
