@@ -3,6 +3,8 @@
 #include "lowrank.h"
 #include "philox.cuh"
 
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
@@ -25,7 +27,33 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
   const int64_t gx = ceil_div(a.R, kTileI), gy = ceil_div(JT, kTileJ);
   TORCH_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, "lora_kernels: low-rank problem too large: R=", a.R,
               " J=", JT);
-  skinny_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, num_sms, a.mask == SkinnyMask::kGenerate);
+  TORCH_CHECK(sp.splits >= 1 && sp.splits <= 65535, "lora_kernels: bad reduction split: ", sp.splits);
+  if (sp.splits == 1) {
+    skinny_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a, a.C, 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // The caching allocator orders reuse of the workspace on the current stream only: launching on
+  // another stream could let a later allocation overwrite it while the kernels still read it.
+  TORCH_CHECK(stream == at::cuda::getCurrentCUDAStream().stream(),
+              "lora_kernels: launch_skinny must run on the current CUDA stream");
+  // Partial sums (splits, R, JT) fp32 on the current device, which is out's (callers hold a guard).
+  // At most ~4 · num_sms tiles of 32 × 64 floats (a few MB): the split only runs on small grids.
+  const at::Tensor ws = at::empty({sp.splits, a.R, JT}, at::TensorOptions().dtype(at::kFloat).device(
+                                                          at::kCUDA, at::cuda::current_device()));
+  SkinnyArgs part = a;
+  part.out = ws.data_ptr<float>();
+  part.ldo = JT;
+  part.alpha = 1.f;  // applied once, by the reduce
+  skinny_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(sp.splits)),
+                  kThreads, 0, stream>>>(part, sp.chunk, a.R * JT);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = ceil_div(a.R * JT, kThreads);
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "lora_kernels: low-rank problem too large: R=", a.R, " J=", JT);
+  skinny_reduce_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ws.data_ptr<float>(), sp.splits,
+                                                                               a.R, JT, a.alpha, a.out, a.ldo);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

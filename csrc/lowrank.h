@@ -4,8 +4,9 @@
 // through (row, column) element strides, so transposed views and strided x need no copies:
 //   skinny:  out[i, j] = alpha · Σ_c X(i, c) · mask(i, c) · A(j, c)          (fp32 out, j < J [+1])
 //   expand:  out[i, n] = (alpha · (Σ_j T[i, j] · B(n, j) + v1[n]) + v2[n]) · mask(i, n)
-// plus the packed-bitmask generator. All reductions run in a fixed order inside one thread
-// block (no atomics), so results are deterministic run to run.
+// plus the packed-bitmask generator. All reductions run in a fixed order (no atomics), so results
+// are deterministic run to run: inside one thread block, or, when launch_skinny splits C over
+// blockIdx.z to fill the GPU (plan_skinny_split), per-split fp32 partials added in split order.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -69,6 +70,8 @@ struct ExpandArgs {
   DType ot;
 };
 
+// out must be on the current device and stream the current stream: a split launch allocates its
+// partial-sum workspace there with the caching allocator.
 void launch_skinny(const SkinnyArgs& a, cudaStream_t stream);
 void launch_expand(const ExpandArgs& a, cudaStream_t stream);
 // bits (M, ceil(K / 8)) row-major: the packed keep-mask of reference.pack_mask.

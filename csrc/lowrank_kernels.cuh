@@ -1,7 +1,8 @@
 // Device code of the low-rank and dropout-mask kernels (see lowrank.h for the contracts), included
 // by lowrank.cu inside its anonymous namespace. It is a header so that tests/cuda_emu/ can compile the
 // very same kernels for the CPU (threads for a block, a barrier for __syncthreads) and check them
-// against float64 in CI, where there is no GPU. Keep it free of host-only or launch code.
+// against float64 in CI, where there is no GPU. Keep it free of host-only or launch code, except
+// plan_skinny_split: a plain inline function, shared by the real launcher and the emulation's.
 //
 // Tiling: one 256-thread block computes a 32 × 64 output tile, staging 32-wide slices of the
 // reduction dimension of both operands in shared memory (as fp32, padded +1 against bank
@@ -14,6 +15,42 @@ constexpr int kTileI = 32;  // output rows per block
 constexpr int kTileJ = 64;  // output columns per block
 constexpr int kTileC = 32;  // reduction slice per step
 constexpr int kGroupsPerSlice = kTileC / 8;
+
+// Split of the reduction dimension C over blockIdx.z. The backward reductions over M (dB: R = N,
+// dAᵀ: R = K) have few (R, J) tiles, e.g. 128 blocks at N = 4096, r = 16, each walking all of M:
+// about one block per SM. Splitting C gives every SM work; the splits write fp32 partial sums to a
+// (splits, R, JT) workspace that skinny_reduce_kernel adds in a fixed order (no atomics, so the
+// result is the same run to run).
+constexpr int64_t kSplitMinC = 512;  // ≥ 16 slices per split: the partials' round trip stays small
+constexpr int64_t kMaxSplits = 64;   // bounds the workspace and the reduce's reads per output
+
+struct SkinnySplit {
+  int64_t splits;  // gridDim.z; 1: no split, the kernel writes out directly
+  int64_t chunk;   // reduction columns per split: a multiple of kTileC when splits > 1
+};
+
+// Host-side plan, shared by lowrank.cu and tests/cuda_emu. Split only when the (x, y) grid covers
+// less than 2 blocks per SM, and never when the kernel generates the dropout mask: those blocks also
+// write the packed bits, which must be written exactly once. min_c (the fewest columns worth a
+// split) is lowered by the emulation only, to exercise splits on small shapes.
+inline SkinnySplit plan_skinny_split(int64_t R, int64_t JT, int64_t C, int num_sms, bool generates_mask,
+                                     int64_t min_c = kSplitMinC) {
+  const SkinnySplit none{1, C};
+  if (generates_mask || R <= 0 || JT <= 0 || C <= kTileC || num_sms <= 0) return none;
+  const int64_t tiles = ((R + kTileI - 1) / kTileI) * ((JT + kTileJ - 1) / kTileJ);
+  const int64_t target = 2 * static_cast<int64_t>(num_sms);
+  if (tiles >= target) return none;
+  int64_t s = (target + tiles - 1) / tiles;
+  const int64_t by_c = (C + min_c - 1) / min_c;
+  if (s > by_c) s = by_c;
+  if (s > kMaxSplits) s = kMaxSplits;
+  if (s <= 1) return none;
+  // Whole slices per split, so no slice straddles two splits; recount as rounding up may leave fewer.
+  const int64_t chunk = ((C + s - 1) / s + kTileC - 1) / kTileC * kTileC;
+  s = (C + chunk - 1) / chunk;
+  if (s <= 1) return none;
+  return {s, chunk};
+}
 
 // Uniform branch on the operand's runtime dtype: cheaper in code size than templating every
 // kernel on 3 × 3 dtype combinations, and the loads are memory-bound anyway.
@@ -41,7 +78,11 @@ __device__ __forceinline__ void store_f32(void* p, int64_t idx, DType t, float v
   }
 }
 
-__global__ void __launch_bounds__(kThreads) skinny_kernel(const SkinnyArgs p) {
+// Block z reduces the columns [z · c_chunk, min(C, (z + 1) · c_chunk)) and writes to
+// p.out + z · out_zstride. Unsplit launches pass c_chunk = C (one z); split ones a multiple of
+// kTileC, so every slice lies in one split and the c < p.C guards stay the only ones needed.
+__global__ void __launch_bounds__(kThreads)
+    skinny_kernel(const SkinnyArgs p, const int64_t c_chunk, const int64_t out_zstride) {
   __shared__ float xs[kTileI][kTileC + 1];
   __shared__ float as[kTileJ][kTileC + 1];
   const int tid = threadIdx.x;
@@ -52,8 +93,13 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const SkinnyArgs p) {
   // Coalesce the tile loads along whichever index has unit stride.
   const bool x_c_fast = p.sxc == 1 || p.sxi != 1;
   const bool a_c_fast = p.sac == 1 || p.saj != 1;
-  // Several column blocks recompute the same mask; only the first writes the bitmask.
-  const bool write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
+  // Several column blocks recompute the same mask; only the first writes the bitmask (and only
+  // split 0, although plan_skinny_split does not split these launches).
+  const bool write_bits =
+      p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0 && blockIdx.z == 0;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * c_chunk;
+  const int64_t c_end = c_begin + c_chunk < p.C ? c_begin + c_chunk : p.C;
+  float* const out = p.out + static_cast<int64_t>(blockIdx.z) * out_zstride;
 
   float acc[2][4];
 #pragma unroll
@@ -61,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const SkinnyArgs p) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[r][q] = 0.f;
 
-  for (int64_t c0 = 0; c0 < p.C; c0 += kTileC) {
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTileC) {
     if (p.mask == SkinnyMask::kGenerate) {
       // One Philox call per (row, group of 8 columns): threads 0..127 each own one group.
       if (tid < kTileI * kGroupsPerSlice) {
@@ -132,9 +178,23 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const SkinnyArgs p) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int64_t j = j0 + tj + 16 * q;
-      if (j < JT) p.out[i * p.ldo + j] = p.alpha * acc[r][q];
+      if (j < JT) out[i * p.ldo + j] = p.alpha * acc[r][q];
     }
   }
+}
+
+// Second pass of a split launch: out[i, j] = alpha · Σ_z ws[z, i, j] with z = 0, 1, … in order, so
+// the sum does not depend on which split finished first. ws is (splits, R, JT) contiguous; the
+// splits ran with alpha = 1, so alpha is applied once, after the sum, as in an unsplit launch.
+__global__ void __launch_bounds__(kThreads) skinny_reduce_kernel(const float* ws, int64_t splits, int64_t R,
+                                                                 int64_t JT, float alpha, float* out,
+                                                                 int64_t ldo) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t n = R * JT;
+  if (idx >= n) return;
+  float v = 0.f;
+  for (int64_t z = 0; z < splits; ++z) v += ws[z * n + idx];
+  out[(idx / JT) * ldo + idx % JT] = alpha * v;
 }
 
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {

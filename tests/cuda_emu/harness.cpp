@@ -7,7 +7,10 @@
 // shrink T with the mask bits, expand into y, then the base GEMM accumulating into y; lora_bwd: dT,
 // [dB | dlora_bias], the mask regenerated when not saved, dAᵀ, dX's low-rank part, then dY·W), with the
 // CUTLASS GEMMs replaced by plain loops. Everything is checked against a float64 reference computed
-// here, the bits against the Philox mask bit for bit. Prints "<n> cases, <f> failures".
+// here, the bits against the Philox mask bit for bit. launch_skinny splits the reduction over
+// blockIdx.z with the launcher's own plan_skinny_split and reduce kernel, on an emulated 4-SM GPU
+// (and, for the small shapes, 32-column splits) so that most cases take the split path.
+// Prints "<n> cases, <f> failures" last.
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -32,37 +35,74 @@ thread_local D3 threadIdx, blockIdx;
 D3 blockDim{256, 1, 1};
 std::barrier<>* g_bar;
 #define __syncthreads() g_bar->arrive_and_wait()
+int fails = 0;
 namespace lora_kernels {
 namespace {
 #include "lowrank_kernels.cuh"
 }
+// Blocks run one after another, z from last to first: the split partials must not depend on the
+// order in which blocks run.
 template <class F>
-void launch(unsigned gx, unsigned gy, unsigned nthreads, F f) {
+void launch(unsigned gx, unsigned gy, unsigned gz, unsigned nthreads, F f) {
+  // One pool of nthreads threads walks the blocks one after another (the __shared__ statics are
+  // reused by the next block), meeting at a barrier after each block: creating threads per block
+  // made the emulation spend most of its time in the kernel.
   std::barrier<> bar(nthreads);
   g_bar = &bar;
-  for (unsigned by = 0; by < gy; ++by)
-    for (unsigned bx = 0; bx < gx; ++bx) {
-      std::vector<std::thread> ts;
-      for (unsigned t = 0; t < nthreads; ++t)
-        ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; f(); });
-      for (auto& t : ts) t.join();
-    }
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < nthreads; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned bz = gz; bz-- > 0;)
+        for (unsigned by = 0; by < gy; ++by)
+          for (unsigned bx = 0; bx < gx; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            blockIdx.z = bz;
+            f();
+            bar.arrive_and_wait();  // the block is done before any thread starts the next one
+          }
+    });
+  for (auto& t : ts) t.join();
 }
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kEmuSms = 4;            // emulated SM count: small grids, so the split path runs
+int64_t g_split_min_c = kSplitMinC;   // plan_skinny_split's min_c; lowered for the small shapes
+int g_skinny_launches = 0, g_split_launches = 0;
+// Mirrors lowrank.cu's launch_skinny: same plan, same kernels, the workspace a NaN-filled vector.
 void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
-  launch(cdiv(a.R, kTileI), cdiv(JT, kTileJ), kThreads, [&] { skinny_kernel(a); });
+  const int64_t gx = cdiv(a.R, kTileI), gy = cdiv(JT, kTileJ);
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, a.mask == SkinnyMask::kGenerate, g_split_min_c);
+  ++g_skinny_launches;
+  if (sp.splits == 1) {
+    launch(gx, gy, 1, kThreads, [&] { skinny_kernel(a, a.C, 0); });
+    return;
+  }
+  if (sp.chunk % kTileC != 0 || (sp.splits - 1) * sp.chunk >= a.C || sp.splits * sp.chunk < a.C) {
+    printf("  FAIL bad split plan C=%ld splits=%ld chunk=%ld\n", (long)a.C, (long)sp.splits, (long)sp.chunk);
+    ++fails;
+  }
+  ++g_split_launches;
+  std::vector<float> ws(sp.splits * a.R * JT, NAN);
+  SkinnyArgs part = a;
+  part.out = ws.data();
+  part.ldo = JT;
+  part.alpha = 1.f;
+  launch(gx, gy, sp.splits, kThreads, [&] { skinny_kernel(part, sp.chunk, a.R * JT); });
+  launch(cdiv(a.R * JT, kThreads), 1, 1, kThreads,
+         [&] { skinny_reduce_kernel(ws.data(), sp.splits, a.R, JT, a.alpha, a.out, a.ldo); });
 }
 void launch_expand(const ExpandArgs& a, cudaStream_t) {
   if (a.R == 0 || a.N == 0) return;
-  launch(cdiv(a.R, kTileI), cdiv(a.N, kTileJ), kThreads, [&] { expand_kernel(a); });
+  launch(cdiv(a.R, kTileI), cdiv(a.N, kTileJ), 1, kThreads, [&] { expand_kernel(a); });
 }
 void launch_make_mask(uint64_t seed, uint32_t th, int64_t M, int64_t K, uint8_t* bits, cudaStream_t) {
   int64_t G = cdiv(K, 8);
   if (M == 0 || G == 0) return;
   blockDim.x = kThreads;
-  launch(cdiv(M * G, kThreads), 1, kThreads, [&] {
+  launch(cdiv(M * G, kThreads), 1, 1, kThreads, [&] {
     // make_mask_kernel has an early return but no barrier: run it without the barrier
     make_mask_kernel(seed, th, M, K, G, bits);
   });
@@ -71,7 +111,6 @@ uint32_t dropout_threshold(double p) { return (uint32_t)std::nearbyint(p * 65536
 }  // namespace lora_kernels
 using namespace lora_kernels;
 
-int fails = 0;
 bool g_selftest = false;  // --selftest: corrupt one value of T, of the bits and of dT: every case must fail
 void cmp(const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got, double tol) {
   double maxerr = 0, maxref = 1e-30;
@@ -226,7 +265,17 @@ done_bits:
 
 int main(int argc, char** argv) {
   g_selftest = argc > 1 && std::string(argv[1]) == "--selftest";
-  int n = 0;
+  int n = 0, n_split = 0;
+  auto one = [&](int64_t M, int64_t K, int64_t N, int64_t r, double p, int xl) {
+    if (g_selftest && n >= 6) return;
+    const int before = fails, splits_before = g_split_launches;
+    run_case(M, K, N, r, p, (uint64_t(1) << 40) + 17 + M, xl, (M + K) % 2 == 0);
+    if (fails != before)
+      printf("case M=%ld K=%ld N=%ld r=%ld p=%g xl=%d failed\n", (long)M, (long)K, (long)N, (long)r, p, xl);
+    n_split += g_split_launches != splits_before;
+    ++n;
+  };
+  g_split_min_c = kTileC;  // C ≤ 72 here: splits of one or two slices, the last one ragged
   for (int64_t M : {1, 37, 70})
     for (int64_t K : {1, 33, 72})
       for (int64_t N : {5, 40, 70})
@@ -234,11 +283,15 @@ int main(int argc, char** argv) {
           for (double p : {0.0, 0.3})
             for (int xl : {0, 1, 2}) {
               if ((M + K + N + r + xl) % 3) continue;  // subsample to keep it quick
-              if (g_selftest && n >= 6) continue;
-              int before = fails;
-              run_case(M, K, N, r, p, (uint64_t(1) << 40) + 17 + M, xl, (M + K) % 2 == 0);
-              if (fails != before) printf("case M=%ld K=%ld N=%ld r=%ld p=%g xl=%d failed\n", (long)M, (long)K, (long)N, (long)r, p, xl);
-              ++n;
+              one(M, K, N, r, p, xl);
             }
+  // The launcher's plan as it is (min_c = kSplitMinC): long reductions over M (dB, dAᵀ) and over
+  // K and N (T without dropout, dT) on grids of 1–2 row blocks.
+  g_split_min_c = kSplitMinC;
+  for (int xl : {0, 1, 2}) {  // each x layout with and without dropout, for both shapes
+    one(1100, 33, 40, 16, xl == 1 ? 0.3 : 0.0, xl);
+    one(40, 1100, 1030, 16, xl == 1 ? 0.0 : 0.3, xl);
+  }
+  printf("split path: %d of %d skinny launches, in %d of %d cases\n", g_split_launches, g_skinny_launches, n_split, n);
   printf("%d cases, %d failures\n", n, fails);
 }
