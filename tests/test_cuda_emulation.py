@@ -3,11 +3,12 @@
 ``csrc/lowrank_kernels.cuh`` (the device code ``lowrank.cu`` launches) is compiled with the host C++
 compiler by ``tests/cuda_emu/harness.cpp``: 256 threads per block, a barrier for ``__syncthreads``.
 The harness replays the launch sequence of ``csrc/lora_ops.cpp`` forward and backward, with the
-CUTLASS GEMMs as plain loops, over odd shapes (M, K, N ∈ {1…72}, r ∈ {1, 16, 65}), strided and
-column-major x, p ∈ {0, 0.3}, saved and regenerated masks, and checks T, y, the bits, dT, dA, dB,
-dlora_bias and dX against float64 (the bits exactly). What it cannot cover: the CUTLASS/cuBLAS GEMMs,
-real concurrency between blocks, bf16/fp16 storage (fp32 here): those wait for a GPU
-(tests/test_cuda_backend.py).
+CUTLASS GEMMs as plain loops, over odd shapes (M, K, N ∈ {1…72}, r ∈ {1, 16, 65}, plus reductions of
+1030–1100), strided and column-major x, p ∈ {0, 0.3}, saved and regenerated masks, fp32, bf16 x with
+fp32 adapters and fp16 storage, the backward's reductions split over blockIdx.z (the launcher's own
+plan), and checks T, y, the bits, dT, dA, dB, dlora_bias and dX against float64 (the bits exactly).
+What it cannot cover: the CUTLASS/cuBLAS GEMMs and real concurrency between blocks: those wait for a
+GPU (tests/test_cuda_backend.py).
 """
 
 from __future__ import annotations

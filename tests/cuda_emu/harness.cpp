@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <cuda_fp16.h>
@@ -111,6 +112,53 @@ uint32_t dropout_threshold(double p) { return (uint32_t)std::nearbyint(p * 65536
 }  // namespace lora_kernels
 using namespace lora_kernels;
 
+// Storage dtypes of a case: x, W, bias, dY, y, dX in g_store; lora_A, lora_B, lora_bias in g_adapter
+// (the low-rank kernels convert in their loads/stores; the references use the rounded values).
+DType g_store = kF32, g_adapter = kF32;
+
+uint16_t enc16(DType t, float v) {
+  uint16_t h;
+  if (t == kBF16) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    std::memcpy(&h, &b, 2);
+  } else {
+    const __half b = __float2half_rn(v);
+    std::memcpy(&h, &b, 2);
+  }
+  return h;
+}
+float dec16(DType t, uint16_t h) {
+  if (t == kBF16) {
+    __nv_bfloat16 b;
+    std::memcpy(&b, &h, 2);
+    return __bfloat162float(b);
+  }
+  __half b;
+  std::memcpy(&b, &h, 2);
+  return __half2float(b);
+}
+// A tensor stored as dtype t. Inputs: f holds the values, rounded to t in place (what the reference
+// sees). Outputs: poisoned with NaN, read back through get().
+struct Stored {
+  DType t;
+  std::vector<float>& f;
+  std::vector<uint16_t> h;
+  Stored(DType t_, std::vector<float>& f_) : t(t_), f(f_) {
+    if (t == kF32) return;
+    h.resize(f.size());
+    for (size_t i = 0; i < f.size(); ++i) {
+      h[i] = enc16(t, f[i]);
+      f[i] = dec16(t, h[i]);
+    }
+  }
+  void* ptr() { return t == kF32 ? static_cast<void*>(f.data()) : static_cast<void*>(h.data()); }
+  double get(int64_t i) const { return t == kF32 ? f[i] : dec16(t, h[i]); }
+  void add(int64_t i, double v) {  // the base GEMM's epilogue: C + acc, rounded to the output dtype
+    if (t == kF32) f[i] = static_cast<float>(f[i] + v);
+    else h[i] = enc16(t, static_cast<float>(dec16(t, h[i]) + v));
+  }
+};
+
 bool g_selftest = false;  // --selftest: corrupt one value of T, of the bits and of dT: every case must fail
 void cmp(const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got, double tol) {
   double maxerr = 0, maxref = 1e-30;
@@ -133,6 +181,9 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
   for (auto& v : xb) v = nd(rng);
   for (auto& v : W) v = nd(rng); for (auto& v : A) v = nd(rng); for (auto& v : B) v = nd(rng);
   for (auto& v : bias) v = nd(rng); for (auto& v : lb) v = nd(rng); for (auto& v : dy) v = nd(rng);
+  Stored xs(g_store, xb), Ws(g_store, W), biass(g_store, bias), dys(g_store, dy);
+  Stored As(g_adapter, A), Bs(g_adapter, B), lbs(g_adapter, lb);
+  const double out_tol = g_store == kBF16 ? 1.5e-2 : g_store == kF16 ? 3e-3 : 1e-4;
   auto X = [&](int64_t m, int64_t k) { return (double)xb[m * sxi + k * sxc]; };
   const double s = 1.7;
   const bool dropout = p > 0;
@@ -143,12 +194,13 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     return (dropout_keep_byte(seed, m, k / 8, th) >> (k % 8)) & 1u ? 1.0 / (1.0 - p) : 0.0;
   };
   // ---------------- forward (mirrors lora_ops.cpp lora_fwd, fp32 everything) -------------
-  std::vector<float> T(M * r, NAN), y(M * N, NAN);
+  std::vector<float> T(M * r, NAN), yf(M * N, NAN);
+  Stored y(g_store, yf);
   std::vector<uint8_t> bits((dropout && save_mask) ? M * G : 0, 0xAB);
   {
     SkinnyArgs a{};
-    a.x = xb.data(); a.sxi = sxi; a.sxc = sxc; a.xt = kF32;
-    a.a = A.data(); a.saj = K; a.sac = 1; a.at = kF32;
+    a.x = xs.ptr(); a.sxi = sxi; a.sxc = sxc; a.xt = g_store;
+    a.a = As.ptr(); a.saj = K; a.sac = 1; a.at = g_adapter;
     a.R = M; a.J = r; a.C = K; a.ones_col = false; a.alpha = 1.f;
     a.mask = dropout ? SkinnyMask::kGenerate : SkinnyMask::kNone;
     a.seed = seed; a.threshold = th; a.keep_scale = (float)(1.0 / (1.0 - p));
@@ -156,13 +208,13 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     a.out = T.data(); a.ldo = r;
     launch_skinny(a, nullptr);
     ExpandArgs e{};
-    e.t = T.data(); e.ldt = r; e.b = B.data(); e.sbn = r; e.sbj = 1; e.bt = kF32;
-    e.v1 = lb.data(); e.sv1 = 1; e.v1t = kF32; e.v2 = bias.data(); e.sv2 = 1; e.v2t = kF32;
-    e.R = M; e.N = N; e.J = r; e.alpha = (float)s; e.bits = nullptr; e.out = y.data(); e.ldo = N; e.ot = kF32;
+    e.t = T.data(); e.ldt = r; e.b = Bs.ptr(); e.sbn = r; e.sbj = 1; e.bt = g_adapter;
+    e.v1 = lbs.ptr(); e.sv1 = 1; e.v1t = g_adapter; e.v2 = biass.ptr(); e.sv2 = 1; e.v2t = g_store;
+    e.R = M; e.N = N; e.J = r; e.alpha = (float)s; e.bits = nullptr; e.out = y.ptr(); e.ldo = N; e.ot = g_store;
     launch_expand(e, nullptr);
     for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
       double acc = 0; for (int64_t k = 0; k < K; ++k) acc += X(m, k) * W[n * K + k];
-      y[m * N + n] += acc;
+      y.add(m * N + n, acc);
     }
   }
   std::vector<double> Tref(M * r), yref(M * N);
@@ -180,7 +232,7 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     if (bits.size()) bits[bits.size() / 2] ^= 1;
   }
   cmp("T", Tref, [&](int64_t i) { return T[i]; }, 1e-4);
-  cmp("y", yref, [&](int64_t i) { return y[i]; }, 1e-4);
+  cmp("y", yref, [&](int64_t i) { return y.get(i); }, out_tol);
   if (bits.size()) {
     for (int64_t m = 0; m < M; ++m) for (int64_t g = 0; g < G; ++g) {
       uint32_t want = 0;
@@ -190,19 +242,20 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
   }
 done_bits:
   // ---------------- backward (mirrors lora_bwd) -------------
-  std::vector<float> dT(M * r, NAN), dBx(N * (r + 1), NAN), dAt(K * r, NAN), dx(M * K, NAN);
+  std::vector<float> dT(M * r, NAN), dBx(N * (r + 1), NAN), dAt(K * r, NAN), dxf(M * K, NAN);
+  Stored dx(g_store, dxf);
   std::vector<uint8_t> mask = bits;
   {
     SkinnyArgs a{};
-    a.x = dy.data(); a.sxi = N; a.sxc = 1; a.xt = kF32;
-    a.a = B.data(); a.saj = 1; a.sac = r; a.at = kF32;
+    a.x = dys.ptr(); a.sxi = N; a.sxc = 1; a.xt = g_store;
+    a.a = Bs.ptr(); a.saj = 1; a.sac = r; a.at = g_adapter;
     a.R = M; a.J = r; a.C = N; a.alpha = (float)s; a.mask = SkinnyMask::kNone; a.keep_scale = 1.f;
     a.out = dT.data(); a.ldo = r;
     launch_skinny(a, nullptr);
   }
   {
     SkinnyArgs a{};
-    a.x = dy.data(); a.sxi = 1; a.sxc = N; a.xt = kF32;
+    a.x = dys.ptr(); a.sxi = 1; a.sxc = N; a.xt = g_store;
     a.a = T.data(); a.saj = 1; a.sac = r; a.at = kF32;
     a.R = N; a.J = r; a.C = M; a.ones_col = true; a.alpha = (float)s; a.mask = SkinnyMask::kNone;
     a.keep_scale = 1.f; a.out = dBx.data(); a.ldo = r + 1;
@@ -214,7 +267,7 @@ done_bits:
   }
   {
     SkinnyArgs a{};
-    a.x = xb.data(); a.sxi = sxc; a.sxc = sxi; a.xt = kF32;
+    a.x = xs.ptr(); a.sxi = sxc; a.sxc = sxi; a.xt = g_store;
     a.a = dT.data(); a.saj = 1; a.sac = r; a.at = kF32;
     a.R = K; a.J = r; a.C = M; a.alpha = 1.f;
     a.mask = dropout ? SkinnyMask::kBitsTransposed : SkinnyMask::kNone;
@@ -224,13 +277,13 @@ done_bits:
   }
   {
     ExpandArgs e{};
-    e.t = dT.data(); e.ldt = r; e.b = A.data(); e.sbn = 1; e.sbj = K; e.bt = kF32;
+    e.t = dT.data(); e.ldt = r; e.b = As.ptr(); e.sbn = 1; e.sbj = K; e.bt = g_adapter;
     e.R = M; e.N = K; e.J = r; e.alpha = 1.f; e.bits = dropout ? mask.data() : nullptr; e.ld_bits = G;
-    e.keep_scale = (float)(1.0 / (1.0 - p)); e.out = dx.data(); e.ldo = K; e.ot = kF32;
+    e.keep_scale = (float)(1.0 / (1.0 - p)); e.out = dx.ptr(); e.ldo = K; e.ot = g_store;
     launch_expand(e, nullptr);
     for (int64_t m = 0; m < M; ++m) for (int64_t k = 0; k < K; ++k) {
       double acc = 0; for (int64_t n = 0; n < N; ++n) acc += (double)dy[m * N + n] * W[n * K + k];
-      dx[m * K + k] += acc;
+      dx.add(m * K + k, acc);
     }
   }
   std::vector<double> dTr(M * r), dAr(r * K), dBr(N * r), dlbr(N), dxr(M * K);
@@ -260,7 +313,7 @@ done_bits:
   cmp("dA", dAr, [&](int64_t i) { int64_t j = i / K, k = i % K; return dAt[k * r + j]; }, 1e-4);
   cmp("dB", dBr, [&](int64_t i) { int64_t n = i / r, j = i % r; return dBx[n * (r + 1) + j]; }, 1e-4);
   cmp("dlb", dlbr, [&](int64_t n) { return dBx[n * (r + 1) + r]; }, 1e-4);
-  cmp("dx", dxr, [&](int64_t i) { return dx[i]; }, 1e-4);
+  cmp("dx", dxr, [&](int64_t i) { return dx.get(i); }, out_tol);
 }
 
 int main(int argc, char** argv) {
@@ -285,6 +338,14 @@ int main(int argc, char** argv) {
               if ((M + K + N + r + xl) % 3) continue;  // subsample to keep it quick
               one(M, K, N, r, p, xl);
             }
+  // 16-bit storage: bf16 x with fp32 adapters (PEFT's default) and fp16 everywhere, on a subset.
+  for (DType st : {kBF16, kF16}) {
+    g_store = st;
+    g_adapter = st == kBF16 ? kF32 : kF16;
+    for (int64_t r : {1, 16, 65})
+      for (int xl : {0, 1, 2}) one(37 + 33 * (xl == 2), 72, 40 + 30 * (r == 16), r, xl == 1 ? 0.0 : 0.3, xl);
+  }
+  g_store = g_adapter = kF32;
   // The launcher's plan as it is (min_c = kSplitMinC): long reductions over M (dB, dAᵀ) and over
   // K and N (T without dropout, dT) on grids of 1–2 row blocks.
   g_split_min_c = kSplitMinC;
