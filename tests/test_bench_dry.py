@@ -220,3 +220,52 @@ def test_single_pass_row(monkeypatch):
     y2 = _impls.build("triton-bitmask", prob0).fn(prob0.xs[0])
     assert calls == ["fwd"]
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
+
+
+def _ncu_csv(rows) -> str:
+    """Text in the layout of ``ncu --csv --page details``: a banner, then one row per (launch, metric)."""
+    head = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+            "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]  # fmt: skip
+    out = ["==PROF== Connected to process 1", ",".join(f'"{h}"' for h in head)]
+    for launch, kernel, section, name, unit, value in rows:
+        cells = [launch, "1", "python", "h", kernel, "1", "7", "(256, 1, 1)", "(132, 1, 1)", "0", "9.0",
+                 section, name, unit, value]  # fmt: skip
+        out.append(",".join(f'"{c}"' for c in cells))
+    return "\n".join(out) + "\n"
+
+
+_SOL, _CLI = "GPU Speed Of Light Throughput", "Command line profiler metrics"
+_NCU_CSV = _ncu_csv(
+    [
+        ("0", "_fwd_kernel", _SOL, "Duration", "usecond", "350.50"),
+        ("0", "_fwd_kernel", _SOL, "Compute (SM) Throughput", "%", "80"),
+        ("0", "_fwd_kernel", _SOL, "Memory Throughput", "%", "40"),
+        ("0", "_fwd_kernel", _CLI, "dram__bytes_read.sum", "Mbyte", "100"),
+        ("0", "_fwd_kernel", _CLI, "lts__t_bytes.sum", "Gbyte", "1.5"),
+        ("1", "_fwd_kernel", _SOL, "Duration", "msecond", "0.3495"),
+        ("1", "_fwd_kernel", _SOL, "Compute (SM) Throughput", "%", "60"),
+        ("2", "_shrink_kernel", _SOL, "Duration", "nsecond", "35,000"),
+    ]
+)
+
+
+def test_profile_parses_ncu_details_and_summarizes():
+    """bench/profile.py: ncu's --csv --page details rows -> one record per launch (units normalised to µs
+    and bytes) -> one table row per (implementation, kernel) with time-weighted percentages."""
+    from bench import profile
+
+    launches = profile.parse_ncu_csv(_NCU_CSV, "triton-bitmask")
+    assert len(launches) == 3
+    first = launches[0]
+    assert first["time"] == pytest.approx(350.5) and first["dram_read"] == 100e6 and first["l2_bytes"] == 1.5e9
+    assert launches[1]["time"] == pytest.approx(349.5) and launches[2]["time"] == pytest.approx(35.0)
+    table = profile.summarize(launches, ["triton-bitmask"]).splitlines()
+    assert table[2].startswith("| triton-bitmask | _fwd_kernel | 2 | 700.0 | 100.0 | 1500.0 | 70 |")
+    assert table[3].startswith("| triton-bitmask | _shrink_kernel | 1 | 35.0 |")
+
+
+def test_profile_dry_runs_the_steps():
+    from bench import profile
+
+    assert profile.main(["--dry", "--impls", "cublas,naive", "--shape", "16,32,24,4", "--dtype", "fp32",
+                         "--adapter-dtype", "same", "--steps", "1"]) == 0  # fmt: skip
