@@ -470,6 +470,7 @@ for CASE in json.loads(sys.argv[1]):
     dt = getattr(torch, CASE["dtype"])
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
     tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
+    sp.REDUCE_LEVELS = CASE.get("levels", 1)
     M, N, K = 96, 160, 128
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
@@ -496,6 +497,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="float32", r=16, mode="bitmask", tma="1"),  # ieee fp32 dots (never TMA)
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single"),  # single-pass forward, 128×256
         dict(dtype="float16", r=128, mode="regenerate", tma="1", fwd="single"),  # single-pass, 128×128 tiles
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", levels=2),  # two-level reduction
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
@@ -531,6 +533,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # So does the single-pass forward's with its partial-T tile (223 KiB under Triton 3.6, 158 under 3.8;
     # at rank 64, 3.6 needs 254 KiB and steps down to 2 stages).
     single = [t for t in launches if t[0]["kernel"] == "_fwd_single_pass_kernel"]
-    assert [(t[0]["case"]["r"], t[0]["cfg"]["BLOCK_N"], len(t)) for t in single] == [(16, 256, 1), (128, 128, 1)], (
-        single
-    )
+    got = [(t[0]["case"]["r"], t[0]["case"].get("levels", 1), t[0]["cfg"]["BLOCK_N"], len(t)) for t in single]
+    assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1)], single
+    # The single-pass backward's dX tiles fit without stepping down (rank 128 starts at 2 stages).
+    single_bwd = [t for t in launches if t[0]["kernel"] == "_bwd_single_pass_kernel"]
+    got = [(t[0]["case"]["r"], len(t), t[-1]["cfg"]["num_stages"]) for t in single_bwd]
+    assert got == [(16, 1, 3), (128, 1, 2), (16, 1, 3)], single_bwd

@@ -90,13 +90,16 @@ CONCURRENT = [
 
 
 @needs_interpreter
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
 @pytest.mark.parametrize("M,K,N,r,programs,producers", CONCURRENT, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p):
+def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p, levels):
     """The real barrier (PHASE 0), every program in its own thread: y, T and the bits match the
     reference, the results are bit-identical run to run, each launch advanced the device-side epoch
-    by one, the counts are left at zero and every row-block's flag holds the last launch's epoch."""
+    by one, the counts are left at zero and every row-block's flag holds the last launch's epoch.
+    Two-level: the producers reduce row slices of the partials into T behind a second barrier."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(sp, "REDUCE_LEVELS", levels)
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     rows = (M + 31) // 32
     fallbacks = sp.barrier_fallbacks("cpu")
@@ -113,16 +116,20 @@ def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs
     assert sp._sync_buffer(x.device, rows)[0] is sync
     assert int(sync[0]) == epoch0 + 2, "each launch must advance the epoch exactly once"
     assert int(sync[1]) == 0, "the exit count was not reset"
-    assert int(sync[2::2].abs().sum()) == 0, "the barrier left an arrival count behind"
-    assert sync[3::2][:rows].tolist() == [epoch0 + 2] * rows, "a row-block's flag misses the last epoch"
+    assert int(sync[2::4].abs().sum()) + int(sync[4::4].abs().sum()) == 0, "the barrier left an arrival count behind"
+    assert sync[3::4][:rows].tolist() == [epoch0 + 2] * rows, "a row-block's flag misses the last epoch"
+    if levels == 2:
+        assert sync[5::4][:rows].tolist() == [epoch0 + 2] * rows, "a second-level flag misses the last epoch"
 
 
 @needs_interpreter
-def test_single_pass_starved_barrier_recomputes(monkeypatch):
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
+def test_single_pass_starved_barrier_recomputes(monkeypatch, levels):
     """Producers that are not all resident (4 programs, 4 producers per row-block, but only 2 programs
     may run at once, as under an MPS cap): waiters give up after ``max_spins`` polls and recompute T
     from x. The result is still right, and the fallback counter says it happened."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(sp, "REDUCE_LEVELS", levels)
     x, W, A, B, b, lb = make_inputs(40, 64, 128, 4, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     with pytest.raises(ValueError, match="4 producers per row-block need at least as many programs"):
         sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.1, 1, True, num_programs=2, num_producers=4)
@@ -232,11 +239,13 @@ CONCURRENT_BWD = [
 
 
 @needs_interpreter
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
 @pytest.mark.parametrize("M,K,N,r,programs,producers,p,store", CONCURRENT_BWD, ids=str)
-def test_single_pass_backward_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p, store):
+def test_single_pass_backward_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, p, store, levels):
     """The backward's real barrier with every program in its own thread: dX, dA, dB and Σ dY match
-    the two-launch backward, bit-identical run to run, no tile fell back."""
+    the two-launch backward, bit-identical run to run, no tile fell back (one- and two-level)."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(sp, "REDUCE_LEVELS", levels)
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     dy, x, W, A, B, t, bits = _bwd_inputs(M, K, N, r, p, store)
     ref = _bwd_ref(dy, x, W, A, B, t, bits, p)
@@ -252,9 +261,11 @@ def test_single_pass_backward_barrier_runs_concurrently(monkeypatch, M, K, N, r,
 
 
 @needs_interpreter
-def test_single_pass_backward_starved_barrier_recomputes(monkeypatch):
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
+def test_single_pass_backward_starved_barrier_recomputes(monkeypatch, levels):
     """Only 2 of 4 programs resident with 4 producers: dT is recomputed by the waiters, still right."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(sp, "REDUCE_LEVELS", levels)
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     dy, x, W, A, B, t, bits = _bwd_inputs(40, 128, 96, 4, 0.1, True)
     ref = _bwd_ref(dy, x, W, A, B, t, bits, 0.1)

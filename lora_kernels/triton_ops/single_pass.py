@@ -95,7 +95,8 @@ INTERPRETER_PHASES = True
 
 
 # SYNC layout (int32): [0] the epoch of the last completed launch, [1] programs exited in this launch,
-# then per row-block [2 + 2·row] producer arrivals (left at 0) and [3 + 2·row] its flag.
+# then 4 words per row-block from 2 + 4·row: (producer arrivals, flag) of the barrier after the
+# partials, and (arrivals, flag) of the second barrier of the two-level reduction (REDUCE_LEVELS = 2).
 @triton.jit
 def _launch_epoch(SYNC):
     """This launch's epoch: one past the last completed launch's. Every program reads the same value:
@@ -114,13 +115,13 @@ def _exit_launch(SYNC, epoch):
 
 
 @triton.jit
-def _row_barrier(SYNC, row, n_producers, epoch, max_spins, IS_PRODUCER):
+def _row_barrier(WORDS, n_producers, epoch, max_spins, IS_PRODUCER):
     """Row-block barrier: producers arrive, everyone waits until the last producer has published.
     Returns False if that did not happen within ``max_spins`` polls (the caller then recomputes).
 
     The arrival count is left at 0 for the next launch; the flag holds the epoch of the last launch
     whose producers all arrived, so a value left by an earlier launch never opens this one."""
-    count_ptr = SYNC + 2 + 2 * row
+    count_ptr = WORDS
     flag_ptr = count_ptr + 1
     tl.debug_barrier()  # every warp's partial-T stores precede this CTA's arrival
     if IS_PRODUCER:
@@ -157,6 +158,35 @@ def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M: tl.constexpr, 
     return acc
 
 
+@triton.jit
+def _slice_rows(p_mask, pid_in_row, NUM_PROD, BLOCK_M: tl.constexpr):
+    """p_mask restricted to this producer's rows of the tile for the two-level reduction: producer j
+    sums rows [j·BM/S, (j+1)·BM/S) of all S partials (the slices partition the BM rows)."""
+    rows = tl.arange(0, BLOCK_M)
+    lo = pid_in_row * BLOCK_M // NUM_PROD
+    hi = (pid_in_row + 1) * BLOCK_M // NUM_PROD
+    return p_mask & ((rows >= lo) & (rows < hi))[:, None]
+
+
+@triton.jit
+def _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, stride_ar, stride_ak, stride_bm,
+                 seed_lo, seed_hi, threshold, keep_scale,
+                 HAS_DROPOUT: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """T for one row-block from x, slice by slice in the producers' order: the fallback when a wait
+    timed out (programs not all resident: MPS, green contexts, a GPU shared with long kernels)."""
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j in range(0, NUM_PROD):
+        pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kb in range(j * k_tiles // NUM_PROD, (j + 1) * k_tiles // NUM_PROD):
+            k0 = kb * BLOCK_K
+            pj = _shrink_step(pj, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R,
+                              stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold,
+                              HAS_DROPOUT, False, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+        t += pj * keep_scale
+    return t
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
 def _fwd_single_pass_kernel(
     x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
@@ -166,13 +196,13 @@ def _fwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):  # fmt: skip
     """Persistent grid of NUM_SMS programs; PHASE 0 = everything (GPU), 1 = shrink slices only,
     2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
 
     The first NUM_PROD tiles of each row-block are its producers (K-slice n of NUM_PROD each).
-    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2 + 2·⌈M/BM⌉,) int32."""
+    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2 + 4·⌈M/BM⌉,) int32."""
     epoch = 0
     if PHASE == 0:
         epoch = _launch_epoch(SYNC)
@@ -215,28 +245,45 @@ def _fwd_single_pass_kernel(
             if is_producer:
                 part_ptrs = PART + pid_n.to(tl.int64) * stride_pn + p_off
                 tl.store(part_ptrs, part * keep_scale, mask=p_mask)
-        opened = True
-        if PHASE == 0:
-            opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
         if PHASE != 1:
+            t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if opened:  # every tile of the row-block sums the same partials in the same order: same bits
+            opened = True
+            words = SYNC + 2 + 4 * pid_m
+            if PHASE == 2:  # the interpreter's second launch: the partials are all there
                 t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                if pid_n == 0:
+                    tl.store(t_ptrs, t, mask=p_mask)
+            elif TWO_LEVEL:
+                # Producer j sums its rows of all partials into T, a second barrier, then every tile
+                # reads T (BM·r·4 bytes) instead of all S partials.
+                if is_producer:
+                    s_mask = _slice_rows(p_mask, pid_n, NUM_PROD, BLOCK_M)
+                    if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
+                        ts = _sum_partials(PART, stride_pn, p_off, s_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                    else:
+                        tl.atomic_add(FALLBACKS, 1)
+                        ts = _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, stride_ar,
+                                          stride_ak, stride_bm, seed_lo, seed_hi, threshold, keep_scale,
+                                          HAS_DROPOUT, CDT, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                    tl.store(t_ptrs, ts, mask=s_mask)
+                opened = _row_barrier(words + 2, NUM_PROD, epoch, max_spins, is_producer)
+                if opened:
+                    t = tl.load(t_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
             else:
-                # The producers did not publish in time (programs not all resident: MPS, green
-                # contexts, a GPU shared with long kernels): recompute T from x, slice by slice in the
-                # producers' order, and count it (``barrier_fallbacks``). Correct, slower.
+                opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
+                if opened:  # every tile of the row-block sums the same partials in the same order: same bits
+                    t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                    if pid_n == 0:
+                        tl.store(t_ptrs, t, mask=p_mask)
+            if not opened:  # counted in ``barrier_fallbacks``; T itself is written by the producers
                 tl.atomic_add(FALLBACKS, 1)
-                for j in range(0, NUM_PROD):
-                    pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    for kb in range(j * k_tiles // NUM_PROD, (j + 1) * k_tiles // NUM_PROD):
-                        k0 = kb * BLOCK_K
-                        pj = _shrink_step(pj, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R,
-                                          stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold,
-                                          HAS_DROPOUT, False, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-                    t += pj * keep_scale
-            if pid_n == 0:
-                tl.store(T + rm[:, None] * stride_tm + offs_r[None, :], t, mask=p_mask)
+                t = _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, stride_ar, stride_ak,
+                                 stride_bm, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, CDT,
+                                 BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                if not TWO_LEVEL:
+                    if pid_n == 0:
+                        tl.store(t_ptrs, t, mask=p_mask)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc = _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
                                   HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R)  # fmt: skip
@@ -256,6 +303,21 @@ def _dt_step(acc, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT: tl.constexpr, B
     return tl.dot(dy, b, acc)
 
 
+@triton.jit
+def _recompute_dt(dy_desc, LB, off_m, N, R, n_tiles, NUM_PROD, stride_lbn, stride_lbr, scaling, CDT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """dT for one row-block from dY, slice by slice in the producers' order (the timed-out fallback)."""
+    dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j in range(0, NUM_PROD):
+        pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for nb in range(j * n_tiles // NUM_PROD, (j + 1) * n_tiles // NUM_PROD):
+            n0 = nb * BLOCK_N
+            pj = _dt_step(pj, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N,
+                          BLOCK_R)  # fmt: skip
+        dt += pj * scaling
+    return dt
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
 def _bwd_single_pass_kernel(
     dy_desc, w_desc, dx_desc, DY, LB, T, A, BITS, DT, DB, DSUM, DTP, SYNC,
@@ -265,7 +327,7 @@ def _bwd_single_pass_kernel(
     seed_lo, seed_hi, threshold, keep_scale, scaling,
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
     OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):  # fmt: skip
     """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
     dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all of M;
@@ -312,24 +374,41 @@ def _bwd_single_pass_kernel(
             if PHASE != 2:
                 if is_producer:
                     tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp * scaling, mask=p_mask)
-            opened = True
-            if PHASE == 0:
-                opened = _row_barrier(SYNC, pid_m, NUM_PROD, epoch, max_spins, is_producer)
             if PHASE != 1:
+                dt_ptrs = DT + rm[:, None] * stride_dtm + offs_r[None, :]
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                if opened:
+                opened = True
+                words = SYNC + 2 + 4 * pid_m
+                if PHASE == 2:  # the interpreter's second launch: the partials are all there
                     dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
-                else:  # producers not resident in time: recompute dT (see the forward kernel)
+                    if pid_k == 0:
+                        tl.store(dt_ptrs, dt, mask=p_mask)
+                elif TWO_LEVEL:  # as in the forward: producers reduce row slices into DT, then all read DT
+                    if is_producer:
+                        s_mask = _slice_rows(p_mask, pid_k, NUM_PROD, BLOCK_M)
+                        if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
+                            ds = _sum_partials(DTP, stride_pn, p_off, s_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                        else:
+                            tl.atomic_add(FALLBACKS, 1)
+                            ds = _recompute_dt(dy_desc, LB, off_m, N, R, n_tiles, NUM_PROD, stride_lbn, stride_lbr,
+                                               scaling, CDT, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
+                        tl.store(dt_ptrs, ds, mask=s_mask)
+                    opened = _row_barrier(words + 2, NUM_PROD, epoch, max_spins, is_producer)
+                    if opened:
+                        dt = tl.load(dt_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
+                else:
+                    opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
+                    if opened:
+                        dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                        if pid_k == 0:
+                            tl.store(dt_ptrs, dt, mask=p_mask)
+                if not opened:  # producers not resident in time: recompute dT (see the forward kernel)
                     tl.atomic_add(FALLBACKS, 1)
-                    for j in range(0, NUM_PROD):
-                        pj = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                        for nb in range(j * n_tiles // NUM_PROD, (j + 1) * n_tiles // NUM_PROD):
-                            n0 = nb * BLOCK_N
-                            dy = dy_desc.load([off_m, n0]).to(CDT)
-                            pj = _dt_step(pj, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
-                        dt += pj * scaling
-                if pid_k == 0:
-                    tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], dt, mask=p_mask)
+                    dt = _recompute_dt(dy_desc, LB, off_m, N, R, n_tiles, NUM_PROD, stride_lbn, stride_lbr, scaling,
+                                       CDT, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
+                    if not TWO_LEVEL:
+                        if pid_k == 0:
+                            tl.store(dt_ptrs, dt, mask=p_mask)
                 acc = _dx_epilogue_t(acc, dt, A, BITS, offs_m, off_k, M, K, R, stride_ar, stride_ak, stride_bm,
                                      seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
                                      BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
@@ -346,6 +425,10 @@ _SYNC_LOCK = threading.Lock()
 _SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [barrier words, fallback counter]
 # Producers per row-block when the grid cannot hold whole row-blocks per round (see _plan).
 MAX_PRODUCERS = 8
+# LORA_KERNELS_SP_REDUCE=2: the two-level reduction of the partials (producers reduce row slices into
+# T / dT behind a second barrier; every tile then reads BM·r·4 bytes instead of S partials). A GPU
+# measurement decides the default (bench/NOTES.md).
+REDUCE_LEVELS = int(os.environ.get("LORA_KERNELS_SP_REDUCE", "1") or 1)
 # LORA_KERNELS_PRODUCERS=k: always the full grid with min(nt, k) producers (for measuring _plan's choice).
 FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
 
@@ -364,8 +447,8 @@ def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.T
         if entry is None:
             entry = _SYNC[key] = [torch.zeros(0, dtype=torch.int32, device=device),
                                   torch.zeros(1, dtype=torch.int32, device=device)]  # fmt: skip
-        if entry[0].numel() < 2 + 2 * rows:
-            entry[0] = torch.zeros(2 + 2 * max(rows, 64), dtype=torch.int32, device=device)
+        if entry[0].numel() < 2 + 4 * rows:
+            entry[0] = torch.zeros(2 + 4 * max(rows, 64), dtype=torch.int32, device=device)
         return entry[0], entry[1]
 
 
@@ -421,7 +504,7 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
         stream = torch.cuda.current_stream(x.device).cuda_stream
         entry = _SYNC.get((x.device.type, x.device.index, stream))
         rows = triton.cdiv(x.shape[0], min(_single_cfg(1)["BLOCK_M"], _single_bwd_cfg(1)["BLOCK_M"]))
-        if entry is None or entry[0].numel() < 2 + 2 * rows:
+        if entry is None or entry[0].numel() < 2 + 4 * rows:
             return "CUDA graph capture: run one eager call on the capturing stream first (barrier words)"
     return None
 
@@ -487,9 +570,10 @@ def lora_fwd_single_pass(
             CDT=cdt,
             OUT_DT=_TL_DTYPE[y.dtype],
             BLOCK_R=BR,
-            NUM_SMS=programs,
+            NUM_SMS=programs,  # the walk's stride; fewer programs when tiles < programs
+            TWO_LEVEL=REDUCE_LEVELS == 2,
             **cfg,
-        )  # fmt: skip  (the walk's stride; fewer programs when tiles < programs)
+        )
         phases = (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,)
         try:
             for phase in phases:
@@ -566,7 +650,7 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, **cfg)  # fmt: skip
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, **cfg)  # fmt: skip
         grid = (min(programs, triton.cdiv(N, bn) + mt * kt),)
         try:
             for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
