@@ -18,7 +18,10 @@ its epilogue, so the shrink work of row-block m is split across its first S tile
 Philox and the shrink MMA ride inside the tensor-core loop; no M×K or M×N intermediate exists; the
 extra traffic is S partials (S·BM·r·4 bytes read per tile, from L2). S and the grid come from
 ``_plan``: S = all nt tiles of a row-block when the grid can hold whole row-blocks per round (nt = 16
-at N = 4096: 128 of 132 SMs), else S = min(nt, MAX_PRODUCERS).
+at N = 4096: 128 of 132 SMs), else S = min(nt, MAX_PRODUCERS). With ``REDUCE_LEVELS = 2``
+(LORA_KERNELS_SP_REDUCE=2) producer j instead sums rows [j·BM/S, (j+1)·BM/S) of all S partials into
+T, the producers meet at a second barrier, and every tile reads T (BM·r·4 bytes): fewer L2 reads for
+one more barrier latency, an A/B for a GPU measurement.
 
 Deadlock freedom. Programs walk tiles in row-major order (tile_id = m·nt + n; program p takes p,
 p + P, p + 2P, …). Producers wait only for the producers of their own row-block, consumers only for
@@ -26,7 +29,8 @@ the producers of theirs, which have lower tile ids. If every program is resident
 P ≤ #SMs, one CTA per SM) and S ≤ P: by induction on m, a producer of row m was preceded on its
 program only by tiles t − P, t − 2P, … < m·nt + S − P ≤ m·nt, i.e. tiles of earlier rows, so all S
 producers of row m arrive and the barrier opens; a consumer's earlier tiles are of rows ≤ m and
-only ever wait for producers. A producer group that straddles two rounds costs its early members a
+only ever wait for producers (in the backward, the dB tiles at the head of the walk never wait, so
+they do not change the argument). A producer group that straddles two rounds costs its early members a
 wait, not a deadlock. Where residency does not hold (MPS or green contexts that cap a process below
 its grid, a GPU shared with long-running kernels), a wait is still bounded: after ``max_spins`` polls
 a tile recomputes T from x itself (slice by slice, in the producers' order) and counts it
