@@ -11,6 +11,8 @@
 #   BENCH_ARGS="..." extra arguments for `python -m bench.lora_linear --quick`
 #   PYTEST_ARGS="..." extra arguments for pytest
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
+#   GPU_CHECK_PROFILE=1  also run `python -m bench.profile` (Nsight Compute counters per kernel for the
+#                    single-pass and two-launch rows at 8192×4096→4096, r = 16, p = 0.1) when ncu exists
 #   STEP_TIMEOUT=s   stop a step after s seconds (default 0: no limit) so one hung step cannot eat a
 #                    time-limited device session; a stopped step shows as "FAILED (exit 124)"
 #   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
@@ -80,9 +82,22 @@ run_step tests "$PY" -m pytest -q -ra tests ${PYTEST_ARGS:-}
 # shellcheck disable=SC2086
 run_step bench "$PY" -m bench.lora_linear --quick ${BENCH_OUT:+--out "$BENCH_OUT"} ${BENCH_ARGS:-}
 
+if [ "${GPU_CHECK_PROFILE:-0}" = "1" ]; then
+  if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
+    run_step profile "$PY" -m bench.profile --impls cublas,triton-bitmask,triton-1pass --shape 8192,4096,4096,16 -p 0.1
+  else
+    echo "=== gpu-check: profile skipped: ${NCU:-ncu} not found"
+  fi
+fi
+
 echo
 echo "=== gpu-check: benchmark table (ratios to cuBLAS of the same run)"
 grep '^|' "$LOG_DIR/bench.log" || echo "(no table: see $LOG_DIR/bench.log)"
+if [ -f "$LOG_DIR/profile.log" ]; then
+  echo
+  echo "=== gpu-check: Nsight Compute counters per kernel"
+  grep '^|' "$LOG_DIR/profile.log" || echo "(no table: see $LOG_DIR/profile.log)"
+fi
 echo
 echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), logs in $LOG_DIR)"
 echo "| step | status | time |"
