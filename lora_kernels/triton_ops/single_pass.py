@@ -590,11 +590,9 @@ def lora_fwd_single_pass(
 
 
 def _single_bwd_cfg(R: int) -> dict:
-    """The dX GEMM's tiles of the two-launch TMA kernel: (BM, BK) output tiles, BN the step over N."""
-    if _interpret():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    stages = 2 if _block_r(R) >= 128 else 3
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=stages)
+    """The dX GEMM's tiles of the two-launch TMA kernel (``_tma_cfg``), without its grouped ordering:
+    (BM, BK) output tiles, BN the step over N; the single-pass walk is row-major."""
+    return {k: v for k, v in _ll._tma_cfg(None, R, backward=True).items() if k != "GROUP_M"}
 
 
 def lora_bwd_single_pass(

@@ -104,7 +104,8 @@ void launch_make_mask(uint64_t seed, uint32_t th, int64_t M, int64_t K, uint8_t*
   if (M == 0 || G == 0) return;
   blockDim.x = kThreads;
   launch(cdiv(M * G, kThreads), 1, 1, kThreads, [&] {
-    // make_mask_kernel has an early return but no barrier: run it without the barrier
+    // make_mask_kernel returns early past the last element and has no __syncthreads: fine with the
+    // pool's per-block barrier, which every thread reaches after f() returns
     make_mask_kernel(seed, th, M, K, G, bits);
   });
 }
