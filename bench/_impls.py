@@ -15,6 +15,9 @@ Names:
     ``triton-1pass`` ``triton-bitmask`` with the single-pass kernels (forward in one launch, backward
                 reading dY once less; Hopper TMA path; opt-in via ``LORA_KERNELS_FWD=single`` and
                 ``LORA_KERNELS_BWD=single`` until measured, see bench/NOTES.md).
+    ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
+                an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
+                it) for an A/B against the default on H100.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ ALL_IMPLS = (
     "triton-1pass",
     "triton-regen",
     "cuda-bitmask",
+    "cuda-expand",
     "cuda-regen",
 )
 _MASK_MODES = {"bitmask": "bitmask", "regen": "regenerate"}
@@ -284,6 +288,27 @@ def _ours_single_pass(prob: Problem) -> Impl:
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 
 
+def _ours_cuda_expand(prob: Problem) -> Impl:
+    """``cuda-bitmask`` with LORA_KERNELS_CUDA_CONCAT_K=0 set around this row's calls only (the
+    extension reads it per call)."""
+    import os
+
+    base = _ours(prob, "cuda", "bitmask", "cuda-expand")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        prev = os.environ.get("LORA_KERNELS_CUDA_CONCAT_K")
+        os.environ["LORA_KERNELS_CUDA_CONCAT_K"] = "0"
+        try:
+            return base.fn(x)
+        finally:
+            if prev is None:
+                del os.environ["LORA_KERNELS_CUDA_CONCAT_K"]
+            else:
+                os.environ["LORA_KERNELS_CUDA_CONCAT_K"] = prev
+
+    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+
+
 def build(name: str, prob: Problem) -> Impl:
     """The :class:`Impl` called ``name`` on ``prob``; raises :class:`Unavailable` with a reason."""
     if name == "cublas":
@@ -298,6 +323,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours(prob, "torch", "bitmask", name)
     if name == "triton-1pass":
         return _ours_single_pass(prob)
+    if name == "cuda-expand":
+        return _ours_cuda_expand(prob)
     backend, _, mode = name.partition("-")
     if backend in ("triton", "cuda") and mode in _MASK_MODES:
         if mode == "regen" and prob.p == 0.0:

@@ -80,6 +80,7 @@ GPU_IMPLS = (
     "triton-1pass",
     "triton-regen",
     "cuda-bitmask",
+    "cuda-expand",
     "cuda-regen",
 )
 # torch.compile is left out of the dry run: inductor's C++ build takes minutes on a small CPU.

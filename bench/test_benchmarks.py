@@ -28,7 +28,16 @@ CONFIGS = [
     Config(m, k, n, r, p) for (k, n) in _Q["shapes"] for m in _Q["m"] for r in _Q["ranks"] for p in _Q["dropout"]
 ]
 CONFIGS += _Q["extra"]
-IMPLS = ("cublas", "naive", "triton-bitmask", "triton-1pass", "triton-regen", "cuda-bitmask", "cuda-regen")
+IMPLS = (
+    "cublas",
+    "naive",
+    "triton-bitmask",
+    "triton-1pass",
+    "triton-regen",
+    "cuda-bitmask",
+    "cuda-expand",
+    "cuda-regen",
+)
 
 
 def _cfg_id(c: Config) -> str:

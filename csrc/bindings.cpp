@@ -71,7 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         lora_kernels::set_gemm_backend(b);
       },
       "Pin the base GEMM: 'auto' (sm90 on H100, sm80 on other sm_80+, cuBLAS fallback), 'cublas', "
-      "'sm80', 'sm90' (CUTLASS paths fall back to cuBLAS where they cannot run)",
+      "'sm80', 'sm90' (CUTLASS paths fall back to cuBLAS where they cannot run). 'auto' and 'sm90' "
+      "run the forward as the fused concatenated-K GEMM on H100 (and dX at p = 0) unless LORA_KERNELS_CUDA_CONCAT_K=0",
       py::arg("name"));
   m.def("gemm_backend", [] {
     switch (lora_kernels::gemm_backend()) {
@@ -95,12 +96,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return std::string("sm80");
           case GemmBackend::kSm90:
             return std::string("sm90");
+          case GemmBackend::kSm90Fused:
+            return std::string("sm90-fused");
           default:
             return std::string("none");
         }
       },
-      "Which implementation ran the most recent non-empty base GEMM: 'sm90', 'sm80', 'cublas' or "
-      "'none' (the CUTLASS paths fall back to cuBLAS silently; tests check which one ran)");
+      "Which implementation ran the most recent non-empty base GEMM: 'sm90-fused' (the forward's "
+      "concatenated-K GEMM), 'sm90', 'sm80', 'cublas' or 'none' (the CUTLASS paths fall back to cuBLAS "
+      "silently; tests check which one ran)");
   m.def("build_metadata", [] {
     py::dict d;
     d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +

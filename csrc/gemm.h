@@ -40,4 +40,33 @@ bool gemm_accumulate_sm80(const GemmProblem& p, int device, cudaStream_t stream)
 // Whether the sm90 kernels were compiled into this binary (an sm_90a target was built).
 bool sm90_kernels_compiled();
 
+// The concatenated-K GEMM (Hopper): out (M×N) = [a | t] · [op(b) ; op(l)] = a·op(b) + t·op(l),
+// written, not accumulated. One persistent TMA + wgmma kernel whose K loop walks the ⌈K/64⌉ tiles of
+// (a, b) and then the ⌈R/64⌉ tiles of (t, l) into the same fp32 accumulators: a concatenated K
+// without a concatenated copy (csrc/sm90_concat_k.hpp).
+//   forward (b_kmajor): y = [x | t]·[W | l]ᵀ with t = [s·T | 1 | 1] (M, R), l = [B | s·lora_bias |
+//     bias] (N, R) (pack_concat in lowrank.h): the whole LoRA output, no M×N intermediate.
+//   dX at p = 0 (!b_kmajor): dX = [dY | dT]·[W ; A] with W (N_lora, K) and A (r, K) row-major.
+// All matrices row-major with unit inner stride; R a multiple of 8 (16-byte TMA strides).
+struct ConcatKProblem {
+  GemmDtype dtype;
+  bool b_kmajor;  // true: b (N, K) and l (N, R); false: b (K, N) and l (R, N)
+  int64_t M, N, K, R;
+  const void* a;  // (M, K)
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  const void* t;  // (M, R)
+  int64_t ldt;
+  const void* l;
+  int64_t ldl;
+  void* out;  // (M, N)
+  int64_t ldo;
+};
+// The alignment gemm_concat_k_sm90 needs: 16-byte pointers, leading dimensions and K, R, N multiples
+// of 8 elements, K, R > 0.
+bool concat_k_aligned(const ConcatKProblem& p);
+// False (nothing launched) when the problem is not TMA-aligned or sm_90a was not compiled in.
+bool gemm_concat_k_sm90(const ConcatKProblem& p, int device, cudaStream_t stream);
+
 }  // namespace lora_kernels

@@ -2,10 +2,16 @@
 // composed from the low-rank kernels (lowrank.cu) and the CUTLASS base GEMMs (gemm_sm80/90.cu).
 //
 //   forward : T = dropout(x)·Aᵀ (fp32, M×r) [+ packed mask]  -> launch 1 (skinny, mask in-kernel)
+//     Hopper (sm_90a built, aligned 16-bit problem; the default):
+//             t = [s·T | 1 | 1], l = [B | s·lora_bias | bias]  -> launch 2 (pack, M×R and N×R, tiny)
+//             y = [x | t]·[W | l]ᵀ                             -> launch 3 (CUTLASS concatenated K)
+//       y is written once and never read: the low-rank part is one or two extra K tiles.
+//     elsewhere, or LORA_KERNELS_CUDA_CONCAT_K=0:
 //             y = bias + s·(T·Bᵀ + lora_bias)                 -> launch 2 (expand)
 //             y += x·Wᵀ                                       -> launch 3 (CUTLASS, epilogue adds y)
 //   backward: dT = s·dY·B; [dB | dlora_bias] = s·dYᵀ·[T | 1]; dAᵀ = D(x)ᵀ·dT with
-//             D(x) = x⊙mask/(1-p); dX = (dT·A)⊙mask/(1-p) then dX += dY·W (CUTLASS).
+//             D(x) = x⊙mask/(1-p); dX = (dT·A)⊙mask/(1-p) then dX += dY·W (CUTLASS);
+//             at p = 0 on Hopper: pack, then dX = [dY | dT]·[W ; A] (concatenated K, dX written once).
 #include "lora_ops.h"
 
 #include <ATen/ATen.h>
@@ -13,6 +19,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "gemm.h"
 #include "lowrank.h"
@@ -83,6 +91,123 @@ void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b, bool b_kmajo
   }
 }
 
+// LORA_KERNELS_CUDA_CONCAT_K=0 turns the concatenated-K GEMM off: the forward and the p = 0 dX then
+// take the expand kernel + accumulating GEMM (read per call: a benchmark can A/B both in one
+// process). Any other value, or none, leaves it on where it can run.
+bool concat_k_enabled() {
+  const char* v = std::getenv("LORA_KERNELS_CUDA_CONCAT_K");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// Whether the concatenated-K GEMM may run for x's dtype and device under the pinned GEMM mode.
+bool concat_k_eligible(const at::Tensor& x) {
+  const auto st = x.scalar_type();
+  const auto mode = static_cast<GemmBackend>(g_gemm_backend.load());
+  if (mode != GemmBackend::kAuto && mode != GemmBackend::kSm90) return false;
+  if (st != at::kHalf && st != at::kBFloat16) return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0 && sm90_kernels_compiled();
+}
+
+// The fused forward (see the top of this file): y = [x | t]·[W | l]ᵀ on the Hopper concatenated-K
+// GEMM. Returns false, having launched nothing, where that kernel cannot take the problem; the
+// caller then runs the expand path.
+bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, const at::Tensor& T,
+                   double scaling, at::Tensor& y) {
+  const auto st = x.scalar_type();
+  if (!concat_k_enabled() || !concat_k_eligible(x) || x.stride(1) != 1 || weight.stride(1) != 1) return false;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_B.size(1);
+  const int64_t R = (r + (lora_bias ? 1 : 0) + (bias ? 1 : 0) + 7) / 8 * 8;
+  auto opts = x.options();
+  at::Tensor t = at::empty({M, R}, opts);
+  at::Tensor l = at::empty({N, R}, opts);
+  ConcatKProblem prob{st == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
+                      /*b_kmajor=*/true,
+                      M, N, K, R,
+                      x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                      t.data_ptr(), R, l.data_ptr(), R,
+                      y.data_ptr(), y.stride(0)};
+  if (!concat_k_aligned(prob) || M > INT32_MAX || N > INT32_MAX) return false;
+  const int dev = x.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev);
+  PackArgs pk{};
+  pk.t = T.data_ptr<float>();
+  pk.ldt = r;
+  pk.b = lora_B.data_ptr();
+  pk.sbn = lora_B.stride(0);
+  pk.sbj = lora_B.stride(1);
+  pk.bt = dtype_of(lora_B);
+  pk.v1 = lora_bias ? lora_bias->data_ptr() : nullptr;
+  pk.sv1 = lora_bias ? lora_bias->stride(0) : 0;
+  pk.v1t = lora_bias ? dtype_of(*lora_bias) : kF32;
+  pk.v2 = bias ? bias->data_ptr() : nullptr;
+  pk.sv2 = bias ? bias->stride(0) : 0;
+  pk.v2t = bias ? dtype_of(*bias) : kF32;
+  pk.M = M;
+  pk.N = N;
+  pk.J = r;
+  pk.R = R;
+  pk.alpha = static_cast<float>(scaling);
+  pk.ot = dtype_of(x);
+  pk.l_by_rank = false;
+  pk.t_out = t.data_ptr();
+  pk.l_out = l.data_ptr();
+  launch_pack_concat(pk, stream);
+  // can_implement() refusing an aligned problem would be a bug in the kernel's contract, not a
+  // shape to fall back on: the pack already ran, so say so instead of silently redoing the work.
+  TORCH_CHECK(gemm_concat_k_sm90(prob, dev, stream),
+              "lora_kernels: the fused sm90 forward GEMM refused an aligned problem (M=", M, " N=", N, " K=", K,
+              " R=", R, "); set LORA_KERNELS_CUDA_CONCAT_K=0 to bypass it");
+  g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90Fused));
+  return true;
+}
+
+// dX at p = 0 in one GEMM: dX = [dY | dT]·[W ; A] (no dropout mask to apply to the low-rank part
+// alone, so it can share the accumulators). Returns false, having launched nothing, where the
+// concatenated-K kernel cannot take the problem. dx (M, K) is written, not accumulated.
+bool fused_dx_no_dropout(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& dT, at::Tensor& dx) {
+  const auto st = dy.scalar_type();
+  if (!concat_k_enabled() || !concat_k_eligible(dy) || dy.stride(1) != 1 || weight.stride(1) != 1) return false;
+  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), r = lora_A.size(0);
+  const int64_t R = (r + 7) / 8 * 8;
+  auto opts = dy.options();
+  at::Tensor t = at::empty({M, R}, opts);
+  at::Tensor l = at::empty({R, K}, opts);
+  ConcatKProblem prob{st == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
+                      /*b_kmajor=*/false,
+                      M, K, N, R,
+                      dy.data_ptr(), dy.stride(0), weight.data_ptr(), weight.stride(0),
+                      t.data_ptr(), R, l.data_ptr(), K,
+                      dx.data_ptr(), dx.stride(0)};
+  if (!concat_k_aligned(prob) || M > INT32_MAX || K > INT32_MAX) return false;
+  const int dev = dy.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev);
+  PackArgs pk{};
+  pk.t = dT.data_ptr<float>();
+  pk.ldt = r;
+  pk.b = lora_A.data_ptr();  // l(n = k, j) = A[j, k]
+  pk.sbn = lora_A.stride(1);
+  pk.sbj = lora_A.stride(0);
+  pk.bt = dtype_of(lora_A);
+  pk.M = M;
+  pk.N = K;
+  pk.J = r;
+  pk.R = R;
+  pk.alpha = 1.f;
+  pk.ot = dtype_of(dy);
+  pk.l_by_rank = true;  // l_out (R, K): A padded with zero rows
+  pk.t_out = t.data_ptr();
+  pk.l_out = l.data_ptr();
+  launch_pack_concat(pk, stream);
+  TORCH_CHECK(gemm_concat_k_sm90(prob, dev, stream),
+              "lora_kernels: the fused sm90 dX GEMM refused an aligned problem (M=", M, " N=", N, " K=", K,
+              " R=", R, "); set LORA_KERNELS_CUDA_CONCAT_K=0 to bypass it");
+  g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90Fused));
+  return true;
+}
+
 }  // namespace
 
 void set_gemm_backend(GemmBackend b) { g_gemm_backend.store(static_cast<int>(b)); }
@@ -146,6 +271,8 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
   s.out = T.data_ptr<float>();
   s.ldo = r;
   launch_skinny(s, stream);
+  if (M == 0 || N == 0) return {y, T, bits};
+  if (K > 0 && fused_forward(x, weight, bias, lora_B, lora_bias, T, scaling, y)) return {y, T, bits};
 
   ExpandArgs e{};
   e.t = T.data_ptr<float>();
@@ -289,8 +416,10 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   }
   at::Tensor dx = at::empty({0}, x.options());
   if (need_dx) {
-    // dX = (dT · A) ⊙ mask / (1 - p), then dX += dY · W in the GEMM's epilogue.
     dx = at::empty({M, K}, x.options());
+  }
+  if (need_dx && M > 0 && K > 0 && !(N > 0 && !dropout && fused_dx_no_dropout(dy, weight, lora_A, dT, dx))) {
+    // dX = (dT · A) ⊙ mask / (1 - p), then dX += dY · W in the GEMM's epilogue.
     ExpandArgs e{};
     e.t = dT.data_ptr<float>();
     e.ldt = r;

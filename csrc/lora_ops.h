@@ -11,7 +11,9 @@
 namespace lora_kernels {
 
 // Which base-GEMM implementation lora_fwd / lora_bwd use (tests and benchmarks pin one).
-enum class GemmBackend : int { kAuto = 0, kCublas = 1, kSm80 = 2, kSm90 = 3 };
+// kSm90Fused is reported by last_gemm_path only: the forward's fused concatenated-K GEMM (the
+// "sm90" pin selects it, as it selects the sm90 kernel of the other GEMMs).
+enum class GemmBackend : int { kAuto = 0, kCublas = 1, kSm80 = 2, kSm90 = 3, kSm90Fused = 4 };
 void set_gemm_backend(GemmBackend b);
 GemmBackend gemm_backend();
 // The implementation the most recent non-empty base GEMM actually ran on (kAuto = none yet):

@@ -66,6 +66,17 @@ void launch_expand(const ExpandArgs& a, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void launch_pack_concat(const PackArgs& a, cudaStream_t stream) {
+  TORCH_CHECK(a.R % 8 == 0 && a.R >= a.J + (a.v1 ? 1 : 0) + (a.v2 ? 1 : 0) && (a.ot == kF16 || a.ot == kBF16),
+              "lora_kernels: bad pack_concat arguments: J=", a.J, " R=", a.R);
+  const int64_t n = (a.M + a.N) * a.R;
+  if (n == 0) return;
+  const int64_t blocks = ceil_div(n, kThreads);
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "lora_kernels: pack problem too large: M=", a.M, " N=", a.N);
+  pack_concat_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void launch_make_mask(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, uint8_t* bits,
                       cudaStream_t stream) {
   const int64_t G = ceil_div(K, 8);

@@ -70,10 +70,38 @@ struct ExpandArgs {
   DType ot;
 };
 
+// Operands of the concatenated-K GEMM (gemm_concat_k_sm90 in gemm.h), in its 16-bit dtype ot, with R
+// columns of rank (R: a multiple of 8, ≥ J + has(v1) + has(v2)):
+//   t_out (M, R) = [alpha·T | 1 if v1 | 1 if v2 | 0 …]
+//   l     (N, R) = [B       | alpha·v1 | v2      | 0 …], stored as l_out (N, R), or (R, N) if l_by_rank
+// so that t·lᵀ = alpha·(T·Bᵀ + v1) + v2. Forward: the expand kernel's result as extra K tiles of the
+// base GEMM instead of an M×N pass. dX at p = 0: t = dT, l = Aᵀ (l_by_rank: A itself, padded to R rows).
+// alpha is folded into T in fp32 before rounding to ot.
+struct PackArgs {
+  const float* t;  // T (M, J) fp32, row stride ldt
+  int64_t ldt;
+  const void* b;  // B(n, j) = b[n * sbn + j * sbj]
+  int64_t sbn, sbj;
+  DType bt;
+  const void* v1;  // v1[n * sv1] (lora_bias) or null
+  int64_t sv1;
+  DType v1t;
+  const void* v2;  // v2[n * sv2] (bias) or null
+  int64_t sv2;
+  DType v2t;
+  int64_t M, N, J, R;
+  float alpha;
+  DType ot;
+  bool l_by_rank;
+  void* t_out;
+  void* l_out;
+};
+
 // out must be on the current device and stream the current stream: a split launch allocates its
 // partial-sum workspace there with the caching allocator.
 void launch_skinny(const SkinnyArgs& a, cudaStream_t stream);
 void launch_expand(const ExpandArgs& a, cudaStream_t stream);
+void launch_pack_concat(const PackArgs& a, cudaStream_t stream);
 // bits (M, ceil(K / 8)) row-major: the packed keep-mask of reference.pack_mask.
 void launch_make_mask(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, uint8_t* bits,
                       cudaStream_t stream);

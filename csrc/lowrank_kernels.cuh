@@ -258,6 +258,32 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
   }
 }
 
+// One thread per element of t_out (the first M·R indices) and l_out (the next N·R); see PackArgs.
+// Consecutive threads write consecutive addresses in either layout of l_out.
+__global__ void __launch_bounds__(kThreads) pack_concat_kernel(const PackArgs p) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t nt = p.M * p.R;
+  if (idx >= nt + p.N * p.R) return;
+  const bool is_t = idx < nt;
+  const int64_t e = is_t ? idx : idx - nt;
+  const bool by_rank = !is_t && p.l_by_rank;
+  const int64_t row = by_rank ? e % p.N : e / p.R, j = by_rank ? e / p.N : e % p.R;
+  // Columns past J: the lora_bias column (if any), then the bias column (if any), then zeros.
+  const int64_t j_v1 = p.v1 != nullptr ? p.J : -1;
+  const int64_t j_v2 = p.v2 != nullptr ? p.J + (p.v1 != nullptr ? 1 : 0) : -1;
+  float v = 0.f;
+  if (is_t) {
+    if (j < p.J) v = p.alpha * p.t[row * p.ldt + j];
+    else if (j == j_v1 || j == j_v2) v = 1.f;
+    store_f32(p.t_out, e, p.ot, v);
+  } else {
+    if (j < p.J) v = load_f32(p.b, row * p.sbn + j * p.sbj, p.bt);
+    else if (j == j_v1) v = p.alpha * load_f32(p.v1, row * p.sv1, p.v1t);
+    else if (j == j_v2) v = load_f32(p.v2, row * p.sv2, p.v2t);
+    store_f32(p.l_out, e, p.ot, v);
+  }
+}
+
 __global__ void make_mask_kernel(uint64_t seed, uint32_t threshold, int64_t M, int64_t K, int64_t G,
                                  uint8_t* bits) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

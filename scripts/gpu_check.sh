@@ -84,7 +84,7 @@ run_step bench "$PY" -m bench.lora_linear --quick ${BENCH_OUT:+--out "$BENCH_OUT
 
 if [ "${GPU_CHECK_PROFILE:-0}" = "1" ]; then
   if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
-    run_step profile "$PY" -m bench.profile --impls cublas,triton-bitmask,triton-1pass --shape 8192,4096,4096,16 -p 0.1
+    run_step profile "$PY" -m bench.profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand --shape 8192,4096,4096,16 -p 0.1
   else
     echo "=== gpu-check: profile skipped: ${NCU:-ncu} not found"
   fi

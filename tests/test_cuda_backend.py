@@ -98,32 +98,77 @@ def test_matches_reference(dtype, M, K, N, r, p, mask_mode):
     _check_against_ref(t, scaling=2.0, p=p, seed=1234 + M, mask_mode=mask_mode)
 
 
-def _expected_gemm_path(ext, pinned: str) -> str:
-    """The implementation an aligned fp16/bf16 problem must run on when ``pinned`` is requested."""
+def _expected_gemm_path(ext, pinned: str, fused: bool) -> str:
+    """The implementation an aligned fp16/bf16 problem must run on when ``pinned`` is requested;
+    ``fused``: a GEMM that takes the concatenated-K kernel on H100 (the forward, dX at p = 0)."""
     hopper = torch.cuda.get_device_capability() == (9, 0) and ext.build_metadata()["sm90_kernels"]
+    sm90 = "sm90-fused" if fused else "sm90"
     if pinned == "auto":
-        return "sm90" if hopper else "sm80"
+        return sm90 if hopper else "sm80"
     if pinned == "sm90":
-        return "sm90" if hopper else "cublas"
+        return sm90 if hopper else "cublas"
     return pinned  # "sm80" runs on every sm_80+ GPU; "cublas"
 
 
+@pytest.mark.parametrize("fwd_mode", ["fused", "expand"])
 @pytest.mark.parametrize("gemm", ["auto", "sm80", "sm90", "cublas"], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_base_gemm_paths(ext, gemm, dtype, p):
-    """Each base GEMM implementation on aligned shapes larger than one 128×256 tile.
+def test_base_gemm_paths(ext, monkeypatch, gemm, dtype, p, fwd_mode):
+    """Each base GEMM implementation on aligned shapes larger than one 128×256 tile, with the
+    concatenated-K GEMM on (H100: the forward, and dX at p = 0) and off (LORA_KERNELS_CUDA_CONCAT_K=0).
 
     The CUTLASS paths fall back to cuBLAS silently when can_implement() refuses a problem, so
     the test also checks which implementation actually ran (forward GEMM, then the dX GEMM)."""
+    if fwd_mode == "expand":
+        monkeypatch.setenv("LORA_KERNELS_CUDA_CONCAT_K", "0")
+    else:
+        monkeypatch.delenv("LORA_KERNELS_CUDA_CONCAT_K", raising=False)
     t = _make(300, 264, 520, 16, dtype)
-    want = _expected_gemm_path(ext, gemm)
     torch.ops.lora_kernels.cuda_lora_fwd(
         t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 0.5, p, 7, True
     )
-    assert ext.last_gemm_path() == want, "forward base GEMM"
+    on = fwd_mode == "fused"
+    assert ext.last_gemm_path() == _expected_gemm_path(ext, gemm, fused=on), "forward base GEMM"
     _check_against_ref(t, scaling=0.5, p=p, seed=7, mask_mode="bitmask")
-    assert ext.last_gemm_path() == want, "dX base GEMM"
+    assert ext.last_gemm_path() == _expected_gemm_path(ext, gemm, fused=on and p == 0.0), "dX base GEMM"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, K, N", [(1, 64, 8), (200, 4104, 392), (513, 256, 264)])
+@pytest.mark.parametrize("r", [1, 8, 62, 63, 64, 200])
+@pytest.mark.parametrize("biases", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_forward_tiles(ext, monkeypatch, dtype, M, K, N, r, biases):
+    """The fused forward's walk over K tiles then low-rank tiles: K with a ragged last tile (4104),
+    r + biases just under, at and over one 64-wide tile (62, 63, 64 with 0–2 bias columns), r = 200
+    (four tiles), M and N ragged against the 128×256 output tile. Forward only, against float64."""
+    monkeypatch.delenv("LORA_KERNELS_CUDA_CONCAT_K", raising=False)
+    bias, lora_bias = biases
+    t = _make(M, K, N, r, dtype, bias=bias, lora_bias=lora_bias, seed=M + r)
+    _poison_allocator()
+    y, T, bits = torch.ops.lora_kernels.cuda_lora_fwd(
+        t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["lora_bias"], 0.75, 0.0, 0, False
+    )
+    if torch.cuda.get_device_capability() == (9, 0) and ext.build_metadata()["sm90_kernels"]:
+        assert ext.last_gemm_path() == "sm90-fused"
+    t64 = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    y64 = reference.lora_linear_ref(
+        t64["x"], t64["weight"], t64["lora_A"], t64["lora_B"], t64["bias"], t64["lora_bias"], 0.75, 0.0, True, 0
+    )
+    assert_close_ref(y, y64, (dtype, dtype), "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, K, N", [(1, 8, 64), (200, 392, 4104), (513, 264, 256)])
+@pytest.mark.parametrize("r", [1, 8, 63, 64, 200])
+def test_fused_dx_tiles(ext, monkeypatch, dtype, M, K, N, r):
+    """dX at p = 0 as one concatenated-K GEMM, [dY | dT]·[W ; A]: the walk over N's tiles (ragged at
+    4104) then r's (one to four tiles), K ragged against the 256-wide output tile. All gradients."""
+    monkeypatch.delenv("LORA_KERNELS_CUDA_CONCAT_K", raising=False)
+    t = _make(M, K, N, r, dtype, seed=M * 7 + r)
+    _check_against_ref(t, scaling=1.5, p=0.0, seed=0, mask_mode="bitmask")
+    if torch.cuda.get_device_capability() == (9, 0) and ext.build_metadata()["sm90_kernels"]:
+        assert ext.last_gemm_path() == "sm90-fused", "the dX GEMM should have been the concatenated-K kernel"
 
 
 def test_unaligned_and_fp32_problems_use_cublas(ext):

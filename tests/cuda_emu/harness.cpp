@@ -6,7 +6,8 @@
 // are thread-locals. The launch sequence of each test case mirrors csrc/lora_ops.cpp (lora_fwd:
 // shrink T with the mask bits, expand into y, then the base GEMM accumulating into y; lora_bwd: dT,
 // [dB | dlora_bias], the mask regenerated when not saved, dAᵀ, dX's low-rank part, then dY·W), with the
-// CUTLASS GEMMs replaced by plain loops. Everything is checked against a float64 reference computed
+// CUTLASS GEMMs replaced by plain loops; also the concatenated-K variants (pack, then one GEMM over
+// [x | t]·[W | l]ᵀ for the forward and [dY | dT]·[W ; A] for dX at p = 0). Everything is checked against a float64 reference computed
 // here, the bits against the Philox mask bit for bit. launch_skinny splits the reduction over
 // blockIdx.z with the launcher's own plan_skinny_split and reduce kernel, on an emulated 4-SM GPU
 // (and, for the small shapes, 32-column splits) so that most cases take the split path.
@@ -99,6 +100,11 @@ void launch_expand(const ExpandArgs& a, cudaStream_t) {
   if (a.R == 0 || a.N == 0) return;
   launch(cdiv(a.R, kTileI), cdiv(a.N, kTileJ), 1, kThreads, [&] { expand_kernel(a); });
 }
+void launch_pack_concat(const PackArgs& a, cudaStream_t) {
+  const int64_t n = (a.M + a.N) * a.R;
+  if (n == 0) return;
+  launch(cdiv(n, kThreads), 1, 1, kThreads, [&] { pack_concat_kernel(a); });
+}
 void launch_make_mask(uint64_t seed, uint32_t th, int64_t M, int64_t K, uint8_t* bits, cudaStream_t) {
   int64_t G = cdiv(K, 8);
   if (M == 0 || G == 0) return;
@@ -168,6 +174,22 @@ void cmp(const char* what, const std::vector<double>& ref, const std::function<d
     maxref = std::max(maxref, std::fabs(ref[i]));
   }
   if (!(maxerr <= tol * maxref + 1e-6)) { printf("  FAIL %s maxerr %g maxref %g\n", what, maxerr, maxref); ++fails; }
+}
+
+// Elementwise bound for a 16-bit concatenated-K GEMM: operands rounded once (relative u each), an
+// fp32 sum, the result rounded once: |got - ref| ≤ 3u·Σ|terms| per element. absum holds Σ|terms| (the
+// products of the unrounded operands); max-normalised checks are too loose on small outputs and too
+// tight where a few large terms cancel.
+void cmp_terms(const char* what, const std::vector<double>& ref, const std::vector<double>& got,
+               const std::vector<double>& absum, double u) {
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = std::fabs(ref[i] - got[i]);
+    if (!(d <= 3 * u * absum[i] + 1e-6)) {
+      printf("  FAIL %s at %zu: got %g want %g (sum of |terms| %g)\n", what, i, got[i], ref[i], absum[i]);
+      ++fails;
+      return;
+    }
+  }
 }
 
 // x layout: 0 = row-major padded (ld = K + 3), 1 = column-major, 2 = stride-2 inner
@@ -242,6 +264,45 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     }
   }
 done_bits:
+  // ---------------- fused forward (lora_ops.cpp fused_forward): pack t = [s·T | 1 | 1] and
+  // l = [B | s·lora_bias | bias] in a 16-bit dtype, then y = [x | t]·[W | l]ᵀ (the concatenated-K GEMM,
+  // here a loop). Both, one or neither bias, and a transposed B, vary over the cases.
+  {
+    const DType ot = g_store == kF32 ? kBF16 : g_store;  // the GEMM is 16-bit; fp32 cases check the pack
+    const bool has_lb = (M + N + r) % 2 == 0, has_bias = (M + K + r) % 3 != 0, b_t = xlayout == 1;
+    const int64_t R = (r + has_lb + has_bias + 7) / 8 * 8;
+    std::vector<float> Bt(r * N);
+    for (int64_t n = 0; n < N; ++n) for (int64_t j = 0; j < r; ++j) Bt[j * N + n] = B[n * r + j];
+    Stored Bts(g_adapter, Bt);
+    std::vector<uint16_t> tp(M * R, 0xFFFF), lp(N * R, 0xFFFF);  // 0xFFFF: NaN in fp16 and bf16
+    PackArgs pk{};
+    pk.t = T.data(); pk.ldt = r;
+    pk.b = b_t ? Bts.ptr() : Bs.ptr(); pk.sbn = b_t ? 1 : r; pk.sbj = b_t ? N : 1; pk.bt = g_adapter;
+    pk.v1 = has_lb ? lbs.ptr() : nullptr; pk.sv1 = 1; pk.v1t = g_adapter;
+    pk.v2 = has_bias ? biass.ptr() : nullptr; pk.sv2 = 1; pk.v2t = g_store;
+    pk.M = M; pk.N = N; pk.J = r; pk.R = R; pk.alpha = (float)s; pk.ot = ot; pk.l_by_rank = false;
+    pk.t_out = tp.data(); pk.l_out = lp.data();
+    launch_pack_concat(pk, nullptr);
+    if (g_selftest) tp[(M * R) / 2] ^= 0x4000;
+    std::vector<double> yfr(M * N);
+    for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
+      double v = has_bias ? bias[n] : 0.0; for (int64_t k = 0; k < K; ++k) v += X(m, k) * W[n * K + k];
+      double lr = has_lb ? lb[n] : 0.0; for (int64_t j = 0; j < r; ++j) lr += Tref[m * r + j] * B[n * r + j];
+      yfr[m * N + n] = v + s * lr;
+    }
+    std::vector<double> yfused(M * N), absum(M * N);
+    for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
+      double acc = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) { acc += X(m, k) * W[n * K + k]; mag += std::fabs(X(m, k) * W[n * K + k]); }
+      for (int64_t j = 0; j < R; ++j) acc += (double)dec16(ot, tp[m * R + j]) * dec16(ot, lp[n * R + j]);
+      for (int64_t j = 0; j < r; ++j) mag += std::fabs(s * Tref[m * r + j] * B[n * r + j]);
+      mag += (has_lb ? std::fabs(s * lb[n]) : 0.0) + (has_bias ? std::fabs(bias[n]) : 0.0);
+      yfused[m * N + n] = dec16(ot, enc16(ot, (float)acc));  // the epilogue's rounding to the output
+      absum[m * N + n] = mag;
+    }
+    // 16-bit t and l: s·T and the adapters rounded once more than on the expand path.
+    cmp_terms("y fused", yfr, yfused, absum, ot == kBF16 ? 0x1p-8 : 0x1p-11);
+  }
   // ---------------- backward (mirrors lora_bwd) -------------
   std::vector<float> dT(M * r, NAN), dBx(N * (r + 1), NAN), dAt(K * r, NAN), dxf(M * K, NAN);
   Stored dx(g_store, dxf);
@@ -308,6 +369,33 @@ done_bits:
     double base = 0; for (int64_t n = 0; n < N; ++n) base += (double)dy[m * N + n] * W[n * K + k];
     double lr = 0; for (int64_t j = 0; j < r; ++j) lr += dTr[m * r + j] * A[j * K + k];
     dxr[m * K + k] = base + lr * keep(m, k);
+  }
+  // ---------------- dX at p = 0 (lora_ops.cpp fused_dx_no_dropout): t = dT, l = A padded to R rows
+  // (l_by_rank), then dX = [dY | t]·[W ; l] (the concatenated-K GEMM, here a loop).
+  if (!dropout) {
+    const DType ot = g_store == kF32 ? kBF16 : g_store;
+    const int64_t R = (r + 7) / 8 * 8;
+    std::vector<uint16_t> tp(M * R, 0xFFFF), lp(R * K, 0xFFFF);
+    PackArgs pk{};
+    pk.t = dT.data(); pk.ldt = r;
+    pk.b = As.ptr(); pk.sbn = 1; pk.sbj = K; pk.bt = g_adapter;  // l(n = k, j) = A[j, k]
+    pk.M = M; pk.N = K; pk.J = r; pk.R = R; pk.alpha = 1.f; pk.ot = ot; pk.l_by_rank = true;
+    pk.t_out = tp.data(); pk.l_out = lp.data();
+    launch_pack_concat(pk, nullptr);
+    if (g_selftest) lp[(R * K) / 2] ^= 0x4000;
+    std::vector<double> dxf2(M * K), absum(M * K);
+    for (int64_t m = 0; m < M; ++m) for (int64_t k = 0; k < K; ++k) {
+      double acc = 0, mag = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        acc += (double)dy[m * N + n] * W[n * K + k];
+        mag += std::fabs((double)dy[m * N + n] * W[n * K + k]);
+      }
+      for (int64_t j = 0; j < R; ++j) acc += (double)dec16(ot, tp[m * R + j]) * dec16(ot, lp[j * K + k]);
+      for (int64_t j = 0; j < r; ++j) mag += std::fabs(dTr[m * r + j] * A[j * K + k]);
+      dxf2[m * K + k] = dec16(ot, enc16(ot, (float)acc));
+      absum[m * K + k] = mag;
+    }
+    cmp_terms("dx fused", dxr, dxf2, absum, ot == kBF16 ? 0x1p-8 : 0x1p-11);
   }
   if (g_selftest) dT[(M * r) / 2] += 1.0f;
   cmp("dT", dTr, [&](int64_t i) { return dT[i]; }, 1e-4);
