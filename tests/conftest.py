@@ -19,9 +19,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LORA_KERNELS_AUTOTUNE", "0")
 
 
+def pytest_configure(config):
+    # scripts/run_tests.sh reruns the Triton tests under another Triton (the GPU image's) through
+    # PYTHONPATH: refuse to pass if that run silently picked up the .venv's version instead.
+    want = os.environ.get("LORA_KERNELS_EXPECT_TRITON")
+    if want:
+        import triton
+
+        if triton.__version__ != want:
+            raise pytest.UsageError(f"LORA_KERNELS_EXPECT_TRITON={want} but triton {triton.__version__} was imported")
+
+
 def pytest_report_header(config):
+    import triton
+
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
-    return f"lora_kernels tests: device={dev}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    return (
+        f"lora_kernels tests: device={dev}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+        f"triton {triton.__version__}"
+    )
 
 
 @pytest.fixture
