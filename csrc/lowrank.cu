@@ -19,20 +19,34 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// skinny_kernel<TJ> with TJ = skinny_tile_cols(J + ones_col).
+void launch_skinny_tiles(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, int64_t c_chunk, int64_t zstride) {
+  switch (skinny_tile_cols(a.J + (a.ones_col ? 1 : 0))) {
+    case 16:
+      skinny_kernel<16><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+      break;
+    case 32:
+      skinny_kernel<32><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+      break;
+    default:
+      skinny_kernel<64><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
-  const int64_t gx = ceil_div(a.R, kTileI), gy = ceil_div(JT, kTileJ);
+  const int64_t gx = ceil_div(a.R, skinny_tile_rows(JT)), gy = ceil_div(JT, skinny_tile_cols(JT));
   TORCH_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, "lora_kernels: low-rank problem too large: R=", a.R,
               " J=", JT);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, num_sms, a.mask == SkinnyMask::kGenerate);
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, num_sms);
   TORCH_CHECK(sp.splits >= 1 && sp.splits <= 65535, "lora_kernels: bad reduction split: ", sp.splits);
   if (sp.splits == 1) {
-    skinny_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a, a.C, 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_skinny_tiles(dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), stream, a, a.C, 0);
     return;
   }
   // The caching allocator orders reuse of the workspace on the current stream only: launching on
@@ -47,9 +61,8 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
   part.out = ws.data_ptr<float>();
   part.ldo = JT;
   part.alpha = 1.f;  // applied once, by the reduce
-  skinny_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(sp.splits)),
-                  kThreads, 0, stream>>>(part, sp.chunk, a.R * JT);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_skinny_tiles(dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(sp.splits)),
+                      stream, part, sp.chunk, a.R * JT);
   const int64_t blocks = ceil_div(a.R * JT, kThreads);
   TORCH_CHECK(blocks < (int64_t{1} << 31), "lora_kernels: low-rank problem too large: R=", a.R, " J=", JT);
   skinny_reduce_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ws.data_ptr<float>(), sp.splits,
@@ -59,7 +72,7 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
 
 void launch_expand(const ExpandArgs& a, cudaStream_t stream) {
   if (a.R == 0 || a.N == 0) return;
-  const int64_t gx = ceil_div(a.R, kTileI), gy = ceil_div(a.N, kTileJ);
+  const int64_t gx = ceil_div(a.R, kExpandTile), gy = ceil_div(a.N, kExpandTile);
   TORCH_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, "lora_kernels: expand problem too large: R=", a.R,
               " N=", a.N);
   expand_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a);

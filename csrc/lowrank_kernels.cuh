@@ -2,23 +2,45 @@
 // by lowrank.cu inside its anonymous namespace. It is a header so that tests/cuda_emu/ can compile the
 // very same kernels for the CPU (threads for a block, a barrier for __syncthreads) and check them
 // against float64 in CI, where there is no GPU. Keep it free of host-only or launch code, except
-// plan_skinny_split: a plain inline function, shared by the real launcher and the emulation's.
+// the plain inline planning functions shared by the real launcher and the emulation's.
 //
-// Tiling: one 256-thread block computes a 32 × 64 output tile, staging 32-wide slices of the
-// reduction dimension of both operands in shared memory (as fp32, padded +1 against bank
-// conflicts); each thread owns 2 × 4 outputs. The low-rank products are < 1% of the base GEMM's
-// FLOPs at r = 16, so CUDA-core FMAs are enough; what matters is reading x (and dY) once.
+// Tiling: 256 threads per block as 16 row groups × 16 column groups; each thread owns a register
+// micro-tile of RM consecutive rows × RN consecutive columns, so that one shared-memory read feeds
+// several FMAs. Both operands are staged in shared memory transposed ([c][i], as fp32, rows padded
+// to a multiple of 4 floats: a thread's RM (or RN) values are one or two 16-byte loads). The
+// low-rank products are < 1 % of the base GEMM's FLOPs at r = 16, so CUDA cores are enough if
+// shared-memory reads do not dominate: the earlier 2 × 4 micro-tile with scalar reads issued 6 reads
+// per 8 FMAs, and a fixed 64-column tile wasted 3/4 of them at r = 16 (about 6× the time of reading x).
+//   skinny (out = X·Aᵀ, J = r or r + 1 columns): the column tile TJ follows J (16, 32 or 64), and the
+//     row tile TI = 16·RM: 128 × 16 (RM 8, RN 1), 128 × 32 (8, 2), 64 × 64 (4, 4).
+//   expand (out = T·Bᵀ, N columns, reduction over J): 64 × 64 tiles, 4 × 4 per thread, the reduction
+//     loop bounded by J (no FMAs on padding).
 #pragma once
 
 constexpr int kThreads = 256;
-constexpr int kTileI = 32;  // output rows per block
-constexpr int kTileJ = 64;  // output columns per block
-constexpr int kTileC = 32;  // reduction slice per step
+constexpr int kTileC = 32;  // reduction slice per step (skinny: of C; expand: of J)
 constexpr int kGroupsPerSlice = kTileC / 8;
+constexpr int kExpandTile = 64;  // expand: rows and columns per block
+constexpr int kExpandStride = kExpandTile + 4;
+
+// The skinny tile for a given column count JT (see the comment at the top).
+inline int skinny_tile_cols(int64_t JT) { return JT <= 16 ? 16 : JT <= 32 ? 32 : 64; }
+inline int skinny_tile_rows(int64_t JT) { return JT <= 32 ? 128 : 64; }
+
+template <int TJ>
+struct SkinnyTile {
+  static_assert(TJ == 16 || TJ == 32 || TJ == 64, "skinny column tile: 16, 32 or 64");
+  static constexpr int RN = TJ / 16;
+  static constexpr int RM = TJ == 64 ? 4 : 8;
+  static constexpr int TI = 16 * RM;
+  static constexpr int SX = TI + 4;  // xs[c][·] stride (floats): 16-byte rows, ≡ 4 (mod 32)
+  static constexpr int SA = TJ + 4;
+};
 
 // Split of the reduction dimension C over blockIdx.z. The backward reductions over M (dB: R = N,
-// dAᵀ: R = K) have few (R, J) tiles, e.g. 128 blocks at N = 4096, r = 16, each walking all of M:
-// about one block per SM. Splitting C gives every SM work; the splits write fp32 partial sums to a
+// dAᵀ: R = K) have few (R, J) tiles, e.g. 32 blocks at N = 4096, r = 16, each walking all of M, and
+// so does the forward's T at r ≤ 32 (64 blocks of 128 rows at M = 8192). Splitting C gives every SM
+// work; the splits write fp32 partial sums to a
 // (splits, R, JT) workspace that skinny_reduce_kernel adds in a fixed order (no atomics, so the
 // result is the same run to run).
 constexpr int64_t kSplitMinC = 512;  // ≥ 16 slices per split: the partials' round trip stays small
@@ -30,14 +52,15 @@ struct SkinnySplit {
 };
 
 // Host-side plan, shared by lowrank.cu and tests/cuda_emu. Split only when the (x, y) grid covers
-// less than 2 blocks per SM, and never when the kernel generates the dropout mask: those blocks also
-// write the packed bits, which must be written exactly once. min_c (the fewest columns worth a
-// split) is lowered by the emulation only, to exercise splits on small shapes.
-inline SkinnySplit plan_skinny_split(int64_t R, int64_t JT, int64_t C, int num_sms, bool generates_mask,
-                                     int64_t min_c = kSplitMinC) {
+// less than 2 blocks per SM. A launch that generates the dropout mask splits too: every group of 8
+// columns lies in exactly one split (chunks are whole slices), so each split writes the bits of its
+// own columns and every bit is still written once. min_c (the fewest columns worth a split) is
+// lowered by the emulation only, to exercise splits on small shapes.
+inline SkinnySplit plan_skinny_split(int64_t R, int64_t JT, int64_t C, int num_sms, int64_t min_c = kSplitMinC) {
   const SkinnySplit none{1, C};
-  if (generates_mask || R <= 0 || JT <= 0 || C <= kTileC || num_sms <= 0) return none;
-  const int64_t tiles = ((R + kTileI - 1) / kTileI) * ((JT + kTileJ - 1) / kTileJ);
+  if (R <= 0 || JT <= 0 || C <= kTileC || num_sms <= 0) return none;
+  const int64_t ti = skinny_tile_rows(JT), tj = skinny_tile_cols(JT);
+  const int64_t tiles = ((R + ti - 1) / ti) * ((JT + tj - 1) / tj);
   const int64_t target = 2 * static_cast<int64_t>(num_sms);
   if (tiles >= target) return none;
   int64_t s = (target + tiles - 1) / tiles;
@@ -81,37 +104,40 @@ __device__ __forceinline__ void store_f32(void* p, int64_t idx, DType t, float v
 // Block z reduces the columns [z · c_chunk, min(C, (z + 1) · c_chunk)) and writes to
 // p.out + z · out_zstride. Unsplit launches pass c_chunk = C (one z); split ones a multiple of
 // kTileC, so every slice lies in one split and the c < p.C guards stay the only ones needed.
+// Block (x, y) covers out rows [x·TI, x·TI + TI) and columns [y·TJ, y·TJ + TJ).
+template <int TJ>
 __global__ void __launch_bounds__(kThreads)
     skinny_kernel(const SkinnyArgs p, const int64_t c_chunk, const int64_t out_zstride) {
-  __shared__ float xs[kTileI][kTileC + 1];
-  __shared__ float as[kTileJ][kTileC + 1];
+  using Tile = SkinnyTile<TJ>;
+  constexpr int TI = Tile::TI, RM = Tile::RM, RN = Tile::RN, SX = Tile::SX, SA = Tile::SA;
+  __shared__ __align__(16) float xs[kTileC][SX];  // xs[c][i]: the x slice, transposed
+  __shared__ __align__(16) float as[kTileC][SA];  // as[c][j]
   const int tid = threadIdx.x;
   const int ti = tid / 16, tj = tid % 16;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTileJ;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * TJ;
   const int64_t JT = p.J + (p.ones_col ? 1 : 0);
   // Coalesce the tile loads along whichever index has unit stride.
   const bool x_c_fast = p.sxc == 1 || p.sxi != 1;
   const bool a_c_fast = p.sac == 1 || p.saj != 1;
-  // Several column blocks recompute the same mask; only the first writes the bitmask (and only
-  // split 0, although plan_skinny_split does not split these launches).
-  const bool write_bits =
-      p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0 && blockIdx.z == 0;
+  // Several column blocks recompute the same mask; only the first writes the bitmask. Splits over C
+  // cover disjoint whole slices, so each writes the bits of its own columns.
+  const bool write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * c_chunk;
   const int64_t c_end = c_begin + c_chunk < p.C ? c_begin + c_chunk : p.C;
   float* const out = p.out + static_cast<int64_t>(blockIdx.z) * out_zstride;
 
-  float acc[2][4];
+  float acc[RM][RN];
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int a = 0; a < RM; ++a)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[r][q] = 0.f;
+    for (int q = 0; q < RN; ++q) acc[a][q] = 0.f;
 
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kTileC) {
     if (p.mask == SkinnyMask::kGenerate) {
-      // One Philox call per (row, group of 8 columns): threads 0..127 each own one group.
-      if (tid < kTileI * kGroupsPerSlice) {
-        const int ii = tid / kGroupsPerSlice, gg = tid % kGroupsPerSlice;
+      // One Philox call per (row, group of 8 columns).
+      for (int e = tid; e < TI * kGroupsPerSlice; e += kThreads) {
+        const int ii = e / kGroupsPerSlice, gg = e % kGroupsPerSlice;
         const int64_t i = i0 + ii;
         const int64_t cb = c0 + 8 * gg;
         uint32_t keep = 0;
@@ -122,16 +148,25 @@ __global__ void __launch_bounds__(kThreads)
           if (write_bits) p.bits_out[i * p.ld_bits_out + g] = static_cast<uint8_t>(keep);
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
+        for (int e8 = 0; e8 < 8; ++e8) {
           float v = 0.f;
-          if ((keep >> e) & 1u) v = load_f32(p.x, i * p.sxi + (cb + e) * p.sxc, p.xt) * p.keep_scale;
-          xs[ii][8 * gg + e] = v;
+          if ((keep >> e8) & 1u) v = load_f32(p.x, i * p.sxi + (cb + e8) * p.sxc, p.xt) * p.keep_scale;
+          xs[8 * gg + e8][ii] = v;
         }
       }
     } else {
-      for (int e = tid; e < kTileI * kTileC; e += kThreads) {
-        const int ii = x_c_fast ? e / kTileC : e % kTileI;
-        const int cc = x_c_fast ? e % kTileC : e / kTileI;
+      for (int e = tid; e < TI * kTileC; e += kThreads) {
+        // c fast: a warp reads 8 consecutive c of 4 rows (32-byte runs per row) and its transposed
+        // stores hit 32 distinct banks (SX ≡ 4 mod 32). i fast: 32 consecutive rows of one c.
+        int ii, cc;
+        if (x_c_fast) {
+          const int chunk = e / 32, lane = e % 32;
+          cc = (chunk % (kTileC / 8)) * 8 + lane % 8;
+          ii = (chunk / (kTileC / 8)) * 4 + lane / 8;
+        } else {
+          cc = e / TI;
+          ii = e % TI;
+        }
         const int64_t i = i0 + ii, c = c0 + cc;
         float v = 0.f;
         if (i < p.R && c < p.C) {
@@ -141,12 +176,19 @@ __global__ void __launch_bounds__(kThreads)
             v = bit ? v * p.keep_scale : 0.f;
           }
         }
-        xs[ii][cc] = v;
+        xs[cc][ii] = v;
       }
     }
-    for (int e = tid; e < kTileJ * kTileC; e += kThreads) {
-      const int jj = a_c_fast ? e / kTileC : e % kTileJ;
-      const int cc = a_c_fast ? e % kTileC : e / kTileJ;
+    for (int e = tid; e < TJ * kTileC; e += kThreads) {
+      int jj, cc;
+      if (a_c_fast) {
+        const int chunk = e / 32, lane = e % 32;
+        cc = (chunk % (kTileC / 8)) * 8 + lane % 8;
+        jj = (chunk / (kTileC / 8)) * 4 + lane / 8;
+      } else {
+        cc = e / TJ;
+        jj = e % TJ;
+      }
       const int64_t j = j0 + jj, c = c0 + cc;
       float v = 0.f;
       if (c < p.C) {
@@ -156,29 +198,31 @@ __global__ void __launch_bounds__(kThreads)
           v = 1.f;
         }
       }
-      as[jj][cc] = v;
+      as[cc][jj] = v;
     }
     __syncthreads();
-#pragma unroll 8
+#pragma unroll 4
     for (int cc = 0; cc < kTileC; ++cc) {
-      const float x0 = xs[2 * ti][cc], x1 = xs[2 * ti + 1][cc];
+      float xv[RM], av[RN];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float av = as[tj + 16 * q][cc];
-        acc[0][q] = fmaf(x0, av, acc[0][q]);
-        acc[1][q] = fmaf(x1, av, acc[1][q]);
-      }
+      for (int a = 0; a < RM; ++a) xv[a] = xs[cc][ti * RM + a];  // contiguous: LDS.128 × RM/4
+#pragma unroll
+      for (int q = 0; q < RN; ++q) av[q] = as[cc][tj * RN + q];
+#pragma unroll
+      for (int a = 0; a < RM; ++a)
+#pragma unroll
+        for (int q = 0; q < RN; ++q) acc[a][q] = fmaf(xv[a], av[q], acc[a][q]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = i0 + 2 * ti + r;
+  for (int a = 0; a < RM; ++a) {
+    const int64_t i = i0 + ti * RM + a;
     if (i >= p.R) continue;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t j = j0 + tj + 16 * q;
-      if (j < JT) out[i * p.ldo + j] = p.alpha * acc[r][q];
+    for (int q = 0; q < RN; ++q) {
+      const int64_t j = j0 + tj * RN + q;
+      if (j < JT) out[i * p.ldo + j] = p.alpha * acc[a][q];
     }
   }
 }
@@ -197,55 +241,70 @@ __global__ void __launch_bounds__(kThreads) skinny_reduce_kernel(const float* ws
   out[(idx / JT) * ldo + idx % JT] = alpha * v;
 }
 
+// Block (x, y) covers out rows [x·64, x·64 + 64) and columns [y·64, y·64 + 64); thread (ti, tn)
+// owns rows ti·4 + [0, 4) and columns tn·4 + [0, 4).
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
-  __shared__ float ts[kTileI][kTileC + 1];
-  __shared__ float bs[kTileJ][kTileC + 1];
+  constexpr int TI = kExpandTile, TN = kExpandTile, S = kExpandStride;
+  __shared__ __align__(16) float ts[kTileC][S];  // ts[j][i]
+  __shared__ __align__(16) float bs[kTileC][S];  // bs[j][n]
   const int tid = threadIdx.x;
   const int ti = tid / 16, tn = tid % 16;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTileI;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileJ;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TN;
   const bool b_j_fast = p.sbj == 1 || p.sbn != 1;
 
-  float acc[2][4];
+  float acc[4][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int a = 0; a < 4; ++a)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[r][q] = 0.f;
+    for (int q = 0; q < 4; ++q) acc[a][q] = 0.f;
 
   for (int64_t j0 = 0; j0 < p.J; j0 += kTileC) {
-    for (int e = tid; e < kTileI * kTileC; e += kThreads) {
-      const int ii = e / kTileC, jj = e % kTileC;
+    const int jn = p.J - j0 < kTileC ? static_cast<int>(p.J - j0) : kTileC;  // no FMAs on padding
+    for (int e = tid; e < TI * kTileC; e += kThreads) {
+      // T is row-major with j contiguous: a warp reads 8 consecutive j of 4 rows.
+      const int chunk = e / 32, lane = e % 32;
+      const int jj = (chunk % (kTileC / 8)) * 8 + lane % 8;
+      const int ii = (chunk / (kTileC / 8)) * 4 + lane / 8;
       const int64_t i = i0 + ii, j = j0 + jj;
-      ts[ii][jj] = (i < p.R && j < p.J) ? p.t[i * p.ldt + j] : 0.f;
+      ts[jj][ii] = (i < p.R && j < p.J) ? p.t[i * p.ldt + j] : 0.f;
     }
-    for (int e = tid; e < kTileJ * kTileC; e += kThreads) {
-      const int nn = b_j_fast ? e / kTileC : e % kTileJ;
-      const int jj = b_j_fast ? e % kTileC : e / kTileJ;
+    for (int e = tid; e < TN * kTileC; e += kThreads) {
+      int nn, jj;
+      if (b_j_fast) {
+        const int chunk = e / 32, lane = e % 32;
+        jj = (chunk % (kTileC / 8)) * 8 + lane % 8;
+        nn = (chunk / (kTileC / 8)) * 4 + lane / 8;
+      } else {
+        jj = e / TN;
+        nn = e % TN;
+      }
       const int64_t n = n0 + nn, j = j0 + jj;
-      bs[nn][jj] = (n < p.N && j < p.J) ? load_f32(p.b, n * p.sbn + j * p.sbj, p.bt) : 0.f;
+      bs[jj][nn] = (n < p.N && j < p.J) ? load_f32(p.b, n * p.sbn + j * p.sbj, p.bt) : 0.f;
     }
     __syncthreads();
-#pragma unroll 8
-    for (int jj = 0; jj < kTileC; ++jj) {
-      const float t0 = ts[2 * ti][jj], t1 = ts[2 * ti + 1][jj];
+    for (int jj = 0; jj < jn; ++jj) {
+      float tv[4], bv[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float bv = bs[tn + 16 * q][jj];
-        acc[0][q] = fmaf(t0, bv, acc[0][q]);
-        acc[1][q] = fmaf(t1, bv, acc[1][q]);
-      }
+      for (int a = 0; a < 4; ++a) tv[a] = ts[jj][ti * 4 + a];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) bv[q] = bs[jj][tn * 4 + q];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[a][q] = fmaf(tv[a], bv[q], acc[a][q]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = i0 + 2 * ti + r;
+  for (int a = 0; a < 4; ++a) {
+    const int64_t i = i0 + ti * 4 + a;
     if (i >= p.R) continue;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t n = n0 + tn + 16 * q;
+      const int64_t n = n0 + tn * 4 + q;
       if (n >= p.N) continue;
-      float v = acc[r][q];
+      float v = acc[a][q];
       if (p.v1 != nullptr) v += load_f32(p.v1, n * p.sv1, p.v1t);
       v *= p.alpha;
       if (p.v2 != nullptr) v += load_f32(p.v2, n * p.sv2, p.v2t);

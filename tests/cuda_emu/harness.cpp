@@ -75,11 +75,17 @@ int g_skinny_launches = 0, g_split_launches = 0;
 void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
-  const int64_t gx = cdiv(a.R, kTileI), gy = cdiv(JT, kTileJ);
-  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, a.mask == SkinnyMask::kGenerate, g_split_min_c);
+  const int64_t gx = cdiv(a.R, skinny_tile_rows(JT)), gy = cdiv(JT, skinny_tile_cols(JT));
+  const int tj = skinny_tile_cols(JT);
+  auto kernel = [tj](const SkinnyArgs& args, int64_t chunk, int64_t zstride) {
+    if (tj == 16) skinny_kernel<16>(args, chunk, zstride);
+    else if (tj == 32) skinny_kernel<32>(args, chunk, zstride);
+    else skinny_kernel<64>(args, chunk, zstride);
+  };
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, g_split_min_c);
   ++g_skinny_launches;
   if (sp.splits == 1) {
-    launch(gx, gy, 1, kThreads, [&] { skinny_kernel(a, a.C, 0); });
+    launch(gx, gy, 1, kThreads, [&] { kernel(a, a.C, 0); });
     return;
   }
   if (sp.chunk % kTileC != 0 || (sp.splits - 1) * sp.chunk >= a.C || sp.splits * sp.chunk < a.C) {
@@ -92,13 +98,13 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   part.out = ws.data();
   part.ldo = JT;
   part.alpha = 1.f;
-  launch(gx, gy, sp.splits, kThreads, [&] { skinny_kernel(part, sp.chunk, a.R * JT); });
+  launch(gx, gy, sp.splits, kThreads, [&] { kernel(part, sp.chunk, a.R * JT); });
   launch(cdiv(a.R * JT, kThreads), 1, 1, kThreads,
          [&] { skinny_reduce_kernel(ws.data(), sp.splits, a.R, JT, a.alpha, a.out, a.ldo); });
 }
 void launch_expand(const ExpandArgs& a, cudaStream_t) {
   if (a.R == 0 || a.N == 0) return;
-  launch(cdiv(a.R, kTileI), cdiv(a.N, kTileJ), 1, kThreads, [&] { expand_kernel(a); });
+  launch(cdiv(a.R, kExpandTile), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_kernel(a); });
 }
 void launch_pack_concat(const PackArgs& a, cudaStream_t) {
   const int64_t n = (a.M + a.N) * a.R;
@@ -421,7 +427,7 @@ int main(int argc, char** argv) {
   for (int64_t M : {1, 37, 70})
     for (int64_t K : {1, 33, 72})
       for (int64_t N : {5, 40, 70})
-        for (int64_t r : {1, 16, 65})
+        for (int64_t r : {1, 16, 24, 65})  // skinny column tiles 16, 16/32 (dB: r + 1), 32, 64
           for (double p : {0.0, 0.3})
             for (int xl : {0, 1, 2}) {
               if ((M + K + N + r + xl) % 3) continue;  // subsample to keep it quick
