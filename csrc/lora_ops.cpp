@@ -110,8 +110,8 @@ bool concat_k_eligible(const at::Tensor& x) {
 }
 
 // The fused forward (see the top of this file): y = [x | t]·[W | l]ᵀ on the Hopper concatenated-K
-// GEMM. Returns false, having launched nothing, where that kernel cannot take the problem; the
-// caller then runs the expand path.
+// GEMM. Returns false where that kernel cannot take the problem (having launched nothing, unless
+// can_implement refuses after the pack: then with a warning); the caller then runs the expand path.
 bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, const at::Tensor& T,
                    double scaling, at::Tensor& y) {
@@ -154,18 +154,20 @@ bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   pk.t_out = t.data_ptr();
   pk.l_out = l.data_ptr();
   launch_pack_concat(pk, stream);
-  // can_implement() refusing an aligned problem would be a bug in the kernel's contract, not a
-  // shape to fall back on: the pack already ran, so say so instead of silently redoing the work.
-  TORCH_CHECK(gemm_concat_k_sm90(prob, dev, stream),
-              "lora_kernels: the fused sm90 forward GEMM refused an aligned problem (M=", M, " N=", N, " K=", K,
-              " R=", R, "); set LORA_KERNELS_CUDA_CONCAT_K=0 to bypass it");
+  // can_implement() refusing an aligned problem would break the kernel's contract: the result is
+  // still right (the caller takes the expand path; the pack's work is lost), but say so once.
+  if (!gemm_concat_k_sm90(prob, dev, stream)) {
+    TORCH_WARN_ONCE("lora_kernels: the sm90 concatenated-K GEMM refused an aligned forward problem (M=", M,
+                    " N=", N, " K=", K, " R=", R, "); falling back to the expand path. Please report it.");
+    return false;
+  }
   g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90Fused));
   return true;
 }
 
 // dX at p = 0 in one GEMM: dX = [dY | dT]·[W ; A] (no dropout mask to apply to the low-rank part
-// alone, so it can share the accumulators). Returns false, having launched nothing, where the
-// concatenated-K kernel cannot take the problem. dx (M, K) is written, not accumulated.
+// alone, so it can share the accumulators). Returns false where the concatenated-K kernel cannot
+// take the problem (as fused_forward). dx (M, K) is written, not accumulated.
 bool fused_dx_no_dropout(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& dT, at::Tensor& dx) {
   const auto st = dy.scalar_type();
@@ -201,9 +203,11 @@ bool fused_dx_no_dropout(const at::Tensor& dy, const at::Tensor& weight, const a
   pk.t_out = t.data_ptr();
   pk.l_out = l.data_ptr();
   launch_pack_concat(pk, stream);
-  TORCH_CHECK(gemm_concat_k_sm90(prob, dev, stream),
-              "lora_kernels: the fused sm90 dX GEMM refused an aligned problem (M=", M, " N=", N, " K=", K,
-              " R=", R, "); set LORA_KERNELS_CUDA_CONCAT_K=0 to bypass it");
+  if (!gemm_concat_k_sm90(prob, dev, stream)) {  // as in fused_forward: correct, but say so once
+    TORCH_WARN_ONCE("lora_kernels: the sm90 concatenated-K GEMM refused an aligned dX problem (M=", M,
+                    " N=", N, " K=", K, " R=", R, "); falling back to the expand path. Please report it.");
+    return false;
+  }
   g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90Fused));
   return true;
 }
