@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cmath>
 
@@ -19,17 +20,30 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// skinny_kernel<TJ> with TJ = skinny_tile_cols(J + ones_col).
+// The tensor-core kernel for 16-bit X, else the FMA kernel; TJ = skinny_tile_cols(J + ones_col).
+bool skinny_uses_mma(const SkinnyArgs& a) { return a.xt == kBF16 || a.xt == kF16; }
+
+template <int TJ>
+void launch_skinny_tj(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, int64_t c_chunk, int64_t zstride) {
+  if (a.xt == kBF16) {
+    skinny_mma_kernel<TJ, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+  } else if (a.xt == kF16) {
+    skinny_mma_kernel<TJ, __half><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+  } else {
+    skinny_kernel<TJ><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+  }
+}
+
 void launch_skinny_tiles(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, int64_t c_chunk, int64_t zstride) {
   switch (skinny_tile_cols(a.J + (a.ones_col ? 1 : 0))) {
     case 16:
-      skinny_kernel<16><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+      launch_skinny_tj<16>(grid, stream, a, c_chunk, zstride);
       break;
     case 32:
-      skinny_kernel<32><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+      launch_skinny_tj<32>(grid, stream, a, c_chunk, zstride);
       break;
     default:
-      skinny_kernel<64><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
+      launch_skinny_tj<64>(grid, stream, a, c_chunk, zstride);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -39,11 +53,12 @@ void launch_skinny_tiles(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, in
 void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
-  const int64_t gx = ceil_div(a.R, skinny_tile_rows(JT)), gy = ceil_div(JT, skinny_tile_cols(JT));
+  const bool mma = skinny_uses_mma(a);
+  const int64_t gx = ceil_div(a.R, skinny_tile_rows(JT, mma)), gy = ceil_div(JT, skinny_tile_cols(JT));
   TORCH_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, "lora_kernels: low-rank problem too large: R=", a.R,
               " J=", JT);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, num_sms);
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, num_sms, mma);
   TORCH_CHECK(sp.splits >= 1 && sp.splits <= 65535, "lora_kernels: bad reduction split: ", sp.splits);
   if (sp.splits == 1) {
     launch_skinny_tiles(dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), stream, a, a.C, 0);

@@ -1,6 +1,7 @@
 // Low-rank and mask kernels of the LoRA linear (CUDA cores, fp32 accumulation).
 //
-// Two generic kernels cover every low-rank product of forward and backward; operands are read
+// Two generic kernels cover every low-rank product of forward and backward (skinny with tensor cores
+// when X is 16-bit: A is then rounded to X's dtype, as the Triton kernels do); operands are read
 // through (row, column) element strides, so transposed views and strided x need no copies:
 //   skinny:  out[i, j] = alpha · Σ_c X(i, c) · mask(i, c) · A(j, c)          (fp32 out, j < J [+1])
 //   expand:  out[i, n] = (alpha · (Σ_j T[i, j] · B(n, j) + v1[n]) + v2[n]) · mask(i, n)

@@ -7,8 +7,12 @@ CUTLASS GEMMs as plain loops, over odd shapes (M, K, N ∈ {1…72}, r ∈ {1, 1
 1030–1100), strided and column-major x, p ∈ {0, 0.3}, saved and regenerated masks, fp32, bf16 x with
 fp32 adapters and fp16 storage, the backward's reductions split over blockIdx.z (the launcher's own
 plan), and checks T, y, the bits, dT, dA, dB, dlora_bias and dX against float64 (the bits exactly).
-What it cannot cover: the CUTLASS/cuBLAS GEMMs and real concurrency between blocks: those wait for a
-GPU (tests/test_cuda_backend.py).
+The 16-bit cases take the tensor-core skinny kernel, whose WMMA calls run on a host emulation of the
+API (``tests/cuda_emu/wmma_emu.h``, which also checks its alignment and leading-dimension rules); the
+16-bit results are checked with an elementwise rounding bound (3u·Σ|terms|). The fused forward's and
+p = 0 dX's decompositions (pack kernel, then one GEMM over a concatenated K, here a loop) are checked
+too. What it cannot cover: the CUTLASS/cuBLAS GEMMs, the real WMMA fragment hardware and real
+concurrency between blocks: those wait for a GPU (tests/test_cuda_backend.py).
 """
 
 from __future__ import annotations

@@ -20,12 +20,15 @@
 #include <cstdint>
 #include <random>
 #include <cstring>
+#include <atomic>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "lowrank.h"
 #include "philox.cuh"
+#include "wmma_emu.h"
 #undef __global__
 #undef __shared__
 #undef __launch_bounds__
@@ -38,6 +41,11 @@ D3 blockDim{256, 1, 1};
 std::barrier<>* g_bar;
 #define __syncthreads() g_bar->arrive_and_wait()
 int fails = 0;
+std::atomic<int> g_wmma_fails{0};
+void wmma_emu_fail(const char* what) {
+  if (g_wmma_fails++ == 0) printf("  FAIL %s\n", what);
+}
+bool wmma_emu_lane0() { return threadIdx.x % 32 == 0; }
 namespace lora_kernels {
 namespace {
 #include "lowrank_kernels.cuh"
@@ -75,14 +83,28 @@ int g_skinny_launches = 0, g_split_launches = 0;
 void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
-  const int64_t gx = cdiv(a.R, skinny_tile_rows(JT)), gy = cdiv(JT, skinny_tile_cols(JT));
+  const int64_t gx = cdiv(a.R, skinny_tile_rows(JT, a.xt == kBF16 || a.xt == kF16)), gy = cdiv(JT, skinny_tile_cols(JT));
   const int tj = skinny_tile_cols(JT);
-  auto kernel = [tj](const SkinnyArgs& args, int64_t chunk, int64_t zstride) {
-    if (tj == 16) skinny_kernel<16>(args, chunk, zstride);
-    else if (tj == 32) skinny_kernel<32>(args, chunk, zstride);
-    else skinny_kernel<64>(args, chunk, zstride);
+  // As lowrank.cu: the tensor-core kernel for 16-bit X, else the FMA kernel.
+  const bool mma = a.xt == kBF16 || a.xt == kF16;
+  auto kernel = [tj, mma, xt = a.xt](const SkinnyArgs& args, int64_t chunk, int64_t zstride) {
+    if (mma && xt == kBF16) {
+      if (tj == 16) skinny_mma_kernel<16, __nv_bfloat16>(args, chunk, zstride);
+      else if (tj == 32) skinny_mma_kernel<32, __nv_bfloat16>(args, chunk, zstride);
+      else skinny_mma_kernel<64, __nv_bfloat16>(args, chunk, zstride);
+    } else if (mma) {
+      if (tj == 16) skinny_mma_kernel<16, __half>(args, chunk, zstride);
+      else if (tj == 32) skinny_mma_kernel<32, __half>(args, chunk, zstride);
+      else skinny_mma_kernel<64, __half>(args, chunk, zstride);
+    } else if (tj == 16) {
+      skinny_kernel<16>(args, chunk, zstride);
+    } else if (tj == 32) {
+      skinny_kernel<32>(args, chunk, zstride);
+    } else {
+      skinny_kernel<64>(args, chunk, zstride);
+    }
   };
-  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, g_split_min_c);
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, mma, g_split_min_c);
   ++g_skinny_launches;
   if (sp.splits == 1) {
     launch(gx, gy, 1, kThreads, [&] { kernel(a, a.C, 0); });
@@ -186,16 +208,20 @@ void cmp(const char* what, const std::vector<double>& ref, const std::function<d
 // fp32 sum, the result rounded once: |got - ref| ≤ 3u·Σ|terms| per element. absum holds Σ|terms| (the
 // products of the unrounded operands); max-normalised checks are too loose on small outputs and too
 // tight where a few large terms cancel.
-void cmp_terms(const char* what, const std::vector<double>& ref, const std::vector<double>& got,
+void cmp_terms(const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got,
                const std::vector<double>& absum, double u) {
   for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = std::fabs(ref[i] - got[i]);
+    const double g = got(i), d = std::fabs(ref[i] - g);
     if (!(d <= 3 * u * absum[i] + 1e-6)) {
-      printf("  FAIL %s at %zu: got %g want %g (sum of |terms| %g)\n", what, i, got[i], ref[i], absum[i]);
+      printf("  FAIL %s at %zu: got %g want %g (sum of |terms| %g)\n", what, i, g, ref[i], absum[i]);
       ++fails;
       return;
     }
   }
+}
+void cmp_terms(const char* what, const std::vector<double>& ref, const std::vector<double>& got,
+               const std::vector<double>& absum, double u) {
+  cmp_terms(what, ref, [&](int64_t i) { return got[i]; }, absum, u);
 }
 
 // x layout: 0 = row-major padded (ld = K + 3), 1 = column-major, 2 = stride-2 inner
@@ -246,11 +272,24 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
       y.add(m * N + n, acc);
     }
   }
-  std::vector<double> Tref(M * r), yref(M * N);
+  std::vector<double> Tref(M * r), Tabs(M * r), yref(M * N);
   for (int64_t m = 0; m < M; ++m) for (int64_t j = 0; j < r; ++j) {
-    double acc = 0; for (int64_t k = 0; k < K; ++k) acc += X(m, k) * keep(m, k) * A[j * K + k];
+    double acc = 0, mag = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      acc += X(m, k) * keep(m, k) * A[j * K + k];
+      mag += std::fabs(X(m, k) * keep(m, k) * A[j * K + k]);
+    }
     Tref[m * r + j] = acc;
+    Tabs[m * r + j] = mag;
   }
+  // 16-bit X takes the tensor-core kernels, which round the second operand (A, B, T or dT) to X's
+  // dtype: an elementwise bound with that unit roundoff. fp32 X: the FMA kernels, fp32 throughout.
+  const double u16 = g_store == kBF16 ? 0x1p-8 : 0x1p-11;
+  auto cmp_skinny = [&](const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got,
+                        const std::vector<double>& absum) {
+    if (g_store == kF32) cmp(what, ref, got, 1e-4);
+    else cmp_terms(what, ref, got, absum, u16);
+  };
   for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
     double base = bias[n]; for (int64_t k = 0; k < K; ++k) base += X(m, k) * W[n * K + k];
     double lr = lb[n]; for (int64_t j = 0; j < r; ++j) lr += Tref[m * r + j] * B[n * r + j];
@@ -260,7 +299,7 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     T[(M * r) / 2] += 1.0f;
     if (bits.size()) bits[bits.size() / 2] ^= 1;
   }
-  cmp("T", Tref, [&](int64_t i) { return T[i]; }, 1e-4);
+  cmp_skinny("T", Tref, [&](int64_t i) { return T[i]; }, Tabs);
   cmp("y", yref, [&](int64_t i) { return y.get(i); }, out_tol);
   if (bits.size()) {
     for (int64_t m = 0; m < M; ++m) for (int64_t g = 0; g < G; ++g) {
@@ -355,20 +394,39 @@ done_bits:
     }
   }
   std::vector<double> dTr(M * r), dAr(r * K), dBr(N * r), dlbr(N), dxr(M * K);
+  std::vector<double> dTabs(M * r), dAabs(r * K), dBabs(N * r), dlbabs(N);  // error budgets, as Tabs
   for (int64_t m = 0; m < M; ++m) for (int64_t j = 0; j < r; ++j) {
-    double acc = 0; for (int64_t n = 0; n < N; ++n) acc += (double)dy[m * N + n] * B[n * r + j];
+    double acc = 0, mag = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      acc += (double)dy[m * N + n] * B[n * r + j];
+      mag += std::fabs((double)dy[m * N + n] * B[n * r + j]);
+    }
     dTr[m * r + j] = s * acc;
+    dTabs[m * r + j] = s * mag;
   }
+  // dA and dB multiply the kernels' own dT and T: their budgets carry those tensors' budgets.
   for (int64_t j = 0; j < r; ++j) for (int64_t k = 0; k < K; ++k) {
-    double acc = 0; for (int64_t m = 0; m < M; ++m) acc += dTr[m * r + j] * X(m, k) * keep(m, k);
+    double acc = 0, mag = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      acc += dTr[m * r + j] * X(m, k) * keep(m, k);
+      mag += (std::fabs(dTr[m * r + j]) + dTabs[m * r + j]) * std::fabs(X(m, k) * keep(m, k));
+    }
     dAr[j * K + k] = acc;
+    dAabs[j * K + k] = mag;
   }
   for (int64_t n = 0; n < N; ++n) {
-    double sl = 0; for (int64_t m = 0; m < M; ++m) sl += dy[m * N + n];
+    double sl = 0, sla = 0;
+    for (int64_t m = 0; m < M; ++m) { sl += dy[m * N + n]; sla += std::fabs(dy[m * N + n]); }
     dlbr[n] = s * sl;
+    dlbabs[n] = s * sla;
     for (int64_t j = 0; j < r; ++j) {
-      double acc = 0; for (int64_t m = 0; m < M; ++m) acc += (double)dy[m * N + n] * Tref[m * r + j];
+      double acc = 0, mag = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        acc += (double)dy[m * N + n] * Tref[m * r + j];
+        mag += std::fabs((double)dy[m * N + n]) * (std::fabs(Tref[m * r + j]) + Tabs[m * r + j]);
+      }
       dBr[n * r + j] = s * acc;
+      dBabs[n * r + j] = s * mag;
     }
   }
   for (int64_t m = 0; m < M; ++m) for (int64_t k = 0; k < K; ++k) {
@@ -404,10 +462,10 @@ done_bits:
     cmp_terms("dx fused", dxr, dxf2, absum, ot == kBF16 ? 0x1p-8 : 0x1p-11);
   }
   if (g_selftest) dT[(M * r) / 2] += 1.0f;
-  cmp("dT", dTr, [&](int64_t i) { return dT[i]; }, 1e-4);
-  cmp("dA", dAr, [&](int64_t i) { int64_t j = i / K, k = i % K; return dAt[k * r + j]; }, 1e-4);
-  cmp("dB", dBr, [&](int64_t i) { int64_t n = i / r, j = i % r; return dBx[n * (r + 1) + j]; }, 1e-4);
-  cmp("dlb", dlbr, [&](int64_t n) { return dBx[n * (r + 1) + r]; }, 1e-4);
+  cmp_skinny("dT", dTr, [&](int64_t i) { return dT[i]; }, dTabs);
+  cmp_skinny("dA", dAr, [&](int64_t i) { int64_t j = i / K, k = i % K; return dAt[k * r + j]; }, dAabs);
+  cmp_skinny("dB", dBr, [&](int64_t i) { int64_t n = i / r, j = i % r; return dBx[n * (r + 1) + j]; }, dBabs);
+  cmp_skinny("dlb", dlbr, [&](int64_t n) { return dBx[n * (r + 1) + r]; }, dlbabs);
   cmp("dx", dxr, [&](int64_t i) { return dx.get(i); }, out_tol);
 }
 
@@ -433,12 +491,16 @@ int main(int argc, char** argv) {
               if ((M + K + N + r + xl) % 3) continue;  // subsample to keep it quick
               one(M, K, N, r, p, xl);
             }
-  // 16-bit storage: bf16 x with fp32 adapters (PEFT's default) and fp16 everywhere, on a subset.
+  // 16-bit storage: bf16 x with fp32 adapters (PEFT's default) and fp16 everywhere, on a subset. These
+  // take the tensor-core skinny kernels (column tiles 16/32/64 at r = 1/16, 24, 40/65); the last shapes
+  // span several 128-row blocks (M = 300 for T and dT, K = 200 and N = 260 for dAᵀ and dB).
   for (DType st : {kBF16, kF16}) {
     g_store = st;
     g_adapter = st == kBF16 ? kF32 : kF16;
-    for (int64_t r : {1, 16, 65})
+    for (int64_t r : {1, 16, 24, 40, 65})
       for (int xl : {0, 1, 2}) one(37 + 33 * (xl == 2), 72, 40 + 30 * (r == 16), r, xl == 1 ? 0.0 : 0.3, xl);
+    one(300, 200, 260, 16, 0.3, 0);
+    one(300, 200, 260, 40, 0.0, 1);
   }
   g_store = g_adapter = kF32;
   // The launcher's plan as it is (min_c = kSplitMinC): long reductions over M (dB, dAᵀ) and over
@@ -449,5 +511,6 @@ int main(int argc, char** argv) {
     one(40, 1100, 1030, 16, xl == 1 ? 0.0 : 0.3, xl);
   }
   printf("split path: %d of %d skinny launches, in %d of %d cases\n", g_split_launches, g_skinny_launches, n_split, n);
+  fails += g_wmma_fails.load();
   printf("%d cases, %d failures\n", n, fails);
 }
