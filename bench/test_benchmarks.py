@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench import _impls
-from bench.lora_linear import PRESETS, Config
+from bench.lora_linear import GPU_IMPLS, PRESETS, Config
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU (none on this machine)"
@@ -28,16 +28,9 @@ CONFIGS = [
     Config(m, k, n, r, p) for (k, n) in _Q["shapes"] for m in _Q["m"] for r in _Q["ranks"] for p in _Q["dropout"]
 ]
 CONFIGS += _Q["extra"]
-IMPLS = (
-    "cublas",
-    "naive",
-    "triton-bitmask",
-    "triton-1pass",
-    "triton-regen",
-    "cuda-bitmask",
-    "cuda-expand",
-    "cuda-regen",
-)
+# The benchmark's GPU rows but peft and compile: this suite tracks our kernels against the floor and
+# naive; the peft and compile rows stay in `python -m bench.lora_linear`.
+IMPLS = tuple(name for name in GPU_IMPLS if name not in ("peft", "compile"))
 
 
 def _cfg_id(c: Config) -> str:

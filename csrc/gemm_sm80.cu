@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include "cutlass/cutlass.h"
+#include "cutlass_run.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/device/gemm_universal.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
@@ -40,19 +41,7 @@ struct Sm80Gemm {
     const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
     typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K}, 1, {1.0f, 1.0f}, p.a,
                                   p.b, p.out, p.out, 0, 0, 0, 0, p.lda, p.ldb, p.ldo, p.ldo);
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    size_t ws_size = Gemm::get_workspace_size(args);
-    at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)},
-                              at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-    cutlass::Status st = gemm.initialize(args, ws_size ? ws.data_ptr() : nullptr, stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm80 GEMM initialize failed: ",
-                cutlass::cutlassGetStatusString(st));
-    st = gemm.run(stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm80 GEMM launch failed: ",
-                cutlass::cutlassGetStatusString(st));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    return run_cutlass_gemm<Gemm>(args, device, stream, "sm80");
   }
 };
 

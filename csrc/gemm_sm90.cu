@@ -24,6 +24,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "sm90_concat_k.hpp"
+#include "cutlass_run.h"
 #endif
 
 namespace lora_kernels {
@@ -42,31 +43,69 @@ namespace {
 
 using namespace cute;
 
-template <typename Element, typename LayoutB>
-struct Sm90Gemm {
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutC = cutlass::layout::RowMajor;
+template <class Mainloop>
+using StockMainloop = Mainloop;
+
+// Strides of a matrix of `rows` × `cols` with leading dimension ld: the packed stride fixes the static
+// unit stride, then the leading dimension is set from the tensor. A, C, D: row-major. B seen as
+// (N, K): K contiguous (ColumnMajor, W[n, k]) or N contiguous (RowMajor, b[k, n]).
+template <class Stride>
+Stride row_major_stride(int rows, int cols, int64_t ld) {
+  Stride st = cutlass::make_cute_packed_stride(Stride{}, cute::make_shape(rows, cols, 1));
+  get<0>(st) = ld;
+  return st;
+}
+template <class Stride, class LayoutB>
+Stride b_stride(int n, int k, int64_t ld) {
+  Stride st = cutlass::make_cute_packed_stride(Stride{}, cute::make_shape(n, k, 1));
+  if constexpr (std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>) {
+    get<0>(st) = ld;
+  } else {
+    get<1>(st) = ld;
+  }
+  return st;
+}
+
+cutlass::KernelHardwareInfo hw_info(int device) {
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return hw;
+}
+
+// The configuration both Hopper kernels share: 128×256×64 tiles with a 1×1 cluster (the shape the
+// ANCHORS measurement found best for Triton's TMA kernel on these problem sizes; no cluster, so any
+// M, N is legal without multicast edge cases), a TMA warp-specialized cooperative persistent kernel,
+// A and D row-major. ElementC = void: an epilogue without a source (D = acc). WrapMainloop turns the
+// stock collective into the one the kernel runs.
+template <typename Element, typename LayoutB, typename ElementC, template <class> class WrapMainloop>
+struct Sm90Kernel {
+  using Layout = cutlass::layout::RowMajor;
   static constexpr int kAlign = 16 / sizeof(Element);
-  // 128×256×64 with a 1×1 cluster: the shape the ANCHORS measurement found best for Triton's TMA
-  // kernel on these problem sizes; no cluster so that any M, N is legal without multicast edge cases.
   using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<_1, _1, _1>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutC, kAlign, Element,
-      LayoutC, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, Layout, kAlign, Element, Layout,
+      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
+  using CollectiveMainloop = WrapMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, Layout, kAlign, Element, LayoutB, kAlign,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// out += a·op(b): epilogue D = acc + C with C = D = out.
+template <typename Element, typename LayoutB>
+struct Sm90Gemm {
+  using Gemm = typename Sm90Kernel<Element, LayoutB, Element, StockMainloop>::Gemm;
 
   static bool run(const GemmProblem& p, int device, cudaStream_t stream) {
     using StrideA = typename Gemm::GemmKernel::StrideA;
@@ -74,23 +113,11 @@ struct Sm90Gemm {
     using StrideC = typename Gemm::GemmKernel::StrideC;
     using StrideD = typename Gemm::GemmKernel::StrideD;
     const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
-    // Packed strides fix the static unit stride; the leading dimension is then set from the tensor.
-    StrideA sA = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1));
-    StrideB sB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1));
-    StrideC sC = cutlass::make_cute_packed_stride(StrideC{}, cute::make_shape(M, N, 1));
-    StrideD sD = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
-    get<0>(sA) = p.lda;  // A (M, K): row stride
-    if constexpr (std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>) {
-      get<0>(sB) = p.ldb;  // B seen as (N, K) with K contiguous: W[n, k]
-    } else {
-      get<1>(sB) = p.ldb;  // B seen as (N, K) with N contiguous: W[k_gemm, n_gemm] row-major
-    }
-    get<0>(sC) = p.ldo;
-    get<0>(sD) = p.ldo;
-
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = device;
-    hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    const StrideA sA = row_major_stride<StrideA>(M, K, p.lda);
+    const StrideB sB = b_stride<StrideB, LayoutB>(N, K, p.ldb);
+    const StrideC sC = row_major_stride<StrideC>(M, N, p.ldo);
+    const StrideD sD = row_major_stride<StrideD>(M, N, p.ldo);
+    const cutlass::KernelHardwareInfo hw = hw_info(device);
 
     using E = typename Gemm::ElementA;
     using O = typename Gemm::ElementD;
@@ -99,47 +126,16 @@ struct Sm90Gemm {
                                   {static_cast<const E*>(p.a), sA, static_cast<const E*>(p.b), sB},
                                   {{1.0f, 1.0f}, static_cast<const O*>(p.out), sC, static_cast<O*>(p.out), sD},
                                   hw};
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    size_t ws_size = Gemm::get_workspace_size(args);
-    at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)},
-                              at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-    cutlass::Status st = gemm.initialize(args, ws_size ? ws.data_ptr() : nullptr, stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm90 GEMM initialize failed: ",
-                cutlass::cutlassGetStatusString(st));
-    st = gemm.run(stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm90 GEMM launch failed: ",
-                cutlass::cutlassGetStatusString(st));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    return run_cutlass_gemm<Gemm>(args, device, stream, "sm90");
   }
 };
 
+// out = [a | t]·[op(b) ; op(l)] (sm90_concat_k.hpp), written without reading C.
 template <typename Element, typename LayoutB>
 struct Sm90ConcatKGemm {
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlign = 16 / sizeof(Element);
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-
-  // void C: the epilogue neither allocates nor loads a source; D = acc (alpha = 1).
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, Element, LayoutD,
-      kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using StockMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using CollectiveMainloop = Sm90ConcatKMainloop<StockMainloop>;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Config = Sm90Kernel<Element, LayoutB, void, Sm90ConcatKMainloop>;
+  using CollectiveMainloop = typename Config::CollectiveMainloop;
+  using Gemm = typename Config::Gemm;
 
   static bool run(const ConcatKProblem& p, int device, cudaStream_t stream) {
     using StrideA = typename Gemm::GemmKernel::StrideA;
@@ -150,25 +146,12 @@ struct Sm90ConcatKGemm {
               R = static_cast<int>(p.R);
     constexpr int kBlkK = 64;
     const int k_total = ((K + kBlkK - 1) / kBlkK + (R + kBlkK - 1) / kBlkK) * kBlkK;
-    StrideA sA = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1));
-    StrideB sB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1));
-    StrideA sT = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, R, 1));
-    StrideB sL = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, R, 1));
-    StrideD sD = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
-    get<0>(sA) = p.lda;
-    get<0>(sT) = p.ldt;
-    if constexpr (std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>) {
-      get<0>(sB) = p.ldb;  // b (N, K), K contiguous
-      get<0>(sL) = p.ldl;
-    } else {
-      get<1>(sB) = p.ldb;  // b (K, N) row-major: N contiguous
-      get<1>(sL) = p.ldl;
-    }
-    get<0>(sD) = p.ldo;
-
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = device;
-    hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    const StrideA sA = row_major_stride<StrideA>(M, K, p.lda);
+    const StrideB sB = b_stride<StrideB, LayoutB>(N, K, p.ldb);
+    const StrideA sT = row_major_stride<StrideA>(M, R, p.ldt);
+    const StrideB sL = b_stride<StrideB, LayoutB>(N, R, p.ldl);
+    const StrideD sD = row_major_stride<StrideD>(M, N, p.ldo);
+    const cutlass::KernelHardwareInfo hw = hw_info(device);
 
     using E = typename Gemm::ElementA;
     using O = typename Gemm::ElementD;
@@ -180,19 +163,7 @@ struct Sm90ConcatKGemm {
                                   mainloop,
                                   {{1.0f, 0.0f}, nullptr, StrideC{}, static_cast<O*>(p.out), sD},
                                   hw};
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    size_t ws_size = Gemm::get_workspace_size(args);
-    at::Tensor ws = at::empty({static_cast<int64_t>(ws_size)},
-                              at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-    cutlass::Status st = gemm.initialize(args, ws_size ? ws.data_ptr() : nullptr, stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm90 fused GEMM initialize failed: ",
-                cutlass::cutlassGetStatusString(st));
-    st = gemm.run(stream);
-    TORCH_CHECK(st == cutlass::Status::kSuccess, "lora_kernels: CUTLASS sm90 fused GEMM launch failed: ",
-                cutlass::cutlassGetStatusString(st));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    return run_cutlass_gemm<Gemm>(args, device, stream, "sm90 fused");
   }
 };
 
@@ -200,28 +171,28 @@ struct Sm90ConcatKGemm {
 
 bool sm90_kernels_compiled() { return true; }
 
+namespace {
+// G<element, B layout>::run(p, ...) for p's dtype and B layout (fp16/bf16 × K-major/N-major b).
+template <template <typename, typename> class G, class Problem>
+bool dispatch_sm90(const Problem& p, int device, cudaStream_t stream) {
+  using Col = cutlass::layout::ColumnMajor;  // b (N, K) row-major == (K, N) column-major
+  using Row = cutlass::layout::RowMajor;     // b (K, N) row-major
+  if (p.dtype == GemmDtype::kBF16) {
+    return p.b_kmajor ? G<cutlass::bfloat16_t, Col>::run(p, device, stream)
+                      : G<cutlass::bfloat16_t, Row>::run(p, device, stream);
+  }
+  return p.b_kmajor ? G<cutlass::half_t, Col>::run(p, device, stream) : G<cutlass::half_t, Row>::run(p, device, stream);
+}
+}  // namespace
+
 bool gemm_concat_k_sm90(const ConcatKProblem& p, int device, cudaStream_t stream) {
   if (!concat_k_aligned(p) || p.M > INT32_MAX || p.N > INT32_MAX || p.K + p.R + 128 > INT32_MAX) return false;
-  using Col = cutlass::layout::ColumnMajor;
-  using Row = cutlass::layout::RowMajor;
-  if (p.dtype == GemmDtype::kBF16) {
-    return p.b_kmajor ? Sm90ConcatKGemm<cutlass::bfloat16_t, Col>::run(p, device, stream)
-                      : Sm90ConcatKGemm<cutlass::bfloat16_t, Row>::run(p, device, stream);
-  }
-  return p.b_kmajor ? Sm90ConcatKGemm<cutlass::half_t, Col>::run(p, device, stream)
-                    : Sm90ConcatKGemm<cutlass::half_t, Row>::run(p, device, stream);
+  return dispatch_sm90<Sm90ConcatKGemm>(p, device, stream);
 }
 
 bool gemm_accumulate_sm90(const GemmProblem& p, int device, cudaStream_t stream) {
   if (!gemm_aligned(p) || p.M > INT32_MAX || p.N > INT32_MAX || p.K > INT32_MAX) return false;
-  using Col = cutlass::layout::ColumnMajor;
-  using Row = cutlass::layout::RowMajor;
-  if (p.dtype == GemmDtype::kBF16) {
-    return p.b_kmajor ? Sm90Gemm<cutlass::bfloat16_t, Col>::run(p, device, stream)
-                      : Sm90Gemm<cutlass::bfloat16_t, Row>::run(p, device, stream);
-  }
-  return p.b_kmajor ? Sm90Gemm<cutlass::half_t, Col>::run(p, device, stream)
-                    : Sm90Gemm<cutlass::half_t, Row>::run(p, device, stream);
+  return dispatch_sm90<Sm90Gemm>(p, device, stream);
 }
 
 #else  // no sm_90a target in this build

@@ -99,6 +99,26 @@ bool concat_k_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// The up-projection operands of expand/pack: T (rows, r) fp32 contiguous; B(n, j) = b[n, j] for the
+// forward (lora_B, b_nj = true) or b[j, n] for dX (lora_A, b_nj = false); the optional biases.
+UpOperands up_operands(const at::Tensor& t, const at::Tensor& b, bool b_nj, const std::optional<at::Tensor>& v1,
+                       const std::optional<at::Tensor>& v2) {
+  UpOperands op{};
+  op.t = t.data_ptr<float>();
+  op.ldt = t.size(1);
+  op.b = b.data_ptr();
+  op.sbn = b.stride(b_nj ? 0 : 1);
+  op.sbj = b.stride(b_nj ? 1 : 0);
+  op.bt = dtype_of(b);
+  op.v1 = v1 ? v1->data_ptr() : nullptr;
+  op.sv1 = v1 ? v1->stride(0) : 0;  // strided views are legal (e.g. b[::2])
+  op.v1t = v1 ? dtype_of(*v1) : kF32;
+  op.v2 = v2 ? v2->data_ptr() : nullptr;
+  op.sv2 = v2 ? v2->stride(0) : 0;
+  op.v2t = v2 ? dtype_of(*v2) : kF32;
+  return op;
+}
+
 // Whether the concatenated-K GEMM may run for x's dtype and device under the pinned GEMM mode.
 bool concat_k_eligible(const at::Tensor& x) {
   const auto st = x.scalar_type();
@@ -109,55 +129,31 @@ bool concat_k_eligible(const at::Tensor& x) {
   return prop->major == 9 && prop->minor == 0 && sm90_kernels_compiled();
 }
 
-// The fused forward (see the top of this file): y = [x | t]·[W | l]ᵀ on the Hopper concatenated-K
-// GEMM. Returns false where that kernel cannot take the problem (having launched nothing, unless
-// can_implement refuses after the pack: then with a warning); the caller then runs the expand path.
-bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, const at::Tensor& T,
-                   double scaling, at::Tensor& y) {
-  const auto st = x.scalar_type();
-  if (!concat_k_enabled() || !concat_k_eligible(x) || x.stride(1) != 1 || weight.stride(1) != 1) return false;
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_B.size(1);
-  const int64_t R = (r + (lora_bias ? 1 : 0) + (bias ? 1 : 0) + 7) / 8 * 8;
-  auto opts = x.options();
-  at::Tensor t = at::empty({M, R}, opts);
-  at::Tensor l = at::empty({N, R}, opts);
-  ConcatKProblem prob{st == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
-                      /*b_kmajor=*/true,
-                      M, N, K, R,
-                      x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
-                      t.data_ptr(), R, l.data_ptr(), R,
-                      y.data_ptr(), y.stride(0)};
+// out (M×N) = a (M×K)·op(b) + t·op(l) on the Hopper concatenated-K GEMM, with t (M×R) and l packed
+// from pk (whose M, N, J, R, ot and l_by_rank the caller sets; its outputs are allocated here).
+// b_kmajor: b is (N, K) (forward) or (K, N) (dX). Returns false where that kernel cannot take the
+// problem, having launched nothing; or, if can_implement refuses after the pack (a broken contract:
+// the result stays right, the pack's work is lost), with a one-time warning. The caller then runs
+// the expand path.
+bool run_concat_k(const at::Tensor& a, const at::Tensor& b, bool b_kmajor, PackArgs pk, at::Tensor& out,
+                  const char* what) {
+  if (!concat_k_enabled() || !concat_k_eligible(a) || a.stride(1) != 1 || b.stride(1) != 1) return false;
+  const int64_t M = pk.M, N = out.size(1), K = a.size(1), R = pk.R;
+  at::Tensor t = at::empty({M, R}, a.options());
+  at::Tensor l = pk.l_by_rank ? at::empty({R, pk.N}, a.options()) : at::empty({pk.N, R}, a.options());
+  ConcatKProblem prob{a.scalar_type() == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
+                      b_kmajor, M, N, K, R,
+                      a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0),
+                      t.data_ptr(), R, l.data_ptr(), l.stride(0),
+                      out.data_ptr(), out.stride(0)};
   if (!concat_k_aligned(prob) || M > INT32_MAX || N > INT32_MAX) return false;
-  const int dev = x.get_device();
+  const int dev = a.get_device();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev);
-  PackArgs pk{};
-  pk.t = T.data_ptr<float>();
-  pk.ldt = r;
-  pk.b = lora_B.data_ptr();
-  pk.sbn = lora_B.stride(0);
-  pk.sbj = lora_B.stride(1);
-  pk.bt = dtype_of(lora_B);
-  pk.v1 = lora_bias ? lora_bias->data_ptr() : nullptr;
-  pk.sv1 = lora_bias ? lora_bias->stride(0) : 0;
-  pk.v1t = lora_bias ? dtype_of(*lora_bias) : kF32;
-  pk.v2 = bias ? bias->data_ptr() : nullptr;
-  pk.sv2 = bias ? bias->stride(0) : 0;
-  pk.v2t = bias ? dtype_of(*bias) : kF32;
-  pk.M = M;
-  pk.N = N;
-  pk.J = r;
-  pk.R = R;
-  pk.alpha = static_cast<float>(scaling);
-  pk.ot = dtype_of(x);
-  pk.l_by_rank = false;
   pk.t_out = t.data_ptr();
   pk.l_out = l.data_ptr();
   launch_pack_concat(pk, stream);
-  // can_implement() refusing an aligned problem would break the kernel's contract: the result is
-  // still right (the caller takes the expand path; the pack's work is lost), but say so once.
   if (!gemm_concat_k_sm90(prob, dev, stream)) {
-    TORCH_WARN_ONCE("lora_kernels: the sm90 concatenated-K GEMM refused an aligned forward problem (M=", M,
+    TORCH_WARN_ONCE("lora_kernels: the sm90 concatenated-K GEMM refused an aligned ", what, " problem (M=", M,
                     " N=", N, " K=", K, " R=", R, "); falling back to the expand path. Please report it.");
     return false;
   }
@@ -165,51 +161,40 @@ bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return true;
 }
 
+// The fused forward (see the top of this file): y = [x | t]·[W | l]ᵀ with t = [s·T | 1 | 1] and
+// l = [B | s·lora_bias | bias]. False: take the expand path (run_concat_k).
+bool fused_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, const at::Tensor& T,
+                   double scaling, at::Tensor& y) {
+  const int64_t r = lora_B.size(1);
+  PackArgs pk{};
+  pk.op = up_operands(T, lora_B, /*b_nj=*/true, lora_bias, bias);
+  pk.M = x.size(0);
+  pk.N = weight.size(0);
+  pk.J = r;
+  pk.R = (r + (lora_bias ? 1 : 0) + (bias ? 1 : 0) + 7) / 8 * 8;
+  pk.alpha = static_cast<float>(scaling);
+  pk.ot = dtype_of(x);
+  pk.l_by_rank = false;
+  return run_concat_k(x, weight, /*b_kmajor=*/true, pk, y, "forward");
+}
+
 // dX at p = 0 in one GEMM: dX = [dY | dT]·[W ; A] (no dropout mask to apply to the low-rank part
-// alone, so it can share the accumulators). Returns false where the concatenated-K kernel cannot
-// take the problem (as fused_forward). dx (M, K) is written, not accumulated.
+// alone, so it can share the accumulators); dx (M, K) is written, not accumulated. False: take the
+// expand path.
 bool fused_dx_no_dropout(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& dT, at::Tensor& dx) {
-  const auto st = dy.scalar_type();
-  if (!concat_k_enabled() || !concat_k_eligible(dy) || dy.stride(1) != 1 || weight.stride(1) != 1) return false;
-  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), r = lora_A.size(0);
-  const int64_t R = (r + 7) / 8 * 8;
-  auto opts = dy.options();
-  at::Tensor t = at::empty({M, R}, opts);
-  at::Tensor l = at::empty({R, K}, opts);
-  ConcatKProblem prob{st == at::kHalf ? GemmDtype::kF16 : GemmDtype::kBF16,
-                      /*b_kmajor=*/false,
-                      M, K, N, R,
-                      dy.data_ptr(), dy.stride(0), weight.data_ptr(), weight.stride(0),
-                      t.data_ptr(), R, l.data_ptr(), K,
-                      dx.data_ptr(), dx.stride(0)};
-  if (!concat_k_aligned(prob) || M > INT32_MAX || K > INT32_MAX) return false;
-  const int dev = dy.get_device();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev);
+  const int64_t r = lora_A.size(0);
   PackArgs pk{};
-  pk.t = dT.data_ptr<float>();
-  pk.ldt = r;
-  pk.b = lora_A.data_ptr();  // l(n = k, j) = A[j, k]
-  pk.sbn = lora_A.stride(1);
-  pk.sbj = lora_A.stride(0);
-  pk.bt = dtype_of(lora_A);
-  pk.M = M;
-  pk.N = K;
+  pk.op = up_operands(dT, lora_A, /*b_nj=*/false, std::nullopt, std::nullopt);  // l(k, j) = A[j, k]
+  pk.M = dy.size(0);
+  pk.N = weight.size(1);
   pk.J = r;
-  pk.R = R;
+  pk.R = (r + 7) / 8 * 8;
   pk.alpha = 1.f;
   pk.ot = dtype_of(dy);
   pk.l_by_rank = true;  // l_out (R, K): A padded with zero rows
-  pk.t_out = t.data_ptr();
-  pk.l_out = l.data_ptr();
-  launch_pack_concat(pk, stream);
-  if (!gemm_concat_k_sm90(prob, dev, stream)) {  // as in fused_forward: correct, but say so once
-    TORCH_WARN_ONCE("lora_kernels: the sm90 concatenated-K GEMM refused an aligned dX problem (M=", M,
-                    " N=", N, " K=", K, " R=", R, "); falling back to the expand path. Please report it.");
-    return false;
-  }
-  g_last_gemm_path.store(static_cast<int>(GemmBackend::kSm90Fused));
-  return true;
+  return run_concat_k(dy, weight, /*b_kmajor=*/false, pk, dx, "dX");
 }
 
 }  // namespace
@@ -279,18 +264,7 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
   if (K > 0 && fused_forward(x, weight, bias, lora_B, lora_bias, T, scaling, y)) return {y, T, bits};
 
   ExpandArgs e{};
-  e.t = T.data_ptr<float>();
-  e.ldt = r;
-  e.b = lora_B.data_ptr();
-  e.sbn = lora_B.stride(0);
-  e.sbj = lora_B.stride(1);
-  e.bt = dtype_of(lora_B);
-  e.v1 = lora_bias ? lora_bias->data_ptr() : nullptr;
-  e.sv1 = lora_bias ? lora_bias->stride(0) : 0;  // strided views are legal (e.g. b[::2])
-  e.v1t = lora_bias ? dtype_of(*lora_bias) : kF32;
-  e.v2 = bias ? bias->data_ptr() : nullptr;
-  e.sv2 = bias ? bias->stride(0) : 0;
-  e.v2t = bias ? dtype_of(*bias) : kF32;
+  e.op = up_operands(T, lora_B, /*b_nj=*/true, lora_bias, bias);
   e.R = M;
   e.N = N;
   e.J = r;
@@ -425,12 +399,7 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   if (need_dx && M > 0 && K > 0 && !(N > 0 && !dropout && fused_dx_no_dropout(dy, weight, lora_A, dT, dx))) {
     // dX = (dT · A) ⊙ mask / (1 - p), then dX += dY · W in the GEMM's epilogue.
     ExpandArgs e{};
-    e.t = dT.data_ptr<float>();
-    e.ldt = r;
-    e.b = lora_A.data_ptr();  // B(n = k, j) = A[j, k]
-    e.sbn = lora_A.stride(1);
-    e.sbj = lora_A.stride(0);
-    e.bt = dtype_of(lora_A);
+    e.op = up_operands(dT, lora_A, /*b_nj=*/false, std::nullopt, std::nullopt);  // B(k, j) = A[j, k]
     e.R = M;
     e.N = K;
     e.J = r;

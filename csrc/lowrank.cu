@@ -87,15 +87,24 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t stream) {
 
 void launch_expand(const ExpandArgs& a, cudaStream_t stream) {
   if (a.R == 0 || a.N == 0) return;
-  const int64_t gx = ceil_div(a.R, kExpandTile), gy = ceil_div(a.N, kExpandTile);
+  // Tensor cores for a 16-bit output (T and B rounded to its dtype), else the FMA kernel.
+  const bool mma = a.ot == kBF16 || a.ot == kF16;
+  const int64_t gx = ceil_div(a.R, mma ? kExpandMmaRows : kExpandTile), gy = ceil_div(a.N, kExpandTile);
   TORCH_CHECK(gx < (int64_t{1} << 31) && gy <= 65535, "lora_kernels: expand problem too large: R=", a.R,
               " N=", a.N);
-  expand_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(a);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  if (a.ot == kBF16) {
+    expand_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a);
+  } else if (a.ot == kF16) {
+    expand_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    expand_kernel<<<grid, kThreads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_pack_concat(const PackArgs& a, cudaStream_t stream) {
-  TORCH_CHECK(a.R % 8 == 0 && a.R >= a.J + (a.v1 ? 1 : 0) + (a.v2 ? 1 : 0) && (a.ot == kF16 || a.ot == kBF16),
+  TORCH_CHECK(a.R % 8 == 0 && a.R >= a.J + (a.op.v1 ? 1 : 0) + (a.op.v2 ? 1 : 0) && (a.ot == kF16 || a.ot == kBF16),
               "lora_kernels: bad pack_concat arguments: J=", a.J, " R=", a.R);
   const int64_t n = (a.M + a.N) * a.R;
   if (n == 0) return;

@@ -47,20 +47,26 @@ struct SkinnyArgs {
   int64_t ldo;
 };
 
-struct ExpandArgs {
-  const float* t;  // T (R, J) fp32, row stride ldt
+// The up-projection operands the expand and pack kernels read: T (rows, J) fp32, B(n, j) and two
+// bias vectors (N,), each through its own strides and dtype. Bias vectors are read through their
+// element stride: a bias may be a strided view (a column of a matrix, every other element), and the
+// backend contract does not make it contiguous.
+struct UpOperands {
+  const float* t;  // T (rows, J), row stride ldt
   int64_t ldt;
   const void* b;  // B(n, j) = b[n * sbn + j * sbj]
   int64_t sbn, sbj;
   DType bt;
-  // Bias vectors are read through their element stride: a bias may be a strided view (a column
-  // of a matrix, every other element), and the backend contract does not make it contiguous.
-  const void* v1;  // v1[n * sv1]: (N,) added before alpha (lora_bias) or null
+  const void* v1;  // v1[n * sv1]: added before alpha (lora_bias) or null
   int64_t sv1;
   DType v1t;
-  const void* v2;  // v2[n * sv2]: (N,) added after alpha (bias) or null
+  const void* v2;  // v2[n * sv2]: added after alpha (bias) or null
   int64_t sv2;
   DType v2t;
+};
+
+struct ExpandArgs {
+  UpOperands op;  // T is (R, J)
   int64_t R, N, J;
   float alpha;
   const uint8_t* bits;  // packed mask (R, ceil(N / 8)) or null: out = kept ? v · keep_scale : 0
@@ -79,17 +85,7 @@ struct ExpandArgs {
 // base GEMM instead of an M×N pass. dX at p = 0: t = dT, l = Aᵀ (l_by_rank: A itself, padded to R rows).
 // alpha is folded into T in fp32 before rounding to ot.
 struct PackArgs {
-  const float* t;  // T (M, J) fp32, row stride ldt
-  int64_t ldt;
-  const void* b;  // B(n, j) = b[n * sbn + j * sbj]
-  int64_t sbn, sbj;
-  DType bt;
-  const void* v1;  // v1[n * sv1] (lora_bias) or null
-  int64_t sv1;
-  DType v1t;
-  const void* v2;  // v2[n * sv2] (bias) or null
-  int64_t sv2;
-  DType v2t;
+  UpOperands op;  // T is (M, J)
   int64_t M, N, J, R;
   float alpha;
   DType ot;

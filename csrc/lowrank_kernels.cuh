@@ -17,13 +17,15 @@
 //     loop bounded by J (no FMAs on padding).
 // With 16-bit X (x or dY: every launch of a bf16/fp16 model), skinny_mma_kernel replaces the FMA
 // skinny kernel: the same loads staged as 16-bit, WMMA 16×16×16 tensor-core products (fp32
-// accumulation), 128-row tiles. The FMA kernels remain for fp32.
+// accumulation), 128-row tiles; likewise expand_mma_kernel for a 16-bit output. The FMA kernels
+// remain for fp32.
 #pragma once
 
 constexpr int kThreads = 256;
 constexpr int kTileC = 32;  // reduction slice per step (skinny: of C; expand: of J)
 constexpr int kGroupsPerSlice = kTileC / 8;
-constexpr int kExpandTile = 64;  // expand: rows and columns per block
+constexpr int kExpandTile = 64;  // expand: rows and columns per block (FMA kernel), columns (MMA)
+constexpr int kExpandMmaRows = 128;
 constexpr int kExpandStride = kExpandTile + 4;
 
 // The skinny tile for a given column count JT (see the comment at the top); the tensor-core
@@ -107,6 +109,95 @@ __device__ __forceinline__ void store_f32(void* p, int64_t idx, DType t, float v
   }
 }
 
+// (row, column) of element e of a slice tile with `rows` rows and kTileC columns. c_fast (the
+// operand's unit stride is along c): a warp takes 8 consecutive c of 4 rows, so global reads come in
+// runs along c and the stores hit 32 distinct banks in both staging layouts below; else 32
+// consecutive rows of one c.
+struct SliceCoord {
+  int i, c;
+};
+__device__ __forceinline__ SliceCoord slice_coord(int e, int rows, bool c_fast) {
+  if (!c_fast) return {e % rows, e / rows};
+  const int chunk = e / 32, lane = e % 32;
+  return {(chunk / (kTileC / 8)) * 4 + lane / 8, (chunk % (kTileC / 8)) * 8 + lane % 8};
+}
+
+// Stages slice [c0, c0 + kTileC) of both skinny operands, for rows i0 + [0, Rows) of X and
+// columns j0 + [0, Cols) of A: put_x(ii, cc, v) and put_a(jj, cc, v) store each value (0 outside
+// the problem). X values are masked but not scaled: the kernels apply 1/(1 - p) to the result.
+// Mask generation: one Philox call per (row, group of 8 columns), the bits written when write_bits.
+template <int Rows, int Cols, class PutX, class PutA>
+__device__ __forceinline__ void stage_skinny_slice(const SkinnyArgs& p, int64_t i0, int64_t j0, int64_t c0,
+                                                   bool write_bits, PutX put_x, PutA put_a) {
+  const int tid = threadIdx.x;
+  if (p.mask == SkinnyMask::kGenerate) {
+    for (int e = tid; e < Rows * kGroupsPerSlice; e += kThreads) {
+      const int ii = e / kGroupsPerSlice, gg = e % kGroupsPerSlice;
+      const int64_t i = i0 + ii, cb = c0 + 8 * gg;
+      uint32_t keep = 0;
+      if (i < p.R && cb < p.C) {
+        const int64_t g = cb / 8;
+        keep = dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(g), p.threshold) &
+               valid_bits(p.C, g);
+        if (write_bits) p.bits_out[i * p.ld_bits_out + g] = static_cast<uint8_t>(keep);
+      }
+#pragma unroll
+      for (int e8 = 0; e8 < 8; ++e8)
+        put_x(ii, 8 * gg + e8, (keep >> e8) & 1u ? load_f32(p.x, i * p.sxi + (cb + e8) * p.sxc, p.xt) : 0.f);
+    }
+  } else {
+    const bool c_fast = p.sxc == 1 || p.sxi != 1;
+    for (int e = tid; e < Rows * kTileC; e += kThreads) {
+      const SliceCoord sc = slice_coord(e, Rows, c_fast);
+      const int64_t i = i0 + sc.i, c = c0 + sc.c;
+      float v = 0.f;
+      if (i < p.R && c < p.C) {
+        v = load_f32(p.x, i * p.sxi + c * p.sxc, p.xt);
+        if (p.mask == SkinnyMask::kBitsTransposed && !((p.bits_in[c * p.ld_bits_in + (i >> 3)] >> (i & 7)) & 1u)) {
+          v = 0.f;
+        }
+      }
+      put_x(sc.i, sc.c, v);
+    }
+  }
+  const bool a_c_fast = p.sac == 1 || p.saj != 1;
+  for (int e = tid; e < Cols * kTileC; e += kThreads) {
+    const SliceCoord sc = slice_coord(e, Cols, a_c_fast);
+    const int64_t j = j0 + sc.i, c = c0 + sc.c;
+    float v = 0.f;
+    if (c < p.C) {
+      if (j < p.J) {
+        v = load_f32(p.a, j * p.saj + c * p.sac, p.at);
+      } else if (j == p.J && p.ones_col) {
+        v = 1.f;  // the extra column of ones: its output is alpha · Σ_c X(i, c)
+      }
+    }
+    put_a(sc.i, sc.c, v);
+  }
+}
+
+// What both skinny kernels share around their slice loop: the block's place, the split's columns.
+struct SkinnyBlock {
+  int64_t i0, j0, JT, c_begin, c_end;
+  bool write_bits;  // several column blocks recompute the mask; the first writes the bits (each
+                    // split over C writes those of its own whole slices)
+  float* out;
+  float scale;  // alpha, times 1/(1 - p) when X is masked (the staged values are not scaled)
+};
+__device__ __forceinline__ SkinnyBlock skinny_block(const SkinnyArgs& p, int rows, int cols, int64_t c_chunk,
+                                                   int64_t out_zstride) {
+  SkinnyBlock b;
+  b.i0 = static_cast<int64_t>(blockIdx.x) * rows;
+  b.j0 = static_cast<int64_t>(blockIdx.y) * cols;
+  b.JT = p.J + (p.ones_col ? 1 : 0);
+  b.c_begin = static_cast<int64_t>(blockIdx.z) * c_chunk;
+  b.c_end = b.c_begin + c_chunk < p.C ? b.c_begin + c_chunk : p.C;
+  b.write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
+  b.out = p.out + static_cast<int64_t>(blockIdx.z) * out_zstride;
+  b.scale = p.alpha * (p.mask == SkinnyMask::kNone ? 1.f : p.keep_scale);
+  return b;
+}
+
 // Block z reduces the columns [z · c_chunk, min(C, (z + 1) · c_chunk)) and writes to
 // p.out + z · out_zstride. Unsplit launches pass c_chunk = C (one z); split ones a multiple of
 // kTileC, so every slice lies in one split and the c < p.C guards stay the only ones needed.
@@ -118,20 +209,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int TI = Tile::TI, RM = Tile::RM, RN = Tile::RN, SX = Tile::SX, SA = Tile::SA;
   __shared__ __align__(16) float xs[kTileC][SX];  // xs[c][i]: the x slice, transposed
   __shared__ __align__(16) float as[kTileC][SA];  // as[c][j]
-  const int tid = threadIdx.x;
-  const int ti = tid / 16, tj = tid % 16;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * TJ;
-  const int64_t JT = p.J + (p.ones_col ? 1 : 0);
-  // Coalesce the tile loads along whichever index has unit stride.
-  const bool x_c_fast = p.sxc == 1 || p.sxi != 1;
-  const bool a_c_fast = p.sac == 1 || p.saj != 1;
-  // Several column blocks recompute the same mask; only the first writes the bitmask. Splits over C
-  // cover disjoint whole slices, so each writes the bits of its own columns.
-  const bool write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * c_chunk;
-  const int64_t c_end = c_begin + c_chunk < p.C ? c_begin + c_chunk : p.C;
-  float* const out = p.out + static_cast<int64_t>(blockIdx.z) * out_zstride;
+  const int ti = threadIdx.x / 16, tj = threadIdx.x % 16;
+  const SkinnyBlock blk = skinny_block(p, TI, TJ, c_chunk, out_zstride);
 
   float acc[RM][RN];
 #pragma unroll
@@ -139,73 +218,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int q = 0; q < RN; ++q) acc[a][q] = 0.f;
 
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTileC) {
-    if (p.mask == SkinnyMask::kGenerate) {
-      // One Philox call per (row, group of 8 columns).
-      for (int e = tid; e < TI * kGroupsPerSlice; e += kThreads) {
-        const int ii = e / kGroupsPerSlice, gg = e % kGroupsPerSlice;
-        const int64_t i = i0 + ii;
-        const int64_t cb = c0 + 8 * gg;
-        uint32_t keep = 0;
-        if (i < p.R && cb < p.C) {
-          const int64_t g = cb / 8;
-          keep = dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(g), p.threshold) &
-                 valid_bits(p.C, g);
-          if (write_bits) p.bits_out[i * p.ld_bits_out + g] = static_cast<uint8_t>(keep);
-        }
-#pragma unroll
-        for (int e8 = 0; e8 < 8; ++e8) {
-          float v = 0.f;
-          if ((keep >> e8) & 1u) v = load_f32(p.x, i * p.sxi + (cb + e8) * p.sxc, p.xt) * p.keep_scale;
-          xs[8 * gg + e8][ii] = v;
-        }
-      }
-    } else {
-      for (int e = tid; e < TI * kTileC; e += kThreads) {
-        // c fast: a warp reads 8 consecutive c of 4 rows (32-byte runs per row) and its transposed
-        // stores hit 32 distinct banks (SX ≡ 4 mod 32). i fast: 32 consecutive rows of one c.
-        int ii, cc;
-        if (x_c_fast) {
-          const int chunk = e / 32, lane = e % 32;
-          cc = (chunk % (kTileC / 8)) * 8 + lane % 8;
-          ii = (chunk / (kTileC / 8)) * 4 + lane / 8;
-        } else {
-          cc = e / TI;
-          ii = e % TI;
-        }
-        const int64_t i = i0 + ii, c = c0 + cc;
-        float v = 0.f;
-        if (i < p.R && c < p.C) {
-          v = load_f32(p.x, i * p.sxi + c * p.sxc, p.xt);
-          if (p.mask == SkinnyMask::kBitsTransposed) {
-            const uint32_t bit = (p.bits_in[c * p.ld_bits_in + (i >> 3)] >> (i & 7)) & 1u;
-            v = bit ? v * p.keep_scale : 0.f;
-          }
-        }
-        xs[cc][ii] = v;
-      }
-    }
-    for (int e = tid; e < TJ * kTileC; e += kThreads) {
-      int jj, cc;
-      if (a_c_fast) {
-        const int chunk = e / 32, lane = e % 32;
-        cc = (chunk % (kTileC / 8)) * 8 + lane % 8;
-        jj = (chunk / (kTileC / 8)) * 4 + lane / 8;
-      } else {
-        cc = e / TJ;
-        jj = e % TJ;
-      }
-      const int64_t j = j0 + jj, c = c0 + cc;
-      float v = 0.f;
-      if (c < p.C) {
-        if (j < p.J) {
-          v = load_f32(p.a, j * p.saj + c * p.sac, p.at);
-        } else if (j == p.J && p.ones_col) {
-          v = 1.f;
-        }
-      }
-      as[cc][jj] = v;
-    }
+  for (int64_t c0 = blk.c_begin; c0 < blk.c_end; c0 += kTileC) {
+    stage_skinny_slice<TI, TJ>(
+        p, blk.i0, blk.j0, c0, blk.write_bits, [&](int ii, int cc, float v) { xs[cc][ii] = v; },
+        [&](int jj, int cc, float v) { as[cc][jj] = v; });
     __syncthreads();
 #pragma unroll 4
     for (int cc = 0; cc < kTileC; ++cc) {
@@ -223,140 +239,95 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int a = 0; a < RM; ++a) {
-    const int64_t i = i0 + ti * RM + a;
+    const int64_t i = blk.i0 + ti * RM + a;
     if (i >= p.R) continue;
 #pragma unroll
     for (int q = 0; q < RN; ++q) {
-      const int64_t j = j0 + tj * RN + q;
-      if (j < JT) out[i * p.ldo + j] = p.alpha * acc[a][q];
+      const int64_t j = blk.j0 + tj * RN + q;
+      if (j < blk.JT) blk.out[i * p.ldo + j] = blk.scale * acc[a][q];
     }
   }
 }
 
+// WMMA tile products shared by the tensor-core kernels: acc[f] += A(rows [16w, 16w + 16), k-steps)
+// · B(k-steps, columns [16f, 16f + 16)), both staged row-major as E with LDS elements per row (B is
+// staged by its n: column-major for WMMA), then the accumulators stored to the fp32 buffer cs.
+constexpr int kMmaLds = kTileC + 8;  // staged row length (elements): 80 bytes, fragment rows 32-byte aligned
+template <int NF, typename E, typename Acc>
+__device__ __forceinline__ void mma_slice(Acc (&acc)[NF], const E* a_rows, const E* b_cols, int ksteps) {
+  namespace wmma = nvcuda::wmma;
+  for (int k = 0; k < ksteps * 16; k += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> af;
+    wmma::load_matrix_sync(af, a_rows + k, kMmaLds);
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bf;  // B(k, n) = b_cols[n * LDS + k]
+      wmma::load_matrix_sync(bf, b_cols + f * 16 * kMmaLds + k, kMmaLds);
+      wmma::mma_sync(acc[f], af, bf, acc[f]);
+    }
+  }
+}
+// Shared memory of a tensor-core kernel: the two operand tiles staged as E, Rows and Cols rows of
+// kMmaLds elements; after the last slice the same bytes hold the fp32 result, Rows × kLdc.
+template <int Rows, int Cols, typename E>
+struct MmaSmem {
+  static constexpr int kLdc = Cols + 4;  // result row length (floats): 16-byte multiple
+  static constexpr int kStage = (Rows + Cols) * kMmaLds * 2, kResult = Rows * kLdc * 4;
+  static constexpr int kBytes = kStage > kResult ? kStage : kResult;
+  static __device__ __forceinline__ E* rows(unsigned char* smem) { return reinterpret_cast<E*>(smem); }
+  static __device__ __forceinline__ E* cols(unsigned char* smem) { return rows(smem) + Rows * kMmaLds; }
+  static __device__ __forceinline__ float* result(unsigned char* smem) { return reinterpret_cast<float*>(smem); }
+};
+
+// After the last slice (the loop ended with a barrier, so the staging bytes are free): each warp
+// stores its accumulators (rows [16w, 16w + 16)) to the fp32 result, then every thread visits
+// result elements, f(row, col, value), for the kernel's epilogue.
+template <int Rows, int Cols, typename E, int NF, typename Acc, class F>
+__device__ __forceinline__ void for_each_result(const Acc (&acc)[NF], unsigned char* smem, F f) {
+  using Smem = MmaSmem<Rows, Cols, E>;
+  float* const cs = Smem::result(smem);
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < NF; ++k)
+    nvcuda::wmma::store_matrix_sync(cs + warp * 16 * Smem::kLdc + k * 16, acc[k], Smem::kLdc, nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < Rows * Cols; e += kThreads) f(e / Cols, e % Cols, cs[(e / Cols) * Smem::kLdc + e % Cols]);
+}
+
 // Tensor-core variant of skinny_kernel for 16-bit X (x or dY): the same contract and the same
-// loads, but the slices are staged as E (X's dtype; A converted to it, as the Triton path does) and
-// multiplied with WMMA 16×16×16 fragments, fp32 accumulation. At r = 64 the FMA kernel is bound by
-// the CUDA cores (M·K·r FMAs ≈ 75 µs at M = 8192, K = 4096 on an H100), several times the time of
-// reading x. Block tile 128 × TJ: warp w owns output rows [16w, 16w + 16) and all TJ columns
-// (TJ/16 accumulator fragments). The dropout scale is applied once to the result (x is staged
-// unscaled, so the kept values stay exact in E).
+// staging, but as E (X's dtype; A converted to it, as the Triton path does) and multiplied with WMMA
+// 16×16×16 fragments, fp32 accumulation. At r = 64 the FMA kernel is bound by the CUDA cores
+// (M·K·r FMAs ≈ 75 µs at M = 8192, K = 4096 on an H100), several times the time of reading x. Block
+// tile 128 × TJ: warp w owns output rows [16w, 16w + 16) and all TJ columns (TJ/16 fragments).
+// X values are exact in E (they are E already and staged unscaled).
 template <int TJ, typename E>
 __global__ void __launch_bounds__(kThreads)
     skinny_mma_kernel(const SkinnyArgs p, const int64_t c_chunk, const int64_t out_zstride) {
-  namespace wmma = nvcuda::wmma;
   static_assert(TJ == 16 || TJ == 32 || TJ == 64, "skinny column tile: 16, 32 or 64");
-  constexpr int TI = kSkinnyMmaRows, NF = TJ / 16;
-  constexpr int LDS = kTileC + 8;  // staged row length (elements): 80 bytes, fragment rows 32-byte aligned
-  constexpr int LDC = TJ + 4;      // fp32 result rows (floats)
-  constexpr int kStageBytes = (TI + TJ) * LDS * 2;
-  constexpr int kResultBytes = TI * LDC * 4;
-  // The staged operands and, after the last slice, the fp32 result share one buffer.
-  __shared__ __align__(32) unsigned char smem[kStageBytes > kResultBytes ? kStageBytes : kResultBytes];
-  E* const xs = reinterpret_cast<E*>(smem);  // xs[i * LDS + c]
-  E* const as = xs + TI * LDS;               // as[j * LDS + c]
-  float* const cs = reinterpret_cast<float*>(smem);
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * TJ;
-  const int64_t JT = p.J + (p.ones_col ? 1 : 0);
-  const bool x_c_fast = p.sxc == 1 || p.sxi != 1;
-  const bool a_c_fast = p.sac == 1 || p.saj != 1;
-  const bool write_bits = p.mask == SkinnyMask::kGenerate && p.bits_out != nullptr && blockIdx.y == 0;
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * c_chunk;
-  const int64_t c_end = c_begin + c_chunk < p.C ? c_begin + c_chunk : p.C;
-  float* const out = p.out + static_cast<int64_t>(blockIdx.z) * out_zstride;
+  constexpr int TI = kSkinnyMmaRows, NF = TJ / 16, LDS = kMmaLds;
+  using Smem = MmaSmem<TI, TJ, E>;
+  __shared__ __align__(32) unsigned char smem[Smem::kBytes];
+  E* const xs = Smem::rows(smem);  // xs[i * LDS + c]
+  E* const as = Smem::cols(smem);  // as[j * LDS + c]
+  const int warp = threadIdx.x / 32;
+  const SkinnyBlock blk = skinny_block(p, TI, TJ, c_chunk, out_zstride);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
-  for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+  for (int f = 0; f < NF; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.f);
 
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTileC) {
-    if (p.mask == SkinnyMask::kGenerate) {
-      for (int e = tid; e < TI * kGroupsPerSlice; e += kThreads) {
-        const int ii = e / kGroupsPerSlice, gg = e % kGroupsPerSlice;
-        const int64_t i = i0 + ii;
-        const int64_t cb = c0 + 8 * gg;
-        uint32_t keep = 0;
-        if (i < p.R && cb < p.C) {
-          const int64_t g = cb / 8;
-          keep = dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(g), p.threshold) &
-                 valid_bits(p.C, g);
-          if (write_bits) p.bits_out[i * p.ld_bits_out + g] = static_cast<uint8_t>(keep);
-        }
-#pragma unroll
-        for (int e8 = 0; e8 < 8; ++e8) {
-          float v = 0.f;
-          if ((keep >> e8) & 1u) v = load_f32(p.x, i * p.sxi + (cb + e8) * p.sxc, p.xt);
-          xs[ii * LDS + 8 * gg + e8] = static_cast<E>(v);
-        }
-      }
-    } else {
-      for (int e = tid; e < TI * kTileC; e += kThreads) {
-        int ii, cc;
-        if (x_c_fast) {  // 32 consecutive c of one row (64 bytes)
-          ii = e / kTileC;
-          cc = e % kTileC;
-        } else {  // 32 consecutive rows of one c
-          cc = e / TI;
-          ii = e % TI;
-        }
-        const int64_t i = i0 + ii, c = c0 + cc;
-        float v = 0.f;
-        if (i < p.R && c < p.C) {
-          v = load_f32(p.x, i * p.sxi + c * p.sxc, p.xt);
-          if (p.mask == SkinnyMask::kBitsTransposed && !((p.bits_in[c * p.ld_bits_in + (i >> 3)] >> (i & 7)) & 1u)) {
-            v = 0.f;
-          }
-        }
-        xs[ii * LDS + cc] = static_cast<E>(v);  // x values are E already: exact
-      }
-    }
-    for (int e = tid; e < TJ * kTileC; e += kThreads) {
-      int jj, cc;
-      if (a_c_fast) {
-        jj = e / kTileC;
-        cc = e % kTileC;
-      } else {
-        cc = e / TJ;
-        jj = e % TJ;
-      }
-      const int64_t j = j0 + jj, c = c0 + cc;
-      float v = 0.f;
-      if (c < p.C) {
-        if (j < p.J) {
-          v = load_f32(p.a, j * p.saj + c * p.sac, p.at);
-        } else if (j == p.J && p.ones_col) {
-          v = 1.f;
-        }
-      }
-      as[jj * LDS + cc] = static_cast<E>(v);
-    }
+  for (int64_t c0 = blk.c_begin; c0 < blk.c_end; c0 += kTileC) {
+    stage_skinny_slice<TI, TJ>(
+        p, blk.i0, blk.j0, c0, blk.write_bits, [&](int ii, int cc, float v) { xs[ii * LDS + cc] = static_cast<E>(v); },
+        [&](int jj, int cc, float v) { as[jj * LDS + cc] = static_cast<E>(v); });
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileC; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> af;
-      wmma::load_matrix_sync(af, xs + warp * 16 * LDS + k, LDS);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        // B(k = c, n = j) = as[j * LDS + c]: column-major with leading dimension LDS.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bf;
-        wmma::load_matrix_sync(bf, as + f * 16 * LDS + k, LDS);
-        wmma::mma_sync(acc[f], af, bf, acc[f]);
-      }
-    }
+    mma_slice<NF>(acc, xs + warp * 16 * LDS, as, kTileC / 16);
     __syncthreads();
   }
-  // The staging buffers are free now (the loop ended with a barrier): reuse them for the result.
-#pragma unroll
-  for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(cs + warp * 16 * LDC + f * 16, acc[f], LDC, wmma::mem_row_major);
-  __syncthreads();
-  const float scale = p.alpha * (p.mask == SkinnyMask::kNone ? 1.f : p.keep_scale);
-  for (int e = tid; e < TI * TJ; e += kThreads) {
-    const int ii = e / TJ, jj = e % TJ;
-    const int64_t i = i0 + ii, j = j0 + jj;
-    if (i < p.R && j < JT) out[i * p.ldo + j] = scale * cs[ii * LDC + jj];
-  }
+  for_each_result<TI, TJ, E>(acc, smem, [&](int ii, int jj, float v) {
+    const int64_t i = blk.i0 + ii, j = blk.j0 + jj;
+    if (i < p.R && j < blk.JT) blk.out[i * p.ldo + j] = blk.scale * v;
+  });
 }
 
 // Second pass of a split launch: out[i, j] = alpha · Σ_z ws[z, i, j] with z = 0, 1, … in order, so
@@ -373,17 +344,45 @@ __global__ void __launch_bounds__(kThreads) skinny_reduce_kernel(const float* ws
   out[(idx / JT) * ldo + idx % JT] = alpha * v;
 }
 
+// Stages slice [j0, j0 + kTileC) of T (rows i0 + [0, Rows)) and of B (columns n0 + [0, kExpandTile))
+// through put_t(ii, jj, v) and put_b(nn, jj, v), 0 outside the problem.
+template <int Rows, class PutT, class PutB>
+__device__ __forceinline__ void stage_expand_slice(const ExpandArgs& p, int64_t i0, int64_t n0, int64_t j0,
+                                                   PutT put_t, PutB put_b) {
+  for (int e = threadIdx.x; e < Rows * kTileC; e += kThreads) {
+    const SliceCoord sc = slice_coord(e, Rows, true);  // T is row-major: j contiguous
+    const int64_t i = i0 + sc.i, j = j0 + sc.c;
+    put_t(sc.i, sc.c, (i < p.R && j < p.J) ? p.op.t[i * p.op.ldt + j] : 0.f);
+  }
+  const bool b_j_fast = p.op.sbj == 1 || p.op.sbn != 1;
+  for (int e = threadIdx.x; e < kExpandTile * kTileC; e += kThreads) {
+    const SliceCoord sc = slice_coord(e, kExpandTile, b_j_fast);
+    const int64_t n = n0 + sc.i, j = j0 + sc.c;
+    put_b(sc.i, sc.c, (n < p.N && j < p.J) ? load_f32(p.op.b, n * p.op.sbn + j * p.op.sbj, p.op.bt) : 0.f);
+  }
+}
+
+// out[i, n] = (alpha · (v + v1[n]) + v2[n]) · mask(i, n): the expand kernels' epilogue.
+__device__ __forceinline__ void expand_store(const ExpandArgs& p, int64_t i, int64_t n, float v) {
+  if (p.op.v1 != nullptr) v += load_f32(p.op.v1, n * p.op.sv1, p.op.v1t);
+  v *= p.alpha;
+  if (p.op.v2 != nullptr) v += load_f32(p.op.v2, n * p.op.sv2, p.op.v2t);
+  if (p.bits != nullptr) {
+    const uint32_t bit = (p.bits[i * p.ld_bits + (n >> 3)] >> (n & 7)) & 1u;
+    v = bit ? v * p.keep_scale : 0.f;
+  }
+  store_f32(p.out, i * p.ldo + n, p.ot, v);
+}
+
 // Block (x, y) covers out rows [x·64, x·64 + 64) and columns [y·64, y·64 + 64); thread (ti, tn)
 // owns rows ti·4 + [0, 4) and columns tn·4 + [0, 4).
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
-  constexpr int TI = kExpandTile, TN = kExpandTile, S = kExpandStride;
+  constexpr int TI = kExpandTile, S = kExpandStride;
   __shared__ __align__(16) float ts[kTileC][S];  // ts[j][i]
   __shared__ __align__(16) float bs[kTileC][S];  // bs[j][n]
-  const int tid = threadIdx.x;
-  const int ti = tid / 16, tn = tid % 16;
+  const int ti = threadIdx.x / 16, tn = threadIdx.x % 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TN;
-  const bool b_j_fast = p.sbj == 1 || p.sbn != 1;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpandTile;
 
   float acc[4][4];
 #pragma unroll
@@ -393,27 +392,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
 
   for (int64_t j0 = 0; j0 < p.J; j0 += kTileC) {
     const int jn = p.J - j0 < kTileC ? static_cast<int>(p.J - j0) : kTileC;  // no FMAs on padding
-    for (int e = tid; e < TI * kTileC; e += kThreads) {
-      // T is row-major with j contiguous: a warp reads 8 consecutive j of 4 rows.
-      const int chunk = e / 32, lane = e % 32;
-      const int jj = (chunk % (kTileC / 8)) * 8 + lane % 8;
-      const int ii = (chunk / (kTileC / 8)) * 4 + lane / 8;
-      const int64_t i = i0 + ii, j = j0 + jj;
-      ts[jj][ii] = (i < p.R && j < p.J) ? p.t[i * p.ldt + j] : 0.f;
-    }
-    for (int e = tid; e < TN * kTileC; e += kThreads) {
-      int nn, jj;
-      if (b_j_fast) {
-        const int chunk = e / 32, lane = e % 32;
-        jj = (chunk % (kTileC / 8)) * 8 + lane % 8;
-        nn = (chunk / (kTileC / 8)) * 4 + lane / 8;
-      } else {
-        jj = e / TN;
-        nn = e % TN;
-      }
-      const int64_t n = n0 + nn, j = j0 + jj;
-      bs[jj][nn] = (n < p.N && j < p.J) ? load_f32(p.b, n * p.sbn + j * p.sbj, p.bt) : 0.f;
-    }
+    stage_expand_slice<TI>(
+        p, i0, n0, j0, [&](int ii, int jj, float v) { ts[jj][ii] = v; }, [&](int nn, int jj, float v) { bs[jj][nn] = v; });
     __syncthreads();
     for (int jj = 0; jj < jn; ++jj) {
       float tv[4], bv[4];
@@ -431,22 +411,45 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandArgs p) {
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
     const int64_t i = i0 + ti * 4 + a;
-    if (i >= p.R) continue;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int64_t n = n0 + tn * 4 + q;
-      if (n >= p.N) continue;
-      float v = acc[a][q];
-      if (p.v1 != nullptr) v += load_f32(p.v1, n * p.sv1, p.v1t);
-      v *= p.alpha;
-      if (p.v2 != nullptr) v += load_f32(p.v2, n * p.sv2, p.v2t);
-      if (p.bits != nullptr) {
-        const uint32_t bit = (p.bits[i * p.ld_bits + (n >> 3)] >> (n & 7)) & 1u;
-        v = bit ? v * p.keep_scale : 0.f;
-      }
-      store_f32(p.out, i * p.ldo + n, p.ot, v);
+      if (i < p.R && n < p.N) expand_store(p, i, n, acc[a][q]);
     }
   }
+}
+
+// Tensor-core variant of expand_kernel for a 16-bit output (its dtype E): T and B staged as E (T
+// rounded, as the Triton epilogues round s·T and dT), WMMA 16×16×16 with fp32 accumulation, then
+// the same epilogue. 128 × 64 tiles: warp w owns rows [16w, 16w + 16) and the 64 columns.
+template <typename E>
+__global__ void __launch_bounds__(kThreads) expand_mma_kernel(const ExpandArgs p) {
+  constexpr int TI = kExpandMmaRows, TN = kExpandTile, NF = TN / 16, LDS = kMmaLds;
+  using Smem = MmaSmem<TI, TN, E>;
+  __shared__ __align__(32) unsigned char smem[Smem::kBytes];
+  E* const ts = Smem::rows(smem);  // ts[i * LDS + j]
+  E* const bs = Smem::cols(smem);  // bs[n * LDS + j]
+  const int warp = threadIdx.x / 32;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * TI;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TN;
+
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[NF];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.f);
+
+  for (int64_t j0 = 0; j0 < p.J; j0 += kTileC) {
+    stage_expand_slice<TI>(
+        p, i0, n0, j0, [&](int ii, int jj, float v) { ts[ii * LDS + jj] = static_cast<E>(v); },
+        [&](int nn, int jj, float v) { bs[nn * LDS + jj] = static_cast<E>(v); });
+    __syncthreads();
+    // k-steps of 16 up to J only: at r = 16 the second half of the slice is padding.
+    mma_slice<NF>(acc, ts + warp * 16 * LDS, bs, p.J - j0 >= kTileC ? kTileC / 16 : static_cast<int>((p.J - j0 + 15) / 16));
+    __syncthreads();
+  }
+  for_each_result<TI, TN, E>(acc, smem, [&](int ii, int nn, float v) {
+    const int64_t i = i0 + ii, n = n0 + nn;
+    if (i < p.R && n < p.N) expand_store(p, i, n, v);
+  });
 }
 
 // One thread per element of t_out (the first M·R indices) and l_out (the next N·R); see PackArgs.
@@ -460,17 +463,17 @@ __global__ void __launch_bounds__(kThreads) pack_concat_kernel(const PackArgs p)
   const bool by_rank = !is_t && p.l_by_rank;
   const int64_t row = by_rank ? e % p.N : e / p.R, j = by_rank ? e / p.N : e % p.R;
   // Columns past J: the lora_bias column (if any), then the bias column (if any), then zeros.
-  const int64_t j_v1 = p.v1 != nullptr ? p.J : -1;
-  const int64_t j_v2 = p.v2 != nullptr ? p.J + (p.v1 != nullptr ? 1 : 0) : -1;
+  const int64_t j_v1 = p.op.v1 != nullptr ? p.J : -1;
+  const int64_t j_v2 = p.op.v2 != nullptr ? p.J + (p.op.v1 != nullptr ? 1 : 0) : -1;
   float v = 0.f;
   if (is_t) {
-    if (j < p.J) v = p.alpha * p.t[row * p.ldt + j];
+    if (j < p.J) v = p.alpha * p.op.t[row * p.op.ldt + j];
     else if (j == j_v1 || j == j_v2) v = 1.f;
     store_f32(p.t_out, e, p.ot, v);
   } else {
-    if (j < p.J) v = load_f32(p.b, row * p.sbn + j * p.sbj, p.bt);
-    else if (j == j_v1) v = p.alpha * load_f32(p.v1, row * p.sv1, p.v1t);
-    else if (j == j_v2) v = load_f32(p.v2, row * p.sv2, p.v2t);
+    if (j < p.J) v = load_f32(p.op.b, row * p.op.sbn + j * p.op.sbj, p.op.bt);
+    else if (j == j_v1) v = p.alpha * load_f32(p.op.v1, row * p.op.sv1, p.op.v1t);
+    else if (j == j_v2) v = load_f32(p.op.v2, row * p.op.sv2, p.op.v2t);
     store_f32(p.l_out, e, p.ot, v);
   }
 }

@@ -126,7 +126,14 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
 }
 void launch_expand(const ExpandArgs& a, cudaStream_t) {
   if (a.R == 0 || a.N == 0) return;
-  launch(cdiv(a.R, kExpandTile), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_kernel(a); });
+  // As lowrank.cu: tensor cores for a 16-bit output, else the FMA kernel.
+  if (a.ot == kBF16) {
+    launch(cdiv(a.R, kExpandMmaRows), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_mma_kernel<__nv_bfloat16>(a); });
+  } else if (a.ot == kF16) {
+    launch(cdiv(a.R, kExpandMmaRows), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_mma_kernel<__half>(a); });
+  } else {
+    launch(cdiv(a.R, kExpandTile), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_kernel(a); });
+  }
 }
 void launch_pack_concat(const PackArgs& a, cudaStream_t) {
   const int64_t n = (a.M + a.N) * a.R;
@@ -263,8 +270,8 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
     a.out = T.data(); a.ldo = r;
     launch_skinny(a, nullptr);
     ExpandArgs e{};
-    e.t = T.data(); e.ldt = r; e.b = Bs.ptr(); e.sbn = r; e.sbj = 1; e.bt = g_adapter;
-    e.v1 = lbs.ptr(); e.sv1 = 1; e.v1t = g_adapter; e.v2 = biass.ptr(); e.sv2 = 1; e.v2t = g_store;
+    e.op.t = T.data(); e.op.ldt = r; e.op.b = Bs.ptr(); e.op.sbn = r; e.op.sbj = 1; e.op.bt = g_adapter;
+    e.op.v1 = lbs.ptr(); e.op.sv1 = 1; e.op.v1t = g_adapter; e.op.v2 = biass.ptr(); e.op.sv2 = 1; e.op.v2t = g_store;
     e.R = M; e.N = N; e.J = r; e.alpha = (float)s; e.bits = nullptr; e.out = y.ptr(); e.ldo = N; e.ot = g_store;
     launch_expand(e, nullptr);
     for (int64_t m = 0; m < M; ++m) for (int64_t n = 0; n < N; ++n) {
@@ -321,10 +328,10 @@ done_bits:
     Stored Bts(g_adapter, Bt);
     std::vector<uint16_t> tp(M * R, 0xFFFF), lp(N * R, 0xFFFF);  // 0xFFFF: NaN in fp16 and bf16
     PackArgs pk{};
-    pk.t = T.data(); pk.ldt = r;
-    pk.b = b_t ? Bts.ptr() : Bs.ptr(); pk.sbn = b_t ? 1 : r; pk.sbj = b_t ? N : 1; pk.bt = g_adapter;
-    pk.v1 = has_lb ? lbs.ptr() : nullptr; pk.sv1 = 1; pk.v1t = g_adapter;
-    pk.v2 = has_bias ? biass.ptr() : nullptr; pk.sv2 = 1; pk.v2t = g_store;
+    pk.op.t = T.data(); pk.op.ldt = r;
+    pk.op.b = b_t ? Bts.ptr() : Bs.ptr(); pk.op.sbn = b_t ? 1 : r; pk.op.sbj = b_t ? N : 1; pk.op.bt = g_adapter;
+    pk.op.v1 = has_lb ? lbs.ptr() : nullptr; pk.op.sv1 = 1; pk.op.v1t = g_adapter;
+    pk.op.v2 = has_bias ? biass.ptr() : nullptr; pk.op.sv2 = 1; pk.op.v2t = g_store;
     pk.M = M; pk.N = N; pk.J = r; pk.R = R; pk.alpha = (float)s; pk.ot = ot; pk.l_by_rank = false;
     pk.t_out = tp.data(); pk.l_out = lp.data();
     launch_pack_concat(pk, nullptr);
@@ -384,7 +391,7 @@ done_bits:
   }
   {
     ExpandArgs e{};
-    e.t = dT.data(); e.ldt = r; e.b = As.ptr(); e.sbn = 1; e.sbj = K; e.bt = g_adapter;
+    e.op.t = dT.data(); e.op.ldt = r; e.op.b = As.ptr(); e.op.sbn = 1; e.op.sbj = K; e.op.bt = g_adapter;
     e.R = M; e.N = K; e.J = r; e.alpha = 1.f; e.bits = dropout ? mask.data() : nullptr; e.ld_bits = G;
     e.keep_scale = (float)(1.0 / (1.0 - p)); e.out = dx.ptr(); e.ldo = K; e.ot = g_store;
     launch_expand(e, nullptr);
@@ -441,8 +448,8 @@ done_bits:
     const int64_t R = (r + 7) / 8 * 8;
     std::vector<uint16_t> tp(M * R, 0xFFFF), lp(R * K, 0xFFFF);
     PackArgs pk{};
-    pk.t = dT.data(); pk.ldt = r;
-    pk.b = As.ptr(); pk.sbn = 1; pk.sbj = K; pk.bt = g_adapter;  // l(n = k, j) = A[j, k]
+    pk.op.t = dT.data(); pk.op.ldt = r;
+    pk.op.b = As.ptr(); pk.op.sbn = 1; pk.op.sbj = K; pk.op.bt = g_adapter;  // l(n = k, j) = A[j, k]
     pk.M = M; pk.N = K; pk.J = r; pk.R = R; pk.alpha = 1.f; pk.ot = ot; pk.l_by_rank = true;
     pk.t_out = tp.data(); pk.l_out = lp.data();
     launch_pack_concat(pk, nullptr);

@@ -32,20 +32,14 @@ inline void check_ptr(const void* p, unsigned ldm, unsigned elem_bytes) {
   if ((ldm * elem_bytes) % 16 != 0) wmma_emu_fail("wmma: ldm not a multiple of 16 bytes");
 }
 
-template <typename T, typename L>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+// matrix_a holds (m, k) and matrix_b (k, n): element (a, b) of the fragment is at p[a·ldm + b]
+// (row_major) or p[b·ldm + a] (col_major) either way.
+template <typename Use, typename T, typename L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
   check_ptr(p, ldm, sizeof(T));
-  for (int i = 0; i < 16; ++i)
-    for (int k = 0; k < 16; ++k)
-      f.v[i][k] = static_cast<float>(std::is_same_v<L, row_major> ? p[i * ldm + k] : p[k * ldm + i]);
-}
-
-template <typename T, typename L>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T));
-  for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < 16; ++n)
-      f.v[k][n] = static_cast<float>(std::is_same_v<L, row_major> ? p[k * ldm + n] : p[n * ldm + k]);
+  for (int a = 0; a < 16; ++a)
+    for (int b = 0; b < 16; ++b)
+      f.v[a][b] = static_cast<float>(std::is_same_v<L, row_major> ? p[a * ldm + b] : p[b * ldm + a]);
 }
 
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float x) {
