@@ -498,6 +498,21 @@ def _cfg(x: torch.Tensor, R: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
+    """Fixed tiles of the shrink (T = dropout(x)·Aᵀ: memory-bound, one pass over x, one program per
+    BLOCK_M rows). 128-row blocks leave SMs idle below M ≈ 128·SMs (64 programs at M = 8192 on an
+    H100's 132 SMs, 16 at M = 2048), and with them the bytes in flight that a streaming kernel needs:
+    take the largest of 128/64/32 rows that still fills ~90 % of the SMs (32 at least), with 128-wide
+    K steps below 128 rows so each stage still moves 8–16 KiB. Below 64 rows the x·Aᵀ dot runs on
+    mma.sync rather than wgmma: a few GFLOP, hidden under the x read."""
+    if _interpret() or x.dtype == torch.float32:
+        return {**fixed, "num_warps": 4}
+    sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
+    M = x.shape[0]
+    bm = next((b for b in (128, 64) if triton.cdiv(M, b) >= 0.9 * sms), 32)
+    return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if bm == 128 else 128, "num_warps": 4}
+
+
 def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
     """Fixed tiles of the persistent TMA kernels: 128×256×64, 8 warps, 3 stages measured best for
     the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy."""
@@ -520,6 +535,15 @@ def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
 
 def _identity(kernel):
     return kernel
+
+
+def _op_wrap(kernel):
+    """``wrap_triton`` for the registered ops. Under TRITON_INTERPRET=1 ``triton.jit`` gives an
+    InterpretedFunction, which torch ≤ 2.11 (the GPU image's torch) rejects in wrap_triton while
+    newer torch passes it through; pass it through here too so the ops run in the interpreter."""
+    if _interpret() and not isinstance(kernel, (triton.runtime.jit.JITFunction, triton.runtime.Autotuner)):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def _seed_parts(seed: int) -> tuple[int, int]:
@@ -726,7 +750,7 @@ def lora_fwd(
          x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
          lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
         dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
-        {**fixed, "num_warps": 4},
+        _shrink_cfg(x, fixed),
         wrap,
     )  # fmt: skip
     # The epilogue reads the (N,) vectors with unit stride; they are tiny, so copy if strided.
@@ -874,9 +898,7 @@ def triton_lora_fwd(
     store_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_fwd`: ``(y (M, N), T (M, r) fp32, bits (M, ⌈K/8⌉) uint8 or empty)``."""
-    return lora_fwd(
-        x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=torch.library.wrap_triton
-    )
+    return lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=_op_wrap)
 
 
 @torch.library.triton_op("lora_kernels::triton_lora_bwd", mutates_args=())
@@ -895,9 +917,7 @@ def triton_lora_bwd(
     need_da: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_bwd`: ``(dx, dA, dB, Σ_m dY)``."""
-    return lora_bwd(
-        dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=torch.library.wrap_triton
-    )
+    return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=_op_wrap)
 
 
 def _fwd(*args):
