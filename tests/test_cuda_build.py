@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -120,6 +121,55 @@ def test_gemm_backend_switch(ext):
             ext.set_gemm_backend("tensorcore")
     finally:
         ext.set_gemm_backend("auto")
+
+
+def _cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump (the toolkit here ships only nvcc), else the toolkit's or PATH's."""
+    import shutil
+
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    home = _build.find_cuda_home()
+    if home and (Path(home) / "bin" / "cuobjdump").exists():
+        return str(Path(home) / "bin" / "cuobjdump")
+    return shutil.which("cuobjdump")
+
+
+@requires_toolkit
+def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
+    """What the compiler made of the device code, without a GPU: no kernel uses local memory (register
+    spills or stack arrays, which would cost DRAM traffic inside the hot loops), the CUTLASS 3.x GEMMs
+    for sm_90a issue Hopper wgmma (HGMMA), and the tensor-core low-rank kernels issue HMMA."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither bundled with Triton nor in the CUDA toolkit)")
+    so = importlib.util.find_spec("lora_kernels._C").origin
+    res = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
+    assert len(kernels) >= 20, res[-2000:]
+    assert [k for k in kernels if k[3] != "0"] == []
+    if "90" not in ext.build_metadata()["archs"].split(";"):
+        return
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", so], capture_output=True, text=True, check=True).stdout
+    tc: dict[str, int] = {}
+    name = None
+    for line in sass.splitlines():
+        if "Function :" in line:
+            name = line.split("Function :", 1)[1].strip()
+            tc[name] = 0
+        elif name is not None and ("HGMMA" in line or "HMMA" in line):
+            tc[name] += 1
+    gemms = {k: v for k, v in tc.items() if "GemmUniversalIN4cute" in k}  # the CUTLASS 3.x (sm90) kernels
+    assert len(gemms) == 8 and all(v > 0 for v in gemms.values()), gemms
+    assert all("HGMMA" in sass.split(k, 1)[1].split("Function :", 1)[0] for k in gemms)
+    mma = {k: v for k, v in tc.items() if "skinny_mma_kernel" in k or "expand_mma_kernel" in k}
+    assert len(mma) == 8 and all(v > 0 for v in mma.values()), mma
 
 
 @requires_toolkit

@@ -348,6 +348,40 @@ def test_triton_autotune_gpu(monkeypatch):
     run_and_check("triton", x, W, A, B, b, lb, p=0.1, mode="regenerate")
 
 
+def test_shrink_tiles_fill_the_gpu(monkeypatch):
+    """The untuned shrink (torch.compile, LORA_KERNELS_AUTOTUNE=0) picks row blocks by M so its one-pass
+    grid covers ~90 % of an H100's 132 SMs: 128 rows only from M ≈ 15 K, then 64, then 32."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    fixed = tri._cfg(torch.empty(1, 8, dtype=torch.bfloat16), 16)
+    got = {M: tri._shrink_cfg(torch.empty(M, 8, dtype=torch.bfloat16), fixed) for M in (1, 2048, 8192, 16384, 65536)}
+    assert {M: (c["BLOCK_M"], c["BLOCK_K"]) for M, c in got.items()} == {
+        1: (32, 128),
+        2048: (32, 128),
+        8192: (64, 128),
+        16384: (128, 64),
+        65536: (128, 64),
+    }
+    assert all(c["num_warps"] == 4 and c["num_stages"] == fixed["num_stages"] for c in got.values())
+    fp32 = tri._cfg(torch.empty(1, 8), 16)
+    assert tri._shrink_cfg(torch.empty(8192, 8), fp32) == {**fp32, "num_warps": 4}  # fp32: its own tiles
+
+
+@pytest.mark.parametrize("bm", [32, 64])
+def test_shrink_gpu_tiles_match_reference(monkeypatch, bm):
+    """The shrink with the row blocks _shrink_cfg picks on a GPU (32/64 rows, 128-wide K steps), run in
+    the interpreter: odd shapes, p > 0, stored and regenerated masks, every gradient vs float64."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    real = tri._shrink_cfg
+    monkeypatch.setattr(tri, "_shrink_cfg", lambda x, fixed: {**real(x, fixed), "BLOCK_M": bm, "BLOCK_K": 128})
+    x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.5, mode="regenerate")
+
+
 def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
     """Fixed tiles too big for a GPU's shared memory: one stage fewer, then half the N tile."""
     _skip_unavailable("triton")
@@ -414,13 +448,16 @@ def test_tuned_launch_falls_back_to_fixed_tiles_on_out_of_resources(monkeypatch)
 # bound with two types across a runtime `if`, layouts, shared memory over the 227 KiB of an H100).
 # The launches go through the real `_launch`, so its step-down on OutOfResources is exercised too.
 _SM90_COMPILE = r"""
-import json, os, sys
+import json, os, re, shutil, subprocess, sys, tempfile
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
 H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
 
 class Sm90:  # compile-only driver: nothing is launched, no GPU is needed
     def get_current_device(self): return 0
@@ -443,7 +480,22 @@ class Compile:  # stands in for the JITFunction (same hash/eq, so _DESC_HOOKS fi
         def launch(*args, **kw):
             k = self.fn.run(*args, grid=None, warmup=True, **kw)
             cfg = {n: kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages") if n in kw}
-            results.append(dict(kernel=self.fn.__name__, case=CASE, cfg=cfg, smem=k.metadata.shared))
+            # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and
+            # local memory (register spills) from the cubin's resource usage.
+            local = None
+            if CUOBJDUMP:
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(k.asm["cubin"])
+                    f.flush()
+                    res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+                local = int(re.search(r"LOCAL:(\d+)", res)[1])
+            ptx = k.asm["ptx"]
+            # The cross-program barrier's memory operations as emitted (single-pass kernels): their
+            # scopes and orderings, and the loads of the other programs' partials.
+            sync = sorted({m[1] for m in re.finditer(r"(atom\.global\.\w+\.\w+\.\w+|ld\.global\.gpu\.acquire)", ptx)})
+            results.append(dict(kernel=self.fn.__name__, case=CASE, cfg=cfg, smem=k.metadata.shared,
+                                wgmma=ptx.count("wgmma.mma_async"), local=local, sync=sync,
+                                cg_loads=ptx.count("ld.global.cg")))
             if k.metadata.shared > H100_SMEM:
                 raise OutOfResources(k.metadata.shared, H100_SMEM, "shared memory")
         return launch
@@ -539,3 +591,32 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     single_bwd = [t for t in launches if t[0]["kernel"] == "_bwd_single_pass_kernel"]
     got = [(t[0]["case"]["r"], len(t), t[-1]["cfg"]["num_stages"]) for t in single_bwd]
     assert got == [(16, 1, 3), (128, 1, 2), (16, 1, 3)], single_bwd
+    # Performance guards a GPU run would otherwise find first: with 16-bit operands every kernel issues
+    # Hopper wgmma rather than Ampere mma.sync, except two memory-bound skinny products whose dot is too
+    # short for wgmma's 64 rows: the single-pass mode's dA-only launch below rank 64 (r rows), and the
+    # shrink with fewer than 64 rows per program (_shrink_cfg: at M = 96 it takes 32-row blocks). And
+    # no kernel that fits spills registers to local memory at ranks up to 128.
+    fits = [t[-1] for t in launches]
+    half = [c for c in fits if c["case"]["dtype"] != "float32"]
+    no_wgmma = [(c["kernel"], c["case"]) for c in half if c["wgmma"] == 0]
+    short = [(c["kernel"], c["case"]) for c in half if c["kernel"] == "_shrink_kernel" and c["cfg"]["BLOCK_M"] < 64]
+    short += [
+        (c["kernel"], c["case"])
+        for c in half
+        if c["kernel"] == "_bwd_dx_kernel" and c["case"].get("fwd") == "single" and c["case"]["r"] < 64
+    ]
+    assert len(short) >= 3 and sorted(map(str, no_wgmma)) == sorted(map(str, short)), (no_wgmma, short)
+    if half[0]["local"] is not None:  # cuobjdump found (Triton bundles it)
+        spills = [(c["kernel"], c["case"], c["local"]) for c in half if c["local"] and c["case"]["r"] <= 128]
+        assert not spills, spills
+    # The single-pass barrier compiles to what its proof assumes (single_pass.py's docstring): GPU-scope
+    # acq_rel arrivals, a release publish and acquire polls (each issued by thread 0 alone and broadcast
+    # through shared memory: read off the PTX of Triton 3.6 and 3.8, not asserted, as the predicate's
+    # form varies), and the other programs' partials read at L2 (.cg), never from a stale L1 line.
+    for c in fits:
+        if "single_pass" in c["kernel"]:
+            assert c["sync"] == [
+                "atom.global.gpu.acq_rel.add", "atom.global.gpu.relaxed.exch", "atom.global.gpu.release.exch",
+                "ld.global.gpu.acquire",
+            ], c["sync"]  # fmt: skip
+            assert c["cg_loads"] > 0, c
