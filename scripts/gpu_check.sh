@@ -10,6 +10,9 @@
 #   BENCH_OUT=dir    where the benchmark writes its CSV/PNG (default bench/results)
 #   BENCH_ARGS="..." extra arguments for `python -m bench.lora_linear --quick`
 #   PYTEST_ARGS="..." extra arguments for pytest
+#   GPU_CHECK_TESTS="..."  test paths for the tests step (default: tests, the whole suite)
+#   GPU_CHECK_STEPS=a,b,... which steps run, of install,environment,tests,bench (default: all four), so a
+#                    time-limited device session can split the check over several commands (bench/NOTES.md)
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
 #   GPU_CHECK_PROFILE=1  also run `python -m bench.profile` (Nsight Compute counters per kernel for the
 #                    single-pass and two-launch rows at 8192×4096→4096, r = 16, p = 0.1) when ncu exists
@@ -43,6 +46,8 @@ mkdir -p "$LOG_DIR"
 
 STEPS=()
 FAILED=0
+WANT=",${GPU_CHECK_STEPS:-install,environment,tests,bench},"
+want() { [[ $WANT == *",$1,"* ]]; }
 # run_step NAME CMD...: run CMD with its output shown and logged; record status and duration.
 run_step() {
   local name=$1
@@ -67,20 +72,23 @@ echo "gpu-check: python=$($PY -c 'import sys; print(sys.executable)') CUDA_HOME=
   "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} logs=$LOG_DIR"
 
 # --no-index: there is no registry to ask; --no-build-isolation: build against the installed torch.
-if ! run_step install "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .; then
-  # Keep checking the pure-Python/Triton parts from the checkout; the failure stays in the summary.
+if want install && ! run_step install "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .; then
+  # An image whose pip cannot build editable installs (e.g. an old setuptools without `wheel`) can
+  # still build the extension in place; either way the checkout goes on PYTHONPATH so the
+  # pure-Python/Triton parts are checked, and the failure stays in the summary.
+  run_step build-inplace "$PY" setup.py build_ext --inplace
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-run_step environment "$PY" -c "
+want environment && run_step environment "$PY" -c "
 import torch, triton, lora_kernels
 print('torch', torch.__version__, 'triton', triton.__version__, 'lora_kernels', lora_kernels.__version__)
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA GPU')
 print('backends', lora_kernels.available_backends(dtype=torch.bfloat16))
 "
 # shellcheck disable=SC2086  # PYTEST_ARGS / BENCH_ARGS are word lists on purpose
-run_step tests "$PY" -m pytest -q -ra tests ${PYTEST_ARGS:-}
+want tests && run_step tests "$PY" -m pytest -q -ra ${GPU_CHECK_TESTS:-tests} ${PYTEST_ARGS:-}
 # shellcheck disable=SC2086
-run_step bench "$PY" -m bench.lora_linear --quick ${BENCH_OUT:+--out "$BENCH_OUT"} ${BENCH_ARGS:-}
+want bench && run_step bench "$PY" -m bench.lora_linear --quick ${BENCH_OUT:+--out "$BENCH_OUT"} ${BENCH_ARGS:-}
 
 if [ "${GPU_CHECK_PROFILE:-0}" = "1" ]; then
   if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
@@ -90,9 +98,11 @@ if [ "${GPU_CHECK_PROFILE:-0}" = "1" ]; then
   fi
 fi
 
-echo
-echo "=== gpu-check: benchmark table (ratios to cuBLAS of the same run)"
-grep '^|' "$LOG_DIR/bench.log" || echo "(no table: see $LOG_DIR/bench.log)"
+if [ -f "$LOG_DIR/bench.log" ]; then
+  echo
+  echo "=== gpu-check: benchmark table (ratios to cuBLAS of the same run)"
+  grep '^|' "$LOG_DIR/bench.log" || echo "(no table: see $LOG_DIR/bench.log)"
+fi
 if [ -f "$LOG_DIR/profile.log" ]; then
   echo
   echo "=== gpu-check: Nsight Compute counters per kernel"
