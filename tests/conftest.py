@@ -20,14 +20,17 @@ os.environ.setdefault("LORA_KERNELS_AUTOTUNE", "0")
 
 
 def pytest_configure(config):
-    # scripts/run_tests.sh reruns the Triton tests under another Triton (the GPU image's) through
-    # PYTHONPATH: refuse to pass if that run silently picked up the .venv's version instead.
+    # scripts/run_gpu_stack_tests.sh reruns the suite on the GPU image's torch and Triton (a second
+    # venv): refuse to pass if that run silently picked up other versions.
     want = os.environ.get("LORA_KERNELS_EXPECT_TRITON")
     if want:
         import triton
 
         if triton.__version__ != want:
             raise pytest.UsageError(f"LORA_KERNELS_EXPECT_TRITON={want} but triton {triton.__version__} was imported")
+    want = os.environ.get("LORA_KERNELS_EXPECT_TORCH")
+    if want and torch.__version__.split("+")[0] != want:
+        raise pytest.UsageError(f"LORA_KERNELS_EXPECT_TORCH={want} but torch {torch.__version__} was imported")
 
 
 def pytest_report_header(config):
