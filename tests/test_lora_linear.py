@@ -382,6 +382,43 @@ def test_shrink_gpu_tiles_match_reference(monkeypatch, bm):
     run_and_check("triton", x, W, A, B, b, lb, p=0.5, mode="regenerate")
 
 
+def test_shrink_splits_fill_the_gpu(monkeypatch):
+    """Below M ≈ 3.8 K rows the shrink splits K (at most 4 ways, at least 512 columns each) so its grid
+    of 32-row blocks reaches ~90 % of an H100's 132 SMs; fp32 and the interpreter never split."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    shapes = [(1, 4096), (512, 4096), (2048, 4096), (2048, 14336), (3800, 4096), (4096, 4096), (2048, 1000), (1, 256)]
+    got = {(M, K): tri._shrink_splits(torch.empty(M, K, dtype=torch.bfloat16)) for M, K in shapes}
+    assert got == {(1, 4096): 4, (512, 4096): 4, (2048, 4096): 2, (2048, 14336): 2, (3800, 4096): 1,
+                   (4096, 4096): 1, (2048, 1000): 1, (1, 256): 1}  # fmt: skip
+    assert tri._shrink_splits(torch.empty(512, 4096)) == 1  # fp32
+    monkeypatch.setattr(tri, "_interpret", lambda: True)
+    assert tri._shrink_splits(torch.empty(512, 4096, dtype=torch.float16)) == 1
+
+
+@pytest.mark.parametrize("splits,tma", [(2, "0"), (3, "1"), (4, "0")])
+def test_shrink_split_k_matches_reference(monkeypatch, splits, tma):
+    """Split-K shrink (partials summed in the GEMM epilogue, which also writes the T saved for backward):
+    ranges of unequal length, an empty last range (K = 40 in 4 splits of 32 columns), the pointer and TMA
+    GEMMs, p > 0 with stored and regenerated masks, every gradient vs float64. T starts NaN-poisoned, so
+    a row the epilogue failed to write shows in the gradients."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "_shrink_splits", lambda x: splits)
+    monkeypatch.setattr(tri, "TMA_MODE", tma)
+    x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.5, mode="regenerate")
+    x, W, A, B, b, lb = make_inputs(33, 40, 48, 3, xdt=torch.float32, adt=torch.float32, lead=(2,))
+    run_and_check("triton", x, W, A, B, b, lb, p=0.25)
+    # The mask the split shrink stores is the reference's, bit for bit.
+    bits = tri.lora_fwd(x.reshape(-1, 40), W, b, A, B, lb, 2.0, 0.25, 77, True)[2]
+    ref = pack_mask(dropout_keep_mask(77, 66, 40, 0.25, device=x.device))
+    assert torch.equal(bits, ref)
+
+
 def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
     """Fixed tiles too big for a GPU's shared memory: one stage fewer, then half the N tile."""
     _skip_unavailable("triton")
@@ -479,7 +516,7 @@ class Compile:  # stands in for the JITFunction (same hash/eq, so _DESC_HOOKS fi
     def __getitem__(self, grid):
         def launch(*args, **kw):
             k = self.fn.run(*args, grid=None, warmup=True, **kw)
-            cfg = {n: kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages") if n in kw}
+            cfg = {n: kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K") if n in kw}
             # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and
             # local memory (register spills) from the cubin's resource usage.
             local = None
@@ -523,7 +560,7 @@ for CASE in json.loads(sys.argv[1]):
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
     tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
     sp.REDUCE_LEVELS = CASE.get("levels", 1)
-    M, N, K = 96, 160, 128
+    M, N, K = 96, 160, CASE.get("K", 128)
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
     y, t, bits = tri.lora_fwd(x, w, bias, a, b, bias, 2.0, p, 2**40 + 3, store)
@@ -550,6 +587,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single"),  # single-pass forward, 128×256
         dict(dtype="float16", r=128, mode="regenerate", tma="1", fwd="single"),  # single-pass, 128×128 tiles
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", levels=2),  # two-level reduction
+        dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", K=1024),  # few rows: split-K shrink (2 splits)
+        dict(dtype="float16", r=32, mode="regenerate", tma="0", K=1024),  # ... and the pointer GEMM's partial sums
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
@@ -579,6 +618,10 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         "_fwd_single_pass_kernel", "_bwd_single_pass_kernel",
     }  # fmt: skip
     assert all(tries[-1]["smem"] <= 232448 for tries in launches)
+    # The split-K shrink and the GEMMs that sum its partials compiled (K = 1024 at M = 96: 2 splits).
+    split = sorted((t[-1]["kernel"], t[-1]["cfg"].get("SPLIT_K")) for t in launches if t[-1]["case"].get("K"))
+    assert [k for k in split if k[1] == 2] == [("_fwd_kernel", 2), ("_fwd_tma_kernel", 2), ("_shrink_kernel", 2),
+                                              ("_shrink_kernel", 2)], split  # fmt: skip
     # The measured-best 128x256 forward tile (ANCHORS.md) fits as it is at rank 16.
     fwd_tma = [t for t in launches if t[0]["kernel"] == "_fwd_tma_kernel" and t[0]["case"]["r"] == 16]
     assert [(t[0]["cfg"]["BLOCK_N"], len(t)) for t in fwd_tma] == [(256, 1)], fwd_tma

@@ -4,9 +4,11 @@
 
 Forward
   1. ``_shrink_kernel``: T = dropout(x)·Aᵀ / (1-p)  (M, r) fp32, one pass over x; writes the packed
-     keep bits (M, ceil(K/8)) uint8 when the mask is kept for backward.
+     keep bits (M, ceil(K/8)) uint8 when the mask is kept for backward. Few rows (M below ~3.8 K on
+     an H100) split K over SPLIT_K programs per row block, each storing a partial T.
   2. ``_fwd_kernel``: the frozen GEMM x·Wᵀ whose epilogue adds (s·T)·Bᵀ, bias and s·lora_bias
-     before the single store of y: no M×N or M×K intermediate is written.
+     before the single store of y: no M×N or M×K intermediate is written. With split K the epilogue
+     sums the partials in a fixed order (deterministic) and the tiles of the first N block store T.
 Backward (deterministic: every output element is reduced by exactly one program, no atomics)
   1. ``_bwd_dy_kernel``: programs [0, ⌈M/BM⌉) compute dT = s·dY·B (M, r); the others reduce
      over M for an N-block: dB = s·dYᵀ·T, Σ dY (for dlora_bias and dbias).
@@ -103,14 +105,24 @@ def _keep_block(BITS, stride_bm, offs_m, k_start, M, K, seed_lo, seed_hi, thresh
 
 
 @triton.jit
-def _fwd_epilogue(acc, BIAS, T, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_lbn, stride_lbr, scaling,
+def _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts, stride_lbn,
+                  stride_lbr, scaling, store_t,
                   HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_R: tl.constexpr):  # fmt: skip
-    """acc (BM, BN) += (s·T)·Bᵀ + bias + s·lora_bias: one small extra MMA on the accumulator."""
+                  BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """acc (BM, BN) += (s·T)·Bᵀ + bias + s·lora_bias: one small extra MMA on the accumulator.
+
+    SPLIT_K > 1: T holds SPLIT_K partials (stride_ts apart), summed here in a fixed order; where
+    ``store_t`` (the tiles of the first N block) the sum goes to T_OUT, the T saved for backward."""
     rm = offs_m.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
-    t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
-                other=0.0)  # fmt: skip
+    t_mask = (offs_m < M)[:, None] & (offs_r < R)[None, :]
+    t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
+    t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+    if SPLIT_K > 1:
+        for i in tl.static_range(1, SPLIT_K):
+            t += tl.load(t_ptrs + i * stride_ts, mask=t_mask, other=0.0)
+        if store_t:
+            tl.store(T_OUT + rm[:, None] * stride_tm + offs_r[None, :], t, mask=t_mask)
     return _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
                            HAS_BIAS, HAS_LBIAS, CDT, IEEE, BLOCK_R)  # fmt: skip
 
@@ -228,20 +240,30 @@ def _shrink_step(acc, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, str
 def _shrink_kernel(
     X, A, T, BITS,
     M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_bm,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_ts, stride_bm,
     seed_lo, seed_hi, threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
     CDT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """T[m, :] = (x[m, :] ⊙ keep[m, :]) · Aᵀ · keep_scale for a block of BLOCK_M rows."""
+    """T[m, :] = (x[m, :] ⊙ keep[m, :]) · Aᵀ · keep_scale for a block of BLOCK_M rows; with SPLIT_K > 1,
+    program (i, j) stores the partial over the j-th of SPLIT_K column ranges (whole BLOCK_K steps, so
+    each range owns whole bytes of the bitmask) at T + j·stride_ts."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = offs_m.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:
+        pid_k = tl.program_id(1)
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+        T += pid_k.to(tl.int64) * stride_ts
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = m_ok[:, None] & (offs_k < K)[None, :]
         x = _load_cast(X + rm[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk, x_mask, CDT)
@@ -254,14 +276,14 @@ def _shrink_kernel(
 
 @triton.jit
 def _fwd_kernel(
-    X, W, BIAS, T, LB, LBIAS, Y,
+    X, W, BIAS, T, T_OUT, LB, LBIAS, Y,
     M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_lbn, stride_lbr, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_ts, stride_lbn, stride_lbr, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr,
     CDT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """Pointer path: y = x·Wᵀ + bias + (s·T)·Bᵀ + s·lora_bias for one (BLOCK_M, BLOCK_N) tile."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -279,21 +301,22 @@ def _fwd_kernel(
         x = _load_cast(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk, m_ok[:, None] & k_ok[None, :], CDT)
         w = _load_cast(W + rn[None, :] * stride_wn + rk[:, None] * stride_wk, k_ok[:, None] & n_ok[None, :], CDT)
         acc = _mma(x, w, acc, IEEE)
-    acc = _fwd_epilogue(acc, BIAS, T, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_lbn, stride_lbr, scaling,
-                        HAS_BIAS, HAS_LBIAS, CDT, IEEE, BLOCK_R)  # fmt: skip
+    acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts, stride_lbn,
+                        stride_lbr, scaling, pid_n == 0, HAS_BIAS, HAS_LBIAS, CDT, IEEE, BLOCK_R,
+                        SPLIT_K)  # fmt: skip
     tl.store(Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
 
 
 @triton.jit
 def _fwd_tma_kernel(
-    x_desc, w_desc, y_desc, BIAS, T, LB, LBIAS,
+    x_desc, w_desc, y_desc, BIAS, T, T_OUT, LB, LBIAS,
     M, N, K, R, M_BUCKET,
-    stride_tm, stride_lbn, stride_lbr,
+    stride_tm, stride_ts, stride_lbn, stride_lbr,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """Hopper path: persistent grid of NUM_SMS programs walking the output tiles; x and W tiles
     arrive by TMA (tensor descriptors, out-of-bounds zero-filled), y leaves by a TMA store.
@@ -311,8 +334,9 @@ def _fwd_tma_kernel(
             acc = tl.dot(x, w.T, acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        acc = _fwd_epilogue(acc, BIAS, T, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_lbn, stride_lbr,
-                            scaling, HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R)  # fmt: skip
+        acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts,
+                            stride_lbn, stride_lbr, scaling, pid_n == 0, HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R,
+                            SPLIT_K)  # fmt: skip
         y_desc.store([off_m, off_n], acc.to(OUT_DT))
 
 
@@ -511,6 +535,20 @@ def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
     M = x.shape[0]
     bm = next((b for b in (128, 64) if triton.cdiv(M, b) >= 0.9 * sms), 32)
     return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if bm == 128 else 128, "num_warps": 4}
+
+
+def _shrink_splits(x: torch.Tensor) -> int:
+    """K splits of the shrink. Below M ≈ 3.8 K rows even 32-row blocks leave an H100's SMs idle (64
+    programs at M = 2048), and with them the bandwidth and, at p > 0, the Philox throughput that the
+    pass needs: split K so the grid reaches ~90 % of the SMs. At most 4 splits (the GEMM epilogue reads
+    every partial once per N tile) and at least 512 columns each (4 K steps, so the partial's store
+    stays small next to its x reads). The interpreter keeps 1 (tests force more)."""
+    if _interpret() or x.dtype == torch.float32:
+        return 1
+    sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
+    M, K = x.shape
+    blocks = max(triton.cdiv(M, 32), 1)
+    return max(1, min(4, K // 512, triton.cdiv(int(0.9 * sms), blocks)))
 
 
 def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
@@ -739,24 +777,28 @@ def lora_fwd(
     MB = _m_bucket(M)
     y = _empty((M, N), x.device, x.dtype)
     t = _empty((M, R), x.device, torch.float32)
+    splits = _shrink_splits(x)
+    # Split K: the shrink stores SPLIT_K partials; the GEMM epilogue sums them and writes t.
+    t_part = _empty((splits, M, R), x.device, torch.float32) if splits > 1 else t
+    stride_ts = t_part.stride(0) if splits > 1 else 0
     has_dropout = p > 0.0
     store_bits = has_dropout and store_mask
     bits = _empty((M, (K + 7) // 8) if store_bits else (0, 0), x.device, torch.uint8)
     lo, hi = _seed_parts(seed)
     _launch(
         _shrink_kernel,
-        lambda META: (triton.cdiv(M, META["BLOCK_M"]),),
-        (x, lora_A, t, bits, M, K, R, MB,
-         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), max(bits.stride(0), 1),
-         lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
-        dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+        lambda META: (triton.cdiv(M, META["BLOCK_M"]), splits),
+        (x, lora_A, t_part, bits, M, K, R, MB,
+         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), stride_ts,
+         max(bits.stride(0), 1), lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
+        dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR, SPLIT_K=splits),
         _shrink_cfg(x, fixed),
         wrap,
     )  # fmt: skip
     # The epilogue reads the (N,) vectors with unit stride; they are tiny, so copy if strided.
     bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
-    flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR)
+    flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR, SPLIT_K=splits)
     if _tma_ok(x, weight, y, traced=wrap is not _identity):
         fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
@@ -766,8 +808,8 @@ def lora_fwd(
         _launch(
             _fwd_tma_kernel,
             lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),),
-            (x_desc, w_desc, y_desc, bias_arg, t, lora_B, lbias_arg, M, N, K, R, MB,
-             t.stride(0), lora_B.stride(0), lora_B.stride(1), scaling),
+            (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
+             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), scaling),
             dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms),
             fixed,
             wrap,
@@ -776,8 +818,8 @@ def lora_fwd(
     _launch(
         _fwd_kernel,
         lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),),
-        (x, weight, bias_arg, t, lora_B, lbias_arg, y, M, N, K, R, MB,
-         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
+        (x, weight, bias_arg, t_part, t, lora_B, lbias_arg, y, M, N, K, R, MB,
+         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0), stride_ts,
          lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling),
         dict(flags, IEEE=ieee),
         fixed,
