@@ -395,6 +395,10 @@ def test_shrink_splits_fill_the_gpu(monkeypatch):
     assert tri._shrink_splits(torch.empty(512, 4096)) == 1  # fp32
     monkeypatch.setattr(tri, "_interpret", lambda: True)
     assert tri._shrink_splits(torch.empty(512, 4096, dtype=torch.float16)) == 1
+    monkeypatch.setattr(tri, "SHRINK_SPLIT_K", "3")  # LORA_KERNELS_SHRINK_SPLIT_K: A/B measurements
+    assert tri._shrink_splits(torch.empty(512, 4096, dtype=torch.float16)) == 3
+    monkeypatch.setattr(tri, "SHRINK_SPLIT_K", "0")
+    assert tri._shrink_splits(torch.empty(512, 4096, dtype=torch.float16)) == 1
 
 
 @pytest.mark.parametrize("splits,tma", [(2, "0"), (3, "1"), (4, "0")])

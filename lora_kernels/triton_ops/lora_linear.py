@@ -542,7 +542,10 @@ def _shrink_splits(x: torch.Tensor) -> int:
     programs at M = 2048), and with them the bandwidth and, at p > 0, the Philox throughput that the
     pass needs: split K so the grid reaches ~90 % of the SMs. At most 4 splits (the GEMM epilogue reads
     every partial once per N tile) and at least 512 columns each (4 K steps, so the partial's store
-    stays small next to its x reads). The interpreter keeps 1 (tests force more)."""
+    stays small next to its x reads). The interpreter keeps 1 (tests force more).
+    LORA_KERNELS_SHRINK_SPLIT_K=n fixes n (clamped to [1, 8]), e.g. 1 to measure without the split."""
+    if SHRINK_SPLIT_K != "auto":
+        return min(max(int(SHRINK_SPLIT_K), 1), 8)
     if _interpret() or x.dtype == torch.float32:
         return 1
     sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
@@ -601,6 +604,9 @@ TMA_MODE = os.environ.get("LORA_KERNELS_TMA", "auto")
 FWD_MODE = os.environ.get("LORA_KERNELS_FWD", "two")
 # "single": the backward of single_pass.py (dT from the dX GEMM's own dY tiles; dA in a second launch).
 BWD_MODE = os.environ.get("LORA_KERNELS_BWD", "two")
+# K splits of the shrink: "auto" (by M and the SM count, _shrink_splits) or a fixed count (1 = never
+# split) for A/B measurements.
+SHRINK_SPLIT_K = os.environ.get("LORA_KERNELS_SHRINK_SPLIT_K", "auto")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
