@@ -92,6 +92,31 @@ def test_fullgraph_no_graph_break_aot_eager(training):
     _assert_compiled_matches_eager(model, _x(), "aot_eager", [torch.float32])
 
 
+def test_varying_sequence_lengths_compile_once_dynamic():
+    """Batches of varying length (the usual fine-tuning case): torch.compile recompiles once with M
+    dynamic (its automatic dynamic shapes) and then serves every length from that graph, matching eager
+    (forward, dx, every gradient) at each. The Triton launchers' host code under a symbolic M is checked
+    in test_lora_linear.py::test_host_code_under_symbolic_shapes (the kernels need a GPU under compile)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    backend = "triton" if HAS_CUDA else "torch"
+    model = TinyLoRAModel(K=64, H=96, r=16, backend=backend).to(DEVICE).train()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    frames = []
+    for T in (5, 7, 9, 40):
+        x = torch.randn(2, T, 64, device=DEVICE)
+        y_e, dx_e, g_e = _fwd_bwd(model, model, x)
+        y_c, dx_c, g_c = _fwd_bwd(model, compiled, x)
+        assert_close_ref(y_c, y_e.double(), [torch.float32], f"output T={T}")
+        assert_close_ref(dx_c, dx_e.double(), [torch.float32], f"dx T={T}")
+        for name in g_e:
+            assert_close_ref(g_c[name], g_e[name].double(), [torch.float32], f"{name} T={T}")
+        frames.append(counter.frame_count)
+    assert frames == [1, 2, 2, 2], frames
+
+
 def test_inductor_matches_eager_reference_backend():
     # One inductor graph on CPU (C++ codegen through gcc), with dropout: the mask generator is an
     # opaque custom op (lora_kernels::dropout_keep_mask), so inductor does not inline 10 Philox rounds.

@@ -423,6 +423,50 @@ def test_shrink_split_k_matches_reference(monkeypatch, splits, tma):
     assert torch.equal(bits, ref)
 
 
+@pytest.mark.parametrize("M,dtype", [(2048, torch.bfloat16), (8192, torch.float16), (300, torch.float32)])
+def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype):
+    """torch.compile with dynamic shapes (its automatic dynamic, after a batch of another length) runs
+    the launchers with M as a SymInt. Traced here with make_fx(tracing_mode="symbolic") and the GPU's
+    host-side choices (tiles, K splits): every constexpr and launch option must come out a plain value,
+    never a symbolic expression (Triton specialises on constexprs); grids and int arguments may stay
+    symbolic. No GPU: launches are recorded, not run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((self.kernel.__name__, grid, args, kwargs))
+
+            return run
+
+    K, N, R = 4096, 512, 16
+
+    def fwd_bwd(x, w, b, a, bb, dy):
+        y, t, bits = tri.lora_fwd(x, w, b, a, bb, None, 2.0, 0.1, 5, True, wrap=Recorder)
+        dx, da, db, colsum = tri.lora_bwd(dy, x, w, a, bb, t, bits, 2.0, 0.1, 5, True, True, wrap=Recorder)
+        return y, dx, da, db, colsum
+
+    rnd = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
+    make_fx(fwd_bwd, tracing_mode="symbolic")(rnd(M, K), rnd(N, K), rnd(N), rnd(R, K), rnd(N, R), rnd(M, N))
+    names = [name for name, *_ in launches]
+    assert names == ["_shrink_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel"], names
+    assert any(isinstance(a, torch.SymInt) for a in launches[0][2]), "M was not symbolic: nothing tested"
+    for name, _grid, _, kwargs in launches:
+        symbolic = {k: v for k, v in kwargs.items() if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))}
+        assert not symbolic, (name, symbolic)
+    split = launches[0][3]["SPLIT_K"]
+    assert split == (2 if M == 2048 and dtype != torch.float32 else 1) == launches[1][3]["SPLIT_K"]
+    assert launches[0][1][1] == split  # the shrink's grid: (row blocks, splits)
+
+
 def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
     """Fixed tiles too big for a GPU's shared memory: one stage fewer, then half the N tile."""
     _skip_unavailable("triton")

@@ -550,8 +550,14 @@ def _shrink_splits(x: torch.Tensor) -> int:
         return 1
     sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
     M, K = x.shape
-    blocks = max(triton.cdiv(M, 32), 1)
-    return max(1, min(4, K // 512, triton.cdiv(int(0.9 * sms), blocks)))
+    target, blocks = int(0.9 * sms), triton.cdiv(M, 32)
+    # min(4, K // 512, ⌈target / blocks⌉) by counting up: under torch.compile with dynamic shapes M is
+    # a SymInt, and SPLIT_K is a constexpr, so it must come out a plain int (guarded by inequalities
+    # on M) rather than a symbolic expression.
+    splits = 1
+    while splits < 4 and splits < K // 512 and blocks * splits < target:
+        splits += 1
+    return splits
 
 
 def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
@@ -871,7 +877,8 @@ def lora_bwd(
     MB = _m_bucket(M)
     dev = x.device
     has_dropout = p > 0.0
-    load_bits = has_dropout and bits.numel() > 0
+    # bool(): a constexpr, so a plain bool also when M is a SymInt (torch.compile, dynamic shapes).
+    load_bits = has_dropout and bool(bits.numel() > 0)
     do_dt = need_dx or need_da
     dt = _empty((M, R) if do_dt else (0, R), dev, torch.float32)
     db = _empty((N, R), dev, torch.float32)
