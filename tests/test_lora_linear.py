@@ -423,8 +423,9 @@ def test_shrink_split_k_matches_reference(monkeypatch, splits, tma):
     assert torch.equal(bits, ref)
 
 
+@pytest.mark.parametrize("tma", ["auto", "1"])
 @pytest.mark.parametrize("M,dtype", [(2048, torch.bfloat16), (8192, torch.float16), (300, torch.float32)])
-def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype):
+def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
     """torch.compile with dynamic shapes (its automatic dynamic, after a batch of another length) runs
     the launchers with M as a SymInt. Traced here with make_fx(tracing_mode="symbolic") and the GPU's
     host-side choices (tiles, K splits): every constexpr and launch option must come out a plain value,
@@ -435,6 +436,8 @@ def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype):
     from lora_kernels.triton_ops import lora_linear as tri
 
     monkeypatch.setattr(tri, "_interpret", lambda: False)
+    # LORA_KERNELS_TMA=1: traced tensors have no data pointer to check for alignment: pointer kernels.
+    monkeypatch.setattr(tri, "TMA_MODE", tma)
     launches = []
 
     class Recorder:

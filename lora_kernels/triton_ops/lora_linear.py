@@ -625,6 +625,8 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     until descriptor arguments through ``wrap_triton`` are verified on a GPU (bench/NOTES.md)."""
     if TMA_MODE == "0" or TensorDescriptor is None or (traced and TMA_MODE == "auto"):
         return False
+    if traced and any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors):
+        return False  # tracing (LORA_KERNELS_TMA=1 under torch.compile): no data pointer, alignment unknown
     if tensors[0].dtype not in (torch.float16, torch.bfloat16):
         return False  # fp32 runs true-fp32 dots on the pointer path
     if TMA_MODE == "auto":
