@@ -15,6 +15,8 @@ Names:
     ``triton-1pass`` ``triton-bitmask`` with the single-pass kernels (forward in one launch, backward
                 reading dY once less; Hopper TMA path; opt-in via ``LORA_KERNELS_FWD=single`` and
                 ``LORA_KERNELS_BWD=single`` until measured, see bench/NOTES.md).
+    ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
+                for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
@@ -47,6 +49,7 @@ ALL_IMPLS = (
     "torch",
     "triton-bitmask",
     "triton-1pass",
+    "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
@@ -288,6 +291,25 @@ def _ours_single_pass(prob: Problem) -> Impl:
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 
 
+def _ours_no_split(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the shrink's K never split, for this row's calls only."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-nosplit")
+    if tri._shrink_splits(prob.xs[0].reshape(-1, prob.K)) == 1:
+        raise Unavailable("the shrink does not split K here: identical to triton-bitmask")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        prev = tri.SHRINK_SPLIT_K
+        tri.SHRINK_SPLIT_K = "1"
+        try:
+            return base.fn(x)
+        finally:
+            tri.SHRINK_SPLIT_K = prev
+
+    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+
+
 def _ours_cuda_expand(prob: Problem) -> Impl:
     """``cuda-bitmask`` with LORA_KERNELS_CUDA_CONCAT_K=0 set around this row's calls only (the
     extension reads it per call)."""
@@ -325,6 +347,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_single_pass(prob)
     if name == "cuda-expand":
         return _ours_cuda_expand(prob)
+    if name == "triton-nosplit":
+        return _ours_no_split(prob)
     backend, _, mode = name.partition("-")
     if backend in ("triton", "cuda") and mode in _MASK_MODES:
         if mode == "regen" and prob.p == 0.0:

@@ -222,6 +222,31 @@ def test_single_pass_row(monkeypatch):
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_no_split_row(monkeypatch):
+    """``triton-nosplit``: refused where the shrink would not split anyway; elsewhere it runs
+    ``triton-bitmask`` with LORA_KERNELS_SHRINK_SPLIT_K=1 for its own calls only, computing the same."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob0 = _impls.make_problem(
+        M, K, N, R, 0.0, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    with pytest.raises(_impls.Unavailable, match="does not split"):
+        _impls.build("triton-nosplit", prob0)  # the interpreter never splits by itself
+    real, seen = tri._shrink_splits, []
+
+    def splits(x):  # as a GPU at this M would: 2 splits unless fixed by the switch
+        seen.append(tri.SHRINK_SPLIT_K)
+        return 2 if tri.SHRINK_SPLIT_K == "auto" else real(x)
+
+    monkeypatch.setattr(tri, "_shrink_splits", splits)
+    y1 = _impls.build("triton-nosplit", prob0).fn(prob0.xs[0])
+    assert seen == ["auto", "1"] and tri.SHRINK_SPLIT_K == "auto", seen
+    y2 = _impls.build("triton-bitmask", prob0).fn(prob0.xs[0])
+    assert seen[-1] == "auto"
+    torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
+
+
 def _ncu_csv(rows) -> str:
     """Text in the layout of ``ncu --csv --page details``: a banner, then one row per (launch, metric)."""
     head = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
