@@ -535,24 +535,29 @@ def test_tuned_launch_falls_back_to_fixed_tiles_on_out_of_resources(monkeypatch)
 # compiler with a stand-in driver: catches what the interpreter cannot (constexpr globals, a name
 # bound with two types across a runtime `if`, layouts, shared memory over the 227 KiB of an H100).
 # The launches go through the real `_launch`, so its step-down on OutOfResources is exercised too.
-_SM90_COMPILE = r"""
+# Scripts run in a subprocess without TRITON_INTERPRET (so the kernels are JITFunctions) against a
+# compile-only sm_90 driver: nothing is launched, no GPU is needed.
+_SM90_DRIVER = r"""
 import json, os, re, shutil, subprocess, sys, tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
-from triton.runtime.errors import OutOfResources
 
-H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
-
-class Sm90:  # compile-only driver: nothing is launched, no GPU is needed
+class Sm90:
     def get_current_device(self): return 0
     def get_current_stream(self, device=None): return 0
     def get_current_target(self): return GPUTarget("cuda", 90, 32)
 
 driver.set_active(Sm90())
+"""
+
+_SM90_COMPILE = r"""
+from triton.runtime.errors import OutOfResources
+
+H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
 import lora_kernels.triton_ops.lora_linear as tri
 import lora_kernels.triton_ops.single_pass as sp
 
@@ -620,6 +625,94 @@ print("RESULTS" + json.dumps(results))
 """
 
 
+_SM90_TRACE = r"""
+import operator
+from torch._functorch.aot_autograd import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+import lora_kernels.triton_ops.lora_linear as tri
+
+tri._interpret = lambda: False  # the GPU's host-side choices (tiles, K splits, TMA in "1" mode)
+HOP = torch.ops.higher_order.triton_kernel_wrapper_functional
+
+class Traced(Exception):
+    pass
+
+def sources(gm, inputs):
+    # Where each graph output comes from: (kernel, argument) when a kernel call produced it.
+    out = []
+    for node in next(n for n in gm.graph.nodes if n.op == "output").args[0]:
+        if node.target is operator.getitem and node.args[0].target is HOP:
+            kernel = kernel_side_table.get_kernel(node.args[0].kwargs["kernel_idx"])
+            out.append([kernel.fn.__name__, node.args[1]])
+        else:
+            out.append(str(node.target))
+    raise Traced(out)
+
+results = []
+for case in json.loads(sys.argv[1]):
+    tri.TMA_MODE = case["tma"]
+    M, K, N, R = case["shape"]
+    dt = torch.bfloat16
+    x, w, b = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(N, dtype=dt)
+    a, bb, dy = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(M, N, dtype=dt)
+    t = torch.randn(M, R)
+    bits = torch.randint(0, 255, (M, (K + 7) // 8), dtype=torch.uint8)
+    fwd = lambda x, w, b, a, bb: tri.triton_lora_fwd(x, w, b, a, bb, None, 2.0, 0.1, 5, True)
+    bwd = lambda dy, x, w, a, bb, t, bits: tri.triton_lora_bwd(dy, x, w, a, bb, t, bits, 2.0, 0.1, 5, True, True)
+    for name, fn, args in (("fwd", fwd, (x, w, b, a, bb)), ("bwd", bwd, (dy, x, w, a, bb, t, bits))):
+        try:
+            aot_function(fn, fw_compiler=sources, dynamic=True)(*args)
+        except Traced as e:
+            results.append(dict(case=case, op=name, outputs=e.args[0]))
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_compiled_graph_outputs_come_from_the_kernels():
+    """Under torch.compile the registered ops are decomposed into their kernel calls (AOTAutograd's
+    functional trace, here with dynamic shapes); torch keeps a call only if it sees the call write a
+    tensor argument. Each output of the traced graph must be written by a kernel, never an unwritten
+    ``empty``. Found this way: with TMA descriptors built on the host (LORA_KERNELS_TMA=1) torch saw no
+    write to y, dropped the whole GEMM, and the compiled forward returned uninitialised memory; traced
+    calls now take the pointer kernels. The split-K case checks that the T saved for backward is the
+    one the GEMM's epilogue writes. Compile-only sm_90 driver: nothing runs, no GPU needed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    cases = [
+        dict(tma="auto", shape=[256, 512, 256, 16]),
+        dict(tma="1", shape=[256, 512, 256, 16]),
+        dict(tma="1", shape=[96, 1024, 160, 32]),  # M = 96, K = 1024: the shrink splits K in 2
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_DRIVER + _SM90_TRACE, json.dumps(cases)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 2 * len(cases), results
+    for r in results:
+        if r["op"] == "fwd":
+            # (y, T, bits): y and, with a split shrink, T from the GEMM; else T and bits from the shrink.
+            split = r["case"]["shape"][0] == 96
+            want = [["_fwd_kernel", "Y"], ["_fwd_kernel", "T_OUT"] if split else ["_shrink_kernel", "T"],
+                    ["_shrink_kernel", "BITS"]]  # fmt: skip
+        else:
+            want = [["_bwd_dx_kernel", "DX"], ["_bwd_dx_kernel", "DA"], ["_bwd_dy_kernel", "DB"],
+                    ["_bwd_dy_kernel", "DSUM"]]  # fmt: skip
+        assert r["outputs"] == want, r
+
+
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """Every kernel variant of a representative set compiles for sm_90 and the launcher finds
     tiles within the H100's shared memory (fixed tiles, stepping down like on a real GPU)."""
@@ -644,7 +737,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
     proc = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE, json.dumps(cases)],
+        [sys.executable, "-c", _SM90_DRIVER + _SM90_COMPILE, json.dumps(cases)],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,

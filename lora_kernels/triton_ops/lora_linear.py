@@ -621,12 +621,15 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     """TMA descriptors need 2-D row-major tensors with 16-byte aligned base and row stride.
 
-    ``traced``: inside the torch.library op (torch.compile). "auto" keeps the pointer kernels there
-    until descriptor arguments through ``wrap_triton`` are verified on a GPU (bench/NOTES.md)."""
+    ``traced``: inside the torch.library op. Under torch.compile the op is traced with fake tensors
+    and decomposed into its kernel calls, and torch keeps a call only if it sees it write a tensor
+    argument: it does not see writes through host-built descriptors, so it dropped the whole TMA GEMM
+    and y came back unwritten (test_compiled_graph_outputs_come_from_the_kernels). Traced calls take
+    the pointer kernels, in every mode; eager calls of the op with real tensors may use TMA ("1")."""
     if TMA_MODE == "0" or TensorDescriptor is None or (traced and TMA_MODE == "auto"):
         return False
     if traced and any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors):
-        return False  # tracing (LORA_KERNELS_TMA=1 under torch.compile): no data pointer, alignment unknown
+        return False  # also: a fake tensor has no data pointer to check for alignment
     if tensors[0].dtype not in (torch.float16, torch.bfloat16):
         return False  # fp32 runs true-fp32 dots on the pointer path
     if TMA_MODE == "auto":
