@@ -135,6 +135,62 @@ def test_tensors_on_different_gpus(backend):
     _raises(backend, t, ValueError, r"^weight is on cuda:1 but x is on cuda:0")
 
 
+@requires_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_all_tensors_on_a_gpu_that_is_not_current(backend_name):
+    """A model spread over GPUs (HF device_map="auto") runs a layer on cuda:1 while cuda:0 is current:
+    the kernels must launch on cuda:1 (Triton launches on the current device unless told otherwise)."""
+    reason = backends.available_backends(torch.empty(1, 16, device="cuda:1"))[backend_name]
+    if reason is not None:
+        pytest.skip(f"backend {backend_name!r} cannot run here: {reason}")
+    t = {k: v.to("cuda:1").requires_grad_(k in ("x", "lora_A", "lora_B")) for k, v in _inputs().items()}
+    with torch.cuda.device(0):
+        y = _call(backend_name, t, dropout_p=0.1, seed=7)
+        y.backward(torch.ones_like(y))
+    ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in t.items()}
+    y_ref = _call("torch", ref, dropout_p=0.1, seed=7)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert y.device == torch.device("cuda", 1)
+    assert_close_ref(y, y_ref, [torch.float32], "y")
+    for k in ("x", "lora_A", "lora_B"):
+        assert_close_ref(t[k].grad, ref[k].grad, [torch.float32], f"d{k}")
+
+
+def test_triton_launchers_make_the_tensors_gpu_current(monkeypatch):
+    """The guard behind the test above, without two GPUs: lora_fwd/lora_bwd run with their first
+    tensor's GPU made current when it is not, and touch nothing otherwise (CPU, current GPU)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    assert tri.lora_fwd.__wrapped__ and tri.lora_bwd.__wrapped__  # both launchers carry the guard
+    entered = []
+
+    class Device:  # stands in for torch.cuda.device
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    seen = []
+    guarded = tri._on_tensor_device(lambda t, *args: seen.append((list(entered), args)) or "done")
+
+    class OnDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    assert guarded(OnDevice("cuda:1"), 5) == "done" and seen[-1] == ([1], (5,)) and entered == [1, "exit"]
+    entered.clear()
+    guarded(OnDevice("cuda:0"), 6)
+    guarded(OnDevice("cpu"), 7)
+    assert entered == [] and [s[1] for s in seen[1:]] == [(6,), (7,)]
+
+
 DTYPE_ERRORS = {
     "weight": (torch.float16, r"^weight dtype torch.float16 differs from x dtype torch.float32"),
     "bias": (torch.float16, r"^bias dtype torch.float16 differs from weight dtype"),

@@ -290,6 +290,38 @@ def test_triton_ops_registered_schema():
         assert torch.equal(got, want)
 
 
+def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
+    """LORA_KERNELS_TMA=1 in the registered ops (what torch.compile traces): the TMA kernels take plain
+    tensors and build their descriptors in the kernel (DEVICE_DESC), and compute exactly what the eager
+    launches with host-built descriptors compute: odd M, split-K, p > 0 with the stored mask."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    monkeypatch.setattr(tri, "_shrink_splits", lambda x: 2)
+    seen = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        seen.append((kernel.__name__, meta.get("DEVICE_DESC")))
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    fwd_args = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
+    got = torch.ops.lora_kernels.triton_lora_fwd(*fwd_args)
+    want = tri.lora_fwd(*fwd_args)
+    dy = torch.randn(67, 72).to(x.dtype)
+    bwd_args = (dy, x, W, A, B, want[1], want[2], 2.0, 0.1, 5, True, True)
+    got += torch.ops.lora_kernels.triton_lora_bwd(*bwd_args)
+    want += tri.lora_bwd(*bwd_args)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    tma = [s for s in seen if "tma" in s[0]]
+    assert tma == [("_fwd_tma_kernel", True), ("_fwd_tma_kernel", False), ("_bwd_dx_tma_kernel", True),
+                   ("_bwd_dx_tma_kernel", False)], seen  # fmt: skip
+
+
 @requires_gpu
 def test_triton_ops_opcheck_gpu():
     _skip_unavailable("triton", torch.bfloat16)
@@ -436,7 +468,7 @@ def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
     from lora_kernels.triton_ops import lora_linear as tri
 
     monkeypatch.setattr(tri, "_interpret", lambda: False)
-    # LORA_KERNELS_TMA=1: traced tensors have no data pointer to check for alignment: pointer kernels.
+    # LORA_KERNELS_TMA=1: the TMA kernels with in-kernel descriptors (alignment from the storage offset).
     monkeypatch.setattr(tri, "TMA_MODE", tma)
     launches = []
 
@@ -460,7 +492,12 @@ def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
     rnd = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
     make_fx(fwd_bwd, tracing_mode="symbolic")(rnd(M, K), rnd(N, K), rnd(N), rnd(R, K), rnd(N, R), rnd(M, N))
     names = [name for name, *_ in launches]
-    assert names == ["_shrink_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel"], names
+    tma_ = tma == "1" and dtype != torch.float32
+    gemms = ["_fwd_tma_kernel", "_bwd_dx_tma_kernel"] if tma_ else ["_fwd_kernel", "_bwd_dx_kernel"]
+    assert names == ["_shrink_kernel", gemms[0], "_bwd_dy_kernel", gemms[1]], names
+    if tma_:  # plain tensors where the host path passes descriptors
+        assert all(launches[i][3]["DEVICE_DESC"] is True for i in (1, 3))
+        assert all(isinstance(launches[i][2][j], torch.Tensor) for i in (1, 3) for j in range(3))
     assert any(isinstance(a, torch.SymInt) for a in launches[0][2]), "M was not symbolic: nothing tested"
     for name, _grid, _, kwargs in launches:
         symbolic = {k: v for k, v in kwargs.items() if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))}
@@ -572,7 +609,8 @@ class Compile:  # stands in for the JITFunction (same hash/eq, so _DESC_HOOKS fi
     def __getitem__(self, grid):
         def launch(*args, **kw):
             k = self.fn.run(*args, grid=None, warmup=True, **kw)
-            cfg = {n: kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K") if n in kw}
+            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC")
+            cfg = {n: kw[n] for n in keys if n in kw}
             # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and
             # local memory (register spills) from the cubin's resource usage.
             local = None
@@ -611,7 +649,10 @@ def single_bwd(*a, **k):
 sp.lora_bwd_single_pass = single_bwd
 sp._fwd_single_pass_kernel = Compile(sp._fwd_single_pass_kernel)
 sp._bwd_single_pass_kernel = Compile(sp._bwd_single_pass_kernel)
+real_traced = tri._traced
 for CASE in json.loads(sys.argv[1]):
+    # "op": the launches of the registered ops (torch.compile's path): in-kernel TMA descriptors.
+    tri._traced = (lambda wrap: True) if CASE.get("op") else real_traced
     dt = getattr(torch, CASE["dtype"])
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
     tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
@@ -674,8 +715,9 @@ def test_compiled_graph_outputs_come_from_the_kernels():
     tensor argument. Each output of the traced graph must be written by a kernel, never an unwritten
     ``empty``. Found this way: with TMA descriptors built on the host (LORA_KERNELS_TMA=1) torch saw no
     write to y, dropped the whole GEMM, and the compiled forward returned uninitialised memory; traced
-    calls now take the pointer kernels. The split-K case checks that the T saved for backward is the
-    one the GEMM's epilogue writes. Compile-only sm_90 driver: nothing runs, no GPU needed."""
+    calls now build the descriptors in the kernel ("1") or take the pointer kernels ("auto"). The
+    split-K case checks that the T saved for backward is the one the GEMM's epilogue writes.
+    Compile-only sm_90 driver: nothing runs, no GPU needed."""
     import json
     import os
     import subprocess
@@ -702,14 +744,16 @@ def test_compiled_graph_outputs_come_from_the_kernels():
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
     assert len(results) == 2 * len(cases), results
     for r in results:
+        # "1": the TMA kernels, with descriptors built in the kernel from plain tensors (y_desc, dx_desc).
+        tma = r["case"]["tma"] == "1"
         if r["op"] == "fwd":
             # (y, T, bits): y and, with a split shrink, T from the GEMM; else T and bits from the shrink.
+            gemm, y = ("_fwd_tma_kernel", "y_desc") if tma else ("_fwd_kernel", "Y")
             split = r["case"]["shape"][0] == 96
-            want = [["_fwd_kernel", "Y"], ["_fwd_kernel", "T_OUT"] if split else ["_shrink_kernel", "T"],
-                    ["_shrink_kernel", "BITS"]]  # fmt: skip
+            want = [[gemm, y], [gemm, "T_OUT"] if split else ["_shrink_kernel", "T"], ["_shrink_kernel", "BITS"]]
         else:
-            want = [["_bwd_dx_kernel", "DX"], ["_bwd_dx_kernel", "DA"], ["_bwd_dy_kernel", "DB"],
-                    ["_bwd_dy_kernel", "DSUM"]]  # fmt: skip
+            gemm, dx = ("_bwd_dx_tma_kernel", "dx_desc") if tma else ("_bwd_dx_kernel", "DX")
+            want = [[gemm, dx], [gemm, "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
         assert r["outputs"] == want, r
 
 
@@ -733,6 +777,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", levels=2),  # two-level reduction
         dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", K=1024),  # few rows: split-K shrink (2 splits)
         dict(dtype="float16", r=32, mode="regenerate", tma="0", K=1024),  # ... and the pointer GEMM's partial sums
+        dict(dtype="bfloat16", r=64, mode="bitmask", tma="1", op=True),  # in-kernel TMA descriptors (compile path)
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
@@ -762,6 +807,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         "_fwd_single_pass_kernel", "_bwd_single_pass_kernel",
     }  # fmt: skip
     assert all(tries[-1]["smem"] <= 232448 for tries in launches)
+    # The op path's TMA kernels built their descriptors in the kernel.
+    dev = sorted(t[-1]["kernel"] for t in launches if t[-1]["cfg"].get("DEVICE_DESC"))
+    assert dev == ["_bwd_dx_tma_kernel", "_fwd_tma_kernel"], dev
     # The split-K shrink and the GEMMs that sum its partials compiled (K = 1024 at M = 96: 2 splits).
     split = sorted((t[-1]["kernel"], t[-1]["cfg"].get("SPLIT_K")) for t in launches if t[-1]["case"].get("K"))
     assert [k for k in split if k[1] == 2] == [("_fwd_kernel", 2), ("_fwd_tma_kernel", 2), ("_shrink_kernel", 2),

@@ -312,15 +312,23 @@ def _fwd_kernel(
 def _fwd_tma_kernel(
     x_desc, w_desc, y_desc, BIAS, T, T_OUT, LB, LBIAS,
     M, N, K, R, M_BUCKET,
-    stride_tm, stride_ts, stride_lbn, stride_lbr,
+    stride_tm, stride_ts, stride_lbn, stride_lbr, row_stride_x, row_stride_w, row_stride_y,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr, DEVICE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Hopper path: persistent grid of NUM_SMS programs walking the output tiles; x and W tiles
     arrive by TMA (tensor descriptors, out-of-bounds zero-filled), y leaves by a TMA store.
-    On H100 this GEMM shape measured 0.93–1.04× cuBLAS, the pointer one 1.23–1.28× (ANCHORS.md)."""
+    On H100 this GEMM shape measured 0.93–1.04× cuBLAS, the pointer one 1.23–1.28× (ANCHORS.md).
+
+    DEVICE_DESC: x_desc, w_desc, y_desc are plain tensors (row strides row_stride_*) and the
+    descriptors are built here: under torch.compile, torch sees the writes through in-kernel
+    descriptors but not through host-built ones (it would drop the kernel, bench/NOTES.md)."""
+    if DEVICE_DESC:
+        x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
@@ -455,14 +463,20 @@ def _bwd_dx_tma_kernel(
     dy_desc, w_desc, dx_desc, DT, A, X, BITS, DA,
     M, N, K, R, M_BUCKET,
     stride_dtm, stride_ar, stride_ak, stride_xm, stride_xk, stride_bm, stride_dar,
+    row_stride_dy, row_stride_w, row_stride_dx,
     seed_lo, seed_hi, threshold, keep_scale,
     DO_DX: tl.constexpr, DO_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr,
     CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEVICE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
-    The dA reductions are the first tiles of the walk (they are the longest)."""
+    The dA reductions are the first tiles of the walk (they are the longest). DEVICE_DESC: as in
+    ``_fwd_tma_kernel``, the descriptors are built here from plain tensors."""
+    if DEVICE_DESC:
+        dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
+        w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        dx_desc = tl.make_tensor_descriptor(dx_desc, [M, K], [row_stride_dx, 1], [BLOCK_M, BLOCK_K])
     num_da = 0
     if DO_DA:
         num_da = tl.cdiv(K, BLOCK_K)
@@ -584,6 +598,11 @@ def _identity(kernel):
     return kernel
 
 
+def _traced(wrap) -> bool:
+    """True for the launches of the registered ops (what torch.compile traces), False for eager calls."""
+    return wrap is not _identity
+
+
 def _op_wrap(kernel):
     """``wrap_triton`` for the registered ops. Under TRITON_INTERPRET=1 ``triton.jit`` gives an
     InterpretedFunction, which torch ≤ 2.11 (the GPU image's torch) rejects in wrap_triton while
@@ -621,15 +640,15 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     """TMA descriptors need 2-D row-major tensors with 16-byte aligned base and row stride.
 
-    ``traced``: inside the torch.library op. Under torch.compile the op is traced with fake tensors
-    and decomposed into its kernel calls, and torch keeps a call only if it sees it write a tensor
-    argument: it does not see writes through host-built descriptors, so it dropped the whole TMA GEMM
-    and y came back unwritten (test_compiled_graph_outputs_come_from_the_kernels). Traced calls take
-    the pointer kernels, in every mode; eager calls of the op with real tensors may use TMA ("1")."""
+    ``traced``: inside the torch.library op (what torch.compile traces). There the TMA kernels build
+    their descriptors in the kernel (DEVICE_DESC): under torch.compile the op is decomposed into its
+    kernel calls and torch keeps a call only if it sees it write a tensor argument, which it does not
+    through host-built descriptors (it dropped the whole GEMM: bench/NOTES.md). "auto" keeps the
+    pointer kernels there until the in-kernel descriptors are measured on a GPU; "1" takes them. The
+    base's alignment is then read from the storage offset (fake tensors have no data pointer; storages
+    from torch's allocators are aligned), which torch.compile turns into a guard."""
     if TMA_MODE == "0" or TensorDescriptor is None or (traced and TMA_MODE == "auto"):
         return False
-    if traced and any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors):
-        return False  # also: a fake tensor has no data pointer to check for alignment
     if tensors[0].dtype not in (torch.float16, torch.bfloat16):
         return False  # fp32 runs true-fp32 dots on the pointer path
     if TMA_MODE == "auto":
@@ -637,7 +656,10 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
         if _interpret() or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
             return False
     for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
+            return False
+        fake = traced and torch._subclasses.fake_tensor.is_fake(t)
+        if (t.storage_offset() * t.element_size()) % 16 if fake else t.data_ptr() % 16:
             return False
         if t.stride(0) < t.shape[1]:  # overlapping rows (e.g. an expanded dY with row stride 0)
             return False
@@ -665,6 +687,8 @@ def _c(bm, bn, bk, warps, stages, pre_hook=None, group_m=8):
 
 
 def _set_fwd_desc_blocks(nargs):
+    if isinstance(nargs["x_desc"], torch.Tensor):
+        return  # in-kernel descriptors (DEVICE_DESC) take the tiles from the constexprs
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
@@ -672,6 +696,8 @@ def _set_fwd_desc_blocks(nargs):
 
 
 def _set_dx_desc_blocks(nargs):
+    if isinstance(nargs["dy_desc"], torch.Tensor):
+        return
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["dy_desc"].block_shape = [bm, bn]
     nargs["w_desc"].block_shape = [bn, bk]
@@ -730,6 +756,22 @@ def _autotuner(kernel):
     return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """In-kernel TMA descriptors live in a global scratch that Triton takes from ``triton.set_allocator``.
+    Inductor sets one before each of its launches; for the op's own eager launches set one here, unless
+    the user has set theirs. (Triton keeps it in a ContextVar: per thread.)"""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # pragma: no cover - older Triton: no device-side descriptors either
+        return
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_torch_scratch)
+
+
 def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     """Launch ``kernel``: autotuned in eager GPU calls, else with the ``fixed`` tiles.
 
@@ -744,6 +786,8 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
             pass  # every tuned config exceeds this GPU: the fixed tiles below step down until one fits
     if "BLOCK_N" not in kernel.arg_names:
         fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
+    if meta.get("DEVICE_DESC") and not _interpret():
+        _ensure_allocator()
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
     variants = [fixed]
@@ -763,6 +807,23 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
                 raise
 
 
+def _on_tensor_device(fn):
+    """Run ``fn(t, ...)`` with ``t``'s GPU current. Triton launches on the current CUDA device (and its
+    stream), so a model spread over GPUs (HF ``device_map="auto"``, pipeline stages) that calls a layer
+    on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU. (The CUDA backend takes a
+    CUDAGuard in C++.)"""
+
+    @functools.wraps(fn)
+    def on_device(t: torch.Tensor, *args, **kwargs):
+        if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device.index):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return on_device
+
+
+@_on_tensor_device
 def lora_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -816,18 +877,23 @@ def lora_fwd(
     bias_arg = bias.contiguous() if bias is not None else t  # t: never read when HAS_BIAS is False
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
     flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR, SPLIT_K=splits)
-    if _tma_ok(x, weight, y, traced=wrap is not _identity):
+    traced = _traced(wrap)
+    if _tma_ok(x, weight, y, traced=traced):
         fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
-        x_desc = TensorDescriptor.from_tensor(x, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
-        w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
-        y_desc = TensorDescriptor.from_tensor(y, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
+        if traced:  # in-kernel descriptors (see _tma_ok)
+            x_desc, w_desc, y_desc = x, weight, y
+        else:
+            x_desc = TensorDescriptor.from_tensor(x, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
+            w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
+            y_desc = TensorDescriptor.from_tensor(y, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
         _launch(
             _fwd_tma_kernel,
             lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),),
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
-             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), scaling),
-            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms),
+             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), weight.stride(0), y.stride(0),
+             scaling),
+            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced),
             fixed,
             wrap,
         )  # fmt: skip
@@ -845,6 +911,7 @@ def lora_fwd(
     return y, t, bits
 
 
+@_on_tensor_device
 def lora_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -907,19 +974,23 @@ def lora_bwd(
     seeds = (lo, hi, dropout_threshold(p), 1.0 / (1.0 - p))
     flags = dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR)
     n_da = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
-    if need_dx and _tma_ok(dy, weight, dx, traced=wrap is not _identity):
+    traced = _traced(wrap)
+    if need_dx and _tma_ok(dy, weight, dx, traced=traced):
         fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
-        dy_desc = TensorDescriptor.from_tensor(dy, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
-        w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
-        dx_desc = TensorDescriptor.from_tensor(dx, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
+        if traced:  # in-kernel descriptors (see _tma_ok)
+            dy_desc, w_desc, dx_desc = dy, weight, dx
+        else:
+            dy_desc = TensorDescriptor.from_tensor(dy, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
+            w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
+            dx_desc = TensorDescriptor.from_tensor(dx, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
         _launch(
             _bwd_dx_tma_kernel,
             lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) + n_da(META)),),
             (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R, MB,
              dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
-             *seeds),
-            dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms),
+             dy.stride(0), weight.stride(0), dx.stride(0), *seeds),
+            dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced),
             fixed,
             wrap,
         )  # fmt: skip
