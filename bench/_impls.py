@@ -15,6 +15,9 @@ Names:
     ``triton-1pass`` ``triton-bitmask`` with the single-pass kernels (forward in one launch, backward
                 reading dY once less; Hopper TMA path; opt-in via ``LORA_KERNELS_FWD=single`` and
                 ``LORA_KERNELS_BWD=single`` until measured, see bench/NOTES.md).
+    ``triton-compile`` ``torch.compile(fullgraph=True)`` of ``triton-bitmask``: what a compiled model runs
+                (the registered ops; pointer GEMMs, or with ``LORA_KERNELS_TMA=1`` the TMA kernels with
+                in-kernel descriptors).
     ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
                 for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
@@ -49,6 +52,7 @@ ALL_IMPLS = (
     "torch",
     "triton-bitmask",
     "triton-1pass",
+    "triton-compile",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",
@@ -291,6 +295,18 @@ def _ours_single_pass(prob: Problem) -> Impl:
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 
 
+def _ours_compiled(prob: Problem) -> Impl:
+    """``triton-bitmask`` under ``torch.compile(fullgraph=True)``: the registered ops' launches."""
+    if not hasattr(torch, "compile"):
+        raise Unavailable("torch.compile is not available in this torch")
+    if prob.device.type != "cuda":
+        raise Unavailable("torch.compile of the Triton ops needs a GPU (interpreter kernels cannot be traced)")
+    base = _ours(prob, "triton", "bitmask", "triton-compile")
+    torch._dynamo.reset()  # as for `compile`: no guards piling up across configurations
+    fn = torch.compile(base.fn, fullgraph=True, dynamic=False)
+    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+
+
 def _ours_no_split(prob: Problem) -> Impl:
     """``triton-bitmask`` with the shrink's K never split, for this row's calls only."""
     from lora_kernels.triton_ops import lora_linear as tri
@@ -349,6 +365,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_cuda_expand(prob)
     if name == "triton-nosplit":
         return _ours_no_split(prob)
+    if name == "triton-compile":
+        return _ours_compiled(prob)
     backend, _, mode = name.partition("-")
     if backend in ("triton", "cuda") and mode in _MASK_MODES:
         if mode == "regen" and prob.p == 0.0:

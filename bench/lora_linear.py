@@ -78,6 +78,7 @@ GPU_IMPLS = (
     "compile",
     "triton-bitmask",
     "triton-1pass",
+    "triton-compile",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",

@@ -247,6 +247,16 @@ def test_no_split_row(monkeypatch):
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
 
 
+def test_compiled_row_needs_a_gpu():
+    """``triton-compile`` (torch.compile of our Triton path) is refused on a CPU with its reason: the
+    interpreter's kernels cannot be traced."""
+    prob = _impls.make_problem(
+        M, K, N, R, 0.0, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    with pytest.raises(_impls.Unavailable, match="needs a GPU"):
+        _impls.build("triton-compile", prob)
+
+
 def _ncu_csv(rows) -> str:
     """Text in the layout of ``ncu --csv --page details``: a banner, then one row per (launch, metric)."""
     head = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
