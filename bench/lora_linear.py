@@ -78,13 +78,13 @@ GPU_IMPLS = (
     "compile",
     "triton-bitmask",
     "triton-1pass",
-    "triton-compile",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
     "cuda-regen",
 )
+# triton-compile (a compile per configuration, like `compile`) only when asked for with --impls.
 # torch.compile is left out of the dry run: inductor's C++ build takes minutes on a small CPU.
 DRY_IMPLS = ("cublas", "naive", "peft", "torch", "triton-bitmask", "triton-regen")
 
