@@ -589,6 +589,30 @@ class Sm90:
 driver.set_active(Sm90())
 """
 
+
+def _run_sm90_script(script: str, cases: list[dict]) -> list:
+    """Run ``_SM90_DRIVER + script`` on ``cases`` in a fresh interpreter without TRITON_INTERPRET
+    (compile only, also on a GPU machine) and return what it printed after RESULTS."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_DRIVER + script, json.dumps(cases)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.split("RESULTS", 1)[1])
+
+
 _SM90_COMPILE = r"""
 from triton.runtime.errors import OutOfResources
 
@@ -718,11 +742,6 @@ def test_compiled_graph_outputs_come_from_the_kernels():
     calls now build the descriptors in the kernel ("1") or take the pointer kernels ("auto"). The
     split-K case checks that the T saved for backward is the one the GEMM's epilogue writes.
     Compile-only sm_90 driver: nothing runs, no GPU needed."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("triton")
     cases = [
@@ -730,18 +749,7 @@ def test_compiled_graph_outputs_come_from_the_kernels():
         dict(tma="1", shape=[256, 512, 256, 16]),
         dict(tma="1", shape=[96, 1024, 160, 32]),  # M = 96, K = 1024: the shrink splits K in 2
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90_DRIVER + _SM90_TRACE, json.dumps(cases)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    results = _run_sm90_script(_SM90_TRACE, cases)
     assert len(results) == 2 * len(cases), results
     for r in results:
         # "1": the TMA kernels, with descriptors built in the kernel from plain tensors (y_desc, dx_desc).
@@ -760,11 +768,6 @@ def test_compiled_graph_outputs_come_from_the_kernels():
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """Every kernel variant of a representative set compiles for sm_90 and the launcher finds
     tiles within the H100's shared memory (fixed tiles, stepping down like on a real GPU)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("triton")
     cases = [
@@ -779,18 +782,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="float16", r=32, mode="regenerate", tma="0", K=1024),  # ... and the pointer GEMM's partial sums
         dict(dtype="bfloat16", r=64, mode="bitmask", tma="1", op=True),  # in-kernel TMA descriptors (compile path)
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # compile only, also on a GPU machine
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90_DRIVER + _SM90_COMPILE, json.dumps(cases)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
     # re-raises when its last variant does not fit, so a zero exit means every launch fit).
     launches = []

@@ -598,6 +598,15 @@ def _identity(kernel):
     return kernel
 
 
+def _tma_operands(traced: bool, fixed: dict, *specs: tuple[torch.Tensor, str, str]) -> tuple:
+    """The TMA kernels' operands, one per ``(tensor, row-tile key, column-tile key)``: host descriptors
+    with those tiles for eager launches, the plain tensors for traced ones (in-kernel descriptors, see
+    ``_tma_ok``)."""
+    if traced:
+        return tuple(t for t, _, _ in specs)
+    return tuple(TensorDescriptor.from_tensor(t, [fixed[r], fixed[c]]) for t, r, c in specs)
+
+
 def _traced(wrap) -> bool:
     """True for the launches of the registered ops (what torch.compile traces), False for eager calls."""
     return wrap is not _identity
@@ -881,12 +890,9 @@ def lora_fwd(
     if _tma_ok(x, weight, y, traced=traced):
         fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
-        if traced:  # in-kernel descriptors (see _tma_ok)
-            x_desc, w_desc, y_desc = x, weight, y
-        else:
-            x_desc = TensorDescriptor.from_tensor(x, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
-            w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
-            y_desc = TensorDescriptor.from_tensor(y, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
+        x_desc, w_desc, y_desc = _tma_operands(
+            traced, fixed, (x, "BLOCK_M", "BLOCK_K"), (weight, "BLOCK_N", "BLOCK_K"), (y, "BLOCK_M", "BLOCK_N")
+        )
         _launch(
             _fwd_tma_kernel,
             lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),),
@@ -978,12 +984,9 @@ def lora_bwd(
     if need_dx and _tma_ok(dy, weight, dx, traced=traced):
         fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
-        if traced:  # in-kernel descriptors (see _tma_ok)
-            dy_desc, w_desc, dx_desc = dy, weight, dx
-        else:
-            dy_desc = TensorDescriptor.from_tensor(dy, [fixed["BLOCK_M"], fixed["BLOCK_N"]])
-            w_desc = TensorDescriptor.from_tensor(weight, [fixed["BLOCK_N"], fixed["BLOCK_K"]])
-            dx_desc = TensorDescriptor.from_tensor(dx, [fixed["BLOCK_M"], fixed["BLOCK_K"]])
+        dy_desc, w_desc, dx_desc = _tma_operands(
+            traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (weight, "BLOCK_N", "BLOCK_K"), (dx, "BLOCK_M", "BLOCK_K")
+        )
         _launch(
             _bwd_dx_tma_kernel,
             lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) + n_da(META)),),
