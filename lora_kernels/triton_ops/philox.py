@@ -41,9 +41,12 @@ def dropout_mask_bytes(seed_lo, seed_hi, offs_m, g_start, threshold, BLOCK_M: tl
     Returns an int32 tensor (BLOCK_M, G) whose bit j is 1 iff column 8·g + j is kept: one Philox
     call yields the 8 decisions of a group (16-bit halves of its 4 lanes).
     """
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
-    thr = threshold.to(tl.uint32)
+    # tl.cast, not .to: the scalars may arrive as Python ints (torch 2.11's analysis of which tensors
+    # a kernel writes compiles it with every scalar argument a constant; .to fails there and torch
+    # then assumes every input is written, cloning x under torch.compile).
+    k0 = tl.cast(seed_lo, tl.uint32)
+    k1 = tl.cast(seed_hi, tl.uint32)
+    thr = tl.cast(threshold, tl.uint32)
     rows = offs_m.to(tl.int64)
     zero = tl.zeros((BLOCK_M, G), dtype=tl.uint32)
     g = (g_start + tl.arange(0, G)).to(tl.uint32)
