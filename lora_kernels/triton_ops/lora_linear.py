@@ -536,6 +536,11 @@ def _cfg(x: torch.Tensor, R: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _planning_sms(x: torch.Tensor) -> int:
+    """The SM count the grid-size rules plan for: x's GPU, or an H100's 132 off-GPU (compile-only checks)."""
+    return _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132
+
+
 def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
     """Fixed tiles of the shrink (T = dropout(x)·Aᵀ: memory-bound, one pass over x, one program per
     BLOCK_M rows). 128-row blocks leave SMs idle below M ≈ 128·SMs (64 programs at M = 8192 on an
@@ -545,7 +550,7 @@ def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
     mma.sync rather than wgmma: a few GFLOP, hidden under the x read."""
     if _interpret() or x.dtype == torch.float32:
         return {**fixed, "num_warps": 4}
-    sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
+    sms = _planning_sms(x)
     M = x.shape[0]
     bm = next((b for b in (128, 64) if triton.cdiv(M, b) >= 0.9 * sms), 32)
     return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if bm == 128 else 128, "num_warps": 4}
@@ -562,7 +567,7 @@ def _shrink_splits(x: torch.Tensor) -> int:
         return min(max(int(SHRINK_SPLIT_K), 1), 8)
     if _interpret() or x.dtype == torch.float32:
         return 1
-    sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132  # compile-only: an H100
+    sms = _planning_sms(x)
     M, K = x.shape
     target, blocks = int(0.9 * sms), triton.cdiv(M, 32)
     # min(4, K // 512, ⌈target / blocks⌉) by counting up: under torch.compile with dynamic shapes M is
