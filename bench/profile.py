@@ -3,7 +3,8 @@ where a ratio misses its target (which kernel, how many DRAM/L2 bytes, how busy 
 
     python -m bench.profile --impls cublas,triton-bitmask,triton-1pass --shape 8192,4096,4096,16 -p 0.1
 
-runs, per implementation, one Nsight Compute (``ncu --profile-from-start off``) process that re-executes
+runs, per implementation, one Nsight Compute (``ncu --clock-control none --profile-from-start off``:
+the card's clocks are left as they are) process that re-executes
 this script with ``--child``: warm-up steps untraced, then ``--steps`` forward+backward steps between
 ``cudaProfilerStart``/``Stop``. It prints one markdown table: per implementation and kernel, launches,
 total time, DRAM bytes, L2 bytes, and the SM / memory "speed of light" percentages. ``--dry`` runs the
@@ -26,7 +27,7 @@ import torch
 
 from . import _impls
 
-__all__ = ["main", "parse_ncu_csv", "summarize"]
+__all__ = ["main", "ncu_command", "parse_ncu_csv", "summarize"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ncu "details" page metrics kept in the table (Section, Metric Name) -> column.
@@ -140,6 +141,17 @@ def summarize(launches: list[dict], impls: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def ncu_command(ncu: str, child: Sequence[str]) -> list[str]:
+    """The Nsight Compute command line that profiles ``child``.
+
+    ``--clock-control none``: by default ncu locks the GPU's clocks to base for the duration, which
+    changes the card's settings (shared machines here forbid that) and measures another card than the
+    benchmark's; with it, kernels run at the clocks the card has, as in ``bench.lora_linear``."""
+    return [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "--page", "details",
+            "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--metrics", ",".join(_RAW),
+            *child]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child or args.dry:
@@ -156,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child = [sys.executable, "-m", "bench.profile", "--child", "--impls", impl, "--shape",
                  ",".join(map(str, args.shape)), "-p", str(args.dropout), "--dtype", args.dtype,
                  "--adapter-dtype", args.adapter_dtype, "--steps", str(args.steps)]  # fmt: skip
-        cmd = [ncu, "--profile-from-start", "off", "--csv", "--page", "details", "--section", "SpeedOfLight",
-               "--section", "MemoryWorkloadAnalysis", "--metrics", ",".join(_RAW), *child]  # fmt: skip
+        cmd = ncu_command(ncu, child)
         print("profile: " + " ".join(cmd), file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
