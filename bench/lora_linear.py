@@ -155,6 +155,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cpu-reps", type=int, default=5, help="perf_counter repetitions (non-CUDA timing)")
     ap.add_argument("--copies", type=int, help="input copies to rotate through (default: enough to defeat L2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    ap.add_argument(
+        "--budget-s", type=float,
+        help="start no configuration that would end past this many seconds (by the mean time of those so far): "
+        "a time-limited run still writes its rows and table",
+    )  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -287,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise SystemExit("--device cuda but no CUDA GPU is available")
     if device.type != "cuda" and not args.dry:
         raise SystemExit("no CUDA GPU: the benchmark needs one (use --dry for the tiny CPU run)")
+    if device.type == "cuda" and os.environ.get("LORA_KERNELS_AUTOTUNE") == "0":
+        preset = f"{preset}+untuned"  # our Triton rows ran the fixed tiles (eager GPU calls autotune)
     args.dtype = args.dtype or ("fp32" if args.dry else "bf16")
     impl_names = list(args.impls or (DRY_IMPLS if args.dry else GPU_IMPLS))
     if "cublas" not in impl_names:
@@ -302,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     t_start = time.perf_counter()
     for i, cfg in enumerate(configs, 1):
+        spent = time.perf_counter() - t_start
+        if args.budget_s is not None and i > 1 and spent * i / (i - 1) > args.budget_s:
+            _log(f"bench.lora_linear: stopped before configuration {i}/{len(configs)}: it would end past "
+                 f"--budget-s {args.budget_s:g} ({spent:.0f} s spent)")  # fmt: skip
+            break
         tag = f"[{i}/{len(configs)}] M={cfg.M} {cfg.K}->{cfg.N} r={cfg.r} p={cfg.p}"
         rows += run_config(cfg, impl_names, args, device, base, tag)
     _log(f"bench.lora_linear: done in {time.perf_counter() - t_start:.1f} s")

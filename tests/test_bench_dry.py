@@ -299,8 +299,49 @@ def test_profile_parses_ncu_details_and_summarizes():
     assert table[3].startswith("| triton-bitmask | _shrink_kernel | 1 | 35.0 |")
 
 
+def test_profile_leaves_the_clocks_alone(tmp_path, capsys):
+    """The ncu path end to end with a stand-in ncu (records its arguments, prints a details CSV): ncu is
+    told not to lock the clocks (its default would change the card's settings), one process per
+    implementation re-runs this module as the child, and the table is built from what ncu printed."""
+    from bench import profile
+
+    (tmp_path / "ncu.csv").write_text(_NCU_CSV)
+    fake = tmp_path / "ncu"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/argv\ncat {tmp_path}/ncu.csv\n')
+    fake.chmod(0o755)
+    assert profile.main(["--ncu", str(fake), "--impls", "cublas,triton-bitmask", "--shape", "64,32,48,4"]) == 0
+    calls = (tmp_path / "argv").read_text().splitlines()
+    assert len(calls) == 2
+    for call, impl in zip(calls, ("cublas", "triton-bitmask"), strict=True):
+        assert call.startswith("--clock-control none --profile-from-start off "), call
+        assert f"-m bench.profile --child --impls {impl} --shape 64,32,48,4" in call
+    table = capsys.readouterr().out
+    assert "| cublas | _fwd_kernel | 2 | 700.0 |" in table and "| triton-bitmask | _shrink_kernel | 1 |" in table
+
+
 def test_profile_dry_runs_the_steps():
     from bench import profile
 
     assert profile.main(["--dry", "--impls", "cublas,naive", "--shape", "16,32,24,4", "--dtype", "fp32",
                          "--adapter-dtype", "same", "--steps", "1"]) == 0  # fmt: skip
+
+
+def test_budget_stops_between_configurations(tmp_path, monkeypatch):
+    """--budget-s: a time-limited run (the device's gpu-check) starts no configuration that would end
+    past the budget, and still returns, writes and tabulates the rows it has."""
+    calls = []
+
+    def fake_run_config(cfg, impl_names, args, device, base, tag):
+        calls.append(cfg)
+        clock[0] += 10.0  # each configuration "takes" 10 s
+        return [dict(base, M=cfg.M, K=cfg.K, N=cfg.N, r=cfg.r, p=cfg.p, impl="cublas", status="ok")]
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_ll, "run_config", fake_run_config)
+    monkeypatch.setattr(bench_ll.time, "perf_counter", lambda: clock[0])
+    argv = ["--dry", "--out", str(tmp_path), "--m", "64,65,66,67", "--dropout", "0", "--no-plot"]
+    rows = bench_ll.main([*argv, "--budget-s", "25"])  # 2 done (20 s), a third would end at 30 s
+    assert [c.M for c in calls] == [64, 65] and len(rows) == 2
+    assert len(_report.read_csv(next(tmp_path.glob("*.csv")))) == 2
+    calls.clear()
+    assert len(bench_ll.main([*argv, "--no-csv"])) == 4 and len(calls) == 4  # no budget: all of them
