@@ -6,6 +6,7 @@
 #     builds it) and imports with matching build metadata;
 #   - the Triton kernels run in 3.6's interpreter and compile for sm_90 with 3.6's compiler;
 #   - the torch.library ops, opcheck, torch.compile, PEFT and verify work with torch 2.11's APIs.
+# GPU_STACK_BUILD_ONLY=1 stops after the build (scripts/device_prebuild.sh).
 # A separate venv (.cache/venv-gpu-stack) and a copy of the tracked sources (.cache/gpu-stack-src):
 # building there leaves the checkout's own extension (built for .venv's torch) alone.
 set -euo pipefail
@@ -73,6 +74,8 @@ else
   echo "=== gpu-stack: no CUDA toolkit found: installing without the CUDA extension"
 fi
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# scripts/device_prebuild.sh wants the binary only (it is in $SRC/lora_kernels now).
+[ "${GPU_STACK_BUILD_ONLY:-0}" = "1" ] && exit 0
 
 # The wheel test repeats the link step only; the emulation harness is plain C++ (no torch): both
 # already ran in the main suite.

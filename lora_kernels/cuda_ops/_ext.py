@@ -9,7 +9,6 @@ a hash of the sources, so the build happens once per machine and source version.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -57,11 +56,7 @@ def _jit_archs() -> list[str]:
 
 
 def jit_cache_dir(archs: list[str]) -> Path:
-    digest = hashlib.sha256()
-    for src in sorted(_build.CSRC.glob("*")):
-        digest.update(src.name.encode())
-        digest.update(src.read_bytes())
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{'_'.join(archs)}-{digest.hexdigest()[:12]}"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{'_'.join(archs)}-{_build.sources_digest()}"
     base = os.environ.get("LORA_KERNELS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora_kernels"
     )
