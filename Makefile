@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo lint gpu-check bench-dry wheel clean
+.PHONY: setup test demo lint gpu-check gpu-check-short device-prebuild bench-dry wheel clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -19,6 +19,14 @@ lint: setup
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The 15-minute device session: 6 minutes of checks, table last (bench/NOTES.md, "Runbook").
+gpu-check-short:
+	GPU_CHECK_PLAN=short bash scripts/gpu_check.sh
+
+# Here, before a device session: the extension for the device image (and CUTLASS) to carry there.
+device-prebuild:
+	bash scripts/device_prebuild.sh
 
 bench-dry: setup
 	$(PY) -m bench.lora_linear --dry

@@ -5,6 +5,7 @@ before lora_kernels is imported by any test module.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -31,6 +32,16 @@ def pytest_configure(config):
     want = os.environ.get("LORA_KERNELS_EXPECT_TORCH")
     if want and torch.__version__.split("+")[0] != want:
         raise pytest.UsageError(f"LORA_KERNELS_EXPECT_TORCH={want} but torch {torch.__version__} was imported")
+
+
+# A time-limited device session (scripts/gpu_check.sh's budget) stops starting tests at this moment
+# (epoch seconds; 0 or unset: never), so pytest ends with its summary instead of being killed mid-run.
+_DEADLINE = float(os.environ.get("LORA_KERNELS_TEST_DEADLINE") or 0)
+
+
+def pytest_runtest_setup(item):
+    if _DEADLINE and time.time() > _DEADLINE:
+        pytest.skip("not started: the time budget of this run (LORA_KERNELS_TEST_DEADLINE) was spent")
 
 
 def pytest_report_header(config):
