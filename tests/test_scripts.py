@@ -89,6 +89,19 @@ def test_gpu_check_budget_skips_steps_and_stops_a_step_at_its_limit(tmp_path):
     assert "=== gpu-check: environment (limit 3" in proc.stdout and "| environment | ok |" in proc.stdout
 
 
+def test_gpu_check_tests_step_hands_its_deadline_to_pytest(tmp_path):
+    # A 30 s limit leaves pytest no time to start a test (it stops 30 s before the limit), so every test
+    # is reported as not started and pytest still ends normally with its summary.
+    env = {"GPU_CHECK_STEPS": "tests", "GPU_CHECK_CAP_TESTS": "30", "GPU_CHECK_WORKERS": "0",
+           "GPU_CHECK_TESTS": "tests/test_reference.py", "PYTEST_ARGS": "-p no:cacheprovider -k gradcheck",
+           "GPU_CHECK_LOGS": str(tmp_path)}  # fmt: skip
+    proc = _gpu_check(ROOT, env)
+    assert proc.returncode == 0 and "| tests | ok |" in proc.stdout, proc.stdout
+    log = (tmp_path / "tests.log").read_text()
+    assert "not started: the time budget of this run" in log and " passed" not in log, log
+    assert "tests: " in proc.stdout.splitlines()[-1]  # pytest's summary line closes the report
+
+
 def test_gpu_check_takes_a_matching_prebuilt_binary_and_refuses_a_stale_one(tmp_path):
     built = sorted((ROOT / "lora_kernels").glob("_C.*.so"))
     info = ROOT / "lora_kernels" / "_build_info.py"
