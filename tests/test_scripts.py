@@ -41,12 +41,13 @@ exec %s "$@"
 
 
 def _repo_copy(tmp_path: Path) -> Path:
-    """The tracked files in a scratch directory: the install step writes into lora_kernels/."""
+    """What the install step reads (scripts, the package, the sources), without any built binary, in a
+    scratch directory: the step writes into lora_kernels/. (Not `git ls-files`: the GPU-stack stage runs
+    the suite in a copy that is no git checkout.)"""
     dst = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, files.decode().split("\0")):
-        (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dst / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
+    for part in ("scripts", "lora_kernels", "csrc"):
+        shutil.copytree(ROOT / part, dst / part, ignore=skip)
     return dst
 
 
