@@ -578,15 +578,10 @@ _SM90_DRIVER = r"""
 import json, os, re, shutil, subprocess, sys, tempfile
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
+from lora_kernels.triton_ops.compile_only import _Driver
 
-class Sm90:
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-
-driver.set_active(Sm90())
+driver.set_active(_Driver(90))
 """
 
 
@@ -597,68 +592,65 @@ def _run_sm90_script(script: str, cases: list[dict]) -> list:
     import os
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A cache of its own, storing the PTX too: a shared one may hold the same kernels stored as cubins
+    # alone (scripts/prewarm_triton_cache.py writes them that way, gpu_check.sh seeds with them).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_STORE_BINARY_ONLY")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90_DRIVER + script, json.dumps(cases)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run(
+            [sys.executable, "-c", _SM90_DRIVER + script, json.dumps(cases)],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.split("RESULTS", 1)[1])
 
 
 _SM90_COMPILE = r"""
-from triton.runtime.errors import OutOfResources
-
-H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
+from lora_kernels.triton_ops.compile_only import compile_only
 import lora_kernels.triton_ops.lora_linear as tri
 import lora_kernels.triton_ops.single_pass as sp
 
-tri.AUTOTUNE = False
-real_launch = tri._launch
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
 results = []
 
-class Compile:  # stands in for the JITFunction (same hash/eq, so _DESC_HOOKS finds its hook)
-    def __init__(self, fn): self.fn, self.arg_names = fn, fn.arg_names
-    def __hash__(self): return hash(self.fn)
-    def __eq__(self, other): return other is self.fn or other is self
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            k = self.fn.run(*args, grid=None, warmup=True, **kw)
-            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC")
-            cfg = {n: kw[n] for n in keys if n in kw}
-            # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and
-            # local memory (register spills) from the cubin's resource usage.
-            local = None
-            if CUOBJDUMP:
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(k.asm["cubin"])
-                    f.flush()
-                    res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-                local = int(re.search(r"LOCAL:(\d+)", res)[1])
-            ptx = k.asm["ptx"]
-            # The cross-program barrier's memory operations as emitted (single-pass kernels): their
-            # scopes and orderings, and the loads of the other programs' partials.
-            sync = sorted({m[1] for m in re.finditer(r"(atom\.global\.\w+\.\w+\.\w+|ld\.global\.gpu\.acquire)", ptx)})
-            results.append(dict(kernel=self.fn.__name__, case=CASE, cfg=cfg, smem=k.metadata.shared,
-                                wgmma=ptx.count("wgmma.mma_async"), local=local, sync=sync,
-                                cg_loads=ptx.count("ld.global.cg")))
-            if k.metadata.shared > H100_SMEM:
-                raise OutOfResources(k.metadata.shared, H100_SMEM, "shared memory")
-        return launch
+def record(c):
+    k, kw = c.compiled, c.kwargs
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC")
+    cfg = {n: kw[n] for n in keys if n in kw}
+    # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and local
+    # memory (register spills) from the cubin's resource usage.
+    local = None
+    if CUOBJDUMP:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+        local = int(re.search(r"LOCAL:(\d+)", res)[1])
+    ptx = k.asm["ptx"]
+    # The cross-program barrier's memory operations as emitted (single-pass kernels): their scopes and
+    # orderings, and the loads of the other programs' partials.
+    sync = sorted({m[1] for m in re.finditer(r"(atom\.global\.\w+\.\w+\.\w+|ld\.global\.gpu\.acquire)", ptx)})
+    results.append(dict(kernel=c.kernel, case=CASE, cfg=cfg, smem=k.metadata.shared,
+                        wgmma=ptx.count("wgmma.mma_async"), local=local, sync=sync,
+                        cg_loads=ptx.count("ld.global.cg")))
 
+# compile_only: an H100's target, SM count and shared memory (a kernel over it raises OutOfResources, so
+# the launchers step down as on the GPU), fixed tiles; "launch" marks where each launch's tries begin.
+ctx = compile_only(record)
+ctx.__enter__()
+real_launch = tri._launch
 def launch(kernel, *a):
     results.append("launch")
-    real_launch(Compile(kernel), *a)
-
+    real_launch(kernel, *a)
 tri._launch = launch
 # The single-pass forward launches its kernel itself (one launch, stepping down on OutOfResources).
 real_single = sp.lora_fwd_single_pass
@@ -671,8 +663,6 @@ def single_bwd(*a, **k):
     results.append("launch")
     return real_single_bwd(*a, **k)
 sp.lora_bwd_single_pass = single_bwd
-sp._fwd_single_pass_kernel = Compile(sp._fwd_single_pass_kernel)
-sp._bwd_single_pass_kernel = Compile(sp._bwd_single_pass_kernel)
 real_traced = tri._traced
 for CASE in json.loads(sys.argv[1]):
     # "op": the launches of the registered ops (torch.compile's path): in-kernel TMA descriptors.

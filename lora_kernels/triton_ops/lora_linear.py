@@ -758,16 +758,22 @@ _KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE"]
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
-@functools.cache
-def _autotuner(kernel):
+def _tuning_configs(kernel) -> list:
+    """``kernel``'s tuning table, each config reduced to the meta-parameters the kernel takes."""
     names = kernel.arg_names
-    configs = [
+    return [
         triton.Config({k: v for k, v in c.kwargs.items() if k in names}, num_warps=c.num_warps,
                       num_stages=c.num_stages, pre_hook=c.pre_hook)
         for c in _configs()[kernel]
     ]  # fmt: skip
-    keys = [k for k in _KEYS if k in names]
-    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+@functools.cache
+def _autotuner(kernel):
+    keys = [k for k in _KEYS if k in kernel.arg_names]
+    return triton.autotune(configs=_tuning_configs(kernel), key=keys, prune_configs_by={"early_config_prune": _prune})(
+        kernel
+    )
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -1122,6 +1128,11 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
             return "x is on the CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
     elif x.device.type != "cuda":
         return f"Triton kernels run on CUDA GPUs, x is on {x.device.type}"
+    return _support_reason(x, lora_A)
+
+
+def _support_reason(x: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """None if the kernels support these dtypes and this rank (wherever the tensors are), else why not."""
     if x.dtype not in _SUPPORTED:
         return f"Triton kernels support float16, bfloat16 and float32 activations, got {x.dtype}"
     if lora_A.dtype not in _SUPPORTED:
