@@ -24,7 +24,8 @@ gpu-check:
 gpu-check-short:
 	GPU_CHECK_PLAN=short bash scripts/gpu_check.sh
 
-# Here, before a device session: the extension for the device image (and CUTLASS) to carry there.
+# Here, before a device session: the extension for the device image, its Triton kernels (compiled
+# without a GPU) and CUTLASS, to carry there.
 device-prebuild:
 	bash scripts/device_prebuild.sh
 

@@ -692,7 +692,8 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             from .triton_ops import lora_linear as _tri
 
             # LORA_KERNELS_FWD / _BWD=single route eligible Triton cases through the single-pass kernels.
-            modes_note = f", triton forward={_tri.FWD_MODE} backward={_tri.BWD_MODE}"
+            tuned = "off (fixed tiles)" if not _tri.AUTOTUNE else "on" if not _tri._interpret() else "off (interpreter)"
+            modes_note = f", triton forward={_tri.FWD_MODE} backward={_tri.BWD_MODE} autotune={tuned}"
         except ImportError:
             pass
     print(

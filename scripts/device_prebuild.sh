@@ -7,8 +7,12 @@
 #                                          # third_party/cutlass (scripts/vendor_cutlass.sh) if missing
 #   then carry ".device" and "third_party" with the device run; `make gpu-check` installs the binary from there when
 #   its Python tag and its sources digest (csrc/ + the build flags) match, else builds as before.
+#   It also compiles, with the device image's Triton and without a GPU, the Triton kernels that the short
+#   plan's benchmark and verify launch (scripts/prewarm_triton_cache.py) into .device/triton-cache.tar.gz,
+#   which gpu_check.sh unpacks into Triton's cache: the device loads them instead of compiling them.
 #
 #   DEVICE_PREBUILT=dir   where to write (default .device/prebuilt)
+#   DEVICE_TRITON_CACHE=file.tar.gz  the compiled Triton kernels (default .device/triton-cache.tar.gz)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${DEVICE_PREBUILT:-.device/prebuilt}
@@ -29,6 +33,16 @@ cmp -s "$DEST/SOURCES_DIGEST" <(python3 lora_kernels/cuda_ops/_build.py digest) 
 echo "device_prebuild: $(du -sh "$DEST" | cut -f1) in $DEST:"
 ls -l "$DEST"
 sed -n 's/^\([A-Z_]*\) = /  \1 = /p' "$DEST/_build_info.py"
+# The Triton kernels of the short plan's benchmark and verify rows (the plan's own arguments), compiled
+# for sm_90 by the device image's Triton (the GPU-image venv): ~1 s per kernel here.
+(
+  source scripts/gpu_check_short_plan.sh
+  autotune=()
+  [ "$BENCH_AUTOTUNE" = 1 ] && autotune+=(--bench-autotune)
+  [ "$VERIFY_AUTOTUNE" = 1 ] && autotune+=(--verify-autotune)
+  env -u TRITON_INTERPRET "${GPU_STACK_VENV:-.cache/venv-gpu-stack}/bin/python" scripts/prewarm_triton_cache.py \
+    --out "${DEVICE_TRITON_CACHE:-.device/triton-cache.tar.gz}" --bench-args "$BENCH_ARGS" --verify-args "$VERIFY_ARGS" "${autotune[@]}"
+)
 # The CUTLASS headers too, for the fallback build there if the binary does not load (28 MB).
 [ -f third_party/cutlass/include/cutlass/cutlass.h ] || PYTHON="$PWD/${GPU_STACK_VENV:-.cache/venv-gpu-stack}/bin/python" bash scripts/vendor_cutlass.sh
 echo "carry both: run(carry=[\"${DEST%%/*}\", \"third_party\"], command=\"GPU_CHECK_PLAN=short ... bash scripts/gpu_check.sh\")" \

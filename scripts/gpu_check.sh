@@ -34,6 +34,14 @@
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
 #   GPU_CHECK_ARCHIVE=file.tar.gz  pack the logs into one file at the end (the device tool returns at
 #                    most 8 files)
+#   TRITON_CACHE_DIR  Triton's kernel cache (default /tmp/lora-kernels-triton-cache: a directory of its
+#                    own, so each step reports how many kernels it compiled)
+#   GPU_CHECK_TRITON_CACHE=file.tar.gz  seed that cache first (default .device/triton-cache.tar.gz when
+#                    present: the kernels make device-prebuild compiled ahead without a GPU, see
+#                    scripts/prewarm_triton_cache.py; or a first call's GPU_CHECK_TRITON_CACHE_OUT; "" none)
+#   GPU_CHECK_TRITON_CACHE_OUT=file.tar.gz  pack the cache's cubins at the end, to seed a second call
+#   VERIFY_AUTOTUNE=0|1  LORA_KERNELS_AUTOTUNE for the verify step (short plan: 0, fixed tiles; eager calls
+#                    otherwise tune, compiling every config of each kernel variant)
 #   GPU_CHECK_PROFILE=1  also run the profile step: `python -m bench.profile` (Nsight Compute counters per
 #                    kernel at 8192×4096→4096, r = 16, p = 0.1) when ncu exists
 #   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
@@ -42,25 +50,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${GPU_CHECK_PLAN:-}" = "short" ]; then
-  # The numbers first (their rel_err column already shows a wrong kernel), then the GPU tests, then a
-  # small verify (its full sweep compiles ~80 kernel variants in one process: a later call).
-  : "${GPU_CHECK_STEPS:=install,environment,bench,tests,verify}"
-  : "${GPU_CHECK_BUDGET:=360}"
-  : "${GPU_CHECK_CAP_BENCH:=140}"
-  : "${GPU_CHECK_CAP_TESTS:=150}"
-  : "${GPU_CHECK_CAP_VERIFY:=45}"
-  # The headline configurations, every implementation that matters for issues 3 and 5, fixed tiles
-  # (autotuning compiles every config: a later session measures it); --budget-s keeps the table.
-  : "${BENCH_ARGS:=--m 8192 --shapes 4096x4096,4096x14336 --ranks 16 --dropout 0,0.1 --budget-s 120
-    --impls cublas,naive,peft,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand}"
-  : "${BENCH_AUTOTUNE:=0}"
-  # The files whose tests run kernels on the GPU; the CPU-only files (extension build, emulation
-  # harness, scripts) already pass in CI.
-  : "${GPU_CHECK_TESTS:=tests/test_lora_linear.py tests/test_cuda_backend.py tests/test_single_pass.py
-    tests/test_hostile.py tests/test_compile.py tests/test_verify.py tests/test_layer.py tests/test_peft.py}"
-  # PEFT's default (bf16 base, fp32 adapters) at a real size (TMA path) and an odd one (pointer path).
-  : "${VERIFY_ARGS:=--backend triton --backend cuda --dtype bf16+fp32a --only-shapes --shape 2048,4096,14336,16
-    --shape 67,203,130,1 -p 0 -p 0.1 --mask-mode bitmask --no-progress}"
+  # The plan's defaults live in one file: scripts/device_prebuild.sh compiles its Triton kernels ahead.
+  source scripts/gpu_check_short_plan.sh
 fi
 BUDGET=${GPU_CHECK_BUDGET:-0}
 START=$SECONDS
@@ -85,6 +76,7 @@ fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOG_DIR=${GPU_CHECK_LOGS:-$(mktemp -d -t gpu-check-XXXXXX)}
 mkdir -p "$LOG_DIR"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/lora-kernels-triton-cache}
 
 STEPS=()
 FAILED=0
@@ -105,13 +97,14 @@ step_limit() {
 # (`timeout` runs it in a child bash: the do_* functions and their variables are exported below);
 # record status and duration. STEP_DEADLINE (epoch seconds, 0: none) is for the step's own use.
 run_step() {
-  local name=$1 limit start=$SECONDS
+  local name=$1 limit start=$SECONDS kernels
   limit=$(step_limit "$name")
   if [ "$limit" -lt 0 ]; then
     echo "=== gpu-check: $name: skipped: the ${BUDGET} s budget is spent"
-    STEPS+=("| $name | skipped (budget) | 0 s |")
+    STEPS+=("| $name | skipped (budget) | 0 s | - |")
     return 0
   fi
+  kernels=$(triton_kernels)
   echo "=== gpu-check: $name (limit ${limit} s, 0: none)"
   export STEP_DEADLINE=0
   if [ "$limit" -gt 0 ]; then
@@ -126,8 +119,54 @@ run_step() {
     status="FAILED (exit $rc)"
     FAILED=1
   fi
-  STEPS+=("| $name | $status | $((SECONDS - start)) s |")
+  STEPS+=("| $name | $status | $((SECONDS - start)) s | $(($(triton_kernels) - kernels)) |")
   return "$rc"
+}
+
+# Kernels in Triton's cache (one index file each).
+triton_kernels() {
+  find "$TRITON_CACHE_DIR" -name '__grp__*.json' 2>/dev/null | wc -l
+}
+
+# This Triton's build key (lora_kernels/triton_ops/_build_key.py: imports Triton alone), empty if unknown.
+triton_build_key() {
+  "$PY" lora_kernels/triton_ops/_build_key.py 2>/dev/null | tail -n 1
+}
+
+# Unpack the seed into Triton's cache: the kernels make device-prebuild compiled without a GPU, or a
+# previous call's GPU_CHECK_TRITON_CACHE_OUT. Triton's index files name their members by absolute path,
+# so they are re-pointed here; a seed from another Triton build would miss every kernel: say so.
+seed_triton_cache() {
+  local seed=${GPU_CHECK_TRITON_CACHE-.device/triton-cache.tar.gz} info from want have
+  [ -n "$seed" ] || return 0
+  if [ ! -f "$seed" ]; then
+    [ -n "${GPU_CHECK_TRITON_CACHE:-}" ] && echo "gpu-check: WARNING: no Triton cache seed $seed"
+    return 0
+  fi
+  mkdir -p "$TRITON_CACHE_DIR"
+  tar -xzf "$seed" -C "$TRITON_CACHE_DIR" || { echo "gpu-check: WARNING: could not unpack $seed"; return 0; }
+  info="$TRITON_CACHE_DIR/PREWARM_INFO"
+  from=$(sed -n 's/^cache_dir=//p' "$info" 2>/dev/null)
+  if [ -n "$from" ] && [ "$from" != "$TRITON_CACHE_DIR" ]; then
+    find "$TRITON_CACHE_DIR" -name '__grp__*.json' -exec sed -i "s#\"$from/#\"$TRITON_CACHE_DIR/#g" {} +
+    sed -i "s#^cache_dir=.*#cache_dir=$TRITON_CACHE_DIR#" "$info"
+  fi
+  want=$(sed -n 's/^triton_key=//p' "$info" 2>/dev/null)
+  have=$(triton_build_key)
+  local verdict="the same Triton build as here"
+  [ "$want" = "$have" ] || verdict="NOT this Triton build ($have): every kernel will compile here"
+  echo "gpu-check: Triton cache $TRITON_CACHE_DIR seeded from $seed: $(triton_kernels) kernels," \
+    "compiled for Triton build ${want:-unknown}, $verdict"
+}
+
+# Pack the cache's cubins and metadata (the IR stays here) for the next call's GPU_CHECK_TRITON_CACHE.
+pack_triton_cache() {
+  local out=$1
+  [ -d "$TRITON_CACHE_DIR" ] || return 0
+  { echo "cache_dir=$TRITON_CACHE_DIR"; echo "triton_key=$(triton_build_key)"; } >"$TRITON_CACHE_DIR/PREWARM_INFO"
+  (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.cubin' -o -name '*.json' -o -name PREWARM_INFO \) -print0 |
+    tar -czf "$out" --null -T -) &&
+    echo "gpu-check: $(triton_kernels) Triton kernels packed into $out ($(du -h "$out" | cut -f1))"
 }
 
 # A prebuilt binary is usable when it is for this Python, from these sources, and imports.
@@ -185,7 +224,7 @@ do_bench() {
 
 do_verify() {
   # shellcheck disable=SC2086
-  "$PY" -m lora_kernels verify ${VERIFY_ARGS:-} --json "$LOG_DIR/verify.json"
+  LORA_KERNELS_AUTOTUNE=${VERIFY_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} "$PY" -m lora_kernels verify ${VERIFY_ARGS:-} --json "$LOG_DIR/verify.json"
 }
 
 do_profile() {
@@ -212,12 +251,13 @@ print('backends', lora_kernels.available_backends(dtype=torch.bfloat16))
 
 export -f install_prebuilt do_install do_environment do_verify do_tests do_bench do_profile
 export PY LOG_DIR GPU_CHECK_PREBUILT GPU_CHECK_TESTS GPU_CHECK_WORKERS PYTEST_ARGS BENCH_ARGS BENCH_OUT \
-  BENCH_AUTOTUNE VERIFY_ARGS NCU
+  BENCH_AUTOTUNE VERIFY_ARGS VERIFY_AUTOTUNE NCU
 
 STEP_LIST=${GPU_CHECK_STEPS:-install,environment,tests,bench}
 [ "${GPU_CHECK_PROFILE:-0}" = "1" ] && [[ ",$STEP_LIST," != *",profile,"* ]] && STEP_LIST="$STEP_LIST,profile"
 echo "gpu-check: python=$($PY -c 'import sys; print(sys.executable)') CUDA_HOME=${CUDA_HOME:-none}" \
   "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} steps=$STEP_LIST budget=${BUDGET}s logs=$LOG_DIR"
+seed_triton_cache
 IFS=, read -r -a ORDER <<<"$STEP_LIST"
 for step in "${ORDER[@]}"; do
   case $step in
@@ -234,13 +274,14 @@ for name in verify profile bench; do  # the benchmark table nearest the summary 
   echo "=== gpu-check: $name table"
   grep '^|' "$LOG_DIR/$name.log" || echo "(no table: see $LOG_DIR/$name.log)"
 done
+[ -n "${GPU_CHECK_TRITON_CACHE_OUT:-}" ] && pack_triton_cache "$GPU_CHECK_TRITON_CACHE_OUT"
 if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
   tar -czf "$GPU_CHECK_ARCHIVE" -C "$LOG_DIR" . && echo "gpu-check: logs packed into $GPU_CHECK_ARCHIVE"
 fi
 echo
 echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s, logs in $LOG_DIR)"
-echo "| step | status | time |"
-echo "|---|---|---|"
+echo "| step | status | time | Triton kernels compiled |"
+echo "|---|---|---|---|"
 printf '%s\n' "${STEPS[@]}"
 tail -n 1 "$LOG_DIR/tests.log" 2>/dev/null | sed 's/^/tests: /'
 exit "$FAILED"

@@ -53,7 +53,9 @@ def _repo_copy(tmp_path: Path) -> Path:
 
 def _gpu_check(repo: Path, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "BENCH_", "VERIFY_"))}
-    env = {**base, "VENV": str(Path(sys.executable).parent.parent), **env}
+    # No Triton cache seed from this checkout's .device/ unless a test gives one; a cache of the test's own.
+    hermetic = {"GPU_CHECK_TRITON_CACHE": "", "TRITON_CACHE_DIR": str(repo / ".pytest-triton-cache")}
+    env = {**base, "VENV": str(Path(sys.executable).parent.parent), **hermetic, **env}
     return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 
@@ -142,3 +144,106 @@ def test_pytest_starts_no_test_after_the_deadline():
     assert proc.returncode == 0, proc.stdout
     assert " passed" not in proc.stdout and " skipped" in proc.stdout
     assert "not started: the time budget of this run" in proc.stdout
+
+
+# ---- the Triton kernels compiled ahead (scripts/prewarm_triton_cache.py) and gpu_check.sh's cache ----
+
+_PREWARM_BENCH = "--m 256 --shapes 512x512 --ranks 16 --dropout 0.1 --impls triton-bitmask"
+_PREWARM_VERIFY = "--backend triton --dtype bf16+fp32a --only-shapes --shape 67,203,130,1 -p 0.1 --mask-mode bitmask"
+
+
+def _prewarm(cache: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    cmd = [sys.executable, "scripts/prewarm_triton_cache.py", "--out", str(out), "--cache-dir", str(cache),
+           "--bench-args", _PREWARM_BENCH, "--verify-args", _PREWARM_VERIFY, *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
+    """The device-session path without the device: kernels compiled ahead for sm_90 (the benchmark's and
+    verify's launches, on CPU tensors), packed; gpu_check.sh unpacks them into a cache elsewhere and
+    re-points Triton's index files; the same launches then compile nothing (every kernel is a hit from
+    the new path, in a new process); gpu_check.sh packs the cache again for a second device call."""
+    pytest.importorskip("triton")
+    first, seed = tmp_path / "first-cache", tmp_path / "seed.tar.gz"
+    proc = _prewarm(first, seed)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bench triton-bitmask Config(M=256, K=512, N=512, r=16, p=0.1): ok" in proc.stdout, proc.stdout
+    n = int(proc.stdout.split(" kernels in ")[0].rsplit(" ", 1)[-1])
+    assert n >= 6, proc.stdout  # shrink, GEMM, dY, dX, pointer kernels of the odd verify shape, the mask probe
+    with tarfile.open(seed) as tar:
+        names = tar.getnames()
+        info = tar.extractfile("PREWARM_INFO").read().decode()
+    assert sum(x.endswith(".cubin") for x in names) == n and not any(x.endswith((".ptx", ".llir")) for x in names)
+    assert f"cache_dir={first}\n" in info and "arch=90\n" in info and "sms=132\n" in info, info
+
+    # gpu_check.sh, with the cache somewhere else: unpacked, re-pointed, the build recognised.
+    second, again, logs = tmp_path / "second-cache", tmp_path / "again.tar.gz", tmp_path / "logs"
+    env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(second), "GPU_CHECK_TRITON_CACHE": str(seed),
+           "GPU_CHECK_TRITON_CACHE_OUT": str(again), "GPU_CHECK_LOGS": str(logs)}  # fmt: skip
+    out = _gpu_check(ROOT, env).stdout
+    assert f"seeded from {seed}: {n} kernels" in out and "the same Triton build as here" in out, out
+    assert "| environment | ok |" in out and out.split("| environment | ok |")[1].split("\n")[0].endswith("| 0 |")
+    grp = [p.read_text() for p in second.glob("*/__grp__*.json")]
+    assert len(grp) == n and all(str(second) in g and str(first) not in g for g in grp)
+
+    # The same launches, another process, the re-pointed cache: nothing left to compile.
+    proc = _prewarm(second, tmp_path / "unused.tar.gz", "--keep")
+    assert proc.returncode == 0 and f"prewarm: 0 kernels compiled, {n} kernels" in proc.stdout, proc.stdout
+
+    # What gpu_check.sh packed for a second call: the cubins and index files, pointing at its cache.
+    with tarfile.open(again) as tar:
+        names = tar.getnames()
+        info = tar.extractfile("./PREWARM_INFO").read().decode()
+    assert sum(x.endswith(".cubin") for x in names) == n and f"cache_dir={second}\n" in info
+
+
+def test_gpu_check_reports_a_seed_from_another_triton_build(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "ABC").mkdir(parents=True)
+    (cache / "ABC" / "__grp___k.json").write_text('{"child_paths": {}}')
+    (cache / "PREWARM_INFO").write_text(f"cache_dir={cache}\ntriton_key=0000000000000000\n")
+    seed = tmp_path / "seed.tar.gz"
+    with tarfile.open(seed, "w:gz") as tar:
+        for p in cache.iterdir():
+            tar.add(p, arcname=p.name)
+    env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(tmp_path / "here"),
+           "GPU_CHECK_TRITON_CACHE": str(seed)}  # fmt: skip
+    out = _gpu_check(ROOT, env).stdout
+    assert "1 kernels, compiled for Triton build 0000000000000000, NOT this Triton build" in out, out
+
+
+def test_short_plan_verifies_on_fixed_tiles():
+    """verify autotunes in eager GPU calls (every config of every kernel variant compiles): the 45 s the
+    short plan gives it fit the fixed tiles only, like the benchmark's."""
+    env = {
+        "GPU_CHECK_PLAN": "short",
+        "GPU_CHECK_STEPS": "verify",
+        "TRITON_CACHE_DIR": "/nonexistent/cache",
+        "VERIFY_ARGS": "--backend triton --backend torch --dtype fp32 --only-shapes --shape 3,40,24,2 -p 0",
+    }
+    out = _gpu_check(ROOT, env).stdout
+    assert "autotune=off (fixed tiles)" in out, out
+    out = _gpu_check(ROOT, {**env, "GPU_CHECK_PLAN": "", "LORA_KERNELS_AUTOTUNE": "1"}).stdout
+    assert "autotune=" in out and "autotune=off (fixed tiles)" not in out, out
+
+
+def test_prewarm_compiles_every_tuning_config_when_the_run_tunes(tmp_path):
+    """With BENCH_AUTOTUNE=1 on the device, the first call of each kernel compiles its whole tuning table
+    (what survives the table's prune): the prewarm compiles the same set (Triton's autotuner arguments)."""
+    pytest.importorskip("triton")
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "scripts/prewarm_triton_cache.py", "--out", str(tmp_path / "t.tar.gz"), "--cache-dir",
+           str(cache), "--bench-args", _PREWARM_BENCH, "--bench-autotune"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and "every tuning config" in proc.stdout, proc.stdout + proc.stderr
+    per_kernel = {}
+    for grp in cache.glob("*/__grp__*.json"):
+        name = grp.name.removeprefix("__grp__").removesuffix(".json")
+        per_kernel[name] = per_kernel.get(name, 0) + 1
+    # bf16, rank 16, the TMA path: lora_linear._configs() less what _prune drops for 16-bit operands (the
+    # BLOCK_K = 32 configs; _bwd_dy_kernel takes no BLOCK_K, so all five of its configs stay).
+    assert per_kernel == {"_shrink_kernel": 4, "_fwd_tma_kernel": 4, "_bwd_dy_kernel": 5, "_bwd_dx_tma_kernel": 5}

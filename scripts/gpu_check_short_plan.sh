@@ -1,0 +1,26 @@
+# The defaults of `GPU_CHECK_PLAN=short bash scripts/gpu_check.sh` (make gpu-check-short), the plan for a
+# device session of 15 minutes in all (bench/NOTES.md, "Runbook"). Sourced by gpu_check.sh, and by
+# device_prebuild.sh, which compiles the Triton kernels of this benchmark and verify ahead of the session.
+# Each default gives way to a value already in the environment.
+
+# The numbers first (their rel_err column already shows a wrong kernel), then the GPU tests, then a
+# small verify (its full sweep compiles ~80 kernel variants in one process: a later call).
+: "${GPU_CHECK_STEPS:=install,environment,bench,tests,verify}"
+: "${GPU_CHECK_BUDGET:=360}"
+: "${GPU_CHECK_CAP_BENCH:=140}"
+: "${GPU_CHECK_CAP_TESTS:=150}"
+: "${GPU_CHECK_CAP_VERIFY:=45}"
+# The headline configurations, every implementation that matters for issues 3 and 5, fixed tiles
+# (autotuning compiles every config: a later session measures it); --budget-s keeps the table.
+: "${BENCH_ARGS:=--m 8192 --shapes 4096x4096,4096x14336 --ranks 16 --dropout 0,0.1 --budget-s 120
+  --impls cublas,naive,peft,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand}"
+: "${BENCH_AUTOTUNE:=0}"
+# The files whose tests run kernels on the GPU; the CPU-only files (extension build, emulation
+# harness, scripts) already pass in CI.
+: "${GPU_CHECK_TESTS:=tests/test_lora_linear.py tests/test_cuda_backend.py tests/test_single_pass.py
+  tests/test_hostile.py tests/test_compile.py tests/test_verify.py tests/test_layer.py tests/test_peft.py}"
+# PEFT's default (bf16 base, fp32 adapters) at a real size (TMA path) and an odd one (pointer path), on
+# fixed tiles like the benchmark (tuning would compile every config of each kernel: minutes).
+: "${VERIFY_ARGS:=--backend triton --backend cuda --dtype bf16+fp32a --only-shapes --shape 2048,4096,14336,16
+  --shape 67,203,130,1 -p 0 -p 0.1 --mask-mode bitmask --no-progress}"
+: "${VERIFY_AUTOTUNE:=0}"
