@@ -842,3 +842,54 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
                 "ld.global.gpu.acquire",
             ], c["sync"]  # fmt: skip
             assert c["cg_loads"] > 0, c
+
+
+_SM90_TUNING = r"""
+from lora_kernels.triton_ops.compile_only import compile_only
+import lora_kernels.triton_ops.lora_linear as tri
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
+results = []
+
+def record(c):
+    local = None
+    if CUOBJDUMP:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.compiled.asm["cubin"])
+            f.flush()
+            res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+        local = int(re.search(r"LOCAL:(\d+)", res)[1])
+    cfg = [c.kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
+    results.append(dict(r=R, kernel=c.kernel, cfg=cfg, smem=c.compiled.metadata.shared, local=local))
+
+for R in json.loads(sys.argv[1]):
+    M, N, K, dt = 8192, 4096, 4096, torch.bfloat16
+    x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
+    a, b = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt)
+    with compile_only(record, autotune=True):  # every config of each tuning table, as the first GPU call
+        y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, True)
+        tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, 0.1, 5, True, True)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_tuning_tables_fit_an_h100():
+    """Eager GPU calls tune each kernel over its table (lora_linear._configs), compiling every config on
+    the first call of a tuning key. At the common ranks every config must load on an H100/H200 (227 KiB
+    of shared memory) without register spills, or it costs compile and tuning time for nothing (one did:
+    a 3-stage 128×256 dX tile, 272 KiB at rank 16, now 2 stages). At rank 256 each kernel keeps at
+    least one config that loads (the launcher would otherwise fall back to the fixed tiles)."""
+    pytest.importorskip("triton")
+    results = _run_sm90_script(_SM90_TUNING, [16, 64, 256])
+    kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
+    for r in (16, 64, 256):
+        assert {c["kernel"] for c in results if c["r"] == r} == kernels, results
+    common = [c for c in results if c["r"] <= 64]
+    assert len(common) >= 30, common
+    over = [(c["r"], c["kernel"], c["cfg"], c["smem"]) for c in common if c["smem"] > 232448]
+    assert not over, over
+    spills = [(c["r"], c["kernel"], c["cfg"], c["local"]) for c in common if c["local"]]
+    assert not spills, spills
+    for k in kernels:
+        assert any(c["smem"] <= 232448 for c in results if c["r"] == 256 and c["kernel"] == k), k
