@@ -157,6 +157,13 @@ seed_triton_cache() {
   [ "$want" = "$have" ] || verdict="NOT this Triton build ($have): every kernel will compile here"
   echo "gpu-check: Triton cache $TRITON_CACHE_DIR seeded from $seed: $(triton_kernels) kernels," \
     "compiled for Triton build ${want:-unknown}, $verdict"
+  # Kernels compiled from other sources miss where those changed (make device-prebuild again).
+  want=$(sed -n 's/^sources=//p' "$info" 2>/dev/null)
+  have=$(find lora_kernels/triton_ops -maxdepth 1 -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
+  if [ -n "$want" ] && [ "$want" != "$have" ]; then
+    echo "gpu-check: WARNING: the seed was compiled from other lora_kernels/triton_ops sources: kernels that" \
+      "changed will compile here (run make device-prebuild again)"
+  fi
 }
 
 # Pack the cache's cubins and metadata (the IR stays here) for the next call's GPU_CHECK_TRITON_CACHE.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import os
 import shlex
@@ -104,6 +105,13 @@ def verify_call(verify_args: str):
     return call
 
 
+def kernel_sources_digest() -> str:
+    """sha256 of lora_kernels/triton_ops/*.py in name order (gpu_check.sh computes the same with
+    sha256sum): a prewarmed cache from other kernel sources misses where they changed."""
+    files = sorted((ROOT / "lora_kernels" / "triton_ops").glob("*.py"), key=lambda p: p.name.encode())
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # elsewhere) and the Triton build the cubins belong to (a different build misses every kernel).
     info = dict(cache_dir=a.cache_dir, triton_key=triton_build_key(), triton=triton.__version__,
                 ptxas=ptxas_version(), arch=a.arch, sms=a.sms, bench_autotune=int(a.bench_autotune),
-                verify_autotune=int(a.verify_autotune), kernels=kernels)  # fmt: skip
+                verify_autotune=int(a.verify_autotune), kernels=kernels, sources=kernel_sources_digest())  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "PREWARM_INFO").write_text("".join(f"{k}={v}\n" for k, v in info.items()))
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,7 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
            "GPU_CHECK_TRITON_CACHE_OUT": str(again), "GPU_CHECK_LOGS": str(logs)}  # fmt: skip
     out = _gpu_check(ROOT, env).stdout
     assert f"seeded from {seed}: {n} kernels" in out and "the same Triton build as here" in out, out
+    assert "compiled from other lora_kernels/triton_ops sources" not in out, out
     assert "| environment | ok |" in out and out.split("| environment | ok |")[1].split("\n")[0].endswith("| 0 |")
     grp = [p.read_text() for p in second.glob("*/__grp__*.json")]
     assert len(grp) == n and all(str(second) in g and str(first) not in g for g in grp)
@@ -199,11 +200,11 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
     assert sum(x.endswith(".cubin") for x in names) == n and f"cache_dir={second}\n" in info
 
 
-def test_gpu_check_reports_a_seed_from_another_triton_build(tmp_path):
+def test_gpu_check_reports_a_seed_from_another_triton_build_or_other_sources(tmp_path):
     cache = tmp_path / "cache"
     (cache / "ABC").mkdir(parents=True)
     (cache / "ABC" / "__grp___k.json").write_text('{"child_paths": {}}')
-    (cache / "PREWARM_INFO").write_text(f"cache_dir={cache}\ntriton_key=0000000000000000\n")
+    (cache / "PREWARM_INFO").write_text(f"cache_dir={cache}\ntriton_key=0000000000000000\nsources=0123\n")
     seed = tmp_path / "seed.tar.gz"
     with tarfile.open(seed, "w:gz") as tar:
         for p in cache.iterdir():
@@ -212,6 +213,7 @@ def test_gpu_check_reports_a_seed_from_another_triton_build(tmp_path):
            "GPU_CHECK_TRITON_CACHE": str(seed)}  # fmt: skip
     out = _gpu_check(ROOT, env).stdout
     assert "1 kernels, compiled for Triton build 0000000000000000, NOT this Triton build" in out, out
+    assert "WARNING: the seed was compiled from other lora_kernels/triton_ops sources" in out, out
 
 
 def test_short_plan_verifies_on_fixed_tiles():
