@@ -133,6 +133,11 @@ triton_build_key() {
   "$PY" lora_kernels/triton_ops/_build_key.py 2>/dev/null | tail -n 1
 }
 
+# sha256 of the Triton kernels' sources (scripts/prewarm_triton_cache.py's kernel_sources_digest).
+triton_sources_digest() {
+  find lora_kernels/triton_ops -maxdepth 1 -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1
+}
+
 # Unpack the seed into Triton's cache: the kernels make device-prebuild compiled without a GPU, or a
 # previous call's GPU_CHECK_TRITON_CACHE_OUT. Triton's index files name their members by absolute path,
 # so they are re-pointed here; a seed from another Triton build would miss every kernel: say so.
@@ -159,7 +164,7 @@ seed_triton_cache() {
     "compiled for Triton build ${want:-unknown}, $verdict"
   # Kernels compiled from other sources miss where those changed (make device-prebuild again).
   want=$(sed -n 's/^sources=//p' "$info" 2>/dev/null)
-  have=$(find lora_kernels/triton_ops -maxdepth 1 -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
+  have=$(triton_sources_digest)
   if [ -n "$want" ] && [ "$want" != "$have" ]; then
     echo "gpu-check: WARNING: the seed was compiled from other lora_kernels/triton_ops sources: kernels that" \
       "changed will compile here (run make device-prebuild again)"
@@ -170,7 +175,8 @@ seed_triton_cache() {
 pack_triton_cache() {
   local out=$1
   [ -d "$TRITON_CACHE_DIR" ] || return 0
-  { echo "cache_dir=$TRITON_CACHE_DIR"; echo "triton_key=$(triton_build_key)"; } >"$TRITON_CACHE_DIR/PREWARM_INFO"
+  printf 'cache_dir=%s\ntriton_key=%s\nsources=%s\n' "$TRITON_CACHE_DIR" "$(triton_build_key)" \
+    "$(triton_sources_digest)" >"$TRITON_CACHE_DIR/PREWARM_INFO"
   (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.cubin' -o -name '*.json' -o -name PREWARM_INFO \) -print0 |
     tar -czf "$out" --null -T -) &&
     echo "gpu-check: $(triton_kernels) Triton kernels packed into $out ($(du -h "$out" | cut -f1))"

@@ -174,7 +174,7 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
     assert n >= 6, proc.stdout  # shrink, GEMM, dY, dX, pointer kernels of the odd verify shape, the mask probe
     with tarfile.open(seed) as tar:
         names = tar.getnames()
-        info = tar.extractfile("PREWARM_INFO").read().decode()
+        info = seed_info = tar.extractfile("PREWARM_INFO").read().decode()
     assert sum(x.endswith(".cubin") for x in names) == n and not any(x.endswith((".ptx", ".llir")) for x in names)
     assert f"cache_dir={first}\n" in info and "arch=90\n" in info and "sms=132\n" in info, info
 
@@ -198,6 +198,7 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
         names = tar.getnames()
         info = tar.extractfile("./PREWARM_INFO").read().decode()
     assert sum(x.endswith(".cubin") for x in names) == n and f"cache_dir={second}\n" in info
+    assert info.split("sources=")[1].strip() == seed_info.split("sources=")[1].strip()  # this tree's digest
 
 
 def test_gpu_check_reports_a_seed_from_another_triton_build_or_other_sources(tmp_path):
