@@ -10,6 +10,8 @@
   what a custom autograd.Function keeps outside ``save_for_backward`` (ctx attributes).
 * Peak (CUDA only): the allocator's peak during one forward+backward above what was allocated
   before it (inputs and weights are already resident and not counted).
+* Host time (CUDA only): what the CPU spends to enqueue one forward+backward, from steps issued back
+  to back without waiting for the GPU. Above the GPU time of a step, a training loop is host-bound.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "retained_bytes",
     "peak_step_bytes",
     "time_ms",
+    "host_step_us",
     "rotating",
 ]
 
@@ -142,3 +145,24 @@ def time_ms(
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), "perf_counter"
+
+
+def host_step_us(
+    step: Callable[[], None], device: torch.device, *, grad_to_none: list[torch.Tensor], steps: int = 20
+) -> float | None:
+    """Mean CPU time, µs, to issue one ``step()`` while the GPU runs behind (CUDA only).
+
+    After a synchronize, ``steps`` steps are enqueued back to back and timed without waiting for the
+    GPU (20 steps of a few launches each stay far below the launch queue's depth, so the CPU never
+    blocks on it); then the GPU is drained. A step that synchronizes internally shows its GPU time here.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _clear_grads(grad_to_none)
+        step()
+    us = (time.perf_counter() - t0) / steps * 1e6
+    torch.cuda.synchronize(device)
+    return us

@@ -25,7 +25,7 @@ COLUMNS = (
     "M", "K", "N", "r", "p", "dtype", "adapter_dtype", "bias", "scaling", "copies",
     # row
     "impl", "status",
-    "fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops",
+    "fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops", "host_us",
     "saved_mib", "retained_mib", "peak_mib", "rel_err",
 )  # fmt: skip
 
@@ -123,8 +123,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """One line per row; ratios are to cuBLAS of the same configuration and run."""
     lines = [
         "| M × K → N | r | p | impl | fwd ms | fwd+bwd ms | fwd × | fwd+bwd × | TFLOP/s fwd / f+b "
-        "| saved MiB | peak MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| host µs/step | saved MiB | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         shape = f"{row['M']} × {row['K']} → {row['N']}"
@@ -134,7 +134,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         lines.append(
             f"| {shape} | {row['r']} | {row['p']} | {row['impl']} | {_num(row, 'fwd_ms', '.4f')} "
             f"| {_num(row, 'fwdbwd_ms', '.4f')} | {_num(row, 'fwd_ratio', '.3f')} "
-            f"| {_num(row, 'fwdbwd_ratio', '.3f')} | {tf} | {_num(row, 'saved_mib', '.4g')} "
-            f"| {_num(row, 'peak_mib', '.1f')} | {row['status']} |"
+            f"| {_num(row, 'fwdbwd_ratio', '.3f')} | {tf} | {_num(row, 'host_us', '.0f')} "
+            f"| {_num(row, 'saved_mib', '.4g')} | {_num(row, 'peak_mib', '.1f')} | {row['status']} |"
         )
     return "\n".join(lines)

@@ -229,6 +229,7 @@ def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, r
     timing = dict(grad_to_none=grad_to_none, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
     out["fwd_ms"], out["timer"] = _measure.time_ms(fwd, dev, **timing)
     out["fwdbwd_ms"], _ = _measure.time_ms(step, dev, **timing)
+    out["host_us"] = _measure.host_step_us(step, dev, grad_to_none=grad_to_none)
     clear()
     peak = _measure.peak_step_bytes(step, dev)
     out["peak_mib"] = None if peak is None else peak / _measure.MIB

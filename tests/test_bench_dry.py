@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ import torch
 from bench import _impls, _measure, _report, plot
 from bench import lora_linear as bench_ll
 from lora_kernels import available_backends
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The dry run is on the CPU: its Triton rows run iff the interpreter is on (tests/conftest.py turns it
 # on when there is no GPU); otherwise they must be skipped with the backend's own reason.
@@ -55,7 +61,7 @@ def test_dry_run_writes_every_row_and_column(dry_run):
                 assert float(r[col]) > 0, (impl, p, col)
             assert float(r["saved_mib"]) >= 0
             # Allocator statistics exist only on CUDA: empty, not made-up, on the CPU.
-            assert r["peak_mib"] == "" and r["retained_mib"] == ""
+            assert r["peak_mib"] == "" and r["retained_mib"] == "" and r["host_us"] == ""
         assert float(by[("cublas", 0.0)]["fwd_ratio"]) == 1.0
     # Every implementation computes the same function at p = 0 (the check the GPU run also records).
     for (impl, p), r in by.items():
@@ -345,3 +351,18 @@ def test_budget_stops_between_configurations(tmp_path, monkeypatch):
     assert len(_report.read_csv(next(tmp_path.glob("*.csv")))) == 2
     calls.clear()
     assert len(bench_ll.main([*argv, "--no-csv"])) == 4 and len(calls) == 4  # no budget: all of them
+
+
+def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
+    """bench.host_overhead times the eager Triton path under compile_only (every launch binds its
+    arguments and finds its kernel, none runs): six rows of positive figures, nothing asserted on time."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--reps", "3", "--warmup", "1"],
+                          cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 6 and {r[0].strip() for r in rows} == {"two-launch, TMA", "two-launch, pointer (K = 250)",
+                                                               "single-pass"}, proc.stdout  # fmt: skip
+    assert all(float(r[2]) > 0 and float(r[3]) > float(r[2]) for r in rows), proc.stdout

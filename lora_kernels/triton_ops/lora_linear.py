@@ -51,8 +51,25 @@ __all__ = [
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Whether the kernels below are interpreted: fixed when they are defined (triton.jit reads
+# TRITON_INTERPRET then), so read once; the launchers ask on every call (tests patch _interpret).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
+
+
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions since
+# Triton 3.5 and cost ~1-2 µs a call on the host (a dozen calls per forward): plain Python here.
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b  # also for a SymInt under torch.compile
+
+
+def _next_pow2(n: int) -> int:
+    if isinstance(n, int):
+        return 1 << (n - 1).bit_length() if n > 1 else 1
+    return triton.next_power_of_2(n)  # a SymInt (torch.compile, dynamic shapes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,7 +537,7 @@ def _compute_dtype(x: torch.Tensor) -> tuple[tl.dtype, bool]:
 
 
 def _block_r(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
+    return max(16, _next_pow2(R))
 
 
 def _cfg(x: torch.Tensor, R: int) -> dict:
@@ -552,7 +569,7 @@ def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
         return {**fixed, "num_warps": 4}
     sms = _planning_sms(x)
     M = x.shape[0]
-    bm = next((b for b in (128, 64) if triton.cdiv(M, b) >= 0.9 * sms), 32)
+    bm = next((b for b in (128, 64) if _cdiv(M, b) >= 0.9 * sms), 32)
     return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if bm == 128 else 128, "num_warps": 4}
 
 
@@ -569,7 +586,7 @@ def _shrink_splits(x: torch.Tensor) -> int:
         return 1
     sms = _planning_sms(x)
     M, K = x.shape
-    target, blocks = int(0.9 * sms), triton.cdiv(M, 32)
+    target, blocks = int(0.9 * sms), _cdiv(M, 32)
     # min(4, K // 512, ⌈target / blocks⌉) by counting up: under torch.compile with dynamic shapes M is
     # a SymInt, and SPLIT_K is a constexpr, so it must come out a plain int (guarded by inequalities
     # on M) rather than a symbolic expression.
@@ -632,7 +649,7 @@ def _seed_parts(seed: int) -> tuple[int, int]:
 
 def _m_bucket(M: int) -> int:
     # Autotuning key for M: the next power of two, so varying batch sizes reuse one tuning.
-    return triton.next_power_of_2(max(M, 1))
+    return _next_pow2(max(M, 1))
 
 
 # "auto": TMA persistent kernels on sm90+ GPUs; "1": wherever the tensors allow it (the CPU
@@ -794,13 +811,23 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
+def _step_downs(fixed: dict) -> list[dict]:
+    """Smaller tiles to try, in order, when ``fixed`` exceeds the GPU's shared memory: one stage
+    fewer, then (if wide) half-width N tiles."""
+    fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
+    return [fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed.get("BLOCK_N", 0) > 64 else [])
+
+
 def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     """Launch ``kernel``: autotuned in eager GPU calls, else with the ``fixed`` tiles.
 
     grid: META -> grid tuple (META holds BLOCK_M/N/K); meta: the constexprs the caller decides;
-    fixed: tile constexprs plus num_warps/num_stages for the untuned launch.
+    fixed: tile constexprs plus num_warps/num_stages for the untuned launch. The TMA kernels' host
+    descriptors arrive built with the ``fixed`` tiles. Every eager call comes through here: it is kept
+    short (bench/NOTES.md, "host overhead").
     """
-    if wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs):
+    tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
+    if tuned:
         try:
             _autotuner(kernel)[grid](*args, **meta)
             return
@@ -813,20 +840,24 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
     variants = [fixed]
-    if wrap is _identity:
-        fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
-        variants += [fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed.get("BLOCK_N", 0) > 64 else [])
-    for i, cfg in enumerate(variants):
-        tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        hook = _DESC_HOOKS.get(kernel)
-        if hook is not None:  # TMA descriptors carry the block shape: keep them in step with the tiles
+    hook = _DESC_HOOKS.get(kernel)
+    i = 0
+    while True:
+        cfg = variants[i]
+        tiles = {k: v for k, v in cfg.items() if k != "num_warps" and k != "num_stages"}
+        # TMA descriptors carry the block shape: re-point them at the tiles of a step-down, or after the
+        # tuner's pre-hooks moved them (they were built with the fixed tiles).
+        if hook is not None and (i or tuned):
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **tiles})
         try:
             wrap(kernel)[grid({**meta, **tiles})](*args, **meta, **cfg)
             return
         except OutOfResources:
+            if i == 0 and wrap is _identity:
+                variants += _step_downs(fixed)
             if i == len(variants) - 1:
                 raise
+        i += 1
 
 
 def _on_tensor_device(fn):
@@ -887,7 +918,7 @@ def lora_fwd(
     lo, hi = _seed_parts(seed)
     _launch(
         _shrink_kernel,
-        lambda META: (triton.cdiv(M, META["BLOCK_M"]), splits),
+        lambda META: (_cdiv(M, META["BLOCK_M"]), splits),
         (x, lora_A, t_part, bits, M, K, R, MB,
          x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), stride_ts,
          max(bits.stride(0), 1), lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
@@ -908,7 +939,7 @@ def lora_fwd(
         )
         _launch(
             _fwd_tma_kernel,
-            lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),),
+            lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"])),),
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
              t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), weight.stride(0), y.stride(0),
              scaling),
@@ -919,7 +950,7 @@ def lora_fwd(
         return y, t, bits
     _launch(
         _fwd_kernel,
-        lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),),
+        lambda META: (_cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"]),),
         (x, weight, bias_arg, t_part, t, lora_B, lbias_arg, y, M, N, K, R, MB,
          x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0), stride_ts,
          lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling),
@@ -976,7 +1007,7 @@ def lora_bwd(
     colsum = _empty((N,), dev, torch.float32)
     _launch(
         _bwd_dy_kernel,
-        lambda META: ((triton.cdiv(M, META["BLOCK_M"]) if do_dt else 0) + triton.cdiv(N, META["BLOCK_N"]),),
+        lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0) + _cdiv(N, META["BLOCK_N"]),),
         (dy, lora_B, t, dt, db, colsum, M, N, R, MB,
          dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
          db.stride(0), scaling),
@@ -992,7 +1023,7 @@ def lora_bwd(
     bits_stride = max(bits.stride(0), 1)
     seeds = (lo, hi, dropout_threshold(p), 1.0 / (1.0 - p))
     flags = dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR)
-    n_da = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
+    n_da = (lambda META: _cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
     traced = _traced(wrap)
     if need_dx and _tma_ok(dy, weight, dx, traced=traced):
         fixed = _tma_cfg(x, R, backward=True)
@@ -1002,7 +1033,7 @@ def lora_bwd(
         )
         _launch(
             _bwd_dx_tma_kernel,
-            lambda META: (min(sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) + n_da(META)),),
+            lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"]) + n_da(META)),),
             (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R, MB,
              dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
              dy.stride(0), weight.stride(0), dx.stride(0), *seeds),
@@ -1011,7 +1042,7 @@ def lora_bwd(
             wrap,
         )  # fmt: skip
         return dx, da, db, colsum
-    n_dx = (lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])) if need_dx else n_da
+    n_dx = (lambda META: _cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"])) if need_dx else n_da
     _launch(
         _bwd_dx_kernel,
         lambda META: ((n_dx(META) if need_dx else 0) + n_da(META),),

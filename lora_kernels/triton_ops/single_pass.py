@@ -74,6 +74,7 @@ from .lora_linear import (
     _TL_DTYPE,
     TensorDescriptor,
     _block_r,
+    _cdiv,
     _compute_dtype,
     _db_block,
     _dx_epilogue_t,
@@ -507,7 +508,7 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
         # every replay would reset the epoch and stale flags would open the barriers early.
         stream = torch.cuda.current_stream(x.device).cuda_stream
         entry = _SYNC.get((x.device.type, x.device.index, stream))
-        rows = triton.cdiv(x.shape[0], min(_single_cfg(1)["BLOCK_M"], _single_bwd_cfg(1)["BLOCK_M"]))
+        rows = _cdiv(x.shape[0], min(_single_cfg(1)["BLOCK_M"], _single_bwd_cfg(1)["BLOCK_M"]))
         if entry is None or entry[0].numel() < 2 + 4 * rows:
             return "CUDA graph capture: run one eager call on the capturing stream first (barrier words)"
     return None
@@ -550,7 +551,7 @@ def lora_fwd_single_pass(
     variants = [fixed, fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed["BLOCK_N"] > 64 else [])
     for i, cfg in enumerate(variants):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        nt, mt = triton.cdiv(N, bn), triton.cdiv(M, bm)
+        nt, mt = _cdiv(N, bn), _cdiv(M, bm)
         programs, producers = _plan(nt, _grid_sms(x))
         programs, producers = num_programs or programs, num_producers or min(producers, nt)
         if producers > programs:  # the producers of a row-block must be resident together
@@ -634,7 +635,7 @@ def lora_bwd_single_pass(
     fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
     for i, cfg in enumerate([fixed, fewer]):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        kt, mt = triton.cdiv(K, bk), triton.cdiv(M, bm)
+        kt, mt = _cdiv(K, bk), _cdiv(M, bm)
         # dB tiles come first in the walk, so row-blocks never align with rounds: the full grid with
         # at most MAX_PRODUCERS producers (see _plan).
         programs = num_programs or _grid_sms(x)
@@ -653,7 +654,7 @@ def lora_bwd_single_pass(
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
                     NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, **cfg)  # fmt: skip
-        grid = (min(programs, triton.cdiv(N, bn) + mt * kt),)
+        grid = (min(programs, _cdiv(N, bn) + mt * kt),)
         try:
             for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
                 _bwd_single_pass_kernel[grid](*args, PHASE=phase, **meta)
@@ -666,7 +667,7 @@ def lora_bwd_single_pass(
         # The dA programs of the pointer kernel (no dX tiles): reads x (and the bits) once.
         _ll._launch(
             _ll._bwd_dx_kernel,
-            lambda META: (triton.cdiv(K, META["BLOCK_K"]),),
+            lambda META: (_cdiv(K, META["BLOCK_K"]),),
             (dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R, _m_bucket(M),
              dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
              lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,

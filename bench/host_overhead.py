@@ -1,0 +1,107 @@
+"""CPU time of the Triton backend's eager launch path, measured without a GPU.
+
+    python -m bench.host_overhead [--reps 300]
+
+Every eager ``lora_linear(backend="triton")`` call runs Python before its kernels start: argument
+checks, backend dispatch, the autograd Function, the launchers' tile and grid choices, TMA descriptors,
+and Triton's argument binding. When that takes longer than the GPU work it issues, a training loop is
+host-bound (small M: at M = 2048, K = N = 4096 an H100 forward is ≈ 100 µs). This runs the real path
+under ``lora_kernels.triton_ops.compile_only`` on tiny CPU tensors: each launch binds its arguments and
+finds its compiled kernel as on a GPU, then returns instead of launching, so the figures are the host
+path minus the driver's launch (a few µs per kernel on a GPU). No wall-time assertion rests on them;
+``bench/NOTES.md`` keeps them. On a GPU, the benchmark's ``host_us`` column measures the whole path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=300, help="timed calls per row (median)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed calls first (compiles, caches)")
+    return ap.parse_args(argv)
+
+
+def _median_us(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _time_calls(x, W, A, B, dy, p: float, reps: int, warmup: int) -> tuple[float, float]:
+    """(forward µs, forward + backward µs) of the public call on these tensors."""
+    import torch
+
+    import lora_kernels as lk
+
+    def fwd():
+        return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
+
+    def step():
+        x.grad = A.grad = B.grad = None
+        fwd().backward(dy)
+
+    with torch.no_grad():
+        f_us = _median_us(fwd, reps, warmup)
+    return f_us, _median_us(step, reps, warmup)
+
+
+def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
+    """Rows of host µs per call: the TMA path (16-byte rows) and the pointer path (odd K), p = 0 and 0.1,
+    and the single-pass kernels (``LORA_KERNELS_FWD/BWD=single``) on the TMA path."""
+    import torch
+
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops.compile_only import compile_only
+
+    rows = []
+    cases = [
+        ("two-launch, TMA", 256, "two"),
+        ("two-launch, pointer (K = 250)", 250, "two"),
+        ("single-pass", 256, "single"),
+    ]
+    with compile_only(lambda c: None):
+        for label, K, mode in cases:
+            M, N, r = 64, 256, 16
+            x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+            W = torch.randn(N, K, dtype=torch.bfloat16)
+            A = torch.randn(r, K, requires_grad=True)  # fp32 adapters, PEFT's default
+            B = torch.randn(N, r, requires_grad=True)
+            dy = torch.randn(M, N, dtype=torch.bfloat16)
+            for p in (0.0, 0.1):
+                prev = tri.FWD_MODE, tri.BWD_MODE
+                tri.FWD_MODE = tri.BWD_MODE = mode
+                try:
+                    f_us, fb_us = _time_calls(x, W, A, B, dy, p, reps, warmup)
+                finally:
+                    tri.FWD_MODE, tri.BWD_MODE = prev
+                rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("host_overhead: unset TRITON_INTERPRET (the launch path under test is the compiled one)", file=sys.stderr)
+        return 2
+    rows = measure(args.reps, args.warmup)
+    print("| path | p | forward µs | forward + backward µs |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['p']:g} | {r['fwd_us']:.0f} | {r['fwdbwd_us']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
