@@ -893,3 +893,16 @@ def test_tuning_tables_fit_an_h100():
     assert not spills, spills
     for k in kernels:
         assert any(c["smem"] <= 232448 for c in results if c["r"] == 256 and c["kernel"] == k), k
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain-Python cdiv / next power of two (Triton's are constexpr functions, slow on the
+    host) give Triton's results."""
+    triton = pytest.importorskip("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    for n in range(1, 1100):
+        assert tri._next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 7, 16, 32, 64, 128, 256):
+            assert tri._cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert tri._next_pow2(2**40 + 1) == 2**41
