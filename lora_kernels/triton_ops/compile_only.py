@@ -31,7 +31,8 @@ constexprs, the compile options, the target (arch, warp size), the Triton build 
 libtriton) and the ptxas version (Triton's bundled one unless TRITON_PTXAS_PATH is set). Nothing of
 this depends on the machine, provided the call sees the same shapes, strides and flags as the GPU run
 and ``num_sms`` matches the GPU (a constexpr of the persistent kernels). One catch: Triton's cache
-index files record absolute paths, so the cache must sit at the same absolute path on both machines.
+index files record absolute paths; ``scripts/gpu_check.sh`` re-points them when it unpacks a cache
+elsewhere.
 """
 
 from __future__ import annotations
