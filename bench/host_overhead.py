@@ -1,4 +1,4 @@
-"""CPU time of the Triton backend's eager launch path, measured without a GPU.
+"""CPU time of the Triton and CUDA backends' eager call paths, measured without a GPU.
 
     python -m bench.host_overhead [--reps 300]
 
@@ -8,8 +8,13 @@ and Triton's argument binding. When that takes longer than the GPU work it issue
 host-bound (small M: at M = 2048, K = N = 4096 an H100 forward is ≈ 100 µs). This runs the real path
 under ``lora_kernels.triton_ops.compile_only`` on tiny CPU tensors: each launch binds its arguments and
 finds its compiled kernel as on a GPU, then returns instead of launching, so the figures are the host
-path minus the driver's launch (a few µs per kernel on a GPU). No wall-time assertion rests on them;
-``bench/NOTES.md`` keeps them. On a GPU, the benchmark's ``host_us`` column measures the whole path.
+path minus the driver's launch (a few µs per kernel on a GPU). The CUDA backend's rows run its Python
+layer (checks, autograd Function, op dispatch policy) with the pybind extension replaced by a stub that
+returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
+in the same run, as eager calls are made (straight to the extension) and through the registered
+``torch.library`` ops (what torch.compile and dispatch modes use), so the difference is the
+dispatcher's cost. No wall-time assertion rests on them; ``bench/NOTES.md`` keeps them. On a GPU, the
+benchmark's ``host_us`` column measures the whole path.
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ def _median_us(fn, reps: int, warmup: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def _time_calls(x, W, A, B, dy, p: float, reps: int, warmup: int) -> tuple[float, float]:
+def _time_calls(x, W, A, B, dy, p: float, reps: int, warmup: int, backend: str = "triton") -> tuple[float, float]:
     """(forward µs, forward + backward µs) of the public call on these tensors."""
     import torch
 
     import lora_kernels as lk
 
     def fwd():
-        return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
+        return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend=backend)
 
     def step():
         x.grad = A.grad = B.grad = None
@@ -87,6 +92,51 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
                 finally:
                     tri.FWD_MODE, tri.BWD_MODE = prev
                 rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
+    return rows + measure_cuda_layer(reps, warmup)
+
+
+class _StubExt:
+    """``lora_kernels._C``'s lora_fwd / lora_bwd returning preallocated outputs of the right shapes."""
+
+    def __init__(self, M: int, K: int, N: int, r: int, dtype, adapter_dtype):
+        import torch
+
+        bits = torch.empty(M, (K + 7) // 8, dtype=torch.uint8)
+        self.fwd_out = (torch.empty(M, N, dtype=dtype), torch.empty(M, r), bits)
+        shapes = (((M, K), dtype), ((r, K), adapter_dtype), ((N, r), adapter_dtype), ((N,), adapter_dtype))
+        self.bwd_out = tuple(torch.empty(*shape, dtype=d) for shape, d in shapes)
+
+    def lora_fwd(self, *args):
+        return self.fwd_out
+
+    def lora_bwd(self, *args):
+        return self.bwd_out
+
+
+def measure_cuda_layer(reps: int = 300, warmup: int = 20) -> list[dict]:
+    """Rows for backend="cuda" with the extension stubbed: eager (direct) and through the ops."""
+    from unittest import mock
+
+    import torch
+
+    from lora_kernels.cuda_ops import _ext
+    from lora_kernels.cuda_ops import lora_linear as cuda_ll
+
+    M, K, N, r = 64, 256, 256, 16
+    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, dtype=torch.bfloat16)
+    A = torch.randn(r, K, requires_grad=True)
+    B = torch.randn(N, r, requires_grad=True)
+    dy = torch.randn(M, N, dtype=torch.bfloat16)
+    stub = _StubExt(M, K, N, r, torch.bfloat16, torch.float32)
+    rows = []
+    with mock.patch.object(_ext, "get_ext", lambda build=True: stub), \
+            mock.patch.object(cuda_ll, "unavailable_reason", lambda *a: None):  # fmt: skip
+        for label, via_ops in (("cuda layer, eager (direct)", False), ("cuda layer, through the ops", True)):
+            with mock.patch.object(cuda_ll, "use_registered_op", (lambda: True) if via_ops else (lambda: False)):
+                for p in (0.0, 0.1):
+                    f_us, fb_us = _time_calls(x, W, A, B, dy, p, reps, warmup, backend="cuda")
+                    rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
     return rows
 
 

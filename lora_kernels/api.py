@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from . import backends
 from .reference import lora_linear_ref
@@ -96,6 +97,10 @@ def check_inputs(
 
 def new_seed() -> int:
     """A dropout seed drawn from torch's default CPU generator (reproducible under manual_seed)."""
+    if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None:
+        # Drawn outside the modes: under FakeTensorMode the draw would be a fake tensor, no value.
+        with _disable_current_modes():
+            return new_seed()
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 

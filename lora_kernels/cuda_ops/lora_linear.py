@@ -14,6 +14,8 @@ mask (M × ceil(K/8) uint8); in "regenerate" mode the mask is recomputed from th
 import torch
 from torch import Tensor
 
+from .. import flops as _flops
+from ..backends import use_registered_op
 from . import _ext
 
 __all__ = ["unavailable_reason", "lora_linear_2d", "cuda_lora_fwd", "cuda_lora_bwd"]
@@ -87,13 +89,31 @@ def _cuda_lora_bwd_fake(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed
     )
 
 
+_flops.register(torch.ops.lora_kernels.cuda_lora_fwd, torch.ops.lora_kernels.cuda_lora_bwd)
+
+
+def _fwd(*args):
+    # Eager: straight to the pybind function, as the Triton backend does (the dispatcher costs
+    # ≈ 8 µs per call, visible at small M). Under torch.compile or a dispatch mode (fake
+    # tensors, FLOP counting): the registered op, whose fake implementation those need.
+    if use_registered_op():
+        _flops.reach_active_counters()
+        return torch.ops.lora_kernels.cuda_lora_fwd(*args)
+    return _ext.get_ext().lora_fwd(*args)
+
+
+def _bwd(*args):
+    if use_registered_op():
+        _flops.reach_active_counters()
+        return torch.ops.lora_kernels.cuda_lora_bwd(*args)
+    return _ext.get_ext().lora_bwd(*args)
+
+
 class _CudaLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
         save_mask = p > 0.0 and mask_mode == "bitmask"
-        y, t, bits = torch.ops.lora_kernels.cuda_lora_fwd(
-            x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask
-        )
+        y, t, bits = _fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
@@ -105,9 +125,7 @@ class _CudaLoraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         # dX += dY·W runs in x's dtype (lora_bwd refuses a mismatch rather than misread the bytes).
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
-        dx, dA, dB, dlb = torch.ops.lora_kernels.cuda_lora_bwd(
-            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0])
-        )
+        dx, dA, dB, dlb = _bwd(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]))
         # Gradients of the (normally frozen) base layer: plain cuBLAS, only when asked for.
         dW = dy.t().mm(x) if need[1] else None
         db = dy.sum(0) if (need[2] and ctx.has_bias) else None

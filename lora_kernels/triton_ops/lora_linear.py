@@ -28,6 +28,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -35,6 +37,8 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
 except ImportError:  # pragma: no cover - older Triton: pointer kernels only
     TensorDescriptor = None
 
+from .. import flops as _flops
+from ..backends import use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, pack_mask
 from .philox import dropout_mask_bytes, unpack_bytes
 
@@ -639,8 +643,17 @@ def _op_wrap(kernel):
     InterpretedFunction, which torch ≤ 2.11 (the GPU image's torch) rejects in wrap_triton while
     newer torch passes it through; pass it through here too so the ops run in the interpreter."""
     if _interpret() and not isinstance(kernel, (triton.runtime.jit.JITFunction, triton.runtime.Autotuner)):
-        return kernel
+        # Under FakeTensorMode wrap_triton launches nothing (its kernels only mutate outputs the
+        # op allocated); do the same, so the interpreter runs the op's host code on fake tensors.
+        return _NoLaunch() if isinstance(_get_current_dispatch_mode(), FakeTensorMode) else kernel
     return torch.library.wrap_triton(kernel)
+
+
+class _NoLaunch:
+    """``kernel[grid](*args)`` that does nothing (see :func:`_op_wrap`)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def _seed_parts(seed: int) -> tuple[int, int]:
@@ -1098,16 +1111,21 @@ def triton_lora_bwd(
     return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=_op_wrap)
 
 
+_flops.register(torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd)
+
+
 def _fwd(*args):
-    # Eager: call the launcher directly (the dispatcher costs tens of µs, visible at small M).
-    # Under torch.compile: the registered op, which the compiler understands.
-    if torch.compiler.is_compiling():
+    # Eager: call the launcher directly (the dispatcher costs µs per call, visible at small M).
+    # Under torch.compile or a dispatch mode (fake tensors, FLOP counting): the registered op.
+    if use_registered_op():
+        _flops.reach_active_counters()
         return triton_lora_fwd(*args)
     return lora_fwd(*args)
 
 
 def _bwd(*args, bwd_mode: str | None = None):
-    if torch.compiler.is_compiling():
+    if use_registered_op():
+        _flops.reach_active_counters()
         return triton_lora_bwd(*args)
     return lora_bwd(*args, bwd_mode=bwd_mode)
 

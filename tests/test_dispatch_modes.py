@@ -1,0 +1,279 @@
+"""The fused ops under PyTorch's dispatch modes, and eager calls that skip the dispatcher.
+
+* FlopCounterMode: each backend's ops carry FLOP formulas (lora_kernels/flops.py) and count what
+  the reference counts through aten, forward and backward, also when the mode was built before the
+  backend module registered them.
+* FakeTensorMode: forward and backward give fake results of the right shapes and dtypes (the
+  registered ops' fake implementations), including a seed drawn inside the mode.
+* Eager calls go straight to the launcher / pybind function: no ``lora_kernels::`` op dispatch.
+
+The CUDA backend's Python layer (autograd.Function, op wrappers, dispatch policy) runs here on CPU
+tensors with ``_ext.get_ext`` replaced by a float64 model of the extension's contract
+(csrc/lora_ops.h), so the layer's gradient plumbing is checked against the reference without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora_kernels as lk
+from lora_kernels import flops
+from lora_kernels.cuda_ops import _ext
+from lora_kernels.cuda_ops import lora_linear as cuda_ll
+from lora_kernels.reference import dropout_keep_mask, pack_mask
+
+from ._utils import HAS_CUDA, INTERPRET, assert_close_ref
+
+needs_triton_here = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="the Triton backend needs a CUDA GPU or TRITON_INTERPRET=1"
+)
+
+
+class _ModelExt:
+    """The extension's contract (csrc/lora_ops.h) in float64 on any device; records its calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _keep(seed, M, K, p, device):
+        if p > 0.0:
+            return dropout_keep_mask(seed, M, K, p, device).double() / (1.0 - p)
+        return torch.ones(M, K, dtype=torch.float64, device=device)
+
+    def lora_fwd(self, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask):
+        self.calls.append("lora_fwd")
+        M, K = x.shape
+        keep = self._keep(seed, M, K, p, x.device)
+        t = (x.double() * keep) @ lora_A.double().t()
+        low = t @ lora_B.double().t() + (0.0 if lora_bias is None else lora_bias.double())
+        y = x.double() @ weight.double().t() + (0.0 if bias is None else bias.double()) + scaling * low
+        bits = pack_mask(keep > 0) if (p > 0.0 and save_mask) else x.new_empty((0,), dtype=torch.uint8)
+        return y.to(x.dtype), t.float(), bits
+
+    def lora_bwd(self, dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx):
+        self.calls.append("lora_bwd")
+        M, K = x.shape
+        keep = self._keep(seed, M, K, p, x.device)
+        dy64 = dy.double()
+        dt = scaling * dy64 @ lora_B.double()
+        dA = dt.t() @ (x.double() * keep)
+        dB = scaling * dy64.t() @ t.double()
+        dlb = scaling * dy64.sum(0)
+        dx = (dy64 @ weight.double() + (dt @ lora_A.double()) * keep).to(x.dtype) if need_dx else x.new_empty((0,))
+        dtype = lora_A.dtype
+        return dx, dA.to(dtype), dB.to(dtype), dlb.to(dtype)
+
+
+@pytest.fixture
+def model_ext(monkeypatch) -> _ModelExt:
+    ext = _ModelExt()
+    monkeypatch.setattr(_ext, "get_ext", lambda build=True: ext)
+    return ext
+
+
+def _inputs(M=37, K=48, N=40, r=8, dtype=torch.float32, device="cpu", biases=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, dt=dtype, grad=False):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dt).requires_grad_(grad)
+
+    x = rnd(M, K, grad=True)
+    w = rnd(N, K)
+    a, b = rnd(r, K, dt=torch.float32, grad=True), rnd(N, r, dt=torch.float32, grad=True)
+    bias = rnd(N) if biases else None
+    lbias = rnd(N, dt=torch.float32, grad=True) if biases else None
+    return x, w, bias, a, b, lbias
+
+
+def _cuda_layer(x, w, bias, a, b, lbias, scaling=2.0, p=0.1, seed=7, mask_mode="bitmask"):
+    return cuda_ll.lora_linear_2d(x, w, bias, a, b, lbias, scaling, p, seed, mask_mode)
+
+
+def _run(backend, x, w, bias, a, b, lbias, scaling=2.0, p=0.1, seed=7):
+    if backend == "cuda":
+        return _cuda_layer(x, w, bias, a, b, lbias, scaling, p, seed)
+    return lk.lora_linear(x, w, a, b, bias, lbias, scaling=scaling, dropout_p=p, seed=seed, backend=backend)
+
+
+def _device(backend):
+    return "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+BACKENDS = [pytest.param("triton", marks=needs_triton_here), "cuda"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA backend's Python layer against the reference (no GPU: the extension is modelled)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p, mask_mode", [(0.0, "bitmask"), (0.3, "bitmask"), (0.3, "regenerate")])
+@pytest.mark.parametrize("biases", [True, False])
+def test_cuda_layer_gradients_match_reference(model_ext, p, mask_mode, biases):
+    x, w, bias, a, b, lbias = _inputs(biases=biases)
+    w.requires_grad_(True)  # the frozen base's gradients come from the layer's own cuBLAS calls
+    if bias is not None:
+        bias.requires_grad_(True)
+    leaves = [t for t in (x, w, bias, a, b, lbias) if t is not None]
+    y = _cuda_layer(x, w, bias, a, b, lbias, p=p, mask_mode=mask_mode)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, dy)
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    it = iter(ref)
+    rx, rw = next(it), next(it)
+    rbias = next(it) if biases else None
+    ra, rb = next(it), next(it)
+    rlb = next(it) if biases else None
+    y_ref = lk.lora_linear_ref(rx, rw, ra, rb, rbias, rlb, 2.0, p, True, 7)
+    want = torch.autograd.grad(y_ref, ref, dy.double())
+    assert_close_ref(y, y_ref, [torch.float32], "y")
+    names = ["x", "weight", "bias", "lora_A", "lora_B", "lora_bias"] if biases else ["x", "weight", "lora_A", "lora_B"]
+    for name, g, r, t in zip(names, got, want, leaves, strict=True):
+        assert g.dtype == t.dtype, f"d{name} dtype {g.dtype} != {t.dtype}"
+        assert_close_ref(g, r, [torch.float32], f"d{name}")
+    # The backward asked for dx because x requires grad; the extension saw the forward's bits
+    # (bitmask mode) or an empty tensor (regenerate mode).
+    assert model_ext.calls == ["lora_fwd", "lora_bwd"]
+
+
+def test_cuda_layer_skips_dx_when_x_is_frozen(model_ext, monkeypatch):
+    x, w, bias, a, b, lbias = _inputs()
+    x.requires_grad_(False)
+    seen = {}
+    real = model_ext.lora_bwd
+
+    def spy(*args):
+        seen["need_dx"] = args[-1]
+        return real(*args)
+
+    monkeypatch.setattr(model_ext, "lora_bwd", spy)
+    y = _cuda_layer(x, w, bias, a, b, lbias)
+    ga, gb = torch.autograd.grad(y.sum(), [a, b])
+    assert seen["need_dx"] is False and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# eager calls skip the dispatcher; dispatch modes see the ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _dispatched_lora_ops(fn) -> list[str]:
+    """Names of ``lora_kernels::`` ops that went through the dispatcher while ``fn`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.name for e in prof.events() if e.name.startswith("lora_kernels::")})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_skip_the_dispatcher(backend, request):
+    if backend == "cuda":
+        request.getfixturevalue("model_ext")
+    args = _inputs(device=_device(backend))
+
+    def step():
+        _run(backend, *args).sum().backward()
+
+    assert _dispatched_lora_ops(step) == []
+    with FlopCounterMode(display=False):  # a dispatch mode: the registered ops must be used
+        ops = _dispatched_lora_ops(step)
+    assert ops == [f"lora_kernels::{backend}_lora_bwd", f"lora_kernels::{backend}_lora_fwd"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("built_before_import", [False, True])
+def test_flop_counter_counts_what_the_reference_counts(backend, need_dx, built_before_import, request):
+    if backend == "cuda":
+        request.getfixturevalue("model_ext")
+    M, K, N, r = 37, 48, 40, 8
+    args = _inputs(M, K, N, r, device=_device(backend))
+    args[0].requires_grad_(need_dx)
+
+    def count(run_backend) -> tuple[int, int]:
+        fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
+        if built_before_import:
+            # As if the modes were built before the backend module registered its formulas.
+            for mode in (fwd, bwd):
+                for op in list(mode.flop_registry):
+                    if str(op).startswith("lora_kernels."):
+                        del mode.flop_registry[op]
+        with fwd:
+            y = _run(run_backend, *args)
+        with bwd:
+            y.sum().backward()
+        return fwd.get_total_flops(), bwd.get_total_flops()
+
+    got = count(backend)
+    want = count("torch")
+    assert got == want, f"{backend}: (fwd, bwd) FLOPs {got}, reference {want}"
+    assert got == (flops.forward_flops(M, K, N, r), flops.backward_flops(M, K, N, r, need_dx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [None, 11])
+def test_fake_tensor_mode_forward_and_backward(backend, seed, request):
+    if backend == "cuda":
+        ext = request.getfixturevalue("model_ext")
+    device = _device(backend)
+    M, K, N, r = 67, 40, 24, 4
+    with FakeTensorMode():
+        x = torch.randn(2, M, K, device=device, requires_grad=True)
+        w = torch.randn(N, K, device=device)
+        a = torch.randn(r, K, device=device, requires_grad=True)
+        b = torch.randn(N, r, device=device, requires_grad=True)
+        lb = torch.randn(N, device=device, requires_grad=True)
+        if backend == "cuda":
+            y = _cuda_layer(x.reshape(-1, K), w, None, a, b, lb, seed=0 if seed is None else seed)
+        else:
+            y = lk.lora_linear(x, w, a, b, None, lb, scaling=2.0, dropout_p=0.1, seed=seed, backend=backend)
+        y.sum().backward()
+    assert isinstance(y, FakeTensor) and y.shape[-1] == N and y.numel() == 2 * M * N
+    for t in (x, a, b, lb):
+        assert isinstance(t.grad, FakeTensor) and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+    if backend == "cuda":
+        assert ext.calls == [], "the real extension ran on fake tensors"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_activation_checkpointing_sees_the_op(backend, request):
+    """SAC's policy (a dispatch mode) is asked about the fused op, and saving it gives the same grads."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    if backend == "cuda":
+        request.getfixturevalue("model_ext")
+    x, w, bias, a, b, lbias = _inputs(device=_device(backend))
+    asked = set()
+
+    def policy(ctx, op, *args, **kwargs):
+        asked.add(str(op))
+        return CheckpointPolicy.MUST_SAVE if str(op).startswith("lora_kernels.") else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def f(x):
+        return torch.tanh(_run(backend, x, w, bias, a, b, lbias))
+
+    leaves = (x, a, b, lbias)
+    ctx = functools.partial(create_selective_checkpoint_contexts, policy)
+    got = torch.autograd.grad(checkpoint(f, x, use_reentrant=False, context_fn=ctx).sum(), leaves)
+    want = torch.autograd.grad(f(x).sum(), leaves)
+    assert f"lora_kernels.{backend}_lora_fwd.default" in asked
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+
+@needs_triton_here
+def test_non_strict_export_records_the_op():
+    x, w, bias, a, b, lbias = (t.detach() for t in _inputs(device=_device("triton")))
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return lk.lora_linear(x, w, a, b, bias, lbias, scaling=2.0, backend="triton")
+
+    ep = torch.export.export(Layer(), (x,), strict=False)
+    assert "torch.ops.lora_kernels.triton_lora_fwd.default" in ep.graph_module.code
+    torch.testing.assert_close(ep.module()(x), Layer()(x), rtol=0, atol=0)
