@@ -15,6 +15,7 @@ Bias, scaling and dropout are elementwise and count nothing, as aten's formulas 
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import register_flop_formula
 
@@ -71,6 +72,8 @@ def reach_active_counters() -> None:
     ``with FlopCounterMode(): model(x)`` around a first step would count our ops as zero. Called
     on the op path (a dispatch mode is active); best effort, as the mode's registry is private.
     """
+    if torch.compiler.is_compiling():
+        return  # nothing to reach in a traced graph (and dynamo must not trace the mode stack)
     for mode in _get_current_dispatch_mode_stack():
         registry = getattr(getattr(mode, "counter", None), "flop_registry", None)
         if isinstance(registry, dict):

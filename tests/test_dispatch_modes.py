@@ -6,6 +6,8 @@
 * FakeTensorMode: forward and backward give fake results of the right shapes and dtypes (the
   registered ops' fake implementations), including a seed drawn inside the mode.
 * Eager calls go straight to the launcher / pybind function: no ``lora_kernels::`` op dispatch.
+* Selective activation checkpointing's policy sees the op; non-strict torch.export records it;
+  torch.compile(fullgraph=True) traces the CUDA backend's ops.
 
 The CUDA backend's Python layer (autograd.Function, op wrappers, dispatch policy) runs here on CPU
 tensors with ``_ext.get_ext`` replaced by a float64 model of the extension's contract
@@ -277,3 +279,28 @@ def test_non_strict_export_records_the_op():
     ep = torch.export.export(Layer(), (x,), strict=False)
     assert "torch.ops.lora_kernels.triton_lora_fwd.default" in ep.graph_module.code
     torch.testing.assert_close(ep.module()(x), Layer()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cuda_layer_under_torch_compile_fullgraph(model_ext, p):
+    """torch.compile(fullgraph=True) traces the CUDA backend's ops (fake implementations) and runs
+    them (here the modelled extension): one graph, the eager results, forward and gradients."""
+    x, w, bias, a, b, lbias = _inputs()
+
+    def f(x, a, b, lbias):
+        return torch.nn.functional.gelu(_cuda_layer(x, w, bias, a, b, lbias, p=p))
+
+    leaves = (x, a, b, lbias)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend=counter)(*leaves)
+    got = torch.autograd.grad(y.sum(), leaves)
+    y_eager = f(*leaves)
+    want = torch.autograd.grad(y_eager.sum(), leaves)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    assert model_ext.calls.count("lora_fwd") == 2 and model_ext.calls.count("lora_bwd") == 2
