@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lora_kernels.flops import backward_flops, forward_flops
+
 __all__ = [
     "ALL_IMPLS",
     "Impl",
@@ -95,13 +97,13 @@ class Problem:
 
     @property
     def lora_flops_fwd(self) -> float:
-        """x·Wᵀ plus the shrink x̃·Aᵀ and the expand T·Bᵀ."""
-        return 2.0 * self.M * self.N * self.K + 2.0 * self.M * self.r * (self.K + self.N)
+        """x·Wᵀ plus the shrink x̃·Aᵀ and the expand T·Bᵀ (what FlopCounterMode counts: lora_kernels.flops)."""
+        return float(forward_flops(self.M, self.K, self.N, self.r))
 
     @property
     def lora_flops_fwdbwd(self) -> float:
         """Forward plus dX = dY·W, dT = dY·B, dX += dT·A, dA = dTᵀ·x̃, dB = dYᵀ·T."""
-        return 4.0 * self.M * self.N * self.K + 6.0 * self.M * self.r * (self.K + self.N)
+        return self.lora_flops_fwd + backward_flops(self.M, self.K, self.N, self.r, need_dx=True)
 
     @property
     def base_flops_fwd(self) -> float:
