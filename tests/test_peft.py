@@ -419,3 +419,30 @@ def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
     lines = csv.read_text().strip().splitlines()
     assert len(lines) == 1 + len(rows) and lines[0].startswith("gpu,")
     assert os.path.exists(csv)
+
+
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
+@pytest.mark.parametrize("input_grads", [False, True], ids=["frozen-embeddings", "input-require-grads"])
+def test_flop_counter_gives_patched_and_peft_models_the_same_count(input_grads: bool) -> None:
+    """An MFU figure from FlopCounterMode does not change when the model is patched: the fused ops'
+    formulas count what PEFT's own matmuls count, forward and backward (the first layer's input needs
+    no gradient unless input grads are enabled, as for gradient checkpointing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _peft_model(r=16, lora_alpha=32).to(dev)
+    if input_grads:
+        model.enable_input_require_grads()
+    ids = _ids().to(dev)
+
+    def count() -> tuple[int, dict]:
+        with FlopCounterMode(display=False) as counter:
+            _run(model, ids)
+        return counter.get_total_flops(), counter.get_flop_counts()["Global"]
+
+    peft_total, peft_ops = count()
+    patch(model, backend="triton", log=False)
+    fused_total, fused_ops = count()
+    ops = {str(op) for op in fused_ops}
+    assert "lora_kernels.triton_lora_fwd" in ops and "lora_kernels.triton_lora_bwd" in ops, ops
+    assert fused_total == peft_total > 0, (fused_total, peft_total, peft_ops, fused_ops)
