@@ -18,7 +18,8 @@
 # The files whose tests run kernels on the GPU; the CPU-only files (extension build, emulation
 # harness, scripts) already pass in CI.
 : "${GPU_CHECK_TESTS:=tests/test_lora_linear.py tests/test_cuda_backend.py tests/test_single_pass.py
-  tests/test_hostile.py tests/test_compile.py tests/test_verify.py tests/test_layer.py tests/test_peft.py}"
+  tests/test_hostile.py tests/test_compile.py tests/test_verify.py tests/test_layer.py tests/test_peft.py
+  tests/test_dispatch_modes.py}"
 # PEFT's default (bf16 base, fp32 adapters) at a real size (TMA path) and an odd one (pointer path), on
 # fixed tiles like the benchmark (tuning would compile every config of each kernel: minutes).
 : "${VERIFY_ARGS:=--backend triton --backend cuda --dtype bf16+fp32a --only-shapes --shape 2048,4096,14336,16
