@@ -11,8 +11,9 @@ The 16-bit cases take the tensor-core skinny kernel, whose WMMA calls run on a h
 API (``tests/cuda_emu/wmma_emu.h``, which also checks its alignment and leading-dimension rules); the
 16-bit results are checked with an elementwise rounding bound (3u·Σ|terms|). The fused forward's and
 p = 0 dX's decompositions (pack kernel, then one GEMM over a concatenated K, here a loop) are checked
-too. What it cannot cover: the CUTLASS/cuBLAS GEMMs, the real WMMA fragment hardware and real
-concurrency between blocks: those wait for a GPU (tests/test_cuda_backend.py).
+too; ``--random`` draws further cases (r up to 256). What it cannot cover: the CUTLASS/cuBLAS GEMMs,
+the real WMMA fragment hardware and real concurrency between blocks: those wait for a GPU
+(tests/test_cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -78,3 +79,13 @@ def test_emulation_detects_wrong_results(harness):
     """The checks bite: with one value of T, of the bits and of dT corrupted, every case fails."""
     cases, fails, out = _run(harness, "--selftest")
     assert cases == 6 and fails >= cases, out[-2000:]
+
+
+def test_lowrank_kernels_on_random_shapes_and_ranks_up_to_256(harness):
+    """Random cases beyond the fixed set: sizes 1..160, r up to 256 (the fixed set stops at 65),
+    every dtype configuration, x layout, p, mask mode and split plan (``--random N SEED MAXDIM``).
+    The seed is fixed so a failure reproduces; more: ``harness --random 400 <seed> 300``."""
+    seed = os.environ.get("LORA_KERNELS_EMU_SEED", "20261201")
+    cases, fails, out = _run(harness, "--random", "16", seed, "160")
+    assert cases == 16, out[-2000:]
+    assert fails == 0, out[-4000:]

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <cstdlib>
 #include <cstring>
 #include <atomic>
 #include <functional>
@@ -478,6 +479,9 @@ done_bits:
 
 int main(int argc, char** argv) {
   g_selftest = argc > 1 && std::string(argv[1]) == "--selftest";
+  // --random N SEED [MAXDIM]: N random cases (sizes 1..MAXDIM, default 160; r 1..256, dtype
+  // configurations, x layouts, p, saved or regenerated mask, split plans) instead of the fixed set.
+  const bool random_mode = argc > 2 && std::string(argv[1]) == "--random";
   int n = 0, n_split = 0;
   auto one = [&](int64_t M, int64_t K, int64_t N, int64_t r, double p, int xl) {
     if (g_selftest && n >= 6) return;
@@ -488,6 +492,32 @@ int main(int argc, char** argv) {
     n_split += g_split_launches != splits_before;
     ++n;
   };
+  if (random_mode) {
+    const int count = std::atoi(argv[2]);
+    std::mt19937_64 pick(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1);
+    const int64_t maxdim = argc > 4 ? std::atoll(argv[4]) : 160;
+    auto dim = [&](int64_t hi) { return (int64_t)(pick() % (uint64_t)hi) + 1; };
+    for (int i = 0; i < count; ++i) {
+      const int64_t M = dim(maxdim), K = dim(maxdim), N = dim(maxdim);
+      static const int64_t edge_ranks[] = {1, 64, 65, 128, 255, 256};
+      const int64_t r = (pick() % 4 == 0) ? edge_ranks[pick() % 6] : dim(256);
+      const int cfg = (int)(pick() % 3);  // fp32 everything, bf16 x with fp32 adapters, fp16 everywhere
+      g_store = cfg == 0 ? kF32 : cfg == 1 ? kBF16 : kF16;
+      g_adapter = cfg == 2 ? kF16 : kF32;
+      g_split_min_c = pick() % 2 ? kTileC : kSplitMinC;
+      const double p = pick() % 2 ? 0.3 : 0.0;
+      const int xl = (int)(pick() % 3);
+      const int before = fails;
+      run_case(M, K, N, r, p, pick() >> 1, xl, pick() % 2 == 0);
+      if (fails != before)
+        printf("case M=%ld K=%ld N=%ld r=%ld p=%g xl=%d store=%d adapter=%d min_c=%ld failed\n", (long)M, (long)K,
+               (long)N, (long)r, p, xl, (int)g_store, (int)g_adapter, (long)g_split_min_c);
+      ++n;
+    }
+    fails += g_wmma_fails.load();
+    printf("%d cases, %d failures\n", n, fails);
+    return 0;
+  }
   g_split_min_c = kTileC;  // C ≤ 72 here: splits of one or two slices, the last one ragged
   for (int64_t M : {1, 37, 70})
     for (int64_t K : {1, 33, 72})
