@@ -308,3 +308,33 @@ def test_cuda_layer_under_torch_compile_fullgraph(model_ext, p):
     for g, ref in zip(got, want, strict=True):
         torch.testing.assert_close(g, ref, rtol=0, atol=0)
     assert model_ext.calls.count("lora_fwd") == 2 and model_ext.calls.count("lora_bwd") == 2
+
+
+@needs_triton_here
+def test_triton_op_on_real_tensors_launches_as_eager_calls_do(monkeypatch):
+    """Under a dispatch mode that hands the op real tensors (FlopCounterMode, selective checkpointing)
+    the op launches the eager kernels (host TMA descriptors, tuning, single-pass) instead of the
+    traceable ones that torch.compile needs; under FakeTensorMode it takes the traceable launches."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    seen = []
+    real_fwd, real_bwd = tri.lora_fwd, tri.lora_bwd
+
+    def spy(real):
+        def f(*args, wrap=tri._identity, **kwargs):
+            seen.append(wrap is tri._identity)
+            return real(*args, wrap=wrap, **kwargs)
+
+        return f
+
+    monkeypatch.setattr(tri, "lora_fwd", spy(real_fwd))
+    monkeypatch.setattr(tri, "lora_bwd", spy(real_bwd))
+    args = _inputs(device=_device("triton"))
+    with FlopCounterMode(display=False):
+        _run("triton", *args).sum().backward()
+    assert seen == [True, True]
+    seen.clear()
+    with FakeTensorMode():
+        x, w, _, a, b, _ = _inputs(device=_device("triton"))
+        lk.lora_linear(x, w, a, b, scaling=2.0, dropout_p=0.1, seed=3, backend="triton").sum().backward()
+    assert seen == [False, False]

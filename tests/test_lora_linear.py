@@ -291,7 +291,8 @@ def test_triton_ops_registered_schema():
 
 
 def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
-    """LORA_KERNELS_TMA=1 in the registered ops (what torch.compile traces): the TMA kernels take plain
+    """LORA_KERNELS_TMA=1 in the registered ops' traceable launches (what torch.compile traces; run here
+    on real tensors through ``wrap=_op_wrap``, as the op does on fake ones): the TMA kernels take plain
     tensors and build their descriptors in the kernel (DEVICE_DESC), and compute exactly what the eager
     launches with host-built descriptors compute: odd M, split-K, p > 0 with the stored mask."""
     _skip_unavailable("triton", torch.float16)
@@ -309,11 +310,11 @@ def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
     monkeypatch.setattr(tri, "_launch", launch)
     x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     fwd_args = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
-    got = torch.ops.lora_kernels.triton_lora_fwd(*fwd_args)
+    got = tri.lora_fwd(*fwd_args, wrap=tri._op_wrap)
     want = tri.lora_fwd(*fwd_args)
     dy = torch.randn(67, 72).to(x.dtype)
     bwd_args = (dy, x, W, A, B, want[1], want[2], 2.0, 0.1, 5, True, True)
-    got += torch.ops.lora_kernels.triton_lora_bwd(*bwd_args)
+    got += tri.lora_bwd(*bwd_args, wrap=tri._op_wrap)
     want += tri.lora_bwd(*bwd_args)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)

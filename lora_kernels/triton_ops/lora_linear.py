@@ -649,6 +649,16 @@ def _op_wrap(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def _op_body_wrap(x: torch.Tensor):
+    """How the registered ops launch: traceably (``_op_wrap``) while torch.compile/export traces them
+    (fake or functional tensors); as an eager call does (``_identity``: host TMA descriptors, tuning,
+    single-pass) when they run on real tensors, e.g. called from a compiled graph at run time, or under
+    a dispatch mode such as FlopCounterMode or selective checkpointing, which hand the op real tensors."""
+    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return _op_wrap
+    return _identity
+
+
 class _NoLaunch:
     """``kernel[grid](*args)`` that does nothing (see :func:`_op_wrap`)."""
 
@@ -1089,7 +1099,8 @@ def triton_lora_fwd(
     store_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_fwd`: ``(y (M, N), T (M, r) fp32, bits (M, ⌈K/8⌉) uint8 or empty)``."""
-    return lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=_op_wrap)
+    wrap = _op_body_wrap(x)
+    return lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=wrap)
 
 
 @torch.library.triton_op("lora_kernels::triton_lora_bwd", mutates_args=())
@@ -1108,7 +1119,8 @@ def triton_lora_bwd(
     need_da: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_bwd`: ``(dx, dA, dB, Σ_m dY)``."""
-    return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=_op_wrap)
+    wrap = _op_body_wrap(x)
+    return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=wrap)
 
 
 _flops.register(torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd)
