@@ -348,7 +348,9 @@ done_bits:
       double acc = 0, mag = 0;
       for (int64_t k = 0; k < K; ++k) { acc += X(m, k) * W[n * K + k]; mag += std::fabs(X(m, k) * W[n * K + k]); }
       for (int64_t j = 0; j < R; ++j) acc += (double)dec16(ot, tp[m * R + j]) * dec16(ot, lp[n * R + j]);
-      for (int64_t j = 0; j < r; ++j) mag += std::fabs(s * Tref[m * r + j] * B[n * r + j]);
+      // t holds the kernel's own T, from 16-bit x: its budget (Tabs) carries that rounding, which
+      // exceeds u·|T| wherever the terms of T cancel (seen at r = 1, K = 5 in a --random run).
+      for (int64_t j = 0; j < r; ++j) mag += s * (std::fabs(Tref[m * r + j]) + Tabs[m * r + j]) * std::fabs(B[n * r + j]);
       mag += (has_lb ? std::fabs(s * lb[n]) : 0.0) + (has_bias ? std::fabs(bias[n]) : 0.0);
       yfused[m * N + n] = dec16(ot, enc16(ot, (float)acc));  // the epilogue's rounding to the output
       absum[m * N + n] = mag;
@@ -463,7 +465,8 @@ done_bits:
         mag += std::fabs((double)dy[m * N + n] * W[n * K + k]);
       }
       for (int64_t j = 0; j < R; ++j) acc += (double)dec16(ot, tp[m * R + j]) * dec16(ot, lp[j * K + k]);
-      for (int64_t j = 0; j < r; ++j) mag += std::fabs(dTr[m * r + j] * A[j * K + k]);
+      // t holds the kernel's own dT: its budget (dTabs) carries its rounding, as for y fused.
+      for (int64_t j = 0; j < r; ++j) mag += (std::fabs(dTr[m * r + j]) + dTabs[m * r + j]) * std::fabs(A[j * K + k]);
       dxf2[m * K + k] = dec16(ot, enc16(ot, (float)acc));
       absum[m * K + k] = mag;
     }
