@@ -58,6 +58,7 @@ class _ModelExt:
 
     def lora_bwd(self, dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx):
         self.calls.append("lora_bwd")
+        self.bits_seen = bits.numel()
         M, K = x.shape
         keep = self._keep(seed, M, K, p, x.device)
         dy64 = dy.double()
@@ -137,9 +138,10 @@ def test_cuda_layer_gradients_match_reference(model_ext, p, mask_mode, biases):
     for name, g, r, t in zip(names, got, want, leaves, strict=True):
         assert g.dtype == t.dtype, f"d{name} dtype {g.dtype} != {t.dtype}"
         assert_close_ref(g, r, [torch.float32], f"d{name}")
-    # The backward asked for dx because x requires grad; the extension saw the forward's bits
-    # (bitmask mode) or an empty tensor (regenerate mode).
+    # The backward got the forward's bits in bitmask mode with dropout, an empty tensor otherwise.
     assert model_ext.calls == ["lora_fwd", "lora_bwd"]
+    M, K = x.shape
+    assert model_ext.bits_seen == (M * ((K + 7) // 8) if (p > 0 and mask_mode == "bitmask") else 0)
 
 
 def test_cuda_layer_skips_dx_when_x_is_frozen(model_ext, monkeypatch):
