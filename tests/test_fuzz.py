@@ -164,6 +164,25 @@ def _ref(x, weight, lora_A, lora_B, bias, lora_bias, *, scaling, dropout_p, trai
     return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, training, seed)
 
 
+def _gradient_scales(t: dict, prob: dict, g_ref: dict, draws: int = 3) -> dict[str, float]:
+    """The size of each gradient map: max |grad| for this dY, or the median over ``draws`` other dY of
+    the same distribution if that is larger. A gradient with few elements (dB at N = r = 1) can
+    cancel to a small fraction of its usual size for one dY while the rounding error of the sum it is
+    (≈ u·√M·|dY||T|, incoherent) does not: measured against that one value the table fails a correct
+    kernel (a random M = 180, K = 162 case: dB 1/40 of its usual size, bench/NOTES.md)."""
+    others: dict[str, list[float]] = {k: [] for k in g_ref}
+    gen = torch.Generator(device=t["dy"].device).manual_seed(prob["data_seed"] ^ 0x5EED)
+    for _ in range(draws):
+        dy = torch.randn(t["dy"].shape, generator=gen, device=t["dy"].device).to(t["dy"].dtype)
+        _, g = _run(_ref, dict(t, dy=dy), prob, upcast=True)
+        for k, v in g.items():
+            others[k].append(v.abs().max().item() if v.numel() else 0.0)
+    return {
+        k: max(g.abs().max().item() if g.numel() else 0.0, sorted(others[k])[len(others[k]) // 2])
+        for k, g in g_ref.items()
+    }
+
+
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_backend_matches_reference(backend):
     _skip_unless_available(backend)
@@ -171,18 +190,38 @@ def test_backend_matches_reference(backend):
     @settings(settings.get_profile(PROFILE))
     @given(prob=lora_problems(backend))
     def check(prob):
-        t = _make(prob)
-        y, grads = _run(lora_linear, t, prob, upcast=False, backend=backend, dropout_mask=prob["mask_mode"])
-        y_ref, g_ref = _run(_ref, t, prob, upcast=True)
-        dts = DTYPES[prob["dtype"]]
-        assert y.dtype == dts[0]
-        assert_close_ref(y, y_ref, dts, "output")
-        for k, g in g_ref.items():
-            assert grads[k] is not None, f"no gradient for {k}"
-            assert grads[k].dtype == t[k].dtype, f"grad of {k} has dtype {grads[k].dtype}"
-            assert_close_ref(grads[k], g, dts, f"grad {k}")
+        _check_problem(prob, backend)
 
     check()
+
+
+# Found by a randomized run (bench/NOTES.md, session 8): dB (1 × 1) cancels to 1/40 of its usual size.
+CANCELLED_DB = {
+    "shape_x": (180,), "K": 162, "N": 1, "r": 1, "dtype": "fp16+fp32a", "x_layout": "contiguous",
+    "param_layout": "contiguous", "bias": True, "lora_bias": True, "p": 0.43963962623157177, "training": True,
+    "seed": 367198, "scaling": 2.0, "mask_mode": "bitmask", "data_seed": 432,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_one_element_gradient_that_cancels(backend):
+    _skip_unless_available(backend)
+    _check_problem(CANCELLED_DB, backend)
+
+
+def _check_problem(prob: dict, backend: str) -> None:
+    """One fuzz example: output and every gradient of ``backend`` against the float64 reference."""
+    t = _make(prob)
+    y, grads = _run(lora_linear, t, prob, upcast=False, backend=backend, dropout_mask=prob["mask_mode"])
+    y_ref, g_ref = _run(_ref, t, prob, upcast=True)
+    scales = _gradient_scales(t, prob, g_ref)
+    dts = DTYPES[prob["dtype"]]
+    assert y.dtype == dts[0]
+    assert_close_ref(y, y_ref, dts, "output")
+    for k, g in g_ref.items():
+        assert grads[k] is not None, f"no gradient for {k}"
+        assert grads[k].dtype == t[k].dtype, f"grad of {k} has dtype {grads[k].dtype}"
+        assert_close_ref(grads[k], g, dts, f"grad {k}", scale=scales[k])
 
 
 @pytest.mark.parametrize("backend", backends.BACKENDS)
