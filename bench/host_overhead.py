@@ -13,8 +13,9 @@ layer (checks, autograd Function, op dispatch policy) with the pybind extension 
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
 in the same run, as eager calls are made (straight to the extension) and through the registered
 ``torch.library`` ops (what torch.compile and dispatch modes use), so the difference is the
-dispatcher's cost. No wall-time assertion rests on them; ``bench/NOTES.md`` keeps them. On a GPU, the
-benchmark's ``host_us`` column measures the whole path.
+dispatcher's cost. The last rows call a patched PEFT LoRA Linear over the same stub: the module call and
+the PEFT integration's per-call checks on top of the eager CUDA layer. No wall-time assertion rests on
+them; ``bench/NOTES.md`` keeps them. On a GPU, the benchmark's ``host_us`` column measures the whole path.
 """
 
 from __future__ import annotations
@@ -137,6 +138,56 @@ def measure_cuda_layer(reps: int = 300, warmup: int = 20) -> list[dict]:
                 for p in (0.0, 0.1):
                     f_us, fb_us = _time_calls(x, W, A, B, dy, p, reps, warmup, backend="cuda")
                     rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
+        rows += _peft_layer_rows(x, W, A, B, dy, reps, warmup)
+    return rows
+
+
+def _time_module(module, x, dy, reps: int, warmup: int) -> tuple[float, float]:
+    """(forward µs, forward + backward µs) of ``module(x)``; grads reset as in :func:`_time_calls`
+    (``zero_grad`` would add its own walk over the module)."""
+    import torch
+
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def fwd():
+        return module(x)
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        fwd().backward(dy)
+
+    with torch.no_grad():
+        f_us = _median_us(fwd, reps, warmup)
+    return f_us, _median_us(step, reps, warmup)
+
+
+def _peft_layer_rows(x, W, A, B, dy, reps: int, warmup: int) -> list[dict]:
+    """A patched ``peft.tuners.lora.Linear`` called as a training stack calls it (module call, PEFT's
+    state checks, the integration's plan) on to the stubbed CUDA layer; none if peft is not installed."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return []
+    import torch
+    from torch import nn
+
+    from lora_kernels.integrations import patch
+
+    rows = []
+    for p in (0.0, 0.1):
+        holder = nn.Module()
+        holder.proj = nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
+        cfg = LoraConfig(r=A.shape[0], lora_alpha=2 * A.shape[0], lora_dropout=p, target_modules=["proj"])
+        model = get_peft_model(holder, cfg)  # adapters in fp32 next to the bf16 base: PEFT's default
+        patch(model, backend="cuda", log=False)
+        model.train()
+        layer = model.base_model.model.proj
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+        f_us, fb_us = _time_module(layer, x, dy, reps, warmup)
+        assert layer._lk_last_fallback is None, layer._lk_last_fallback  # timed the fused path
+        rows.append(dict(path="peft layer, patched (cuda layer)", p=p, fwd_us=f_us, fwdbwd_us=fb_us))
     return rows
 
 

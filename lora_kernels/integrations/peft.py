@@ -69,6 +69,14 @@ def _check_options(backend: str, dropout_mask: str) -> None:
 # ----------------------------------------------------------------------------- eligibility
 
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a torch build without distributed: no tensor is a DTensor
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
+
 def _base_reason(base: nn.Module) -> str | None:
     """Why the fused op cannot stand in for ``base`` (the frozen layer), or None."""
     if not isinstance(base, nn.Linear):
@@ -77,7 +85,10 @@ def _base_reason(base: nn.Module) -> str | None:
         # bitsandbytes / HQQ / torchao / TE linears subclass nn.Linear with their own forward.
         return f"base layer {type(base).__name__} has its own forward (quantized or wrapped linear)"
     w = base.weight
-    if type(w) not in (torch.Tensor, nn.Parameter) or not w.dtype.is_floating_point:
+    # A DTensor weight is what FSDP2 (fully_shard) leaves between steps; its forward runs on the
+    # unsharded plain tensors. Whether a forward sees DTensors (tensor parallelism) is decided per
+    # call (_call_plan).
+    if type(w) not in (torch.Tensor, nn.Parameter, DTensor) or not w.dtype.is_floating_point:
         return f"base weight is {type(w).__name__} of {w.dtype} (quantized or tensor subclass)"
     return None
 
@@ -114,7 +125,10 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
         return "adapters disabled (disable_adapter() / disable_adapters)"
     if layer.merged:
         return f"adapter(s) {', '.join(map(repr, layer.merged_adapters))} merged into the base weight"
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    # Runs on every forward: each submodule dict is read once (nn.Module.__getattr__ is slow).
+    mods = layer._modules
+    lora_As, lora_Bs, dropouts = mods["lora_A"], mods["lora_B"], mods["lora_dropout"]
+    active = [a for a in layer.active_adapters if a in lora_As]
     if not active:
         return "no active adapter on this layer"
     ps: set[float] = set()
@@ -123,10 +137,10 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
         variant = _variant_name(layer, a)
         if variant is not None:
             return f"adapter {a!r} is a LoRA variant ({variant})"
-        lora_A, lora_B = layer.lora_A[a], layer.lora_B[a]
+        lora_A, lora_B = lora_As[a], lora_Bs[a]
         if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
             return f"adapter {a!r} has non-Linear lora_A/lora_B ({type(lora_A).__name__})"
-        drop = layer.lora_dropout[a]
+        drop = dropouts[a]
         # PEFT applies the dropout module, so its own training flag decides (as nn.Dropout does).
         if type(drop) is nn.Dropout:
             ps.add(float(drop.p) if drop.training else 0.0)
@@ -143,8 +157,31 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
     return active, ps.pop()
 
 
-def _call_plan(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> str | tuple[list[str], float]:
-    """:func:`_state_plan` plus the checks that depend on this call's arguments."""
+def _base_layer(layer: PeftLoraLinear) -> nn.Module:
+    """``layer.get_base_layer()`` for the per-call path. PEFT's version probes ``hasattr(m, "base_layer")``,
+    which on the innermost module raises and catches an AttributeError in ``nn.Module.__getattr__``:
+    2.7 µs a call on this CPU, paid three times a forward before this helper."""
+    base = layer._modules["base_layer"]
+    while "base_layer" in base._modules:  # nested tuner wrappers, as get_base_layer unwraps them
+        base = base._modules["base_layer"]
+    return base
+
+
+def _any_dtensor(x: torch.Tensor, weight: torch.Tensor, layer: PeftLoraLinear, adapters: list[str]) -> bool:
+    """Whether this call's input or weights are DTensors (a plain loop: torch.compile traces it)."""
+    if isinstance(x, DTensor) or isinstance(weight, DTensor):
+        return True
+    lora_As, lora_Bs = layer._modules["lora_A"], layer._modules["lora_B"]
+    for a in adapters:
+        if isinstance(lora_As[a].weight, DTensor) or isinstance(lora_Bs[a].weight, DTensor):
+            return True
+    return False
+
+
+def _call_plan(
+    layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict
+) -> str | tuple[list[str], float, nn.Module]:
+    """:func:`_state_plan` plus the checks that depend on this call's arguments; with the base layer."""
     if args or any(k not in _POPPED_KWARGS or v is not None for k, v in kwargs.items()):
         return "extra forward arguments (adapter_names mixed batch or variant kwargs)"
     plan = _state_plan(layer)
@@ -152,18 +189,23 @@ def _call_plan(layer: PeftLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict
         return plan
     if not isinstance(x, torch.Tensor):
         return "input is not a tensor"
-    base_dtype = layer.get_base_layer().weight.dtype
-    if x.dtype != base_dtype and not torch.is_autocast_enabled(x.device.type):
+    adapters, p = plan
+    base = _base_layer(layer)
+    weight = base.weight  # read once: a module attribute costs ~0.4 µs
+    if _any_dtensor(x, weight, layer, adapters):
+        # FSDP2 unshards to plain tensors around the forward; DTensors here are tensor parallelism,
+        # whose sharded matmuls the fused op does not implement.
+        return "DTensor input or weights in forward (tensor parallelism): PEFT's path"
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype differs from the base weight's (PEFT's path decides what happens)"
-    adapter_dtype = layer.lora_A[plan[0][0]].weight.dtype
+    adapter_dtype = layer._modules["lora_A"][adapters[0]].weight.dtype
     if x.dtype != adapter_dtype and not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
-    return plan
+    return adapters, p, base
 
 
-def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: float) -> torch.Tensor:
-    """One fused ``lora_linear`` call for the active ``adapters`` (sharing dropout ``p``)."""
-    base = layer.get_base_layer()
+def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: float, base: nn.Module) -> torch.Tensor:
+    """One fused ``lora_linear`` call for the active ``adapters`` (sharing dropout ``p``) over ``base``."""
     backend = getattr(layer, "_lk_backend", "auto")
     dropout_mask = getattr(layer, "_lk_dropout_mask", "bitmask")
     if len(adapters) == 1:

@@ -1,0 +1,79 @@
+"""One rank of tests/test_distributed.py: a patched PEFT model trained one step under DDP or FSDP2.
+
+Started by ``torch.multiprocessing.spawn`` (a module-level function, so spawn can import it). Each
+rank builds the same tiny Llama (same seed), patches it, wraps it, runs its own slice of the batch
+with its own dropout seed, and saves the logits and the *reduced* gradients (FSDP2's sharded
+gradients gathered to full tensors) for the parent to compare with single-process runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def step_seed(rank: int) -> int:
+    """The CPU RNG seed before rank ``rank``'s forward: the dropout seeds are drawn from it."""
+    return 100 + rank
+
+
+def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) -> None:
+    # Each rank is one process on a 2-core machine: one intra-op thread each, as torchrun sets.
+    torch.set_num_threads(1)
+    device = case["device"]
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        _train_step(rank, world, Path(out_dir), case)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
+    from peft.tuners.lora import Linear as PeftLoraLinear
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lora_kernels.integrations import patch
+    from tests.test_peft import _ids, _peft_model
+
+    device = case["device"]
+    model = _peft_model(lora_dropout=case["p"]).to(device)
+    if not case["patch_after_wrap"]:
+        patch(model, backend=case["backend"], log=False)
+    if case["wrapper"] == "ddp":
+        model = DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
+    else:  # FSDP2, as accelerate/TRL apply it: each decoder layer, then the root
+        mesh = init_device_mesh(device, (world,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if case["patch_after_wrap"]:
+        report = patch(model, backend=case["backend"], log=False)
+        assert len(report.accelerated) == case["n_linear"], str(report)
+    model.train()
+
+    ids = _ids()[rank : rank + 1].to(device)
+    torch.manual_seed(step_seed(rank))
+    logits = model(input_ids=ids).logits
+    gy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (logits * gy.to(device, logits.dtype)).sum().backward()
+
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[name.removeprefix("module.")] = g.detach().cpu()
+    lins = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+    # Every LoRA Linear ran, and ran fused (a fallback leaves its reason here).
+    fallbacks = {m.__dict__.get("_lk_last_fallback", "never called") for m in lins}
+    torch.save({"logits": logits.detach().cpu(), "grads": grads, "fallbacks": fallbacks, "n": len(lins)},
+               os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
