@@ -407,6 +407,55 @@ def test_triton_backend_end_to_end_fp32(monkeypatch: pytest.MonkeyPatch) -> None
     _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
 
 
+class _TokenDataset(torch.utils.data.Dataset):
+    """Eight random sequences of SEQ tokens, each its own label (causal LM loss)."""
+
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer_run(tmp_path, backend: str | None, p: float, checkpointing: bool) -> dict:
+    """Three SGD steps of transformers' Trainer (two micro-batches each); the adapters afterwards.
+    ``backend=None``: PEFT's own layers."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _peft_model(lora_dropout=p)
+    if backend is not None:
+        patch(model, backend=backend, log=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"trainer-{backend}"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=3, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", seed=0, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=checkpointing,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=_TokenDataset()).train()
+    if backend is not None:  # every LoRA Linear's last call ran fused
+        assert [m._lk_last_fallback for m in _lora_linears(model)] == [None] * N_LINEAR
+    return {n: p.detach().cpu().double() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
+@pytest.mark.parametrize("p, checkpointing", [(0.0, False), (0.1, True)], ids=["p0", "p0.1-checkpointing"])
+def test_hf_trainer_trains_a_patched_model(tmp_path, p: float, checkpointing: bool) -> None:
+    """transformers' Trainer (which TRL's SFTTrainer builds on) trains a patched model: its own loss,
+    gradient accumulation, optimizer and, at p = 0.1, gradient checkpointing. The adapters after three
+    steps on the Triton kernels match the same run on PEFT's own layers (p = 0) or, where PEFT's dropout
+    masks differ from ours, on the reference backend (the same masks)."""
+    init = {n: t.detach().double() for n, t in _peft_model().named_parameters() if t.requires_grad}
+    ref = _trainer_run(tmp_path, None if p == 0 else "torch", p, checkpointing)
+    out = _trainer_run(tmp_path, "triton", p, checkpointing)
+    assert out.keys() == ref.keys() == init.keys() and len(out) == 2 * N_LINEAR
+    for name in out:
+        assert (ref[name] - init[name]).abs().max() > 1e-3, f"{name} did not train"
+        assert_close_ref(out[name] - init[name], ref[name] - init[name], [torch.float32], f"{name} update")
+
+
 def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
     import bench.e2e_peft as e2e
 
