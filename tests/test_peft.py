@@ -407,6 +407,25 @@ def test_triton_backend_end_to_end_fp32(monkeypatch: pytest.MonkeyPatch) -> None
     _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
 
 
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
+def test_generate_with_kv_cache_matches_peft() -> None:
+    """Greedy ``generate`` on a patched model (Triton kernels): a prefill of 2 × 16 tokens, then decode
+    steps of one token per sequence (M = 2, 3-D x of one position) through the KV cache. The same
+    tokens as PEFT's own layers, and the step scores within the fp32 table."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _peft_model(lora_dropout=0.1).to(dev).eval()  # eval: dropout off, as generate runs it
+    ids = _ids().to(dev)
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    ref = model.generate(input_ids=ids, **kw)
+    patch(model, backend="triton", log=False)
+    out = model.generate(input_ids=ids, **kw)
+    assert [m._lk_last_fallback for m in _lora_linears(model)] == [None] * N_LINEAR
+    assert out.sequences.shape == (BATCH, SEQ + 6)
+    torch.testing.assert_close(out.sequences, ref.sequences, rtol=0, atol=0)
+    for step, (got, want) in enumerate(zip(out.scores, ref.scores, strict=True)):
+        assert_close_ref(got, want.double(), [torch.float32], f"scores of step {step}")
+
+
 class _TokenDataset(torch.utils.data.Dataset):
     """Eight random sequences of SEQ tokens, each its own label (causal LM loss)."""
 
