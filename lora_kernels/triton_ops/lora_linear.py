@@ -1126,6 +1126,22 @@ def triton_lora_bwd(
 _flops.register(torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd)
 
 
+def _opaque_under_functionalization(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+if _interpret():
+    # torch.compile's AOTAutograd decomposes a triton_op into its kernels by running the body on
+    # functional tensors, which only wrap_triton kernels can take; the interpreter's kernels cannot be
+    # wrapped (torch ≤ 2.11) and would read the functional tensors' data. Under the interpreter the ops
+    # stay whole in the graph instead (as torch.export keeps them), so a compiled graph calls them on
+    # real tensors and they run the interpreted eager kernels. On a GPU the decomposition stands.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for _op in (triton_lora_fwd, triton_lora_bwd):
+        _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+
+
 def _fwd(*args):
     # Eager: call the launcher directly (the dispatcher costs µs per call, visible at small M).
     # Under torch.compile or a dispatch mode (fake tensors, FLOP counting): the registered op.
