@@ -26,13 +26,21 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) ->
     device = case["device"]
     if device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
+    store = dist.FileStore(init_file, world)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world)
     try:
         _train_step(rank, world, Path(out_dir), case)
+        # Every rank past its last collective before any closes its connections: a rank that tears its
+        # process group down while a peer still reads the last all-gather can abort that peer (seen once
+        # on CI: "terminate called without an active exception"). The file store is no gloo connection.
+        store.set(f"done{rank}", "1")
+        store.wait([f"done{r}" for r in range(world)])
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: process-group and thread-pool destructors racing at exit
+    # can abort a process whose work is done (this module runs no C++ of ours). An exception above
+    # still propagates and fails the spawn.
+    os._exit(0)
 
 
 def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
