@@ -15,9 +15,18 @@ import torch
 import torch.distributed as dist
 
 
-def step_seed(rank: int) -> int:
-    """The CPU RNG seed before rank ``rank``'s forward: the dropout seeds are drawn from it."""
-    return 100 + rank
+def rank_step(model: torch.nn.Module, rank: int, device: str) -> torch.Tensor:
+    """Rank ``rank``'s training step: its sequence of the batch, its CPU RNG seed (the dropout seeds are
+    drawn from it), loss ``sum(logits * gy)``, backward. Returns the logits. The parent runs the same
+    step on an unwrapped model."""
+    from tests.test_peft import _ids
+
+    ids = _ids()[rank : rank + 1].to(device)
+    torch.manual_seed(100 + rank)
+    logits = model(input_ids=ids).logits
+    gy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (logits * gy.to(device, logits.dtype)).sum().backward()
+    return logits
 
 
 def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) -> None:
@@ -51,7 +60,7 @@ def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from lora_kernels.integrations import patch
-    from tests.test_peft import _ids, _peft_model
+    from tests.test_peft import _peft_model
 
     device = case["device"]
     model = _peft_model(lora_dropout=case["p"]).to(device)
@@ -69,11 +78,7 @@ def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
         assert len(report.accelerated) == case["n_linear"], str(report)
     model.train()
 
-    ids = _ids()[rank : rank + 1].to(device)
-    torch.manual_seed(step_seed(rank))
-    logits = model(input_ids=ids).logits
-    gy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    (logits * gy.to(device, logits.dtype)).sum().backward()
+    logits = rank_step(model, rank, device)
 
     grads = {}
     for name, p in model.named_parameters():

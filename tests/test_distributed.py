@@ -25,7 +25,7 @@ pytest.importorskip("peft", reason="the distributed tests train a patched PEFT m
 pytest.importorskip("transformers", reason="the distributed tests train a patched PEFT model")
 
 from lora_kernels.integrations import patch  # noqa: E402
-from tests._dist_worker import run_rank, step_seed  # noqa: E402
+from tests._dist_worker import rank_step, run_rank  # noqa: E402
 from tests._utils import assert_close_ref  # noqa: E402
 from tests.test_peft import N_LINEAR, _ids, _peft_model  # noqa: E402
 
@@ -58,12 +58,7 @@ def _single_process(case: dict, model_fn) -> tuple[list[torch.Tensor], dict]:
         model = model_fn()
         model.train()
         model.zero_grad(set_to_none=True)
-        torch.manual_seed(step_seed(rank))
-        ids = _ids()[rank : rank + 1].to(case["device"])
-        out = model(input_ids=ids).logits
-        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        (out * gy.to(out.device, out.dtype)).sum().backward()
-        logits.append(out.detach().cpu())
+        logits.append(rank_step(model, rank, case["device"]).detach().cpu())
         for name, p in model.named_parameters():
             if p.requires_grad:
                 total[name] = total.get(name, 0) + p.grad.detach().cpu().double() / WORLD
