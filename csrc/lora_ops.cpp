@@ -45,9 +45,14 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
+void check_device(const at::Tensor& t, const char* name, const at::Device& dev) {
   TORCH_CHECK(t.is_cuda(), "lora_kernels cuda backend: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == dev, "lora_kernels cuda backend: ", name, " is on ", t.device(), ", x on ", dev);
+}
+
+// A floating-point operand: on x's GPU, in one of the dtypes the kernels take.
+void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
+  check_device(t, name, dev);
   dtype_of(t);
 }
 
@@ -293,7 +298,9 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   check_cuda(lora_A, "lora_A", dev);
   check_cuda(lora_B, "lora_B", dev);
   check_cuda(T, "T", dev);
-  check_cuda(bits, "bits", dev);
+  // The packed mask is uint8 (empty when it is regenerated, or at p = 0), not a float operand.
+  check_device(bits, "bits", dev);
+  TORCH_CHECK(bits.scalar_type() == at::kByte, "lora_bwd: bits must be uint8, got ", bits.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == r,
               "lora_bwd: shape mismatch: x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r)");

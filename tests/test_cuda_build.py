@@ -235,6 +235,64 @@ def test_host_mask_rejects_bad_p(ext):
         ext.host_pack_mask(0, 2, 8, 1.0)
 
 
+def _fake_cuda_op_args(M=67, K=72, N=40, r=16, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    """Valid (forward, backward) arguments of the extension's ops as CUDA FakeTensors (no GPU needed:
+    the ops' C++ checks run on them; the first thing that needs a device is the CUDA guard)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    G = (K + 7) // 8
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        e = lambda *shape, dt=dtype: torch.empty(shape, device="cuda", dtype=dt)  # noqa: E731
+        x, W, b, dy = e(M, K), e(N, K), e(N), e(M, N)
+        A, B, lb = e(r, K, dt=adapter_dtype), e(N, r, dt=adapter_dtype), e(N, dt=adapter_dtype)
+        T, bits, no_bits = e(M, r, dt=torch.float32), e(M, G, dt=torch.uint8), e(0, dt=torch.uint8)
+        bits_cpu = torch.empty((M, G), device="cpu", dtype=torch.uint8)
+    fwd = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
+    bwd = {"bitmask": (dy, x, W, A, B, T, bits, 2.0, 0.1, 5, True),
+           "regenerate": (dy, x, W, A, B, T, no_bits, 2.0, 0.1, 5, True),
+           "p = 0": (dy, x, W, A, B, T, no_bits, 2.0, 0.0, 5, False)}  # fmt: skip
+    bad_fwd = {
+        "expected 2-D": (x[None], W, b, A, B, lb, 2.0, 0.1, 5, True),
+        "lora_fwd: shape mismatch": (x, W, b, A[:, :40], B, lb, 2.0, 0.1, 5, True),
+        "weight dtype must equal x dtype": (x, W.float(), b, A, B, lb, 2.0, 0.1, 5, True),
+        "p must be in": (x, W, b, A, B, lb, 2.0, 1.0, 5, True),
+        r"bias must be \(N,\)": (x, W, b[:7], A, B, lb, 2.0, 0.1, 5, True),
+        r"lora_bias must be \(N,\)": (x, W, b, A, B, lb[None], 2.0, 0.1, 5, True),
+        "x must be a CUDA tensor": (bits_cpu.float(), W, b, A, B, lb, 2.0, 0.1, 5, True),
+    }
+    bad_bwd = {
+        "shape mismatch": (dy, x, W, A[:, :40], B, T, bits, 2.0, 0.1, 5, True),
+        "shape mismatch ": (dy, x, W, A, B[:, :8], T, bits, 2.0, 0.1, 5, True),
+        "p must be in": (dy, x, W, A, B, T, bits, 2.0, -0.5, 5, True),
+        "bits must be a CUDA tensor": (dy, x, W, A, B, T, bits_cpu, 2.0, 0.1, 5, True),
+        "bits must be uint8": (dy, x, W, A, B, T, T, 2.0, 0.1, 5, True),
+        "expected 2-D": (dy, x, W, A[None], B, T, bits, 2.0, 0.1, 5, True),
+        "unsupported dtype": (dy, x, W, A, B, T.to(torch.int32), bits, 2.0, 0.1, 5, True),
+    }
+    return fwd, bwd, bad_fwd, bad_bwd
+
+
+_OWN_ERRORS = re.compile(r"lora_kernels|lora_fwd|lora_bwd")
+
+
+@requires_toolkit
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real ops run (tests/test_cuda_backend.py)")
+def test_ops_accept_valid_inputs_and_name_bad_ones_without_a_gpu(ext):
+    """The C++ input checks of lora_fwd / lora_bwd on CUDA FakeTensors: valid calls must get past every
+    check and stop only at the device (a backward that rejected its own forward's uint8 mask went
+    unnoticed for sessions because only a GPU ran these ops); bad calls must name what is wrong."""
+    fwd, bwd, bad_fwd, bad_bwd = _fake_cuda_op_args()
+    for name, (fn, args) in {"forward": (ext.lora_fwd, fwd), **{f"backward, {k}": (ext.lora_bwd, a)
+                                                               for k, a in bwd.items()}}.items():  # fmt: skip
+        with pytest.raises(Exception) as err:  # noqa: PT011 - any device error, but not one of ours
+            fn(*args)
+        assert not _OWN_ERRORS.search(str(err.value).splitlines()[0]), (name, str(err.value)[:300])
+    for fn, bad in ((ext.lora_fwd, bad_fwd), (ext.lora_bwd, bad_bwd)):
+        for msg, args in bad.items():
+            with pytest.raises(RuntimeError, match=msg.strip()):
+                fn(*args)
+
+
 @requires_toolkit
 @pytest.mark.skipif(
     os.environ.get("LORA_KERNELS_TEST_WHEEL", "1") == "0", reason="LORA_KERNELS_TEST_WHEEL=0 disables it"
