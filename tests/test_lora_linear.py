@@ -199,10 +199,24 @@ def test_triton_mask_bits_identical_to_reference():
     _skip_unavailable("triton")
     from lora_kernels.triton_ops.lora_linear import lora_fwd
 
-    for M, K, p, seed in [(67, 100, 0.1, 1), (5, 33, 0.5, (1 << 40) + 3), (300, 64, 0.9, 2**63 - 1)]:
+    cases = [(67, 100, 0.1, 1), (5, 33, 0.5, (1 << 40) + 3), (300, 64, 0.9, 2**63 - 1), (40, 48, 0.3, 2**31 + 5)]
+    for M, K, p, seed in cases:
         x, W, A, B, b, _ = make_inputs(M, K, 16, 4, xdt=torch.float32, adt=torch.float32)
         _, _, bits = lora_fwd(x, W, b, A, B, None, 2.0, p, seed, True)
         assert torch.equal(bits.cpu(), pack_mask(dropout_keep_mask(seed, M, K, p))), (M, K, p)
+
+
+def test_triton_seed_halves_are_int32():
+    """The kernels get the seed as two int32 arguments with the seed's bits: Triton types an int
+    ≥ 2³¹ as i64, so unsigned halves would compile a second variant of every seeded kernel for half
+    of all random seeds (outside the prewarmed cache, inside timed or captured regions)."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops.lora_linear import _seed_parts
+
+    for seed in [0, 5, 2**31 - 1, 2**31, 2**31 + 5, 2**32 - 1, 2**32, (2**31 + 3) << 32 | 0x80000001, 2**63 - 1]:
+        lo, hi = _seed_parts(seed)
+        assert -(2**31) <= lo < 2**31 and -(2**31) <= hi < 2**31, seed
+        assert (lo & 0xFFFFFFFF) | (hi & 0xFFFFFFFF) << 32 == seed, seed
 
 
 def test_autocast_cpu_reference():
@@ -336,6 +350,22 @@ def test_triton_ops_opcheck_gpu():
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd.default, bwd_args)
 
 
+def _one_config_tables(tri, block_n=32):
+    """One interpreter-sized config per kernel, for running the tuned launch path in the interpreter."""
+
+    def c(hook=None):
+        return tri._c(32, block_n, 32, 4, 1, hook, group_m=4)
+
+    return lambda: {
+        tri._shrink_kernel: [c()],
+        tri._fwd_kernel: [c()],
+        tri._fwd_tma_kernel: [c(tri._set_fwd_desc_blocks)],
+        tri._bwd_dy_kernel: [c()],
+        tri._bwd_dx_kernel: [c()],
+        tri._bwd_dx_tma_kernel: [c(tri._set_dx_desc_blocks)],
+    }
+
+
 @pytest.mark.parametrize("tma", ["0", "1"])
 def test_triton_autotuned_launch_path(monkeypatch, tma):
     """The autotuned launches (grid lambdas, per-kernel config filtering, TMA descriptor pre-hooks)
@@ -344,20 +374,7 @@ def test_triton_autotuned_launch_path(monkeypatch, tma):
     _skip_unavailable("triton", torch.float16)
     from lora_kernels.triton_ops import lora_linear as tri
 
-    def one_config_tables():
-        def c(hook=None):
-            return tri._c(32, 32, 32, 4, 1, hook, group_m=4)
-
-        return {
-            tri._shrink_kernel: [c()],
-            tri._fwd_kernel: [c()],
-            tri._fwd_tma_kernel: [c(tri._set_fwd_desc_blocks)],
-            tri._bwd_dy_kernel: [c()],
-            tri._bwd_dx_kernel: [c()],
-            tri._bwd_dx_tma_kernel: [c(tri._set_dx_desc_blocks)],
-        }
-
-    monkeypatch.setattr(tri, "_configs", one_config_tables)
+    monkeypatch.setattr(tri, "_configs", _one_config_tables(tri))
     monkeypatch.setattr(tri, "TMA_MODE", tma)
     monkeypatch.setattr(tri, "AUTOTUNE", True)
     tri._autotuner.cache_clear()
@@ -367,6 +384,76 @@ def test_triton_autotuned_launch_path(monkeypatch, tma):
         assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
     finally:
         tri._autotuner.cache_clear()
+
+
+def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):
+    """Threads launching one tuned kernel at once (DataParallel replicas, per-device backward threads):
+    Triton's Autotuner keeps a call's arguments on itself while its pre-hook re-points that call's TMA
+    descriptors, so overlapping calls crash or launch with another call's tiles. (The interpreter itself
+    cannot run two kernels at once, so a stand-in tuner measures the overlap.)"""
+    _skip_unavailable("triton")
+    import threading
+    import time
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    inside, overlaps, calls = [0], [], []
+
+    class SlowTuner:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+                time.sleep(0.02)  # many GIL switch intervals: unserialised calls would overlap here
+                calls.append(args)
+                inside[0] -= 1
+
+            return launch
+
+    monkeypatch.setattr(tri, "_configs", lambda: {})  # the tuned branch also runs in the interpreter
+    monkeypatch.setattr(tri, "_autotuner", lambda kernel: SlowTuner())
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    start = threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        for _ in range(3):
+            tri._launch(tri._fwd_kernel, lambda META: (1,), (i,), {}, {}, tri._identity)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 12 and not any(overlaps)
+
+
+def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
+    """Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids: launches
+    during a capture take the fixed tiles."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    launched = []
+
+    class Recorder:
+        arg_names = ["x", "BLOCK_M"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(("fixed", kw))
+
+    class Tuner:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(("tuned", kw))
+
+    monkeypatch.setattr(tri, "_autotuner", lambda kernel: Tuner())
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    monkeypatch.setattr(tri, "_interpret", lambda: False)  # as on a GPU
+    fixed = dict(BLOCK_M=64, num_warps=4, num_stages=2)
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
+        tri._launch(Recorder(), lambda META: (1,), ("x",), {}, fixed, tri._identity)
+    assert launched == [("tuned", {}), ("fixed", fixed)]
 
 
 @requires_gpu

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -140,8 +141,9 @@ def _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, strid
     t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
     t = tl.load(t_ptrs, mask=t_mask, other=0.0)
     if SPLIT_K > 1:
+        ts = tl.cast(stride_ts, tl.int64)  # SPLIT_K·M·r may pass 2³¹ (int32 product otherwise)
         for i in tl.static_range(1, SPLIT_K):
-            t += tl.load(t_ptrs + i * stride_ts, mask=t_mask, other=0.0)
+            t += tl.load(t_ptrs + i * ts, mask=t_mask, other=0.0)
         if store_t:
             tl.store(T_OUT + rm[:, None] * stride_tm + offs_r[None, :], t, mask=t_mask)
     return _fwd_epilogue_t(acc, t, BIAS, LB, LBIAS, offs_n, N, R, stride_lbn, stride_lbr, scaling,
@@ -667,7 +669,11 @@ class _NoLaunch:
 
 
 def _seed_parts(seed: int) -> tuple[int, int]:
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    """The seed's two 32-bit halves as signed int32 values with the same bits (the kernels cast them
+    to uint32). Triton types an int argument ≥ 2³¹ as i64: unsigned halves would compile a second
+    variant of every seeded kernel for half of all random seeds, outside the prewarmed cache and
+    inside timed or captured regions. Only ``&``, ``>>`` and ``±``: ``seed`` may be a SymInt."""
+    return ((seed + 2**31) & 0xFFFFFFFF) - 2**31, (((seed >> 32) + 2**31) & 0xFFFFFFFF) - 2**31
 
 
 def _m_bucket(M: int) -> int:
@@ -818,6 +824,14 @@ def _autotuner(kernel):
     )
 
 
+@functools.cache
+def _tune_lock(kernel) -> threading.Lock:
+    """Triton's Autotuner keeps a call's arguments on itself from choosing a config to launching (its
+    pre-hooks re-point the TMA descriptors through them), so two threads in one tuned kernel (DataParallel
+    replicas, per-device backward threads) would swap descriptors or crash: one call at a time."""
+    return threading.Lock()
+
+
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -850,9 +864,12 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     short (bench/NOTES.md, "host overhead").
     """
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
+    if tuned and not _interpret() and torch.cuda.is_current_stream_capturing():
+        tuned = False  # tuning a new key times configs and synchronises, which a CUDA-graph capture forbids
     if tuned:
         try:
-            _autotuner(kernel)[grid](*args, **meta)
+            with _tune_lock(kernel):
+                _autotuner(kernel)[grid](*args, **meta)
             return
         except OutOfResources:
             pass  # every tuned config exceeds this GPU: the fixed tiles below step down until one fits
