@@ -451,6 +451,7 @@ def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
     monkeypatch.setattr(tri, "_interpret", lambda: False)  # as on a GPU
     fixed = dict(BLOCK_M=64, num_warps=4, num_stages=2)
     for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
         tri._launch(Recorder(), lambda META: (1,), ("x",), {}, fixed, tri._identity)
     assert launched == [("tuned", {}), ("fixed", fixed)]

@@ -864,7 +864,8 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     short (bench/NOTES.md, "host overhead").
     """
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
-    if tuned and not _interpret() and torch.cuda.is_current_stream_capturing():
+    # (No capture without an initialised CUDA: this also keeps compile_only's CPU launches off the driver.)
+    if tuned and not _interpret() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
         tuned = False  # tuning a new key times configs and synchronises, which a CUDA-graph capture forbids
     if tuned:
         try:
