@@ -16,22 +16,29 @@ Without a GPU it checks the reference itself (float64/float32 vs float64) and, w
 ``--interpret``, the Triton kernels in the Triton CPU interpreter (bf16 included: the kernels upcast
 bf16 right after each load there, as the interpreter's own bf16 arithmetic is wrong). The exit status
 is non-zero when any case fails.
+
+A sweep that cannot finish still reports: after an error that leaves the CUDA context unusable (an
+illegal address, a device-side assert: every later CUDA call fails) the remaining cases are not run
+and are reported as failed "not run: CUDA context lost (...)"; on SIGTERM or Ctrl-C the cases done
+are reported and the rest marked "not run: interrupted". The table and ``--json`` are written
+either way, and every case is logged to stderr as it starts, so even a killed run leaves a log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
-import traceback
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,6 +54,7 @@ __all__ = [
     "CaseResult",
     "make_inputs",
     "run_case",
+    "context_lost",
     "mask_probe",
     "default_shapes",
     "default_dtypes",
@@ -166,6 +174,8 @@ class CaseResult:
     reason: str = ""
     checks: dict[str, Comparison] = field(default_factory=dict)
     seconds: float = 0.0
+    # True when the error left the CUDA context unusable (see context_lost): the sweep stops there.
+    context_lost: bool = False
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = asdict(self.case)
@@ -175,6 +185,7 @@ class CaseResult:
             reason=self.reason,
             seconds=round(self.seconds, 4),
             checks={k: v.to_dict() for k, v in self.checks.items()},
+            context_lost=self.context_lost,
         )
         return d
 
@@ -259,6 +270,62 @@ def backend_impl(name: str) -> Impl:
     return functools.partial(lora_linear, backend=name)
 
 
+# Text of errors that may mean the CUDA context is gone. A sticky error (illegal address, misaligned
+# address, device-side assert, launch failure) fails every later CUDA call in the process, so running
+# more cases only produces misleading errors. Triton's launcher reports driver errors as
+# "Triton Error [CUDA]: ...", torch as "CUDA error: ..." (torch.AcceleratorError in newer torch).
+_CONTEXT_LOST_MARKERS = (
+    "CUDA error",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "Triton Error [CUDA]",
+)
+_NOT_RUN = "not run: "
+
+
+def _error_text(e: BaseException) -> str:
+    """``module.Type: message`` (like traceback's last line, but never an exception note)."""
+    name = type(e).__qualname__
+    if type(e).__module__ not in ("builtins", "__main__"):
+        name = f"{type(e).__module__}.{name}"
+    msg = str(e).strip()
+    return f"{name}: {msg}" if msg else name
+
+
+def _device_works(device: torch.device | str) -> bool:
+    """Whether a trivial kernel still runs on the CUDA ``device``."""
+    try:
+        torch.cuda.synchronize(device)
+        return torch.ones(1, device=device).add_(1).item() == 2.0
+    except Exception:
+        return False
+
+
+def _looks_fatal(e: BaseException) -> bool:
+    accel = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 only
+    if accel is not None and isinstance(e, accel):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _CONTEXT_LOST_MARKERS)
+
+
+def context_lost(e: BaseException, device: torch.device | str) -> bool:
+    """Whether ``e`` left the CUDA context of ``device`` unusable, so no further case can run.
+
+    An error looks fatal if it is a ``torch.AcceleratorError`` (absent in older torch) or a
+    RuntimeError naming a CUDA failure. On a CUDA device a trivial kernel then decides: a sticky
+    error fails it too, while a non-sticky one (say "CUDA error: invalid argument" from one bad
+    launch) does not and the sweep goes on. Elsewhere (a simulated fault in CPU tests) the text decides.
+    """
+    if not _looks_fatal(e):
+        return False
+    if torch.device(device).type != "cuda":
+        return True
+    return not _device_works(device)
+
+
 def unavailable(name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
     """Why ``name`` cannot run these tensors (None if it can), including interpreter limits."""
     from . import backends
@@ -266,25 +333,37 @@ def unavailable(name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.
     try:
         backends.resolve(name, x, weight, lora_A)
     except (RuntimeError, ValueError, ImportError) as e:
+        if _looks_fatal(e):  # a CUDA failure is no reason to skip: the caller must see it
+            raise
         return str(e)
     return None
 
 
 def run_case(case: Case, device: torch.device | str, impl: Impl | None = None) -> CaseResult:
-    """Run one case against the float64 reference; exceptions become an "error" result."""
-    x_dt, a_dt = DTYPE_CONFIGS[case.dtype]
+    """Run one case against the float64 reference; exceptions become an "error" result.
+
+    All of the case runs inside the ``try``, making the inputs and the availability check too: after
+    a CUDA fault those are where the next case fails first. ``context_lost`` is set when the error
+    left the CUDA context unusable (see :func:`context_lost`).
+    """
     t0 = time.perf_counter()
+    try:
+        return _run_case(case, device, impl, t0)
+    except Exception as e:  # a crashing backend is a failed case, reported with its cause
+        return CaseResult(
+            case, "error", _error_text(e), seconds=time.perf_counter() - t0, context_lost=context_lost(e, device)
+        )
+
+
+def _run_case(case: Case, device: torch.device | str, impl: Impl | None, t0: float) -> CaseResult:
+    x_dt, a_dt = DTYPE_CONFIGS[case.dtype]
     inp = make_inputs(case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode()))
     reason = unavailable(case.backend, inp["x"], inp["weight"], inp["lora_A"])
     if reason is not None:
         return CaseResult(case, "skip", reason)
     impl = impl or backend_impl(case.backend)
-    try:
-        y_ref, g_ref = _forward_backward(_reference_impl, inp, torch.float64, case.p, case.seed)
-        y, grads = _forward_backward(impl, inp, None, case.p, case.seed, dropout_mask=case.mask_mode)
-    except Exception as e:  # a crashing backend is a failed case, reported with its cause
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return CaseResult(case, "error", tb, seconds=time.perf_counter() - t0)
+    y_ref, g_ref = _forward_backward(_reference_impl, inp, torch.float64, case.p, case.seed)
+    y, grads = _forward_backward(impl, inp, None, case.p, case.seed, dropout_mask=case.mask_mode)
     dts = (x_dt, a_dt)
     checks = {"out": compare(y, y_ref, dts)}
     for name in GRAD_NAMES:
@@ -361,6 +440,7 @@ class MaskResult:
     status: str
     reason: str = ""
     mismatches: dict[str, int] = field(default_factory=dict)
+    context_lost: bool = False  # as in CaseResult
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -384,12 +464,12 @@ def run_mask_check(
     x_dt = DTYPE_CONFIGS[dtype][0]
     M, K = (M, K) if M is not None and K is not None else probe_size(torch.device(device).type)
     res = MaskResult(backend, dtype, mask_mode, M, K, p, "pass")
-    probe_x = torch.empty(M, K, dtype=x_dt, device=device)
-    reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_x[:K])
-    if reason is not None:
-        res.status, res.reason = "skip", reason
-        return res
-    try:
+    try:  # all of it, allocations and the availability check included (as in run_case)
+        probe_x = torch.empty(M, K, dtype=x_dt, device=device)
+        reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_x[:K])
+        if reason is not None:
+            res.status, res.reason = "skip", reason
+            return res
         res.mismatches = mask_probe(impl or backend_impl(backend), M, K, p, _PROBE_SEED, x_dt, device, mask_mode)
         hook = _mask_hook(backend) if impl is None else None
         if hook is not None:
@@ -397,8 +477,7 @@ def run_mask_check(
             ref_bits = pack_mask(dropout_keep_mask(_PROBE_SEED, M, K, p, device=device))
             res.mismatches["module_bitmask"] = int((bits.to(ref_bits.device) != ref_bits).sum().item())
     except Exception as e:
-        res.status = "error"
-        res.reason = traceback.format_exception_only(type(e), e)[-1].strip()
+        res.status, res.reason, res.context_lost = "error", _error_text(e), context_lost(e, device)
         return res
     bad = {k: v for k, v in res.mismatches.items() if v}
     if bad:
@@ -414,40 +493,62 @@ def probe_size(device_type: str) -> tuple[int, int]:
 
 
 class Progress:
-    """A plain-text progress bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+    """Progress on stderr: a bar redrawn in place on a terminal; otherwise one line per step.
+
+    In line mode (not a terminal, or ``enabled=False``, which only drops the bar) a step's label is
+    written and flushed when it starts and its status appended when it ends, so a run killed or
+    crashed mid-step (a CUDA fault, a timeout) leaves a log naming the step it was in.
+    """
 
     def __init__(self, total: int, stream=None, enabled: bool = True, width: int = 28) -> None:
         self.total, self.done, self.width = max(total, 1), 0, width
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_step = time.perf_counter()
+        self._open = False  # a line-mode label written, its status not yet
 
-    def _bar(self) -> str:
-        filled = int(self.width * self.done / self.total)
-        pct = 100 * self.done // self.total
-        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {pct:3d}%"
+    def _bar(self, n: int | None = None) -> str:
+        n = self.done if n is None else n
+        if not self.enabled:
+            return f"{n}/{self.total}"
+        filled = int(self.width * n / self.total)
+        pct = 100 * n // self.total
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {n}/{self.total} {pct:3d}%"
+
+    def _redraw(self, label: str) -> None:
+        line = f"{self._bar()} {time.perf_counter() - self.t0:5.0f}s  {label}"
+        self.stream.write("\r" + line[:118].ljust(118))
+        self.stream.flush()
 
     def start(self, label: str) -> None:
+        self.t_step = time.perf_counter()
         if self.enabled and self.tty:
-            line = f"{self._bar()} {time.perf_counter() - self.t0:5.0f}s  {label}"
-            self.stream.write("\r" + line[:118].ljust(118))
+            self._redraw(label)
+        else:
+            self.stream.write(f"{self._bar(self.done + 1)} {label}: ")
             self.stream.flush()
+            self._open = True
 
     def step(self, label: str, status: str) -> None:
         self.done += 1
-        if not self.enabled:
+        if self.enabled and self.tty:
+            self._redraw(label)
             return
-        if self.tty:
-            self.start(label)
-        else:
-            self.stream.write(f"{self._bar()} {label}: {status}\n")
-            self.stream.flush()
+        if not self._open:
+            self.stream.write(f"{self._bar()} {label}: ")
+        self.stream.write(f"{status} ({time.perf_counter() - self.t_step:.1f}s)\n")
+        self.stream.flush()
+        self._open = False
 
-    def close(self) -> None:
+    def close(self, note: str = "not finished") -> None:
+        """End the display; a line-mode step still open (the sweep was stopped) gets ``note``."""
         if self.enabled and self.tty:
             self.stream.write("\r" + " " * 118 + "\r")
-            self.stream.flush()
+        elif self._open:
+            self.stream.write(f"{note}\n")
+            self._open = False
+        self.stream.flush()
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -536,6 +637,8 @@ def summary_table(results: list[CaseResult], masks: list[MaskResult]) -> str:
             mask = "skip"
         elif all(m.status in ("pass", "skip") for m in ms):
             mask = "identical"
+        elif all(m.status in ("pass", "skip") or m.reason.startswith(_NOT_RUN) for m in ms):
+            mask = "not run"  # the sweep stopped before them: no evidence either way
         else:
             mask = "DIFFER"
         lines.append(
@@ -562,6 +665,26 @@ def _enable_interpreter() -> str | None:
             "for a GPU: set TRITON_INTERPRET=1 in the environment instead"
         )
     return None
+
+
+@contextlib.contextmanager
+def _sigterm_raises_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt("SIGTERM"), so a sweep stopped by ``timeout`` or
+    a job scheduler still reports what it did; the previous handler comes back afterwards."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        prev = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: only the main thread can handle signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        # None: a handler installed outside Python, which cannot be reinstalled from here.
+        signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
 
 
 def add_verify_args(ap: argparse.ArgumentParser) -> None:
@@ -645,46 +768,79 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
         for dt in args.dtype or default_dtypes(device.type, name):
             # A backend that cannot run this device/dtype at all is reported once per group, not run.
             x_dt, a_dt = DTYPE_CONFIGS[dt]
-            probe = torch.empty(1, 16, dtype=x_dt, device=device)
-            group_reason = unavailable(name, probe, probe.expand(16, 16), torch.empty(8, 16, dtype=a_dt, device=device))
+            # (status, reason) of every case of the group when it cannot run: "skip" when the backend
+            # says it cannot run here, "error" when its check itself crashes (a broken backend, say a
+            # Triton API mismatch at import, must fail the sweep rather than stop it or be skipped).
+            group: tuple[str, str] | None = None
+            try:
+                probe = torch.empty(1, 16, dtype=x_dt, device=device)
+                a_probe = torch.empty(8, 16, dtype=a_dt, device=device)
+                why = unavailable(name, probe, probe.expand(16, 16), a_probe)
+                group = ("skip", why) if why is not None else None
+            except Exception as e:
+                group = ("error", f"the availability check raised {_error_text(e)}")
             mode_list = modes if name != "torch" else modes[:1]  # the reference has one mask path
             for shape in shapes:
                 for p in ps:
                     for mode in mode_list if p > 0 else modes[:1]:
                         case = Case(name, dt, *shape, p=p, mask_mode=mode, seed=args.seed)
-                        if group_reason is None:
+                        if group is None:
                             cases.append(case)
                         else:
-                            results.append(CaseResult(case, "skip", group_reason))
+                            results.append(CaseResult(case, *group))
             for p in (p for p in ps if p > 0):
                 for mode in mode_list:
-                    if group_reason is None:
+                    if group is None:
                         mask_jobs.append((name, dt, p, mode))
                     else:
-                        masks.append(MaskResult(name, dt, mode, *probe_size(device.type), p, "skip", group_reason))
+                        masks.append(MaskResult(name, dt, mode, *probe_size(device.type), p, *group))
+
+    info = _versions()
+    # Before any kernel runs: after a CUDA fault even this query may fail.
+    try:
+        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    except Exception as e:
+        dev_name = f"unknown ({_error_text(e)})"
 
     progress = Progress(len(cases) + len(mask_jobs), stream=err, enabled=not args.no_progress)
     t0 = time.perf_counter()
-    for case in cases:
-        progress.start(case.label)
-        res = run_case(case, device)
-        results.append(res)
-        progress.step(case.label, res.status)
-    for name, dt, p, mode in mask_jobs:
-        label = f"{name} {dt} mask probe p={p:g} {mode}"
-        progress.start(label)
-        m = run_mask_check(name, dt, device, p, mode)
-        masks.append(m)
-        progress.step(label, m.status)
+    n_planned, n_planned_masks = len(results), len(masks)
+    aborted: str | None = None  # why the sweep stopped early
+    with _sigterm_raises_interrupt():
+        try:
+            for case in cases:
+                progress.start(case.label)
+                res = run_case(case, device)
+                results.append(res)
+                progress.step(case.label, res.status)
+                if res.context_lost:
+                    aborted = f"CUDA context lost ({res.reason.splitlines()[0]})"
+                    break
+            for name, dt, p, mode in mask_jobs if aborted is None else ():
+                label = f"{name} {dt} mask probe p={p:g} {mode}"
+                progress.start(label)
+                m = run_mask_check(name, dt, device, p, mode)
+                masks.append(m)
+                progress.step(label, m.status)
+                if m.context_lost:
+                    aborted = f"CUDA context lost ({m.reason.splitlines()[0]})"
+                    break
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through the handler above
+            aborted = f"interrupted ({str(e) or 'SIGINT'})"
+            progress.close("interrupted")
     progress.close()
+    if aborted is not None:
+        # Everything not finished is reported, as failed: a sweep that stopped early is no pass.
+        for case in cases[len(results) - n_planned :]:
+            results.append(CaseResult(case, "error", _NOT_RUN + aborted))
+        for name, dt, p, mode in mask_jobs[len(masks) - n_planned_masks :]:
+            masks.append(MaskResult(name, dt, mode, *probe_size(device.type), p, "error", _NOT_RUN + aborted))
 
     failed = [r for r in results if r.status in ("fail", "error")]
     mask_failed = [m for m in masks if m.status in ("fail", "error")]
     ran = {r.case.backend for r in results if r.status != "skip"}
     missing = [n for n in names if n not in ran] if explicit else []
 
-    info = _versions()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     interp = "on" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "off"
     modes_note = ""
     if "triton" in names:
@@ -694,7 +850,7 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             # LORA_KERNELS_FWD / _BWD=single route eligible Triton cases through the single-pass kernels.
             tuned = "off (fixed tiles)" if not _tri.AUTOTUNE else "on" if not _tri._interpret() else "off (interpreter)"
             modes_note = f", triton forward={_tri.FWD_MODE} backward={_tri.BWD_MODE} autotune={tuned}"
-        except ImportError:
+        except Exception:  # a note only: a broken Triton backend is reported by its cases
             pass
     print(
         f"lora_kernels verify: device={device} ({dev_name}), triton interpreter {interp}{modes_note}, "
@@ -720,27 +876,39 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             else ""
         )
         print(f"skipped {name} [{', '.join(dts)}]: {reason}{hint}", file=out)
-    for r in failed[:30]:
+    ran_failed = [r for r in failed if not r.reason.startswith(_NOT_RUN)]
+    for r in ran_failed[:30]:
         print(f"FAILED {r.case.label}: {r.status}: {r.reason}", file=out)
-    if len(failed) > 30:
-        print(f"... and {len(failed) - 30} more failed cases (see --json)", file=out)
+    if len(ran_failed) > 30:
+        print(f"... and {len(ran_failed) - 30} more failed cases (see --json)", file=out)
     for m in mask_failed:
-        print(f"FAILED mask {m.backend} {m.dtype} p={m.p:g} {m.mask_mode}: {m.reason}", file=out)
+        if not m.reason.startswith(_NOT_RUN):
+            print(f"FAILED mask {m.backend} {m.dtype} p={m.p:g} {m.mask_mode}: {m.reason}", file=out)
+    n_not_run = len(failed) - len(ran_failed)
+    masks_not_run = sum(m.reason.startswith(_NOT_RUN) for m in mask_failed)
+    if aborted is not None:
+        print(
+            f"ABORTED: {n_not_run} cases and {masks_not_run} mask checks not run (counted as failed): {aborted}",
+            file=out,
+        )
     for n in missing:
         print(f"FAILED backend {n} was requested but no case could run: see the skip reasons", file=out)
-    ok = not failed and not mask_failed and not missing
+    ok = not failed and not mask_failed and not missing and aborted is None
     n_pass = sum(r.status == "pass" for r in results)
     print(
-        f"{'PASS' if ok else 'FAIL'}: {n_pass} passed, {len(failed)} failed, "
-        f"{sum(r.status == 'skip' for r in results)} skipped cases; "
-        f"mask checks: {sum(m.status == 'pass' for m in masks)} identical, {len(mask_failed)} differ, "
-        f"{sum(m.status == 'skip' for m in masks)} skipped",
+        f"{'PASS' if ok else 'FAIL'}: {n_pass} passed, {len(failed)} failed"
+        + (f" ({n_not_run} not run)" if n_not_run else "")
+        + f", {sum(r.status == 'skip' for r in results)} skipped cases; "
+        f"mask checks: {sum(m.status == 'pass' for m in masks)} identical, {len(mask_failed) - masks_not_run} differ, "
+        + (f"{masks_not_run} not run, " if masks_not_run else "")
+        + f"{sum(m.status == 'skip' for m in masks)} skipped",
         file=out,
     )
 
     if args.json:
         doc = {
             "ok": ok,
+            "aborted": aborted,
             "device": str(device),
             "device_name": dev_name,
             "interpret": interp == "on",
@@ -753,6 +921,8 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.json}", file=out)
+    if hasattr(out, "flush"):
+        out.flush()  # a pipe is block-buffered: the report must not wait for a clean exit
     return 0 if ok else 1
 
 

@@ -293,3 +293,165 @@ def test_verify_runs_the_single_pass_kernels_when_selected(monkeypatch, tmp_path
     assert rc == 0, out.getvalue()
     assert "triton forward=single backward=single" in out.getvalue()
     assert {"fwd", "bwd"} <= set(calls)
+
+
+# --- a sweep that cannot finish still reports (a CUDA fault, SIGTERM, Ctrl-C) ----------------------
+
+FAULT = "CUDA error: an illegal memory access was encountered"
+# Two shapes x (p = 0, p = 0.1 bitmask) per backend; cuda (the fake) runs first, then torch.
+SWEEP = ["--backend", "cuda", "--backend", "torch", "--dtype", "fp32", "--only-shapes", "--shape", "9,16,8,2",
+         "--shape", "5,24,16,4", "-p", "0", "-p", "0.1", "--mask-mode", "bitmask"]  # fmt: skip
+
+
+def _fails_on_call(n: int, action):
+    """A backend kernel that is correct until its n-th call, which runs ``action()`` instead."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return _ref_2d(*args)
+
+    return kernel, calls
+
+
+def _raise(exc: BaseException):
+    def action():
+        raise exc
+
+    return action
+
+
+def _run_sweep(tmp_path, *extra: str):
+    out, err = io.StringIO(), io.StringIO()
+    path = tmp_path / "v.json"
+    rc = verify.run_verify(_args(*SWEEP, *extra, "--json", str(path)), out=out, err=err)
+    return rc, out.getvalue(), err.getvalue(), json.loads(path.read_text())
+
+
+def test_cuda_fault_stops_the_sweep_and_still_reports(fake_backend, tmp_path):
+    kernel, calls = _fails_on_call(2, _raise(RuntimeError(FAULT)))
+    fake_backend.lora_linear_2d = kernel
+    rc, text, log, doc = _run_sweep(tmp_path)
+    assert rc == 1
+    assert len(calls) == 2, "no case may run after the context is lost"
+    assert "| cuda | fp32 | 4 | 1 | 3 | 0 |" in text and "| torch | fp32 | 4 | 0 | 4 | 0 |" in text
+    assert f"FAILED cuda fp32 9x16->8 r=2 p=0.1 bitmask: error: RuntimeError: {FAULT}" in text
+    assert (
+        "ABORTED: 6 cases and 2 mask checks not run (counted as failed): CUDA context lost (RuntimeError: CUDA error"
+        in text
+    )
+    assert text.count("| not run |") == 2, "mask checks that never ran do not DIFFER"
+    summary = text.rstrip().splitlines()[-2]
+    assert summary.startswith("FAIL: 1 passed, 7 failed (6 not run), 0 skipped cases; mask checks: 0 identical,")
+    assert summary.endswith("0 differ, 2 not run, 0 skipped")
+    assert doc["ok"] is False and doc["aborted"] == f"CUDA context lost (RuntimeError: {FAULT})"
+    statuses = [(r["backend"], r["status"], r["context_lost"]) for r in doc["results"]]
+    assert statuses[:2] == [("cuda", "pass", False), ("cuda", "error", True)]
+    not_run = doc["results"][2:] + doc["mask_checks"]
+    assert len(not_run) == 8 and len(doc["results"]) == 8
+    assert all(r["status"] == "error" and r["reason"] == f"not run: {doc['aborted']}" for r in not_run)
+    assert "2/10 cuda fp32 9x16->8 r=2 p=0.1 bitmask: error (" in log  # --no-progress still logs each case
+
+
+def test_error_in_inputs_or_availability_check_is_a_case_error(fake_backend, monkeypatch):
+    """After a fault the next CUDA call anywhere fails, making the inputs included: run_case reports it."""
+
+    def poisoned(*args, **kwargs):
+        raise torch.AcceleratorError(FAULT) if hasattr(torch, "AcceleratorError") else RuntimeError(FAULT)
+
+    monkeypatch.setattr(verify, "make_inputs", poisoned)
+    res = verify.run_case(verify.Case("cuda", "fp32", 8, 16, 8, 2, p=0.0), DEVICE)
+    assert res.status == "error" and res.context_lost and FAULT in res.reason
+    fake_backend.unavailable_reason = lambda x, weight, lora_A: poisoned()
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    assert mask.status == "error" and mask.context_lost and FAULT in mask.reason
+
+
+def test_which_errors_lose_the_context(monkeypatch):
+    assert verify.context_lost(RuntimeError(FAULT), "cpu")
+    assert verify.context_lost(RuntimeError("Triton Error [CUDA]: misaligned address"), "cpu")
+    assert not verify.context_lost(RuntimeError("shapes do not match"), "cpu")
+    assert not verify.context_lost(ValueError("CUDA error: not from CUDA"), "cpu")
+    if hasattr(torch, "AcceleratorError"):
+        assert verify.context_lost(torch.AcceleratorError("any accelerator failure"), "cpu")
+    # On a CUDA device a trivial kernel decides: a non-sticky CUDA error leaves the context usable.
+    monkeypatch.setattr(verify, "_device_works", lambda device: True)
+    assert not verify.context_lost(RuntimeError("CUDA error: invalid argument"), "cuda")
+    monkeypatch.setattr(verify, "_device_works", lambda device: False)
+    assert verify.context_lost(RuntimeError(FAULT), "cuda")
+
+
+def test_an_ordinary_error_does_not_stop_the_sweep(fake_backend, tmp_path):
+    kernel, calls = _fails_on_call(1, _raise(RuntimeError("a plain bug")))
+    fake_backend.lora_linear_2d = kernel
+    rc, text, _, doc = _run_sweep(tmp_path)
+    assert rc == 1 and doc["aborted"] is None and "ABORTED" not in text
+    assert [r["status"] for r in doc["results"]] == ["error"] + ["pass"] * 7
+    assert [m["status"] for m in doc["mask_checks"]] == ["pass", "pass"]
+
+
+def test_crashing_availability_check_fails_the_backend_instead_of_the_sweep(fake_backend, tmp_path):
+    def broken(x, weight, lora_A):
+        raise AttributeError("module 'triton.language' has no attribute 'something_new'")
+
+    fake_backend.unavailable_reason = broken
+    rc, text, _, doc = _run_sweep(tmp_path)
+    assert rc == 1 and "| torch | fp32 | 4 | 4 | 0 | 0 |" in text
+    cuda = [r for r in doc["results"] if r["backend"] == "cuda"]
+    assert len(cuda) == 4 and all(r["status"] == "error" for r in cuda)
+    assert "the availability check raised AttributeError: module 'triton.language'" in cuda[0]["reason"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_sweep_reports_the_cases_done(fake_backend, tmp_path, how):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm():
+        # Only with verify's handler installed: the default action would kill the test run.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before), "no SIGTERM handler"
+        signal.raise_signal(signal.SIGTERM)
+
+    kernel, calls = _fails_on_call(3, _raise(KeyboardInterrupt()) if how == "ctrl-c" else sigterm)
+    fake_backend.lora_linear_2d = kernel
+    rc, text, log, doc = _run_sweep(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is before, "the SIGTERM handler must be restored"
+    assert rc == 1 and len(calls) == 3
+    why = "interrupted (SIGINT)" if how == "ctrl-c" else "interrupted (SIGTERM)"
+    assert doc["ok"] is False and doc["aborted"] == why
+    assert [r["status"] for r in doc["results"]] == ["pass", "pass"] + ["error"] * 6
+    assert doc["results"][2]["reason"] == f"not run: {why}"
+    assert "| cuda | fp32 | 4 | 2 | 2 | 0 |" in text and "ABORTED: 6 cases and 2 mask checks not run" in text
+    assert "3/10 cuda fp32 5x24->16 r=4 p=0: interrupted\n" in log  # the step it was in
+
+
+def test_sweep_outside_the_main_thread_runs_without_a_signal_handler():
+    import threading
+
+    rcs = []
+    argv = ["--backend", "torch", "--dtype", "fp32", "--only-shapes", "--shape", "3,8,8,2", "-p", "0"]
+    t = threading.Thread(
+        target=lambda: rcs.append(verify.run_verify(_args(*argv), out=io.StringIO(), err=io.StringIO()))
+    )
+    t.start()
+    t.join()
+    assert rcs == [0]
+
+
+def test_line_mode_progress_names_the_step_before_it_ends():
+    stream = io.StringIO()
+    bar = verify.Progress(2, stream=stream, enabled=False)
+    bar.start("case 0")
+    assert stream.getvalue() == "1/2 case 0: ", "written (and flushed) when the step starts"
+    bar.step("case 0", "pass")
+    bar.start("case 1")
+    bar.close("interrupted")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("1/2 case 0: pass (") and lines[1] == "2/2 case 1: interrupted"
+    with_bar = io.StringIO()
+    bar = verify.Progress(1, stream=with_bar)
+    bar.step("only", "fail")  # a step without start still makes a whole line
+    assert with_bar.getvalue().startswith("[" + "#" * 28 + "] 1/1 100% only: fail (")

@@ -5,6 +5,11 @@ built for another torch gives a clear message instead of an undefined-symbol cra
 prebuilt module exists, :func:`get_ext` compiles the same sources with
 ``torch.utils.cpp_extension.load`` (ninja) into a cache directory keyed by torch, CUDA, archs and
 a hash of the sources, so the build happens once per machine and source version.
+
+``LORA_KERNELS_NO_JIT=1`` forbids that build (it takes many minutes, too long for a time-limited
+GPU session): without a prebuilt ``_C`` the cuda backend is then unavailable, with a reason, and
+:func:`get_ext` raises instead of compiling. Read when checked, not at import (the backend caches
+its availability per GPU for the process).
 """
 
 from __future__ import annotations
@@ -22,10 +27,22 @@ import torch
 from .. import build_info
 from . import _build
 
-__all__ = ["get_ext", "prebuilt_available", "availability", "jit_cache_dir", "runs_on"]
+__all__ = ["get_ext", "prebuilt_available", "availability", "jit_cache_dir", "runs_on", "jit_disabled"]
 
 _LOCK = threading.Lock()
 _EXT: ModuleType | None = None
+
+
+NO_JIT_REASON = (
+    "lora_kernels._C is not built and LORA_KERNELS_NO_JIT=1 forbids building it here (a JIT build of the "
+    "CUDA extension takes many minutes): build it first (`pip install --no-build-isolation -e .` or a "
+    "prebuilt wheel, docs/BUILDING.md), or unset LORA_KERNELS_NO_JIT to JIT-build it on first use"
+)
+
+
+def jit_disabled() -> bool:
+    """Whether ``LORA_KERNELS_NO_JIT`` forbids the JIT build (any value but empty or "0")."""
+    return os.environ.get("LORA_KERNELS_NO_JIT", "0").strip() not in ("", "0")
 
 
 def prebuilt_available() -> bool:
@@ -110,10 +127,12 @@ def get_ext(build: bool = True) -> ModuleType:
             return _EXT
         if prebuilt_available():
             _EXT = _import_prebuilt()
-        elif build:
-            _EXT = _jit_build()
-        else:
+        elif not build:
             raise ImportError("lora_kernels._C is not installed (pip install --no-build-isolation -e .)")
+        elif jit_disabled():
+            raise RuntimeError(NO_JIT_REASON)
+        else:
+            _EXT = _jit_build()
         return _EXT
 
 
@@ -127,12 +146,12 @@ def runs_on(archs: str, capability: tuple[int, int]) -> bool:
 
 def availability(device: torch.device) -> str | None:
     """None if the extension can run on ``device`` (or will be JIT-built for it), else why not."""
-    cap = torch.cuda.get_device_capability(device)
     if _EXT is not None or prebuilt_available():
         try:
             ext = get_ext(build=False)
         except ImportError as e:
             return str(e)
+        cap = torch.cuda.get_device_capability(device)
         archs = ext.build_metadata()["archs"]
         if archs and not runs_on(archs, cap):
             return (
@@ -140,6 +159,8 @@ def availability(device: torch.device) -> str | None:
                 "rebuild with LORA_KERNELS_CUDA_ARCHS including it"
             )
         return None
+    if jit_disabled():
+        return NO_JIT_REASON
     if _build.find_cuda_home() is None:
         return (
             "lora_kernels._C is not installed and no CUDA toolkit was found to JIT-build it "

@@ -1,0 +1,105 @@
+"""``LORA_KERNELS_NO_JIT=1``: no JIT build of the CUDA extension (lora_kernels/cuda_ops/_ext.py).
+
+Without a prebuilt ``lora_kernels._C`` the cuda backend would otherwise report itself available
+whenever a CUDA toolkit is found and then compile for many minutes on its first call. With the
+switch it is unavailable, with a reason saying why, and ``get_ext`` raises instead of building.
+
+Runs without a GPU: the prebuilt module's presence, the toolkit lookup and the JIT build itself
+are monkeypatched (this machine has both a toolkit and a built ``_C``).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lora_kernels import backends
+from lora_kernels.cuda_ops import _build, _ext
+from lora_kernels.cuda_ops import lora_linear as cuda_ll
+
+GPU = torch.device("cuda", 0)
+
+
+def _fake_ext() -> types.ModuleType:
+    mod = types.ModuleType("lora_kernels_fake_C")
+    mod.build_metadata = lambda: {"archs": "80;90"}
+    return mod
+
+
+@pytest.fixture
+def no_prebuilt(monkeypatch):
+    """No prebuilt ``_C``, none loaded yet, a toolkit found; a JIT build is recorded, not run."""
+    builds: list[types.ModuleType] = []
+
+    def jit_build() -> types.ModuleType:
+        builds.append(_fake_ext())
+        return builds[-1]
+
+    monkeypatch.setattr(_ext, "_EXT", None)
+    monkeypatch.setattr(_ext, "prebuilt_available", lambda: False)
+    monkeypatch.setattr(_ext, "_jit_build", jit_build)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/usr/local/cuda-13.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_ll, "_DEVICE_REASONS", {})  # the backend caches its answer per device
+    return builds
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_no_jit_makes_the_backend_unavailable_and_get_ext_raise(no_prebuilt, monkeypatch, value):
+    monkeypatch.setenv("LORA_KERNELS_NO_JIT", value)
+    assert _ext.jit_disabled()
+    reason = _ext.availability(GPU)
+    assert reason is not None
+    assert reason.startswith("lora_kernels._C is not built and LORA_KERNELS_NO_JIT=1 forbids building it here")
+    assert cuda_ll._device_reason(0) == reason
+    with pytest.raises(RuntimeError, match="LORA_KERNELS_NO_JIT=1 forbids building it"):
+        _ext.get_ext()
+    assert no_prebuilt == [], "nothing may be built"
+    assert _ext._EXT is None
+
+
+def test_backend_resolution_reports_the_reason(no_prebuilt, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_NO_JIT", "1")
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their device and dtype are read
+        x = torch.empty(4, 16, device="cuda", dtype=torch.float16)
+        w = torch.empty(8, 16, device="cuda", dtype=torch.float16)
+        a = torch.empty(2, 16, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run here: lora_kernels._C is not built and"):
+        backends.resolve("cuda", x, w, a)
+    monkeypatch.setattr(backends, "_AUTO_DEFAULT", ("cuda",))
+    monkeypatch.setattr(backends, "_AUTO_ORDER", {})
+    assert backends.resolve("auto", x, w, a) is None  # "auto" falls back to the reference, builds nothing
+    assert no_prebuilt == []
+
+
+@pytest.mark.parametrize("value", [None, "", "0"])
+def test_without_the_switch_a_missing_prebuilt_is_jit_built(no_prebuilt, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    else:
+        monkeypatch.setenv("LORA_KERNELS_NO_JIT", value)
+    assert not _ext.jit_disabled()
+    assert _ext.availability(GPU) is None, "a toolkit was found: the backend will be JIT-built"
+    ext = _ext.get_ext()
+    assert no_prebuilt == [ext] and _ext._EXT is ext
+
+
+def test_no_jit_still_loads_a_prebuilt_extension(no_prebuilt, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_NO_JIT", "1")
+    prebuilt = _fake_ext()
+    monkeypatch.setattr(_ext, "prebuilt_available", lambda: True)
+    monkeypatch.setattr(_ext, "_import_prebuilt", lambda: prebuilt)
+    assert _ext.availability(GPU) is None
+    assert _ext.get_ext() is prebuilt and no_prebuilt == []
+
+
+def test_no_jit_is_reported_before_a_missing_toolkit(no_prebuilt, monkeypatch):
+    """The switch is the reason to report: even with a toolkit nothing would be built."""
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    assert "no CUDA toolkit was found" in _ext.availability(GPU)
+    monkeypatch.setenv("LORA_KERNELS_NO_JIT", "1")
+    assert _ext.availability(GPU) == _ext.NO_JIT_REASON
