@@ -29,6 +29,7 @@ __all__ = [
     "retained_bytes",
     "peak_step_bytes",
     "time_ms",
+    "timer_name",
     "host_step_us",
     "rotating",
 ]
@@ -110,6 +111,22 @@ def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
         t.grad = None
 
 
+def _do_bench(device: torch.device) -> Callable | None:
+    """triton.testing.do_bench where it times (CUDA with triton installed), else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def timer_name(device: torch.device) -> str:
+    """The timer :func:`time_ms` uses on ``device``: "do_bench" or "perf_counter"."""
+    return "do_bench" if _do_bench(device) is not None else "perf_counter"
+
+
 def time_ms(
     fn: Callable[[], object],
     device: torch.device,
@@ -124,14 +141,10 @@ def time_ms(
 
     Gradients of ``grad_to_none`` are reset before each call so backward never accumulates.
     """
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
-            return float(ms), "do_bench"
+    do_bench = _do_bench(device)
+    if do_bench is not None:
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+        return float(ms), "do_bench"
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(cpu_warmup):
         _clear_grads(grad_to_none)

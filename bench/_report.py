@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import os
 import platform
 import re
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["COLUMNS", "run_metadata", "device_slug", "write_csv", "read_csv", "markdown_table"]
+__all__ = ["COLUMNS", "run_metadata", "device_slug", "write_csv", "read_csv", "markdown_table", "fmt_err"]
 
 COLUMNS = (
     # run
@@ -38,17 +39,28 @@ def _version(module: str) -> str:
 
 
 def _git_commit(repo: Path) -> str:
-    """Short HEAD commit, with "-dirty" when tracked files differ from it; "unknown" without git."""
+    """Short HEAD commit, with "-dirty" when tracked files differ from it.
+
+    Without git (the device gets a copy of the working tree, no .git): ``$LORA_KERNELS_COMMIT``, else the
+    first line of ``<repo>/.device/COMMIT`` (written by scripts/device_prebuild.sh), else "unknown".
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
         )
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=repo, capture_output=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
+        if head.returncode == 0 and head.stdout.strip():
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=repo, capture_output=True, timeout=10)
+            return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    env = os.environ.get("LORA_KERNELS_COMMIT", "").strip()
+    if env:
+        return env
+    try:
+        lines = (repo / ".device" / "COMMIT").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    return (lines[0].strip() if lines else "") or "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -119,12 +131,23 @@ def _num(row: dict, key: str, spec: str) -> str:
     return format(float(v), spec)
 
 
+def fmt_err(v: object) -> str:
+    """rel_err for the table and the log: "–" where not measured (p > 0 rows have none)."""
+    if v is None or v == "":
+        return "–"
+    return f"{float(v):.1e}"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per row; ratios are to cuBLAS of the same configuration and run."""
+    """One line per row; ratios are to cuBLAS of the same configuration and run.
+
+    rel_err (max |y - ref| / max |ref| against an fp32 reference, p = 0 rows only) sits next to the status:
+    a fast row is worth nothing if its numbers are wrong (its status then says WRONG).
+    """
     lines = [
         "| M × K → N | r | p | impl | fwd ms | fwd+bwd ms | fwd × | fwd+bwd × | TFLOP/s fwd / f+b "
-        "| host µs/step | saved MiB | peak MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| host µs/step | saved MiB | peak MiB | rel_err | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         shape = f"{row['M']} × {row['K']} → {row['N']}"
@@ -135,6 +158,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {shape} | {row['r']} | {row['p']} | {row['impl']} | {_num(row, 'fwd_ms', '.4f')} "
             f"| {_num(row, 'fwdbwd_ms', '.4f')} | {_num(row, 'fwd_ratio', '.3f')} "
             f"| {_num(row, 'fwdbwd_ratio', '.3f')} | {tf} | {_num(row, 'host_us', '.0f')} "
-            f"| {_num(row, 'saved_mib', '.4g')} | {_num(row, 'peak_mib', '.1f')} | {row['status']} |"
+            f"| {_num(row, 'saved_mib', '.4g')} | {_num(row, 'peak_mib', '.1f')} | {fmt_err(row.get('rel_err'))} "
+            f"| {row['status']} |"
         )
     return "\n".join(lines)

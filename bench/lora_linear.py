@@ -10,30 +10,47 @@ Every configuration (M tokens, K → N, rank r, dropout p) builds one set of ran
 each implementation on them (see ``bench/_impls.py`` for the names). Per row it measures forward
 and forward+backward medians (backward = dX for the frozen ``cublas`` floor; dX, dA, dB for LoRA
 rows), ratios to ``cublas``, TFLOP/s, the activation memory saved for backward beyond x, and the
-peak memory of a step (see ``bench/_measure.py``). Progress goes to stderr; the markdown table is
-printed last; rows are appended to ``<out>/<gpu-name-slug>.csv`` and plotted to
-``<out>/<gpu-name-slug>.png``.
+peak memory of a step (see ``bench/_measure.py``). Progress goes to stderr; each configuration's rows
+are appended to ``<out>/<gpu-name-slug>.csv`` as it ends; the markdown table (with ``rel_err``) is
+printed last, then the rows are plotted to ``<out>/<gpu-name-slug>.png``; also after SIGTERM or Ctrl-C,
+for the rows that ran. The exit status is 1 if a row errored, is WRONG (``rel_err`` beyond its dtype's
+tolerance) or was not run (interrupted, or after a fault lost the CUDA context), else 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lora_kernels.verify import TOLERANCES
+
 from . import _impls, _measure, _report
 
-__all__ = ["Config", "PRESETS", "main", "parse_args", "build_configs", "run_config"]
+__all__ = [
+    "Config",
+    "PRESETS",
+    "RunStopped",
+    "build_configs",
+    "exit_status",
+    "main",
+    "parse_args",
+    "rel_err_tolerance",
+    "run_config",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -181,6 +198,116 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class RunStopped(Exception):
+    """Raised by :func:`run_config` when the run cannot go on: interrupted, or the CUDA context is lost.
+
+    ``rows`` are the configuration's rows, the unmeasured ones with ``status``; ``interrupted`` tells the
+    two causes apart (after an interrupt nothing more is started; after a lost context the remaining
+    configurations are recorded as not run).
+    """
+
+    def __init__(self, status: str, rows: list[dict], interrupted: bool) -> None:
+        super().__init__(status)
+        self.status, self.rows, self.interrupted = status, rows, interrupted
+
+
+_INTERRUPTED = "not run: interrupted"
+# Text of the errors a kernel fault leaves behind (torch's, and Triton's launcher's "Triton Error [CUDA]: ...").
+_FAULT_TEXT = (
+    "CUDA error",
+    "CUDA_ERROR",
+    "Triton Error [CUDA]",
+    "illegal memory access",
+    "misaligned address",
+    "device-side assert",
+    "unspecified launch failure",
+)
+
+
+def _looks_like_cuda_fault(e: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in _FAULT_TEXT)
+
+
+def _cuda_usable(device: torch.device) -> bool:
+    """Whether the CUDA context still runs work: a fault is sticky and every later call repeats it."""
+    try:
+        torch.ones(1, device=device).add_(1).sum().item()
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:
+        return False
+
+
+def _context_lost(e: BaseException, device: torch.device) -> bool:
+    """A row's error is a kernel fault that poisoned the CUDA context: nothing more can be measured."""
+    if not _looks_like_cuda_fault(e):
+        return False
+    # Some CUDA errors (an invalid launch configuration, a failed allocation) leave the context usable;
+    # a tiny kernel tells those apart. Off CUDA (a stand-in raising in tests) the text alone decides.
+    return device.type != "cuda" or not _cuda_usable(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # after a fault it raises the same error again: keep the row's own error instead
+        pass
+
+
+def rel_err_tolerance(*dtypes: torch.dtype) -> float:
+    """Largest ``rel_err`` (max |y - ref| / max |ref|) of a correct row computed in ``dtypes``.
+
+    lora_kernels.verify's bound for the loosest dtype taking part, ``atol · max(scale, 1) + rtol · scale``,
+    over the scale ``max |ref|`` (above 1 for these inputs): ``atol + rtol``. At least 1e-4: the reference
+    here is fp32 (not verify's fp64), and its own rounding adds to an fp32 row's error.
+    """
+    return max(max(sum(TOLERANCES[d]) for d in dtypes), 1e-4)
+
+
+def _checked_status(row: dict, tol: float) -> str:
+    """ "ok", or "WRONG (...)" for a row whose output is off its fp32 reference (rel_err exists at p = 0)."""
+    err = row.get("rel_err")
+    if err is None or err <= tol:
+        return "ok"
+    return f"WRONG (rel_err {err:.2e} > {tol:.0e})"  # NaN lands here too
+
+
+def _failed(row: dict) -> bool:
+    return not (row["status"] == "ok" or row["status"].startswith("skipped"))
+
+
+def exit_status(rows: Sequence[dict]) -> int:
+    """1 when a row has an error, WRONG or not-run status, else 0 (skipped rows are expected)."""
+    return int(any(_failed(r) for r in rows))
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: `timeout` sends TERM, and the rows measured so far
+    must still be tabulated. Only the first one: later ones are ignored so the table gets out. Yields the
+    list of signals received; the previous handler is restored after."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _reference_fp32(prob: _impls.Problem, lora: bool) -> torch.Tensor:
     """fp32 y of copy 0 at p = 0 (the base GEMM alone when ``lora`` is False)."""
     x = prob.xs[0].detach().float()
@@ -242,48 +369,81 @@ def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, r
 def run_config(
     cfg: Config, impl_names: Sequence[str], args: argparse.Namespace, device: torch.device, base: dict, tag: str
 ) -> list[dict]:
-    """All rows of one configuration, ratios filled in against its ``cublas`` row."""
+    """All rows of one configuration, ratios filled in against its ``cublas`` row.
+
+    A row whose output is off the fp32 reference gets a "WRONG (...)" status. Raises :class:`RunStopped`,
+    carrying the rows, when interrupted or when a row's error lost the CUDA context.
+    """
     dtype = _DTYPES[args.dtype]
     adapter_dtype = dtype if args.adapter_dtype == "same" else _DTYPES[args.adapter_dtype]
-    prob = _impls.make_problem(
-        cfg.M, cfg.K, cfg.N, cfg.r, cfg.p, dtype=dtype, adapter_dtype=adapter_dtype, device=device,
-        bias=args.bias, scaling=args.scaling, copies=args.copies, seed=args.seed,
-    )  # fmt: skip
-    common = dict(base, M=cfg.M, K=cfg.K, N=cfg.N, r=cfg.r, p=cfg.p, dtype=args.dtype,
-                  adapter_dtype=_DTYPE_NAMES[adapter_dtype], bias=int(args.bias),
-                  scaling=args.scaling, copies=len(prob.xs))  # fmt: skip
-    rows, refs = [], {}
-    for name in impl_names:
+    tol = rel_err_tolerance(dtype, adapter_dtype)
+    common = _config_columns(cfg, args, base)
+    rows: list[dict] = []
+    refs: dict = {}
+    prob: _impls.Problem | None = None
+    stop: str | None = None  # the status of every row not measured, once the run cannot go on
+    for idx, name in enumerate(impl_names):
         row = dict(common, impl=name)
         t0 = time.perf_counter()
         try:
+            if prob is None:  # made in the row's try: a failure (OOM, a fault) is then that row's error
+                prob = _impls.make_problem(
+                    cfg.M, cfg.K, cfg.N, cfg.r, cfg.p, dtype=dtype, adapter_dtype=adapter_dtype, device=device,
+                    bias=args.bias, scaling=args.scaling, copies=args.copies, seed=args.seed,
+                )  # fmt: skip
+                common["copies"] = row["copies"] = len(prob.xs)
             impl = _impls.build(name, prob)
-            row.update(measure(impl, prob, args, refs), status="ok")
+            row.update(measure(impl, prob, args, refs))
             del impl
+            row["status"] = _checked_status(row, tol)
         except _impls.Unavailable as e:
             row["status"] = f"skipped: {e}"
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through main's handler: keep what ran, stop
+            row["status"] = stop = _INTERRUPTED
         except Exception as e:  # one failing row (OOM, kernel error) must not lose the whole run
             traceback.print_exc(file=sys.stderr)
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if _context_lost(e, device):
+                stop = f"not run: CUDA context lost ({row['status'].removeprefix('error: ')})"
         finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _empty_cache(device)
         rows.append(row)
-        if row["status"] == "ok":
+        if "fwd_ms" in row:
+            verdict = "" if row["status"] == "ok" else f": {row['status']}"
             _log(f"{tag} {name:>15}: fwd {row['fwd_ms']:.4f} ms, fwd+bwd {row['fwdbwd_ms']:.4f} ms, "
-                 f"saved {row['saved_mib']:.4g} MiB ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+                 f"saved {row['saved_mib']:.4g} MiB, rel_err {_report.fmt_err(row.get('rel_err'))} "
+                 f"({time.perf_counter() - t0:.1f} s){verdict}")  # fmt: skip
         else:
             _log(f"{tag} {name:>15}: {row['status']}")
-    floor = next((r for r in rows if r["impl"] == "cublas" and r["status"] == "ok"), None)
+        if stop is not None:
+            rows += [dict(common, impl=n, status=stop) for n in impl_names[idx + 1 :]]
+            break
+    # Timings of WRONG rows are still timings: they get ratios too.
+    floor = next((r for r in rows if r["impl"] == "cublas" and "fwd_ms" in r), None)
     for row in rows:
-        if floor is not None and row["status"] == "ok":
+        if floor is not None and "fwd_ms" in row:
             row["fwd_ratio"] = row["fwd_ms"] / floor["fwd_ms"]
             row["fwdbwd_ratio"] = row["fwdbwd_ms"] / floor["fwdbwd_ms"]
+    if stop is not None:
+        raise RunStopped(stop, rows, interrupted=stop == _INTERRUPTED)
     return rows
 
 
+def _config_columns(cfg: Config, args: argparse.Namespace, base: dict) -> dict:
+    """The run and configuration columns of a row (``copies`` is added once the inputs exist)."""
+    adapter_dtype = args.dtype if args.adapter_dtype == "same" else args.adapter_dtype
+    return dict(base, M=cfg.M, K=cfg.K, N=cfg.N, r=cfg.r, p=cfg.p, dtype=args.dtype,
+                adapter_dtype=adapter_dtype, bias=int(args.bias), scaling=args.scaling)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the benchmark; returns the rows (also written to CSV/PNG unless disabled)."""
+    """Run the benchmark; returns the rows (also written to CSV/PNG unless disabled).
+
+    Each configuration's rows are appended to the CSV as it ends. On Ctrl-C or SIGTERM the run stops, the
+    table (and plot) of what ran is still printed, then SystemExit(130 / 143) is raised. After a fault
+    that loses the CUDA context, the remaining rows are recorded as not run. ``exit_status(rows)`` is the
+    command's exit code.
+    """
     args = parse_args(argv)
     preset = "dry" if args.dry else "quick" if args.quick else "full"
     if any(getattr(args, a) is not None for a in _AXES):
@@ -307,39 +467,69 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"bench.lora_linear: {len(configs)} configurations x {len(impl_names)} implementations on {base['gpu']} "
         f"({args.dtype}), commit {base['commit']}, torch {base['torch']}, triton {base['triton']}"
     )
-    rows: list[dict] = []
-    t_start = time.perf_counter()
-    for i, cfg in enumerate(configs, 1):
-        spent = time.perf_counter() - t_start
-        if args.budget_s is not None and i > 1 and spent * i / (i - 1) > args.budget_s:
-            _log(f"bench.lora_linear: stopped before configuration {i}/{len(configs)}: it would end past "
-                 f"--budget-s {args.budget_s:g} ({spent:.0f} s spent)")  # fmt: skip
-            break
-        tag = f"[{i}/{len(configs)}] M={cfg.M} {cfg.K}->{cfg.N} r={cfg.r} p={cfg.p}"
-        rows += run_config(cfg, impl_names, args, device, base, tag)
-    _log(f"bench.lora_linear: done in {time.perf_counter() - t_start:.1f} s")
-    timers = {r["timer"] for r in rows if r.get("timer")}
-    run_timer = timers.pop() if len(timers) == 1 else ""
-    for row in rows:  # skipped rows carry the run's timer too, so every CSV line is self-describing
-        row["timer"] = row.get("timer") or run_timer
-
     slug = _report.device_slug(base["gpu"])
-    if not args.no_csv:
-        csv_path = _report.write_csv(rows, out_dir / f"{slug}.csv")
-        _log(f"bench.lora_linear: appended {len(rows)} rows to {csv_path}")
-    if not args.no_plot:
-        from . import plot
+    csv_path = out_dir / f"{slug}.csv"
+    run_timer = _measure.timer_name(device)  # rows that measured nothing carry it too: self-describing CSV
+    rows: list[dict] = []
+    stopped: RunStopped | None = None
+    t_start = time.perf_counter()
+    with _sigterm_interrupts() as signals:
+        i = 0
+        try:
+            for i, cfg in enumerate(configs, 1):
+                spent = time.perf_counter() - t_start
+                if args.budget_s is not None and i > 1 and spent * i / (i - 1) > args.budget_s:
+                    _log(f"bench.lora_linear: stopped before configuration {i}/{len(configs)}: it would end past "
+                         f"--budget-s {args.budget_s:g} ({spent:.0f} s spent)")  # fmt: skip
+                    break
+                tag = f"[{i}/{len(configs)}] M={cfg.M} {cfg.K}->{cfg.N} r={cfg.r} p={cfg.p}"
+                try:
+                    new = run_config(cfg, impl_names, args, device, base, tag)
+                except RunStopped as e:
+                    new, stopped = e.rows, e
+                if stopped is not None and not stopped.interrupted:  # nothing more can run: say so, row by row
+                    new += [dict(_config_columns(c, args, base), impl=n, status=stopped.status)
+                            for c in configs[i:] for n in impl_names]  # fmt: skip
+                # Written as each configuration ends: a run killed later keeps these rows.
+                csv_path = _write(new, csv_path, args, run_timer)
+                rows += new
+                if stopped is not None:
+                    break
+        except KeyboardInterrupt:  # between rows (run_config handles its own): the rows so far stand
+            stopped = RunStopped(_INTERRUPTED, [], interrupted=True)
+        if stopped is not None and stopped.interrupted:
+            _log(f"bench.lora_linear: interrupted in configuration {i}/{len(configs)}; "
+                 f"{len(configs) - i} not started")  # fmt: skip
+        elif stopped is not None:
+            _log(f"bench.lora_linear: stopped in configuration {i}/{len(configs)}: {stopped.status}")
+        _log(f"bench.lora_linear: done in {time.perf_counter() - t_start:.1f} s")
+        if not args.no_csv and rows:
+            _log(f"bench.lora_linear: appended {len(rows)} rows to {csv_path}")
+        # The table before the plot: importing matplotlib takes seconds a killed run may not have.
+        print(_report.markdown_table(rows), flush=True)
+        failed = [r for r in rows if _failed(r)]
+        if failed:
+            _log(f"bench.lora_linear: {len(failed)} of {len(rows)} rows failed (error, WRONG or not run)")
+        if not args.no_plot and rows:
+            from . import plot
 
-        png = plot.plot_rows(rows, out_dir / f"{slug}.png")
-        _log(f"bench.lora_linear: plot {png}" if png else "bench.lora_linear: no plot (matplotlib missing)")
-    print(_report.markdown_table(rows), flush=True)
+            png = plot.plot_rows(rows, out_dir / f"{slug}.png")
+            _log(f"bench.lora_linear: plot {png}" if png else "bench.lora_linear: no plot (matplotlib missing)")
+    if stopped is not None and stopped.interrupted:
+        # 128 + signal, as a shell reports a process killed by it: the run is incomplete.
+        raise SystemExit(128 + (signals[0] if signals else signal.SIGINT))
     return rows
 
 
+def _write(rows: list[dict], path: Path, args: argparse.Namespace, run_timer: str) -> Path:
+    """Append one configuration's rows to the CSV; returns the file written (see _report.write_csv)."""
+    for row in rows:
+        row["timer"] = row.get("timer") or run_timer
+    if args.no_csv or not rows:
+        return path
+    return _report.write_csv(rows, path)
+
+
 if __name__ == "__main__":
-    if "--dry" in sys.argv[1:] and not any(a.endswith("cuda") for a in sys.argv[1:]):
-        # On the CPU, Triton kernels run only in the interpreter, which must be on before they are
-        # defined. Set here and not in main(): in-process callers (pytest) may already hold compiled
-        # kernels, and flipping the variable under them would change every later Triton call.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    main()
+    # --dry turns the Triton interpreter on in bench/__init__.py: it must be on before triton is imported.
+    sys.exit(exit_status(main()))

@@ -1,7 +1,7 @@
 """Hardware counters per kernel for one benchmark configuration: the evidence bench/NOTES.md asks for
 where a ratio misses its target (which kernel, how many DRAM/L2 bytes, how busy the SMs were).
 
-    python -m bench.profile --impls cublas,triton-bitmask,triton-1pass --shape 8192,4096,4096,16 -p 0.1
+    python -m bench.ncu_profile --impls cublas,triton-bitmask,triton-1pass --shape 8192,4096,4096,16 -p 0.1
 
 runs, per implementation, one Nsight Compute (``ncu --clock-control none --profile-from-start off``:
 the card's clocks are left as they are) process that re-executes
@@ -43,7 +43,7 @@ _BYTES = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.ncu_profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--impls", default="cublas,triton-bitmask,triton-1pass", help="comma list (bench/_impls.py)")
     ap.add_argument("--shape", default="8192,4096,4096,16", help="M,K,N,r")
     ap.add_argument("-p", "--dropout", type=float, default=0.1)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     impls = args.impls.split(",")
     launches: list[dict] = []
     for impl in impls:  # one ncu process per implementation: its kernels are all that is profiled
-        child = [sys.executable, "-m", "bench.profile", "--child", "--impls", impl, "--shape",
+        child = [sys.executable, "-m", "bench.ncu_profile", "--child", "--impls", impl, "--shape",
                  ",".join(map(str, args.shape)), "-p", str(args.dropout), "--dtype", args.dtype,
                  "--adapter-dtype", args.adapter_dtype, "--steps", str(args.steps)]  # fmt: skip
         cmd = ncu_command(ncu, child)

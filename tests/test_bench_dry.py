@@ -63,6 +63,7 @@ def test_dry_run_writes_every_row_and_column(dry_run):
             # Allocator statistics exist only on CUDA: empty, not made-up, on the CPU.
             assert r["peak_mib"] == "" and r["retained_mib"] == "" and r["host_us"] == ""
         assert float(by[("cublas", 0.0)]["fwd_ratio"]) == 1.0
+    assert bench_ll.exit_status(rows) == 0
     # Every implementation computes the same function at p = 0 (the check the GPU run also records).
     for (impl, p), r in by.items():
         if p == 0.0 and r["status"] == "ok":
@@ -81,6 +82,7 @@ def test_dry_run_plot_and_table(dry_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = _report.markdown_table(rows).splitlines()
     assert table[0].startswith("| M × K → N |") and len(table) == 2 + len(rows)
+    assert table[0].endswith("| rel_err | status |")
     # Re-plotting from the CSV picks that run and gives the same kind of file.
     again = plot.plot_csv(next(out.glob("*.csv")), out / "again.png")
     assert again is not None and again.read_bytes()[:4] == b"\x89PNG"
@@ -291,9 +293,9 @@ _NCU_CSV = _ncu_csv(
 
 
 def test_profile_parses_ncu_details_and_summarizes():
-    """bench/profile.py: ncu's --csv --page details rows -> one record per launch (units normalised to µs
+    """bench/ncu_profile.py: ncu's --csv --page details rows -> one record per launch (units normalised to µs
     and bytes) -> one table row per (implementation, kernel) with time-weighted percentages."""
-    from bench import profile
+    from bench import ncu_profile as profile
 
     launches = profile.parse_ncu_csv(_NCU_CSV, "triton-bitmask")
     assert len(launches) == 3
@@ -309,7 +311,7 @@ def test_profile_leaves_the_clocks_alone(tmp_path, capsys):
     """The ncu path end to end with a stand-in ncu (records its arguments, prints a details CSV): ncu is
     told not to lock the clocks (its default would change the card's settings), one process per
     implementation re-runs this module as the child, and the table is built from what ncu printed."""
-    from bench import profile
+    from bench import ncu_profile as profile
 
     (tmp_path / "ncu.csv").write_text(_NCU_CSV)
     fake = tmp_path / "ncu"
@@ -320,13 +322,13 @@ def test_profile_leaves_the_clocks_alone(tmp_path, capsys):
     assert len(calls) == 2
     for call, impl in zip(calls, ("cublas", "triton-bitmask"), strict=True):
         assert call.startswith("--clock-control none --profile-from-start off "), call
-        assert f"-m bench.profile --child --impls {impl} --shape 64,32,48,4" in call
+        assert f"-m bench.ncu_profile --child --impls {impl} --shape 64,32,48,4" in call
     table = capsys.readouterr().out
     assert "| cublas | _fwd_kernel | 2 | 700.0 |" in table and "| triton-bitmask | _shrink_kernel | 1 |" in table
 
 
 def test_profile_dry_runs_the_steps():
-    from bench import profile
+    from bench import ncu_profile as profile
 
     assert profile.main(["--dry", "--impls", "cublas,naive", "--shape", "16,32,24,4", "--dtype", "fp32",
                          "--adapter-dtype", "same", "--steps", "1"]) == 0  # fmt: skip
@@ -370,3 +372,158 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", "cuda layer, eager (direct)",
         "cuda layer, through the ops", "peft layer, patched (cuda layer)"}, proc.stdout  # fmt: skip
     assert all(float(r[2]) > 0 and float(r[3]) > float(r[2]) for r in rows), proc.stdout
+
+
+# ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------
+
+
+def test_dry_command_runs_the_triton_rows(tmp_path):
+    """`python -m bench.lora_linear --dry` (make bench-dry) in a fresh process: the Triton interpreter is on
+    before triton is imported (bench/__init__.py), so no row errors and the command exits 0."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the command must turn it on
+    proc = subprocess.run([sys.executable, "-m", "bench.lora_linear", "--dry", "--cpu-reps", "1", "--no-plot",
+                           "--out", str(tmp_path)], cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()[2:]]
+    assert len(rows) == 2 * len(bench_ll.DRY_IMPLS), proc.stdout
+    status = {(r[3], r[2]): r[-1] for r in rows}
+    assert all(s == "ok" or s.startswith("skipped") for s in status.values()), proc.stdout
+    assert status[("triton-bitmask", "0.0")] == status[("triton-regen", "0.1")] == "ok", proc.stdout
+
+
+def _fake_measure(plan: dict[tuple[int, str], object]):
+    """A stand-in for bench_ll.measure (fast, no timing): what row (call number, impl) returns or raises."""
+    calls: list[tuple[int, str]] = []
+
+    def measure(impl, prob, args, refs):
+        calls.append((len(calls), impl.name))
+        action = plan.get(calls[-1], 0.0)
+        if isinstance(action, BaseException):
+            raise action
+        if callable(action):
+            action()
+            action = 0.0
+        out = {"fwd_ms": 1.0, "fwdbwd_ms": 2.0, "saved_mib": 0.0, "timer": "perf_counter"}
+        return out | ({"rel_err": action} if prob.p == 0.0 else {})
+
+    return measure, calls
+
+
+# Two configurations (p = 0, p = 0.1) of three rows each, nothing plotted.
+_ARGV = ["--dry", "--impls", "cublas,naive,torch", "--no-plot"]
+
+
+def test_rows_reach_the_csv_as_each_configuration_ends(tmp_path, monkeypatch):
+    seen = []
+    measure, _ = _fake_measure({(3, "cublas"): lambda: seen.append(_report.read_csv(next(tmp_path.glob("*.csv"))))})
+    monkeypatch.setattr(bench_ll, "measure", measure)
+    rows = bench_ll.main([*_ARGV, "--out", str(tmp_path)])
+    assert [len(s) for s in seen] == [3]  # the first configuration was on disk while the second ran
+    assert [r["impl"] for r in _report.read_csv(next(tmp_path.glob("*.csv")))] == ["cublas", "naive", "torch"] * 2
+    assert bench_ll.exit_status(rows) == 0
+    # Beside a CSV of older columns, every configuration's rows go to the one new file, under one header.
+    old = next(tmp_path.glob("*.csv"))
+    old.write_text("run_id,some_old_column\nR0,1\n")
+    rows = bench_ll.main([*_ARGV, "--out", str(tmp_path)])
+    new = [p for p in tmp_path.glob("*.csv") if p != old]
+    assert [p.name for p in new] == [f"{old.stem}-{rows[0]['run_id']}.csv"]
+    assert len(_report.read_csv(new[0])) == 6 and old.read_text() == "run_id,some_old_column\nR0,1\n"
+
+
+@pytest.mark.parametrize("how,code", [("sigterm", 143), ("ctrl-c", 130)])
+def test_interrupt_keeps_what_ran(how, code, tmp_path, monkeypatch, capsys):
+    """SIGTERM (what `timeout` sends) or Ctrl-C in the second configuration: the first configuration's rows
+    and the second's finished row are in the CSV and the table, the rest "not run", and the exit is 128 + signal."""
+    import signal
+
+    stop = (lambda: os.kill(os.getpid(), signal.SIGTERM)) if how == "sigterm" else KeyboardInterrupt()
+    measure, calls = _fake_measure({(4, "naive"): stop})
+    monkeypatch.setattr(bench_ll, "measure", measure)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        bench_ll.main([*_ARGV, "--out", str(tmp_path)])
+    assert exc.value.code == code and len(calls) == 5
+    assert signal.getsignal(signal.SIGTERM) is before  # main's handler is gone again
+    written = _report.read_csv(next(tmp_path.glob("*.csv")))
+    assert [(r["p"], r["impl"], r["status"]) for r in written][2:] == [
+        ("0", "torch", "ok"), ("0.1", "cublas", "ok"), ("0.1", "naive", "not run: interrupted"),
+        ("0.1", "torch", "not run: interrupted")]  # fmt: skip
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 6 and table[-1].endswith("| not run: interrupted |")
+
+
+def test_lost_cuda_context_marks_the_rest_not_run(tmp_path, monkeypatch):
+    """A fault that poisons the CUDA context: its row records the error, every later row (this configuration
+    and the next) is "not run" with that error, nothing more is measured, and the exit status is 1."""
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+    measure, calls = _fake_measure({(1, "naive"): fault})
+    monkeypatch.setattr(bench_ll, "measure", measure)
+    rows = bench_ll.main([*_ARGV, "--out", str(tmp_path)])
+    assert len(calls) == 2
+    error = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert [r["status"] for r in rows] == ["ok", f"error: {error}"] + [f"not run: CUDA context lost ({error})"] * 4
+    assert [r["status"] for r in _report.read_csv(next(tmp_path.glob("*.csv")))] == [r["status"] for r in rows]
+    assert bench_ll.exit_status(rows) == 1
+    # Any other error is that row's alone.
+    measure, calls = _fake_measure({(1, "naive"): ValueError("bad shape")})
+    monkeypatch.setattr(bench_ll, "measure", measure)
+    rows = bench_ll.main([*_ARGV, "--out", str(tmp_path), "--no-csv"])
+    assert len(calls) == 6 and [r["status"] for r in rows].count("ok") == 5
+
+
+def test_cuda_fault_detection_and_guarded_empty_cache(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(bench_ll, "_cuda_usable", lambda device: False)
+    assert bench_ll._context_lost(RuntimeError("CUDA error: unspecified launch failure"), cuda)
+    assert bench_ll._context_lost(RuntimeError("Triton Error [CUDA]: misaligned address"), cuda)
+    assert not bench_ll._context_lost(ValueError("CUDA error"), cuda)
+    if hasattr(torch, "AcceleratorError"):
+        assert bench_ll._context_lost(torch.AcceleratorError("anything"), cuda)
+    # An error of that kind that left the context usable (a bad launch configuration) stops nothing.
+    monkeypatch.setattr(bench_ll, "_cuda_usable", lambda device: True)
+    assert not bench_ll._context_lost(RuntimeError("CUDA error: invalid configuration argument"), cuda)
+
+    def empty_cache():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    bench_ll._empty_cache(cuda)  # raises nothing: the row's own error is the one to keep
+
+
+def test_wrong_numbers_are_not_ok(tmp_path, monkeypatch, capsys):
+    """A row off its reference beyond the dtype's tolerance is "WRONG (...)" in the CSV and the table (which
+    shows rel_err), keeps its timings, and makes the exit status 1."""
+    assert bench_ll.rel_err_tolerance(torch.bfloat16) == pytest.approx(6e-2)
+    assert bench_ll.rel_err_tolerance(torch.float16, torch.float32) == pytest.approx(8e-3)
+    assert bench_ll.rel_err_tolerance(torch.float32) == pytest.approx(1e-4)
+    measure, _ = _fake_measure({(1, "naive"): 0.25, (2, "torch"): float("nan")})
+    monkeypatch.setattr(bench_ll, "measure", measure)
+    rows = bench_ll.main([*_ARGV, "--out", str(tmp_path)])
+    assert [r["status"] for r in rows[:3]] == ["ok", "WRONG (rel_err 2.50e-01 > 1e-04)", "WRONG (rel_err nan > 1e-04)"]
+    assert rows[1]["fwd_ratio"] == 1.0 and bench_ll.exit_status(rows) == 1
+    table = capsys.readouterr().out.splitlines()
+    assert table[3].endswith("| 2.5e-01 | WRONG (rel_err 2.50e-01 > 1e-04) |"), table[3]
+    assert table[5].endswith("| – | ok |"), table[5]  # p > 0: no reference, no rel_err
+
+
+def test_commit_without_git(tmp_path, monkeypatch):
+    """The device's copy of the tree has no .git: the commit comes from $LORA_KERNELS_COMMIT, else from
+    .device/COMMIT (scripts/device_prebuild.sh writes it), else it is "unknown"."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path either
+    monkeypatch.delenv("LORA_KERNELS_COMMIT", raising=False)
+    assert _report._git_commit(tmp_path) == "unknown"
+    (tmp_path / ".device").mkdir()
+    (tmp_path / ".device" / "COMMIT").write_text("0123456789ab-dirty\nwritten by device_prebuild.sh\n")
+    assert _report._git_commit(tmp_path) == "0123456789ab-dirty"
+    monkeypatch.setenv("LORA_KERNELS_COMMIT", "fedcba987654")
+    assert _report._git_commit(tmp_path) == "fedcba987654"
+    assert _report._git_commit(ROOT) not in ("unknown", "fedcba987654")  # git, where there is one, comes first
+
+
+def test_no_bench_module_shadows_the_standard_library():
+    """`python bench/e2e_peft.py` puts bench/ first on sys.path: a bench/profile.py hid the standard library's
+    `profile` (which cProfile imports) from everything it imports."""
+    shadowing = {p.stem for p in (ROOT / "bench").glob("*.py")} & set(sys.stdlib_module_names)
+    assert not shadowing, shadowing
