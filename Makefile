@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo lint gpu-check gpu-check-short device-prebuild bench-dry wheel clean
+.PHONY: setup test demo lint gpu-check gpu-check-short device-prebuild device-preflight bench-dry wheel clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -28,6 +28,10 @@ gpu-check-short:
 # without a GPU) and CUTLASS, to carry there.
 device-prebuild:
 	bash scripts/device_prebuild.sh
+
+# Right before a device call (no GPU, seconds): .device/ matches the committed sources and the plan.
+device-preflight:
+	python3 scripts/device_preflight.py
 
 bench-dry: setup
 	$(PY) -m bench.lora_linear --dry

@@ -10,12 +10,16 @@
 #
 # Environment:
 #   VENV=path        use $VENV/bin/python instead of `python` from PATH (the device image has no venv)
-#   TORCH_CUDA_ARCH_LIST  default 9.0 (Hopper) to keep the extension build short
+#   LORA_KERNELS_CUDA_ARCHS  default 90 (Hopper) to keep a fallback extension build short (setup.py
+#                    passes its own -gencode flags, so TORCH_CUDA_ARCH_LIST alone would not do it)
+#   LORA_KERNELS_NO_JIT  default 1 after the install step: a missing _C makes the cuda rows and tests
+#                    skip with a reason instead of JIT-building CUTLASS for minutes inside a timed step
 #   GPU_CHECK_STEPS=a,b,...  the steps, run in this order, of install, environment, verify, tests, bench,
 #                    profile (default install,environment,tests,bench), so a time-limited device
 #                    session can split the check over several commands
-#   GPU_CHECK_PLAN=short  defaults for a 15-minute device session: install,environment,bench,tests,verify,
+#   GPU_CHECK_PLAN=short  defaults for a 15-minute device session: install,environment,verify,bench,tests,
 #                    a 360 s budget, a four-configuration benchmark on fixed tiles, the GPU test files
+#   GPU_CHECK_REQUIRE_GPU=1  skip every step after environment when torch sees no CUDA GPU (short plan)
 #   GPU_CHECK_BUDGET=s  wall-clock budget of the whole check: each step may run for what is left (less
 #                    20 s for the summary), a step with under 20 s left is skipped, and pytest starts no
 #                    test after its step's deadline (tests/conftest.py), so its summary still prints
@@ -27,22 +31,26 @@
 #   BENCH_OUT=dir    where the benchmark writes its CSV/PNG (default bench/results)
 #   BENCH_ARGS="..." arguments for `python -m bench.lora_linear` (default --quick)
 #   VERIFY_ARGS="..." arguments for `python -m lora_kernels verify` (default: its whole sweep)
-#   PYTEST_ARGS="..." extra arguments for pytest
-#   GPU_CHECK_TESTS="..."  test paths for the tests step (default: tests, the whole suite)
+#   PYTEST_ARGS="..." extra arguments for pytest, parsed like a shell command line (quotes work:
+#                    PYTEST_ARGS='-k "a or b"')
+#   GPU_CHECK_TESTS="..."  test paths for the tests step (default: tests, the whole suite); at its
+#                    limit the tests step gets SIGINT, so pytest still prints its summary
 #   GPU_CHECK_WORKERS=n  pytest-xdist workers when xdist is installed (default 8, 0: one process);
 #                    the Triton compiles spread over the CPUs, the kernels share the GPU
 #   GPU_CHECK_LOGS=dir  keep the per-step logs there (default: a temp dir)
-#   GPU_CHECK_ARCHIVE=file.tar.gz  pack the logs into one file at the end (the device tool returns at
-#                    most 8 files)
+#   GPU_CHECK_ARCHIVE=file.tar.gz  pack the logs into one file, again after every step (the device
+#                    tool returns at most 8 files, and only what exists when a call is stopped)
 #   TRITON_CACHE_DIR  Triton's kernel cache (default /tmp/lora-kernels-triton-cache: a directory of its
 #                    own, so each step reports how many kernels it compiled)
 #   GPU_CHECK_TRITON_CACHE=file.tar.gz  seed that cache first (default .device/triton-cache.tar.gz when
 #                    present: the kernels make device-prebuild compiled ahead without a GPU, see
 #                    scripts/prewarm_triton_cache.py; or a first call's GPU_CHECK_TRITON_CACHE_OUT; "" none)
-#   GPU_CHECK_TRITON_CACHE_OUT=file.tar.gz  pack the cache's cubins at the end, to seed a second call
+#   GPU_CHECK_TRITON_CACHE_OUT=file.tar.gz  pack the cache's cubins after every step, to seed a second
+#                    call; over 15 MiB it is split into file.tar.gz.part00, .part01, ... (the device
+#                    tool returns no file over 16 MiB), which GPU_CHECK_TRITON_CACHE=file.tar.gz reads
 #   VERIFY_AUTOTUNE=0|1  LORA_KERNELS_AUTOTUNE for the verify step (short plan: 0, fixed tiles; eager calls
 #                    otherwise tune, compiling every config of each kernel variant)
-#   GPU_CHECK_PROFILE=1  also run the profile step: `python -m bench.profile` (Nsight Compute counters per
+#   GPU_CHECK_PROFILE=1  also run the profile step: `python -m bench.ncu_profile` (Nsight Compute counters per
 #                    kernel at 8192×4096→4096, r = 16, p = 0.1) when ncu exists
 #   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
 #                    scripts/vendor_cutlass.sh; the device image has no nvidia-cutlass package)
@@ -66,7 +74,7 @@ fi
 CUDA_HOME=$(bash scripts/find_cuda_home.sh)
 if [ -n "$CUDA_HOME" ]; then
   export CUDA_HOME
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-90}
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # No package registry on the device image: CUTLASS headers carried in by scripts/vendor_cutlass.sh.
@@ -109,7 +117,10 @@ run_step() {
   export STEP_DEADLINE=0
   if [ "$limit" -gt 0 ]; then
     STEP_DEADLINE=$(($(date +%s) + limit))
-    timeout --kill-after=10 "$limit" bash -c "do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
+    # pytest prints its summary on SIGINT (on SIGTERM it dies silently); the others stop on TERM.
+    local sig=TERM
+    [ "$name" = tests ] && sig=INT
+    timeout -s "$sig" --kill-after=15 "$limit" bash -c "do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
   else
     "do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
   fi
@@ -120,7 +131,18 @@ run_step() {
     FAILED=1
   fi
   STEPS+=("| $name | $status | $((SECONDS - start)) s | $(($(triton_kernels) - kernels)) |")
+  save_outputs
   return "$rc"
+}
+
+# What a call returns is what exists when it ends or is stopped: pack the logs and the Triton cache
+# after every step (each to a temporary name, then renamed: a call stopped mid-pack keeps the last one).
+save_outputs() {
+  if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
+    tar -czf "$GPU_CHECK_ARCHIVE.tmp" -C "$LOG_DIR" . && mv -f "$GPU_CHECK_ARCHIVE.tmp" "$GPU_CHECK_ARCHIVE"
+  fi
+  [ -n "${GPU_CHECK_TRITON_CACHE_OUT:-}" ] && pack_triton_cache "$GPU_CHECK_TRITON_CACHE_OUT" >/dev/null
+  return 0
 }
 
 # Kernels in Triton's cache (one index file each).
@@ -144,12 +166,16 @@ triton_sources_digest() {
 seed_triton_cache() {
   local seed=${GPU_CHECK_TRITON_CACHE-.device/triton-cache.tar.gz} info from want have
   [ -n "$seed" ] || return 0
-  if [ ! -f "$seed" ]; then
+  if [ ! -f "$seed" ] && [ ! -f "$seed.part00" ]; then
     [ -n "${GPU_CHECK_TRITON_CACHE:-}" ] && echo "gpu-check: WARNING: no Triton cache seed $seed"
     return 0
   fi
   mkdir -p "$TRITON_CACHE_DIR"
-  tar -xzf "$seed" -C "$TRITON_CACHE_DIR" || { echo "gpu-check: WARNING: could not unpack $seed"; return 0; }
+  if [ -f "$seed" ]; then
+    tar -xzf "$seed" -C "$TRITON_CACHE_DIR"
+  else  # a large cache comes back in parts (pack_triton_cache)
+    cat "$seed".part* | tar -xz -C "$TRITON_CACHE_DIR"
+  fi || { echo "gpu-check: WARNING: could not unpack $seed"; return 0; }
   info="$TRITON_CACHE_DIR/PREWARM_INFO"
   from=$(sed -n 's/^cache_dir=//p' "$info" 2>/dev/null)
   if [ -n "$from" ] && [ "$from" != "$TRITON_CACHE_DIR" ]; then
@@ -173,13 +199,19 @@ seed_triton_cache() {
 
 # Pack the cache's cubins and metadata (the IR stays here) for the next call's GPU_CHECK_TRITON_CACHE.
 pack_triton_cache() {
-  local out=$1
+  local out=$1 max=${GPU_CHECK_PART_BYTES:-$((15 * 1024 * 1024))}
   [ -d "$TRITON_CACHE_DIR" ] || return 0
   printf 'cache_dir=%s\ntriton_key=%s\nsources=%s\n' "$TRITON_CACHE_DIR" "$(triton_build_key)" \
     "$(triton_sources_digest)" >"$TRITON_CACHE_DIR/PREWARM_INFO"
   (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.cubin' -o -name '*.json' -o -name PREWARM_INFO \) -print0 |
-    tar -czf "$out" --null -T -) &&
-    echo "gpu-check: $(triton_kernels) Triton kernels packed into $out ($(du -h "$out" | cut -f1))"
+    tar -czf "$out.tmp" --null -T -) || return 0
+  rm -f "$out" "$out".part*
+  if [ "$(stat -c %s "$out.tmp")" -gt "$max" ]; then
+    split -b "$max" -d "$out.tmp" "$out.part" && rm -f "$out.tmp"
+  else
+    mv -f "$out.tmp" "$out"
+  fi
+  echo "gpu-check: $(triton_kernels) Triton kernels packed into $out ($(cat "$out" "$out".part* 2>/dev/null | wc -c) bytes)"
 }
 
 # A prebuilt binary is usable when it is for this Python, from these sources, and imports.
@@ -225,8 +257,10 @@ do_tests() {
   # pytest starts no test after this moment (tests/conftest.py): 30 s before the step's hard limit.
   local deadline=0
   [ "$STEP_DEADLINE" -gt 0 ] && deadline=$((STEP_DEADLINE - 30))
-  # shellcheck disable=SC2086  # GPU_CHECK_TESTS / PYTEST_ARGS are word lists on purpose
-  LORA_KERNELS_TEST_DEADLINE=$deadline "$PY" -m pytest -ra "${opts[@]}" ${GPU_CHECK_TESTS:-tests} ${PYTEST_ARGS:-}
+  # Parsed like a command line, so that PYTEST_ARGS='-k "a or b"' keeps its quoted expression whole.
+  local paths extra
+  eval "paths=(${GPU_CHECK_TESTS:-tests})" && eval "extra=(${PYTEST_ARGS:-})" || return 4
+  LORA_KERNELS_TEST_DEADLINE=$deadline "$PY" -m pytest -ra "${opts[@]}" "${paths[@]}" "${extra[@]}"
 }
 
 do_bench() {
@@ -245,7 +279,7 @@ do_profile() {
     echo "gpu-check: profile: ${NCU:-ncu} not found"
     return 1
   fi
-  "$PY" -m bench.profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand \
+  "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand \
     --shape 8192,4096,4096,16 -p 0.1
 }
 
@@ -254,6 +288,13 @@ do_environment() {
 import torch, triton, lora_kernels
 from lora_kernels import build_info
 print('torch', torch.__version__, 'triton', triton.__version__, 'lora_kernels', lora_kernels.__version__)
+import importlib.metadata as md
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return 'absent'
+print(' '.join(f'{n} {v(n)}' for n in ('numpy', 'peft', 'transformers', 'pytest', 'pytest-xdist', 'setuptools')))
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA GPU')
 print(build_info.format_info())
 print('backends', lora_kernels.available_backends(dtype=torch.bfloat16))
@@ -277,8 +318,17 @@ for step in "${ORDER[@]}"; do
     install | environment | verify | tests | bench | profile) run_step "$step" "do_$step" ;;
     *) echo "gpu-check: unknown step '$step' (install, environment, verify, tests, bench, profile)"; exit 2 ;;
   esac
-  # Whatever the install did, the checkout is importable (an in-place build, or none at all).
-  [ "$step" = install ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # Whatever the install did, the checkout is importable (an in-place build, or none at all), and a
+  # missing _C is not JIT-built inside a timed step.
+  [ "$step" = install ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+    LORA_KERNELS_NO_JIT=${LORA_KERNELS_NO_JIT:-1}
+  if [ "$step" = environment ] && [ "${GPU_CHECK_REQUIRE_GPU:-0}" = 1 ] &&
+    ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu-check: torch sees no CUDA GPU: the remaining steps are skipped (GPU_CHECK_REQUIRE_GPU=1)"
+    STEPS+=("| (the rest) | skipped (no CUDA GPU) | 0 s | - |")
+    FAILED=1
+    break
+  fi
 done
 
 for name in verify profile bench; do  # the benchmark table nearest the summary (the reply keeps the tail)
@@ -289,7 +339,8 @@ for name in verify profile bench; do  # the benchmark table nearest the summary 
 done
 [ -n "${GPU_CHECK_TRITON_CACHE_OUT:-}" ] && pack_triton_cache "$GPU_CHECK_TRITON_CACHE_OUT"
 if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
-  tar -czf "$GPU_CHECK_ARCHIVE" -C "$LOG_DIR" . && echo "gpu-check: logs packed into $GPU_CHECK_ARCHIVE"
+  tar -czf "$GPU_CHECK_ARCHIVE.tmp" -C "$LOG_DIR" . && mv -f "$GPU_CHECK_ARCHIVE.tmp" "$GPU_CHECK_ARCHIVE" &&
+    echo "gpu-check: logs packed into $GPU_CHECK_ARCHIVE"
 fi
 echo
 echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s, logs in $LOG_DIR)"

@@ -112,6 +112,13 @@ def kernel_sources_digest() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 
+def plan_digest(bench_args: str, verify_args: str, bench_autotune: bool, verify_autotune: bool) -> str:
+    """Which benchmark and verify calls a cache was compiled for (scripts/device_preflight.py compares it
+    with the plan a device call would run): arguments compared as parsed words, not as text."""
+    words = [shlex.split(bench_args), shlex.split(verify_args), [str(int(bench_autotune)), str(int(verify_autotune))]]
+    return hashlib.sha256(repr(words).encode()).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     # elsewhere) and the Triton build the cubins belong to (a different build misses every kernel).
     info = dict(cache_dir=a.cache_dir, triton_key=triton_build_key(), triton=triton.__version__,
                 ptxas=ptxas_version(), arch=a.arch, sms=a.sms, bench_autotune=int(a.bench_autotune),
-                verify_autotune=int(a.verify_autotune), kernels=kernels, sources=kernel_sources_digest())  # fmt: skip
+                verify_autotune=int(a.verify_autotune), kernels=kernels, sources=kernel_sources_digest(),
+                plan=plan_digest(a.bench_args, a.verify_args, a.bench_autotune, a.verify_autotune))  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "PREWARM_INFO").write_text("".join(f"{k}={v}\n" for k, v in info.items()))
     a.out.parent.mkdir(parents=True, exist_ok=True)

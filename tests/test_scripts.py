@@ -40,6 +40,12 @@ exec %s "$@"
 """
 
 
+def torch_sees_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _repo_copy(tmp_path: Path) -> Path:
     """What the install step reads (scripts, the package, the sources), without any built binary, in a
     scratch directory: the step writes into lora_kernels/. (Not `git ls-files`: the GPU-stack stage runs
@@ -87,9 +93,12 @@ def test_gpu_check_budget_skips_steps_and_stops_a_step_at_its_limit(tmp_path):
     proc = _gpu_check(ROOT, {"GPU_CHECK_STEPS": "environment,nonsense"})
     assert proc.returncode == 2 and "unknown step 'nonsense'" in proc.stdout, proc.stdout
     # The 15-minute plan's budget applies to the steps the caller picks.
-    proc = _gpu_check(ROOT, {"GPU_CHECK_PLAN": "short", "GPU_CHECK_STEPS": "environment"})
-    assert proc.returncode == 0 and "steps=environment budget=360s" in proc.stdout, proc.stdout
+    proc = _gpu_check(ROOT, {"GPU_CHECK_PLAN": "short", "GPU_CHECK_STEPS": "environment,verify"})
+    assert "steps=environment,verify budget=360s" in proc.stdout, proc.stdout
     assert "=== gpu-check: environment (limit 3" in proc.stdout and "| environment | ok |" in proc.stdout
+    if not torch_sees_gpu():  # the plan stops after environment on a machine without a GPU
+        assert proc.returncode == 1 and "| (the rest) | skipped (no CUDA GPU) |" in proc.stdout, proc.stdout
+        assert "=== gpu-check: verify" not in proc.stdout
 
 
 def test_gpu_check_tests_step_hands_its_deadline_to_pytest(tmp_path):
@@ -103,6 +112,43 @@ def test_gpu_check_tests_step_hands_its_deadline_to_pytest(tmp_path):
     log = (tmp_path / "tests.log").read_text()
     assert "not started: the time budget of this run" in log and " passed" not in log, log
     assert "tests: " in proc.stdout.splitlines()[-1]  # pytest's summary line closes the report
+
+
+def test_gpu_check_tests_step_stopped_at_its_limit_still_prints_pytest_summary(tmp_path):
+    """A test still running at the step's limit: pytest gets SIGINT (not TERM, on which it dies without a
+    word), so the log and the report end with its summary. PYTEST_ARGS is parsed like a command line:
+    a quoted -k expression stays one argument. (A file outside tests/: no conftest deadline applies.)"""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(120)\n")
+    env = {"GPU_CHECK_STEPS": "tests", "GPU_CHECK_CAP_TESTS": "8", "GPU_CHECK_WORKERS": "0",
+           "GPU_CHECK_TESTS": str(tests), "PYTEST_ARGS": '-p no:cacheprovider -k "fast or slow"',
+           "GPU_CHECK_LOGS": str(tmp_path / "logs")}  # fmt: skip
+    proc = _gpu_check(ROOT, env, timeout=60)
+    assert proc.returncode == 1 and "| tests | FAILED (exit 124) |" in proc.stdout, proc.stdout + proc.stderr
+    log = (tmp_path / "logs" / "tests.log").read_text()
+    assert "KeyboardInterrupt" in log and "1 passed in" in log, log
+    assert proc.stdout.splitlines()[-1].startswith("tests: 1 passed in"), proc.stdout
+
+
+def test_gpu_check_splits_a_large_triton_cache_and_seeds_from_the_parts(tmp_path):
+    """The device tool returns no file over 16 MiB: a larger packed cache comes back in parts, packed
+    after every step (a call stopped later keeps them), and the next call's seed reads the parts."""
+    cache, out = tmp_path / "cache", tmp_path / "out" / "triton-cache.tar.gz"
+    (cache / "k1").mkdir(parents=True)
+    (cache / "k1" / "kernel.cubin").write_bytes(os.urandom(200_000))  # incompressible: 4 parts of 64 KiB
+    (cache / "k1" / "__grp__kernel.json").write_text('{"child_paths": {}}')
+    out.parent.mkdir()
+    env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(cache), "GPU_CHECK_TRITON_CACHE_OUT": str(out),
+           "GPU_CHECK_PART_BYTES": "65536", "GPU_CHECK_ARCHIVE": str(tmp_path / "out" / "logs.tar.gz")}  # fmt: skip
+    proc = _gpu_check(ROOT, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    parts = sorted(p.name for p in out.parent.iterdir())
+    assert parts == ["logs.tar.gz", *(f"triton-cache.tar.gz.part0{i}" for i in range(4))], parts
+    fresh = tmp_path / "fresh"
+    env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(fresh), "GPU_CHECK_TRITON_CACHE": str(out)}
+    proc = _gpu_check(ROOT, env)
+    assert f"seeded from {out}: 1 kernels" in proc.stdout, proc.stdout
+    assert (fresh / "k1" / "kernel.cubin").read_bytes() == (cache / "k1" / "kernel.cubin").read_bytes()
 
 
 def test_gpu_check_takes_a_matching_prebuilt_binary_and_refuses_a_stale_one(tmp_path):
@@ -198,7 +244,8 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
         names = tar.getnames()
         info = tar.extractfile("./PREWARM_INFO").read().decode()
     assert sum(x.endswith(".cubin") for x in names) == n and f"cache_dir={second}\n" in info
-    assert info.split("sources=")[1].strip() == seed_info.split("sources=")[1].strip()  # this tree's digest
+    sources = [next(v for v in i.splitlines() if v.startswith("sources=")) for i in (info, seed_info)]
+    assert sources[0] == sources[1]  # this tree's digest
 
 
 def test_gpu_check_reports_a_seed_from_another_triton_build_or_other_sources(tmp_path):
@@ -250,3 +297,62 @@ def test_prewarm_compiles_every_tuning_config_when_the_run_tunes(tmp_path):
     # bf16, rank 16, the TMA path: lora_linear._configs() less what _prune drops for 16-bit operands (the
     # BLOCK_K = 32 configs; _bwd_dy_kernel takes no BLOCK_K, so all five of its configs stay).
     assert per_kernel == {"_shrink_kernel": 4, "_fwd_tma_kernel": 4, "_bwd_dy_kernel": 5, "_bwd_dx_tma_kernel": 5}
+
+
+# ---- scripts/device_preflight.py: is what a device call carries the committed code and plan? ----
+
+
+def _preflight_repo(tmp_path: Path) -> Path:
+    """A committed copy of what the digests read, with a .device/ and CUTLASS stand-in that match it."""
+    repo = _repo_copy(tmp_path)
+    (repo / "third_party" / "cutlass" / "include" / "cutlass").mkdir(parents=True)
+    (repo / "third_party" / "cutlass" / "include" / "cutlass" / "cutlass.h").write_text("// stand-in\n")
+    (repo / ".gitignore").write_text(".device/\nthird_party/\n__pycache__/\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], cwd=repo, check=True)
+    probe = (
+        "import sys; sys.path[:0] = ['scripts']; import device_preflight as d, prewarm_triton_cache as p; "
+        "print(p.plan_digest(*d._plan())); print(p.kernel_sources_digest())"
+    )
+    plan, sources = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True,
+                                   check=True).stdout.split()  # fmt: skip
+    digest = subprocess.run([sys.executable, "lora_kernels/cuda_ops/_build.py", "digest"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    (repo / ".device" / "prebuilt").mkdir(parents=True)
+    (repo / ".device" / "prebuilt" / "SOURCES_DIGEST").write_text(digest)
+    info = tmp_path / "PREWARM_INFO"
+    info.write_text(f"triton_key=abc\ntriton=3.6.0\nkernels=32\nsources={sources}\nplan={plan}\n")
+    with tarfile.open(repo / ".device" / "triton-cache.tar.gz", "w:gz") as tar:
+        tar.add(info, arcname="PREWARM_INFO")
+    return repo
+
+
+def _preflight(repo: Path, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "BENCH_", "VERIFY_"))}
+    return subprocess.run([sys.executable, "scripts/device_preflight.py"], cwd=repo, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_device_preflight_passes_a_matching_device_dir_and_names_each_mismatch(tmp_path):
+    repo = _preflight_repo(tmp_path)
+    proc = _preflight(repo)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout + proc.stderr
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True)
+    assert (repo / ".device" / "COMMIT").read_text().strip() == head.stdout.strip()
+
+    # Another plan than the cache was compiled for (the environment overrides the short plan's arguments).
+    proc = _preflight(repo, BENCH_ARGS="--m 4096 --impls cublas,triton-bitmask")
+    assert proc.returncode == 1 and "FAIL Triton cache for plan" in proc.stdout, proc.stdout
+
+    # Uncommitted kernel and extension edits: the tree, the binary's digest and the kernels' sources.
+    with open(repo / "csrc" / "lora_ops.cpp", "a") as f:
+        f.write("// edited\n")
+    with open(repo / "lora_kernels" / "triton_ops" / "philox.py", "a") as f:
+        f.write("# edited\n")
+    proc = _preflight(repo)
+    assert proc.returncode == 1, proc.stdout
+    for line in ("FAIL uncommitted changes", "FAIL prebuilt _C built from", "FAIL Triton cache from sources"):
+        assert line in proc.stdout, proc.stdout
+    assert "not ready" in proc.stdout.splitlines()[-1]
