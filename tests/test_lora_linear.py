@@ -386,6 +386,24 @@ def test_triton_autotuned_launch_path(monkeypatch, tma):
         tri._autotuner.cache_clear()
 
 
+def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
+    """_prune keeps the fp32 (BLOCK_K = 32) or the 16-bit family of each table, also for the dY kernel,
+    which takes no BLOCK_K (its family is tagged before the stripping); the tuning key includes the
+    switches that change a kernel's cost, so p = 0 and p > 0 calls do not share one tuning."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    for kernel in (tri._shrink_kernel, tri._fwd_kernel, tri._bwd_dy_kernel, tri._bwd_dx_kernel):
+        table = tri._tuning_configs(kernel)
+        fp32 = tri._prune(table, {"IEEE": True, "BLOCK_R": 16})
+        half = tri._prune(table, {"IEEE": False, "BLOCK_R": 16})
+        assert fp32 and half and len(fp32) + len(half) == len(table), kernel.__name__
+        assert all(c.lk_fp32 for c in fp32) and not any(c.lk_fp32 for c in half), kernel.__name__
+    assert len(tri._prune(tri._tuning_configs(tri._bwd_dy_kernel), {"IEEE": True})) == 1
+    assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
+    assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
+
+
 def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):
     """Threads launching one tuned kernel at once (DataParallel replicas, per-device backward threads):
     Triton's Autotuner keeps a call's arguments on itself while its pre-hook re-points that call's TMA

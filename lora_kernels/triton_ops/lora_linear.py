@@ -793,27 +793,36 @@ def _configs() -> dict:
 _default_configs = _configs  # tests swap in one-config tables to run the tuned path in the interpreter
 
 
+def _fp32_family(config) -> bool:
+    # Tagged by _tuning_configs from the table's BLOCK_K (kernels without BLOCK_K, the dY kernel, lose it).
+    return getattr(config, "lk_fp32", config.kwargs.get("BLOCK_K", 32) == 32)
+
+
 def _prune(configs, named_args, **kwargs):
     fp32 = bool(named_args.get("IEEE", kwargs.get("IEEE", False)))
     br = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
-    keep = [c for c in configs if (c.kwargs.get("BLOCK_K", 32) == 32) == fp32]
+    keep = [c for c in configs if _fp32_family(c) == fp32]
     if br >= 256:  # a 256-wide rank tile next to a 256-wide N tile does not fit in registers
         keep = [c for c in keep if c.kwargs.get("BLOCK_N", 0) <= 128] or keep
     return keep or configs
 
 
-_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE"]
+# Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the dA-only launch of
+# the single-pass backward, split-K partials), so that p = 0 and p > 0 calls keep their own tiles.
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K"]
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
 def _tuning_configs(kernel) -> list:
     """``kernel``'s tuning table, each config reduced to the meta-parameters the kernel takes."""
     names = kernel.arg_names
-    return [
-        triton.Config({k: v for k, v in c.kwargs.items() if k in names}, num_warps=c.num_warps,
-                      num_stages=c.num_stages, pre_hook=c.pre_hook)
-        for c in _configs()[kernel]
-    ]  # fmt: skip
+    out = []
+    for c in _configs()[kernel]:
+        t = triton.Config({k: v for k, v in c.kwargs.items() if k in names}, num_warps=c.num_warps,
+                          num_stages=c.num_stages, pre_hook=c.pre_hook)  # fmt: skip
+        t.lk_fp32 = _fp32_family(c)  # the family survives the stripping of BLOCK_K (see _prune)
+        out.append(t)
+    return out
 
 
 @functools.cache
