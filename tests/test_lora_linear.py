@@ -748,7 +748,7 @@ def record(c):
     sync = sorted({m[1] for m in re.finditer(r"(atom\.global\.\w+\.\w+\.\w+|ld\.global\.gpu\.acquire)", ptx)})
     results.append(dict(kernel=c.kernel, case=CASE, cfg=cfg, smem=k.metadata.shared,
                         wgmma=ptx.count("wgmma.mma_async"), local=local, sync=sync,
-                        cg_loads=ptx.count("ld.global.cg")))
+                        cg_loads=ptx.count("ld.global.cg"), coop=bool(k.metadata.launch_cooperative_grid)))
 
 # compile_only: an H100's target, SM count and shared memory (a kernel over it raises OutOfResources, so
 # the launchers step down as on the GPU), fixed tiles; "launch" marks where each launch's tries begin.
@@ -778,6 +778,7 @@ for CASE in json.loads(sys.argv[1]):
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
     tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
     sp.REDUCE_LEVELS = CASE.get("levels", 1)
+    sp.COOPERATIVE = CASE.get("coop", False)
     M, N, K = 96, 160, CASE.get("K", 128)
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
@@ -879,7 +880,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="float32", r=16, mode="bitmask", tma="1"),  # ieee fp32 dots (never TMA)
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single"),  # single-pass forward, 128×256
         dict(dtype="float16", r=128, mode="regenerate", tma="1", fwd="single"),  # single-pass, 128×128 tiles
-        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", levels=2),  # two-level reduction
+        # two-level reduction, launched as cooperative grids (LORA_KERNELS_SP_COOPERATIVE=1)
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", levels=2, coop=True),
         dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", K=1024),  # few rows: split-K shrink (2 splits)
         dict(dtype="float16", r=32, mode="regenerate", tma="0", K=1024),  # ... and the pointer GEMM's partial sums
         dict(dtype="bfloat16", r=64, mode="bitmask", tma="1", op=True),  # in-kernel TMA descriptors (compile path)
@@ -949,6 +951,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
                 "ld.global.gpu.acquire",
             ], c["sync"]  # fmt: skip
             assert c["cg_loads"] > 0, c
+    # Cooperative launches where asked, and only for the single-pass kernels (the dA launch is ordinary).
+    coop = sorted((c["kernel"], c["case"].get("coop", False)) for c in fits if c["coop"])
+    assert coop == [("_bwd_single_pass_kernel", True), ("_fwd_single_pass_kernel", True)], coop
 
 
 _SM90_TUNING = r"""

@@ -436,6 +436,16 @@ MAX_PRODUCERS = 8
 REDUCE_LEVELS = int(os.environ.get("LORA_KERNELS_SP_REDUCE", "1") or 1)
 # LORA_KERNELS_PRODUCERS=k: always the full grid with min(nt, k) producers (for measuring _plan's choice).
 FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
+# LORA_KERNELS_SP_COOPERATIVE=1: launch both kernels as cooperative grids (Triton's
+# launch_cooperative_grid), so CUDA starts every program at once and no barrier waits on a program not
+# yet resident, e.g. while NCCL kernels hold SMs under DDP/FSDP. Without it the waits are bounded (then
+# recompute); whether the cooperative launch costs anything is a GPU measurement (bench/NOTES.md).
+COOPERATIVE = os.environ.get("LORA_KERNELS_SP_COOPERATIVE", "0") not in ("", "0")
+
+
+def _launch_opts() -> dict:
+    # Only when asked: the option is part of Triton's compile key (a prewarmed cache holds one variant).
+    return {"launch_cooperative_grid": True} if COOPERATIVE else {}
 
 
 def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,6 +587,7 @@ def lora_fwd_single_pass(
             NUM_SMS=programs,  # the walk's stride; fewer programs when tiles < programs
             TWO_LEVEL=REDUCE_LEVELS == 2,
             **cfg,
+            **_launch_opts(),
         )
         phases = (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,)
         try:
@@ -652,7 +663,7 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, **cfg)  # fmt: skip
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, **cfg, **_launch_opts())  # fmt: skip
         grid = (min(programs, _cdiv(N, bn) + mt * kt),)
         try:
             for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
