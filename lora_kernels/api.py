@@ -148,10 +148,13 @@ def lora_linear(
         # (base path in the autocast dtype; adapters keep their own dtype, as PEFT's fp32
         # adapters do), then run with autocast off so nothing is cast twice.
         dt = torch.get_autocast_dtype(device_type)
+
+        def cast(t):  # as autocast itself: float64 is never cast (F.linear on float64 stays float64)
+            return t if t is None or t.dtype == torch.float64 else t.to(dt)
+
         with torch.autocast(device_type, enabled=False):
             return lora_linear(
-                x.to(dt), weight.to(dt), lora_A, lora_B,
-                None if bias is None else bias.to(dt), lora_bias, scaling, dropout_p,
+                cast(x), cast(weight), lora_A, lora_B, cast(bias), lora_bias, scaling, dropout_p,
                 training, seed, backend, dropout_mask,
             )  # fmt: skip
     # Checked after autocast's casts: an fp32 model under bf16 autocast passes bf16 x and fp32 W.

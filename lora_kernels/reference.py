@@ -43,6 +43,7 @@ __all__ = [
     "pack_mask",
     "unpack_mask",
     "lora_linear_ref",
+    "lora_linear_ref_grads",
 ]
 
 PHILOX_KEY_A = 0x9E3779B9
@@ -176,3 +177,39 @@ def lora_linear_ref(
     t = F.linear(h, lora_A)
     u = F.linear(t.to(lora_B.dtype), lora_B, lora_bias)
     return y + (u * scaling).to(y.dtype)
+
+
+def lora_linear_ref_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    has_bias: bool,
+    has_lora_bias: bool,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B, dlora_bias)`` of the reference as tensors
+    that are themselves differentiable: the kernel backends' backward under ``create_graph=True``.
+
+    The kernels' gradients have no autograd history, so a double backward through them would
+    silently treat first-order gradients as constants. The biases enter y additively: stand-in
+    zero biases of the same dtypes give their gradients. ``dropout_p`` > 0 is a training call.
+    """
+    N = weight.shape[0]
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        bias, lora_bias = (
+            torch.zeros(N, dtype=dt, device=x.device, requires_grad=True) if has else None
+            for has, dt in ((has_bias, weight.dtype), (has_lora_bias, lora_B.dtype))
+        )
+        y = lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, True, seed)
+        inputs = (x, weight, bias, lora_A, lora_B, lora_bias)
+        want = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+        grads = torch.autograd.grad(y, [inputs[i] for i in want], dy, create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * 6
+    for i, g in zip(want, grads, strict=True):
+        out[i] = g
+    return tuple(out)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import flops as _flops
 from ..backends import use_registered_op
+from ..reference import lora_linear_ref_grads
 from . import _ext
 
 __all__ = ["unavailable_reason", "lora_linear_2d", "cuda_lora_fwd", "cuda_lora_bwd"]
@@ -125,6 +126,12 @@ class _CudaLoraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         # dX += dY·W runs in x's dtype (lora_bwd refuses a mismatch rather than misread the bytes).
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels' gradients have no autograd history, so a
+            # double backward would silently see constants. The reference's graph gives them one.
+            grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lora_bias,
+                                          ctx.scaling, ctx.p, ctx.seed, need)  # fmt: skip
+            return (*grads, None, None, None, None)
         dx, dA, dB, dlb = _bwd(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]))
         # Gradients of the (normally frozen) base layer: plain cuBLAS, only when asked for.
         dW = dy.t().mm(x) if need[1] else None

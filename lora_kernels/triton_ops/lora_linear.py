@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer kernels only
 
 from .. import flops as _flops
 from ..backends import use_registered_op
-from ..reference import dropout_threshold, lora_linear_ref, pack_mask
+from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
 from .philox import dropout_mask_bytes, unpack_bytes
 
 __all__ = [
@@ -1209,6 +1209,12 @@ class LoRALinearTriton(torch.autograd.Function):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
         nx, nw, nb, na, nB, nlb = ctx.needs_input_grad[:6]
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels' gradients have no autograd history, so a
+            # double backward would silently see constants. The reference's graph gives them one.
+            grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lbias,
+                                          ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad)  # fmt: skip
+            return (*grads, None, None, None, None)
         dx, da, db, colsum = _bwd(
             dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na, bwd_mode=ctx.bwd_mode
         )
