@@ -545,3 +545,152 @@ def test_flop_counter_gives_patched_and_peft_models_the_same_count(input_grads: 
     ops = {str(op) for op in fused_ops}
     assert "lora_kernels.triton_lora_fwd" in ops and "lora_kernels.triton_lora_bwd" in ops, ops
     assert fused_total == peft_total > 0, (fused_total, peft_total, peft_ops, fused_ops)
+
+
+def _hook_base_output(model: nn.Module) -> None:
+    for m in _lora_linears(model):
+        m.base_layer.register_forward_hook(lambda mod, args, out: out * 2)
+
+
+def _hook_lora_A_input(model: nn.Module) -> None:
+    for m in _lora_linears(model):
+        m.lora_A["default"].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+
+
+def _accelerate_cpu_offload(model: nn.Module) -> None:
+    from accelerate import cpu_offload  # weights to "meta"; each module's hook loads them for its forward
+
+    cpu_offload(model, execution_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [_hook_base_output, _hook_lora_A_input, _accelerate_cpu_offload],
+    ids=["base-hook", "lora_A-hook", "offload"],
+)
+def test_modules_with_hooks_take_peft_path(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT calls base_layer, lora_A, lora_B and the dropout as modules, so their hooks run: DeepSpeed ZeRO-3's
+    and accelerate's offloading gather the weights there, prune and user hooks change inputs or outputs. The
+    fused op reads the weights without calling the modules, so such a layer takes PEFT's path."""
+    offload = hook is _accelerate_cpu_offload
+    if offload:
+        pytest.importorskip("accelerate")
+    model = _peft_model(bias=True, lora_bias=True)
+    ids = _ids()
+    hook(model)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        if offload:  # inference only: the offloaded parameters are meta tensors without gradients
+            with torch.no_grad():
+                return model(input_ids=ids).logits, {}
+        return _run(model, ids)
+
+    want_logits, want_grads = run()
+    patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    logits, grads = run()
+    torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=0, rtol=0, msg=name)
+    assert not spy.calls
+    assert all("hooks" in m._lk_last_fallback for m in _lora_linears(model))
+
+
+def test_nested_tuner_layer_takes_peft_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PeftMixedModel with LoHa added first: each LoRA Linear wraps a LoHa layer, whose forward (called by
+    PEFT's) adds the LoHa update. The fused op over the innermost nn.Linear would drop it."""
+    from peft import LoHaConfig
+
+    targets = ["q_proj", "v_proj"]
+    loha = LoHaConfig(r=4, alpha=4, target_modules=targets, init_weights=False)
+    model = get_peft_model(_llama(), loha, adapter_name="loha", mixed=True)
+    model.add_adapter("lora", LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    model.set_adapter(["loha", "lora"])
+    lins = _lora_linears(model)
+    assert len(lins) == 4 and all(type(m.base_layer).__name__ == "Linear" and m.base_layer is not m.get_base_layer()
+                                  for m in lins)  # fmt: skip
+    ids = _ids()
+    want_logits, want_grads = _run(model, ids)
+    report = patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=0, rtol=0, msg=name)
+    assert not spy.calls
+    assert not report.accelerated and all("nested" in why for why in report.fallback.values())
+
+
+def test_dropout_p1_takes_peft_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nn.Dropout(1.0) is valid (it zeroes every element); the fused op takes p in [0, 1).
+    model = _peft_model(lora_dropout=1.0, lora_bias=True, bias=True)
+    model.train()
+    ids = _ids()
+    want_logits, want_grads = _run(model, ids)
+    patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert not spy.calls and all("p = 1.0" in m._lk_last_fallback for m in _lora_linears(model))
+    torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=0, rtol=0, msg=name)
+    model.eval()  # eval: no dropout, fused again
+    model(input_ids=ids)
+    assert len(spy.calls) == N_LINEAR
+
+
+def test_patch_leaves_an_instance_forward_alone() -> None:
+    """accelerate's add_hook_to_module wraps a module's forward as an instance attribute; patch() installing
+    its own there would drop the hook, and unpatch() would not bring it back. Such a layer is not patched."""
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    model = _peft_model()
+    hooked = _lora_linears(model)[0]
+    add_hook_to_module(hooked, Double())
+    ids = _ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    report = patch(model, backend="torch", log=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=0, rtol=0)
+    name = next(n for n, m in model.named_modules() if m is hooked)
+    assert len(report.accelerated) == N_LINEAR - 1 and "forward" in report.skipped[name]
+    assert patch(model, backend="torch", log=False).accelerated == report.accelerated  # patching again: same
+    assert unpatch(model) == N_LINEAR - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
+def test_rescaled_adapters_and_trainable_base_match_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's scale_layer / set_scale / unscale_layer change layer.scaling after patching, and a base trained
+    along with the adapters (weight and bias require grad) gets its gradients through the fused op."""
+    model = _peft_model(bias=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_("layers.0." in name or "lora_" in name)  # layer 0's base weights train too
+    patch(model, backend="torch", log=False)
+    lins = _lora_linears(model)
+    for m in lins:
+        m.scale_layer(0.5)
+    lins[0].set_scale("default", 3.0)  # 3 alpha / r = 6
+    ref64 = copy.deepcopy(model)
+    unpatch(ref64)
+    ref64.double()
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    assert any(n.endswith("q_proj.base_layer.weight") for n in ref_grads)
+    assert any(n.endswith("q_proj.base_layer.bias") for n in ref_grads)
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert [c["scaling"] for c in spy.calls] == [6.0] + [1.0] * (N_LINEAR - 1)
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+    for m in lins:
+        m.unscale_layer()
+    spy.calls.clear()
+    model(input_ids=ids)
+    assert [c["scaling"] for c in spy.calls] == [2.0] * N_LINEAR

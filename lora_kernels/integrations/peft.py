@@ -22,8 +22,10 @@ same distribution), so stacking needs one dropout p for all active adapters.
 Each call checks whether the fused path applies and otherwise runs PEFT's own forward
 unchanged: merged or disabled adapters, ``adapter_names=`` mixed batches (and any other extra
 argument), LoRA variants (DoRA, aLoRA, ...), active adapters with different dropout p or dtypes,
-disabled input casting. Layers that can never be fused (Embedding/Conv LoRA layers, quantized or
-non-``nn.Linear`` bases, subclasses with their own forward, ``fan_in_fan_out``) are not patched.
+disabled input casting, hooks on the modules PEFT calls (base layer, lora_A/lora_B, dropout),
+another tuner's layer as the base (PeftMixedModel). Layers that can never be fused
+(Embedding/Conv LoRA layers, quantized or non-``nn.Linear`` bases, subclasses with their own
+forward, ``fan_in_fan_out``, an instance-level forward such as accelerate's hooks) are not patched.
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def _static_reason(layer: nn.Module) -> str | None:
         return f"{type(layer).__name__} LoRA layer: only LoRA Linear layers are fused"
     if not isinstance(layer, FusedLoraLinear) and type(layer).forward is not PeftLoraLinear.forward:
         return f"{type(layer).__name__} overrides peft's lora.Linear.forward"
+    own = layer.__dict__.get("forward")
+    if own is not None and not isinstance(own, _PatchedForward) and not isinstance(layer, FusedLoraLinear):
+        # e.g. accelerate's add_hook_to_module: patching would replace it, and unpatch() would not restore it.
+        return "has an instance-level forward (e.g. an accelerate hook) that patching would replace"
     reason = _base_reason(layer.get_base_layer())
     if reason is not None:
         return reason
@@ -116,8 +122,21 @@ def _variant_name(layer: nn.Module, adapter: str) -> str | None:
     return None
 
 
-def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
-    """The active adapters and their shared dropout p, or why the layer's state needs PEFT's path.
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: module hooks (tensor parallel
+    plans, DeepSpeed ZeRO-3's parameter gathering, torch.nn.utils.prune, user hooks) or an
+    instance-level forward (accelerate's offloading). PEFT calls base_layer, lora_A, lora_B and the
+    dropout as modules; the fused op reads their weights directly and would skip these. Global hooks
+    (module trackers such as FlopCounterMode's) are not checked: they observe every module."""
+    d = module.__dict__  # read directly: half the cost of four attribute lookups, on every call
+    return "forward" in d or bool(
+        d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"]
+    )
+
+
+def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float, nn.Module]:
+    """The active adapters, their shared dropout p and the base nn.Linear, or why the layer's state
+    needs PEFT's path.
 
     Depends only on the layer's state (not on the input), so :func:`inspect_model` reports it.
     """
@@ -127,6 +146,11 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
         return f"adapter(s) {', '.join(map(repr, layer.merged_adapters))} merged into the base weight"
     # Runs on every forward: each submodule dict is read once (nn.Module.__getattr__ is slow).
     mods = layer._modules
+    base = mods["base_layer"]
+    if "base_layer" in base._modules:
+        # Another tuner's layer (e.g. LoHa under LoRA in a PeftMixedModel): PEFT calls its forward,
+        # which adds that tuner's own update; the fused op over the inner nn.Linear would drop it.
+        return f"base layer is a {type(base).__name__} tuner layer (nested adapters)"
     lora_As, lora_Bs, dropouts = mods["lora_A"], mods["lora_B"], mods["lora_dropout"]
     active = [a for a in layer.active_adapters if a in lora_As]
     if not active:
@@ -143,7 +167,10 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
         drop = dropouts[a]
         # PEFT applies the dropout module, so its own training flag decides (as nn.Dropout does).
         if type(drop) is nn.Dropout:
-            ps.add(float(drop.p) if drop.training else 0.0)
+            p = float(drop.p) if drop.training else 0.0
+            if p >= 1.0:  # valid for nn.Dropout (all zeros); the fused op takes p in [0, 1)
+                return f"adapter {a!r} has dropout p = {p}"
+            ps.add(p)
         elif type(drop) is nn.Identity:
             ps.add(0.0)
         else:
@@ -154,17 +181,7 @@ def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float]:
         return f"active adapters have different dropout p {sorted(ps)} (a fused call shares one mask)"
     if len(dtypes) > 1:
         return f"active adapters have different dtypes {sorted(map(str, dtypes))}"
-    return active, ps.pop()
-
-
-def _base_layer(layer: PeftLoraLinear) -> nn.Module:
-    """``layer.get_base_layer()`` for the per-call path. PEFT's version probes ``hasattr(m, "base_layer")``,
-    which on the innermost module raises and catches an AttributeError in ``nn.Module.__getattr__``:
-    2.7 µs a call on this CPU, paid three times a forward before this helper."""
-    base = layer._modules["base_layer"]
-    while "base_layer" in base._modules:  # nested tuner wrappers, as get_base_layer unwraps them
-        base = base._modules["base_layer"]
-    return base
+    return active, ps.pop(), base
 
 
 def _any_dtensor(x: torch.Tensor, weight: torch.Tensor, layer: PeftLoraLinear, adapters: list[str]) -> bool:
@@ -174,6 +191,18 @@ def _any_dtensor(x: torch.Tensor, weight: torch.Tensor, layer: PeftLoraLinear, a
     lora_As, lora_Bs = layer._modules["lora_A"], layer._modules["lora_B"]
     for a in adapters:
         if isinstance(lora_As[a].weight, DTensor) or isinstance(lora_Bs[a].weight, DTensor):
+            return True
+    return False
+
+
+def _any_hooks(layer: PeftLoraLinear, base: nn.Module, adapters: list[str]) -> bool:
+    """Whether any module PEFT's forward would call for ``adapters`` has hooks (see :func:`_has_hooks`)."""
+    if _has_hooks(base):
+        return True
+    mods = layer._modules
+    lora_As, lora_Bs, dropouts = mods["lora_A"], mods["lora_B"], mods["lora_dropout"]
+    for a in adapters:
+        if _has_hooks(lora_As[a]) or _has_hooks(lora_Bs[a]) or _has_hooks(dropouts[a]):
             return True
     return False
 
@@ -189,13 +218,14 @@ def _call_plan(
         return plan
     if not isinstance(x, torch.Tensor):
         return "input is not a tensor"
-    adapters, p = plan
-    base = _base_layer(layer)
+    adapters, p, base = plan
     weight = base.weight  # read once: a module attribute costs ~0.4 µs
     if _any_dtensor(x, weight, layer, adapters):
         # FSDP2 unshards to plain tensors around the forward; DTensors here are tensor parallelism,
         # whose sharded matmuls the fused op does not implement.
         return "DTensor input or weights in forward (tensor parallelism): PEFT's path"
+    if _any_hooks(layer, base, adapters):
+        return "hooks or an instance-level forward on the base layer or an adapter's modules: PEFT's path"
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype differs from the base weight's (PEFT's path decides what happens)"
     adapter_dtype = layer._modules["lora_A"][adapters[0]].weight.dtype
@@ -438,5 +468,7 @@ def unpatch(model: nn.Module) -> int:
             continue
         restored += int(module.__dict__.get("_lk_patched", False))
         for key in _PATCH_KEYS:
+            if key == "forward" and not isinstance(module.__dict__.get(key), _PatchedForward):
+                continue  # not ours (e.g. an accelerate hook on a layer patch() skipped)
             module.__dict__.pop(key, None)
     return restored
