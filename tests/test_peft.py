@@ -586,7 +586,8 @@ def test_modules_with_hooks_take_peft_path(hook, monkeypatch: pytest.MonkeyPatch
         return _run(model, ids)
 
     want_logits, want_grads = run()
-    patch(model, backend="torch", log=False)
+    report = patch(model, backend="torch", log=False)
+    assert not report.accelerated, str(report)  # the report says so too (hooked, or skipped: not patched)
     spy = _Spy(monkeypatch)
     logits, grads = run()
     torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)

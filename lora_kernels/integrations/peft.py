@@ -399,6 +399,8 @@ def inspect_model(model: nn.Module) -> PatchReport:
         plan = _state_plan(module)
         if isinstance(plan, str):
             report.fallback[name] = plan
+        elif _any_hooks(module, plan[2], plan[0]):  # what _call_plan would find (ZeRO-3, offload, TP plans)
+            report.fallback[name] = "hooks or an instance-level forward on the base layer or an adapter's modules"
         else:
             report.accelerated.append(name)
     return report
