@@ -371,7 +371,9 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     assert len(rows) == 12 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", "cuda layer, eager (direct)",
         "cuda layer, through the ops", "peft layer, patched (cuda layer)"}, proc.stdout  # fmt: skip
-    assert all(float(r[2]) > 0 and float(r[3]) > float(r[2]) for r in rows), proc.stdout
+    # Positive figures only: with 3 repetitions on a loaded CI machine even forward+backward > forward
+    # does not hold (a CI run measured the single-pass row at 507 µs forward, 444 µs both).
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
 
 
 # ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------
