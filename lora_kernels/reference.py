@@ -39,6 +39,7 @@ __all__ = [
     "PHILOX_ROUND_B",
     "philox4x32_10",
     "dropout_threshold",
+    "dropout_draws",
     "dropout_keep_mask",
     "pack_mask",
     "unpack_mask",
@@ -96,15 +97,22 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
 
-def _keep_mask_impl(seed: int, M: int, K: int, p: float, device: torch.device | str) -> torch.Tensor:
+def dropout_draws(seed: int, M: int, K: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-bit random values ``u`` (M, K) int64 behind the mask (kept iff ``u >= threshold``).
+
+    ``verify`` uses them to place a threshold exactly on a draw: random probes meet ``u == threshold``
+    with probability 2⁻¹⁶ per element, so a kernel comparing with ``>`` would pass them by luck."""
     G = (K + 7) // 8
     rows = torch.arange(M, device=device, dtype=torch.int64)[:, None].expand(M, G)
     groups = torch.arange(G, device=device, dtype=torch.int64)[None, :].expand(M, G)
     zero = torch.zeros_like(rows)
     lanes = philox4x32_10(groups, rows & _U32, rows >> 32, zero, seed & _U32, (seed >> 32) & _U32)
     halves = [(lane >> (16 * h)) & _U16 for h in (0, 1) for lane in lanes]  # index j = 4*h + lane
-    u16 = torch.stack(halves, dim=-1).reshape(M, G * 8)[:, :K]
-    return u16 >= dropout_threshold(p)
+    return torch.stack(halves, dim=-1).reshape(M, G * 8)[:, :K]
+
+
+def _keep_mask_impl(seed: int, M: int, K: int, p: float, device: torch.device | str) -> torch.Tensor:
+    return dropout_draws(seed, M, K, device) >= dropout_threshold(p)
 
 
 @torch.library.custom_op("lora_kernels::dropout_keep_mask", mutates_args=())

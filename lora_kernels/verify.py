@@ -476,6 +476,17 @@ def run_mask_check(
             bits = hook(_PROBE_SEED, M, K, p, device)
             ref_bits = pack_mask(dropout_keep_mask(_PROBE_SEED, M, K, p, device=device))
             res.mismatches["module_bitmask"] = int((bits.to(ref_bits.device) != ref_bits).sum().item())
+        if p > 0:
+            # Once more with the threshold on one of the probe's own draws (u == threshold is kept):
+            # at p itself such elements are rare (none in the CPU probe), so `>` for `>=` would pass.
+            pb = boundary_p(_PROBE_SEED, M, K, p, device)
+            if hook is not None:
+                bits = hook(_PROBE_SEED, M, K, pb, device)
+                ref_bits = pack_mask(dropout_keep_mask(_PROBE_SEED, M, K, pb, device=device))
+                res.mismatches[f"threshold p={pb:.6f}"] = int((bits.to(ref_bits.device) != ref_bits).sum().item())
+            else:
+                got = mask_probe(impl or backend_impl(backend), M, K, pb, _PROBE_SEED, x_dt, device, mask_mode)
+                res.mismatches[f"threshold p={pb:.6f}"] = sum(got.values())
     except Exception as e:
         res.status, res.reason, res.context_lost = "error", _error_text(e), context_lost(e, device)
         return res
@@ -484,6 +495,18 @@ def run_mask_check(
         res.status = "fail"
         res.reason = ", ".join(f"{k}: {v} of {M * K} mask bits differ" for k, v in bad.items())
     return res
+
+
+def boundary_p(seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu") -> float:
+    """The p nearest to ``p`` whose 16-bit threshold equals one of the probe's draws (a draw > 0, so
+    0 < result < 1): at that p the mask has elements with ``u == threshold``, which must be kept."""
+    from .reference import dropout_draws, dropout_threshold
+
+    u = dropout_draws(seed, M, K, device).flatten()
+    u = u[u > 0]
+    if u.numel() == 0:  # an empty probe: nothing to place
+        return p
+    return int(u[(u - dropout_threshold(p)).abs().argmin()]) / 65536.0
 
 
 def probe_size(device_type: str) -> tuple[int, int]:

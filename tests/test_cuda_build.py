@@ -230,6 +230,21 @@ def test_host_mask_is_bit_identical_to_reference(ext, seed, M, K, p):
 
 
 @requires_toolkit
+def test_host_mask_keeps_draws_equal_to_the_threshold(ext):
+    """u == threshold is kept: p placed on a real draw for each of the 8 (lane, half) slots of a Philox
+    group (a random p meets such a draw with probability 2⁻¹⁶ per element, so `>` would pass by luck)."""
+    seed, M, K = (1 << 40) + 77, 3, 16
+    u = reference.dropout_draws(seed, M, K)
+    ps = [int(u[0, j]) / 65536 for j in range(8) if u[0, j] > 0]
+    assert len(ps) >= 7
+    for p in ps:
+        keep_ref = reference.dropout_keep_mask(seed, M, K, p)
+        assert keep_ref[u == reference.dropout_threshold(p)].all()
+        assert torch.equal(ext.host_keep_mask(seed, M, K, p), keep_ref), p
+        assert torch.equal(ext.host_pack_mask(seed, M, K, p), reference.pack_mask(keep_ref)), p
+
+
+@requires_toolkit
 def test_host_mask_rejects_bad_p(ext):
     with pytest.raises(RuntimeError, match="p must be in"):
         ext.host_pack_mask(0, 2, 8, 1.0)

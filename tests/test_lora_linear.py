@@ -206,6 +206,36 @@ def test_triton_mask_bits_identical_to_reference():
         assert torch.equal(bits.cpu(), pack_mask(dropout_keep_mask(seed, M, K, p))), (M, K, p)
 
 
+def test_triton_mask_keeps_draws_equal_to_the_threshold():
+    """u == threshold is kept (u >= threshold). Random cases meet such a draw with probability 2⁻¹⁶ per
+    element, so `>` instead of `>=` passes them by luck: here p puts the threshold on a real draw, once
+    for each of the 8 (lane, half) slots of a Philox group, in the stored bits and in the backward's
+    regenerated mask."""
+    _skip_unavailable("triton")
+    from lora_kernels.reference import dropout_draws, dropout_threshold
+    from lora_kernels.triton_ops.lora_linear import lora_fwd
+
+    seed, M, K = (1 << 40) + 77, 40, 36
+    u = dropout_draws(seed, M, K)
+    x, W, A, B, b, _ = make_inputs(M, K, 32, 4, xdt=torch.float32, adt=torch.float32)
+    ps = [int(u[0, j]) / 65536 for j in range(8) if u[0, j] > 0]
+    assert len(ps) >= 7
+    for p in ps:
+        keep = dropout_keep_mask(seed, M, K, p)
+        assert (u == dropout_threshold(p)).any() and keep[u == dropout_threshold(p)].all()
+        _, _, bits = lora_fwd(x, W, b, A, B, None, 2.0, p, seed, True)
+        assert torch.equal(bits.cpu(), pack_mask(keep)), p
+    # The backward's regenerated mask at the first of them: dx against the reference's.
+    grads = []
+    for backend, mode in (("triton", "regenerate"), ("torch", "bitmask")):
+        xg = x.detach().clone().requires_grad_(True)
+        y = lk.lora_linear(xg, W, A, B, bias=b, scaling=2.0, dropout_p=ps[0], training=True, seed=seed,
+                           backend=backend, dropout_mask=mode)  # fmt: skip
+        y.backward(torch.ones_like(y))
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_seed_halves_are_int32():
     """The kernels get the seed as two int32 arguments with the seed's bits: Triton types an int
     ≥ 2³¹ as i64, so unsigned halves would compile a second variant of every seeded kernel for half

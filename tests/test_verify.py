@@ -19,7 +19,7 @@ import torch
 
 from lora_kernels import backends, verify
 from lora_kernels.__main__ import main
-from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
+from lora_kernels.reference import dropout_draws, dropout_keep_mask, dropout_threshold, lora_linear_ref, pack_mask
 from tests._utils import HAS_CUDA, TOL, requires_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,8 @@ def test_correct_backend_passes_every_check(fake_backend):
     assert res.status == "pass", res.reason
     assert set(res.checks) == {"out", "dx", "dA", "dB", "dlora_bias"}
     mask = verify.run_mask_check("cuda", "fp16", DEVICE, 0.3, "bitmask")
-    assert mask.status == "pass" and mask.mismatches == {"forward": 0, "backward": 0}
+    pb = verify.boundary_p(verify._PROBE_SEED, mask.M, mask.K, 0.3)
+    assert mask.status == "pass" and mask.mismatches == {"forward": 0, "backward": 0, f"threshold p={pb:.6f}": 0}
 
 
 def test_wrong_dropout_mask_is_caught_by_output_and_probe(fake_backend):
@@ -90,6 +91,40 @@ def test_wrong_dropout_mask_is_caught_by_output_and_probe(fake_backend):
     mask = verify.run_mask_check("cuda", "bf16", DEVICE, 0.1, "bitmask")
     assert mask.status == "fail"
     assert mask.mismatches["forward"] > 0 and mask.mismatches["backward"] > 0
+
+
+def _keep_above_threshold(seed, M, K, p, device):
+    """A kernel's classic slip: keep iff u > threshold (the definition keeps u == threshold)."""
+    return dropout_draws(seed, M, K, device) > dropout_threshold(p)
+
+
+def test_threshold_off_by_one_is_caught(fake_backend):
+    """``>`` for ``>=`` differs only where a draw equals the threshold: probability 2⁻¹⁶ per element, none
+    in the probe at p = 0.1, so verify also checks at a p whose threshold is one of the probe's draws."""
+    M, K = verify.probe_size(torch.device(DEVICE).type)
+    thr = dropout_threshold(0.1)
+    assert not (dropout_draws(verify._PROBE_SEED, M, K, DEVICE) == thr).any(), "the probe at p itself sees no tie"
+    pb = verify.boundary_p(verify._PROBE_SEED, M, K, 0.1)
+    assert 0 < pb < 1 and (dropout_draws(verify._PROBE_SEED, M, K, DEVICE) == dropout_threshold(pb)).any()
+    assert abs(pb - 0.1) < 0.01
+
+    def off_by_one(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        keep = _keep_above_threshold(seed, x.shape[0], x.shape[1], p, x.device)
+        h = x * keep.to(x.dtype) / (1.0 - p)
+        return torch.nn.functional.linear(x, weight, bias) + scaling * torch.nn.functional.linear(
+            torch.nn.functional.linear(h, lora_A), lora_B, lora_bias
+        )
+
+    fake_backend.lora_linear_2d = off_by_one
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    assert mask.status == "fail" and mask.mismatches["forward"] == 0, mask.mismatches
+    assert mask.mismatches[f"threshold p={pb:.6f}"] > 0 and "threshold p=" in mask.reason
+    # The module's own mask function (Triton's dropout_bitmask) with the same slip.
+    fake_backend.lora_linear_2d = _ref_2d
+    fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(_keep_above_threshold(seed, M, K, p, device))
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    assert mask.status == "fail" and mask.mismatches["module_bitmask"] == 0
+    assert mask.mismatches[f"threshold p={pb:.6f}"] > 0
 
 
 def test_backward_only_bug_is_caught(fake_backend):
