@@ -6,7 +6,8 @@ The harness replays the launch sequence of ``csrc/lora_ops.cpp`` forward and bac
 CUTLASS GEMMs as plain loops, over odd shapes (M, K, N ∈ {1…72}, r ∈ {1, 16, 65}, plus reductions of
 1030–1100), strided and column-major x, p ∈ {0, 0.3}, saved and regenerated masks, fp32, bf16 x with
 fp32 adapters and fp16 storage, the backward's reductions split over blockIdx.z (the launcher's own
-plan), empty problems (M, K or N = 0: dA and dB must come out as zeros), and checks T, y, the bits, dT, dA, dB, dlora_bias and dX against float64 (the bits exactly).
+plan), empty problems (M, K or N = 0: dA and dB must come out as zeros), and checks T, y, the bits,
+dT, dA, dB, dlora_bias and dX against float64 (the bits exactly).
 The 16-bit cases take the tensor-core skinny kernel, whose WMMA calls run on a host emulation of the
 API (``tests/cuda_emu/wmma_emu.h``, which also checks its alignment and leading-dimension rules); the
 16-bit results are checked with an elementwise rounding bound (3u·Σ|terms|). The fused forward's and
