@@ -75,8 +75,9 @@ class Problem:
     ``xs``: copies of x, each ``(M, K)`` in ``dtype`` with ``requires_grad`` (backward computes
     dX); ``dys``: matching ``(M, N)`` output gradients; ``weight``: ``(N, K)`` frozen; ``bias``:
     ``(N,)`` frozen or None; ``lora_A``: ``(r, K)`` and ``lora_B``: ``(N, r)`` in ``adapter_dtype``,
-    trainable. Everything is random and non-zero (lora_B included, unlike PEFT's init, so the
-    low-rank path does real work).
+    trainable unless named in ``frozen`` ("A": LoRA-FA, "B", "AB": a frozen adapter in front of trained
+    layers; every implementation freezes the same ones). Everything is random and non-zero (lora_B
+    included, unlike PEFT's init, so the low-rank path does real work).
     """
 
     M: int
@@ -94,6 +95,7 @@ class Problem:
     bias: torch.Tensor | None
     lora_A: torch.Tensor
     lora_B: torch.Tensor
+    frozen: str = ""
 
     @property
     def lora_flops_fwd(self) -> float:
@@ -102,8 +104,9 @@ class Problem:
 
     @property
     def lora_flops_fwdbwd(self) -> float:
-        """Forward plus dX = dY·W, dT = dY·B, dX += dT·A, dA = dTᵀ·x̃, dB = dYᵀ·T."""
-        return self.lora_flops_fwd + backward_flops(self.M, self.K, self.N, self.r, need_dx=True)
+        """Forward plus dX = dY·W, dT = dY·B, dX += dT·A, and dA = dTᵀ·x̃, dB = dYᵀ·T unless frozen."""
+        need_da, need_db = "A" not in self.frozen, "B" not in self.frozen
+        return self.lora_flops_fwd + backward_flops(self.M, self.K, self.N, self.r, True, need_da, need_db)
 
     @property
     def base_flops_fwd(self) -> float:
@@ -163,9 +166,12 @@ def make_problem(
     scaling: float = 2.0,
     copies: int | None = None,
     seed: int = 0,
+    frozen: str = "",
 ) -> Problem:
     """Random inputs for one configuration (see :class:`Problem`); ``copies`` defaults to
-    :func:`num_copies`."""
+    :func:`num_copies`; ``frozen``: "", "A", "B" or "AB", the adapter matrices that take no gradient."""
+    if frozen not in ("", "A", "B", "AB"):
+        raise ValueError(f"frozen must be '', 'A', 'B' or 'AB', got {frozen!r}")
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -183,8 +189,9 @@ def make_problem(
         device=device, xs=xs, dys=dys,
         weight=randn(N, K, scale=K**-0.5),
         bias=randn(N) if bias else None,
-        lora_A=randn(r, K, scale=K**-0.5, dt=adapter_dtype, grad=True),
-        lora_B=randn(N, r, scale=r**-0.5, dt=adapter_dtype, grad=True),
+        lora_A=randn(r, K, scale=K**-0.5, dt=adapter_dtype, grad="A" not in frozen),
+        lora_B=randn(N, r, scale=r**-0.5, dt=adapter_dtype, grad="B" not in frozen),
+        frozen=frozen,
     )  # fmt: skip
 
 
@@ -197,8 +204,8 @@ def _cublas(prob: Problem) -> Impl:
 def _naive_fn(prob: Problem) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
     """PEFT's forward, written out in eager, with the adapters cast to the activation dtype."""
     W, b, s, p = prob.weight, prob.bias, prob.scaling, prob.p
-    A = prob.lora_A.detach().to(prob.dtype).requires_grad_(True)
-    B = prob.lora_B.detach().to(prob.dtype).requires_grad_(True)
+    A = prob.lora_A.detach().to(prob.dtype).requires_grad_(prob.lora_A.requires_grad)
+    B = prob.lora_B.detach().to(prob.dtype).requires_grad_(prob.lora_B.requires_grad)
     # PEFT uses nn.Identity at p = 0, so no dropout kernel runs there.
     drop = (lambda t: t) if p == 0.0 else (lambda t: F.dropout(t, p, training=True))
 
@@ -251,6 +258,8 @@ def _peft(prob: Problem) -> Impl:
     with torch.no_grad():
         A.copy_(prob.lora_A)
         B.copy_(prob.lora_B)
+    A.requires_grad_(prob.lora_A.requires_grad)
+    B.requires_grad_(prob.lora_B.requires_grad)
     owned = [t for t in layer.parameters()]
     return Impl("peft", layer, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 

@@ -23,7 +23,7 @@ COLUMNS = (
     # run
     "run_id", "date", "gpu", "commit", "torch", "triton", "peft", "preset", "timer",
     # configuration
-    "M", "K", "N", "r", "p", "dtype", "adapter_dtype", "bias", "scaling", "copies",
+    "M", "K", "N", "r", "p", "dtype", "adapter_dtype", "bias", "scaling", "frozen", "copies",
     # row
     "impl", "status",
     "fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops", "host_us",

@@ -159,6 +159,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bias", action="store_true", help="give the base layer a bias (default: none, as in Llama)")
     ap.add_argument("--scaling", type=float, default=2.0, help="LoRA scaling alpha/r (default 2)")
     ap.add_argument(
+        "--frozen", default="none", choices=["none", "A", "B", "AB"],
+        help="adapter matrices that take no gradient in every row: A (LoRA-FA), B, AB (a frozen adapter; "
+        "x still trains). Default none",
+    )  # fmt: skip
+    ap.add_argument(
         "--impls", type=_impl_list,
         help=f"comma list from {', '.join(_impls.ALL_IMPLS)} (cublas is always run: it is the ratio base). "
         f"Default GPU: {','.join(GPU_IMPLS)}; dry: {','.join(DRY_IMPLS)}",
@@ -390,6 +395,7 @@ def run_config(
                 prob = _impls.make_problem(
                     cfg.M, cfg.K, cfg.N, cfg.r, cfg.p, dtype=dtype, adapter_dtype=adapter_dtype, device=device,
                     bias=args.bias, scaling=args.scaling, copies=args.copies, seed=args.seed,
+                    frozen="" if args.frozen == "none" else args.frozen,
                 )  # fmt: skip
                 common["copies"] = row["copies"] = len(prob.xs)
             impl = _impls.build(name, prob)
@@ -433,7 +439,8 @@ def _config_columns(cfg: Config, args: argparse.Namespace, base: dict) -> dict:
     """The run and configuration columns of a row (``copies`` is added once the inputs exist)."""
     adapter_dtype = args.dtype if args.adapter_dtype == "same" else args.adapter_dtype
     return dict(base, M=cfg.M, K=cfg.K, N=cfg.N, r=cfg.r, p=cfg.p, dtype=args.dtype,
-                adapter_dtype=adapter_dtype, bias=int(args.bias), scaling=args.scaling)  # fmt: skip
+                adapter_dtype=adapter_dtype, bias=int(args.bias), scaling=args.scaling,
+                frozen=args.frozen)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

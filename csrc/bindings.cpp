@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_bias"), py::arg("scaling"), py::arg("p"), py::arg("seed"), py::arg("save_mask"));
   m.def("lora_bwd", &lora_kernels::lora_bwd, "Fused LoRA backward -> (dx, dA, dB, dlora_bias)", py::arg("dy"),
         py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("T"), py::arg("bits"),
-        py::arg("scaling"), py::arg("p"), py::arg("seed"), py::arg("need_dx"));
+        py::arg("scaling"), py::arg("p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_da") = true, py::arg("need_db") = true);
   m.def("host_pack_mask", &lora_kernels::host_pack_mask_tensor,
         "CPU packed keep-mask (M, ceil(K/8)) uint8 from the kernels' Philox code", py::arg("seed"),
         py::arg("M"), py::arg("K"), py::arg("p"));

@@ -286,7 +286,8 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
 
 std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& T,
-                                 const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx) {
+                                 const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx,
+                                 bool need_da, bool need_db) {
   // The op is public (torch.ops.lora_kernels.cuda_lora_bwd): check everything the kernels rely on,
   // as lora_fwd does, so a direct caller gets an error rather than an out-of-bounds read.
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2,
@@ -320,9 +321,10 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
   auto f32 = x.options().dtype(at::kFloat);
 
-  // dT = s · dY · B  (M × r)
-  at::Tensor dT = at::empty({M, r}, f32);
-  {
+  // dT = s · dY · B  (M × r): for dX and dA only.
+  const bool need_dt = need_dx || need_da;
+  at::Tensor dT = at::empty({need_dt ? M : 0, r}, f32);
+  if (need_dt) {
     SkinnyArgs s{};
     s.x = dy.data_ptr();
     s.sxi = dy.stride(0);
@@ -343,8 +345,8 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     launch_skinny(s, stream);
   }
   // [dB | dlora_bias] = s · dYᵀ · [T | 1]  (N × (r + 1)): one pass over dY for both.
-  at::Tensor dBx = at::empty({N, r + 1}, f32);
-  {
+  at::Tensor dBx = at::empty({need_db ? N : 0, r + 1}, f32);
+  if (need_db) {
     SkinnyArgs s{};
     s.x = dy.data_ptr();  // X(i = n, c = m) = dY[m, n]
     s.sxi = dy.stride(1);
@@ -367,17 +369,17 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   }
   // The packed mask: saved in "bitmask" mode, regenerated from the seed otherwise (M·K/8 bytes).
   at::Tensor mask = bits;
-  if (dropout && mask.numel() != M * G) {
+  if (dropout && need_dt && mask.numel() != M * G) {
     mask = at::empty({M, G}, x.options().dtype(at::kByte));
     launch_make_mask(static_cast<uint64_t>(seed), threshold, M, K, mask.data_ptr<uint8_t>(), stream);
   }
-  if (dropout) {
+  if (dropout && need_dt) {
     TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == M * G,
                 "lora_bwd: bits must be a contiguous uint8 (M, ceil(K/8)) tensor");
   }
   // dAᵀ = D(x)ᵀ · dT  (K × r), D(x) = x ⊙ mask / (1 - p)
-  at::Tensor dAt = at::empty({K, r}, f32);
-  {
+  at::Tensor dAt = at::empty({need_da ? K : 0, r}, f32);
+  if (need_da) {
     SkinnyArgs s{};
     s.x = x.data_ptr();  // X(i = k, c = m) = x[m, k]
     s.sxi = x.stride(1);
@@ -421,13 +423,15 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     base_gemm_accumulate(dy, weight, /*b_kmajor=*/false, dx);
   }
   const auto adt = lora_A.scalar_type();
-  at::Tensor dA = dAt.t().to(adt).contiguous();
+  at::Tensor dA = need_da ? dAt.t().to(adt).contiguous() : at::empty({0}, lora_A.options());
   // Fresh storages: for N == 1 with fp32 adapters .to()/.contiguous() would return views of dBx, and
   // a custom op may not return outputs that alias each other (torch.library checks it on every call).
-  at::Tensor dB = at::empty({N, r}, lora_B.options());
-  dB.copy_(dBx.narrow(1, 0, r));
-  at::Tensor dlb = at::empty({N}, lora_B.options());
-  dlb.copy_(dBx.select(1, r));
+  at::Tensor dB = need_db ? at::empty({N, r}, lora_B.options()) : at::empty({0}, lora_B.options());
+  at::Tensor dlb = at::empty({need_db ? N : 0}, lora_B.options());
+  if (need_db) {
+    dB.copy_(dBx.narrow(1, 0, r));
+    dlb.copy_(dBx.select(1, r));
+  }
   return {dx, dA, dB, dlb};
 }
 

@@ -27,11 +27,14 @@ std::vector<at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
                                  double scaling, double p, int64_t seed, bool save_mask);
 
-// dy (M, N) -> {dx (M, K) or (0,) if !need_dx, dA (r, K), dB (N, r), dlora_bias (N,)} (adapter dtype).
+// dy (M, N) -> {dx (M, K) or (0,) if !need_dx, dA (r, K) or (0,) if !need_da, dB (N, r) and
+// dlora_bias (N,), both (0,) if !need_db} (adapter dtype). A gradient not asked for costs nothing:
+// without need_da no pass over x for dA, without need_db (lora_B frozen) no pass over dY for dB.
 // bits: the forward's packed mask, or an empty tensor to regenerate it from seed.
 std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& T,
-                                 const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx);
+                                 const at::Tensor& bits, double scaling, double p, int64_t seed, bool need_dx,
+                                 bool need_da, bool need_db);
 
 // CPU: the packed keep-mask (M, ceil(K/8)) uint8 and the boolean keep-mask (M, K), computed with
 // the same Philox code as the kernels (philox.cuh).

@@ -6,7 +6,8 @@ formulas count what the reference (``backend="torch"``) counts through aten's ma
 reports the same FLOPs whichever backend runs it:
 
     forward:  x·Wᵀ 2MNK  +  x̃·Aᵀ 2MKr  +  T·Bᵀ 2MrN
-    backward: dT = dY·B 2MNr  +  dB = dYᵀ·T 2NMr
+    backward: dT = dY·B 2MNr                           (when x or lora_A needs a gradient)
+              + dB = dYᵀ·T 2NMr                        (when lora_B needs a gradient)
               + dA = dTᵀ·x̃ 2rMK                        (when lora_A needs a gradient)
               + dX = dY·W 2MNK  +  dx̃ = dT·A 2MrK        (when x needs a gradient)
 
@@ -30,9 +31,13 @@ def forward_flops(M: int, K: int, N: int, r: int) -> int:
     return 2 * M * N * K + 2 * M * K * r + 2 * M * r * N
 
 
-def backward_flops(M: int, K: int, N: int, r: int, need_dx: bool, need_da: bool = True) -> int:
-    """FLOPs of the fused backward (dB and dT always; dA and dX as asked)."""
-    flops = 2 * M * N * r + 2 * N * M * r
+def backward_flops(M: int, K: int, N: int, r: int, need_dx: bool, need_da: bool = True, need_db: bool = True) -> int:
+    """FLOPs of the fused backward, counting only the gradients asked for."""
+    flops = 0
+    if need_dx or need_da:
+        flops += 2 * M * N * r
+    if need_db:
+        flops += 2 * N * M * r
     if need_da:
         flops += 2 * r * M * K
     if need_dx:
@@ -49,13 +54,15 @@ def _fwd_formula(x_shape, w_shape, *args, **kwargs) -> int:
 
 
 def _bwd_formula(dy_shape, x_shape, w_shape, a_shape, *args, **kwargs) -> int:
-    # Op schemas: (dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx[, need_da]).
+    # Op schemas: (dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, need_db),
+    # the last two with defaults (True).
     M, K = x_shape
     N = w_shape[0]
     r = a_shape[0]
     need_dx = args[6]
-    need_da = args[7] if len(args) > 7 else True  # the cuda op always computes dA
-    return backward_flops(M, K, N, r, bool(need_dx), bool(need_da))
+    need_da = args[7] if len(args) > 7 else kwargs.get("need_da", True)
+    need_db = args[8] if len(args) > 8 else kwargs.get("need_db", True)
+    return backward_flops(M, K, N, r, bool(need_dx), bool(need_da), bool(need_db))
 
 
 def register(fwd_op, bwd_op) -> None:

@@ -529,3 +529,47 @@ def test_no_bench_module_shadows_the_standard_library():
     `profile` (which cProfile imports) from everything it imports."""
     shadowing = {p.stem for p in (ROOT / "bench").glob("*.py")} & set(sys.stdlib_module_names)
     assert not shadowing, shadowing
+
+
+@pytest.mark.parametrize("frozen", ["A", "B", "AB"])
+def test_frozen_adapter_matrices_take_no_gradient_in_any_row(frozen):
+    """``--frozen``: every implementation freezes the same adapter matrices (PEFT's layer included) and
+    still trains x; the FLOP count drops by what the reference no longer computes."""
+    M, K, N, r = 64, 64, 96, 8
+    prob = _impls.make_problem(M, K, N, r, 0.1, dtype=torch.float32, adapter_dtype=torch.float32,
+                               device="cpu", copies=1, frozen=frozen)  # fmt: skip
+    trained = _impls.make_problem(M, K, N, r, 0.1, dtype=torch.float32, adapter_dtype=torch.float32,
+                                  device="cpu", copies=1)  # fmt: skip
+    saved = ("A" in frozen) * 2 * r * M * K + ("B" in frozen) * 2 * N * M * r
+    assert prob.lora_flops_fwdbwd == trained.lora_flops_fwdbwd - saved
+    ran = []
+    for name in bench_ll.DRY_IMPLS:
+        if name == "cublas":
+            continue
+        try:
+            impl = _impls.build(name, prob)
+        except _impls.Unavailable:
+            continue
+        x = prob.xs[0]
+        x.grad = None
+        impl.fn(x).backward(prob.dys[0])
+        assert x.grad is not None, name
+        a_like = [t for t in impl.owned if t.shape == (r, K)]
+        b_like = [t for t in impl.owned if t.shape == (N, r)]
+        assert len(a_like) == len(b_like) == 1, name
+        assert (a_like[0].grad is None) == ("A" in frozen), name
+        assert (b_like[0].grad is None) == ("B" in frozen), name
+        ran.append(name)
+    assert {"naive", "peft", "torch"} <= set(ran), ran
+
+
+def test_frozen_option_is_recorded(tmp_path):
+    rows = bench_ll.main(["--dry", "--out", str(tmp_path), "--cpu-reps", "1", "--frozen", "A", "--impls", "naive,torch",
+                          "--no-plot"])  # fmt: skip
+    assert rows and {r["frozen"] for r in rows} == {"A"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    (csv_path,) = tmp_path.glob("*.csv")
+    assert {r["frozen"] for r in _report.read_csv(csv_path)} == {"A"}
+    with pytest.raises(ValueError, match="frozen must be"):
+        _impls.make_problem(8, 8, 8, 2, 0.0, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu",
+                            frozen="x")  # fmt: skip

@@ -265,7 +265,10 @@ def _fake_cuda_op_args(M=67, K=72, N=40, r=16, dtype=torch.bfloat16, adapter_dty
     fwd = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
     bwd = {"bitmask": (dy, x, W, A, B, T, bits, 2.0, 0.1, 5, True),
            "regenerate": (dy, x, W, A, B, T, no_bits, 2.0, 0.1, 5, True),
-           "p = 0": (dy, x, W, A, B, T, no_bits, 2.0, 0.0, 5, False)}  # fmt: skip
+           "p = 0": (dy, x, W, A, B, T, no_bits, 2.0, 0.0, 5, False),
+           "lora_A frozen": (dy, x, W, A, B, T, bits, 2.0, 0.1, 5, True, False, True),
+           "only lora_B": (dy, x, W, A, B, T, no_bits, 2.0, 0.1, 5, False, False, True),
+           "adapter frozen": (dy, x, W, A, B, T, bits, 2.0, 0.1, 5, True, False, False)}  # fmt: skip
     bad_fwd = {
         "expected 2-D": (x[None], W, b, A, B, lb, 2.0, 0.1, 5, True),
         "lora_fwd: shape mismatch": (x, W, b, A[:, :40], B, lb, 2.0, 0.1, 5, True),

@@ -56,9 +56,10 @@ class _ModelExt:
         bits = pack_mask(keep > 0) if (p > 0.0 and save_mask) else x.new_empty((0,), dtype=torch.uint8)
         return y.to(x.dtype), t.float(), bits
 
-    def lora_bwd(self, dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx):
+    def lora_bwd(self, dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da=True, need_db=True):
         self.calls.append("lora_bwd")
         self.bits_seen = bits.numel()
+        self.needs = (need_dx, need_da, need_db)
         M, K = x.shape
         keep = self._keep(seed, M, K, p, x.device)
         dy64 = dy.double()
@@ -68,6 +69,10 @@ class _ModelExt:
         dlb = scaling * dy64.sum(0)
         dx = (dy64 @ weight.double() + (dt @ lora_A.double()) * keep).to(x.dtype) if need_dx else x.new_empty((0,))
         dtype = lora_A.dtype
+        if not need_da:  # (0,) for a gradient not asked for, as csrc/lora_ops.h says
+            dA = dA.new_empty((0,))
+        if not need_db:
+            dB, dlb = dB.new_empty((0,)), dlb.new_empty((0,))
         return dx, dA.to(dtype), dB.to(dtype), dlb.to(dtype)
 
 
@@ -144,20 +149,69 @@ def test_cuda_layer_gradients_match_reference(model_ext, p, mask_mode, biases):
     assert model_ext.bits_seen == (M * ((K + 7) // 8) if (p > 0 and mask_mode == "bitmask") else 0)
 
 
-def test_cuda_layer_skips_dx_when_x_is_frozen(model_ext, monkeypatch):
-    x, w, bias, a, b, lbias = _inputs()
-    x.requires_grad_(False)
-    seen = {}
-    real = model_ext.lora_bwd
+# Which of (x, lora_A, lora_B, lora_bias) require grad: all, the first layer (x does not), LoRA-FA
+# (A frozen), a frozen adapter in front of trained layers (only x), only lora_B, only lora_bias.
+TRAINABLE = [(1, 1, 1, 1), (0, 1, 1, 1), (1, 0, 1, 1), (1, 0, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]
 
-    def spy(*args):
-        seen["need_dx"] = args[-1]
-        return real(*args)
 
-    monkeypatch.setattr(model_ext, "lora_bwd", spy)
-    y = _cuda_layer(x, w, bias, a, b, lbias)
-    ga, gb = torch.autograd.grad(y.sum(), [a, b])
-    assert seen["need_dx"] is False and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("trainable", TRAINABLE, ids=lambda t: "".join(map(str, t)))
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["bias-frozen", "bias-trained"])
+def test_backward_computes_only_the_gradients_asked_for(backend, trainable, bias_grad, request, monkeypatch):
+    """Any subset of (x, lora_A, lora_B, lora_bias, bias) in training gets exactly its gradients, equal to
+    the reference's, and the backward skips the work of the others: a frozen lora_A costs no pass over x
+    for dA, a frozen lora_B no dB = dYᵀ·T (a trained lora_bias or bias alone then takes Σ dY from one
+    reduction). The CUDA op is told (need_dx, need_da, need_db); the Triton dY kernel's grid leaves out
+    the dB programs."""
+    if backend == "triton" and not (HAS_CUDA or INTERPRET):
+        pytest.skip("the Triton backend needs a CUDA GPU or TRITON_INTERPRET=1")
+    if backend == "cuda":
+        model = request.getfixturevalue("model_ext")
+    M, K, N, r = 37, 48, 40, 8
+    x, w, bias, a, b, lbias = _inputs(M, K, N, r, device=_device(backend))
+    for t, grad in zip((x, a, b, lbias), trainable, strict=True):
+        t.requires_grad_(bool(grad))
+    bias.requires_grad_(bias_grad)
+    need_dx, need_da = bool(trainable[0]), bool(trainable[1])
+    need_db = bool(trainable[2])  # dB = dYᵀ·T; a trained lora_bias or bias alone needs only Σ dY
+    leaves = [t for t in (x, a, b, lbias, bias) if t.requires_grad]
+
+    launches = []
+    if backend == "triton":
+        from lora_kernels.triton_ops import lora_linear as tri
+
+        real_launch = tri._launch
+
+        def launch(kernel, grid, args, meta, fixed, wrap):
+            launches.append((kernel.__name__, grid({**meta, **fixed})[0], fixed))
+            return real_launch(kernel, grid, args, meta, fixed, wrap)
+
+        monkeypatch.setattr(tri, "_launch", launch)
+    y = _run(backend, x, w, bias, a, b, lbias)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype).to(y.device)
+    got = torch.autograd.grad(y, leaves, dy)
+
+    ref = {id(t): t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, bias, a, b, lbias)}
+    rx, rw, rbias, ra, rb, rlb = (ref[id(t)] for t in (x, w, bias, a, b, lbias))
+    want = torch.autograd.grad(lk.lora_linear_ref(rx, rw, ra, rb, rbias, rlb, 2.0, 0.1, True, 7), [
+        ref[id(t)] for t in leaves], dy.double())  # fmt: skip
+    for g, r_, t in zip(got, want, leaves, strict=True):
+        assert g.dtype == t.dtype
+        assert_close_ref(g, r_, [torch.float32], f"grad of a {tuple(t.shape)} leaf")
+
+    if backend == "cuda":
+        assert model.needs == (need_dx, need_da, need_db)
+        return
+    bwd = [(name, n, fixed) for name, n, fixed in launches if name.startswith("_bwd")]
+    dy_launches = [(n, fixed) for name, n, fixed in bwd if name == "_bwd_dy_kernel"]
+    if need_dx or need_da or need_db:
+        ((n_dy, tiles),) = dy_launches
+        dt_programs = -(-M // tiles["BLOCK_M"]) if (need_dx or need_da) else 0
+        db_programs = -(-N // tiles["BLOCK_N"]) if need_db else 0
+        assert n_dy == dt_programs + db_programs, (n_dy, need_dx, need_da, need_db)
+    else:  # only lora_bias / bias: Σ dY alone, no kernel
+        assert not bwd, bwd
+    assert any(name.startswith("_bwd_dx") for name, *_ in bwd) == (need_dx or need_da), bwd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +242,16 @@ def test_eager_calls_skip_the_dispatcher(backend, request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("trainable", TRAINABLE, ids=lambda t: "".join(map(str, t)))
 @pytest.mark.parametrize("built_before_import", [False, True])
-def test_flop_counter_counts_what_the_reference_counts(backend, need_dx, built_before_import, request):
+def test_flop_counter_counts_what_the_reference_counts(backend, trainable, built_before_import, request):
     if backend == "cuda":
         request.getfixturevalue("model_ext")
     M, K, N, r = 37, 48, 40, 8
     args = _inputs(M, K, N, r, device=_device(backend))
-    args[0].requires_grad_(need_dx)
+    for i, grad in zip((0, 3, 4, 5), trainable, strict=True):
+        args[i].requires_grad_(bool(grad))
+    need_dx, need_da, need_db = bool(trainable[0]), bool(trainable[1]), bool(trainable[2])
 
     def count(run_backend) -> tuple[int, int]:
         fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
@@ -214,7 +270,7 @@ def test_flop_counter_counts_what_the_reference_counts(backend, need_dx, built_b
     got = count(backend)
     want = count("torch")
     assert got == want, f"{backend}: (fwd, bwd) FLOPs {got}, reference {want}"
-    assert got == (flops.forward_flops(M, K, N, r), flops.backward_flops(M, K, N, r, need_dx))
+    assert got == (flops.forward_flops(M, K, N, r), flops.backward_flops(M, K, N, r, need_dx, need_da, need_db))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -68,25 +68,29 @@ def cuda_lora_bwd(
     p: float,
     seed: int,
     need_dx: bool,
+    need_da: bool = True,
+    need_db: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dy (M, N) -> (dx (M, K) or (0,), dA (r, K), dB (N, r), dlora_bias (N,)); adapters' dtype.
+    """dy (M, N) -> (dx (M, K), dA (r, K), dB (N, r), dlora_bias (N,)); adapters' dtype.
 
+    A gradient not asked for comes back as an empty ``(0,)`` tensor and costs no pass: dx without
+    ``need_dx``, dA without ``need_da``, dB and dlora_bias without ``need_db``.
     ``bits`` is the forward's packed mask, or an empty tensor to regenerate it from ``seed``.
     """
-    dx, dA, dB, dlb = _ext.get_ext().lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx)
+    ext = _ext.get_ext()
+    dx, dA, dB, dlb = ext.lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, need_db)
     return dx, dA, dB, dlb
 
 
 @cuda_lora_bwd.register_fake
-def _cuda_lora_bwd_fake(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx):
+def _cuda_lora_bwd_fake(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da=True, need_db=True):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    dx = x.new_empty((M, K)) if need_dx else x.new_empty((0,))
     return (
-        dx,
-        lora_A.new_empty((r, K)),
-        lora_B.new_empty((N, r)),
-        lora_B.new_empty((N,)),
+        x.new_empty((M, K) if need_dx else (0,)),
+        lora_A.new_empty((r, K) if need_da else (0,)),
+        lora_B.new_empty((N, r) if need_db else (0,)),
+        lora_B.new_empty((N,) if need_db else (0,)),
     )
 
 
@@ -132,7 +136,13 @@ class _CudaLoraFunction(torch.autograd.Function):
             grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lora_bias,
                                           ctx.scaling, ctx.p, ctx.seed, need)  # fmt: skip
             return (*grads, None, None, None, None)
-        dx, dA, dB, dlb = _bwd(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]))
+        need_db = bool(need[4])
+        dx, dA, dB, dlb = _bwd(
+            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]), bool(need[3]), need_db
+        )
+        if need[5] and ctx.has_lora_bias and not need_db:
+            # lora_B frozen: no dB = dYᵀ·T, only s·Σ_m dY (fp32 accumulation, no fp32 copy of dY).
+            dlb = (torch.sum(dy, 0, dtype=torch.float32) * ctx.scaling).to(lora_B.dtype)
         # Gradients of the (normally frozen) base layer: plain cuBLAS, only when asked for.
         dW = dy.t().mm(x) if need[1] else None
         db = dy.sum(0) if (need[2] and ctx.has_bias) else None

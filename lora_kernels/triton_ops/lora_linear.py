@@ -1025,6 +1025,7 @@ def lora_bwd(
     seed: int,
     need_dx: bool,
     need_da: bool,
+    need_db: bool = True,
     wrap=_identity,
     bwd_mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1033,6 +1034,9 @@ def lora_bwd(
 
     Returns ``dx (M, K)`` in x's dtype (empty unless need_dx), and fp32 ``dA (r, K)``,
     ``dB (N, r)``, ``dy_colsum (N,)`` (= Σ_m dY, for dlora_bias = s·colsum and dbias).
+    ``dA`` is unwritten unless need_da. Without ``need_db`` (lora_B frozen) the pass over dY for dB
+    and Σ dY is skipped and both come back empty, ``(0, r)`` and ``(0,)`` (the single-pass backward
+    computes them anyway, inside the dX kernel).
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -1053,18 +1057,20 @@ def lora_bwd(
     load_bits = has_dropout and bool(bits.numel() > 0)
     do_dt = need_dx or need_da
     dt = _empty((M, R) if do_dt else (0, R), dev, torch.float32)
-    db = _empty((N, R), dev, torch.float32)
-    colsum = _empty((N,), dev, torch.float32)
-    _launch(
-        _bwd_dy_kernel,
-        lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0) + _cdiv(N, META["BLOCK_N"]),),
-        (dy, lora_B, t, dt, db, colsum, M, N, R, MB,
-         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
-         db.stride(0), scaling),
-        dict(DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
-        {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")},
-        wrap,
-    )  # fmt: skip
+    # Without need_db the dB programs are left out of the grid: one read of dY (M·N) saved.
+    db = _empty((N, R) if need_db else (0, R), dev, torch.float32)
+    colsum = _empty((N,) if need_db else (0,), dev, torch.float32)
+    if do_dt or need_db:
+        _launch(
+            _bwd_dy_kernel,
+            lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0) + (_cdiv(N, META["BLOCK_N"]) if need_db else 0),),
+            (dy, lora_B, t, dt, db, colsum, M, N, R, MB,
+             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
+             max(db.stride(0), 1), scaling),
+            dict(DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+            {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")},
+            wrap,
+        )  # fmt: skip
     dx = _empty((M, K) if need_dx else (0, K), dev, x.dtype)
     da = _empty((R, K), dev, torch.float32)
     if not (need_dx or need_da):
@@ -1144,10 +1150,11 @@ def triton_lora_bwd(
     seed: int,
     need_dx: bool,
     need_da: bool,
+    need_db: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_bwd`: ``(dx, dA, dB, Σ_m dY)``."""
     wrap = _op_body_wrap(x)
-    return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, wrap=wrap)
+    return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, need_db, wrap=wrap)
 
 
 _flops.register(torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd)
@@ -1216,8 +1223,12 @@ class LoRALinearTriton(torch.autograd.Function):
                                           ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad)  # fmt: skip
             return (*grads, None, None, None, None)
         dx, da, db, colsum = _bwd(
-            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na, bwd_mode=ctx.bwd_mode
-        )
+            dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na, nB,
+            bwd_mode=ctx.bwd_mode,
+        )  # fmt: skip
+        if not nB and ((nlb and ctx.has_lbias) or (nb and ctx.has_bias)):
+            # lora_B frozen: no dB = dYᵀ·T, only Σ_m dY (fp32 accumulation, no fp32 copy of dY).
+            colsum = torch.sum(dy, 0, dtype=torch.float32)
         grad_x = dx if nx else None
         grad_A = da.to(lora_A.dtype) if na else None
         grad_B = db.to(lora_B.dtype) if nB else None
