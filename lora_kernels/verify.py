@@ -5,7 +5,9 @@ mode for kernel backends) a *case* runs ``lora_linear`` forward and backward and
 
 * the output ``y: (M, N)`` and the gradients ``dx: (M, K)``, ``dA: (r, K)``, ``dB: (N, r)``,
   ``dlora_bias: (N,)`` with :func:`lora_kernels.reference.lora_linear_ref` evaluated in float64 on
-  the same (already rounded) inputs and the same seed, against :data:`TOLERANCES`;
+  the same (already rounded) inputs and the same seed, against :data:`TOLERANCES`; besides, per
+  backend × dtype, four cases with only some leaves trained (:data:`TRAIN_SETS`: the backward's
+  partial paths, and ``dbias: (N,)`` of a trained base bias);
 * the dropout mask, bit for bit, with :func:`lora_kernels.reference.dropout_keep_mask` through a
   *mask probe* (see :func:`mask_probe`): a call whose output and input gradient *are* the mask, so
   a backend cannot hide a few flipped mask bits inside a loose bf16 tolerance. When a backend
@@ -92,7 +94,20 @@ _INTERPRETER_BF16 = "the Triton interpreter's bfloat16 arithmetic is wrong (nump
 _SEED = 0x5DEECE66D_1234
 _PROBE_SEED = 0x2545F491_4F6CDD1D
 SCALING = 2.0
-GRAD_NAMES = ("dx", "dA", "dB", "dlora_bias")
+GRAD_NAMES = ("dx", "dA", "dB", "dlora_bias", "dbias")
+_GRAD_OF = {"dx": "x", "dA": "lora_A", "dB": "lora_B", "dlora_bias": "lora_bias", "dbias": "bias"}
+
+# Which leaves require grad. "all" is the ordinary LoRA layer (weight and bias frozen); the others are
+# the backward's partial paths, checked once per backend × dtype: a frozen adapter in front of trained
+# layers (dX only, no dB), the first layer (x needs nothing: no dX GEMM), LoRA-FA with a trained base
+# bias (no dA; dbias from the dB pass's Σ dY), and only the two biases (no dT, no dB: Σ dY alone).
+TRAIN_SETS: dict[str, tuple[str, ...]] = {
+    "all": ("x", "lora_A", "lora_B", "lora_bias"),
+    "x-only": ("x",),
+    "no-dx": ("lora_A", "lora_B", "lora_bias"),
+    "fa+bias": ("x", "lora_B", "lora_bias", "bias"),
+    "biases": ("lora_bias", "bias"),
+}
 
 
 def tol_for(*dtypes: torch.dtype) -> tuple[float, float]:
@@ -158,11 +173,13 @@ class Case:
     p: float
     mask_mode: str = "bitmask"
     seed: int = _SEED
+    train: str = "all"  # a key of TRAIN_SETS: which leaves require grad
 
     @property
     def label(self) -> str:
         mode = f" {self.mask_mode}" if self.p > 0 and self.backend != "torch" else ""
-        return f"{self.backend} {self.dtype} {self.M}x{self.K}->{self.N} r={self.r} p={self.p:g}{mode}"
+        train = f" train={self.train}" if self.train != "all" else ""
+        return f"{self.backend} {self.dtype} {self.M}x{self.K}->{self.N} r={self.r} p={self.p:g}{mode}{train}"
 
 
 @dataclass
@@ -226,14 +243,22 @@ Impl = Callable[..., torch.Tensor]
 
 
 def _forward_backward(
-    impl: Impl, inp: dict[str, torch.Tensor], dtype: torch.dtype | None, p: float, seed: int, **kw
+    impl: Impl,
+    inp: dict[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    p: float,
+    seed: int,
+    train: str = "all",
+    **kw,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run ``impl`` on (optionally upcast) copies of ``inp``; returns ``(y, grads)``."""
+    """Run ``impl`` on (optionally upcast) copies of ``inp``; returns ``(y, grads)``: the gradients of
+    the leaves that ``TRAIN_SETS[train]`` trains (zeros where one came back None)."""
+    trained = TRAIN_SETS[train]
     leaves = {}
     for name in ("x", "weight", "bias", "lora_A", "lora_B", "lora_bias"):
         t = inp[name].detach()
         t = t.to(dtype) if dtype is not None else t.clone()
-        leaves[name] = t.requires_grad_(name not in ("weight", "bias"))
+        leaves[name] = t.requires_grad_(name in trained)
     y = impl(
         leaves["x"],
         leaves["weight"],
@@ -249,11 +274,11 @@ def _forward_backward(
     )
     dy = inp["dy"] if dtype is None else inp["dy"].to(dtype)
     y.backward(dy)
-    names = {"dx": "x", "dA": "lora_A", "dB": "lora_B", "dlora_bias": "lora_bias"}
     grads = {}
-    for g, leaf in names.items():
-        grad = leaves[leaf].grad
-        grads[g] = grad if grad is not None else torch.zeros_like(leaves[leaf])
+    for g, leaf in _GRAD_OF.items():
+        if leaf in trained:
+            grad = leaves[leaf].grad
+            grads[g] = grad if grad is not None else torch.zeros_like(leaves[leaf])
     return y.detach(), grads
 
 
@@ -362,12 +387,13 @@ def _run_case(case: Case, device: torch.device | str, impl: Impl | None, t0: flo
     if reason is not None:
         return CaseResult(case, "skip", reason)
     impl = impl or backend_impl(case.backend)
-    y_ref, g_ref = _forward_backward(_reference_impl, inp, torch.float64, case.p, case.seed)
-    y, grads = _forward_backward(impl, inp, None, case.p, case.seed, dropout_mask=case.mask_mode)
+    y_ref, g_ref = _forward_backward(_reference_impl, inp, torch.float64, case.p, case.seed, case.train)
+    y, grads = _forward_backward(impl, inp, None, case.p, case.seed, case.train, dropout_mask=case.mask_mode)
     dts = (x_dt, a_dt)
     checks = {"out": compare(y, y_ref, dts)}
     for name in GRAD_NAMES:
-        checks[name] = compare(grads[name], g_ref[name], dts)
+        if name in g_ref:
+            checks[name] = compare(grads[name], g_ref[name], dts)
     if y.dtype != x_dt:
         return CaseResult(case, "fail", f"output dtype {y.dtype} != x dtype {x_dt}", checks)
     bad = [k for k, c in checks.items() if not c.ok]
@@ -811,6 +837,15 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
                             cases.append(case)
                         else:
                             results.append(CaseResult(case, *group))
+            # The partial-gradient paths, once per group: a middle shape, the largest p.
+            if shapes and not args.only_shapes:
+                shape = shapes[min(1, len(shapes) - 1)]
+                for train in (t for t in TRAIN_SETS if t != "all"):
+                    case = Case(name, dt, *shape, p=max(ps), mask_mode=mode_list[0], seed=args.seed, train=train)
+                    if group is None:
+                        cases.append(case)
+                    else:
+                        results.append(CaseResult(case, *group))
             for p in (p for p in ps if p > 0):
                 for mode in mode_list:
                     if group is None:

@@ -147,6 +147,47 @@ def test_backward_only_bug_is_caught(fake_backend):
     assert res.checks["out"].ok and res.checks["dx"].ok and not res.checks["dlora_bias"].ok
 
 
+def test_partial_gradient_cases_check_what_is_trained(fake_backend):
+    """Each TRAIN_SETS case compares exactly the trained leaves' gradients (dbias when the base bias
+    trains), and a bug on a partial path, invisible to the all-trained case, fails it."""
+    for train, leaves in verify.TRAIN_SETS.items():
+        res = verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2, train=train), DEVICE)
+        assert res.status == "pass", (train, res.reason)
+        want = {g for g, leaf in verify._GRAD_OF.items() if leaf in leaves}
+        assert set(res.checks) == {"out", *want}, train
+
+    class HalvesGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g / 2
+
+    def bad(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        # Wrong only when the base bias trains and lora_A does not (a broken LoRA-FA + bias path).
+        if bias is not None and bias.requires_grad and not lora_A.requires_grad:
+            bias = HalvesGrad.apply(bias)
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = bad
+    assert verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2), DEVICE).status == "pass"
+    res = verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2, train="fa+bias"), DEVICE)
+    assert res.status == "fail" and not res.checks["dbias"].ok and res.checks["dB"].ok, res.reason
+    assert "train=fa+bias" in res.case.label
+
+
+def test_sweep_holds_the_partial_gradient_cases(fake_backend, tmp_path):
+    path = tmp_path / "v.json"
+    argv = ["--backend", "cuda", "--dtype", "fp32", "-p", "0", "-p", "0.1", "--json", str(path)]
+    assert verify.run_verify(_args(*argv), out=io.StringIO(), err=io.StringIO()) == 0
+    cases = [r for r in json.loads(path.read_text())["results"] if r.get("kind") == "case"]
+    partial = [r for r in cases if r["train"] != "all"]
+    assert sorted(r["train"] for r in partial) == sorted(t for t in verify.TRAIN_SETS if t != "all")
+    assert all(r["p"] == 0.1 and r["status"] == "pass" for r in partial), partial
+
+
 def test_module_mask_function_is_compared_bit_for_bit(fake_backend):
     fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(
         dropout_keep_mask(seed, M, K, p, device=device)
