@@ -432,6 +432,7 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     assert len(tri._prune(tri._tuning_configs(tri._bwd_dy_kernel), {"IEEE": True})) == 1
     assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
     assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
+    assert {"DO_DT", "DO_DB"} <= set(tri._autotuner(tri._bwd_dy_kernel).keys)  # a frozen lora_B: dT role only
 
 
 def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):

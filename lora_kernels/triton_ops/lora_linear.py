@@ -402,10 +402,11 @@ def _bwd_dy_kernel(
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_dtm, stride_dbn,
     scaling,
-    DO_DT: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
+    DO_DT: tl.constexpr, DO_DB: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Role 1 (first ⌈M/BM⌉ programs, if DO_DT): dT = s·dY·B.  Role 2: dB = s·dYᵀ·T and Σ_m dY."""
+    """Role 1 (first ⌈M/BM⌉ programs, if DO_DT): dT = s·dY·B.  Role 2 (the rest, if DO_DB): dB = s·dYᵀ·T
+    and Σ_m dY. The grid holds the programs of the roles switched on."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
@@ -429,7 +430,7 @@ def _bwd_dy_kernel(
             )
             acc = _mma(dy, b, acc, IEEE)
         tl.store(DT + rm[:, None] * stride_dtm + offs_r[None, :], acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
-    else:
+    elif DO_DB:  # (a constexpr: without it the dB code is not compiled in, nor its registers)
         _db_block(pid - num_pid_m, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, scaling,
                   CDT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
@@ -808,8 +809,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 # Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the dA-only launch of
-# the single-pass backward, split-K partials), so that p = 0 and p > 0 calls keep their own tiles.
-_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K"]
+# the single-pass backward, split-K partials, the dY kernel's roles), so that p = 0 and p > 0 calls, or a
+# frozen lora_B's dT-only launch, keep their own tiles.
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB"]
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
@@ -1067,7 +1069,7 @@ def lora_bwd(
             (dy, lora_B, t, dt, db, colsum, M, N, R, MB,
              dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
              max(db.stride(0), 1), scaling),
-            dict(DO_DT=do_dt, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+            dict(DO_DT=do_dt, DO_DB=need_db, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
             {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")},
             wrap,
         )  # fmt: skip
