@@ -814,7 +814,8 @@ for CASE in json.loads(sys.argv[1]):
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
     y, t, bits = tri.lora_fwd(x, w, bias, a, b, bias, 2.0, p, 2**40 + 3, store)
-    tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, p, 2**40 + 3, True, True)
+    need = CASE.get("need", [True, True, True])  # need_dx, need_da, need_db
+    tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, p, 2**40 + 3, *need)
 print("RESULTS" + json.dumps(results))
 """
 
@@ -916,6 +917,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", K=1024),  # few rows: split-K shrink (2 splits)
         dict(dtype="float16", r=32, mode="regenerate", tma="0", K=1024),  # ... and the pointer GEMM's partial sums
         dict(dtype="bfloat16", r=64, mode="bitmask", tma="1", op=True),  # in-kernel TMA descriptors (compile path)
+        # partial backward: a frozen adapter (dT-only dY kernel, dX without dA), the first layer (dA only)
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", need=[True, False, False]),
+        dict(dtype="bfloat16", r=16, mode="regenerate", tma="1", need=[False, True, True]),
     ]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
@@ -942,7 +946,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert [k for k in split if k[1] == 2] == [("_fwd_kernel", 2), ("_fwd_tma_kernel", 2), ("_shrink_kernel", 2),
                                               ("_shrink_kernel", 2)], split  # fmt: skip
     # The measured-best 128x256 forward tile (ANCHORS.md) fits as it is at rank 16.
-    fwd_tma = [t for t in launches if t[0]["kernel"] == "_fwd_tma_kernel" and t[0]["case"]["r"] == 16]
+    fwd_tma = [t for t in launches if t[0]["kernel"] == "_fwd_tma_kernel" and t[0]["case"] == cases[0]]
     assert [(t[0]["cfg"]["BLOCK_N"], len(t)) for t in fwd_tma] == [(256, 1)], fwd_tma
     # So does the single-pass forward's with its partial-T tile (223 KiB under Triton 3.6, 158 under 3.8;
     # at rank 64, 3.6 needs 254 KiB and steps down to 2 stages).
@@ -955,8 +959,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert got == [(16, 1, 3), (128, 1, 2), (16, 1, 3)], single_bwd
     # Performance guards a GPU run would otherwise find first: with 16-bit operands every kernel issues
     # Hopper wgmma rather than Ampere mma.sync, except two memory-bound skinny products whose dot is too
-    # short for wgmma's 64 rows: the single-pass mode's dA-only launch below rank 64 (r rows), and the
-    # shrink with fewer than 64 rows per program (_shrink_cfg: at M = 96 it takes 32-row blocks). And
+    # short for wgmma's 64 rows: a dA-only launch below rank 64 (r rows: the single-pass mode's, and the
+    # two-launch one when x needs no gradient), and the shrink with fewer than 64 rows per program
+    # (_shrink_cfg: at M = 96 it takes 32-row blocks). And
     # no kernel that fits spills registers to local memory at ranks up to 128.
     fits = [t[-1] for t in launches]
     half = [c for c in fits if c["case"]["dtype"] != "float32"]
@@ -965,7 +970,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     short += [
         (c["kernel"], c["case"])
         for c in half
-        if c["kernel"] == "_bwd_dx_kernel" and c["case"].get("fwd") == "single" and c["case"]["r"] < 64
+        if c["kernel"] == "_bwd_dx_kernel"
+        and (c["case"].get("fwd") == "single" or not c["case"].get("need", [True])[0])
+        and c["case"]["r"] < 64
     ]
     assert len(short) >= 3 and sorted(map(str, no_wgmma)) == sorted(map(str, short)), (no_wgmma, short)
     if half[0]["local"] is not None:  # cuobjdump found (Triton bundles it)
