@@ -6,8 +6,8 @@ mode for kernel backends) a *case* runs ``lora_linear`` forward and backward and
 * the output ``y: (M, N)`` and the gradients ``dx: (M, K)``, ``dA: (r, K)``, ``dB: (N, r)``,
   ``dlora_bias: (N,)`` with :func:`lora_kernels.reference.lora_linear_ref` evaluated in float64 on
   the same (already rounded) inputs and the same seed, against :data:`TOLERANCES`; besides, per
-  backend × dtype, four cases with only some leaves trained (:data:`TRAIN_SETS`: the backward's
-  partial paths, and ``dbias: (N,)`` of a trained base bias);
+  backend × dtype (under ``--only-shapes`` only with ``--partial``), four cases with only some leaves
+  trained (:data:`TRAIN_SETS`: the backward's partial paths, and ``dbias: (N,)`` of a trained base bias);
 * the dropout mask, bit for bit, with :func:`lora_kernels.reference.dropout_keep_mask` through a
   *mask probe* (see :func:`mask_probe`): a call whose output and input gradient *are* the mask, so
   a backend cannot hide a few flipped mask bits inside a loose bf16 tolerance. When a backend
@@ -763,6 +763,12 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--only-shapes", action="store_true", help="check only the --shape shapes")
     ap.add_argument(
+        "--partial",
+        action="store_true",
+        help="with --only-shapes: run the partial-gradient cases too (always run otherwise), at the second "
+        "--shape (or the only one)",
+    )
+    ap.add_argument(
         "-p",
         "--dropout",
         action="append",
@@ -837,8 +843,8 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
                             cases.append(case)
                         else:
                             results.append(CaseResult(case, *group))
-            # The partial-gradient paths, once per group: a middle shape, the largest p.
-            if shapes and not args.only_shapes:
+            # The partial-gradient paths, once per group: the second shape, the largest p.
+            if shapes and (args.partial or not args.only_shapes):
                 shape = shapes[min(1, len(shapes) - 1)]
                 for train in (t for t in TRAIN_SETS if t != "all"):
                     case = Case(name, dt, *shape, p=max(ps), mask_mode=mode_list[0], seed=args.seed, train=train)

@@ -28,7 +28,8 @@
   --deselect tests/test_lora_linear.py::test_tuning_tables_fit_an_h100
   --deselect tests/test_lora_linear.py::test_compiled_graph_outputs_come_from_the_kernels}"
 # PEFT's default (bf16 base, fp32 adapters) at a real size (TMA path) and an odd one (pointer path), on
-# fixed tiles like the benchmark (tuning would compile every config of each kernel: minutes).
+# fixed tiles like the benchmark (tuning would compile every config of each kernel: minutes); --partial:
+# the partial-gradient cases (frozen adapter, first layer, LoRA-FA + bias, biases) at the odd size.
 : "${VERIFY_ARGS:=--backend triton --backend cuda --dtype bf16+fp32a --only-shapes --shape 2048,4096,14336,16
-  --shape 67,203,130,1 -p 0 -p 0.1 --mask-mode bitmask}"
+  --shape 67,203,130,1 -p 0 -p 0.1 --mask-mode bitmask --partial}"
 : "${VERIFY_AUTOTUNE:=0}"

@@ -66,6 +66,7 @@ def bench_calls(bench_args: str) -> list[tuple[str, object]]:
                 prob = _impls.make_problem(
                     cfg.M, cfg.K, cfg.N, cfg.r, cfg.p, dtype=dtype, adapter_dtype=adapter_dtype, device="cpu",
                     bias=args.bias, scaling=args.scaling, copies=1, seed=args.seed,
+                    frozen="" if args.frozen == "none" else args.frozen,
                 )  # fmt: skip
                 try:
                     impl = _impls.build(name, prob)

@@ -195,7 +195,9 @@ def test_pytest_starts_no_test_after_the_deadline():
 # ---- the Triton kernels compiled ahead (scripts/prewarm_triton_cache.py) and gpu_check.sh's cache ----
 
 _PREWARM_BENCH = "--m 256 --shapes 512x512 --ranks 16 --dropout 0.1 --impls triton-bitmask"
-_PREWARM_VERIFY = "--backend triton --dtype bf16+fp32a --only-shapes --shape 67,203,130,1 -p 0.1 --mask-mode bitmask"
+_PREWARM_VERIFY = (
+    "--backend triton --dtype bf16+fp32a --only-shapes --shape 67,203,130,1 -p 0.1 --mask-mode bitmask --partial"
+)
 
 
 def _prewarm(cache: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -186,6 +186,12 @@ def test_sweep_holds_the_partial_gradient_cases(fake_backend, tmp_path):
     partial = [r for r in cases if r["train"] != "all"]
     assert sorted(r["train"] for r in partial) == sorted(t for t in verify.TRAIN_SETS if t != "all")
     assert all(r["p"] == 0.1 and r["status"] == "pass" for r in partial), partial
+    # --only-shapes leaves them out unless --partial asks (the GPU short plan does): at the second shape.
+    only = [*argv, "--only-shapes", "--shape", "9,16,8,2", "--shape", "11,24,16,4"]
+    for extra, want in (([], []), (["--partial"], [[11, 24, 16, 4]] * (len(verify.TRAIN_SETS) - 1))):
+        assert verify.run_verify(_args(*only, *extra), out=io.StringIO(), err=io.StringIO()) == 0
+        cases = [r for r in json.loads(path.read_text())["results"] if r.get("kind") == "case"]
+        assert [[r["M"], r["K"], r["N"], r["r"]] for r in cases if r["train"] != "all"] == want, extra
 
 
 def test_module_mask_function_is_compared_bit_for_bit(fake_backend):
