@@ -157,18 +157,21 @@ def test_eval_mode_disables_dropout(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_weight_gradients_when_requested(backend):
-    """If weight/bias require grad, their gradients are computed, never silently None."""
-    _skip_unavailable(backend)
-    x, W, A, B, b, lb = make_inputs(17, 40, 24, 4, xdt=torch.float32, adt=torch.float32)
+@pytest.mark.parametrize("xdt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_frozen_weight_gradients_when_requested(backend, xdt):
+    """If weight/bias require grad, their gradients are computed, never silently None, in their own
+    dtype (16-bit x and weight with fp32 adapters, PEFT's default: dW = dYᵀ·x on the GEMM's dtype)."""
+    _skip_unavailable(backend, xdt)
+    x, W, A, B, b, lb = make_inputs(67, 40, 24, 4, xdt=xdt, adt=torch.float32)
     Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
     y = lk.lora_linear(x, Wg, A, B, bg, scaling=2.0, dropout_p=0.1, seed=1, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
     rW, rb = W.double().requires_grad_(), b.double().requires_grad_()
     lora_linear_ref(x.double(), rW, A.double(), B.double(), rb, None, 2.0, 0.1, True, 1).backward(dy.double())
-    assert_close_ref(Wg.grad, rW.grad, (torch.float32,), "dW")
-    assert_close_ref(bg.grad, rb.grad, (torch.float32,), "dbias")
+    assert Wg.grad.dtype == bg.grad.dtype == xdt
+    assert_close_ref(Wg.grad, rW.grad, (xdt, torch.float32), "dW")
+    assert_close_ref(bg.grad, rb.grad, (xdt, torch.float32), "dbias")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -762,7 +765,7 @@ results = []
 
 def record(c):
     k, kw = c.compiled, c.kwargs
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC", "DO_DB")
     cfg = {n: kw[n] for n in keys if n in kw}
     # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and local
     # memory (register spills) from the cubin's resource usage.
@@ -920,6 +923,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         # partial backward: a frozen adapter (dT-only dY kernel, dX without dA), the first layer (dA only)
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", need=[True, False, False]),
         dict(dtype="bfloat16", r=16, mode="regenerate", tma="1", need=[False, True, True]),
+        # ... and the single-pass backward with lora_B frozen (no dB tiles: DO_DB=False)
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", need=[True, True, False]),
     ]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
@@ -952,11 +957,11 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # at rank 64, 3.6 needs 254 KiB and steps down to 2 stages).
     single = [t for t in launches if t[0]["kernel"] == "_fwd_single_pass_kernel"]
     got = [(t[0]["case"]["r"], t[0]["case"].get("levels", 1), t[0]["cfg"]["BLOCK_N"], len(t)) for t in single]
-    assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1)], single
+    assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1), (16, 1, 256, 1)], single
     # The single-pass backward's dX tiles fit without stepping down (rank 128 starts at 2 stages).
     single_bwd = [t for t in launches if t[0]["kernel"] == "_bwd_single_pass_kernel"]
-    got = [(t[0]["case"]["r"], len(t), t[-1]["cfg"]["num_stages"]) for t in single_bwd]
-    assert got == [(16, 1, 3), (128, 1, 2), (16, 1, 3)], single_bwd
+    got = [(t[0]["case"]["r"], len(t), t[-1]["cfg"]["num_stages"], t[-1]["cfg"]["DO_DB"]) for t in single_bwd]
+    assert got == [(16, 1, 3, True), (128, 1, 2, True), (16, 1, 3, True), (16, 1, 3, False)], single_bwd
     # Performance guards a GPU run would otherwise find first: with 16-bit operands every kernel issues
     # Hopper wgmma rather than Ampere mma.sync, except two memory-bound skinny products whose dot is too
     # short for wgmma's 64 rows: a dA-only launch below rank 64 (r rows: the single-pass mode's, and the

@@ -261,6 +261,35 @@ def test_single_pass_backward_barrier_runs_concurrently(monkeypatch, M, K, N, r,
 
 
 @needs_interpreter
+@pytest.mark.parametrize("need_da", [True, False], ids=["dA", "no-dA"])
+def test_single_pass_backward_without_db_leaves_out_its_tiles(monkeypatch, need_da):
+    """lora_B frozen (need_db=False): the walk holds only the dX tiles (the grid with programs to
+    spare is ⌈M/BM⌉·⌈K/BK⌉, not ⌈N/BN⌉ more), dB and Σ dY come back empty as from the two-launch
+    path, and dX (and dA) still match it; the real barrier, every program in its own thread."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    M, K, N, r = 67, 96, 200, 16
+    dy, x, W, A, B, t, bits = _bwd_inputs(M, K, N, r, 0.1, True)
+    ref = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, 0.1, 77, True, need_da, need_db=False, bwd_mode="two")
+    grids, kernel = [], sp._bwd_single_pass_kernel
+
+    class _Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(sp, "_bwd_single_pass_kernel", _Spy())
+    with concurrent_programs(timeout=120):
+        out = sp.lora_bwd_single_pass(dy, x, W, A, B, t, bits, 2.0, 0.1, 77, need_da, need_db=False, num_programs=64)
+    cfg = sp._single_bwd_cfg(r)
+    assert grids == [(-(-M // cfg["BLOCK_M"]) * -(-K // cfg["BLOCK_K"]),)], grids
+    assert out[2].shape == ref[2].shape == (0, r) and out[3].shape == ref[3].shape == (0,)
+    assert_close_ref(out[0], ref[0].double(), (x.dtype, A.dtype), "dx")
+    if need_da:
+        assert_close_ref(out[1], ref[1].double(), (x.dtype, A.dtype), "dA")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
 def test_single_pass_backward_starved_barrier_recomputes(monkeypatch, levels):
     """Only 2 of 4 programs resident with 4 producers: dT is recomputed by the waiters, still right."""

@@ -1037,8 +1037,8 @@ def lora_bwd(
     Returns ``dx (M, K)`` in x's dtype (empty unless need_dx), and fp32 ``dA (r, K)``,
     ``dB (N, r)``, ``dy_colsum (N,)`` (= Σ_m dY, for dlora_bias = s·colsum and dbias).
     ``dA`` is unwritten unless need_da. Without ``need_db`` (lora_B frozen) the pass over dY for dB
-    and Σ dY is skipped and both come back empty, ``(0, r)`` and ``(0,)`` (the single-pass backward
-    computes them anyway, inside the dX kernel).
+    and Σ dY is skipped (the single-pass backward leaves its dB tiles out) and both come back empty,
+    ``(0, r)`` and ``(0,)``.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -1048,7 +1048,7 @@ def lora_bwd(
             from .single_pass import lora_bwd_single_pass, single_pass_reason
 
             if single_pass_reason(x, weight, lora_A) is None:
-                return lora_bwd_single_pass(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_da)
+                return lora_bwd_single_pass(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_da, need_db)
     cdt, ieee = _compute_dtype(x)
     fixed = _cfg(x, R)
     BR = _block_r(R)
@@ -1236,8 +1236,10 @@ class LoRALinearTriton(torch.autograd.Function):
         grad_B = db.to(lora_B.dtype) if nB else None
         grad_lb = (colsum * ctx.scaling).to(ctx.lbias_dtype) if (nlb and ctx.has_lbias) else None
         grad_b = colsum.to(weight.dtype) if (nb and ctx.has_bias) else None
-        # The frozen weight normally needs no gradient; when it does, cuBLAS computes dYᵀ·x.
-        grad_w = (dy.t().float() @ x.float()).to(weight.dtype) if nw else None
+        # The frozen weight normally needs no gradient; when it does, cuBLAS computes dYᵀ·x in x's
+        # dtype (= weight's), accumulating in fp32 as nn.Linear does: no fp32 copies of dY and x, no
+        # fp32 (non-tensor-core) GEMM.
+        grad_w = dy.t().mm(x) if nw else None
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_lb, None, None, None, None
 
 

@@ -332,17 +332,19 @@ def _bwd_single_pass_kernel(
     seed_lo, seed_hi, threshold, keep_scale, scaling,
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
     OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, DO_DB: tl.constexpr,
 ):  # fmt: skip
     """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
-    dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all of M;
-    they never wait), then the dX tiles (m, k) row-major; the first NUM_PROD tiles of a row-block
-    produce dT partials over their N-slice, meet at the row barrier, and everyone sums them.
-    PHASE as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
+    (DO_DB) dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all
+    of M; they never wait; none without DO_DB), then the dX tiles (m, k) row-major; the first NUM_PROD
+    tiles of a row-block produce dT partials over their N-slice, meet at the row barrier, and everyone
+    sums them. PHASE as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
     epoch = 0
     if PHASE == 0:
         epoch = _launch_epoch(SYNC)
-    num_db = tl.cdiv(N, BLOCK_N)
+    num_db = 0
+    if DO_DB:  # lora_B frozen: no dB tiles, dY is read by the GEMM only
+        num_db = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -618,6 +620,7 @@ def lora_bwd_single_pass(
     p: float,
     seed: int,
     need_da: bool,
+    need_db: bool = True,
     num_programs: int | None = None,
     num_producers: int | None = None,
     max_spins: int | None = None,
@@ -626,6 +629,8 @@ def lora_bwd_single_pass(
     ``dA (r, K)``, ``dB (N, r)``, ``Σ_m dY (N,)``. Launch 1: the dX GEMM with dT from its own dY
     tiles, and the dB reductions; launch 2 (if need_da): dA = dTᵀ·(x ⊙ keep)/(1-p), one pass over x.
     dY is read by the GEMM and by the dB tiles: once fewer than the two-launch path's dT launch.
+    Without ``need_db`` (lora_B frozen) there are no dB tiles (dY read once) and dB, Σ dY come back
+    empty, ``(0, r)`` and ``(0,)``, as from the two-launch path.
     The caller checks TMA eligibility of dy, weight and dx (16-bit, 16-byte rows) and the rank."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -639,8 +644,8 @@ def lora_bwd_single_pass(
     bits_stride = max(bits.stride(0), 1)
     dx = _ll._empty((M, K), dev, x.dtype)
     dt = _ll._empty((M, R), dev, torch.float32)
-    db = _ll._empty((N, R), dev, torch.float32)
-    colsum = _ll._empty((N,), dev, torch.float32)
+    db = _ll._empty((N, R) if need_db else (0, R), dev, torch.float32)
+    colsum = _ll._empty((N,) if need_db else (0,), dev, torch.float32)
     fixed = _single_bwd_cfg(R)
     fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
     for i, cfg in enumerate([fixed, fewer]):
@@ -663,8 +668,9 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, **cfg, **_launch_opts())  # fmt: skip
-        grid = (min(programs, _cdiv(N, bn) + mt * kt),)
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, **cfg,
+                    **_launch_opts())  # fmt: skip
+        grid = (min(programs, (_cdiv(N, bn) if need_db else 0) + mt * kt),)
         try:
             for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
                 _bwd_single_pass_kernel[grid](*args, PHASE=phase, **meta)
