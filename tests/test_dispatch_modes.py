@@ -161,8 +161,9 @@ def test_backward_computes_only_the_gradients_asked_for(backend, trainable, bias
     """Any subset of (x, lora_A, lora_B, lora_bias, bias) in training gets exactly its gradients, equal to
     the reference's, and the backward skips the work of the others: a frozen lora_A costs no pass over x
     for dA, a frozen lora_B no dB = dYᵀ·T (a trained lora_bias or bias alone then takes Σ dY from one
-    reduction). The CUDA op is told (need_dx, need_da, need_db); the Triton dY kernel's grid leaves out
-    the dB programs."""
+    reduction, shared by both biases; with lora_B trained the dB pass's Σ dY serves the base bias too: no
+    torch-side read of dY). The CUDA op is told (need_dx, need_da, need_db); the Triton dY kernel's grid
+    leaves out the dB programs."""
     if backend == "triton" and not (HAS_CUDA or INTERPRET):
         pytest.skip("the Triton backend needs a CUDA GPU or TRITON_INTERPRET=1")
     if backend == "cuda":
@@ -189,7 +190,24 @@ def test_backward_computes_only_the_gradients_asked_for(backend, trainable, bias
         monkeypatch.setattr(tri, "_launch", launch)
     y = _run(backend, x, w, bias, a, b, lbias)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype).to(y.device)
+    # Reductions of dY done by torch in the backward (the float64 model of _C sums float64 copies: not
+    # counted).
+    dy_sums, counting = [], [False]
+
+    def count(real):
+        def summed(t, *args, **kwargs):
+            if counting[0] and isinstance(t, torch.Tensor) and t.shape == (M, N) and t.dtype == dy.dtype:
+                dy_sums.append(t.shape)
+            return real(t, *args, **kwargs)
+
+        return summed
+
+    monkeypatch.setattr(torch, "sum", count(torch.sum))
+    monkeypatch.setattr(torch.Tensor, "sum", count(torch.Tensor.sum))
+    counting[0] = True
     got = torch.autograd.grad(y, leaves, dy)
+    counting[0] = False
+    assert len(dy_sums) == int(not need_db and (lbias.requires_grad or bias_grad)), dy_sums
 
     ref = {id(t): t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, bias, a, b, lbias)}
     rx, rw, rbias, ra, rb, rlb = (ref[id(t)] for t in (x, w, bias, a, b, lbias))
@@ -212,6 +230,31 @@ def test_backward_computes_only_the_gradients_asked_for(backend, trainable, bias
     else:  # only lora_bias / bias: Σ dY alone, no kernel
         assert not bwd, bwd
     assert any(name.startswith("_bwd_dx") for name, *_ in bwd) == (need_dx or need_da), bwd
+
+
+@pytest.mark.parametrize(
+    "adapter_dtype,scaling,reads_dy",
+    [(torch.float32, 2.0, False), (torch.float32, -0.125, False), (torch.bfloat16, 2.0, True),
+     (torch.float32, 1e-9, True)],
+    ids=["fp32-adapters", "negative-s", "bf16-adapters", "tiny-s"],
+)  # fmt: skip
+def test_cuda_base_bias_grad_reuses_the_db_pass(model_ext, monkeypatch, adapter_dtype, scaling, reads_dy):
+    """A trained base bias with lora_B trained: Σ dY comes from the dB pass's ones column (dlb / s)
+    when dlb is fp32 and s an ordinary scaling, else from one fp32-accumulating torch.sum of dY; the
+    gradient equals the reference's either way."""
+    x, w, bias, a, b, lbias = _inputs(dtype=torch.float32)
+    a, b = (t.detach().to(adapter_dtype).requires_grad_() for t in (a, b))
+    bias.requires_grad_(True)
+    sums = []
+    real_sum = torch.sum
+    monkeypatch.setattr(torch, "sum", lambda t, *args, **kw: sums.append(t.shape) or real_sum(t, *args, **kw))
+    y = _cuda_layer(x, w, bias, a, b, None, scaling=scaling)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    (db,) = torch.autograd.grad(y, [bias], dy, retain_graph=True)
+    assert sums == ([y.shape] if reads_dy else []), sums
+    assert model_ext.needs == (True, True, True)
+    assert db.dtype == bias.dtype
+    assert_close_ref(db, dy.double().sum(0), [torch.float32], "dbias")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,19 +140,32 @@ class _CudaLoraFunction(torch.autograd.Function):
         dx, dA, dB, dlb = _bwd(
             dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]), bool(need[3]), need_db
         )
-        if need[5] and ctx.has_lora_bias and not need_db:
-            # lora_B frozen: no dB = dYᵀ·T, only s·Σ_m dY (fp32 accumulation, no fp32 copy of dY).
-            dlb = (torch.sum(dy, 0, dtype=torch.float32) * ctx.scaling).to(lora_B.dtype)
+        want_lb, want_b = bool(need[5]) and ctx.has_lora_bias, bool(need[2]) and ctx.has_bias
+        colsum = None  # Σ_m dY in fp32, for the biases' gradients (dlb = s·Σ dY, db = Σ dY)
+        if not need_db and (want_lb or want_b):
+            # lora_B frozen: no dB = dYᵀ·T, only Σ dY, one fp32-accumulating read of dY for both biases.
+            colsum = torch.sum(dy, 0, dtype=torch.float32)
+            if want_lb:
+                dlb = (colsum * ctx.scaling).to(lora_B.dtype)
+        elif want_b:
+            if dlb.dtype == torch.float32 and 1e-6 <= abs(ctx.scaling) <= 1e6:
+                # The dB pass's ones column already summed dY in fp32: dlb = s·Σ dY, so Σ dY = dlb / s to
+                # within an fp32 rounding, and no second read of dY (M·N). fp32 adapters only (PEFT's
+                # default): a 16-bit dlb has rounded Σ dY to the adapters' precision. The bounds on s
+                # (any real LoRA scaling) keep s·Σ dY clear of fp32 underflow and overflow.
+                colsum = dlb / ctx.scaling
+            else:
+                colsum = torch.sum(dy, 0, dtype=torch.float32)
         # Gradients of the (normally frozen) base layer: plain cuBLAS, only when asked for.
         dW = dy.t().mm(x) if need[1] else None
-        db = dy.sum(0) if (need[2] and ctx.has_bias) else None
+        db = colsum.to(weight.dtype) if want_b else None
         return (
             dx if need[0] else None,
             dW,
             db,
             dA if need[3] else None,
             dB if need[4] else None,
-            dlb if (need[5] and ctx.has_lora_bias) else None,
+            dlb if want_lb else None,
             None,
             None,
             None,
