@@ -2,7 +2,8 @@
 
 Random sizes (M may be 0), leading dims, non-contiguous layouts (transposes, strided and offset
 slices) of x and of the parameters, dtype configurations, bias flags, dropout p, mask modes, seeds
-and scalings. Outputs and the gradients of x, lora_A, lora_B and lora_bias are compared with the
+and scalings, and which leaves require grad (mostly x and the adapters, sometimes any subset, the
+base weight and bias included). The output and every gradient asked for are compared with the
 reference in float64 using the one tolerance table (tests/_utils.py).
 
 Example counts: the "lora-ci" profile (CPU / Triton interpreter: small shapes, 60 examples) or
@@ -110,7 +111,28 @@ def lora_problems(draw, backend: str):
         "scaling": draw(st.sampled_from([2.0, 0.5, -1.25])),
         "mask_mode": draw(st.sampled_from(["bitmask", "regenerate"])),
         "data_seed": draw(st.integers(0, 2**31 - 1)),
+        "train": draw(trained_leaves()),
     }
+
+
+# Every leaf that may require grad. The base layer's weight and bias are normally frozen; the
+# backends compute their gradients with plain cuBLAS/torch when asked (the PEFT bias="all" case).
+LEAVES = ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias")
+TRAINABLE = ("x", "lora_A", "lora_B", "lora_bias")  # the usual LoRA training step
+
+
+@st.composite
+def trained_leaves(draw) -> tuple[str, ...]:
+    """Which leaves require grad: mostly the usual four, else any subset that holds a tensor that
+    always exists (x, weight or an adapter), so that the output has a graph. The subsets reach the
+    backward's partial paths: the first layer (no dX), LoRA-FA (lora_A frozen), a frozen adapter under
+    a trained one (only dX), a trained base bias with lora_B frozen (Σ dY without dB)."""
+    if draw(st.booleans()):
+        return TRAINABLE
+    subset = draw(st.sets(st.sampled_from(LEAVES), min_size=1))
+    if not subset & {"x", "weight", "lora_A", "lora_B"}:
+        subset.add(draw(st.sampled_from(["x", "lora_A", "lora_B"])))
+    return tuple(k for k in LEAVES if k in subset)
 
 
 def _make(prob: dict) -> dict[str, torch.Tensor | None]:
@@ -139,24 +161,23 @@ def _make(prob: dict) -> dict[str, torch.Tensor | None]:
     }
 
 
-TRAINABLE = ("x", "lora_A", "lora_B", "lora_bias")
-
-
 def _run(fn, t: dict, prob: dict, upcast: bool, **kw):
-    """Forward + backward of ``fn`` on fresh leaves; returns (y, {name: grad})."""
+    """Forward + backward of ``fn`` on fresh leaves, those in ``prob["train"]`` requiring grad;
+    returns (y, {name: grad}) for the trained leaves that exist."""
+    train = prob.get("train", TRAINABLE)
     leaves = {}
-    for k in ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"):
+    for k in LEAVES:
         v = t[k]
         if v is not None:
             # detach() keeps the (possibly non-contiguous) layout: the backend sees the strides
-            v = (v.detach().double() if upcast else v.detach()).requires_grad_(k in TRAINABLE)
+            v = (v.detach().double() if upcast else v.detach()).requires_grad_(k in train)
         leaves[k] = v
     y = fn(
         leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"], leaves["lora_bias"],
         scaling=prob["scaling"], dropout_p=prob["p"], training=prob["training"], seed=prob["seed"], **kw,
     )  # fmt: skip
     y.backward(t["dy"].double() if upcast else t["dy"])
-    grads = {k: leaves[k].grad for k in TRAINABLE if leaves[k] is not None}
+    grads = {k: leaves[k].grad for k in train if leaves[k] is not None}
     return y.detach(), grads
 
 

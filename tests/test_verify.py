@@ -127,18 +127,24 @@ def test_threshold_off_by_one_is_caught(fake_backend):
     assert mask.mismatches[f"threshold p={pb:.6f}"] > 0
 
 
-def test_backward_only_bug_is_caught(fake_backend):
-    class DropsLoraBiasGrad(torch.autograd.Function):
+def _with_wrong_grad(t: torch.Tensor, wrong) -> torch.Tensor:
+    """``t`` unchanged forward; its incoming gradient g replaced by ``wrong(g)`` (a backward-only bug)."""
+
+    class _WrongGrad(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, lb):
-            return lb.clone()
+        def forward(ctx, t):
+            return t.clone()
 
         @staticmethod
         def backward(ctx, g):
-            return torch.zeros_like(g)
+            return wrong(g)
 
+    return _WrongGrad.apply(t)
+
+
+def test_backward_only_bug_is_caught(fake_backend):
     def bad(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
-        lb = DropsLoraBiasGrad.apply(lora_bias)
+        lb = _with_wrong_grad(lora_bias, torch.zeros_like)
         return _ref_2d(x, weight, bias, lora_A, lora_B, lb, scaling, p, seed, mask_mode)
 
     fake_backend.lora_linear_2d = bad
@@ -156,19 +162,10 @@ def test_partial_gradient_cases_check_what_is_trained(fake_backend):
         want = {g for g, leaf in verify._GRAD_OF.items() if leaf in leaves}
         assert set(res.checks) == {"out", *want}, train
 
-    class HalvesGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            return t.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g / 2
-
     def bad(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
         # Wrong only when the base bias trains and lora_A does not (a broken LoRA-FA + bias path).
         if bias is not None and bias.requires_grad and not lora_A.requires_grad:
-            bias = HalvesGrad.apply(bias)
+            bias = _with_wrong_grad(bias, lambda g: g / 2)
         return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
 
     fake_backend.lora_linear_2d = bad
