@@ -333,49 +333,90 @@ def test_single_pass_backward_gpu_matches_two_launch(single, shape, p, store):
     assert sp.barrier_fallbacks() == fallbacks
 
 
+@needs_interpreter
+def test_captured_launches_get_barrier_words_of_their_own(monkeypatch):
+    """Under a CUDA-graph capture (simulated: ``_capturing`` true) each single-pass launch, forward and
+    backward, runs its real barrier on fresh zeroed words (epoch 1 when done), not the stream's: the
+    stream's words keep their epoch, and the results equal the eager launch's bit for bit."""
+    monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    M, K, N, r = 67, 96, 64, 8
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(x.dtype)
+    fwd_kw = dict(num_programs=4, num_producers=2)
+
+    def both():
+        y, t, bits = sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.1, 5, True, **fwd_kw)
+        grads = sp.lora_bwd_single_pass(dy, x, W, A, B, t, bits, 2.0, 0.1, 5, True, **fwd_kw)
+        return (y, t, bits, *grads)
+
+    with concurrent_programs(timeout=120):
+        eager = both()
+    stream_words = dict(sp._SYNC)
+    epochs = {k: int(v[0]) for k, v in stream_words.items()}
+    used = []
+    for name in ("_fwd_single_pass_kernel", "_bwd_single_pass_kernel"):
+        kernel = getattr(sp, name)
+
+        class _Spy:
+            def __getitem__(self, grid, kernel=kernel):
+                def launch(*args, **kw):
+                    used.append(next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32))
+                    return kernel[grid](*args, **kw)
+
+                return launch
+
+        monkeypatch.setattr(sp, name, _Spy())
+    monkeypatch.setattr(sp, "_capturing", lambda device: True)
+    with concurrent_programs(timeout=120):
+        captured = both()
+    assert len(used) == 2 and all(w is not v for w in used for v in stream_words.values())
+    assert [int(w[0]) for w in used] == [1, 1], "a captured launch must start from epoch 0 on its own words"
+    assert sp._SYNC == stream_words and {k: int(v[0]) for k, v in sp._SYNC.items()} == epochs
+    for name, u, v in zip(("y", "T", "bits", "dx", "dA", "dB", "colsum"), eager, captured, strict=True):
+        assert torch.equal(u, v), name
+
+
 @requires_gpu
-def test_single_pass_forward_replays_in_a_cuda_graph(single):
-    """The epoch lives on the device, so a captured launch waits for a fresh epoch on every replay:
-    replays with new inputs match eager calls bit for bit."""
+@pytest.mark.parametrize("warm_stream", [True, False], ids=["eager-call-on-stream", "fresh-stream"])
+def test_single_pass_replays_in_a_cuda_graph(single, warm_stream):
+    """A captured forward and backward have barrier words of their own, zeroed by the graph on every
+    replay: with or without an eager call on the capture stream first, replays with new inputs match
+    eager calls bit for bit, also with eager single-pass calls on the capture stream in between."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the single-pass forward is a Hopper (sm90+) path")
     M, K, N, r = 2048, 4096, 4096, 16
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
-    static_x = x.clone()
-    args = lambda xx: (xx, W, b, A, B, lb, 2.0, 0.1, 1234, True)  # noqa: E731
-    tri.lora_fwd(*args(static_x))  # compile and allocate the barrier words outside the capture
+    static_x, static_dy = x.clone(), torch.randn(M, N, device="cuda").to(x.dtype)
+
+    def step(xx, dy):
+        y, t, bits = tri.lora_fwd(xx, W, b, A, B, lb, 2.0, 0.1, 1234, True)
+        return (y, t, *tri.lora_bwd(dy, xx, W, A, B, t, bits, 2.0, 0.1, 1234, True, True))
+
+    step(static_x, static_dy)  # compile outside the capture (on the default stream)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        tri.lora_fwd(*args(static_x))  # the capture stream's own barrier words
+        if warm_stream:
+            step(static_x, static_dy)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            y_static, t_static, _ = tri.lora_fwd(*args(static_x))
+            static_out = step(static_x, static_dy)
     torch.cuda.current_stream().wait_stream(stream)
+    assert [c[0] for c in single[-2:]] == ["fwd", "bwd"], "the capture did not take the single-pass kernels"
     fallbacks = sp.barrier_fallbacks()
     for seed in (1, 2, 3):
-        new_x = torch.randn(M, K, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(x.dtype)
+        gen = torch.Generator("cuda").manual_seed(seed)
+        new_x = torch.randn(M, K, device="cuda", generator=gen).to(x.dtype)
+        new_dy = torch.randn(M, N, device="cuda", generator=gen).to(x.dtype)
         static_x.copy_(new_x)
-        graph.replay()
-        y_eager, t_eager, _ = tri.lora_fwd(*args(new_x))
+        static_dy.copy_(new_dy)
+        with torch.cuda.stream(stream):
+            step(new_x, new_dy)  # an eager call on the capture stream between replays
+            graph.replay()
+        torch.cuda.current_stream().wait_stream(stream)
+        eager = step(new_x, new_dy)
         torch.cuda.synchronize()
-        assert torch.equal(y_static, y_eager) and torch.equal(t_static, t_eager)
+        for name, u, v in zip(("y", "T", "dx", "dA", "dB", "colsum"), static_out, eager, strict=True):
+            assert torch.equal(u, v), (seed, name)
     assert sp.barrier_fallbacks() == fallbacks
-
-
-@requires_gpu
-def test_single_pass_not_captured_without_barrier_words(single):
-    """A capture on a stream that has no barrier words yet keeps the two-launch kernels (zeroing them
-    inside the graph would reset the epoch on every replay)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
-    x, W, A, B, b, lb = make_inputs(512, 1024, 1024, 16, xdt=torch.bfloat16, adt=torch.float32)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            assert "CUDA graph capture" in sp.single_pass_reason(x, W, A)
-            tri.lora_fwd(x, W, b, A, B, lb, 2.0, 0.1, 7, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    assert single == [], "the single-pass kernel must not be captured before its barrier words exist"

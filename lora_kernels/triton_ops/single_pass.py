@@ -39,9 +39,11 @@ a tile recomputes T from x itself (slice by slice, in the producers' order) and 
 The barrier lives in a small int32 buffer owned by this module (per device and stream, zeroed once):
 per row-block an arrival count, which the last producer resets, and a flag into which it writes the
 launch's epoch, which everyone waits for. The epoch lives on the device, in the same buffer: every
-program reads it when the launch starts and the last program to exit advances it, so each launch (a
-CUDA-graph replay, an autotuner's repeated call with the same arguments) waits for its own epoch, and
-no memset or host bookkeeping is needed per call.
+program reads it when the launch starts and the last program to exit advances it, so each launch (an
+autotuner's repeated call with the same arguments) waits for its own epoch, and no memset or host
+bookkeeping is needed per call. A launch captured into a CUDA graph gets words of its own instead,
+zeroed by a memset node just before it in the graph: every replay starts from epoch 0, and neither
+eager calls on the capture stream nor the graph replayed on another stream share them.
 Ordering: all warps' partial stores, ``debug_barrier`` (CTA), then an acq_rel arrival / release
 publish at GPU scope; waiters acquire, then ``debug_barrier`` again before any warp reads partials.
 
@@ -429,7 +431,8 @@ def _bwd_single_pass_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _SYNC_LOCK = threading.Lock()
-_SYNC: dict[tuple, list] = {}  # (device type, index, stream) -> [barrier words, fallback counter]
+_SYNC: dict[tuple, torch.Tensor] = {}  # (device type, index, stream) -> barrier words (eager launches)
+_FALLBACKS: dict[tuple, torch.Tensor] = {}  # (device type, index) -> fallback counter (int32)
 # Producers per row-block when the grid cannot hold whole row-blocks per round (see _plan).
 MAX_PRODUCERS = 8
 # LORA_KERNELS_SP_REDUCE=2: the two-level reduction of the partials (producers reduce row slices into
@@ -450,33 +453,49 @@ def _launch_opts() -> dict:
     return {"launch_cooperative_grid": True} if COOPERATIVE else {}
 
 
-def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The barrier words for ``rows`` row-blocks (layout above ``_launch_epoch``) and the fallback counter.
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    One zeroed buffer per (device, stream): launches in flight on different streams must not share
-    it, and launches on one stream run in order. Every launch leaves it consistent (counts at 0, the
-    epoch advanced), so it is never cleared again; it is replaced by a zeroed one when it must grow
-    (stream-ordered: a launch still running on the old one finishes first)."""
+
+def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The barrier words for ``rows`` row-blocks (layout above ``_launch_epoch``) and the device's
+    fallback counter.
+
+    Eager launches: one zeroed buffer per (device, stream): launches in flight on different streams
+    must not share it, and launches on one stream run in order. Every launch leaves it consistent
+    (counts at 0, the epoch advanced), so it is never cleared again; it is replaced by a zeroed one
+    when it must grow (stream-ordered: a launch still running on the old one finishes first).
+    A launch being captured into a CUDA graph: fresh words, zeroed inside the graph (a memset node
+    before the kernel, replayed with it), so the graph needs no eager call on its stream beforehand and
+    shares its words with nothing; the graph's memory pool holds them. The counter takes atomic adds
+    from any stream; one made during a capture (no eager launch on this device yet) belongs to that
+    graph and is not seen by ``barrier_fallbacks``."""
+    dev_key = (device.type, device.index)
+    if _capturing(device):
+        words = torch.zeros(2 + 4 * rows, dtype=torch.int32, device=device)
+        counter = _FALLBACKS.get(dev_key)
+        return words, counter if counter is not None else torch.zeros(1, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    key = (*dev_key, stream)
     with _SYNC_LOCK:
-        entry = _SYNC.get(key)
-        if entry is None:
-            entry = _SYNC[key] = [torch.zeros(0, dtype=torch.int32, device=device),
-                                  torch.zeros(1, dtype=torch.int32, device=device)]  # fmt: skip
-        if entry[0].numel() < 2 + 4 * rows:
-            entry[0] = torch.zeros(2 + 4 * max(rows, 64), dtype=torch.int32, device=device)
-        return entry[0], entry[1]
+        counter = _FALLBACKS.get(dev_key)
+        if counter is None:
+            counter = _FALLBACKS[dev_key] = torch.zeros(1, dtype=torch.int32, device=device)
+        words = _SYNC.get(key)
+        if words is None or words.numel() < 2 + 4 * rows:
+            words = _SYNC[key] = torch.zeros(2 + 4 * max(rows, 64), dtype=torch.int32, device=device)
+        return words, counter
 
 
 def barrier_fallbacks(device: torch.device | str = "cuda") -> int:
-    """How many tiles, summed over the single-pass launches on this device's current stream, gave up
-    waiting for their row-block's producers and recomputed T themselves (0 when every program was
-    resident, as it should be). Synchronises with the device."""
+    """How many tiles, summed over the single-pass launches on this device, gave up waiting for their
+    row-block's producers and recomputed T themselves (0 when every program was resident, as it
+    should be). Synchronises with the device."""
     device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    entry = _SYNC.get((device.type, device.index, stream))
-    return 0 if entry is None else int(entry[1].item())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counter = _FALLBACKS.get((device.type, device.index))
+    return 0 if counter is None else int(counter.item())
 
 
 def _plan(nt: int, sms: int) -> tuple[int, int]:
@@ -515,14 +534,6 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
         return "this Triton has no tensor descriptors"
     if _block_r(lora_A.shape[0]) > 128:
         return f"rank {lora_A.shape[0]} > 128: the partial-T tile would not fit next to the accumulator"
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Allocating (zeroing) the barrier words inside a capture would put the memset into the graph:
-        # every replay would reset the epoch and stale flags would open the barriers early.
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        entry = _SYNC.get((x.device.type, x.device.index, stream))
-        rows = _cdiv(x.shape[0], min(_single_cfg(1)["BLOCK_M"], _single_bwd_cfg(1)["BLOCK_M"]))
-        if entry is None or entry[0].numel() < 2 + 4 * rows:
-            return "CUDA graph capture: run one eager call on the capturing stream first (barrier words)"
     return None
 
 
