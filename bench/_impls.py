@@ -132,6 +132,9 @@ class Impl:
     owned: list[torch.Tensor] = field(default_factory=list)
     flops_fwd: float = 0.0
     flops_fwdbwd: float = 0.0
+    # Rows with a cross-program barrier (triton-1pass): the device's count of tiles that gave up
+    # waiting and recomputed T / dT so far (single_pass.barrier_fallbacks); the row reports the increase.
+    fallbacks: Callable[[], int] | None = None
 
 
 def num_copies(per_copy_bytes: int, device: torch.device, max_copies: int = 8) -> int:
@@ -285,7 +288,7 @@ def _ours_single_pass(prob: Problem) -> Impl:
     """``triton-bitmask`` with the single-pass forward and backward switched on for this row's calls
     only (the backward follows the mode in force when its forward ran)."""
     from lora_kernels.triton_ops import lora_linear as tri
-    from lora_kernels.triton_ops.single_pass import single_pass_reason
+    from lora_kernels.triton_ops.single_pass import barrier_fallbacks, single_pass_reason
 
     base = _ours(prob, "triton", "bitmask", "triton-1pass")
     x, W = prob.xs[0], prob.weight
@@ -303,7 +306,7 @@ def _ours_single_pass(prob: Problem) -> Impl:
         finally:
             tri.FWD_MODE, tri.BWD_MODE = prev
 
-    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd, lambda: barrier_fallbacks(x.device))
 
 
 def _ours_compiled(prob: Problem) -> Impl:

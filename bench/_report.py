@@ -27,7 +27,7 @@ COLUMNS = (
     # row
     "impl", "status",
     "fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio", "fwd_tflops", "fwdbwd_tflops", "host_us",
-    "saved_mib", "retained_mib", "peak_mib", "rel_err",
+    "saved_mib", "retained_mib", "peak_mib", "rel_err", "sp_fallbacks",
 )  # fmt: skip
 
 

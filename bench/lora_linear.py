@@ -345,6 +345,7 @@ def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, r
     step()
     clear()
     out: dict = {}
+    fallbacks0 = impl.fallbacks() if impl.fallbacks is not None else None
     if prob.p == 0.0:
         lora = impl.name != "cublas"
         if lora not in refs:
@@ -366,6 +367,8 @@ def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, r
     peak = _measure.peak_step_bytes(step, dev)
     out["peak_mib"] = None if peak is None else peak / _measure.MIB
     clear()
+    if fallbacks0 is not None:  # every call of the row, timed or not, after the untimed first step
+        out["sp_fallbacks"] = impl.fallbacks() - fallbacks0
     out["fwd_tflops"] = impl.flops_fwd / (out["fwd_ms"] * 1e-3) / 1e12
     out["fwdbwd_tflops"] = impl.flops_fwdbwd / (out["fwdbwd_ms"] * 1e-3) / 1e12
     return out
@@ -416,6 +419,8 @@ def run_config(
         rows.append(row)
         if "fwd_ms" in row:
             verdict = "" if row["status"] == "ok" else f": {row['status']}"
+            if row.get("sp_fallbacks"):  # the barrier timed out: those tiles recomputed T (slower)
+                verdict += f" [{row['sp_fallbacks']} barrier fallbacks]"
             _log(f"{tag} {name:>15}: fwd {row['fwd_ms']:.4f} ms, fwd+bwd {row['fwdbwd_ms']:.4f} ms, "
                  f"saved {row['saved_mib']:.4g} MiB, rel_err {_report.fmt_err(row.get('rel_err'))} "
                  f"({time.perf_counter() - t0:.1f} s){verdict}")  # fmt: skip

@@ -228,6 +228,30 @@ def test_single_pass_row(monkeypatch):
     y2 = _impls.build("triton-bitmask", prob0).fn(prob0.xs[0])
     assert calls == ["fwd"]
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
+    # The row reports the device's barrier fallbacks (none here: the interpreter runs the phases).
+    assert one.fallbacks is not None and one.fallbacks() == sp.barrier_fallbacks("cpu")
+    assert _impls.build("triton-bitmask", prob).fallbacks is None
+
+
+def test_row_reports_barrier_fallbacks_of_its_own_calls():
+    """``sp_fallbacks``: the increase of the impl's fallback count over the row's calls after the first
+    (untimed) step; rows without a barrier have no such column."""
+    prob = _impls.make_problem(
+        16, 32, 24, 4, 0.0, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    base = _impls.build("torch", prob)
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return base.fn(x)
+
+    args = bench_ll.parse_args(["--dry", "--cpu-reps", "2"])
+    counted = _impls.Impl("torch", fn, base.owned, base.flops_fwd, base.flops_fwdbwd, lambda: len(calls) - 1)
+    out = bench_ll.measure(counted, prob, args, {})
+    assert out["sp_fallbacks"] == len(calls) - 1 > 0  # every call but the first (untimed) step's
+    assert "sp_fallbacks" not in bench_ll.measure(base, prob, args, {})
+    assert "sp_fallbacks" in _report.COLUMNS
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
