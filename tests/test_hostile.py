@@ -446,13 +446,18 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
     """M·K > 2³¹ (about 13 GB of GPU memory): every offset in the kernels must be 64-bit (x, dx, the
     bitmask, the transposed reads of the backward reductions, the single-pass partials). Rows around
     element 2³¹ are checked against float64, dA and dB against a chunked float32 reference."""
-    if backend == "triton-single":  # the opt-in single-pass kernels (LORA_KERNELS_FWD/BWD=single)
+    single, taken = backend == "triton-single", []
+    if single:  # the opt-in single-pass kernels (LORA_KERNELS_FWD/BWD=single)
         from lora_kernels.triton_ops import lora_linear as tri
+        from lora_kernels.triton_ops import single_pass as sp
 
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("the single-pass kernels are a Hopper (sm90+) path")
         monkeypatch.setattr(tri, "FWD_MODE", "single")
         monkeypatch.setattr(tri, "BWD_MODE", "single")
+        for name in ("lora_fwd_single_pass", "lora_bwd_single_pass"):  # record that they ran
+            real = getattr(sp, name)
+            monkeypatch.setattr(sp, name, lambda *a, _r=real, _n=name, **k: taken.append(_n) or _r(*a, **k))
         backend = "triton"
     reason = backends.available_backends(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16))[backend]
     if reason is not None:
@@ -468,6 +473,8 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
     dy = torch.randn(m, n, device="cuda", dtype=dt, generator=g)
     y = lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=seed, backend=backend, dropout_mask=mask_mode)
     y.backward(dy)
+    if single:
+        assert taken == ["lora_fwd_single_pass", "lora_bwd_single_pass"], "the single-pass kernels did not run"
     rows = torch.cat([torch.arange(0, 8), torch.arange(2**31 // k - 4, 2**31 // k + 4), torch.arange(m - 8, m)])
     rows = rows.cuda()
     keep = keep_rows(seed, rows, k, p)

@@ -359,7 +359,7 @@ def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
     fwd_args = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
     got = tri.lora_fwd(*fwd_args, wrap=tri._op_wrap)
     want = tri.lora_fwd(*fwd_args)
-    dy = torch.randn(67, 72).to(x.dtype)
+    dy = torch.randn(67, 72).to(x.device, x.dtype)
     bwd_args = (dy, x, W, A, B, want[1], want[2], 2.0, 0.1, 5, True, True)
     got += tri.lora_bwd(*bwd_args, wrap=tri._op_wrap)
     want += tri.lora_bwd(*bwd_args)

@@ -60,7 +60,7 @@ def _run(model: nn.Module, ids: torch.Tensor, gy: torch.Tensor | None = None):
     logits = model(input_ids=ids).logits
     if gy is None:
         gy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    (logits * gy.to(logits.dtype)).sum().backward()
+    (logits * gy.to(logits.device, logits.dtype)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return logits.detach(), grads
 

@@ -411,6 +411,7 @@ def test_single_pass_replays_in_a_cuda_graph(single, warm_stream):
         new_dy = torch.randn(M, N, device="cuda", generator=gen).to(x.dtype)
         static_x.copy_(new_x)
         static_dy.copy_(new_dy)
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs are written on the default stream
         with torch.cuda.stream(stream):
             step(new_x, new_dy)  # an eager call on the capture stream between replays
             graph.replay()

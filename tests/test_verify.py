@@ -100,8 +100,9 @@ def _keep_above_threshold(seed, M, K, p, device):
 
 def test_threshold_off_by_one_is_caught(fake_backend):
     """``>`` for ``>=`` differs only where a draw equals the threshold: probability 2⁻¹⁶ per element, none
-    in the probe at p = 0.1, so verify also checks at a p whose threshold is one of the probe's draws."""
-    M, K = verify.probe_size(torch.device(DEVICE).type)
+    in the CPU probe at p = 0.1, so verify also checks at a p whose threshold is one of the probe's draws.
+    The CPU probe's size on every device: the GPU's (1000 × 203) happens to hold one tie at p = 0.1."""
+    M, K = verify.probe_size("cpu")
     thr = dropout_threshold(0.1)
     assert not (dropout_draws(verify._PROBE_SEED, M, K, DEVICE) == thr).any(), "the probe at p itself sees no tie"
     pb = verify.boundary_p(verify._PROBE_SEED, M, K, 0.1)
@@ -116,13 +117,13 @@ def test_threshold_off_by_one_is_caught(fake_backend):
         )
 
     fake_backend.lora_linear_2d = off_by_one
-    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask", M=M, K=K)
     assert mask.status == "fail" and mask.mismatches["forward"] == 0, mask.mismatches
     assert mask.mismatches[f"threshold p={pb:.6f}"] > 0 and "threshold p=" in mask.reason
     # The module's own mask function (Triton's dropout_bitmask) with the same slip.
     fake_backend.lora_linear_2d = _ref_2d
     fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(_keep_above_threshold(seed, M, K, p, device))
-    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask", M=M, K=K)
     assert mask.status == "fail" and mask.mismatches["module_bitmask"] == 0
     assert mask.mismatches[f"threshold p={pb:.6f}"] > 0
 
@@ -409,7 +410,9 @@ def _run_sweep(tmp_path, *extra: str):
     return rc, out.getvalue(), err.getvalue(), json.loads(path.read_text())
 
 
-def test_cuda_fault_stops_the_sweep_and_still_reports(fake_backend, tmp_path):
+def test_cuda_fault_stops_the_sweep_and_still_reports(fake_backend, tmp_path, monkeypatch):
+    # The simulated fault leaves a real GPU healthy: make the context check see the sticky error.
+    monkeypatch.setattr(verify, "_device_works", lambda device: False)
     kernel, calls = _fails_on_call(2, _raise(RuntimeError(FAULT)))
     fake_backend.lora_linear_2d = kernel
     rc, text, log, doc = _run_sweep(tmp_path)
@@ -436,6 +439,7 @@ def test_cuda_fault_stops_the_sweep_and_still_reports(fake_backend, tmp_path):
 
 def test_error_in_inputs_or_availability_check_is_a_case_error(fake_backend, monkeypatch):
     """After a fault the next CUDA call anywhere fails, making the inputs included: run_case reports it."""
+    monkeypatch.setattr(verify, "_device_works", lambda device: False)  # the real GPU is fine: simulate
 
     def poisoned(*args, **kwargs):
         raise torch.AcceleratorError(FAULT) if hasattr(torch, "AcceleratorError") else RuntimeError(FAULT)
