@@ -7,6 +7,7 @@ same whichever backend runs.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -169,7 +170,8 @@ def lora_linear(
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, True, seed)
     K = x.shape[-1]
     N = weight.shape[0]
-    x2 = x.reshape(-1, K)
+    # Not reshape(-1, K): with K = 0 the -1 is ambiguous (x has no elements whatever M is).
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
     seed = 0 if seed is None else seed  # (not `seed or 0`: a symbolic int under torch.compile)
     y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask)
     return y2.reshape(*x.shape[:-1], N)

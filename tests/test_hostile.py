@@ -287,8 +287,9 @@ def _randn(*shape, seed: int, std: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
 
 
-def test_expanded_and_overlapping_strides(backend):
-    """x = one row broadcast to M rows (stride 0), overlapping windows, a stride-0 weight."""
+def test_expanded_and_overlapping_strides(backend, dtype=torch.float32):
+    """x = one row broadcast to M rows (stride 0), overlapping windows, a stride-0 weight. (``dtype``:
+    test_cuda_backend.py runs it in bf16 too, where the CUDA GEMMs' stride checks must refuse them.)"""
 
     def make(cast):
         row = cast(_randn(K, seed=1)).requires_grad_(True)
@@ -299,7 +300,7 @@ def test_expanded_and_overlapping_strides(backend):
         args = (row.expand(M, K), w.expand(N, K), A.expand(R, K), B, None, None)
         return args, {"row": row, "lora_A": A, "lora_B": B}
 
-    _check_against_reference(backend, make, dropout_p=0.2, seed=11, scaling=1.5)
+    _check_against_reference(backend, make, dtype, dropout_p=0.2, seed=11, scaling=1.5)
 
     def make_windows(cast):
         win = cast(_randn(M + K, seed=2)).requires_grad_(True)
@@ -309,7 +310,7 @@ def test_expanded_and_overlapping_strides(backend):
         x = win.as_strided((M, K), (1, 1))  # x[m, k] = win[m + k]: overlapping rows (like unfold)
         return (x, w, A, B, None, None), {"win": win, "lora_A": A, "lora_B": B}
 
-    _check_against_reference(backend, make_windows, dropout_p=0.1, seed=12)
+    _check_against_reference(backend, make_windows, dtype, dropout_p=0.1, seed=12)
 
 
 def test_non_contiguous_everything(backend):
@@ -352,6 +353,26 @@ def test_empty_batch_forward_and_backward(backend, lead):
     for k, p in params.items():
         assert p.grad is not None and p.grad.shape == p.shape, k
         assert torch.equal(p.grad, torch.zeros_like(p)), f"grad of {k} over an empty batch must be 0"
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+def test_no_input_features(backend, lead):
+    """K = 0 (x, weight and lora_A without columns): y = bias + s·lora_bias on every row, gradients of
+    the right shapes (x's and lora_A's empty, lora_B's 0, lora_bias's s·Σ dY)."""
+    t = _inputs()
+    x = torch.zeros(*lead, 5, 0, device=DEVICE, requires_grad=True)
+    w = t["weight"][:, :0]
+    params = {"lora_A": t["lora_A"][:, :0].clone(), "lora_B": t["lora_B"].clone(), "lora_bias": t["lora_bias"].clone()}
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    y = lora_linear(x, w, params["lora_A"], params["lora_B"], t["bias"], params["lora_bias"], scaling=0.5,
+                    dropout_p=0.1, seed=3, backend=backend)  # fmt: skip
+    assert y.shape == (*lead, 5, N) and y.dtype == x.dtype
+    torch.testing.assert_close(y, (t["bias"] + 0.5 * params["lora_bias"].detach()).expand_as(y))
+    dy = torch.randn(y.shape, device=DEVICE)
+    y.backward(dy)
+    assert x.grad.shape == x.shape and params["lora_A"].grad.shape == params["lora_A"].shape
+    assert torch.equal(params["lora_B"].grad, torch.zeros_like(params["lora_B"]))
+    torch.testing.assert_close(params["lora_bias"].grad, 0.5 * dy.reshape(-1, N).sum(0))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
