@@ -1,7 +1,8 @@
 """backend="cuda" on a GPU: outputs and every gradient against the float64 reference, masks
 bit-identical to the reference, both mask modes, odd shapes, and opcheck of the custom ops.
 
-Every test here needs a CUDA GPU (and the extension, built or JIT-built) and skips otherwise.
+Every test here needs a CUDA GPU and skips without one; on a GPU a missing or unloadable extension
+(not built, JIT build impossible or refused with LORA_KERNELS_NO_JIT=1) is an error, not a skip.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _make(M, K, N, r, dtype, adapter_dtype=None, bias=True, lora_bias=True, seed
 
 
 def _run(t, backend, scaling, p, seed, mask_mode, dy, grads=("x", "lora_A", "lora_B", "lora_bias")):
-    # Inputs without a gradient are passed as they are (clone() would densify a strided x).
-    leaves = {k: (v.detach().clone().requires_grad_() if k in grads and v is not None else v) for k, v in t.items()}
+    # Inputs without a gradient are passed as they are (clone() would densify a strided x); leaves keep
+    # their input's strides (a strided lora_bias stays strided).
+    leaves = {k: (_strided_leaf(v) if k in grads and v is not None else v) for k, v in t.items()}
     y = lora_linear(
         leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"], leaves["lora_bias"],
         scaling=scaling, dropout_p=p, training=True, seed=seed, backend=backend, dropout_mask=mask_mode,
@@ -70,9 +72,21 @@ def _run(t, backend, scaling, p, seed, mask_mode, dy, grads=("x", "lora_A", "lor
     return y, {k: leaves[k].grad for k in grads if leaves[k] is not None}
 
 
+def _strided_leaf(v: torch.Tensor) -> torch.Tensor:
+    """A leaf with ``v``'s values and strides (clone() densifies a non-dense view such as ``t[::2]``);
+    a layout whose elements share memory (stride 0, overlapping) cannot be a leaf: a dense clone."""
+    leaf = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+    try:
+        leaf.copy_(v.detach())
+    except RuntimeError:  # "more than one element of the written-to tensor refers to a single memory location"
+        leaf = v.detach().clone()
+    return leaf.requires_grad_()
+
+
 def _check_against_ref(t, scaling, p, seed, mask_mode, grads=("x", "lora_A", "lora_B", "lora_bias")):
     M, N = t["x"].shape[0], t["weight"].shape[0]
-    dy = torch.randn(M, N, device="cuda", dtype=torch.float32)
+    # Rounded to x's dtype once: the kernels and the float64 reference see the same dY.
+    dy = torch.randn(M, N, device="cuda", dtype=torch.float32).to(t["x"].dtype)
     _poison_allocator()
     y, g = _run(t, "cuda", scaling, p, seed, mask_mode, dy, grads)
     t64 = {k: (v.double() if v is not None else None) for k, v in t.items()}
@@ -196,6 +210,8 @@ def test_hostile_layouts():
     from tests import test_hostile as hostile
 
     hostile.test_expanded_and_overlapping_strides("cuda")
+    # 16-bit: the CUTLASS paths' leading-dimension checks must send stride-0 and overlapping rows to cuBLAS.
+    hostile.test_expanded_and_overlapping_strides("cuda", torch.bfloat16)
     hostile.test_non_contiguous_everything("cuda")
     hostile.test_frozen_weight_and_bias_that_require_grad("cuda")
 
