@@ -27,8 +27,10 @@ Names:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +137,9 @@ class Impl:
     # Rows with a cross-program barrier (triton-1pass): the device's count of tiles that gave up
     # waiting and recomputed T / dT so far (single_pass.barrier_fallbacks); the row reports the increase.
     fallbacks: Callable[[], int] | None = None
+    # Entered around all of the row's calls, backward passes included (a setting the backward reads
+    # when it runs, after ``fn`` has returned).
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def num_copies(per_copy_bytes: int, device: torch.device, max_copies: int = 8) -> int:
@@ -340,25 +345,27 @@ def _ours_no_split(prob: Problem) -> Impl:
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    prev = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = prev
+
+
 def _ours_cuda_expand(prob: Problem) -> Impl:
-    """``cuda-bitmask`` with LORA_KERNELS_CUDA_CONCAT_K=0 set around this row's calls only (the
-    extension reads it per call)."""
-    import os
-
+    """``cuda-bitmask`` with LORA_KERNELS_CUDA_CONCAT_K=0 for this row's calls, backward included (the
+    extension reads it per call, and at p = 0 the dX GEMM takes the concatenated-K path too)."""
     base = _ours(prob, "cuda", "bitmask", "cuda-expand")
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        prev = os.environ.get("LORA_KERNELS_CUDA_CONCAT_K")
-        os.environ["LORA_KERNELS_CUDA_CONCAT_K"] = "0"
-        try:
-            return base.fn(x)
-        finally:
-            if prev is None:
-                del os.environ["LORA_KERNELS_CUDA_CONCAT_K"]
-            else:
-                os.environ["LORA_KERNELS_CUDA_CONCAT_K"] = prev
-
-    return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+    if prob.device.type == "cuda" and torch.cuda.get_device_capability(prob.device) < (9, 0):
+        raise Unavailable("the concatenated-K GEMM is an sm90 path: here cuda-bitmask already runs the expand one")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _env("LORA_KERNELS_CUDA_CONCAT_K", "0"))  # fmt: skip
 
 
 def build(name: str, prob: Problem) -> Impl:

@@ -27,7 +27,6 @@ import csv
 import datetime
 import gc
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,7 +127,7 @@ def prepare(variant: str, args: argparse.Namespace):
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -151,13 +150,13 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         step()
     _sync(args.device)
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(args.device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     _sync(args.device)
     elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else float("nan")
     return {
         "variant": variant,
         "step_ms": 1e3 * elapsed / args.steps,
@@ -171,13 +170,10 @@ def _gpu_name(device: str) -> str:
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    # As the benchmark CSV's: git, else $LORA_KERNELS_COMMIT or .device/COMMIT (the device has no .git).
+    from bench._report import _git_commit
+
+    return _git_commit(ROOT)
 
 
 def format_table(rows: list[dict]) -> str:

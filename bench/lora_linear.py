@@ -324,7 +324,12 @@ def _reference_fp32(prob: _impls.Problem, lora: bool) -> torch.Tensor:
 
 
 def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, refs: dict) -> dict:
-    """Every measured column of one row (see bench/results/README.md)."""
+    """Every measured column of one row (see bench/results/README.md), inside the row's scope."""
+    with impl.scope():
+        return _measure_row(impl, prob, args, refs)
+
+
+def _measure_row(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, refs: dict) -> dict:
     dev = prob.device
     nxt = _measure.rotating(len(prob.xs))
     trainable = [t for t in impl.owned if t.requires_grad]
@@ -351,8 +356,8 @@ def measure(impl: _impls.Impl, prob: _impls.Problem, args: argparse.Namespace, r
         if lora not in refs:
             refs[lora] = _reference_fp32(prob, lora)
         ref = refs[lora]
-        with torch.no_grad():
-            y = impl.fn(prob.xs[0]).float()
+        # With grad enabled, as the timed calls: under no_grad a torch.compile row would compile again.
+        y = impl.fn(prob.xs[0]).detach().float()
         out["rel_err"] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         del y
     saved, _ = _measure.saved_activation_bytes(lambda: impl.fn(prob.xs[0]), exclude=list(prob.xs) + impl.owned)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import os
 import shutil
@@ -60,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _step(impl: _impls.Impl, x: torch.Tensor, dy: torch.Tensor) -> None:
+    for t in (x, *impl.owned):  # no gradient accumulation kernels (x.grad += ...) in the profile
+        t.grad = None
+    impl.fn(x).backward(dy)
+
+
 def run_steps(args: argparse.Namespace) -> list[str]:
     """Warm up each implementation untraced, then ``steps`` steps with the CUDA profiler on."""
     M, K, N, r = args.shape
@@ -74,17 +81,19 @@ def run_steps(args: argparse.Namespace) -> list[str]:
         except _impls.Unavailable as e:
             print(f"profile: {name} skipped: {e}", file=sys.stderr)
             continue
-        x, dy = prob.xs[0], prob.dys[0]
-        for _ in range(2):  # compilation, autotuning, allocator warm-up stay out of the range
-            impl.fn(x).backward(dy)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-        for _ in range(args.steps):
-            impl.fn(x).backward(dy)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
+        step = functools.partial(_step, impl, prob.xs[0], prob.dys[0])
+
+        with impl.scope():
+            for _ in range(2):  # compilation, autotuning, allocator warm-up stay out of the range
+                step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.profiler.start()
+            for _ in range(args.steps):
+                step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
         ran.append(name)
     return ran
 
@@ -104,6 +113,8 @@ def parse_ncu_csv(text: str, impl: str = "") -> list[dict]:
         return []
     launches: dict[str, dict] = {}
     for row in csv.DictReader(io.StringIO(text[start:])):
+        if not (row.get("ID") or "").strip().isdigit():  # ncu's own "==PROF== ..." lines among the rows
+            continue
         rec = launches.setdefault(row["ID"], {"kernel": row.get("Kernel Name", "?"), "impl": impl})
         name, unit, value = row.get("Metric Name", ""), row.get("Metric Unit", ""), row.get("Metric Value", "")
         col = _METRICS.get((row.get("Section Name", ""), name)) or _RAW.get(name)

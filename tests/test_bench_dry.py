@@ -233,6 +233,41 @@ def test_single_pass_row(monkeypatch):
     assert _impls.build("triton-bitmask", prob).fallbacks is None
 
 
+def test_row_scope_holds_through_every_backward(monkeypatch):
+    """``Impl.scope`` is entered once around all of a row's calls, so a setting the backward reads when
+    it runs (cuda-expand's LORA_KERNELS_CUDA_CONCAT_K=0: at p = 0 the dX GEMM reads it) is in force
+    there, not only during ``fn``; it is restored afterwards."""
+    import contextlib
+
+    prob = _impls.make_problem(
+        16, 32, 24, 4, 0.0, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    base = _impls.build("torch", prob)
+    active, seen = [False], []
+
+    @contextlib.contextmanager
+    def scope():
+        active[0] = True
+        yield
+        active[0] = False
+
+    def fn(x):
+        y = base.fn(x)
+        y.register_hook(lambda g: seen.append(active[0]))  # runs in the backward
+        return y
+
+    impl = _impls.Impl("torch", fn, base.owned, base.flops_fwd, base.flops_fwdbwd, scope=scope)
+    bench_ll.measure(impl, prob, bench_ll.parse_args(["--dry", "--cpu-reps", "2"]), {})
+    assert len(seen) > 3 and all(seen) and not active[0]
+    # cuda-expand's scope: the variable set inside, restored after (the extension is modelled away).
+    monkeypatch.setattr(_impls, "_ours", lambda prob, backend, mode, name: base)
+    monkeypatch.setenv("LORA_KERNELS_CUDA_CONCAT_K", "1")
+    expand = _impls.build("cuda-expand", prob)
+    with expand.scope():
+        assert os.environ["LORA_KERNELS_CUDA_CONCAT_K"] == "0"
+    assert os.environ["LORA_KERNELS_CUDA_CONCAT_K"] == "1"
+
+
 def test_row_reports_barrier_fallbacks_of_its_own_calls():
     """``sp_fallbacks``: the increase of the impl's fallback count over the row's calls after the first
     (untimed) step; rows without a barrier have no such column."""
@@ -321,7 +356,8 @@ def test_profile_parses_ncu_details_and_summarizes():
     and bytes) -> one table row per (implementation, kernel) with time-weighted percentages."""
     from bench import ncu_profile as profile
 
-    launches = profile.parse_ncu_csv(_NCU_CSV, "triton-bitmask")
+    # ncu's own lines may follow the CSV rows (stdout and the report interleave): not launches.
+    launches = profile.parse_ncu_csv(_NCU_CSV + "==PROF== Disconnected from process 1\n", "triton-bitmask")
     assert len(launches) == 3
     first = launches[0]
     assert first["time"] == pytest.approx(350.5) and first["dram_read"] == 100e6 and first["l2_bytes"] == 1.5e9
