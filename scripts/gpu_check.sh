@@ -120,7 +120,11 @@ run_step() {
     # pytest prints its summary on SIGINT (on SIGTERM it dies silently); the others stop on TERM.
     local sig=TERM
     [ "$name" = tests ] && sig=INT
-    timeout -s "$sig" --kill-after=15 "$limit" bash -c "do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
+    # The wrapper bash traps TERM: without it bash dies at once, timeout sees its child gone and never
+    # sends the KILL, and a step that ignores TERM (bench and verify catch it to write what they have)
+    # or hangs in a CUDA call would run on unbounded. With it bash waits for the step, and the KILL
+    # reaches the whole group 15 s later.
+    timeout -s "$sig" --kill-after=15 "$limit" bash -c "trap : TERM; do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
   else
     "do_$name" 2>&1 | tee "$LOG_DIR/$name.log"
   fi
@@ -171,7 +175,8 @@ seed_triton_cache() {
     return 0
   fi
   mkdir -p "$TRITON_CACHE_DIR"
-  if [ -f "$seed" ]; then
+  # Both a whole archive and parts (a previous call's large cache copied next to an older seed): the newer.
+  if [ -f "$seed" ] && ! [ "$seed.part00" -nt "$seed" ]; then
     tar -xzf "$seed" -C "$TRITON_CACHE_DIR"
   else  # a large cache comes back in parts (pack_triton_cache)
     cat "$seed".part* | tar -xz -C "$TRITON_CACHE_DIR"
@@ -201,9 +206,15 @@ seed_triton_cache() {
 pack_triton_cache() {
   local out=$1 max=${GPU_CHECK_PART_BYTES:-$((15 * 1024 * 1024))}
   [ -d "$TRITON_CACHE_DIR" ] || return 0
+  # plan=: the seed's (the bench/verify arguments it was compiled for; this cache holds those kernels
+  # and more), so that make device-preflight accepts it as the next call's seed.
+  local plan
+  plan=$(sed -n 's/^plan=//p' "$TRITON_CACHE_DIR/PREWARM_INFO" 2>/dev/null)
   printf 'cache_dir=%s\ntriton_key=%s\nsources=%s\n' "$TRITON_CACHE_DIR" "$(triton_build_key)" \
     "$(triton_sources_digest)" >"$TRITON_CACHE_DIR/PREWARM_INFO"
-  (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.cubin' -o -name '*.json' -o -name PREWARM_INFO \) -print0 |
+  [ -z "$plan" ] || printf 'plan=%s\n' "$plan" >>"$TRITON_CACHE_DIR/PREWARM_INFO"
+  # *.so: the launcher modules Triton builds with gcc per kernel signature (none in a prewarmed seed).
+  (cd "$TRITON_CACHE_DIR" && find . -type f \( -name '*.cubin' -o -name '*.json' -o -name '*.so' -o -name PREWARM_INFO \) -print0 |
     tar -czf "$out.tmp" --null -T -) || return 0
   rm -f "$out" "$out".part*
   if [ "$(stat -c %s "$out.tmp")" -gt "$max" ]; then

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -137,18 +138,51 @@ def test_gpu_check_splits_a_large_triton_cache_and_seeds_from_the_parts(tmp_path
     (cache / "k1").mkdir(parents=True)
     (cache / "k1" / "kernel.cubin").write_bytes(os.urandom(200_000))  # incompressible: 4 parts of 64 KiB
     (cache / "k1" / "__grp__kernel.json").write_text('{"child_paths": {}}')
+    (cache / "k2").mkdir()
+    (cache / "k2" / "__triton_launcher.so").write_bytes(b"launcher")  # built with gcc on the device
+    (cache / "PREWARM_INFO").write_text("cache_dir=/elsewhere\nplan=abc123\n")  # the seed's plan digest
     out.parent.mkdir()
+    # An older whole archive next to the parts (a previous seed not removed): the newer parts win.
+    stale = tmp_path / "stale"
+    (stale / "k9").mkdir(parents=True)
+    (stale / "k9" / "old.cubin").write_bytes(b"old")
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(stale / "k9", arcname="k9")
+    os.utime(out, (1, 1))
     env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(cache), "GPU_CHECK_TRITON_CACHE_OUT": str(out),
            "GPU_CHECK_PART_BYTES": "65536", "GPU_CHECK_ARCHIVE": str(tmp_path / "out" / "logs.tar.gz")}  # fmt: skip
     proc = _gpu_check(ROOT, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parts = sorted(p.name for p in out.parent.iterdir())
     assert parts == ["logs.tar.gz", *(f"triton-cache.tar.gz.part0{i}" for i in range(4))], parts
+    # (pack_triton_cache removed the stale whole archive; put it back, older than the parts)
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(stale / "k9", arcname="k9")
+    os.utime(out, (1, 1))
     fresh = tmp_path / "fresh"
     env = {"GPU_CHECK_STEPS": "environment", "TRITON_CACHE_DIR": str(fresh), "GPU_CHECK_TRITON_CACHE": str(out)}
     proc = _gpu_check(ROOT, env)
     assert f"seeded from {out}: 1 kernels" in proc.stdout, proc.stdout
     assert (fresh / "k1" / "kernel.cubin").read_bytes() == (cache / "k1" / "kernel.cubin").read_bytes()
+    assert (fresh / "k2" / "__triton_launcher.so").read_bytes() == b"launcher" and not (fresh / "k9").exists()
+    info = (fresh / "PREWARM_INFO").read_text()
+    assert "plan=abc123\n" in info and f"cache_dir={fresh}\n" in info, info  # the plan carried over
+
+
+def test_gpu_check_kills_a_step_that_ignores_term(tmp_path):
+    """A step that catches TERM and goes on (bench and verify catch it to write what they have; a hung
+    CUDA call does not return) is killed 15 s after its limit, and the check goes on to its summary."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import signal, sys, time\n"
+        "if 'verify' in sys.orig_argv:\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    time.sleep(120)\n"
+    )
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"GPU_CHECK_STEPS": "verify", "GPU_CHECK_CAP_VERIFY": "2", "VERIFY_ARGS": "--backend torch",
+           "PYTHONPATH": path, "GPU_CHECK_LOGS": str(tmp_path / "logs")}  # fmt: skip
+    start = time.monotonic()
+    proc = _gpu_check(ROOT, env, timeout=100)
+    assert proc.returncode == 1 and "| verify | FAILED (exit 137) |" in proc.stdout, proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
 
 
 def test_gpu_check_takes_a_matching_prebuilt_binary_and_refuses_a_stale_one(tmp_path):
