@@ -47,3 +47,12 @@ def assert_close_ref(
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor with NaN so that any element a kernel forgets to write shows up."""
     return t.fill_(float("nan"))
+
+
+def poison_cuda_allocator(nbytes: int = 64 << 20) -> None:
+    """Leave NaN-filled blocks in the caching allocator: outputs the CUDA extension allocates with
+    at::empty (tests cannot reach its allocations) then start as NaN, so an element a kernel forgets
+    to write fails isfinite()."""
+    blocks = [torch.full((nbytes // 4,), float("nan"), device="cuda") for _ in range(2)]
+    small = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 10, 1 << 14, 1 << 18)]
+    del blocks, small

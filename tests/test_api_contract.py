@@ -66,7 +66,7 @@ def test_double_backward_matches_reference(backend, dy_from_y):
     device = "cpu" if backend == "cuda-model" else DEVICE
     kw = dict(scaling=1.5, dropout_p=0.25, seed=11)
     base = _leaves(device)
-    c = torch.randn(M, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    c = torch.randn(M, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
 
     def second_order(cast, fn):
         x, w, a, b, bias, lbias = (cast(t) for t in base)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lora_kernels import lora_linear, reference
-from tests._utils import assert_close_ref, requires_gpu
+from tests._utils import assert_close_ref, poison_cuda_allocator, requires_gpu
 
 pytestmark = requires_gpu
 
@@ -34,12 +34,7 @@ def gemm(ext, request):
     ext.set_gemm_backend("auto")
 
 
-def _poison_allocator(nbytes: int = 64 << 20) -> None:
-    """Leave NaN-filled blocks in the caching allocator: outputs the kernels allocate with
-    at::empty then start as NaN, so an element a kernel forgets to write fails isfinite()."""
-    blocks = [torch.full((nbytes // 4,), float("nan"), device="cuda") for _ in range(2)]
-    small = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 10, 1 << 14, 1 << 18)]
-    del blocks, small
+_poison_allocator = poison_cuda_allocator
 
 
 def _make(M, K, N, r, dtype, adapter_dtype=None, bias=True, lora_bias=True, seed=0):

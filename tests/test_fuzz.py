@@ -138,10 +138,13 @@ def trained_leaves(draw) -> tuple[str, ...]:
 def _make(prob: dict) -> dict[str, torch.Tensor | None]:
     x_dt, a_dt = DTYPES[prob["dtype"]]
     K, N, r = prob["K"], prob["N"], prob["r"]
-    g = torch.Generator(device=DEVICE).manual_seed(prob["data_seed"])
+    # Drawn on the CPU, then moved: the same data_seed gives the same problem on every device (a CUDA
+    # generator draws other numbers), so a case found on a GPU replays in the CPU interpreter and the
+    # pinned cases below stay what they were found as.
+    g = torch.Generator().manual_seed(prob["data_seed"])
 
     def rnd(*shape: int, std: float, dtype: torch.dtype) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=DEVICE) * std).to(dtype)
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(DEVICE)
 
     x = _layout(rnd(*prob["shape_x"], K, std=1.0, dtype=x_dt), prob["x_layout"])
     pl = prob["param_layout"]
@@ -192,9 +195,9 @@ def _gradient_scales(t: dict, prob: dict, g_ref: dict, draws: int = 3) -> dict[s
     (≈ u·√M·|dY||T|, incoherent) does not: measured against that one value the table fails a correct
     kernel (a random M = 180, K = 162 case: dB 1/40 of its usual size, bench/NOTES.md)."""
     others: dict[str, list[float]] = {k: [] for k in g_ref}
-    gen = torch.Generator(device=t["dy"].device).manual_seed(prob["data_seed"] ^ 0x5EED)
+    gen = torch.Generator().manual_seed(prob["data_seed"] ^ 0x5EED)  # on the CPU, as _make's
     for _ in range(draws):
-        dy = torch.randn(t["dy"].shape, generator=gen, device=t["dy"].device).to(t["dy"].dtype)
+        dy = torch.randn(t["dy"].shape, generator=gen).to(t["dy"].dtype).to(t["dy"].device)
         _, g = _run(_ref, dict(t, dy=dy), prob, upcast=True)
         for k, v in g.items():
             others[k].append(v.abs().max().item() if v.numel() else 0.0)
@@ -301,10 +304,11 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
         t = _make(prob)
         y, grads = _run(lora_linear, t, prob, upcast=False, backend="triton", dropout_mask=prob["mask_mode"])
         y_ref, g_ref = _run(_ref, t, prob, upcast=True)
+        scales = _gradient_scales(t, prob, g_ref)  # small N and r: dB may cancel (see the main test)
         dts = DTYPES[prob["dtype"]]
         assert_close_ref(y, y_ref, dts, "output")
         for k, g in g_ref.items():
-            assert_close_ref(grads[k], g, dts, f"grad {k}")
+            assert_close_ref(grads[k], g, dts, f"grad {k}", scale=scales[k])
 
     check()
     assert {"fwd", "bwd"} <= set(taken), "no example took the single-pass forward and backward"

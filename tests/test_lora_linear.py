@@ -14,7 +14,7 @@ import lora_kernels as lk
 from lora_kernels.backends import available_backends
 from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 
-from ._utils import HAS_CUDA, assert_close_ref, requires_gpu
+from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, requires_gpu
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", "triton", "cuda"]
@@ -42,6 +42,13 @@ def _poison(monkeypatch):
             continue
         if hasattr(mod, "_empty"):
             monkeypatch.setattr(mod, "_empty", nan_empty)
+    if HAS_CUDA:
+        # The CUDA extension allocates its outputs in C++: poison the caching allocator before each call.
+        from lora_kernels.cuda_ops import lora_linear as cuda_ll
+
+        for name in ("_fwd", "_bwd"):
+            real = getattr(cuda_ll, name)
+            monkeypatch.setattr(cuda_ll, name, lambda *a, _real=real: (poison_cuda_allocator(), _real(*a))[1])
 
 
 def make_inputs(M, K, N, r, *, xdt, adt, bias=True, lora_bias=False, lead=(), device=DEVICE, seed=0):
