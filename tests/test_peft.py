@@ -175,6 +175,23 @@ def test_patched_models_deepcopy_and_pickle() -> None:
             assert all(m._lk_last_fallback is None for m in lins)
 
 
+def test_data_parallel_replicas_get_forwards_of_their_own() -> None:
+    """nn.DataParallel (the HF Trainer's choice on several GPUs without torchrun) replicates each module
+    by copying its ``__dict__``: the patched forward must be rebound to the replica, else every GPU's
+    replica ran the first GPU's layer. On the CPU, what ``torch.nn.parallel.replicate`` does per module."""
+    model = _peft_model()
+    patch(model, backend="torch", log=False)
+    for lin in _lora_linears(model):
+        replica = lin._replicate_for_data_parallel()
+        assert replica is not lin and replica.forward.layer is replica and lin.forward.layer is lin
+        assert "_replicate_for_data_parallel" not in replica.__dict__
+        x = torch.randn(3, 5, lin.in_features, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(replica(x), lin(x), atol=0, rtol=0)
+    unpatch(model)
+    assert all("_replicate_for_data_parallel" not in m.__dict__ for m in _lora_linears(model))
+
+
 def test_multi_adapter_sum_and_dropout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _peft_model()
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=LINEAR_NAMES, init_lora_weights=False))

@@ -58,7 +58,9 @@ logger = logging.getLogger("lora_kernels")
 # Keyword arguments PEFT's Linear.forward pops (not passed to the base layer). When all of
 # them are None the fused path is equivalent; anything else goes to PEFT.
 _POPPED_KWARGS = ("adapter_names", "alora_offsets")
-_PATCH_KEYS = ("forward", "_lk_patched", "_lk_backend", "_lk_dropout_mask", "_lk_last_fallback")
+_PATCH_KEYS = (
+    "forward", "_replicate_for_data_parallel", "_lk_patched", "_lk_backend", "_lk_dropout_mask", "_lk_last_fallback"
+)  # fmt: skip
 
 
 def _check_options(backend: str, dropout_mask: str) -> None:
@@ -429,6 +431,30 @@ class _PatchedForward:
         (self.layer,) = state
 
 
+class _PatchedReplicate:
+    """The instance-level ``_replicate_for_data_parallel`` that :func:`patch` installs next to the
+    forward. ``nn.DataParallel`` replicates a module by copying its ``__dict__``, so every replica's
+    ``forward`` would still be the original layer's (its weights on the first GPU, a "weight is on
+    cuda:0 but x is on cuda:1" error on the others): each replica gets a forward of its own."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: PeftLoraLinear) -> None:
+        self.layer = layer
+
+    def __call__(self) -> PeftLoraLinear:
+        replica = type(self.layer)._replicate_for_data_parallel(self.layer)
+        replica.__dict__["forward"] = _PatchedForward(replica)
+        replica.__dict__.pop("_replicate_for_data_parallel", None)
+        return replica
+
+    def __getstate__(self) -> tuple[PeftLoraLinear]:
+        return (self.layer,)
+
+    def __setstate__(self, state: tuple[PeftLoraLinear]) -> None:
+        (self.layer,) = state
+
+
 def patch(model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitmask", log: bool = True) -> PatchReport:
     """Run every eligible LoRA Linear in ``model`` (a PEFT model or any module) fused.
 
@@ -450,6 +476,7 @@ def patch(model: nn.Module, *, backend: str = "auto", dropout_mask: str = "bitma
         if not isinstance(module, FusedLoraLinear):
             module.__dict__["_lk_patched"] = True
             module.__dict__["forward"] = _PatchedForward(module)
+            module.__dict__["_replicate_for_data_parallel"] = _PatchedReplicate(module)
     report = inspect_model(model)
     report.backend, report.dropout_mask = backend, dropout_mask
     if log:
@@ -470,7 +497,8 @@ def unpatch(model: nn.Module) -> int:
             continue
         restored += int(module.__dict__.get("_lk_patched", False))
         for key in _PATCH_KEYS:
-            if key == "forward" and not isinstance(module.__dict__.get(key), _PatchedForward):
+            own = {"forward": _PatchedForward, "_replicate_for_data_parallel": _PatchedReplicate}.get(key)
+            if own is not None and not isinstance(module.__dict__.get(key), own):
                 continue  # not ours (e.g. an accelerate hook on a layer patch() skipped)
             module.__dict__.pop(key, None)
     return restored
