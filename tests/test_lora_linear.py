@@ -488,8 +488,12 @@ def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):
 
 
 def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
-    """Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids: launches
-    during a capture take the fixed tiles."""
+    """Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids: inside a
+    capture a key the eager warm-up tuned replays its tuned config (the kernel it loaded then; the
+    fixed tiles may never have been loaded, and a module load fails in a capture), any other key
+    takes the fixed tiles. The tuner below follows Triton's Autotuner.run: prune_configs, then the
+    benchmark, only for a key not in its cache. Also: tuning that runs out of GPU memory (its
+    benchmark buffers) falls back to the fixed tiles."""
     _skip_unavailable("triton")
     from lora_kernels.triton_ops import lora_linear as tri
 
@@ -499,21 +503,41 @@ def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
         arg_names = ["x", "BLOCK_M"]
 
         def __getitem__(self, grid):
-            return lambda *args, **kw: launched.append(("fixed", kw))
+            return lambda *args, **kw: launched.append(("fixed", args[0]))
 
     class Tuner:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launched.append(("tuned", kw))
+        cache: dict = {}
+        oom = False
 
-    monkeypatch.setattr(tri, "_autotuner", lambda kernel: Tuner())
+        def prune_configs(self, kwargs):
+            return ["config"]
+
+        def __getitem__(self, grid):
+            def run(key, **kw):
+                if key not in self.cache:
+                    self.prune_configs(kw)
+                    if self.oom:
+                        raise torch.cuda.OutOfMemoryError("do_bench's L2 flush buffer")
+                    self.cache[key] = "tuned"
+                launched.append((self.cache[key], key))
+
+            return run
+
+    tuner = Tuner()
+    monkeypatch.setattr(tri, "_autotuner", lambda kernel: tuner)
     monkeypatch.setattr(tri, "AUTOTUNE", True)
     monkeypatch.setattr(tri, "_interpret", lambda: False)  # as on a GPU
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     fixed = dict(BLOCK_M=64, num_warps=4, num_stages=2)
-    for capturing in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    for capturing, key in ((True, "a"), (False, "a"), (True, "a"), (True, "b")):
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
-        tri._launch(Recorder(), lambda META: (1,), ("x",), {}, fixed, tri._identity)
-    assert launched == [("tuned", {}), ("fixed", fixed)]
+        tri._launch(Recorder(), lambda META: (1,), (key,), {}, fixed, tri._identity)
+        assert "prune_configs" not in vars(tuner)  # the capture's refusal is removed again
+    assert launched == [("fixed", "a"), ("tuned", "a"), ("tuned", "a"), ("fixed", "b")]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tuner.oom, launched[:] = True, []
+    tri._launch(Recorder(), lambda META: (1,), ("c",), {}, fixed, tri._identity)
+    assert launched == [("fixed", "c")]
 
 
 @requires_gpu

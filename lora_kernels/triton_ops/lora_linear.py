@@ -866,6 +866,19 @@ def _step_downs(fixed: dict) -> list[dict]:
     return [fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed.get("BLOCK_N", 0) > 64 else [])
 
 
+class _NotTuned(Exception):
+    pass
+
+
+def _refuse_tuning(*args, **kwargs):
+    raise _NotTuned
+
+
+def _capturing() -> bool:
+    # (No capture without an initialised CUDA: this also keeps compile_only's CPU launches off the driver.)
+    return not _interpret() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     """Launch ``kernel``: autotuned in eager GPU calls, else with the ``fixed`` tiles.
 
@@ -875,16 +888,30 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     short (bench/NOTES.md, "host overhead").
     """
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
-    # (No capture without an initialised CUDA: this also keeps compile_only's CPU launches off the driver.)
-    if tuned and not _interpret() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
-        tuned = False  # tuning a new key times configs and synchronises, which a CUDA-graph capture forbids
     if tuned:
         try:
             with _tune_lock(kernel):
-                _autotuner(kernel)[grid](*args, **meta)
+                tuner = _autotuner(kernel)
+                capturing = _capturing()
+                if capturing:
+                    # Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids,
+                    # and the fixed tiles may be a kernel never loaded (a module load fails in a capture):
+                    # a key the eager warm-up tuned replays its config (loaded then); any other key raises
+                    # _NotTuned here (prune_configs runs first for an uncached key, in Triton 3.6 and 3.8)
+                    # and takes the fixed tiles.
+                    tuner.prune_configs = _refuse_tuning
+                try:
+                    tuner[grid](*args, **meta)
+                finally:
+                    if capturing:
+                        del tuner.prune_configs
             return
+        except _NotTuned:
+            pass
         except OutOfResources:
             pass  # every tuned config exceeds this GPU: the fixed tiles below step down until one fits
+        except torch.cuda.OutOfMemoryError:
+            pass  # tuning's benchmark buffers (do_bench's 256 MB L2 flush) did not fit next to training
     if "BLOCK_N" not in kernel.arg_names:
         fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
     if meta.get("DEVICE_DESC") and not _interpret():
