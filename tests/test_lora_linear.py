@@ -580,7 +580,9 @@ def test_shrink_gpu_tiles_match_reference(monkeypatch, bm):
     from lora_kernels.triton_ops import lora_linear as tri
 
     real = tri._shrink_cfg
-    monkeypatch.setattr(tri, "_shrink_cfg", lambda x, fixed: {**real(x, fixed), "BLOCK_M": bm, "BLOCK_K": 128})
+    monkeypatch.setattr(
+        tri, "_shrink_cfg", lambda x, fixed, a=None: {**real(x, fixed, a), "BLOCK_M": bm, "BLOCK_K": 128}
+    )
     x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=0.1)
     run_and_check("triton", x, W, A, B, b, lb, p=0.5, mode="regenerate")
@@ -932,6 +934,42 @@ def test_compiled_graph_outputs_come_from_the_kernels():
             gemm, dx = ("_bwd_dx_tma_kernel", "dx_desc") if tma else ("_bwd_dx_kernel", "DX")
             want = [[gemm, dx], [gemm, "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
         assert r["outputs"] == want, r
+
+
+_SM90_TRACED_FIT = r"""
+from lora_kernels.triton_ops.compile_only import compile_only
+import lora_kernels.triton_ops.lora_linear as tri
+
+results = []
+wrap = lambda kernel: kernel  # any wrapper but _identity: the torch.compile path, which cannot step down
+for CASE in json.loads(sys.argv[1]):
+    dt, at = getattr(torch, CASE["dtype"]), getattr(torch, CASE["adapters"])
+    M, N, K, R = CASE["M"], 512, 512, CASE["r"]
+    x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
+    a, b = torch.randn(R, K, dtype=at), torch.randn(N, R, dtype=at)
+    tri.TMA_MODE = CASE["tma"]
+    with compile_only(lambda c: results.append(dict(case=CASE, kernel=c.kernel, smem=c.compiled.metadata.shared))):
+        y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, True, wrap=wrap)
+        tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, 0.1, 5, True, True, wrap=wrap)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_traced_launches_fit_an_h100_without_stepping_down():
+    """Under torch.compile the fixed tiles are what runs (no step-down: Inductor loads the kernel and
+    fails if it does not fit). The ranks and adapter dtypes whose first tiles exceeded an H100's 227 KiB
+    (rank 256; rank 128 with fp32 adapters: the shrink's and the dY kernel's adapter tiles) compile
+    within it for sm_90 on both launch paths, with every kernel of the forward and backward."""
+    pytest.importorskip("triton")
+    cases = [dict(dtype="bfloat16", adapters=a, r=r, M=m, tma=tma)
+             for r, a in ((256, "bfloat16"), (256, "float32"), (128, "float32"))
+             for m in (67, 8192) for tma in ("0", "1")]  # fmt: skip
+    results = _run_sm90_script(_SM90_TRACED_FIT, cases)
+    for case in cases:
+        kernels = [r for r in results if r["case"] == case]
+        assert {r["kernel"].removesuffix("_tma_kernel").removesuffix("_kernel") for r in kernels} == {
+            "_shrink", "_fwd", "_bwd_dy", "_bwd_dx"}, (case, kernels)  # fmt: skip
+        assert all(r["smem"] <= 232448 for r in kernels), kernels
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):

@@ -565,19 +565,35 @@ def _planning_sms(x: torch.Tensor) -> int:
     return _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132
 
 
-def _shrink_cfg(x: torch.Tensor, fixed: dict) -> dict:
+def _shrink_cfg(x: torch.Tensor, fixed: dict, lora_A: torch.Tensor | None = None) -> dict:
     """Fixed tiles of the shrink (T = dropout(x)·Aᵀ: memory-bound, one pass over x, one program per
     BLOCK_M rows). 128-row blocks leave SMs idle below M ≈ 128·SMs (64 programs at M = 8192 on an
     H100's 132 SMs, 16 at M = 2048), and with them the bytes in flight that a streaming kernel needs:
     take the largest of 128/64/32 rows that still fills ~90 % of the SMs (32 at least), with 128-wide
     K steps below 128 rows so each stage still moves 8–16 KiB. Below 64 rows the x·Aᵀ dot runs on
-    mma.sync rather than wgmma: a few GFLOP, hidden under the x read."""
+    mma.sync rather than wgmma: a few GFLOP, hidden under the x read. At rank 256 the A tile dominates a
+    stage (256 × BLOCK_K adapter elements): 64-wide K steps, else 3 stages exceed an H100's 227 KiB (232
+    KiB at 64 rows, 280–368 KiB with fp32 adapters; Triton 3.6, sm_90), which under torch.compile (no
+    step-down there) is an error."""
     if _interpret() or x.dtype == torch.float32:
         return {**fixed, "num_warps": 4}
     sms = _planning_sms(x)
     M = x.shape[0]
     bm = next((b for b in (128, 64) if _cdiv(M, b) >= 0.9 * sms), 32)
-    return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if bm == 128 else 128, "num_warps": 4}
+    wide_rank = lora_A is not None and _block_r(lora_A.shape[0]) >= 256
+    return {**fixed, "BLOCK_M": bm, "BLOCK_K": 64 if (bm == 128 or wide_rank) else 128, "num_warps": 4}
+
+
+def _dy_cfg(fixed: dict, lora_B: torch.Tensor) -> dict:
+    """Fixed tiles of the dY kernel: ``fixed`` (the pointer GEMMs') without BLOCK_K, with 2 stages where
+    its B tile (BLOCK_N × r, the adapter's dtype) makes 3 exceed an H100's 227 KiB: 240 KiB at rank 256,
+    256 KiB at rank 128 with fp32 adapters, 368 KiB at rank 256 with fp32 adapters (2 stages: 160 / 160
+    / 224 KiB; Triton 3.6, sm_90). Under torch.compile a launch cannot step down, so it must fit."""
+    cfg = {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")}
+    br = _block_r(lora_B.shape[1])
+    if br >= 256 or (br >= 128 and lora_B.element_size() == 4):
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    return cfg
 
 
 def _shrink_splits(x: torch.Tensor) -> int:
@@ -1002,7 +1018,7 @@ def lora_fwd(
          x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), stride_ts,
          max(bits.stride(0), 1), lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
         dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR, SPLIT_K=splits),
-        _shrink_cfg(x, fixed),
+        _shrink_cfg(x, fixed, lora_A),
         wrap,
     )  # fmt: skip
     # The epilogue reads the (N,) vectors with unit stride; they are tiny, so copy if strided.
@@ -1097,7 +1113,7 @@ def lora_bwd(
              dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
              max(db.stride(0), 1), scaling),
             dict(DO_DT=do_dt, DO_DB=need_db, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
-            {k: v for k, v in fixed.items() if k not in ("BLOCK_K", "GROUP_M")},
+            _dy_cfg(fixed, lora_B),
             wrap,
         )  # fmt: skip
     dx = _empty((M, K) if need_dx else (0, K), dev, x.dtype)
