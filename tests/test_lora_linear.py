@@ -487,6 +487,22 @@ def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):
     assert len(calls) == 12 and not any(overlaps)
 
 
+def test_triton_refuses_bfloat16_before_sm80(monkeypatch):
+    """Triton cannot compile bf16 dots for a pre-Ampere GPU (V100, T4): the backend says so (and "auto"
+    takes another), fp16 stays available."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with FakeTensorMode():
+        x16, xb = (torch.empty(4, 16, dtype=dt, device="cuda") for dt in (torch.float16, torch.bfloat16))
+        a32 = torch.empty(2, 16, dtype=torch.float32, device="cuda")
+        assert tri.unavailable_reason(x16, x16, a32) is None
+        assert "sm_80" in tri.unavailable_reason(xb, xb, a32)
+        assert "sm_80" in tri.unavailable_reason(x16, x16, a32.to(torch.bfloat16))
+
+
 def test_no_tuning_inside_a_cuda_graph_capture(monkeypatch):
     """Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids: inside a
     capture a key the eager warm-up tuned replays its tuned config (the kernel it loaded then; the

@@ -1298,6 +1298,8 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
             return "x is on the CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
     elif x.device.type != "cuda":
         return f"Triton kernels run on CUDA GPUs, x is on {x.device.type}"
+    elif torch.bfloat16 in (x.dtype, lora_A.dtype) and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "bfloat16 needs an sm_80 or newer GPU for the Triton kernels (this one is older): use float16"
     return _support_reason(x, lora_A)
 
 

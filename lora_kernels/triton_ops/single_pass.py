@@ -537,6 +537,7 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
     return None
 
 
+@_ll._on_tensor_device  # public: callers may pass tensors of a GPU that is not the current one
 def lora_fwd_single_pass(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -619,6 +620,7 @@ def _single_bwd_cfg(R: int) -> dict:
     return {k: v for k, v in _ll._tma_cfg(None, R, backward=True).items() if k != "GROUP_M"}
 
 
+@_ll._on_tensor_device  # public: callers may pass tensors of a GPU that is not the current one
 def lora_bwd_single_pass(
     dy: torch.Tensor,
     x: torch.Tensor,
