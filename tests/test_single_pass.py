@@ -127,7 +127,8 @@ def test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs
 def test_single_pass_starved_barrier_recomputes(monkeypatch, levels):
     """Producers that are not all resident (4 programs, 4 producers per row-block, but only 2 programs
     may run at once, as under an MPS cap): waiters give up after ``max_spins`` polls and recompute T
-    from x. The result is still right, and the fallback counter says it happened."""
+    from x. The result is still right, bit-identical to a run whose barriers all opened (the fallback
+    sums the same unscaled slices in the same order, then scales once), and the counter says it happened."""
     monkeypatch.setattr(sp, "INTERPRETER_PHASES", False)
     monkeypatch.setattr(sp, "REDUCE_LEVELS", levels)
     x, W, A, B, b, lb = make_inputs(40, 64, 128, 4, xdt=torch.float16, adt=torch.float32, lora_bias=True)
@@ -141,6 +142,11 @@ def test_single_pass_starved_barrier_recomputes(monkeypatch, levels):
     assert sp.barrier_fallbacks("cpu") > before
     assert_close_ref(y, _ref_fwd(x, W, A, B, b, lb, 0.1, 1), (x.dtype, A.dtype), "y")
     assert torch.equal(bits, pack_mask(dropout_keep_mask(1, 40, 64, 0.1)))
+    before = sp.barrier_fallbacks("cpu")
+    with concurrent_programs(timeout=120):
+        resident = sp.lora_fwd_single_pass(x, W, b, A, B, lb, 2.0, 0.1, 1, True, num_programs=4, num_producers=4)
+    assert sp.barrier_fallbacks("cpu") == before
+    assert torch.equal(resident[0], y) and torch.equal(resident[1], t), "the fallback changed the bits"
 
 
 @triton.jit
@@ -306,6 +312,10 @@ def test_single_pass_backward_starved_barrier_recomputes(monkeypatch, levels):
     assert sp.barrier_fallbacks("cpu") > before
     for name, o, r_ in zip(("dx", "dA", "dB", "colsum"), out, ref, strict=True):
         assert_close_ref(o, r_.double(), (x.dtype, A.dtype), name)
+    with concurrent_programs(timeout=120):  # every barrier opens: the same bits as the fallback's
+        resident = sp.lora_bwd_single_pass(dy, x, W, A, B, t, bits, 2.0, 0.1, 77, True, num_programs=4, num_producers=4)
+    for name, o, r_ in zip(("dx", "dA", "dB", "colsum"), out, resident, strict=True):
+        assert torch.equal(o, r_), f"the fallback changed the bits of {name}"
 
 
 @requires_gpu

@@ -156,13 +156,17 @@ def _producer_slice(pid_in_row, n_blocks, NUM_PROD):
 
 
 @triton.jit
-def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Σ_j P[j] over the NUM_PROD partials of one (BM, BLOCK_R) tile, in a fixed order (deterministic)."""
+def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """scale · Σ_j P[j] over the NUM_PROD (unscaled) partials of one (BM, BLOCK_R) tile, in a fixed order
+    (deterministic). The fallback recomputations (_recompute_t, _recompute_dt) do exactly these
+    operations: adds in the same order, then one multiply. (Scaling each partial before its store
+    instead would let the compiler fuse the fallback's multiply and add into an FMA, one rounding fewer:
+    other bits than the partials' path.)"""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for j in range(0, NUM_PROD):
         # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
         acc += tl.load(P + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0, cache_modifier=".cg")
-    return acc
+    return acc * scale
 
 
 @triton.jit
@@ -190,8 +194,8 @@ def _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, str
             pj = _shrink_step(pj, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R,
                               stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold,
                               HAS_DROPOUT, False, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-        t += pj * keep_scale
-    return t
+        t += pj
+    return t * keep_scale  # as _sum_partials: the same bits as the partials' path
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
@@ -251,14 +255,14 @@ def _fwd_single_pass_kernel(
         if PHASE != 2:
             if is_producer:
                 part_ptrs = PART + pid_n.to(tl.int64) * stride_pn + p_off
-                tl.store(part_ptrs, part * keep_scale, mask=p_mask)
+                tl.store(part_ptrs, part, mask=p_mask)  # unscaled: see _sum_partials
         if PHASE != 1:
             t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             opened = True
             words = SYNC + 2 + 4 * pid_m
             if PHASE == 2:  # the interpreter's second launch: the partials are all there
-                t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                 if pid_n == 0:
                     tl.store(t_ptrs, t, mask=p_mask)
             elif TWO_LEVEL:
@@ -267,7 +271,7 @@ def _fwd_single_pass_kernel(
                 if is_producer:
                     s_mask = _slice_rows(p_mask, pid_n, NUM_PROD, BLOCK_M)
                     if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
-                        ts = _sum_partials(PART, stride_pn, p_off, s_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                        ts = _sum_partials(PART, stride_pn, p_off, s_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                     else:
                         tl.atomic_add(FALLBACKS, 1)
                         ts = _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, stride_ar,
@@ -280,7 +284,7 @@ def _fwd_single_pass_kernel(
             else:
                 opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
                 if opened:  # every tile of the row-block sums the same partials in the same order: same bits
-                    t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                    t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                     if pid_n == 0:
                         tl.store(t_ptrs, t, mask=p_mask)
             if not opened:  # counted in ``barrier_fallbacks``; T itself is written by the producers
@@ -321,8 +325,8 @@ def _recompute_dt(dy_desc, LB, off_m, N, R, n_tiles, NUM_PROD, stride_lbn, strid
             n0 = nb * BLOCK_N
             pj = _dt_step(pj, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N,
                           BLOCK_R)  # fmt: skip
-        dt += pj * scaling
-    return dt
+        dt += pj
+    return dt * scaling  # as _sum_partials: the same bits as the partials' path
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
@@ -382,21 +386,21 @@ def _bwd_single_pass_kernel(
                     acc = tl.dot(dy_desc.load([off_m, n0]).to(CDT), w_desc.load([n0, off_k]).to(CDT), acc)
             if PHASE != 2:
                 if is_producer:
-                    tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp * scaling, mask=p_mask)
+                    tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
             if PHASE != 1:
                 dt_ptrs = DT + rm[:, None] * stride_dtm + offs_r[None, :]
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 opened = True
                 words = SYNC + 2 + 4 * pid_m
                 if PHASE == 2:  # the interpreter's second launch: the partials are all there
-                    dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                    dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                     if pid_k == 0:
                         tl.store(dt_ptrs, dt, mask=p_mask)
                 elif TWO_LEVEL:  # as in the forward: producers reduce row slices into DT, then all read DT
                     if is_producer:
                         s_mask = _slice_rows(p_mask, pid_k, NUM_PROD, BLOCK_M)
                         if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
-                            ds = _sum_partials(DTP, stride_pn, p_off, s_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                            ds = _sum_partials(DTP, stride_pn, p_off, s_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                         else:
                             tl.atomic_add(FALLBACKS, 1)
                             ds = _recompute_dt(dy_desc, LB, off_m, N, R, n_tiles, NUM_PROD, stride_lbn, stride_lbr,
@@ -408,7 +412,7 @@ def _bwd_single_pass_kernel(
                 else:
                     opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
                     if opened:
-                        dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, BLOCK_M, BLOCK_R)
+                        dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                         if pid_k == 0:
                             tl.store(dt_ptrs, dt, mask=p_mask)
                 if not opened:  # producers not resident in time: recompute dT (see the forward kernel)
