@@ -492,9 +492,9 @@ def _sync_buffer(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.T
 
 
 def barrier_fallbacks(device: torch.device | str = "cuda") -> int:
-    """How many tiles, summed over the single-pass launches on this device, gave up waiting for their
-    row-block's producers and recomputed T themselves (0 when every program was resident, as it
-    should be). Synchronises with the device."""
+    """How many waits, summed over the single-pass launches on this device, timed out so that the tile
+    recomputed T (dT) itself: one per such tile, two for a two-level producer that timed out at both of
+    its barriers (0 when every program was resident, as it should be). Synchronises with the device."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
