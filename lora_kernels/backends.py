@@ -11,7 +11,9 @@ The function is differentiable (an autograd.Function) in x, lora_A, lora_B, lora
 when they require grad, weight and bias.
 
 A backend module provides ``unavailable_reason(x, weight, lora_A) -> str | None`` (None means
-it can run these tensors) and ``lora_linear_2d`` (the contract above).
+it can run these tensors) and ``lora_linear_2d`` (the contract above). It may also provide
+``auto_unavailable_reason`` with the same signature, for what "auto" must not pick although an
+explicit request could run (the cuda backend: a JIT build of minutes inside a forward pass).
 """
 
 from __future__ import annotations
@@ -67,12 +69,16 @@ def _module(name: str):
         return None, f"cannot import the {name} backend: {e}"
 
 
-def _unavailable(name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+def _unavailable(
+    name: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, auto: bool = False
+) -> str | None:
     if name == "torch":
         return None
     mod, err = _module(name)
     if mod is None:
         return err
+    if auto and hasattr(mod, "auto_unavailable_reason"):
+        return mod.auto_unavailable_reason(x, weight, lora_A)
     return mod.unavailable_reason(x, weight, lora_A)
 
 
@@ -104,6 +110,6 @@ def resolve(
         return None  # on CPU the reference is the fast path (the interpreter is for testing)
     order = _AUTO_ORDER.get(torch.cuda.get_device_capability(x.device), _AUTO_DEFAULT)
     for name in order:
-        if _unavailable(name, x, weight, lora_A) is None:
+        if _unavailable(name, x, weight, lora_A, auto=True) is None:
             return _module(name)[0].lora_linear_2d
     return None

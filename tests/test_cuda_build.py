@@ -184,7 +184,8 @@ def test_device_reason_traces_under_fullgraph_compile(ext, monkeypatch):
     monkeypatch.setattr(cuda_mod, "_DEVICE_REASONS", {})
 
     def f(x):
-        return x * 2 if cuda_mod._device_reason(0) is None else x * 3
+        # as "auto" asks: can it run, and is the extension there without a JIT build (importlib)?
+        return x * 2 if cuda_mod._device_reason(0) is None and not cuda_mod._needs_build() else x * 3
 
     torch._dynamo.reset()
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(torch.ones(2))

@@ -103,3 +103,25 @@ def test_no_jit_is_reported_before_a_missing_toolkit(no_prebuilt, monkeypatch):
     assert "no CUDA toolkit was found" in _ext.availability(GPU)
     monkeypatch.setenv("LORA_KERNELS_NO_JIT", "1")
     assert _ext.availability(GPU) == _ext.NO_JIT_REASON
+
+
+def test_auto_never_starts_a_jit_build(no_prebuilt, monkeypatch):
+    """Without a built ``_C`` "auto" must not pick the cuda backend: its first call would compile for
+    minutes inside the user's forward (and raise there if the build fails). backend="cuda" still
+    builds; once the extension is loaded, "auto" may pick it."""
+    monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    with FakeTensorMode():
+        x = torch.empty(4, 16, device="cuda", dtype=torch.float16)
+        w = torch.empty(8, 16, device="cuda", dtype=torch.float16)
+        a = torch.empty(300, 16, device="cuda", dtype=torch.float16)  # r > 256: Triton declines
+    assert "up to 256" in (backends._unavailable("triton", x, w, a) or "")
+    assert cuda_ll.unavailable_reason(x, w, a) is None  # explicitly, it would build and run
+    assert cuda_ll.auto_unavailable_reason(x, w, a) == cuda_ll.AUTO_NO_BUILD_REASON
+    assert backends.resolve("auto", x, w, a) is None  # the reference, nothing built
+    assert no_prebuilt == []
+    assert backends.resolve("cuda", x, w, a) is cuda_ll.lora_linear_2d
+    assert no_prebuilt == []  # resolving does not build either: the first call does
+    _ext.get_ext()
+    assert len(no_prebuilt) == 1
+    assert cuda_ll.auto_unavailable_reason(x, w, a) is None
+    assert backends.resolve("auto", x, w, a) is cuda_ll.lora_linear_2d

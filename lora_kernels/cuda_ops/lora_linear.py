@@ -206,6 +206,26 @@ def unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
     return _device_reason(x.device.index)
 
 
+AUTO_NO_BUILD_REASON = (
+    'lora_kernels._C is not built: backend="auto" does not JIT-build it (minutes inside a forward '
+    'pass); backend="cuda" does, or install a prebuilt wheel'
+)
+
+
+@torch.compiler.assume_constant_result
+def _needs_build() -> bool:
+    """Whether a call would JIT-build the extension (fixed once it is loaded; see _device_reason)."""
+    return _ext._EXT is None and not _ext.prebuilt_available()
+
+
+def auto_unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
+    """As ``unavailable_reason``, and "auto" never picks an extension that would have to be built."""
+    reason = unavailable_reason(x, weight, lora_A)
+    if reason is None and _needs_build():
+        return AUTO_NO_BUILD_REASON
+    return reason
+
+
 def lora_linear_2d(
     x2: Tensor,
     weight: Tensor,
