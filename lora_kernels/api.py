@@ -96,13 +96,26 @@ def check_inputs(
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
+CAPTURE_SEED_MESSAGE = (
+    "dropout with seed=None inside a CUDA-graph capture: the seed is a host value, drawn once at "
+    "capture, so every replay would apply the same dropout mask. Pass seed= to accept a fixed mask, "
+    "or capture with dropout off (eval() or lora_dropout=0)"
+)
+
+
 def new_seed() -> int:
-    """A dropout seed drawn from torch's default CPU generator (reproducible under manual_seed)."""
-    if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None:
-        # Drawn outside the modes: under FakeTensorMode the draw would be a fake tensor, no value.
-        with _disable_current_modes():
-            return new_seed()
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    """A dropout seed drawn from torch's default CPU generator (reproducible under manual_seed).
+
+    Raises RuntimeError inside a CUDA-graph capture (see ``CAPTURE_SEED_MESSAGE``)."""
+    if not torch.compiler.is_compiling():
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(CAPTURE_SEED_MESSAGE)
+        if _get_current_dispatch_mode() is not None:
+            # Drawn outside the modes: under FakeTensorMode the draw would be a fake tensor, no value.
+            with _disable_current_modes():
+                return new_seed()
+    # device="cpu": the CPU generator even under torch.set_default_device("cuda") (no host sync).
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu").item())
 
 
 def lora_linear(

@@ -126,7 +126,7 @@ class LoRALinear(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         # Saved as "_extra_state" so a state_dict taken after merge() says that W already
         # holds the update; a CPU bool tensor keeps it loadable by weights_only / safetensors.
-        return torch.tensor(self._merged)
+        return torch.tensor(self._merged, device="cpu")  # (not the default device, which may be a GPU)
 
     def set_extra_state(self, state: torch.Tensor | bool) -> None:
         self._merged = bool(state)

@@ -97,6 +97,43 @@ def test_argument_errors() -> None:
         LoRALinear(base, 2, dropout_mask="bytes")
 
 
+def test_seed_and_extra_state_stay_on_the_cpu_whatever_the_default_device() -> None:
+    """Under torch.set_default_device("cuda") a seed drawn on the default device would come from the
+    CUDA generator with a host sync per call; the meta device shows it without a GPU (.item() raises
+    there), as it does for the merged flag's state tensor."""
+    torch.manual_seed(5)
+    expected = new_seed()
+    with torch.device("meta"):
+        torch.manual_seed(5)
+        assert new_seed() == expected
+        layer = LoRALinear(nn.Linear(8, 8), 2)
+        state = layer.get_extra_state()
+    assert state.device.type == "cpu" and not bool(state)
+
+
+def test_dropout_without_a_seed_is_refused_inside_a_cuda_graph_capture(monkeypatch) -> None:
+    """A captured call would bake the host seed into the graph: every replay, the same mask. That
+    is refused with a reason; an explicit seed, eval() or p = 0 are the user's choices and run."""
+    import lora_kernels as lk
+    from lora_kernels.api import CAPTURE_SEED_MESSAGE
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    layer = _layer(lora_dropout=0.1, backend="torch")
+    x = torch.randn(3, 24)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture") as err:
+        layer(x)
+    assert str(err.value) == CAPTURE_SEED_MESSAGE
+    args = (x, layer.base_layer.weight, layer.lora_A, layer.lora_B)
+    with pytest.raises(RuntimeError, match="same dropout mask"):
+        lk.lora_linear(*args, dropout_p=0.1, backend="torch")
+    lk.lora_linear(*args, dropout_p=0.1, seed=7, backend="torch")
+    lk.lora_linear(*args, dropout_p=0.0, backend="torch")
+    lk.lora_linear(*args, dropout_p=0.1, training=False, backend="torch")
+    layer.eval()
+    layer(x)
+
+
 def test_dropout_train_uses_seeded_mask_and_eval_disables_it() -> None:
     torch.manual_seed(0)
     layer = _layer(lora_dropout=0.3, backend="torch")
