@@ -432,16 +432,18 @@ def mask_probe(
     dtype: torch.dtype,
     device: torch.device | str,
     mask_mode: str = "bitmask",
+    adapter_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
     """Number of mask bits where the backend's forward and backward masks differ from the reference.
 
     With ``x = 1``, ``weight = 0``, ``lora_A = I``, ``lora_B = I`` (``r = N = K``) and
     ``scaling = 1 - p``, the output is ``y = keep`` and, for ``dy = 1``, ``dx = keep``: the
-    backend's mask can be read off exactly in any dtype (values are 0 or ≈1).
+    backend's mask can be read off exactly in any dtype (values are 0 or ≈1). The adapters take
+    ``adapter_dtype`` (default ``dtype``): fp32 adapters next to a 16-bit x are other kernel variants.
     """
     from .reference import dropout_keep_mask
 
-    eye = torch.eye(K, device=device, dtype=dtype)
+    eye = torch.eye(K, device=device, dtype=adapter_dtype or dtype)
     x = torch.ones(M, K, device=device, dtype=dtype, requires_grad=True)
     w = torch.zeros(K, K, device=device, dtype=dtype)
     A = eye.clone().requires_grad_(True)
@@ -487,16 +489,19 @@ def run_mask_check(
     """Mask identity of one backend (probe + the module's own mask function when it has one)."""
     from .reference import dropout_keep_mask, pack_mask
 
-    x_dt = DTYPE_CONFIGS[dtype][0]
+    x_dt, a_dt = DTYPE_CONFIGS[dtype]
     M, K = (M, K) if M is not None and K is not None else probe_size(torch.device(device).type)
     res = MaskResult(backend, dtype, mask_mode, M, K, p, "pass")
     try:  # all of it, allocations and the availability check included (as in run_case)
         probe_x = torch.empty(M, K, dtype=x_dt, device=device)
-        reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_x[:K])
+        probe_a = torch.empty(K, K, dtype=a_dt, device=device)
+        reason = unavailable(backend, probe_x, torch.empty(K, K, dtype=x_dt, device=device), probe_a)
         if reason is not None:
             res.status, res.reason = "skip", reason
             return res
-        res.mismatches = mask_probe(impl or backend_impl(backend), M, K, p, _PROBE_SEED, x_dt, device, mask_mode)
+        probe = functools.partial(mask_probe, impl or backend_impl(backend), M, K, seed=_PROBE_SEED, dtype=x_dt,
+                                  device=device, mask_mode=mask_mode, adapter_dtype=a_dt)  # fmt: skip
+        res.mismatches = probe(p=p)
         hook = _mask_hook(backend) if impl is None else None
         if hook is not None:
             bits = hook(_PROBE_SEED, M, K, p, device)
@@ -511,7 +516,7 @@ def run_mask_check(
                 ref_bits = pack_mask(dropout_keep_mask(_PROBE_SEED, M, K, pb, device=device))
                 res.mismatches[f"threshold p={pb:.6f}"] = int((bits.to(ref_bits.device) != ref_bits).sum().item())
             else:
-                got = mask_probe(impl or backend_impl(backend), M, K, pb, _PROBE_SEED, x_dt, device, mask_mode)
+                got = probe(p=pb)
                 res.mismatches[f"threshold p={pb:.6f}"] = sum(got.values())
     except Exception as e:
         res.status, res.reason, res.context_lost = "error", _error_text(e), context_lost(e, device)

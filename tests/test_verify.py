@@ -93,6 +93,21 @@ def test_wrong_dropout_mask_is_caught_by_output_and_probe(fake_backend):
     assert mask.mismatches["forward"] > 0 and mask.mismatches["backward"] > 0
 
 
+def test_mask_probe_runs_the_configured_adapter_dtype(fake_backend):
+    """The "bf16+fp32a" config is other kernel variants than "bf16" (fp32 adapter tiles): its mask probe
+    must run those, with fp32 adapters, not the bf16 ones again."""
+    seen = []
+
+    def spy(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        seen.append((x.dtype, lora_A.dtype, lora_B.dtype))
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = spy
+    mask = verify.run_mask_check("cuda", "fp16+fp32a", DEVICE, 0.1, "bitmask")
+    assert mask.status == "pass", mask.reason
+    assert seen and set(seen) == {(torch.float16, torch.float32, torch.float32)}
+
+
 def _keep_above_threshold(seed, M, K, p, device):
     """A kernel's classic slip: keep iff u > threshold (the definition keeps u == threshold)."""
     return dropout_draws(seed, M, K, device) > dropout_threshold(p)
@@ -317,7 +332,9 @@ def test_shape_argument_is_validated():
 
 def test_python_dash_m_entry_point(capsys):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = ["verify", "--backend", "torch", "--only-shapes", "--shape", "3,16,8,2", "--no-progress"]
+    # --device cpu: on a GPU the default dtypes are fp32/fp16/bf16, without the fp64 row checked below.
+    argv = ["verify", "--backend", "torch", "--device", "cpu", "--only-shapes", "--shape", "3,16,8,2",
+            "--no-progress"]  # fmt: skip
     res = subprocess.run([sys.executable, "-m", "lora_kernels", *argv], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
