@@ -1,13 +1,15 @@
 """Build lora_kernels: the pure-Python package, plus the CUDA extension ``lora_kernels._C`` when a
 CUDA toolkit and a CUDA build of torch are present (otherwise a warning, not a failure).
 
-    pip install .                                   # isolated build
-    pip install -e . --no-build-isolation           # editable, against the installed torch
+    pip install --no-build-isolation .              # with lora_kernels._C, against the installed torch
+    pip install -e . --no-build-isolation           # editable, likewise
+    pip install .                                   # isolated: no torch in the build env, so no _C
 
 Environment variables (flash-attention style):
-    LORA_KERNELS_CUDA_ARCHS       SM versions, default "80;90" (90 -> sm_90a; PTX for the newest)
-    LORA_KERNELS_SKIP_CUDA_BUILD  =1: install without the extension (backend="cuda" JIT-builds it)
-    LORA_KERNELS_FORCE_BUILD      =1: no toolkit / CPU-only torch is an error instead of a warning
+    LORA_KERNELS_CUDA_ARCHS       SM versions, default "80;90" (90 -> sm_90a; PTX for the newest);
+                                  the only arch setting (TORCH_CUDA_ARCH_LIST is not read)
+    LORA_KERNELS_SKIP_CUDA_BUILD  =1: install without the extension
+    LORA_KERNELS_FORCE_BUILD      =1: not building the extension is an error, not a warning
     LORA_KERNELS_LOCAL_VERSION    local version tag, e.g. "cu130torch2.14" (scripts/build_wheels.sh)
     MAX_JOBS, NVCC_THREADS        parallel compile jobs (ninja) and nvcc --threads per job
 See docs/BUILDING.md.
@@ -18,14 +20,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
+# Without the extension: any torch with torch.library.triton_op (2.6). With it, see _extension_kwargs.
+BASE_REQUIRES = ["torch>=2.6", "numpy"]
 
 
 def _load_build_helper():
@@ -56,12 +62,33 @@ class _LocalVersionDistribution(Distribution):
             self.metadata.version = f"{self.metadata.version.split('+')[0]}+{local}"
 
 
+class _BuildPy(build_py):
+    """The wheel's Python files are the source tree's, nothing left from an earlier build.
+
+    ``build/lib.*`` is reused between builds (pip wheel builds in the tree): a module deleted from
+    the sources, or the ``_build_info.py``/``_C`` of an earlier CUDA build in a pure build, would
+    otherwise be packed. The tree's own ``_build_info.py`` (written by an editable build) is never
+    packed: a CUDA build writes the one that belongs to its binary into build_lib after this.
+    """
+
+    def run(self):
+        stale = Path(self.build_lib) / "lora_kernels"
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        super().run()
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("lora_kernels", "_build_info")]
+
+
 def _skip(reason: str) -> dict:
     if _flag("LORA_KERNELS_FORCE_BUILD"):
         sys.exit(f"lora_kernels: LORA_KERNELS_FORCE_BUILD=1 but the CUDA extension cannot be built: {reason}")
     warnings.warn(
-        f"lora_kernels: building WITHOUT the CUDA extension: {reason}. backend='cuda' will try to JIT-build "
-        "it at first use; backend='triton' and 'torch' are unaffected.",
+        f"lora_kernels: building WITHOUT the CUDA extension: {reason}. backend='triton' and 'torch' are "
+        "unaffected; backend='cuda' JIT-builds it at first use only from a source tree (an editable "
+        "install), else it is unavailable with this reason. See docs/BUILDING.md.",
         stacklevel=1,
     )
     return {}
@@ -69,9 +96,15 @@ def _skip(reason: str) -> dict:
 
 def _extension_kwargs() -> dict:
     if _flag("LORA_KERNELS_SKIP_CUDA_BUILD"):
+        if _flag("LORA_KERNELS_FORCE_BUILD"):
+            sys.exit("lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1 and LORA_KERNELS_FORCE_BUILD=1 contradict each other")
         print("lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1: pure-Python install")
         return {}
     build = _load_build_helper()
+    try:  # a value the user set that does not parse is an error, never a quiet pure-Python build
+        archs = build.parse_archs()
+    except ValueError as e:
+        sys.exit(f"lora_kernels: {e}")
     cuda_home = build.find_cuda_home()
     if cuda_home is None:
         return _skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
@@ -80,13 +113,23 @@ def _extension_kwargs() -> dict:
     try:
         import torch
     except ImportError:
-        return _skip("torch is not importable in the build environment")
+        return _skip(
+            "torch is not importable in the build environment (an isolated build: use "
+            "pip install --no-build-isolation to build against the installed torch)"
+        )
     if torch.version.cuda is None:
         return _skip(f"torch {torch.__version__} is a CPU-only build")
+    nvcc = build.nvcc_version(cuda_home)
+    if nvcc is None:
+        return _skip(f"{cuda_home}/bin/nvcc does not run")
+    if nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return _skip(
+            f"nvcc {nvcc} ({cuda_home}) and torch's CUDA {torch.version.cuda} differ in major version "
+            "(point CUDA_HOME at a matching toolkit)"
+        )
     try:
-        archs = build.parse_archs()
         includes = build.include_dirs(cuda_home)
-    except (RuntimeError, ValueError) as e:
+    except RuntimeError as e:
         return _skip(str(e))
     # torch checks TORCH_CUDA_ARCH_LIST even though our -gencode flags take precedence; without a
     # GPU it would otherwise warn and guess.
@@ -125,10 +168,16 @@ def _extension_kwargs() -> dict:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 build.write_build_info(path, info)
 
+    # The binary runs only with the torch release series it was compiled against (build_info.py
+    # checks major.minor at run time): pin it, or pip would pair the wheel with any newer torch.
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return {
         "ext_modules": [ext],
         "cmdclass": {"build_ext": BuildExtWithInfo.with_options(use_ninja=True)},
+        "install_requires": [f"torch=={major}.{minor}.*", "numpy"],
     }
 
 
-setup(distclass=_LocalVersionDistribution, **_extension_kwargs())
+kwargs = {"install_requires": BASE_REQUIRES, **_extension_kwargs()}
+kwargs["cmdclass"] = {"build_py": _BuildPy, **kwargs.get("cmdclass", {})}
+setup(distclass=_LocalVersionDistribution, **kwargs)

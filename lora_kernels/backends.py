@@ -67,6 +67,9 @@ def _module(name: str):
         return mod, None
     except ImportError as e:  # e.g. triton missing on a CPU-only install
         return None, f"cannot import the {name} backend: {e}"
+    except Exception as e:  # e.g. a broken Triton install, or a torch without an API used
+        # at import: "auto" falls back to the reference, an explicit backend= raises with this reason.
+        return None, f"cannot import the {name} backend: {type(e).__name__}: {e}"
 
 
 def _unavailable(

@@ -26,9 +26,11 @@ def load() -> dict[str, str] | None:
     return {k: getattr(mod, k.upper(), "unknown") for k in _KEYS}
 
 
-def _torch_release(version: str) -> str:
-    # "2.14.1+cu130" -> "2.14.1": the C++ ABI changes between releases, not with the local tag.
-    return version.split("+", 1)[0]
+def _torch_series(version: str) -> str:
+    # "2.14.1+cu130" -> "2.14": the C++ ABI changes between minor releases, not between patch
+    # releases or with the local tag (the wheel's tag, e.g. +cu130torch2.14, and its torch==2.14.*
+    # requirement say the same).
+    return ".".join(version.split("+", 1)[0].split(".")[:2])
 
 
 def _major(cuda: str | None) -> str | None:
@@ -41,16 +43,17 @@ def mismatch_reason(info: dict[str, str] | None = None) -> str | None:
     if info is None:
         return None
     built, running = info["torch_version"], torch.__version__
-    if _torch_release(built) != _torch_release(running):
+    if _torch_series(built) != _torch_series(running):
         return (
-            f"lora_kernels._C was built for torch {built} but torch {running} is installed: "
-            "rebuild it (pip install --no-build-isolation -e . or scripts/build_wheels.sh), "
-            "or remove the stale lora_kernels/_C*.so to use the JIT build"
+            f"lora_kernels._C was built for torch {built} but torch {running} is installed: install a "
+            f"lora_kernels wheel built for torch {_torch_series(running)}, or rebuild from the sources against "
+            "this torch (pip install --no-build-isolation ., or scripts/build_wheels.sh; docs/BUILDING.md)"
         )
     if _major(info["torch_cuda_version"]) != _major(torch.version.cuda):
         return (
             f"lora_kernels._C was built against CUDA {info['torch_cuda_version']} but torch uses CUDA "
-            f"{torch.version.cuda}: rebuild it for this torch (see docs/BUILDING.md)"
+            f"{torch.version.cuda}: install a wheel built for this torch, or rebuild from the sources "
+            "(pip install --no-build-isolation .; docs/BUILDING.md)"
         )
     return None
 

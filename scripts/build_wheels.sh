@@ -18,6 +18,10 @@ if [ -z "$CUDA_HOME" ]; then
 fi
 export CUDA_HOME
 export LORA_KERNELS_FORCE_BUILD=1  # a wheel without _C must not be produced silently
+if [ -n "${LORA_KERNELS_SKIP_CUDA_BUILD:-}" ] && [ "${LORA_KERNELS_SKIP_CUDA_BUILD}" != 0 ]; then
+  echo "build_wheels: LORA_KERNELS_SKIP_CUDA_BUILD=$LORA_KERNELS_SKIP_CUDA_BUILD: this script builds the CUDA wheel" >&2
+  exit 1
+fi
 
 read -r TORCH_TAG CUDA_TAG < <("$PY" - <<'PYEOF'
 import torch
@@ -35,4 +39,14 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "build_wheels: version +$LORA_KERNELS_LOCAL_VERSION, archs $ARCHS, CUDA_HOME=$CUDA_HOME, MAX_JOBS=$MAX_JOBS"
 mkdir -p "$OUT"
 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$OUT" .
-ls -l "$OUT"/lora_kernels-*"+${LORA_KERNELS_LOCAL_VERSION}"-*.whl
+whl=$(ls -t "$OUT"/lora_kernels-*"+${LORA_KERNELS_LOCAL_VERSION}"-*.whl | head -1)
+# The extension and its metadata must be inside (setup.py's FORCE makes a missing _C fail, this checks the result).
+"$PY" - "$whl" <<'PYEOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+missing = [what for what, ok in (("lora_kernels/_C*.so", any(n.startswith("lora_kernels/_C") and n.endswith(".so") for n in names)),
+                                 ("lora_kernels/_build_info.py", "lora_kernels/_build_info.py" in names)) if not ok]
+if missing:
+    sys.exit(f"build_wheels: {sys.argv[1]} lacks {', '.join(missing)}")
+PYEOF
+ls -l "$whl"

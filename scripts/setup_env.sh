@@ -9,8 +9,9 @@ VENV=${VENV:-.venv}
 CUDA_HOME=$(bash scripts/find_cuda_home.sh)
 if [ -n "$CUDA_HOME" ]; then
   export CUDA_HOME
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-  echo "setup_env: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  # The archs come from LORA_KERNELS_CUDA_ARCHS (default 80;90); setup.py sets TORCH_CUDA_ARCH_LIST
+  # to match, only so that torch's own check does not guess without a GPU.
+  echo "setup_env: CUDA_HOME=$CUDA_HOME LORA_KERNELS_CUDA_ARCHS=${LORA_KERNELS_CUDA_ARCHS:-80;90 (default)}"
 else
   echo "setup_env: no CUDA toolkit found: installing without the CUDA extension"
 fi

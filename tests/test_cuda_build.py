@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -331,6 +332,10 @@ def test_wheel_packs_the_built_extension(ext, tmp_path):
     recompile), so this takes seconds, not a second full compile.
     """
     so = importlib.util.find_spec("lora_kernels._C").origin
+    # pip wheel reuses build/lib.*: a module left there by an earlier build must not be packed.
+    build_lib = ROOT / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "lora_kernels"
+    build_lib.mkdir(parents=True, exist_ok=True)
+    (build_lib / "removed_from_the_sources.py").write_text("")
     env = dict(os.environ, VENV=str(Path(sys.executable).parents[1]))
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(tmp_path)],
@@ -346,7 +351,13 @@ def test_wheel_packs_the_built_extension(ext, tmp_path):
     v = torch.__version__.split("+")[0].split(".")
     tag = f"+cu{torch.version.cuda.replace('.', '')}torch{v[0]}.{v[1]}"
     assert tag in wheels[0].name
-    names = zipfile.ZipFile(wheels[0]).namelist()
+    whl = zipfile.ZipFile(wheels[0])
+    names = whl.namelist()
     assert any(n.startswith("lora_kernels/_C") and n.endswith(".so") for n in names), names
     assert "lora_kernels/_build_info.py" in names
+    tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lora_kernels").rglob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == tree | {"lora_kernels/_build_info.py"}
+    # The binary loads only with its torch series: pip must not pair it with another torch.
+    meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert f"Requires-Dist: torch=={v[0]}.{v[1]}.*" in meta.splitlines(), meta[:2000]
     assert Path(so).exists()

@@ -106,6 +106,7 @@ def torch_arch_list(archs: list[str]) -> str:
 
 
 def _site_dirs() -> list[Path]:
+    import importlib.util
     import site
 
     dirs = [Path(p) for p in sys.path if p.endswith("site-packages")]
@@ -113,25 +114,41 @@ def _site_dirs() -> list[Path]:
         dirs += [Path(p) for p in site.getsitepackages()]
     except AttributeError:  # some virtualenv layouts
         pass
+    # Wherever the `nvidia` namespace package (the CUDA wheels torch depends on) lives: also a
+    # --target or PYTHONPATH install whose directory is not called site-packages.
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [Path(p).parent for p in spec.submodule_search_locations]
     return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+VENDORED_CUTLASS = ROOT / "third_party" / "cutlass"
 
 
 def cutlass_include_dirs() -> list[str]:
     """CUTLASS/CuTe headers: ``LORA_KERNELS_CUTLASS_DIR`` (a CUTLASS source tree with ``include/`` and
-    ``tools/util/include/``, e.g. made by scripts/vendor_cutlass.sh for a machine without a package
-    registry), else those of the ``nvidia-cutlass`` package (``cutlass_library/source/include``)."""
+    ``tools/util/include/``), else those of the ``nvidia-cutlass`` package
+    (``cutlass_library/source/include``), else ``third_party/cutlass`` (made by scripts/vendor_cutlass.sh
+    for a machine without a package registry)."""
     import importlib.util
+
+    def tree(root: Path, what: str) -> list[str]:
+        inc, util = root / "include", root / "tools" / "util" / "include"
+        if not (inc / "cutlass" / "cutlass.h").exists():
+            raise RuntimeError(f"{what}: {inc}/cutlass/cutlass.h is missing")
+        return [str(inc), str(util)]
 
     override = os.environ.get("LORA_KERNELS_CUTLASS_DIR", "").strip()
     if override:
-        root = Path(override)
-        inc, util = root / "include", root / "tools" / "util" / "include"
-        if not (inc / "cutlass" / "cutlass.h").exists():
-            raise RuntimeError(f"LORA_KERNELS_CUTLASS_DIR={override}: {inc}/cutlass/cutlass.h is missing")
-        return [str(inc), str(util)]
+        return tree(Path(override), f"LORA_KERNELS_CUTLASS_DIR={override}")
     spec = importlib.util.find_spec("cutlass_library")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the CUTLASS headers come from the 'nvidia-cutlass' package: pip install nvidia-cutlass")
+        if (VENDORED_CUTLASS / "include").is_dir():
+            return tree(VENDORED_CUTLASS, "the vendored CUTLASS")
+        raise RuntimeError(
+            "the CUTLASS headers come from the 'nvidia-cutlass' package (pip install nvidia-cutlass), "
+            f"{VENDORED_CUTLASS} (scripts/vendor_cutlass.sh) or LORA_KERNELS_CUTLASS_DIR"
+        )
     src = Path(spec.origin).parent / "source"
     inc, util = src / "include", src / "tools" / "util" / "include"
     if not (inc / "cutlass" / "cutlass.h").exists():

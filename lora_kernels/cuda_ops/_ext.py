@@ -161,6 +161,12 @@ def availability(device: torch.device) -> str | None:
         return None
     if jit_disabled():
         return NO_JIT_REASON
+    if not (_build.CSRC / "bindings.cpp").exists():  # an installed wheel or sdist without csrc/
+        return (
+            f"lora_kernels._C is not installed and its sources ({_build.CSRC}) are not here to JIT-build it: "
+            "install a lora_kernels wheel built with the extension, or build it from the source tree "
+            "(pip install --no-build-isolation .; docs/BUILDING.md)"
+        )
     if _build.find_cuda_home() is None:
         return (
             "lora_kernels._C is not installed and no CUDA toolkit was found to JIT-build it "

@@ -1,0 +1,171 @@
+"""Packaging: what setup.py does with the build switches, the sdist's contents, where the build finds
+CUTLASS and the CUDA wheels' headers, and what the package says when the extension cannot be had.
+
+CPU only, seconds each: ``python setup.py --name`` runs the build configuration without compiling.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+
+from lora_kernels import backends, build_info
+from lora_kernels.cuda_ops import _build, _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_py(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LORA_KERNELS_")}
+    return subprocess.run(
+        [sys.executable, "setup.py", *args],
+        cwd=root,  # setuptools reads the project (pyproject.toml) from the working directory
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_isolated_builds_do_not_fetch_torch():
+    """An isolated build env with torch would compile _C against whatever torch pip downloads (GBs,
+    and a release the user's torch then refuses): the extension is built with --no-build-isolation."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requires = " ".join(cfg["build-system"]["requires"])
+    for name in ("torch", "nvidia-cutlass", "pybind11"):
+        assert name not in requires
+    assert "dependencies" in cfg["project"]["dynamic"]  # setup.py pins torch for a built _C
+
+
+def test_skip_and_force_together_are_an_error():
+    res = _setup_py(ROOT, "--name", LORA_KERNELS_SKIP_CUDA_BUILD="1", LORA_KERNELS_FORCE_BUILD="1")
+    assert res.returncode != 0 and "contradict" in res.stderr
+
+
+def test_an_arch_list_that_does_not_parse_is_an_error():
+    """Not a quiet pure-Python build: the user asked for archs."""
+    res = _setup_py(ROOT, "--name", LORA_KERNELS_CUDA_ARCHS="hopper")
+    assert res.returncode != 0 and "cannot parse 'hopper'" in res.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch skips the build before nvcc is asked")
+def test_a_toolkit_of_another_cuda_major_skips_the_build(tmp_path):
+    """torch's BuildExtension raises on a CUDA major mismatch, failing the whole install; setup.py
+    must see it first: a warning and the pure package (an error under FORCE)."""
+    other = 12 if torch.version.cuda.split(".")[0] != "12" else 13
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.8, V{other}.8.93'\n")
+    nvcc.chmod(0o755)
+    res = _setup_py(ROOT, "--name", CUDA_HOME=str(home))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("lora_kernels")
+    assert f"nvcc {other}.8" in res.stderr and "differ in major version" in res.stderr
+    forced = _setup_py(ROOT, "--name", CUDA_HOME=str(home), LORA_KERNELS_FORCE_BUILD="1")
+    assert forced.returncode != 0 and "differ in major version" in forced.stderr
+
+
+def test_sdist_holds_sources_docs_and_tests_but_no_build_products(tmp_path):
+    """From a copy of this tree with what a build leaves in it (`make setup` writes
+    lora_kernels/_build_info.py and _C*.so; pip wheel leaves build/)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*.egg-info", "build",
+                                                              "third_party", ".device", "dist"))  # fmt: skip
+    (tree / "lora_kernels" / "_build_info.py").write_text("TORCH_VERSION = 'stale'\n")
+    (tree / "lora_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (tree / "build" / "lib" / "lora_kernels").mkdir(parents=True)
+    res = _setup_py(tree, "-q", "sdist", "-d", str(tmp_path), LORA_KERNELS_SKIP_CUDA_BUILD="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sdist,) = tmp_path.glob("lora_kernels-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read()
+    for needed in ("LICENSE", "setup.py", "pyproject.toml", "docs/BUILDING.md", "csrc/lowrank_kernels.cuh",
+                   "csrc/bindings.cpp", "lora_kernels/cuda_ops/_build.py", "tests/conftest.py", "tests/_utils.py",
+                   "tests/cuda_emu/harness.cpp", "requirements-ci.txt", "scripts/prewarm_triton_cache.py"):  # fmt: skip
+        assert needed in names, needed
+    built = [n for n in names if n.endswith((".so", ".pyc")) or n.endswith("_build_info.py")]
+    assert built == [] and not any(n.startswith(("build/", ".device/", "third_party/")) for n in names)
+    assert b"Requires-Dist: torch>=2.6" in pkg_info and b"License-File: LICENSE" in pkg_info
+
+
+def test_build_wheels_refuses_to_skip_the_extension(tmp_path):
+    env = dict(os.environ, LORA_KERNELS_SKIP_CUDA_BUILD="1", VENV=str(Path(sys.executable).parents[1]))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode != 0
+    assert "LORA_KERNELS_SKIP_CUDA_BUILD=1" in res.stderr or "no CUDA toolkit" in res.stderr
+    assert list(tmp_path.glob("*.whl")) == []
+
+
+def test_build_metadata_is_checked_per_torch_minor_series():
+    """The wheel is tagged (+cu130torch2.14) and pinned (torch==2.14.*) per series: a patch release of
+    torch keeps the C++ ABI and must load it, another minor release must not."""
+    v = torch.__version__.split("+")[0].split(".")
+    info = dict(torch_version=f"{v[0]}.{v[1]}.{int(v[2]) + 1}+cu999", torch_cuda_version=str(torch.version.cuda),
+                nvcc_version="x", cuda_archs="80", git_commit="x", build_date="d")  # fmt: skip
+    assert build_info.mismatch_reason(info) is None
+    other = dict(info, torch_version=f"{v[0]}.{int(v[1]) + 1}.0")
+    reason = build_info.mismatch_reason(other)
+    assert reason is not None and f"wheel built for torch {v[0]}.{v[1]}" in reason and "JIT" not in reason
+
+
+def test_cuda_backend_without_sources_or_binary_says_so(monkeypatch, tmp_path):
+    """A wheel or sdist install has no csrc/ to JIT-build from: no 'available' that fails at the call."""
+    monkeypatch.setattr(_ext, "_EXT", None)
+    monkeypatch.setattr(_ext, "prebuilt_available", lambda: False)
+    monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/usr/local/cuda-13.0")
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "csrc")
+    reason = _ext.availability(torch.device("cuda", 0))
+    assert reason is not None and "sources" in reason and "not here to JIT-build" in reason
+
+
+def test_cutlass_headers_fall_back_to_the_vendored_copy(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "cutlass_library" else real_find_spec(n, *a)
+    )
+    monkeypatch.delenv("LORA_KERNELS_CUTLASS_DIR", raising=False)
+    monkeypatch.setattr(_build, "VENDORED_CUTLASS", tmp_path / "cutlass")
+    with pytest.raises(RuntimeError, match="nvidia-cutlass.*vendor_cutlass.sh"):
+        _build.cutlass_include_dirs()
+    (tmp_path / "cutlass" / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "cutlass" / "include" / "cutlass" / "cutlass.h").write_text("")
+    inc = _build.cutlass_include_dirs()
+    assert inc == [str(tmp_path / "cutlass" / "include"), str(tmp_path / "cutlass" / "tools" / "util" / "include")]
+
+
+def test_cuda_wheel_headers_are_found_outside_site_packages(monkeypatch, tmp_path):
+    """torch's CUDA wheels' headers (nvidia/cu13/include) in a --target / PYTHONPATH directory."""
+    inc = tmp_path / "pylibs" / "nvidia" / "cu13" / "include"
+    inc.mkdir(parents=True)
+    (inc / "cusparse.h").write_text("")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "pylibs" / "nvidia")])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == "nvidia" else real_find_spec(n, *a))
+    assert str(inc) in _build.cuda_extra_include_dirs(None)
+
+
+def test_a_backend_that_fails_to_import_is_unavailable_with_the_error(monkeypatch, tmp_path):
+    """Not only ImportError: a broken Triton install or a too-old torch raise others at import. "auto"
+    then falls back; an explicit backend names the error."""
+    (tmp_path / "lk_broken_backend.py").write_text("raise RuntimeError('libcuda.so cannot be found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends._MODULES, "cuda", "lk_broken_backend")
+    x = torch.empty(2, 8)
+    reason = backends.available_backends(x)["cuda"]
+    assert reason == "cannot import the cuda backend: RuntimeError: libcuda.so cannot be found"
+    with pytest.raises(RuntimeError, match="libcuda.so cannot be found"):
+        backends.resolve("cuda", x, x, x)
