@@ -161,7 +161,13 @@ def _extension_kwargs() -> dict:
         def run(self):
             super().run()
             info = build.build_info(archs, cuda_home)
-            targets = {ROOT / "lora_kernels" / "_build_info.py"}
+            # Next to the binary: in the tree for in-place and editable builds (setuptools' editable
+            # mode copies _C into the tree), in build_lib for a wheel, which must leave the tree's
+            # file alone (it describes the tree's own _C, perhaps for another torch).
+            in_tree = self.inplace or getattr(self, "editable_mode", False)
+            targets = set()
+            if in_tree:
+                targets.add(ROOT / "lora_kernels" / "_build_info.py")
             if not self.inplace:
                 targets.add(Path(self.build_lib) / "lora_kernels" / "_build_info.py")
             for path in targets:

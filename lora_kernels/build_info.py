@@ -47,13 +47,13 @@ def mismatch_reason(info: dict[str, str] | None = None) -> str | None:
         return (
             f"lora_kernels._C was built for torch {built} but torch {running} is installed: install a "
             f"lora_kernels wheel built for torch {_torch_series(running)}, or rebuild from the sources against "
-            "this torch (pip install --no-build-isolation ., or scripts/build_wheels.sh; docs/BUILDING.md)"
+            "this torch (pip install --no-build-isolation [-e] ., or scripts/build_wheels.sh; docs/BUILDING.md)"
         )
     if _major(info["torch_cuda_version"]) != _major(torch.version.cuda):
         return (
             f"lora_kernels._C was built against CUDA {info['torch_cuda_version']} but torch uses CUDA "
             f"{torch.version.cuda}: install a wheel built for this torch, or rebuild from the sources "
-            "(pip install --no-build-isolation .; docs/BUILDING.md)"
+            "(pip install --no-build-isolation [-e] .; docs/BUILDING.md)"
         )
     return None
 

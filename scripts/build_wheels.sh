@@ -18,10 +18,12 @@ if [ -z "$CUDA_HOME" ]; then
 fi
 export CUDA_HOME
 export LORA_KERNELS_FORCE_BUILD=1  # a wheel without _C must not be produced silently
-if [ -n "${LORA_KERNELS_SKIP_CUDA_BUILD:-}" ] && [ "${LORA_KERNELS_SKIP_CUDA_BUILD}" != 0 ]; then
+case "$(echo "${LORA_KERNELS_SKIP_CUDA_BUILD:-0}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in  # as setup.py reads it
+1 | true | yes | on)
   echo "build_wheels: LORA_KERNELS_SKIP_CUDA_BUILD=$LORA_KERNELS_SKIP_CUDA_BUILD: this script builds the CUDA wheel" >&2
   exit 1
-fi
+  ;;
+esac
 
 read -r TORCH_TAG CUDA_TAG < <("$PY" - <<'PYEOF'
 import torch

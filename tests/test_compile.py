@@ -141,6 +141,34 @@ def test_inductor_gpu_backends(backend, dtype):
     _assert_compiled_matches_eager(model.cuda().train(), _x(dtype, (4, 33, 64)), "inductor", [dtype])
 
 
+@requires_gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reduce_overhead_draws_a_new_mask_per_call(backend):
+    """mode="reduce-overhead" replays CUDA graphs: a seed drawn once at capture would give every call
+    the same dropout mask (eager capture refuses seed=None for that reason, see api.new_seed). The
+    compiled draw must stay per call. (Inductor draws other seeds than eager under manual_seed, its
+    own RNG lowering: checked on CPU, so correctness is checked with explicit seeds.)"""
+    _skip_unless_available(backend, torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(96, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    A = torch.randn(16, 64, device="cuda", generator=gen)
+    B = torch.randn(96, 16, device="cuda", generator=gen)
+    x = torch.randn(128, 64, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def f(x, seed=None):
+        return lk.lora_linear(x, w, A, B, scaling=2.0, dropout_p=0.5, seed=seed, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, mode="reduce-overhead")
+    ys = [compiled(x).clone() for _ in range(4)]  # warm-up, capture, replays
+    for i in range(1, 4):
+        assert not torch.equal(ys[i], ys[i - 1]), f"calls {i - 1} and {i} used the same dropout mask"
+    assert all(torch.isfinite(y).all() for y in ys)
+    for seed in (5, 6, 7):
+        assert_close_ref(compiled(x, seed).clone(), f(x, seed).double(), [torch.bfloat16], f"seed {seed}")
+    torch._dynamo.reset()
+
+
 def test_layer_module_compiles():
     LoRALinear = lk.LoRALinear
     base = nn.Linear(32, 24).to(DEVICE)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from lora_kernels import build_info, reference
 from lora_kernels.cuda_ops import _build, _ext
@@ -336,6 +337,8 @@ def test_wheel_packs_the_built_extension(ext, tmp_path):
     build_lib = ROOT / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "lora_kernels"
     build_lib.mkdir(parents=True, exist_ok=True)
     (build_lib / "removed_from_the_sources.py").write_text("")
+    tree_info = ROOT / "lora_kernels" / "_build_info.py"
+    tree_info_before = tree_info.read_text()
     env = dict(os.environ, VENV=str(Path(sys.executable).parents[1]))
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(tmp_path)],
@@ -359,5 +362,8 @@ def test_wheel_packs_the_built_extension(ext, tmp_path):
     assert {n for n in names if n.endswith(".py")} == tree | {"lora_kernels/_build_info.py"}
     # The binary loads only with its torch series: pip must not pair it with another torch.
     meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert f"Requires-Dist: torch=={v[0]}.{v[1]}.*" in meta.splitlines(), meta[:2000]
+    requires = [Requirement(line.split(":", 1)[1]) for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert [str(r.specifier) for r in requires if r.name == "torch"] == [f"=={v[0]}.{v[1]}.*"], meta[:2000]
     assert Path(so).exists()
+    # A wheel build leaves the tree's metadata alone: it describes the tree's own _C.
+    assert tree_info.read_text() == tree_info_before

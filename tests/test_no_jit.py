@@ -105,11 +105,12 @@ def test_no_jit_is_reported_before_a_missing_toolkit(no_prebuilt, monkeypatch):
     assert _ext.availability(GPU) == _ext.NO_JIT_REASON
 
 
-def test_auto_never_starts_a_jit_build(no_prebuilt, monkeypatch):
+def test_auto_never_starts_a_jit_build(no_prebuilt, monkeypatch, tmp_path):
     """Without a built ``_C`` "auto" must not pick the cuda backend: its first call would compile for
     minutes inside the user's forward (and raise there if the build fails). backend="cuda" still
     builds; once the extension is loaded, "auto" may pick it."""
     monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    monkeypatch.setenv("LORA_KERNELS_CACHE", str(tmp_path))  # no JIT build of an earlier process
     with FakeTensorMode():
         x = torch.empty(4, 16, device="cuda", dtype=torch.float16)
         w = torch.empty(8, 16, device="cuda", dtype=torch.float16)
@@ -125,3 +126,17 @@ def test_auto_never_starts_a_jit_build(no_prebuilt, monkeypatch):
     assert len(no_prebuilt) == 1
     assert cuda_ll.auto_unavailable_reason(x, w, a) is None
     assert backends.resolve("auto", x, w, a) is cuda_ll.lora_linear_2d
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch has no JIT build to find")
+def test_auto_takes_the_jit_build_of_an_earlier_process(no_prebuilt, monkeypatch, tmp_path):
+    """A JIT build already in the cache loads in seconds: "auto" may use it."""
+    monkeypatch.delenv("LORA_KERNELS_NO_JIT", raising=False)
+    monkeypatch.setenv("LORA_KERNELS_CACHE", str(tmp_path))
+    assert not _ext.jit_cached() and cuda_ll._needs_build()
+    built = _ext.jit_cache_dir(_ext._jit_archs())
+    built.mkdir(parents=True)
+    (built / "lora_kernels_jit_C.so").write_bytes(b"")
+    assert _ext.jit_cached() and not cuda_ll._needs_build()
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "no-sources")  # an install without csrc/: nothing to load
+    assert not _ext.jit_cached()

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import tarfile
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from lora_kernels import backends, build_info
@@ -40,6 +40,7 @@ def _setup_py(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess
 def test_isolated_builds_do_not_fetch_torch():
     """An isolated build env with torch would compile _C against whatever torch pip downloads (GBs,
     and a release the user's torch then refuses): the extension is built with --no-build-isolation."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     requires = " ".join(cfg["build-system"]["requires"])
     for name in ("torch", "nvidia-cutlass", "pybind11"):
@@ -100,13 +101,36 @@ def test_sdist_holds_sources_docs_and_tests_but_no_build_products(tmp_path):
     assert b"Requires-Dist: torch>=2.6" in pkg_info and b"License-File: LICENSE" in pkg_info
 
 
+@pytest.mark.skipif(_build.find_cuda_home() is None, reason="without a CUDA toolkit build_wheels.sh stops before")
 def test_build_wheels_refuses_to_skip_the_extension(tmp_path):
-    env = dict(os.environ, LORA_KERNELS_SKIP_CUDA_BUILD="1", VENV=str(Path(sys.executable).parents[1]))
+    env = dict(os.environ, LORA_KERNELS_SKIP_CUDA_BUILD="yes", VENV=str(Path(sys.executable).parents[1]))
     res = subprocess.run(["bash", str(ROOT / "scripts" / "build_wheels.sh"), str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert res.returncode != 0
-    assert "LORA_KERNELS_SKIP_CUDA_BUILD=1" in res.stderr or "no CUDA toolkit" in res.stderr
+    assert res.returncode != 0 and "LORA_KERNELS_SKIP_CUDA_BUILD=yes" in res.stderr
     assert list(tmp_path.glob("*.whl")) == []
+
+
+def test_pure_wheel_packs_the_sources_only(tmp_path):
+    """A pure wheel (no extension) from a tree where earlier builds left a stale module in build/lib,
+    and _build_info.py and _C in the package: none of them may be packed."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*.egg-info", "build",
+                                                              "third_party", ".device", "dist"))  # fmt: skip
+    (tree / "lora_kernels" / "_build_info.py").write_text("TORCH_VERSION = 'stale'\n")
+    (tree / "lora_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    stale = tree / "build" / "lib" / "lora_kernels"
+    stale.mkdir(parents=True)
+    (stale / "removed_from_the_sources.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_KERNELS_")}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "--disable-pip-version-check", "-w", str(tmp_path), str(tree)],
+                         env={**env, "LORA_KERNELS_SKIP_CUDA_BUILD": "1"}, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    (whl,) = tmp_path.glob("lora_kernels-*-py3-none-any.whl")
+    packed = {n for n in zipfile.ZipFile(whl).namelist() if n.startswith("lora_kernels/")}
+    sources = {p.relative_to(tree).as_posix() for p in (tree / "lora_kernels").rglob("*.py")}
+    assert packed == sources - {"lora_kernels/_build_info.py"}
 
 
 def test_build_metadata_is_checked_per_torch_minor_series():

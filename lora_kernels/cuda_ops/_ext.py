@@ -14,6 +14,7 @@ its availability per GPU for the process).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -27,7 +28,7 @@ import torch
 from .. import build_info
 from . import _build
 
-__all__ = ["get_ext", "prebuilt_available", "availability", "jit_cache_dir", "runs_on", "jit_disabled"]
+__all__ = ["get_ext", "prebuilt_available", "availability", "jit_cache_dir", "jit_cached", "runs_on", "jit_disabled"]
 
 _LOCK = threading.Lock()
 _EXT: ModuleType | None = None
@@ -72,12 +73,31 @@ def _jit_archs() -> list[str]:
     return _build.parse_archs(_build.DEFAULT_ARCHS)
 
 
+@functools.cache
+def _sources_digest() -> str:
+    return _build.sources_digest()  # the sources do not change under a running process
+
+
 def jit_cache_dir(archs: list[str]) -> Path:
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{'_'.join(archs)}-{_build.sources_digest()}"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm{'_'.join(archs)}-{_sources_digest()}"
     base = os.environ.get("LORA_KERNELS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora_kernels"
     )
     return Path(base) / "jit" / tag
+
+
+_JIT_NAME = "lora_kernels_jit_C"
+
+
+def jit_cached() -> bool:
+    """Whether an earlier process already JIT-built these sources for this torch and GPU (loading
+    it takes seconds: ninja finds nothing to do)."""
+    if torch.version.cuda is None or not (_build.CSRC / "bindings.cpp").exists():
+        return False
+    try:
+        return (jit_cache_dir(_jit_archs()) / f"{_JIT_NAME}.so").exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _jit_build() -> ModuleType:
@@ -100,14 +120,17 @@ def _jit_build() -> ModuleType:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.torch_arch_list(archs))
     build_dir = jit_cache_dir(archs)
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"lora_kernels: lora_kernels._C is not installed; JIT-building the CUDA backend for "
-        f"sm_{', sm_'.join(archs)} into {build_dir} (the first build takes several minutes)",
-        file=sys.stderr,
-    )
+    if (build_dir / f"{_JIT_NAME}.so").exists():
+        print(f"lora_kernels: lora_kernels._C is not installed; loading the JIT build in {build_dir}", file=sys.stderr)
+    else:
+        print(
+            f"lora_kernels: lora_kernels._C is not installed; JIT-building the CUDA backend for "
+            f"sm_{', sm_'.join(archs)} into {build_dir} (the first build takes several minutes)",
+            file=sys.stderr,
+        )
     flags = _build.compile_flags(archs)
     return cpp_extension.load(
-        name="lora_kernels_jit_C",
+        name=_JIT_NAME,
         sources=_build.sources(),
         extra_cflags=flags["cxx"],
         extra_cuda_cflags=flags["nvcc"],

@@ -214,8 +214,9 @@ AUTO_NO_BUILD_REASON = (
 
 @torch.compiler.assume_constant_result
 def _needs_build() -> bool:
-    """Whether a call would JIT-build the extension (fixed once it is loaded; see _device_reason)."""
-    return _ext._EXT is None and not _ext.prebuilt_available()
+    """Whether a call would JIT-build the extension: not loaded, not installed, not in the JIT cache
+    of an earlier process. A compiled region keeps the answer it traced with (see _device_reason)."""
+    return _ext._EXT is None and not _ext.prebuilt_available() and not _ext.jit_cached()
 
 
 def auto_unavailable_reason(x: Tensor, weight: Tensor, lora_A: Tensor) -> str | None:
