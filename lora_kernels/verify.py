@@ -653,7 +653,24 @@ def _versions() -> dict[str, str]:
     from .version import __version__
 
     info["lora_kernels"] = __version__
+    info["cuda_extension"] = _extension_note()
     return info
+
+
+def _extension_note() -> str:
+    """What the cuda backend would load: pip hides setup.py's "built without the extension" warning,
+    so this line is where a user sees that _C is missing or built for another torch."""
+    from . import build_info
+    from .cuda_ops import _ext
+
+    if not _ext.prebuilt_available():
+        return "not installed (a JIT build from the sources, if any: docs/BUILDING.md)"
+    meta = build_info.load()
+    if meta is None:
+        return "installed, no build metadata"
+    reason = build_info.mismatch_reason(meta)
+    note = f"built for torch {meta['torch_version']}, sm {meta['cuda_archs']}"
+    return f"{note}, REFUSED: {reason}" if reason else note
 
 
 def _fmt_frac(results: list[CaseResult], keys: Sequence[str]) -> str:
@@ -923,7 +940,8 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
             pass
     print(
         f"lora_kernels verify: device={device} ({dev_name}), triton interpreter {interp}{modes_note}, "
-        f"torch {info['torch']}, triton {info['triton']}, {time.perf_counter() - t0:.1f}s",
+        f"torch {info['torch']}, triton {info['triton']}, {time.perf_counter() - t0:.1f}s\n"
+        f"lora_kernels._C: {info['cuda_extension']}",
         file=out,
     )
     print(summary_table(results, masks), file=out)

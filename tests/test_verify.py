@@ -339,6 +339,7 @@ def test_python_dash_m_entry_point(capsys):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS:" in res.stdout and "| torch | fp64 | 2 | 2 | 0 | 0 |" in res.stdout
+    assert f"lora_kernels._C: {verify._extension_note()}\n" in res.stdout  # built, missing or refused
     assert main(argv) == 0  # the console script's entry point, in-process
     with pytest.raises(SystemExit) as exc:
         main(["verify", "--shape", "3,16"])
