@@ -135,6 +135,20 @@ def test_tensors_on_different_gpus(backend):
     _raises(backend, t, ValueError, r"^weight is on cuda:1 but x is on cuda:0")
 
 
+@pytest.mark.parametrize("backend_name", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("name", ["weight", "lora_A", "lora_B", "bias", "lora_bias"])
+def test_tensors_on_different_gpus_without_two_gpus(backend_name, name):
+    """The device check of the test above on fake CUDA tensors (only devices and shapes exist): every
+    argument on another GPU than x is named, for every backend, before anything would launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        t = {k: torch.empty(v.shape, device="cuda:0") for k, v in _inputs().items()}
+        t[name] = torch.empty(t[name].shape, device="cuda:1")
+        with pytest.raises(ValueError, match=rf"^{name} is on cuda:1 but x is on cuda:0"):
+            _call(backend_name, t)
+
+
 @requires_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("backend_name", ["triton", "cuda"])
