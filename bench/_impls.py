@@ -9,6 +9,9 @@ Names:
     ``naive``   PEFT's math in eager with adapters in the activation dtype.
     ``peft``    a real ``peft`` LoRA ``Linear`` with PEFT's defaults (fp32 adapters).
     ``compile`` ``torch.compile`` of ``naive``.
+    ``addmm``   Unsloth's LoRA_W algorithm (../shared/ANCHORS.md, the fastest peer measured there):
+                ``y = F.linear(x, W, b)`` then ``y.addmm_(x·Aᵀ, Bᵀ, alpha=s)``, three cuBLAS GEMMs, adapters in
+                the activation dtype, backward by autograd; no dropout (Unsloth's fast path needs p = 0).
     ``torch``   ``lora_kernels.lora_linear(backend="torch")`` (the reference; a dry-run row).
     ``triton-bitmask``, ``triton-regen``, ``cuda-bitmask``, ``cuda-regen``:
                 ``lora_kernels.lora_linear`` with that backend and ``dropout_mask`` mode.
@@ -53,6 +56,7 @@ ALL_IMPLS = (
     "naive",
     "peft",
     "compile",
+    "addmm",
     "torch",
     "triton-bitmask",
     "triton-1pass",
@@ -238,6 +242,22 @@ def _compile(prob: Problem) -> Impl:
     return Impl("compile", torch.compile(fn, dynamic=False), owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 
 
+def _addmm(prob: Problem) -> Impl:
+    if prob.p != 0.0:
+        raise Unavailable("Unsloth's addmm path has no dropout (its fast path requires p = 0)")
+    W, b, s = prob.weight, prob.bias, prob.scaling
+    A = prob.lora_A.detach().to(prob.dtype).requires_grad_(prob.lora_A.requires_grad)
+    B = prob.lora_B.detach().to(prob.dtype).requires_grad_(prob.lora_B.requires_grad)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, W, b)  # linear's backward does not need y, so the in-place add is safe
+        y.addmm_(x2 @ A.t(), B.t(), alpha=s)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return Impl("addmm", fn, [W, A, B] + ([b] if b is not None else []), prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
 def _peft(prob: Problem) -> Impl:
     try:
         from peft import LoraConfig, get_peft_model
@@ -376,6 +396,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _naive(prob)
     if name == "compile":
         return _compile(prob)
+    if name == "addmm":
+        return _addmm(prob)
     if name == "peft":
         return _peft(prob)
     if name == "torch":

@@ -69,6 +69,7 @@ def test_dry_run_writes_every_row_and_column(dry_run):
         if p == 0.0 and r["status"] == "ok":
             assert float(r["rel_err"]) < 1e-5, (impl, r["rel_err"])
     assert by[("triton-regen", 0.0)]["status"].startswith("skipped: p = 0")
+    assert by[("addmm", 0.0)]["status"] == "ok" and by[("addmm", 0.1)]["status"].startswith("skipped: Unsloth")
     for key in (("triton-bitmask", 0.0), ("triton-bitmask", 0.1), ("triton-regen", 0.1)):
         if TRITON_REASON is None:
             assert by[key]["status"] == "ok", by[key]["status"]
