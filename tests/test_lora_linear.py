@@ -344,6 +344,42 @@ def test_triton_ops_registered_schema():
         assert torch.equal(got, want)
 
 
+def test_allocator_check_reads_every_triton_layout():
+    """The in-kernel TMA path sets a scratch allocator unless the user set one; Triton keeps it as a
+    ContextVar defaulting to _NULL_ALLOCATOR (3.6+), a ContextVar without that name (3.5), or the
+    allocator object itself (3.4). Reading only the first layout raised on the others."""
+    import contextvars
+    import types
+
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    class NullAllocator:
+        pass
+
+    def user(size, alignment, stream):
+        return None
+
+    def layout(kind, value):
+        mod = types.SimpleNamespace(NullAllocator=NullAllocator)
+        if kind == "object":  # 3.4
+            mod._allocator = value
+        else:
+            var = contextvars.ContextVar("_allocator")
+            var.set(value if value is not None else NullAllocator())
+            mod._allocator = var
+            if kind == "named":  # 3.6+
+                mod._NULL_ALLOCATOR = NullAllocator()
+        return mod
+
+    for kind in ("object", "contextvar", "named"):
+        assert tri._no_allocator_set(layout(kind, None if kind != "object" else NullAllocator())), kind
+        assert not tri._no_allocator_set(layout(kind, user)), kind
+    from triton.runtime import _allocation
+
+    tri._no_allocator_set(_allocation)  # the installed Triton's own layout: no exception
+
+
 def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
     """LORA_KERNELS_TMA=1 in the registered ops' traceable launches (what torch.compile traces; run here
     on real tensors through ``wrap=_op_wrap``, as the op does on fake ones): the TMA kernels take plain

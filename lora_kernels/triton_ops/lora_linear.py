@@ -871,8 +871,19 @@ def _ensure_allocator() -> None:
         from triton.runtime import _allocation
     except ImportError:  # pragma: no cover - older Triton: no device-side descriptors either
         return
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+    if _no_allocator_set(_allocation):
         triton.set_allocator(_torch_scratch)
+
+
+def _no_allocator_set(allocation) -> bool:
+    """Whether ``triton.runtime._allocation`` holds no user allocator. Its layout differs by release: a
+    ContextVar defaulting to ``_NULL_ALLOCATOR`` (3.6+), a ContextVar without that name (3.5), the
+    allocator object itself (3.4): a NullAllocator instance means none was set."""
+    current = getattr(allocation, "_allocator", None)
+    if hasattr(current, "get"):
+        current = current.get()
+    null = getattr(allocation, "NullAllocator", None)
+    return current is None or (null is not None and isinstance(current, null))
 
 
 def _step_downs(fixed: dict) -> list[dict]:
