@@ -37,6 +37,16 @@ def _setup_py(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
+def _tree_with_build_leftovers(tmp_path: Path) -> Path:
+    """A copy of the sources plus what an earlier build leaves in the package: _build_info.py and _C."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*.egg-info", "build",
+                                                              "third_party", ".device", "dist"))  # fmt: skip
+    (tree / "lora_kernels" / "_build_info.py").write_text("TORCH_VERSION = 'stale'\n")
+    (tree / "lora_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    return tree
+
+
 def test_isolated_builds_do_not_fetch_torch():
     """An isolated build env with torch would compile _C against whatever torch pip downloads (GBs,
     and a release the user's torch then refuses): the extension is built with --no-build-isolation."""
@@ -80,11 +90,7 @@ def test_a_toolkit_of_another_cuda_major_skips_the_build(tmp_path):
 def test_sdist_holds_sources_docs_and_tests_but_no_build_products(tmp_path):
     """From a copy of this tree with what a build leaves in it (`make setup` writes
     lora_kernels/_build_info.py and _C*.so; pip wheel leaves build/)."""
-    tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*.egg-info", "build",
-                                                              "third_party", ".device", "dist"))  # fmt: skip
-    (tree / "lora_kernels" / "_build_info.py").write_text("TORCH_VERSION = 'stale'\n")
-    (tree / "lora_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    tree = _tree_with_build_leftovers(tmp_path)
     (tree / "build" / "lib" / "lora_kernels").mkdir(parents=True)
     res = _setup_py(tree, "-q", "sdist", "-d", str(tmp_path), LORA_KERNELS_SKIP_CUDA_BUILD="1")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -113,11 +119,7 @@ def test_build_wheels_refuses_to_skip_the_extension(tmp_path):
 def test_pure_wheel_packs_the_sources_only(tmp_path):
     """A pure wheel (no extension) from a tree where earlier builds left a stale module in build/lib,
     and _build_info.py and _C in the package: none of them may be packed."""
-    tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "*.egg-info", "build",
-                                                              "third_party", ".device", "dist"))  # fmt: skip
-    (tree / "lora_kernels" / "_build_info.py").write_text("TORCH_VERSION = 'stale'\n")
-    (tree / "lora_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    tree = _tree_with_build_leftovers(tmp_path)
     stale = tree / "build" / "lib" / "lora_kernels"
     stale.mkdir(parents=True)
     (stale / "removed_from_the_sources.py").write_text("")
