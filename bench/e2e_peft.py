@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.vocab, args.seq, args.batch, args.r, args.lora_alpha = 128, 32, 2, 8, 16
         args.dtype, args.device, args.steps, args.warmup = "fp32", "cpu", 2, 1
         args.no_csv = args.no_csv or args.csv is None
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -132,11 +134,13 @@ def _sync(device: str) -> None:
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     """Build, warm up and time one variant; returns its measurements."""
+    # The same token ids in every variant (drawn before the build: PEFT's init consumes the global RNG).
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     torch.manual_seed(0)
     model, params = prepare(variant, args)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     cuda = args.device.startswith("cuda")
 
     def step() -> None:
@@ -149,6 +153,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         step()
     _sync(args.device)
+    fallback = {n: m.__dict__["_lk_last_fallback"] for n, m in model.named_modules()
+                if m.__dict__.get("_lk_last_fallback")}  # fmt: skip
+    if fallback:  # the "patched" row would time PEFT's own path for these layers
+        raise RuntimeError(f"{len(fallback)} patched layers ran PEFT's path: {next(iter(fallback.items()))}")
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     t0 = time.perf_counter()
@@ -200,6 +208,10 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
         "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "steps": args.steps,
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            if next(csv.reader(f), []) != CSV_FIELDS:  # columns changed since: never mix headers
+                path = path.with_name(f"{path.stem}-{date.replace(':', '')}{path.suffix}")
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -221,9 +233,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"MLP {args.intermediate}, seq {args.seq} x batch {args.batch}, {args.dtype}, LoRA r={args.r} "
         f"alpha={args.lora_alpha:g} dropout={args.dropout:g}, {args.steps} timed steps"
     )
-    rows = []
+    rows, failed = [], []
     for variant in args.variants:
-        rows.append(run_variant(variant, args))
+        try:
+            rows.append(run_variant(variant, args))
+            print(format_table(rows[-1:]), flush=True)  # a later crash or kill keeps this number
+        except Exception as e:  # one failing variant (OOM, a kernel error) must not lose the others
+            failed.append(f"{variant}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"e2e_peft: {failed[-1]}", file=sys.stderr, flush=True)
         gc.collect()  # the variant's model and optimizer state go before the next one is built
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -234,6 +251,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         path = Path(args.csv) if args.csv else ROOT / "bench" / "results" / f"e2e_{slug}.csv"
         write_csv(path, rows, args)
         print(f"appended {len(rows)} rows to {path}")
+    if failed:
+        raise SystemExit(f"e2e_peft: {len(failed)} variant(s) failed: " + "; ".join(failed))
     return rows
 
 

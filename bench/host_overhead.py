@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=300, help="timed calls per row (median)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls first (compiles, caches)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+    return args
 
 
 def _median_us(fn, reps: int, warmup: int) -> float:

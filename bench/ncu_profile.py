@@ -36,7 +36,7 @@ _METRICS = {
     ("GPU Speed Of Light Throughput", "Duration"): "time",
     ("GPU Speed Of Light Throughput", "Compute (SM) Throughput"): "sm_pct",
     ("GPU Speed Of Light Throughput", "Memory Throughput"): "mem_pct",
-    ("Memory Workload Analysis", "DRAM Throughput"): "dram_pct",
+    ("GPU Speed Of Light Throughput", "DRAM Throughput"): "dram_pct",
 }
 _RAW = {"dram__bytes_read.sum": "dram_read", "dram__bytes_write.sum": "dram_write", "lts__t_bytes.sum": "l2_bytes"}
 _UNIT = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", default="8192,4096,4096,16", help="M,K,N,r")
     ap.add_argument("-p", "--dropout", type=float, default=0.1)
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    ap.add_argument("--adapter-dtype", choices=["same", *sorted(_DTYPES)], default="fp32")
+    # "same" as bench.lora_linear's default: the counters explain the benchmark's rows, not another configuration.
+    ap.add_argument("--adapter-dtype", choices=["same", *sorted(_DTYPES)], default="same")
     ap.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps per implementation")
     ap.add_argument("--ncu", default=os.environ.get("NCU", "ncu"), help="the Nsight Compute binary")
     ap.add_argument("--dry", action="store_true", help="run the steps without ncu (no counters)")
@@ -132,8 +133,8 @@ def _weighted(recs: list[dict], key: str) -> float:
 def summarize(launches: list[dict], impls: Sequence[str]) -> str:
     """A markdown table: per implementation and kernel, launches and totals / time-weighted means."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for rec in launches:
-        groups[(rec["impl"], rec["kernel"][:60])].append(rec)
+    for rec in launches:  # the full name: CUTLASS GEMMs share their first ~100 characters
+        groups[(rec["impl"], rec["kernel"])].append(rec)
 
     def order(item):
         (impl, _), recs = item
@@ -143,7 +144,10 @@ def summarize(launches: list[dict], impls: Sequence[str]) -> str:
         "| impl | kernel | launches | time µs | DRAM MB | L2 MB | SM % | mem % |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    shown: dict[tuple[str, str], int] = defaultdict(int)
     for (impl, kernel), recs in sorted(groups.items(), key=order):
+        shown[(impl, kernel[:60])] += 1  # distinct kernels with the same first 60 characters: #2, #3, ...
+        kernel = kernel[:60] + (f" #{shown[(impl, kernel[:60])]}" if shown[(impl, kernel[:60])] > 1 else "")
         t = sum(r.get("time", 0.0) for r in recs)
         dram = sum(r.get("dram_read", 0.0) + r.get("dram_write", 0.0) for r in recs) / 1e6
         l2 = sum(r.get("l2_bytes", 0.0) for r in recs) / 1e6
@@ -175,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     impls = args.impls.split(",")
     launches: list[dict] = []
+    failed: list[str] = []
+    printed = False
     for impl in impls:  # one ncu process per implementation: its kernels are all that is profiled
         child = [sys.executable, "-m", "bench.ncu_profile", "--child", "--impls", impl, "--shape",
                  ",".join(map(str, args.shape)), "-p", str(args.dropout), "--dtype", args.dtype,
@@ -182,12 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = ncu_command(ncu, child)
         print("profile: " + " ".join(cmd), file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:] + proc.stderr[-3000:])
-            return proc.returncode
-        launches += parse_ncu_csv(proc.stdout, impl)
-    print(summarize(launches, impls))
-    return 0
+        if proc.returncode != 0:  # this implementation only: the others may still profile
+            print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+            failed.append(impl)
+            continue
+        new = parse_ncu_csv(proc.stdout, impl)
+        launches += new
+        # Each implementation's rows as it ends: a step stopped at its time limit keeps them.
+        print("\n".join(summarize(new, impls).splitlines()[0 if not printed else 2 :]), flush=True)
+        printed = True
+    if failed:
+        print(f"profile: ncu failed for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ def plot_csv(csv_path: Path, png: Path | None = None, run_id: str | None = None)
     rows = read_csv(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no rows")
+    if not {"run_id", *TARGETS} <= rows[0].keys():
+        raise ValueError(
+            f"{csv_path} is not a bench.lora_linear results CSV (no run_id, fwd_ratio, fwdbwd_ratio columns)"
+        )
     run_id = run_id or max(r["run_id"] for r in rows)
     run = [r for r in rows if r["run_id"] == run_id]
     if not run:
@@ -100,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("-o", "--out", type=Path, help="PNG path (default: the CSV's name with .png)")
     ap.add_argument("--run-id", help="which run to plot (default: the latest)")
     args = ap.parse_args(argv)
-    png = plot_csv(args.csv, args.out, args.run_id)
+    try:
+        png = plot_csv(args.csv, args.out, args.run_id)
+    except (OSError, ValueError) as e:  # a wrong file: say so, no traceback
+        raise SystemExit(f"bench.plot: {e}") from None
     if png is None:
         raise SystemExit("matplotlib is not installed: no plot")
     print(png)

@@ -290,7 +290,10 @@ do_profile() {
     echo "gpu-check: profile: ${NCU:-ncu} not found"
     return 1
   fi
-  "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand \
+  # The tiles the benchmark rows ran (the short plan's are fixed): counters for the kernels the table timed,
+  # and no autotuning compiles (every config of each kernel) inside the ncu child.
+  LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} \
+    "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand \
     --shape 8192,4096,4096,16 -p 0.1
 }
 

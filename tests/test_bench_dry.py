@@ -89,6 +89,26 @@ def test_dry_run_plot_and_table(dry_run):
     assert again is not None and again.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_and_the_scripts_refuse_bad_arguments_with_a_message(tmp_path):
+    """bench.plot on a CSV that is not a benchmark table (an e2e CSV, a header only) and counts of zero
+    timed calls: a one-line error, not a traceback (KeyError, StatisticsError, ZeroDivisionError)."""
+    from bench import e2e_peft, host_overhead
+
+    e2e = tmp_path / "e2e.csv"
+    e2e.write_text("gpu,variant,step_ms\nH100,floor,1.0\n")
+    with pytest.raises(SystemExit, match="not a bench.lora_linear results CSV"):
+        plot.main([str(e2e)])
+    e2e.write_text("gpu,variant,step_ms\n")
+    with pytest.raises(SystemExit, match="has no rows"):
+        plot.main([str(e2e)])
+    with pytest.raises(SystemExit, match="No such file"):
+        plot.main([str(tmp_path / "missing.csv")])
+    for parse, argv in [(host_overhead.parse_args, ["--reps", "0"]), (e2e_peft.parse_args, ["--steps", "0"])]:
+        with pytest.raises(SystemExit) as info:
+            parse(argv)
+        assert info.value.code == 2
+
+
 def test_csv_appends_and_never_mixes_headers(tmp_path):
     row = {c: "1" for c in _report.COLUMNS} | {"run_id": "R1", "impl": "cublas", "status": "ok"}
     path = tmp_path / "gpu.csv"
@@ -386,6 +406,42 @@ def test_profile_leaves_the_clocks_alone(tmp_path, capsys):
         assert f"-m bench.ncu_profile --child --impls {impl} --shape 64,32,48,4" in call
     table = capsys.readouterr().out
     assert "| cublas | _fwd_kernel | 2 | 700.0 |" in table and "| triton-bitmask | _shrink_kernel | 1 |" in table
+
+
+def test_profile_keeps_going_past_a_failing_implementation(tmp_path, capsys):
+    """One implementation whose ncu run fails (a kernel error, ncu refusing) does not lose the others'
+    counters: each implementation's rows print as it ends, and the exit status says something failed."""
+    from bench import ncu_profile as profile
+
+    (tmp_path / "ncu.csv").write_text(_NCU_CSV)
+    fake = tmp_path / "ncu"
+    fail_cublas = 'case "$*" in *"--impls cublas "*) echo boom >&2; exit 3;; esac'
+    fake.write_text(f"#!/bin/sh\n{fail_cublas}\ncat {tmp_path}/ncu.csv\n")
+    fake.chmod(0o755)
+    argv = ["--ncu", str(fake), "--impls", "cublas,triton-bitmask,naive", "--shape", "64,32,48,4"]
+    assert profile.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "boom" in captured.err and "ncu failed for cublas" in captured.err
+    out = captured.out.splitlines()
+    assert sum(line.startswith("| impl |") for line in out) == 1  # one header over all implementations
+    assert any(line.startswith("| triton-bitmask | _fwd_kernel | 2 |") for line in out)
+    assert any(line.startswith("| naive | _shrink_kernel | 1 |") for line in out)
+
+
+def test_profile_keeps_kernels_with_a_common_prefix_apart():
+    """CUTLASS GEMMs' names share their first ~100 characters: two kernels are two rows, not one."""
+    from bench import ncu_profile as profile
+
+    stem = "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
+    launches = [
+        {"impl": "cuda-bitmask", "kernel": stem + "A>", "time": 300.0},
+        {"impl": "cuda-bitmask", "kernel": stem + "B>", "time": 100.0},
+        {"impl": "cuda-bitmask", "kernel": stem + "A>", "time": 300.0},
+    ]
+    rows = profile.summarize(launches, ["cuda-bitmask"]).splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith(f"| cuda-bitmask | {stem[:60]} | 2 | 600.0 |")
+    assert rows[1].startswith(f"| cuda-bitmask | {stem[:60]} #2 | 1 | 100.0 |")
 
 
 def test_profile_dry_runs_the_steps():

@@ -41,6 +41,9 @@ settings.register_profile(
     "lora-gpu",
     max_examples=int(_EXAMPLES or 200),
     deadline=None,
+    # Random on the GPU (more coverage run to run); the device's .hypothesis database does not come
+    # back, so a failure prints the blob that replays it here: @reproduce_failure(...).
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 PROFILE = "lora-gpu" if HAS_CUDA else "lora-ci"

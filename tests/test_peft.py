@@ -537,6 +537,40 @@ def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert os.path.exists(csv)
 
 
+def test_bench_e2e_keeps_the_rows_of_variants_that_ran(tmp_path, monkeypatch, capsys) -> None:
+    """A variant that fails (an OOM, a kernel error) costs only its own row: the others are printed,
+    written, and the run exits non-zero naming the failure."""
+    import bench.e2e_peft as e2e
+
+    real = e2e.run_variant
+
+    def run_variant(variant, args):
+        if variant == "peft_bf16":
+            raise RuntimeError("CUDA out of memory (simulated)\nmore")
+        return real(variant, args)
+
+    monkeypatch.setattr(e2e, "run_variant", run_variant)
+    csv = tmp_path / "e2e.csv"
+    with pytest.raises(SystemExit, match=r"1 variant\(s\) failed: peft_bf16: RuntimeError: CUDA out of memory"):
+        e2e.main(["--dry", "--csv", str(csv)])
+    lines = csv.read_text().strip().splitlines()
+    column = e2e.CSV_FIELDS.index("variant")
+    assert [line.split(",")[column] for line in lines[1:]] == ["floor", "peft_default", "patched"]
+    assert "patched" in capsys.readouterr().out
+
+
+def test_bench_e2e_never_appends_under_another_header(tmp_path) -> None:
+    """An e2e CSV written by an older version (other columns) is left alone: rows go to a new dated file."""
+    import bench.e2e_peft as e2e
+
+    old = tmp_path / "e2e.csv"
+    old.write_text("gpu,commit,variant,step_ms\nH100,abc,floor,1.0\n")
+    e2e.main(["--dry", "--csv", str(old), "--variants", "floor"])
+    assert old.read_text() == "gpu,commit,variant,step_ms\nH100,abc,floor,1.0\n"
+    (new,) = [p for p in tmp_path.glob("e2e-*.csv")]
+    assert new.read_text().splitlines()[0].split(",") == e2e.CSV_FIELDS
+
+
 @pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
 @pytest.mark.parametrize("input_grads", [False, True], ids=["frozen-embeddings", "input-require-grads"])
 def test_flop_counter_gives_patched_and_peft_models_the_same_count(input_grads: bool) -> None:
