@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify",
         help="check every backend against the float64 reference",
         description="Check every available backend x dtype x shape x dropout p against the float64 "
-        "reference (outputs, gradients of x, lora_A, lora_B, lora_bias, and the dropout mask bit for bit).",
+        "reference (outputs, gradients of x, lora_A, lora_B, lora_bias (and of a trained base bias in the partial "
+        "cases), and the dropout mask bit for bit).",
     )
     verify.add_verify_args(pv)
     # demo's own options (run_demo parses them, so `demo --help` shows them)

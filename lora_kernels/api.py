@@ -143,7 +143,7 @@ def lora_linear(
         dropout_p: dropout probability on the low-rank path, in ``[0, 1)``; ignored unless
             ``training``. The mask is a function of ``seed`` (see ``reference``), bit-identical
             across backends.
-        seed: dropout seed; drawn from torch's default generator when None.
+        seed: dropout seed; drawn from torch's CPU generator on every call when None.
         backend: "auto", "torch" (reference, any device), "triton" or "cuda".
         dropout_mask: "bitmask" (save 1 bit per element of x for backward) or "regenerate"
             (save nothing; the mask is recomputed from the seed in backward).
