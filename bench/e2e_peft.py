@@ -2,11 +2,14 @@
 
 A Llama-style model (random init; default: 4 decoder layers at Llama-3-8B sizes, bf16,
 sequence 2048 x batch 4), LoRA r=16 on all linear layers, dropout 0.05, AdamW on the adapters.
-Each variant builds a fresh model and reports tokens/s and peak GPU memory over timed steps
-(forward + backward + optimizer step):
+Each variant builds a fresh model and reports tokens/s at the median step time (each timed step synchronised;
+min and max go to the CSV) and peak GPU memory, allocated and reserved, over the timed steps (forward +
+backward + optimizer step):
 
   floor         same model, no adapters, backward to the embeddings only (no weight grads):
-                the cost of the frozen model itself, what LoRA overhead is measured against
+                the cost of the frozen model itself, what LoRA overhead is measured against (its
+                backward also computes layer 0's input gradients, which the LoRA variants skip:
+                ≈ 1-2 % of a backward, in the LoRA variants' favour)
   peft_default  PEFT's defaults (adapters kept in fp32 next to the bf16 base)
   peft_bf16     PEFT with ``autocast_adapter_dtype=False`` (bf16 adapters)
   patched       PEFT's defaults + ``lora_kernels.patch(model)``
@@ -27,6 +30,7 @@ import csv
 import datetime
 import gc
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CSV_FIELDS = [
     "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "layers", "hidden",
     "intermediate", "heads", "kv_heads", "vocab", "seq", "batch", "r", "lora_alpha", "dropout",
-    "dtype", "backend", "dropout_mask", "steps", "step_ms", "tokens_per_s", "peak_gib",
+    "dtype", "backend", "dropout_mask", "warmup", "steps", "step_ms", "step_ms_min", "step_ms_max",
+    "tokens_per_s", "peak_gib", "reserved_gib",
 ]  # fmt: skip
 
 
@@ -159,17 +164,23 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{len(fallback)} patched layers ran PEFT's path: {next(iter(fallback.items()))}")
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
+    times = []
+    for _ in range(args.steps):  # one sync per step (a step is ~10^2 ms): the median resists a slow step
+        t0 = time.perf_counter()
         step()
-    _sync(args.device)
-    elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else float("nan")
+        _sync(args.device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    gib = 2**30
     return {
         "variant": variant,
-        "step_ms": 1e3 * elapsed / args.steps,
-        "tokens_per_s": args.batch * args.seq * args.steps / elapsed,
-        "peak_gib": peak,
+        "step_ms": 1e3 * median,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "tokens_per_s": args.batch * args.seq / median,
+        "peak_gib": torch.cuda.max_memory_allocated(args.device) / gib if cuda else float("nan"),
+        # What must fit on the card: the caching allocator's reserve, not only what tensors hold.
+        "reserved_gib": torch.cuda.max_memory_reserved(args.device) / gib if cuda else float("nan"),
     }
 
 
@@ -205,7 +216,8 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
         "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
         "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "seq": args.seq,
         "batch": args.batch, "r": args.r, "lora_alpha": args.lora_alpha, "dropout": args.dropout,
-        "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "steps": args.steps,
+        "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "warmup": args.warmup,
+        "steps": args.steps,
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size > 0:
@@ -218,11 +230,9 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
         if new:
             writer.writeheader()
         for r in rows:
-            numbers = {
-                "step_ms": f"{r['step_ms']:.2f}",
-                "tokens_per_s": f"{r['tokens_per_s']:.0f}",
-                "peak_gib": f"{r['peak_gib']:.3f}",
-            }
+            numbers = {k: f"{r[k]:.2f}" for k in ("step_ms", "step_ms_min", "step_ms_max")}
+            numbers |= {"tokens_per_s": f"{r['tokens_per_s']:.0f}"}
+            numbers |= {k: f"{r[k]:.3f}" for k in ("peak_gib", "reserved_gib")}
             writer.writerow({**common, **r, **numbers})
 
 
