@@ -10,7 +10,11 @@ plan), empty problems (M, K or N = 0: dA and dB must come out as zeros), and che
 dT, dA, dB, dlora_bias and dX against float64 (the bits exactly).
 The 16-bit cases take the tensor-core skinny kernel, whose WMMA calls run on a host emulation of the
 API (``tests/cuda_emu/wmma_emu.h``, which also checks its alignment and leading-dimension rules); the
-16-bit results are checked with an elementwise rounding bound (3u·Σ|terms|). The fused forward's and
+16-bit results are checked with an elementwise rounding bound (3u·Σ|terms|), and where both operands
+are fp16 already (T's and dT's products are then exact) with the fp32 accumulation's own bound, so
+16-bit accumulation cannot pass. Two cases put a Philox value exactly on the keep threshold (saved
+and regenerated masks: a ``>`` for ``>=`` fails them), the regenerated mask is compared bit for bit
+(tail bits zero), and r = 7 fills the fused pack's 8 columns with one bias column. The fused forward's and
 p = 0 dX's decompositions (pack kernel, then one GEMM over a concatenated K, here a loop) are checked
 too; ``--random`` draws further cases (r up to 256). What it cannot cover: the CUTLASS/cuBLAS GEMMs,
 the real WMMA fragment hardware and real concurrency between blocks: those wait for a GPU
