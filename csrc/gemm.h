@@ -30,7 +30,15 @@ struct GemmProblem {
 };
 
 // True when the problem satisfies the 16-byte alignment the TMA / cp.async kernels need.
-bool gemm_aligned(const GemmProblem& p);
+// Inline (not in the .cu files): tests/cuda_emu/ops_emu.cpp takes the same paths as the real build.
+inline bool gemm_aligned(const GemmProblem& p) {
+  // 16-byte vectors of 2-byte elements: leading dimensions multiple of 8, pointers 16-byte aligned.
+  auto ptr_ok = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+  // Leading dimensions must also cover a row (broadcast views with stride 0 go to cuBLAS).
+  const bool ld_ok = p.lda >= p.K && p.ldo >= p.N && p.ldb >= (p.b_kmajor ? p.K : p.N);
+  return ld_ok && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.ldo % 8 == 0 && p.K % 8 == 0 && p.N % 8 == 0 &&
+         ptr_ok(p.a) && ptr_ok(p.b) && ptr_ok(p.out);
+}
 
 // Hopper path: TMA loads + wgmma, warp-specialized persistent kernel (sm_90a only).
 bool gemm_accumulate_sm90(const GemmProblem& p, int device, cudaStream_t stream);
@@ -65,7 +73,14 @@ struct ConcatKProblem {
 };
 // The alignment gemm_concat_k_sm90 needs: 16-byte pointers, leading dimensions and K, R, N multiples
 // of 8 elements, K, R > 0.
-bool concat_k_aligned(const ConcatKProblem& p);
+inline bool concat_k_aligned(const ConcatKProblem& p) {
+  auto ptr_ok = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+  const bool ld_ok = p.lda >= p.K && p.ldt >= p.R && p.ldo >= p.N &&
+                     (p.b_kmajor ? p.ldb >= p.K && p.ldl >= p.R : p.ldb >= p.N && p.ldl >= p.N);
+  return ld_ok && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.ldt % 8 == 0 && p.ldl % 8 == 0 && p.ldo % 8 == 0 &&
+         p.K % 8 == 0 && p.R % 8 == 0 && p.N % 8 == 0 && p.K > 0 && p.R > 0 && ptr_ok(p.a) && ptr_ok(p.b) &&
+         ptr_ok(p.t) && ptr_ok(p.l) && ptr_ok(p.out);
+}
 // False (nothing launched) when the problem is not TMA-aligned or sm_90a was not compiled in.
 bool gemm_concat_k_sm90(const ConcatKProblem& p, int device, cudaStream_t stream);
 

@@ -16,15 +16,6 @@
 
 namespace lora_kernels {
 
-bool gemm_aligned(const GemmProblem& p) {
-  // 16-byte vectors of 2-byte elements: leading dimensions multiple of 8, pointers 16-byte aligned.
-  auto ptr_ok = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
-  // Leading dimensions must also cover a row (broadcast views with stride 0 go to cuBLAS).
-  const bool ld_ok = p.lda >= p.K && p.ldo >= p.N && p.ldb >= (p.b_kmajor ? p.K : p.N);
-  return ld_ok && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.ldo % 8 == 0 && p.K % 8 == 0 && p.N % 8 == 0 &&
-         ptr_ok(p.a) && ptr_ok(p.b) && ptr_ok(p.out);
-}
-
 namespace {
 
 template <typename Element, typename LayoutB>

@@ -29,15 +29,6 @@
 
 namespace lora_kernels {
 
-bool concat_k_aligned(const ConcatKProblem& p) {
-  auto ptr_ok = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
-  const bool ld_ok = p.lda >= p.K && p.ldt >= p.R && p.ldo >= p.N &&
-                     (p.b_kmajor ? p.ldb >= p.K && p.ldl >= p.R : p.ldb >= p.N && p.ldl >= p.N);
-  return ld_ok && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.ldt % 8 == 0 && p.ldl % 8 == 0 && p.ldo % 8 == 0 &&
-         p.K % 8 == 0 && p.R % 8 == 0 && p.N % 8 == 0 && p.K > 0 && p.R > 0 && ptr_ok(p.a) && ptr_ok(p.b) &&
-         ptr_ok(p.t) && ptr_ok(p.l) && ptr_ok(p.out);
-}
-
 #if defined(LORA_KERNELS_SM90A)
 namespace {
 

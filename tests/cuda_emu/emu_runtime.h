@@ -1,0 +1,147 @@
+// The CUDA runtime emulated on the host: lowrank_kernels.cuh compiled as C++, launches as pools of
+// std::threads, and lowrank.cu's launchers (launch_skinny, launch_expand, launch_pack_concat,
+// launch_make_mask) mirrored over it. Shared by harness.cpp (the kernels against float64) and
+// ops_emu.cpp (csrc/lora_ops.cpp itself, the host orchestration, run on CPU tensors). One translation
+// unit includes it once.
+#pragma once
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <cstdio>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <cstdlib>
+#include <cstring>
+#include <atomic>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include "lowrank.h"
+#include "philox.cuh"
+#include "wmma_emu.h"
+#undef __global__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __launch_bounds__(x)
+#define __shared__ static
+struct D3 { unsigned x = 0, y = 0, z = 0; };
+thread_local D3 threadIdx, blockIdx;
+D3 blockDim{256, 1, 1};
+std::barrier<>* g_bar;
+#define __syncthreads() g_bar->arrive_and_wait()
+int fails = 0;
+std::atomic<int> g_wmma_fails{0};
+void wmma_emu_fail(const char* what) {
+  if (g_wmma_fails++ == 0) printf("  FAIL %s\n", what);
+}
+bool wmma_emu_lane0() { return threadIdx.x % 32 == 0; }
+namespace lora_kernels {
+namespace {
+#include "lowrank_kernels.cuh"
+}
+// Blocks run one after another, z from last to first: the split partials must not depend on the
+// order in which blocks run.
+template <class F>
+void launch(unsigned gx, unsigned gy, unsigned gz, unsigned nthreads, F f) {
+  // One pool of nthreads threads walks the blocks one after another (the __shared__ statics are
+  // reused by the next block), meeting at a barrier after each block: creating threads per block
+  // made the emulation spend most of its time in the kernel.
+  std::barrier<> bar(nthreads);
+  g_bar = &bar;
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < nthreads; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (unsigned bz = gz; bz-- > 0;)
+        for (unsigned by = 0; by < gy; ++by)
+          for (unsigned bx = 0; bx < gx; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            blockIdx.z = bz;
+            f();
+            bar.arrive_and_wait();  // the block is done before any thread starts the next one
+          }
+    });
+  for (auto& t : ts) t.join();
+}
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kEmuSms = 4;            // emulated SM count: small grids, so the split path runs
+int64_t g_split_min_c = kSplitMinC;   // plan_skinny_split's min_c; lowered for the small shapes
+int g_skinny_launches = 0, g_split_launches = 0;
+// Mirrors lowrank.cu's launch_skinny: same plan, same kernels, the workspace a NaN-filled vector.
+void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
+  const int64_t JT = a.J + (a.ones_col ? 1 : 0);
+  if (a.R == 0 || JT == 0) return;
+  const int64_t gx = cdiv(a.R, skinny_tile_rows(JT, a.xt == kBF16 || a.xt == kF16)), gy = cdiv(JT, skinny_tile_cols(JT));
+  const int tj = skinny_tile_cols(JT);
+  // As lowrank.cu: the tensor-core kernel for 16-bit X, else the FMA kernel.
+  const bool mma = a.xt == kBF16 || a.xt == kF16;
+  auto kernel = [tj, mma, xt = a.xt](const SkinnyArgs& args, int64_t chunk, int64_t zstride) {
+    if (mma && xt == kBF16) {
+      if (tj == 16) skinny_mma_kernel<16, __nv_bfloat16>(args, chunk, zstride);
+      else if (tj == 32) skinny_mma_kernel<32, __nv_bfloat16>(args, chunk, zstride);
+      else skinny_mma_kernel<64, __nv_bfloat16>(args, chunk, zstride);
+    } else if (mma) {
+      if (tj == 16) skinny_mma_kernel<16, __half>(args, chunk, zstride);
+      else if (tj == 32) skinny_mma_kernel<32, __half>(args, chunk, zstride);
+      else skinny_mma_kernel<64, __half>(args, chunk, zstride);
+    } else if (tj == 16) {
+      skinny_kernel<16>(args, chunk, zstride);
+    } else if (tj == 32) {
+      skinny_kernel<32>(args, chunk, zstride);
+    } else {
+      skinny_kernel<64>(args, chunk, zstride);
+    }
+  };
+  const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, mma, g_split_min_c);
+  ++g_skinny_launches;
+  if (sp.splits == 1) {
+    launch(gx, gy, 1, kThreads, [&] { kernel(a, a.C, 0); });
+    return;
+  }
+  if (sp.chunk % kTileC != 0 || (sp.splits - 1) * sp.chunk >= a.C || sp.splits * sp.chunk < a.C) {
+    printf("  FAIL bad split plan C=%ld splits=%ld chunk=%ld\n", (long)a.C, (long)sp.splits, (long)sp.chunk);
+    ++fails;
+  }
+  ++g_split_launches;
+  std::vector<float> ws(sp.splits * a.R * JT, NAN);
+  SkinnyArgs part = a;
+  part.out = ws.data();
+  part.ldo = JT;
+  part.alpha = 1.f;
+  launch(gx, gy, sp.splits, kThreads, [&] { kernel(part, sp.chunk, a.R * JT); });
+  launch(cdiv(a.R * JT, kThreads), 1, 1, kThreads,
+         [&] { skinny_reduce_kernel(ws.data(), sp.splits, a.R, JT, a.alpha, a.out, a.ldo); });
+}
+void launch_expand(const ExpandArgs& a, cudaStream_t) {
+  if (a.R == 0 || a.N == 0) return;
+  // As lowrank.cu: tensor cores for a 16-bit output, else the FMA kernel.
+  if (a.ot == kBF16) {
+    launch(cdiv(a.R, kExpandMmaRows), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_mma_kernel<__nv_bfloat16>(a); });
+  } else if (a.ot == kF16) {
+    launch(cdiv(a.R, kExpandMmaRows), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_mma_kernel<__half>(a); });
+  } else {
+    launch(cdiv(a.R, kExpandTile), cdiv(a.N, kExpandTile), 1, kThreads, [&] { expand_kernel(a); });
+  }
+}
+void launch_pack_concat(const PackArgs& a, cudaStream_t) {
+  const int64_t n = (a.M + a.N) * a.R;
+  if (n == 0) return;
+  launch(cdiv(n, kThreads), 1, 1, kThreads, [&] { pack_concat_kernel(a); });
+}
+void launch_make_mask(uint64_t seed, uint32_t th, int64_t M, int64_t K, uint8_t* bits, cudaStream_t) {
+  int64_t G = cdiv(K, 8);
+  if (M == 0 || G == 0) return;
+  blockDim.x = kThreads;
+  launch(cdiv(M * G, kThreads), 1, 1, kThreads, [&] {
+    // make_mask_kernel returns early past the last element and has no __syncthreads: fine with the
+    // pool's per-block barrier, which every thread reaches after f() returns
+    make_mask_kernel(seed, th, M, K, G, bits);
+  });
+}
+uint32_t dropout_threshold(double p) { return (uint32_t)std::nearbyint(p * 65536.0); }
+}  // namespace lora_kernels
