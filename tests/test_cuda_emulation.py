@@ -14,11 +14,12 @@ API (``tests/cuda_emu/wmma_emu.h``, which also checks its alignment and leading-
 are fp16 already (T's and dT's products are then exact) with the fp32 accumulation's own bound, so
 16-bit accumulation cannot pass. Two cases put a Philox value exactly on the keep threshold (saved
 and regenerated masks: a ``>`` for ``>=`` fails them), the regenerated mask is compared bit for bit
-(tail bits zero), and r = 7 fills the fused pack's 8 columns with one bias column. The fused forward's and
-p = 0 dX's decompositions (pack kernel, then one GEMM over a concatenated K, here a loop) are checked
-too; ``--random`` draws further cases (r up to 256). What it cannot cover: the CUTLASS/cuBLAS GEMMs,
-the real WMMA fragment hardware and real concurrency between blocks: those wait for a GPU
-(tests/test_cuda_backend.py).
+(tail bits zero), and r = 7 fills the fused pack's 8 columns with one bias column. The fused
+forward's and p = 0 dX's decompositions (pack kernel, then one GEMM over a concatenated K, here a
+loop) are checked too; ``--random`` draws further cases (r up to 256). ``lora_ops.cpp`` itself (not
+this replay of it) runs on the CPU in tests/test_cuda_ops_emulation.py, over the same emulation
+(``tests/cuda_emu/emu_runtime.h``). What neither covers: the CUTLASS/cuBLAS GEMMs, the real WMMA
+fragment hardware and real concurrency between blocks: those wait for a GPU (tests/test_cuda_backend.py).
 """
 
 from __future__ import annotations
