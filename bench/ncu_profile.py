@@ -178,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"profile: {args.ncu!r} not found: install Nsight Compute or pass --ncu PATH (--dry runs without)")
         return 2
     impls = args.impls.split(",")
-    launches: list[dict] = []
     failed: list[str] = []
     printed = False
     for impl in impls:  # one ncu process per implementation: its kernels are all that is profiled
@@ -193,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(impl)
             continue
         new = parse_ncu_csv(proc.stdout, impl)
-        launches += new
         # Each implementation's rows as it ends: a step stopped at its time limit keeps them.
         print("\n".join(summarize(new, impls).splitlines()[0 if not printed else 2 :]), flush=True)
         printed = True
