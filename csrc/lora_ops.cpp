@@ -368,14 +368,18 @@ std::vector<at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     launch_skinny(s, stream);
   }
   // The packed mask: saved in "bitmask" mode, regenerated from the seed otherwise (M·K/8 bytes).
+  // An empty tensor asks for regeneration; anything else must be exactly the forward's (M, ceil(K/8))
+  // mask. A wrong-sized one is a caller's bug: regenerating over it would hide it.
   at::Tensor mask = bits;
-  if (dropout && need_dt && mask.numel() != M * G) {
+  if (dropout && need_dt && mask.numel() == 0 && M * G > 0) {
     mask = at::empty({M, G}, x.options().dtype(at::kByte));
     launch_make_mask(static_cast<uint64_t>(seed), threshold, M, K, mask.data_ptr<uint8_t>(), stream);
   }
   if (dropout && need_dt) {
-    TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == M * G,
-                "lora_bwd: bits must be a contiguous uint8 (M, ceil(K/8)) tensor");
+    TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == M * G &&
+                    (mask.numel() == 0 || (mask.dim() == 2 && mask.size(0) == M && mask.size(1) == G)),
+                "lora_bwd: bits must be empty (regenerate) or a contiguous uint8 (M, ceil(K/8)) = (", M, ", ", G,
+                ") tensor, got shape ", mask.sizes());
   }
   // dAᵀ = D(x)ᵀ · dT  (K × r), D(x) = x ⊙ mask / (1 - p)
   at::Tensor dAt = at::empty({need_da ? K : 0, r}, f32);

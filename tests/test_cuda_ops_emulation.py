@@ -189,8 +189,12 @@ def test_lora_ops_refuse_what_the_kernels_cannot_take(ops):
     y, T, bits = ops.lora_fwd(x, W, b, A, B, lb, 1.0, 0.2, 7, True)
     with pytest.raises(RuntimeError, match="T must be a contiguous float32"):
         ops.lora_bwd(dy, x, W, A, B, T.t().contiguous().t(), bits, 1.0, 0.2, 7, True, True, True)
-    with pytest.raises(RuntimeError, match=r"bits must be a contiguous uint8 \(M, ceil\(K/8\)\)"):
+    with pytest.raises(RuntimeError, match=r"bits must be empty \(regenerate\) or a contiguous uint8 \(M, ceil"):
         ops.lora_bwd(dy, x, W, A, B, T, bits.t().contiguous().t(), 1.0, 0.2, 7, True, True, True)
+    # A non-empty mask of the wrong size is a caller's bug, never a cue to regenerate over it.
+    for wrong in (bits[:-1], bits.reshape(-1), torch.cat([bits, bits[:1]])):
+        with pytest.raises(RuntimeError, match=r"bits must be empty \(regenerate\) or a contiguous uint8"):
+            ops.lora_bwd(dy, x, W, A, B, T, wrong.contiguous(), 1.0, 0.2, 7, True, True, True)
     with pytest.raises(RuntimeError, match="dy must be"):
         ops.lora_bwd(dy[:, :4], x, W, A, B, T, bits, 1.0, 0.2, 7, True, True, True)
 

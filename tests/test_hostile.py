@@ -270,6 +270,50 @@ def test_triton_refuses_what_it_cannot_run_with_the_reason():
         assert_close_ref(y, _call("torch", {k: v.double() for k, v in t.items()}), [torch.float32])
 
 
+def test_raw_triton_ops_check_their_arguments():
+    """``torch.ops.lora_kernels.triton_lora_{fwd,bwd}`` are reachable without ``lora_linear``'s checks
+    (an exported graph replayed on other inputs, a direct call). Their kernels index by these shapes,
+    so each wrong argument is a RuntimeError naming it (as the CUDA ops' TORCH_CHECKs), never an
+    out-of-bounds read. A correct call goes through."""
+    reason = backends.available_backends(torch.empty(1, 16, device=DEVICE))["triton"]
+    if reason is not None:
+        pytest.skip(f"backend 'triton' cannot run here: {reason}")
+    t = _inputs(k=40, r=4)
+    x, W, A, B, b, lb = (t[k] for k in ("x", "weight", "lora_A", "lora_B", "bias", "lora_bias"))
+    fwd, bwd = torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd
+    y, T, bits = fwd(x, W, b, A, B, lb, 2.0, 0.1, 3, True)
+    assert bits.shape == (M, 5)
+    dy = torch.randn_like(y)
+    dx, dA, dB, colsum = bwd(dy, x, W, A, B, T, bits, 2.0, 0.1, 3, True, True, True)
+    assert torch.isfinite(dx).all() and torch.isfinite(dA).all() and dB.shape == (N, 4)
+    fwd_cases = {
+        "weight must be": (x, W[:, :-1], b, A, B, lb),
+        "lora_A must be": (x, W, b, A[:, :-1], B, lb),
+        "lora_B must be": (x, W, b, A, B[:-1], lb),
+        "lora_bias must be": (x, W, b, A, B, lb[:-1]),
+        "bias must be": (x, W, b[:-1], A, B, lb),
+        "weight dtype": (x, W.double(), b, A, B, lb),
+        "must be 2-D": (x[None], W, b, A, B, lb),
+    }
+    for match, args in fwd_cases.items():
+        with pytest.raises(RuntimeError, match=f"triton op: .*{match}"):
+            fwd(*args, 2.0, 0.1, 3, True)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\)"):
+        fwd(x, W, b, A, B, lb, 2.0, 1.0, 3, True)
+    bwd_cases = {
+        "dy must be": (dy[:-1], T, bits),
+        "t must be": (dy, T[:-1], bits),
+        "bits must be empty": (dy, T, bits[:-1]),
+        "bits must be empty ": (dy, T, bits.reshape(-1)),
+    }
+    for match, (dy_, T_, bits_) in bwd_cases.items():
+        with pytest.raises(RuntimeError, match=f"triton op: {match.strip()}"):
+            bwd(dy_, x, W, A, B, T_, bits_, 2.0, 0.1, 3, True, True, True)
+    # An empty mask regenerates it from the seed: the same gradients as the saved one.
+    dx2, dA2, *_ = bwd(dy, x, W, A, B, T, bits[:0], 2.0, 0.1, 3, True, True, True)
+    assert torch.equal(dx2, dx) and torch.equal(dA2, dA)
+
+
 # ------------------------------------------------------------------------------------------------
 # unusual but valid inputs: the correct result (compared with the float64 reference)
 

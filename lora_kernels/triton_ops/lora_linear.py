@@ -1174,6 +1174,69 @@ def lora_bwd(
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_op_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    p: float,
+    *,
+    dy: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    bits: torch.Tensor | None = None,
+) -> None:
+    """The registered ops' own checks (RuntimeError, as the CUDA ops' TORCH_CHECKs). ``lora_linear``
+    checks the user's call once and the autograd Function hands the launchers consistent tensors, so
+    eager calls skip these; the ops themselves can be reached directly (``torch.ops.lora_kernels.*``,
+    an exported graph replayed on other inputs), and the kernels index by these shapes without bounds
+    on every operand, so a wrong size here would be an out-of-bounds read on the GPU."""
+
+    def need(cond, msg) -> None:  # msg: a callable, so the message is built only on failure
+        torch._check(cond, lambda: f"lora_kernels triton op: {msg()}")
+
+    dims = (x.dim(), weight.dim(), lora_A.dim(), lora_B.dim())
+    need(dims == (2, 2, 2, 2), lambda: f"x, weight, lora_A, lora_B must be 2-D, got {dims}")
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    need(x.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"x must be fp16/bf16/fp32, got {x.dtype}")
+    need(weight.dtype == x.dtype, lambda: f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    need(weight.shape[1] == K, lambda: f"weight must be (N, K = {K}), got {tuple(weight.shape)}")
+    need(R >= 1 and lora_A.shape[1] == K, lambda: f"lora_A must be (r >= 1, K = {K}), got {tuple(lora_A.shape)}")
+    need(tuple(lora_B.shape) == (N, R), lambda: f"lora_B must be (N, r) = ({N}, {R}), got {tuple(lora_B.shape)}")
+    need(
+        lora_A.dtype == lora_B.dtype and lora_A.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        lambda: f"lora_A and lora_B must share one of fp16/bf16/fp32, got {lora_A.dtype}, {lora_B.dtype}",
+    )
+    for name, v in (("bias", bias), ("lora_bias", lora_bias)):
+        if v is not None:
+            need(tuple(v.shape) == (N,), lambda name=name, v=v: f"{name} must be (N,) = ({N},), got {tuple(v.shape)}")
+    need(0.0 <= p < 1.0, lambda: f"p must be in [0, 1), got {p}")
+    if dy is not None:
+        need(
+            tuple(dy.shape) == (M, N) and dy.dtype == x.dtype,
+            lambda: f"dy must be (M, N) = ({M}, {N}) in {x.dtype}, got {tuple(dy.shape)} {dy.dtype}",
+        )
+    if t is not None:
+        need(
+            tuple(t.shape) == (M, R) and t.dtype == torch.float32 and (R == 1 or t.stride(1) == 1),
+            lambda: f"t must be (M, r) = ({M}, {R}) float32, unit column stride, got {tuple(t.shape)} {t.dtype}",
+        )
+    if bits is not None:
+        G = (K + 7) // 8
+        shaped = tuple(bits.shape) == (M, G) and (G == 1 or bits.stride(1) == 1)
+        need(
+            bits.dtype == torch.uint8 and (bits.numel() == 0 or shaped),
+            lambda: f"bits must be empty (regenerate) or uint8 (M, ceil(K/8)) = ({M}, {G}), unit column stride, "
+            f"got {tuple(bits.shape)} {bits.dtype}",
+        )
+    named = (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_bias", lora_bias))
+    for name, v in (*named, ("dy", dy), ("t", t), ("bits", bits)):
+        if v is not None:
+            need(v.device == x.device, lambda name=name, v=v: f"{name} is on {v.device} but x is on {x.device}")
+
+
 @torch.library.triton_op("lora_kernels::triton_lora_fwd", mutates_args=())
 def triton_lora_fwd(
     x: torch.Tensor,
@@ -1188,6 +1251,7 @@ def triton_lora_fwd(
     store_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_fwd`: ``(y (M, N), T (M, r) fp32, bits (M, ⌈K/8⌉) uint8 or empty)``."""
+    _check_op_args(x, weight, bias, lora_A, lora_B, lora_bias, p)
     wrap = _op_body_wrap(x)
     return lora_fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask, wrap=wrap)
 
@@ -1209,6 +1273,7 @@ def triton_lora_bwd(
     need_db: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Op form of :func:`lora_bwd`: ``(dx, dA, dB, Σ_m dY)``."""
+    _check_op_args(x, weight, None, lora_A, lora_B, None, p, dy=dy, t=t, bits=bits)
     wrap = _op_body_wrap(x)
     return lora_bwd(dy, x, weight, lora_A, lora_B, t, bits, scaling, p, seed, need_dx, need_da, need_db, wrap=wrap)
 
