@@ -26,6 +26,7 @@ CPU in seconds (a smoke test; it writes no CSV unless ``--csv`` is given).
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime
 import gc
@@ -46,7 +47,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CSV_FIELDS = [
     "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "layers", "hidden",
     "intermediate", "heads", "kv_heads", "vocab", "seq", "batch", "r", "lora_alpha", "dropout",
-    "dtype", "backend", "dropout_mask", "warmup", "steps", "step_ms", "step_ms_min", "step_ms_max",
+    "dtype", "backend", "backend_resolved", "dropout_mask", "warmup", "steps", "step_ms", "step_ms_min", "step_ms_max",
     "tokens_per_s", "peak_gib", "reserved_gib",
 ]  # fmt: skip
 
@@ -132,6 +133,20 @@ def prepare(variant: str, args: argparse.Namespace):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def backends_used(model: torch.nn.Module) -> str:
+    """What the patched layers' ``backend`` runs ("auto" resolved for each layer's device, dtypes and
+    rank), e.g. "triton:28" or "cuda:4,triton:24": a row says which kernels it timed."""
+    from lora_kernels.backends import resolved_backend
+    from lora_kernels.integrations.peft import _is_fused
+
+    counts: collections.Counter[str] = collections.Counter()
+    for m in model.modules():
+        if _is_fused(m):
+            w, A = m.get_base_layer().weight, m.lora_A[m.active_adapters[0]].weight
+            counts[resolved_backend(getattr(m, "_lk_backend", "auto"), w.new_empty((1, w.shape[1])), w, A)] += 1
+    return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -162,6 +177,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
                 if m.__dict__.get("_lk_last_fallback")}  # fmt: skip
     if fallback:  # the "patched" row would time PEFT's own path for these layers
         raise RuntimeError(f"{len(fallback)} patched layers ran PEFT's path: {next(iter(fallback.items()))}")
+    resolved = backends_used(model) if variant == "patched" else ""
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     times = []
@@ -174,6 +190,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     gib = 2**30
     return {
         "variant": variant,
+        "backend_resolved": resolved,
         "step_ms": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["BACKENDS", "available_backends", "resolve", "interpret_mode", "use_registered_op"]
+__all__ = ["BACKENDS", "available_backends", "resolve", "resolved_backend", "interpret_mode", "use_registered_op"]
 
 BACKENDS = ("torch", "triton", "cuda")
 # Backend name -> module implementing the contract above (replaceable, e.g. by tests).
@@ -109,10 +109,22 @@ def resolve(
         return _module(backend)[0].lora_linear_2d
     if backend != "auto":
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    name = _auto_pick(x, weight, lora_A)
+    return None if name == "torch" else _module(name)[0].lora_linear_2d
+
+
+def _auto_pick(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
     if x.device.type != "cuda":
-        return None  # on CPU the reference is the fast path (the interpreter is for testing)
+        return "torch"  # on CPU the reference is the fast path (the interpreter is for testing)
     order = _AUTO_ORDER.get(torch.cuda.get_device_capability(x.device), _AUTO_DEFAULT)
     for name in order:
         if _unavailable(name, x, weight, lora_A, auto=True) is None:
-            return _module(name)[0].lora_linear_2d
-    return None
+            return name
+    return "torch"
+
+
+def resolved_backend(backend: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
+    """The name of the backend that ``backend`` runs for these tensors ("auto" resolved), for reports
+    and benchmark rows. Raises as ``lora_linear`` would for an explicit backend that cannot run."""
+    fn = resolve(backend, x, weight, lora_A)
+    return "torch" if fn is None else (backend if backend != "auto" else _auto_pick(x, weight, lora_A))

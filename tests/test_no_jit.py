@@ -119,13 +119,19 @@ def test_auto_never_starts_a_jit_build(no_prebuilt, monkeypatch, tmp_path):
     assert cuda_ll.unavailable_reason(x, w, a) is None  # explicitly, it would build and run
     assert cuda_ll.auto_unavailable_reason(x, w, a) == cuda_ll.AUTO_NO_BUILD_REASON
     assert backends.resolve("auto", x, w, a) is None  # the reference, nothing built
+    assert backends.resolved_backend("auto", x, w, a) == "torch"  # what a benchmark row records
+    assert backends.resolved_backend("auto", x, w, a[:16]) == "triton"
     assert no_prebuilt == []
     assert backends.resolve("cuda", x, w, a) is cuda_ll.lora_linear_2d
+    assert backends.resolved_backend("cuda", x, w, a) == "cuda"
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here: .*up to 256"):
+        backends.resolved_backend("triton", x, w, a)
     assert no_prebuilt == []  # resolving does not build either: the first call does
     _ext.get_ext()
     assert len(no_prebuilt) == 1
     assert cuda_ll.auto_unavailable_reason(x, w, a) is None
     assert backends.resolve("auto", x, w, a) is cuda_ll.lora_linear_2d
+    assert backends.resolved_backend("auto", x, w, a) == "cuda"
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch has no JIT build to find")

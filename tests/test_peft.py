@@ -530,6 +530,9 @@ def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
     rows = e2e.main(["--dry", "--csv", str(csv)])
     assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    # The patched row names the kernels it timed: "auto" resolved per layer (the dry model has 2 layers
+    # × 7 projections; --dry runs on the CPU, where "auto" runs the reference), the other rows name none.
+    assert [r["backend_resolved"] for r in rows] == ["", "", "", "torch:14"]
     out = capsys.readouterr().out
     assert "tokens/s" in out and "patched" in out
     lines = csv.read_text().strip().splitlines()
