@@ -1,7 +1,9 @@
 """The CUDA backend's low-rank and dropout-mask kernels, run on the CPU.
 
 ``csrc/lowrank_kernels.cuh`` (the device code ``lowrank.cu`` launches) is compiled with the host C++
-compiler by ``tests/cuda_emu/harness.cpp``: 256 threads per block, a barrier for ``__syncthreads``.
+compiler by ``tests/cuda_emu/harness.cpp``: 256 threads per block, run as fibers one at a time from
+one ``__syncthreads`` to the next, in thread order and again in reverse order (so a missing barrier
+fails deterministically, rather than when the OS happens to interleave threads badly).
 The harness replays the launch sequence of ``csrc/lora_ops.cpp`` forward and backward, with the
 CUTLASS GEMMs as plain loops, over odd shapes (M, K, N ∈ {1…72}, r ∈ {1, 16, 65}, plus reductions of
 1030–1100), strided and column-major x, p ∈ {0, 0.3}, saved and regenerated masks, fp32, bf16 x with
@@ -51,32 +53,44 @@ def _cuda_include() -> Path | None:
     return next((c for c in candidates if (c / "cuda_fp16.h").exists() and (c / "cuda_bf16.h").exists()), None)
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
+def _build(csrc: Path, exe: Path) -> Path:
+    """The harness built against the device code in ``csrc`` (the checkout's, or a mutant's copy)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/c++) to build the emulation harness")
     inc = _cuda_include()
     if inc is None:
         pytest.skip("no CUDA headers (cuda_fp16.h, cuda_bf16.h): neither a CUDA toolkit nor pip's nvidia headers")
-    exe = tmp_path_factory.mktemp("cuda_emu") / "harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", f"-I{inc}",
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{csrc}", f"-I{inc}",
            str(HARNESS), "-o", str(exe)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"building the emulation harness failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     return exe
 
 
-def _run(exe: Path, *args: str) -> tuple[int, int, str]:
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    return _build(ROOT / "csrc", tmp_path_factory.mktemp("cuda_emu") / "harness")
+
+
+def _run(exe: Path, *args: str, schedule: str = "forward", stop_at_fail: bool = False) -> tuple[int, int, str]:
+    """Run the harness; ``schedule`` is LORA_EMU_SCHEDULE (how a block's 256 threads run, see
+    emu_runtime.h): "forward"/"reverse"/"shuffle:SEED" run them one at a time from barrier to barrier
+    in that order, deterministically; "parallel" as OS threads at a barrier."""
+    env = {**os.environ, "LORA_EMU_SCHEDULE": schedule, "LORA_EMU_STOP_AT_FAIL": "1" if stop_at_fail else "0"}
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     cases, _, fails, _ = last.split()
     return int(cases), int(fails), proc.stdout
 
 
-def test_lowrank_kernels_match_float64_on_the_cpu(harness):
-    cases, fails, out = _run(harness)
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_lowrank_kernels_match_float64_on_the_cpu(harness, schedule):
+    """Every case, with each block's threads run one at a time in thread order and in reverse order.
+    A missing ``__syncthreads`` (a thread reading shared memory that another writes in the same phase,
+    or overwriting what another has yet to read) gives a wrong value in one of the two, every time."""
+    cases, fails, out = _run(harness, schedule=schedule)
     assert cases >= 150, out[-2000:]
     assert fails == 0, out[-4000:]
 
@@ -92,6 +106,25 @@ def test_lowrank_kernels_on_random_shapes_and_ranks_up_to_256(harness):
     every dtype configuration, x layout, p, mask mode and split plan (``--random N SEED MAXDIM``).
     The seed is fixed so a failure reproduces; more: ``harness --random 400 <seed> 300``."""
     seed = os.environ.get("LORA_KERNELS_EMU_SEED", "20261201")
-    cases, fails, out = _run(harness, "--random", "16", seed, "160")
+    cases, fails, out = _run(harness, "--random", "16", seed, "160", schedule=f"shuffle:{seed}")
     assert cases == 16, out[-2000:]
     assert fails == 0, out[-4000:]
+
+
+def test_serial_schedules_catch_a_missing_syncthreads(tmp_path):
+    """The barrier that ends skinny_kernel's slice loop removed: threads that finish their FMAs early
+    restage the next slice over values others have yet to read. Run as parallel OS threads this was
+    caught only when the OS interleaved them badly (session 15's mutation test); run one at a time it
+    fails every time, in thread order and in reverse. (Every other barrier of lowrank_kernels.cuh,
+    removed one at a time, fails both orders too: bench/NOTES.md, session 16.)"""
+    src = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", src)
+    kernels = src / "lowrank_kernels.cuh"
+    text = kernels.read_text()
+    loop_end = "acc[a][q] = fmaf(xv[a], av[q], acc[a][q]);\n    }\n    __syncthreads();\n  }\n"
+    assert text.count(loop_end) == 1, "skinny_kernel's slice loop changed: update this mutant"
+    kernels.write_text(text.replace(loop_end, loop_end.replace("__syncthreads();", "/* removed */")))
+    exe = _build(src, tmp_path / "mutant")
+    for schedule in ("forward", "reverse"):
+        cases, fails, out = _run(exe, schedule=schedule, stop_at_fail=True)
+        assert fails > 0, f"{schedule}: the missing barrier went unnoticed\n{out[-2000:]}"

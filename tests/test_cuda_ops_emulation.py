@@ -52,6 +52,9 @@ def ops(tmp_path_factory):
         build_directory=str(build),
     )
     mod.set_split_min_c(32)  # small shapes take the split-reduction path too (as the harness does)
+    # Each block's threads one at a time, last to first (emu_runtime.h): deterministic, and several
+    # times faster here than OS threads at a barrier. Races are test_cuda_emulation.py's business.
+    mod.set_schedule(2)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # at::empty in lora_ops.cpp comes back NaN-filled
     yield mod

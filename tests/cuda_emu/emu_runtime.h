@@ -13,8 +13,11 @@
 #include <random>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <atomic>
 #include <functional>
+#include <memory>
+#include <ucontext.h>
 #include <string>
 #include <type_traits>
 #include <cuda_fp16.h>
@@ -29,10 +32,59 @@
 #define __launch_bounds__(x)
 #define __shared__ static
 struct D3 { unsigned x = 0, y = 0, z = 0; };
-thread_local D3 threadIdx, blockIdx;
+// Each emulated thread's indices; the OS thread (parallel schedule) or the scheduler (serial ones)
+// points emu_self at the running thread's.
+struct EmuThread { D3 tid, bid; };
+thread_local EmuThread* emu_self = nullptr;
+#define threadIdx (emu_self->tid)
+#define blockIdx (emu_self->bid)
 D3 blockDim{256, 1, 1};
 std::barrier<>* g_bar;
-#define __syncthreads() g_bar->arrive_and_wait()
+// Schedules (LORA_EMU_SCHEDULE):
+// - "parallel" (default): a block's threads are OS threads meeting at a std::barrier, so a missing
+//   __syncthreads shows only if the OS happens to interleave them badly;
+// - "forward", "reverse", "shuffle[:SEED]": the threads are fibers on one OS thread, run one at a
+//   time from one barrier to the next in that order (a new random order every phase for shuffle).
+//   Between two barriers each thread then sees every write of the threads before it and none of
+//   those after it. A kernel without a race computes the same bits in every order; a missing barrier
+//   (shared memory read in the phase in which another thread writes it, either way round) gives a
+//   wrong value in forward or in reverse, deterministically. No warp is assumed to run in lockstep
+//   (independent thread scheduling, as on Volta and later).
+int g_schedule = -1;  // -1: not read yet; 0 parallel, 1 forward, 2 reverse, 3 shuffle
+uint64_t g_schedule_seed = 1;
+int emu_schedule() {
+  if (g_schedule < 0) {
+    const char* e = std::getenv("LORA_EMU_SCHEDULE");
+    const std::string v = e ? e : "parallel";
+    g_schedule = v == "forward" ? 1 : v == "reverse" ? 2 : v.rfind("shuffle", 0) == 0 ? 3 : 0;
+    if (g_schedule == 0 && v != "parallel") {
+      fprintf(stderr, "LORA_EMU_SCHEDULE=%s: expected parallel, forward, reverse or shuffle[:SEED]\n", v.c_str());
+      std::exit(2);
+    }
+    if (g_schedule == 3 && v.size() > 8) g_schedule_seed = std::strtoull(v.c_str() + 8, nullptr, 10);
+  }
+  return g_schedule;
+}
+struct Fibers {
+  static constexpr size_t kStack = 256 * 1024;
+  ucontext_t sched;
+  std::vector<ucontext_t> ctx;
+  std::vector<std::unique_ptr<char[]>> stacks;  // kept across launches
+  std::vector<EmuThread> state;
+  std::vector<char> done;
+  const std::function<void()>* body = nullptr;
+  unsigned cur = 0;
+  std::mt19937_64 rng{1};
+};
+Fibers* g_fibers = nullptr;
+inline void emu_syncthreads() {
+  if (g_fibers) {
+    swapcontext(&g_fibers->ctx[g_fibers->cur], &g_fibers->sched);  // the scheduler runs the next thread
+  } else {
+    g_bar->arrive_and_wait();
+  }
+}
+#define __syncthreads() emu_syncthreads()
 int fails = 0;
 std::atomic<int> g_wmma_fails{0};
 void wmma_emu_fail(const char* what) {
@@ -43,6 +95,54 @@ namespace lora_kernels {
 namespace {
 #include "lowrank_kernels.cuh"
 }
+void fiber_entry() {
+  Fibers& fb = *g_fibers;
+  (*fb.body)();
+  fb.done[fb.cur] = 1;
+  swapcontext(&fb.ctx[fb.cur], &fb.sched);  // never resumed
+}
+// The serial schedules: nthreads fibers, each phase (barrier to barrier) runs them one at a time in
+// the schedule's order. Every thread reaches the same number of barriers (the per-block one
+// included), so a phase ends with all of them at a barrier or all of them done.
+void run_fibers(unsigned nthreads, int mode, const std::function<void()>& body) {
+  static Fibers fb;
+  g_fibers = &fb;
+  fb.body = &body;
+  fb.ctx.assign(nthreads, ucontext_t{});
+  fb.state.assign(nthreads, EmuThread{});
+  fb.done.assign(nthreads, 0);
+  while (fb.stacks.size() < nthreads) fb.stacks.push_back(std::make_unique<char[]>(Fibers::kStack));
+  static uint64_t launches = 0;
+  fb.rng.seed(g_schedule_seed * 1000003 + launches++);
+  for (unsigned t = 0; t < nthreads; ++t) {
+    fb.state[t].tid.x = t;
+    getcontext(&fb.ctx[t]);
+    fb.ctx[t].uc_stack.ss_sp = fb.stacks[t].get();
+    fb.ctx[t].uc_stack.ss_size = Fibers::kStack;
+    fb.ctx[t].uc_link = nullptr;
+    makecontext(&fb.ctx[t], fiber_entry, 0);
+  }
+  std::vector<unsigned> order(nthreads);
+  for (unsigned i = 0; i < nthreads; ++i) order[i] = mode == 2 ? nthreads - 1 - i : i;
+  for (unsigned alive = nthreads; alive > 0;) {
+    if (mode == 3) std::shuffle(order.begin(), order.end(), fb.rng);
+    unsigned finished = 0;
+    for (unsigned t : order) {
+      fb.cur = t;
+      emu_self = &fb.state[t];
+      swapcontext(&fb.sched, &fb.ctx[t]);
+      finished += fb.done[t];
+    }
+    if (finished != 0 && finished != nthreads) {
+      printf("  FAIL %u of %u threads finished while the others wait at a barrier\n", finished, nthreads);
+      ++fails;
+      break;
+    }
+    alive = nthreads - finished;
+  }
+  g_fibers = nullptr;
+  emu_self = nullptr;
+}
 // Blocks run one after another, z from last to first: the split partials must not depend on the
 // order in which blocks run.
 template <class F>
@@ -50,21 +150,32 @@ void launch(unsigned gx, unsigned gy, unsigned gz, unsigned nthreads, F f) {
   // One pool of nthreads threads walks the blocks one after another (the __shared__ statics are
   // reused by the next block), meeting at a barrier after each block: creating threads per block
   // made the emulation spend most of its time in the kernel.
+  // Every thread runs this: the blocks in order, a barrier after each, so the block is done before
+  // any thread starts the next one.
+  const std::function<void()> body = [&] {
+    for (unsigned bz = gz; bz-- > 0;)
+      for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+          blockIdx.x = bx;
+          blockIdx.y = by;
+          blockIdx.z = bz;
+          f();
+          __syncthreads();
+        }
+  };
+  if (const int mode = emu_schedule(); mode != 0) {
+    run_fibers(nthreads, mode, body);
+    return;
+  }
   std::barrier<> bar(nthreads);
   g_bar = &bar;
   std::vector<std::thread> ts;
   for (unsigned t = 0; t < nthreads; ++t)
     ts.emplace_back([&, t] {
-      threadIdx.x = t;
-      for (unsigned bz = gz; bz-- > 0;)
-        for (unsigned by = 0; by < gy; ++by)
-          for (unsigned bx = 0; bx < gx; ++bx) {
-            blockIdx.x = bx;
-            blockIdx.y = by;
-            blockIdx.z = bz;
-            f();
-            bar.arrive_and_wait();  // the block is done before any thread starts the next one
-          }
+      EmuThread self;
+      self.tid.x = t;
+      emu_self = &self;
+      body();
     });
   for (auto& t : ts) t.join();
 }

@@ -1,9 +1,11 @@
 // CPU emulation of the CUDA backend's low-rank and dropout-mask kernels (csrc/lowrank_kernels.cuh),
 // run by tests/test_cuda_emulation.py where there is no GPU.
 //
-// The device code is compiled for the host as it is: a block is 256 std::threads, __syncthreads is a
-// std::barrier, __shared__ arrays are statics (blocks run one after another), and blockIdx/threadIdx
-// are thread-locals. The launch sequence of each test case mirrors csrc/lora_ops.cpp (lora_fwd:
+// The device code is compiled for the host as it is: a block is 256 emulated threads, __shared__
+// arrays are statics (blocks run one after another). LORA_EMU_SCHEDULE picks how the threads run
+// (emu_runtime.h): as fibers, one at a time from barrier to barrier in forward, reverse or shuffled
+// order (deterministic: a missing __syncthreads fails in forward or reverse), or as std::threads at a
+// std::barrier ("parallel", the default). The launch sequence of each test case mirrors csrc/lora_ops.cpp (lora_fwd:
 // shrink T with the mask bits, expand into y, then the base GEMM accumulating into y; lora_bwd: dT,
 // [dB | dlora_bias], the mask regenerated when not saved, dAᵀ, dX's low-rank part, then dY·W), with the
 // CUTLASS GEMMs replaced by plain loops; also the concatenated-K variants (pack, then one GEMM over
@@ -359,9 +361,11 @@ int main(int argc, char** argv) {
   // --random N SEED [MAXDIM]: N random cases (sizes 1..MAXDIM, default 160; r 1..256, dtype
   // configurations, x layouts, p, saved or regenerated mask, split plans) instead of the fixed set.
   const bool random_mode = argc > 2 && std::string(argv[1]) == "--random";
+  // LORA_EMU_STOP_AT_FAIL=1: stop after the first failing case (a mutant's run need not go on).
+  const bool stop_at_fail = std::getenv("LORA_EMU_STOP_AT_FAIL") && std::string(std::getenv("LORA_EMU_STOP_AT_FAIL")) == "1";
   int n = 0, n_split = 0;
   auto one = [&](int64_t M, int64_t K, int64_t N, int64_t r, double p, int xl) {
-    if (g_selftest && n >= 6) return;
+    if ((g_selftest && n >= 6) || (stop_at_fail && fails)) return;
     const int before = fails, splits_before = g_split_launches;
     run_case(M, K, N, r, p, (uint64_t(1) << 40) + 17 + M, xl, (M + K) % 2 == 0);
     if (fails != before)
@@ -374,7 +378,7 @@ int main(int argc, char** argv) {
     std::mt19937_64 pick(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1);
     const int64_t maxdim = argc > 4 ? std::atoll(argv[4]) : 160;
     auto dim = [&](int64_t hi) { return (int64_t)(pick() % (uint64_t)hi) + 1; };
-    for (int i = 0; i < count; ++i) {
+    for (int i = 0; i < count && !(stop_at_fail && fails); ++i) {
       const int64_t M = dim(maxdim), K = dim(maxdim), N = dim(maxdim);
       static const int64_t edge_ranks[] = {1, 64, 65, 128, 255, 256};
       const int64_t r = (pick() % 4 == 0) ? edge_ranks[pick() % 6] : dim(256);

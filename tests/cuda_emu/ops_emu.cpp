@@ -77,6 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     g_sm90_compiled = sm90_compiled;
   });
   m.def("set_gemm_backend", [](int b) { lora_kernels::set_gemm_backend(static_cast<lora_kernels::GemmBackend>(b)); });
+  // emu_runtime.h's LORA_EMU_SCHEDULE, set from Python: 0 parallel, 1 forward, 2 reverse, 3 shuffle.
+  m.def("set_schedule", [](int mode) { g_schedule = mode; });
   m.def("set_split_min_c", [](int64_t c) { lora_kernels::g_split_min_c = c; });  // small shapes split too
   m.def("last_gemm_path", [] { return static_cast<int>(lora_kernels::last_gemm_path()); });
   m.def("stats", [] {
