@@ -54,10 +54,14 @@ def _ref_fwd(x, W, A, B, b, lb, p, seed, scaling=2.0):
     "dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=["fp16", "bf16-fp32A"]
 )
 @pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
-@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (1, 64, 96, 1), (130, 96, 48, 64), (40, 200, 120, 128)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(67, 104, 72, 16), (1, 64, 96, 1), (130, 96, 48, 64), (40, 200, 120, 128), (5, 24, 16, 8)], ids=str
+)
 def test_single_pass_forward_and_gradients(single, dts, p, mode, shape):
     """Through the public API: output and every gradient (the backward consumes the single-pass T and
-    bits) against the float64 reference."""
+    bits) against the float64 reference. (5, 24, 16, 8) is one tile in N and in K (32-wide tiles in the
+    interpreter): the only tile of a row-block must itself store T and dT, which other shapes leave
+    to tile 0 of several."""
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
