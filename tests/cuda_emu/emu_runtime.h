@@ -49,7 +49,8 @@ std::barrier<>* g_bar;
 //   those after it. A kernel without a race computes the same bits in every order; a missing barrier
 //   (shared memory read in the phase in which another thread writes it, either way round) gives a
 //   wrong value in forward or in reverse, deterministically. No warp is assumed to run in lockstep
-//   (independent thread scheduling, as on Volta and later).
+//   (independent thread scheduling, as on Volta and later). Under -fsanitize=address use "parallel":
+//   AddressSanitizer does not follow swapcontext's stack switches.
 int g_schedule = -1;  // -1: not read yet; 0 parallel, 1 forward, 2 reverse, 3 shuffle
 uint64_t g_schedule_seed = 1;
 int emu_schedule() {
