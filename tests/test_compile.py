@@ -199,6 +199,28 @@ def test_seed_none_under_fullgraph():
     assert torch.equal(y1, e1) and torch.equal(y2, e2), "compiled calls drew other seeds than eager"
 
 
+def test_seed_none_under_inductor_matches_eager_with_fallback_random():
+    """Inductor draws random numbers its own way, so under ``torch.manual_seed`` a compiled call's
+    per-call seeds differ from eager's (as for torch's own dropout). With
+    ``torch._inductor.config.fallback_random = True`` (what the README tells users comparing compiled
+    with eager) they are eager's, and still new per call."""
+    w, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4)
+
+    def f(x):
+        return lk.lora_linear(x, w, A, B, dropout_p=0.5, backend="torch")
+
+    torch._dynamo.reset()
+    x = torch.randn(64, 16)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(f, fullgraph=True)
+        torch.manual_seed(3)
+        y1, y2 = compiled(x), compiled(x)
+    torch.manual_seed(3)
+    e1, e2 = f(x), f(x)
+    assert not torch.equal(y1, y2), "two calls with seed=None used the same dropout mask"
+    assert torch.equal(y1, e1) and torch.equal(y2, e2), "fallback_random: compiled calls drew other seeds than eager"
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library ops of the lora_kernels namespace
 
