@@ -179,31 +179,14 @@ def test_layer_module_compiles():
         _assert_compiled_matches_eager(layer.train(training), _x(shape=(3, 32)), "aot_eager", [torch.float32])
 
 
-def test_seed_none_under_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_seed_none_under_fullgraph(compiler):
     """With dropout and no seed, lora_linear draws one per call (``torch.randint(...).item()``,
     as LoRALinear does in training). Compiled, that must trace (an unbacked scalar), draw a new
-    mask per call, and draw the same seeds as eager under ``torch.manual_seed``."""
-    w, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4)
-
-    def f(x):
-        return lk.lora_linear(x, w, A, B, dropout_p=0.5, backend="torch")
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x = torch.randn(64, 16)
-    torch.manual_seed(3)
-    y1, y2 = compiled(x), compiled(x)
-    torch.manual_seed(3)
-    e1, e2 = f(x), f(x)
-    assert not torch.equal(y1, y2), "two calls with seed=None used the same dropout mask"
-    assert torch.equal(y1, e1) and torch.equal(y2, e2), "compiled calls drew other seeds than eager"
-
-
-def test_seed_none_under_inductor_matches_eager_with_fallback_random():
-    """Inductor draws random numbers its own way, so under ``torch.manual_seed`` a compiled call's
-    per-call seeds differ from eager's (as for torch's own dropout). With
-    ``torch._inductor.config.fallback_random = True`` (what the README tells users comparing compiled
-    with eager) they are eager's, and still new per call."""
+    mask per call, and draw the same seeds as eager under ``torch.manual_seed``. Inductor draws random
+    numbers its own way (its seeds differ from eager's, as for torch's own dropout) unless
+    ``torch._inductor.config.fallback_random = True``, what the README tells users comparing compiled
+    with eager: with it, the seeds are eager's."""
     w, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4)
 
     def f(x):
@@ -212,13 +195,13 @@ def test_seed_none_under_inductor_matches_eager_with_fallback_random():
     torch._dynamo.reset()
     x = torch.randn(64, 16)
     with torch._inductor.config.patch(fallback_random=True):
-        compiled = torch.compile(f, fullgraph=True)
+        compiled = torch.compile(f, fullgraph=True, backend=compiler)
         torch.manual_seed(3)
         y1, y2 = compiled(x), compiled(x)
     torch.manual_seed(3)
     e1, e2 = f(x), f(x)
     assert not torch.equal(y1, y2), "two calls with seed=None used the same dropout mask"
-    assert torch.equal(y1, e1) and torch.equal(y2, e2), "fallback_random: compiled calls drew other seeds than eager"
+    assert torch.equal(y1, e1) and torch.equal(y2, e2), "compiled calls drew other seeds than eager"
 
 
 # ------------------------------------------------------------------------------------------------
