@@ -126,5 +126,6 @@ def _auto_pick(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> s
 def resolved_backend(backend: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
     """The name of the backend that ``backend`` runs for these tensors ("auto" resolved), for reports
     and benchmark rows. Raises as ``lora_linear`` would for an explicit backend that cannot run."""
-    fn = resolve(backend, x, weight, lora_A)
-    return "torch" if fn is None else (backend if backend != "auto" else _auto_pick(x, weight, lora_A))
+    if backend == "auto":
+        return _auto_pick(x, weight, lora_A)
+    return "torch" if resolve(backend, x, weight, lora_A) is None else backend

@@ -148,11 +148,9 @@ void run_fibers(unsigned nthreads, int mode, const std::function<void()>& body) 
 // order in which blocks run.
 template <class F>
 void launch(unsigned gx, unsigned gy, unsigned gz, unsigned nthreads, F f) {
-  // One pool of nthreads threads walks the blocks one after another (the __shared__ statics are
-  // reused by the next block), meeting at a barrier after each block: creating threads per block
-  // made the emulation spend most of its time in the kernel.
-  // Every thread runs this: the blocks in order, a barrier after each, so the block is done before
-  // any thread starts the next one.
+  // One pool of nthreads threads (OS threads or fibers, per the schedule) walks the blocks one after
+  // another (the __shared__ statics are reused by the next block): every thread runs this body, with
+  // a barrier after each block, so the block is done before any thread starts the next one.
   const std::function<void()> body = [&] {
     for (unsigned bz = gz; bz-- > 0;)
       for (unsigned by = 0; by < gy; ++by)
