@@ -14,8 +14,8 @@ demo: setup
 	$(PY) -m lora_kernels demo
 
 lint: setup
-	$(VENV)/bin/ruff check lora_kernels tests bench
-	$(VENV)/bin/ruff format --check lora_kernels tests bench
+	$(VENV)/bin/ruff check lora_kernels tests bench scripts setup.py
+	$(VENV)/bin/ruff format --check lora_kernels tests bench scripts setup.py
 
 gpu-check:
 	bash scripts/gpu_check.sh

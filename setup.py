@@ -97,7 +97,9 @@ def _skip(reason: str) -> dict:
 def _extension_kwargs() -> dict:
     if _flag("LORA_KERNELS_SKIP_CUDA_BUILD"):
         if _flag("LORA_KERNELS_FORCE_BUILD"):
-            sys.exit("lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1 and LORA_KERNELS_FORCE_BUILD=1 contradict each other")
+            sys.exit(
+                "lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1 and LORA_KERNELS_FORCE_BUILD=1 contradict each other"
+            )
         print("lora_kernels: LORA_KERNELS_SKIP_CUDA_BUILD=1: pure-Python install")
         return {}
     build = _load_build_helper()
