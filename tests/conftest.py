@@ -57,3 +57,53 @@ def pytest_report_header(config):
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def _cuda_ops_emu_build(tmp_path_factory):
+    """``csrc/lora_ops.cpp`` compiled for the CPU over the kernel emulation (tests/cuda_emu/ops_emu.cpp),
+    once per session (≈ 70 s on 2 cores)."""
+    import shutil
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    from tests.test_cuda_emulation import _cuda_include
+
+    if (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")) is None:
+        pytest.skip("no host C++ compiler to build csrc/lora_ops.cpp for the CPU")
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_runtime.h, cuda_fp16.h): neither a CUDA toolkit nor pip's nvidia headers")
+    root = Path(__file__).resolve().parents[1]
+    emu = root / "tests" / "cuda_emu"
+    mod = load(
+        name="lora_ops_emu",
+        sources=[str(emu / "ops_emu.cpp")],
+        # shim/ first: its ATen/cuda and c10/cuda headers stand in for torch's CUDA ones.
+        extra_include_paths=[str(emu / "shim"), str(root / "csrc"), str(emu), str(inc)],
+        extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
+        extra_ldflags=["-pthread"],
+        build_directory=str(tmp_path_factory.mktemp("ops_emu")),
+    )
+    return mod
+
+
+@pytest.fixture
+def cuda_ops_emu(_cuda_ops_emu_build):
+    """The CUDA backend's host code on CPU tensors (see ``_cuda_ops_emu_build``).
+
+    A block's threads run one at a time, last to first (emu_runtime.h): deterministic, and several times
+    faster here than OS threads at a barrier (races are test_cuda_emulation.py's business). Deterministic
+    algorithms are on during the test: ``at::empty`` in lora_ops.cpp then comes back NaN-filled, so an
+    output element no kernel writes fails the comparison.
+    """
+    mod = _cuda_ops_emu_build
+    mod.set_schedule(2)
+    mod.set_split_min_c(32)  # small shapes take the split-reduction path too (as the harness does)
+    mod.set_device(9, 0, True)  # an H100, sm90a kernels compiled, GEMM path chosen as on the GPU
+    mod.set_gemm_backend(0)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield mod
+    torch.use_deterministic_algorithms(prev)

@@ -14,8 +14,6 @@ kernel writes fails. What stays for a GPU: CUTLASS itself, real concurrency, the
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ import torch
 
 from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 from tests._utils import assert_close_ref
-from tests.test_cuda_emulation import _cuda_include
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
@@ -32,35 +29,9 @@ AUTO, CUBLAS, SM80, SM90, SM90_FUSED = range(5)
 H100, A100 = (9, 0), (8, 0)
 
 
-@pytest.fixture(scope="module")
-def ops(tmp_path_factory):
-    if (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")) is None:
-        pytest.skip("no host C++ compiler to build csrc/lora_ops.cpp for the CPU")
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("no CUDA headers (cuda_runtime.h, cuda_fp16.h): neither a CUDA toolkit nor pip's nvidia headers")
-    from torch.utils.cpp_extension import load
-
-    build = tmp_path_factory.mktemp("ops_emu")
-    mod = load(
-        name="lora_ops_emu",
-        sources=[str(EMU / "ops_emu.cpp")],
-        # shim/ first: its ATen/cuda and c10/cuda headers stand in for torch's CUDA ones.
-        extra_include_paths=[str(EMU / "shim"), str(ROOT / "csrc"), str(EMU), str(inc)],
-        extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
-        extra_ldflags=["-pthread"],
-        build_directory=str(build),
-    )
-    mod.set_split_min_c(32)  # small shapes take the split-reduction path too (as the harness does)
-    # Each block's threads one at a time, last to first (emu_runtime.h): deterministic, and several
-    # times faster here than OS threads at a barrier. Races are test_cuda_emulation.py's business.
-    mod.set_schedule(2)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # at::empty in lora_ops.cpp comes back NaN-filled
-    yield mod
-    torch.use_deterministic_algorithms(prev)
-    mod.set_device(*H100, True)
-    mod.set_gemm_backend(AUTO)
+@pytest.fixture
+def ops(cuda_ops_emu):
+    return cuda_ops_emu  # tests/conftest.py: built once per session, reset to an H100 for each test
 
 
 def _inputs(M, K, N, r, xdt, adt, bias, lora_bias, x_layout="contiguous", seed=0):
