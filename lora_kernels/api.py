@@ -158,9 +158,10 @@ def lora_linear(
     _check_tensor("bias", bias, optional=True)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.device == weight.device:
-        # Autocast does not look inside custom kernels: apply its linear-layer rule here once
-        # (base path in the autocast dtype; adapters keep their own dtype, as PEFT's fp32
-        # adapters do), then run with autocast off so nothing is cast twice.
+        # Autocast does not look inside custom kernels: apply its linear-layer rule here once to
+        # the base path, then run with autocast off so nothing is cast twice. The adapters keep
+        # their own dtype (fp32 adapters stay fp32, which the kernels take as they are; PEFT's
+        # nn.Linear adapters would run in the autocast dtype: ours is the more accurate sum).
         dt = torch.get_autocast_dtype(device_type)
 
         def cast(t):  # as autocast itself: float64 is never cast (F.linear on float64 stays float64)

@@ -59,37 +59,45 @@ def _leaves(device, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dy_from_y", [True, False], ids=["dy-depends-on-y", "constant-dy"])
-def test_double_backward_matches_reference(backend, dy_from_y):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-x-fp32-adapters"])
+def test_double_backward_matches_reference(backend, dy_from_y, x_dtype):
     """Gradients taken with create_graph=True are differentiable and right (a gradient penalty):
     never silently constant. With a constant dY the first-order grads still depend on x, A and B
-    through the tensors saved for backward, so that path is checked on its own."""
+    through the tensors saved for backward, so that path is checked on its own. With fp16 x, W and
+    bias next to fp32 adapters, each stand-in bias of the double-backward graph must take its own
+    parameter's dtype."""
     device = "cpu" if backend == "cuda-model" else DEVICE
     kw = dict(scaling=1.5, dropout_p=0.25, seed=11)
     base = _leaves(device)
     c = torch.randn(M, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    dtypes = [x_dtype, torch.float32]
+
+    def to_kernel(t, i):  # x, weight, bias in x's dtype; the adapters fp32
+        return t.detach().to(x_dtype if i in (0, 1, 4) else torch.float32)
 
     def second_order(cast, fn):
-        x, w, a, b, bias, lbias = (cast(t) for t in base)
+        x, w, a, b, bias, lbias = (cast(t, i) for i, t in enumerate(base))
         leaves = [t.requires_grad_(True) for t in (x, a, b, lbias)]
         y = fn(x, w, a, b, bias, lbias)
-        loss = (y * cast(c)).sum() + (0.5 * (y * y).sum() if dy_from_y else 0.0)
+        loss = (y * cast(c, 0).to(y.dtype)).sum() + (0.5 * (y * y).sum() if dy_from_y else 0.0)
         first = torch.autograd.grad(loss, leaves, create_graph=True)
-        penalty = sum((g * g).sum() for g in first)
+        # Scaled so that the second-order terms stay within fp16 range (they reach ~5e6 unscaled).
+        penalty = 1e-3 * sum((g.float() * g.float()).sum() for g in first)
         return first, torch.autograd.grad(penalty, leaves, allow_unused=True)
 
     def ref(x, w, a, b, bias, lbias):
         return lora_linear_ref(x, w, a, b, bias, lbias, 1.5, 0.25, True, 11)
 
-    got_first, got = second_order(lambda t: t.detach().clone(), lambda *t: _call(backend, *t, **kw))
-    want_first, want = second_order(lambda t: t.detach().double(), ref)
+    got_first, got = second_order(to_kernel, lambda *t: _call(backend, *t, **kw))
+    want_first, want = second_order(lambda t, i: t.detach().double(), ref)
     for name, g, r in zip(("x", "lora_A", "lora_B", "lora_bias"), got_first, want_first, strict=True):
-        assert_close_ref(g, r, [torch.float32], f"d{name}")
+        assert_close_ref(g, r, dtypes, f"d{name}")
     for name, g, r in zip(("x", "lora_A", "lora_B", "lora_bias"), got, want, strict=True):
         if r is None:  # the penalty does not depend on it
             assert g is None or not g.any(), name
             continue
         assert g is not None, f"second-order gradient of {name} missing"
-        assert_close_ref(g, r, [torch.float32], f"d²/d{name}")
+        assert_close_ref(g, r, dtypes, f"d²/d{name}")
 
 
 def test_backward_without_create_graph_stays_on_the_kernels(monkeypatch):

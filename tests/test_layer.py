@@ -250,3 +250,20 @@ def test_triton_backend_matches_reference_fp32() -> None:
     grads = (x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_bias.grad)
     for got, leaf, name in zip(grads, leaves, ("dx", "dA", "dB", "dlora_bias"), strict=True):
         assert_close_ref(got, leaf.grad, [torch.float32], name)
+
+
+@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
+@pytest.mark.parametrize("dropout_mask", ["bitmask", "regenerate"])
+def test_dropout_mask_option_reaches_the_kernels(dropout_mask: str) -> None:
+    """The layer's ``dropout_mask`` decides what the kernels keep for backward: the packed keep bits
+    (M, ceil(K/8)) uint8 in "bitmask" mode, no mask at all in "regenerate" mode."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = _layer(K=40, N=32, r=4, lora_dropout=0.3, backend="triton", dropout_mask=dropout_mask).to(dev)
+    x = torch.randn(2, 3, 40, device=dev, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    masks = [tuple(t.shape) for t in saved if t.dtype == torch.uint8 and t.numel() > 0]
+    assert masks == ([(6, 5)] if dropout_mask == "bitmask" else []), masks
+    y.sum().backward()
+    assert torch.isfinite(layer.lora_A.grad).all()

@@ -231,6 +231,52 @@ def test_multi_adapter_sum_and_dropout_rules(monkeypatch: pytest.MonkeyPatch) ->
     torch.testing.assert_close(model(input_ids=ids).logits, patched_out, atol=0, rtol=0)
 
 
+def test_multi_adapter_lora_biases_are_scaled_per_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacked adapters with lora_bias=True: each adapter's bias enters with its own scaling
+    (Σ_i s_i·lora_bias_i), as PEFT adds them; float64 PEFT is the truth."""
+    model = _peft_model(bias=True, lora_bias=True)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=12, target_modules=LINEAR_NAMES, lora_bias=True,
+                                           init_lora_weights=False))  # fmt: skip
+    model.base_model.set_adapter(["default", "second"])
+    g = torch.Generator().manual_seed(3)
+    for m in _lora_linears(model):
+        for a in ("default", "second"):
+            with torch.no_grad():
+                m.lora_B[a].bias.copy_(torch.randn(m.lora_B[a].bias.shape, generator=g))
+        assert m.scaling["default"] != m.scaling["second"]
+    for n, prm in model.named_parameters():
+        prm.requires_grad_("lora_" in n)
+    ref64 = copy.deepcopy(model).double()
+    ids = _ids()
+    ref_logits, ref_grads = _run(ref64, ids)
+    patch(model, backend="torch")
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert len(spy.calls) == N_LINEAR
+    assert sum(n.endswith(".bias") and "lora_B" in n for n in grads) == 2 * N_LINEAR
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+
+
+def test_inactive_adapter_stays_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second adapter that is loaded but not active adds nothing (PEFT skips it): the fused call gets
+    the active adapter alone, and switching adapters switches what the fused call runs."""
+    model = _peft_model()
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=LINEAR_NAMES, init_lora_weights=False))
+    ids = _ids()
+    for active in ("default", "second"):
+        model.base_model.set_adapter(active)
+        for n, prm in model.named_parameters():
+            prm.requires_grad_("lora_" in n and f".{active}." in n)
+        ref_logits, ref_grads = _run(copy.deepcopy(model).double(), ids)
+        unpatch(model)
+        patch(model, backend="torch", log=False)
+        spy = _Spy(monkeypatch)
+        logits, grads = _run(model, ids)
+        assert len(spy.calls) == N_LINEAR
+        _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+        monkeypatch.undo()
+
+
 def test_training_with_dropout_reduces_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _peft_model(lora_dropout=0.1, init_lora_weights=True)
     patch(model, backend="torch")
@@ -309,6 +355,122 @@ def test_mixed_batch_adapter_names_falls_back() -> None:
     out = model(input_ids=ids, adapter_names=names).logits
     torch.testing.assert_close(out, before, atol=0, rtol=0)
     assert all("adapter_names" in m._lk_last_fallback for m in _lora_linears(model))
+
+
+def test_extra_positional_argument_is_peft_s_business() -> None:
+    """An extra positional argument is not silently dropped by the fused path: it goes to PEFT's forward,
+    which passes it to the base layer, so the patched layer fails exactly as the unpatched one does."""
+    model = _peft_model()
+    layer = _lora_linears(model)[0]
+    x = torch.randn(2, 3, layer.in_features)
+    with pytest.raises(TypeError) as unpatched:
+        layer(x, "extra")
+    patch(model, backend="torch", log=False)
+    with pytest.raises(TypeError) as patched:
+        layer(x, "extra")
+    assert str(patched.value) == str(unpatched.value)
+    assert "extra forward arguments" in layer._lk_last_fallback
+
+
+def test_input_of_another_dtype_is_peft_s_business() -> None:
+    """A float32 input to a bfloat16 layer outside autocast: PEFT's path decides (here F.linear refuses
+    it), so the patched layer fails exactly as the unpatched one does rather than with our own error."""
+    model = _peft_model(dtype=torch.bfloat16)
+    layer = _lora_linears(model)[0]
+    x = torch.randn(2, 3, layer.in_features)
+    with pytest.raises(RuntimeError) as unpatched:
+        layer(x)
+    patch(model, backend="torch", log=False)
+    with pytest.raises(RuntimeError) as patched:
+        layer(x)
+    assert str(patched.value) == str(unpatched.value)
+    assert "input dtype differs" in layer._lk_last_fallback
+
+
+def test_disabled_input_casting_takes_peft_s_path() -> None:
+    """peft.helpers.disable_input_dtype_casting under bf16 autocast: PEFT runs the fp32 adapters in
+    autocast's dtype; the patched layer takes PEFT's path and gives its output bit for bit."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = _peft_model(dtype=torch.bfloat16)
+    layer = _lora_linears(model)[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(2, 3, layer.in_features).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model):
+        before = layer(x)
+        patch(model, backend="torch", log=False)
+        after = layer(x)
+    assert torch.equal(after, before)
+    assert "casting disabled" in layer._lk_last_fallback
+
+
+class _HalfDropout(nn.Module):
+    """A custom "dropout" PEFT would call as a module: deterministic, unlike anything the fused op does."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("part", ["lora_dropout", "lora_A", "lora_B"])
+def test_custom_adapter_modules_take_peft_s_path(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adapter whose dropout, lora_A or lora_B PEFT calls is not a plain nn.Dropout / nn.Linear:
+    the fused op would read the weights and skip the module's own forward, so PEFT's path runs."""
+    model = _peft_model()
+    for m in _lora_linears(model):
+        if part == "lora_dropout":
+            m.lora_dropout["default"] = _HalfDropout()
+        else:
+            old = getattr(m, part)["default"]
+            new = _DoubledLinear(old.in_features, old.out_features, bias=old.bias is not None)
+            new.load_state_dict(old.state_dict())
+            getattr(m, part)["default"] = new
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert not spy.calls
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    why = "custom dropout" if part == "lora_dropout" else "non-Linear lora_A/lora_B"
+    assert all(why in m._lk_last_fallback for m in _lora_linears(model))
+
+
+@pytest.mark.parametrize("dropout_mask", ["bitmask", "regenerate"])
+def test_patch_passes_its_dropout_mask_option(dropout_mask: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_model(lora_dropout=0.1)
+    patch(model, backend="torch", dropout_mask=dropout_mask, log=False)
+    spy = _Spy(monkeypatch)
+    model.train()
+    model(input_ids=_ids())
+    assert len(spy.calls) == N_LINEAR and all(c["dropout_mask"] == dropout_mask for c in spy.calls)
+
+
+def test_active_adapters_of_different_dtypes_take_peft_s_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacking a float32 and a bfloat16 adapter into one call would run both in float32 (torch.cat
+    promotes), not as PEFT runs each: such layers stay on PEFT's path and say why."""
+    model = _peft_model()
+    model.add_adapter("second", LoraConfig(r=4, target_modules=LINEAR_NAMES, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    for m in _lora_linears(model):
+        m.lora_A["second"].to(torch.bfloat16)
+        m.lora_B["second"].to(torch.bfloat16)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert not spy.calls
+    torch.testing.assert_close(out, before, atol=0, rtol=0)
+    assert all("different dtypes" in m._lk_last_fallback for m in _lora_linears(model))
 
 
 def test_save_load_merge_and_unload_on_patched_model(tmp_path) -> None:

@@ -47,6 +47,15 @@ def test_mask_layout_matches_definition():
             assert bool(keep[m, k]) == (u >= thr), (m, k)
 
 
+@pytest.mark.parametrize(
+    "p, threshold", [(0.0, 0), (0.1, 6554), (0.3, 19661), (0.5, 32768), (1e-5, 1), (0.99999, 65535)]
+)
+def test_threshold_rounds_to_nearest(p, threshold):
+    """threshold = round(p · 65536), the definition the CUDA backend implements on its own (csrc/lowrank.cu):
+    p = 0.1 is 6553.6, so truncation would keep one more draw value than the other backends."""
+    assert dropout_threshold(p) == threshold
+
+
 def test_mask_rows_past_2_32_use_high_counter_word():
     g = torch.tensor([3])
     lo = philox4x32_10(g, torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), 1, 2)
