@@ -404,6 +404,20 @@ def test_disabled_input_casting_takes_peft_s_path() -> None:
     assert "casting disabled" in layer._lk_last_fallback
 
 
+def _assert_patched_model_takes_peft_path(model: nn.Module, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Patching ``model`` changes nothing: no fused call, PEFT's logits bit for bit, ``why`` recorded per layer."""
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    patch(model, backend="torch", log=False)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert not spy.calls
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    assert all(why in m._lk_last_fallback for m in _lora_linears(model))
+
+
 class _HalfDropout(nn.Module):
     """A custom "dropout" PEFT would call as a module: deterministic, unlike anything the fused op does."""
 
@@ -429,17 +443,8 @@ def test_custom_adapter_modules_take_peft_s_path(part: str, monkeypatch: pytest.
             new = _DoubledLinear(old.in_features, old.out_features, bias=old.bias is not None)
             new.load_state_dict(old.state_dict())
             getattr(m, part)["default"] = new
-    ids = _ids()
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-    patch(model, backend="torch", log=False)
-    spy = _Spy(monkeypatch)
-    with torch.no_grad():
-        after = model(input_ids=ids).logits
-    assert not spy.calls
-    torch.testing.assert_close(after, before, atol=0, rtol=0)
     why = "custom dropout" if part == "lora_dropout" else "non-Linear lora_A/lora_B"
-    assert all(why in m._lk_last_fallback for m in _lora_linears(model))
+    _assert_patched_model_takes_peft_path(model, monkeypatch, why)
 
 
 @pytest.mark.parametrize("dropout_mask", ["bitmask", "regenerate"])
@@ -461,16 +466,7 @@ def test_active_adapters_of_different_dtypes_take_peft_s_path(monkeypatch: pytes
     for m in _lora_linears(model):
         m.lora_A["second"].to(torch.bfloat16)
         m.lora_B["second"].to(torch.bfloat16)
-    ids = _ids()
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-    patch(model, backend="torch", log=False)
-    spy = _Spy(monkeypatch)
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-    assert not spy.calls
-    torch.testing.assert_close(out, before, atol=0, rtol=0)
-    assert all("different dtypes" in m._lk_last_fallback for m in _lora_linears(model))
+    _assert_patched_model_takes_peft_path(model, monkeypatch, "different dtypes")
 
 
 def test_save_load_merge_and_unload_on_patched_model(tmp_path) -> None:
