@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,113 @@ def test_dry_run_writes_every_row_and_column(dry_run):
             assert by[key]["status"] == f"skipped: {TRITON_REASON}"
 
 
+def test_dry_run_derived_columns_follow_from_the_measurements(dry_run):
+    """What the committed GPU table is read by, recomputed from each row's own times: the ratios against
+    the same configuration's cublas row, TFLOP/s from the FLOPs of what the row computes (the floor's
+    backward is dX only; LoRA rows add the shrink, the expand, dT, dA and dB), the bytes saved beyond x
+    (known exactly where the algorithm fixes them), the recorded adapter dtype."""
+    _, rows = dry_run
+    M, K, N, r = 64, 64, 96, 8
+    lora_fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * r * N
+    lora_bwd = 2 * M * N * r + 2 * N * M * r + 2 * r * M * K + 2 * M * N * K + 2 * M * r * K
+    flops = {"cublas": (2 * M * N * K, 4 * M * N * K)}
+    saved = {  # bytes of (impl, p): T = x·Aᵀ is M×r fp32; the bitmask one bit per element of x
+        ("cublas", 0.0): 0, ("cublas", 0.1): 0, ("naive", 0.0): M * r * 4,
+        ("triton-bitmask", 0.0): M * r * 4, ("triton-bitmask", 0.1): M * r * 4 + M * math.ceil(K / 8),
+        ("triton-regen", 0.1): M * r * 4,
+    }  # fmt: skip
+    checked = 0
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        floor = next(f for f in rows if f["impl"] == "cublas" and f["p"] == row["p"])
+        assert row["fwd_ratio"] == pytest.approx(row["fwd_ms"] / floor["fwd_ms"]), row["impl"]
+        assert row["fwdbwd_ratio"] == pytest.approx(row["fwdbwd_ms"] / floor["fwdbwd_ms"]), row["impl"]
+        fwd, fwdbwd = flops.get(row["impl"], (lora_fwd, lora_fwd + lora_bwd))
+        assert row["fwd_tflops"] == pytest.approx(fwd / (row["fwd_ms"] * 1e-3) / 1e12), row["impl"]
+        assert row["fwdbwd_tflops"] == pytest.approx(fwdbwd / (row["fwdbwd_ms"] * 1e-3) / 1e12), row["impl"]
+        if (row["impl"], row["p"]) in saved:
+            assert row["saved_mib"] * 2**20 == saved[(row["impl"], row["p"])], (row["impl"], row["p"])
+            checked += 1
+        assert row["adapter_dtype"] == "fp32" and row["copies"] > 1
+    assert checked >= (6 if TRITON_REASON is None else 3)
+
+
+def test_rows_time_every_input_copy_with_cleared_gradients():
+    """A row cycles through its input copies (cache-cold inputs on a GPU) and clears every gradient
+    before each call, x's included: a gradient accumulating into x.grad would add a kernel to the
+    timed backward."""
+    prob = _impls.make_problem(16, 32, 24, 4, 0.0, dtype=torch.float32, adapter_dtype=torch.float32,
+                               device="cpu", copies=3)  # fmt: skip
+    base = _impls.build("torch", prob)
+    seen = []
+
+    def fn(x):
+        seen.append((next(i for i, c in enumerate(prob.xs) if c is x), x.grad is None, base.owned[1].grad is None))
+        return base.fn(x)
+
+    impl = _impls.Impl("torch", fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
+    bench_ll.measure(impl, prob, bench_ll.parse_args(["--dry", "--cpu-reps", "4"]), {})
+    timed = seen[1:]  # after the untimed first step
+    assert {i for i, _, _ in timed} == {0, 1, 2}, seen
+    assert all(x_clear and a_clear for _, x_clear, a_clear in seen), seen
+
+
+def test_status_is_wrong_just_past_the_tolerance():
+    tol = bench_ll.rel_err_tolerance(torch.float32)
+    assert bench_ll._checked_status({"rel_err": tol}, tol) == "ok"
+    assert bench_ll._checked_status({"rel_err": tol * 1.01}, tol).startswith("WRONG")
+    assert bench_ll._checked_status({}, tol) == "ok"  # p > 0: nothing to compare
+
+
+def test_inputs_are_random_everywhere_and_copies_defeat_the_cache():
+    """Never zeros (lora_B included, unlike PEFT's init: a zero B would leave the low-rank path's cost in
+    the timing but none of its numbers in the rel_err check); enough copies to cover twice the L2."""
+    prob = _impls.make_problem(16, 32, 24, 4, 0.1, dtype=torch.float32, adapter_dtype=torch.float32,
+                               device="cpu", bias=True, copies=2)  # fmt: skip
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        t = getattr(prob, name)
+        assert bool((t != 0).all()) and t.std() > 0, name
+    assert all(bool((t != 0).all()) for t in prob.xs + prob.dys)
+    assert not torch.equal(prob.xs[0], prob.xs[1]) and prob.xs[0] is not prob.xs[1]
+    mib = 2**20
+    cpu = torch.device("cpu")  # the CPU stands in for a 4 MiB L2: twice that, at most 8 copies
+    assert [_impls.num_copies(b, cpu) for b in (mib, 3 * mib, 8 * mib, 64 * mib)] == [8, 3, 1, 1]
+
+
+def test_measure_counts_what_has_no_plain_storage_and_whole_storages():
+    """A saved tensor without a plain storage (sparse) counts its logical size; a saved view of a larger
+    tensor keeps, and counts, all of that tensor's storage."""
+    x = torch.randn(4, requires_grad=True)
+    sparse = torch.eye(4).to_sparse()
+    big = torch.randn(100)
+
+    class Saves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, kept):
+            ctx.save_for_backward(kept)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2, None
+
+    assert _measure.saved_activation_bytes(lambda: Saves.apply(x, sparse), exclude=[x])[0] == 16 * 4
+    assert _measure.saved_activation_bytes(lambda: Saves.apply(x, big[:10]), exclude=[x])[0] == 100 * 4
+
+
+def test_cpu_timer_reports_milliseconds(monkeypatch):
+    """The --dry timer's unit, on a fake clock: each call of fn takes 5 ms."""
+    clock = [0.0]
+
+    def fn():
+        clock[0] += 0.005
+
+    monkeypatch.setattr(_measure, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    ms, timer = _measure.time_ms(fn, torch.device("cpu"), grad_to_none=[], cpu_reps=3)
+    assert (ms, timer) == (pytest.approx(5.0), "perf_counter")
+
+
 def test_dry_run_plot_and_table(dry_run):
     out, rows = dry_run
     png = out / f"{_report.device_slug(rows[0]['gpu'])}.png"
@@ -132,6 +240,9 @@ def test_cli_parsing_and_presets():
     assert {c.p for c in quick} == {0.0, 0.1} and len(quick) == 6
     full = bench_ll.build_configs(bench_ll.parse_args([]))
     assert len(full) == 3 * 4 * 2 * 2
+    # An axis given on the command line replaces the preset's product, extras (quick's M = 2048) included.
+    ranks = bench_ll.build_configs(bench_ll.parse_args(["--quick", "--ranks", "64"]))
+    assert {(c.M, c.r) for c in ranks} == {(8192, 64)} and len(ranks) == 4
     with pytest.raises(SystemExit):
         bench_ll.parse_args(["--impls", "cublas,nonsense"])
 
@@ -303,7 +414,8 @@ def test_row_reports_barrier_fallbacks_of_its_own_calls():
         return base.fn(x)
 
     args = bench_ll.parse_args(["--dry", "--cpu-reps", "2"])
-    counted = _impls.Impl("torch", fn, base.owned, base.flops_fwd, base.flops_fwdbwd, lambda: len(calls) - 1)
+    # The device's counter does not start at 0: it counts every earlier row's fallbacks too.
+    counted = _impls.Impl("torch", fn, base.owned, base.flops_fwd, base.flops_fwdbwd, lambda: len(calls) + 40)
     out = bench_ll.measure(counted, prob, args, {})
     assert out["sp_fallbacks"] == len(calls) - 1 > 0  # every call but the first (untimed) step's
     assert "sp_fallbacks" not in bench_ll.measure(base, prob, args, {})
@@ -625,6 +737,43 @@ def test_wrong_numbers_are_not_ok(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[3].endswith("| 2.5e-01 | WRONG (rel_err 2.50e-01 > 1e-04) |"), table[3]
     assert table[5].endswith("| – | ok |"), table[5]  # p > 0: no reference, no rel_err
+
+
+def test_table_columns_and_csv_values(tmp_path):
+    """Each table cell sits under its own header (a row with distinct values in every column); the table
+    reads back rows from the CSV, where unmeasured values are empty (NaN is written empty too)."""
+    row = {c: "" for c in _report.COLUMNS} | dict(
+        M=64, K=32, N=96, r=8, p=0.0, impl="naive", status="ok", fwd_ms=1.5, fwdbwd_ms=4.5, fwd_ratio=1.25,
+        fwdbwd_ratio=1.75, fwd_tflops=300.0, fwdbwd_tflops=200.0, host_us=42.0, saved_mib=6.5, peak_mib=99.0,
+        rel_err=0.002, retained_mib=float("nan"),
+    )  # fmt: skip
+    head, _, line = _report.markdown_table([row]).splitlines()
+    names, values = ([c.strip() for c in t.split("|")[1:-1]] for t in (head, line))
+    cells = dict(zip(names, values, strict=True))
+    assert cells == {
+        "M × K → N": "64 × 32 → 96", "r": "8", "p": "0.0", "impl": "naive", "fwd ms": "1.5000",
+        "fwd+bwd ms": "4.5000", "fwd ×": "1.250", "fwd+bwd ×": "1.750", "TFLOP/s fwd / f+b": "300 / 200",
+        "host µs/step": "42", "saved MiB": "6.5", "peak MiB": "99.0", "rel_err": "2.0e-03", "status": "ok",
+    }  # fmt: skip
+    path = _report.write_csv([row | {"p": 0.1, "rel_err": None}], tmp_path / "gpu.csv")
+    (back,) = _report.read_csv(path)
+    assert back["retained_mib"] == "" and back["rel_err"] == "" and back["fwd_ratio"] == "1.25"
+    assert _report.markdown_table([back]).splitlines()[2].endswith("| 99.0 | – | ok |")
+    assert _report.device_slug(" NVIDIA H100 80GB HBM3 (MIG 1g.10gb) ") == "nvidia-h100-80gb-hbm3-mig-1g-10gb"
+
+
+def test_commit_marks_a_modified_tree_dirty(tmp_path, monkeypatch):
+    for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.txt").write_text("one\n")
+    subprocess.run([*git, "-C", str(tmp_path), "add", "f.txt"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-q", "-m", "c"], check=True)
+    clean = _report._git_commit(tmp_path)
+    assert len(clean) == 12 and not clean.endswith("-dirty"), clean
+    (tmp_path / "f.txt").write_text("two\n")
+    assert _report._git_commit(tmp_path) == clean + "-dirty"
 
 
 def test_commit_without_git(tmp_path, monkeypatch):
