@@ -169,6 +169,66 @@ def test_backward_only_bug_is_caught(fake_backend):
     assert res.checks["out"].ok and res.checks["dx"].ok and not res.checks["dlora_bias"].ok
 
 
+def test_output_of_another_dtype_fails(fake_backend):
+    """Right numbers in the wrong dtype (an fp32 y for fp16 x) break the contract: the case fails."""
+
+    def fp32_out(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode).float()
+
+    fake_backend.lora_linear_2d = fp32_out
+    res = verify.run_case(verify.Case("cuda", "fp16", 16, 24, 8, 2, p=0.0), DEVICE)
+    assert res.status == "fail" and "output dtype torch.float32" in res.reason, res.reason
+
+
+def test_backward_only_mask_bug_is_caught_by_the_probe(fake_backend):
+    """A backward that applies another mask than its forward (rows of dX swapped here): the probe's forward
+    count stays 0, its backward count does not."""
+
+    def bad(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        x = _with_wrong_grad(x, lambda g: g.flip(0))
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = bad
+    mask = verify.run_mask_check("cuda", "fp32", DEVICE, 0.1, "bitmask")
+    assert mask.status == "fail" and mask.mismatches["forward"] == 0 and mask.mismatches["backward"] > 0
+
+
+def test_each_mask_mode_is_run_and_a_mask_failure_fails_the_sweep(fake_backend, tmp_path):
+    """p > 0 cases run in both mask modes, each really in its mode: a backend wrong only in "regenerate"
+    fails those cases. A mask that differs only in the module's own mask function (the kernels right)
+    fails the sweep too."""
+    modes = []
+
+    def regen_wrong(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        modes.append(mask_mode)
+        seed = seed + 1 if mask_mode == "regenerate" else seed
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = regen_wrong
+    out = io.StringIO()
+    argv = ["--backend", "cuda", "--dtype", "fp32", "--only-shapes", "--shape", "9,16,8,2", "-p", "0", "-p", "0.1"]
+    assert verify.run_verify(_args(*argv), out=out, err=io.StringIO()) == 1
+    failed = [line for line in out.getvalue().splitlines() if line.startswith("FAILED")]
+    assert "FAILED cuda fp32 9x16->8 r=2 p=0.1 regenerate: fail: out err" in "\n".join(failed), failed
+    assert not any("bitmask" in line for line in failed), failed
+    assert {"bitmask", "regenerate"} <= set(modes)
+
+    fake_backend.lora_linear_2d = _ref_2d
+    fake_backend.dropout_bitmask = lambda seed, M, K, p, device: pack_mask(
+        dropout_keep_mask(seed ^ 1, M, K, p, device=device)
+    )
+    out = io.StringIO()
+    assert verify.run_verify(_args(*argv), out=out, err=io.StringIO()) == 1
+    text = out.getvalue()
+    assert "FAILED mask cuda fp32 p=0.1" in text and not any(
+        line.startswith("FAILED cuda") for line in text.splitlines()
+    ), text
+    # What each device sweeps by default: every dtype configuration, bf16 included (the interpreter
+    # upcasts bf16 after each load), and the reference in fp64 / fp32 on the CPU.
+    assert verify.default_dtypes("cpu", "triton") == verify.default_dtypes("cuda", "cuda") == list(verify._GPU_DTYPES)
+    assert verify.default_dtypes("cpu", "torch") == ["fp64", "fp32"]
+
+
 def test_partial_gradient_cases_check_what_is_trained(fake_backend):
     """Each TRAIN_SETS case compares exactly the trained leaves' gradients (dbias when the base bias
     trains), and a bug on a partial path, invisible to the all-trained case, fails it."""
