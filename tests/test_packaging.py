@@ -184,6 +184,129 @@ def test_cuda_wheel_headers_are_found_outside_site_packages(monkeypatch, tmp_pat
     assert str(inc) in _build.cuda_extra_include_dirs(None)
 
 
+def test_build_configuration_honours_its_environment(monkeypatch, tmp_path):
+    """LORA_KERNELS_CUTLASS_DIR (a CUTLASS source tree) comes before the package and the vendored copy, and
+    a tree without the headers is an error naming the variable; NVCC_THREADS reaches nvcc; the wheels'
+    headers are added where the toolkit lacks cuBLAS's (a minimal toolkit), not where it has them."""
+    tree = tmp_path / "cutlass-src"
+    monkeypatch.setenv("LORA_KERNELS_CUTLASS_DIR", str(tree))
+    with pytest.raises(RuntimeError, match="LORA_KERNELS_CUTLASS_DIR=.*cutlass.h is missing"):
+        _build.cutlass_include_dirs()
+    (tree / "include" / "cutlass").mkdir(parents=True)
+    (tree / "include" / "cutlass" / "cutlass.h").write_text("")
+    assert _build.cutlass_include_dirs() == [str(tree / "include"), str(tree / "tools" / "util" / "include")]
+    monkeypatch.setenv("NVCC_THREADS", "7")
+    assert "--threads=7" in _build.compile_flags(["80"])["nvcc"]
+    inc = tmp_path / "pylibs" / "nvidia" / "cu13" / "include"
+    inc.mkdir(parents=True)
+    (inc / "cublas_v2.h").write_text("")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "pylibs" / "nvidia")])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == "nvidia" else real_find_spec(n, *a))
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    assert str(inc) in _build.cuda_extra_include_dirs(str(toolkit))
+    (toolkit / "include" / "cublas_v2.h").write_text("")
+    assert _build.cuda_extra_include_dirs(str(toolkit)) == []
+
+
+def test_toolkit_is_found_behind_an_nvcc_wrapper(monkeypatch, tmp_path):
+    """The `nvcc` on PATH may be a wrapper script that execs the toolkit's (as on CI) or a symlink to it:
+    the toolkit is the directory above the real nvcc's bin/, not the wrapper's."""
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    wrapper = tmp_path / "wrap" / "bin"
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(wrapper))
+    assert _build.find_cuda_home() == str(toolkit)
+    (wrapper / "nvcc").unlink()
+    (wrapper / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    assert _build.find_cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))  # an explicit toolkit comes first
+    monkeypatch.setenv("PATH", "")
+    assert _build.find_cuda_home() == str(toolkit)
+
+
+def test_build_metadata_round_trips_and_names_a_dirty_tree(monkeypatch, tmp_path):
+    """What setup.py writes next to the binary loads back as written (quotes included), and its commit
+    says "-dirty" when tracked files differ from it."""
+    info = {k: f"v'{k}\"" for k in build_info._KEYS}
+    path = tmp_path / "_build_info.py"
+    _build.write_build_info(path, info)
+    spec = importlib.util.spec_from_file_location("lk_test_build_info", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert {k: getattr(mod, k.upper()) for k in build_info._KEYS} == info
+    for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "_build_info.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    monkeypatch.setattr(_build, "ROOT", tmp_path)
+    clean = _build.git_commit()
+    assert len(clean) == 40, clean
+    path.write_text("changed\n")
+    assert _build.git_commit() == clean + "-dirty"
+
+
+def test_sources_digest_covers_the_sources_and_the_flags(monkeypatch, tmp_path):
+    """The digest keys the JIT cache and tells scripts/device_prebuild.sh's binary from a stale one: a
+    change to any file of csrc/ or to the build flags (this module) must change it. The JIT cache lives
+    under LORA_KERNELS_CACHE, one directory per torch, CUDA, archs and digest."""
+    csrc, flags = tmp_path / "csrc", tmp_path / "_build.py"
+    csrc.mkdir()
+    (csrc / "a.cu").write_text("int a;")
+    flags.write_text("FLAGS = 1")
+    monkeypatch.setattr(_build, "CSRC", csrc)
+    monkeypatch.setattr(_build, "__file__", str(flags))
+    digests = [_build.sources_digest()]
+    (csrc / "a.cu").write_text("int a = 1;")
+    digests.append(_build.sources_digest())
+    flags.write_text("FLAGS = 2")
+    digests.append(_build.sources_digest())
+    assert len(set(digests)) == 3, digests
+    monkeypatch.setenv("LORA_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_ext, "_sources_digest", lambda: "d1g3st")
+    where = _ext.jit_cache_dir(["80", "90"])
+    assert where.parent == tmp_path / "cache" / "jit" and where.name.endswith("-sm80_90-d1g3st"), where
+
+
+def test_mismatched_build_is_refused_before_the_binary_loads(monkeypatch):
+    """A prebuilt _C whose metadata names another CUDA major (or torch series) is never imported: the
+    backend is unavailable with the reason, and get_ext raises it, instead of an undefined-symbol crash."""
+    info = dict(torch_version=torch.__version__, torch_cuda_version="11.8", nvcc_version="11.8",
+                cuda_archs="80;90", git_commit="x", build_date="d")  # fmt: skip
+    reason = build_info.mismatch_reason(info)
+    assert reason is not None and "built against CUDA 11.8" in reason, reason
+    imported = []
+    real_import = _ext.importlib.import_module
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda n, *a: imported.append(n) or real_import(n, *a))
+    monkeypatch.setattr(build_info, "load", lambda: info)
+    monkeypatch.setattr(_ext, "_EXT", None)
+    monkeypatch.setattr(_ext, "prebuilt_available", lambda: True)
+    with pytest.raises(ImportError, match="built against CUDA 11.8"):
+        _ext.get_ext(build=False)
+    assert _ext.availability(torch.device("cuda", 0)) == reason
+    assert "lora_kernels._C" not in imported
+
+
+def test_prebuilt_for_other_archs_is_unavailable_on_this_gpu(monkeypatch):
+    fake = types.SimpleNamespace(build_metadata=lambda: {"archs": "90"})
+    monkeypatch.setattr(_ext, "_EXT", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    reason = _ext.availability(torch.device("cuda", 0))
+    assert reason is not None and "built for sm_90 and cannot run on this sm_80 GPU" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _ext.availability(torch.device("cuda", 0)) is None
+
+
 def test_a_backend_that_fails_to_import_is_unavailable_with_the_error(monkeypatch, tmp_path):
     """Not only ImportError: a broken Triton install or a too-old torch raise others at import. "auto"
     then falls back; an explicit backend names the error."""
