@@ -732,6 +732,45 @@ def test_bench_e2e_never_appends_under_another_header(tmp_path) -> None:
     assert new.read_text().splitlines()[0].split(",") == e2e.CSV_FIELDS
 
 
+def test_bench_e2e_variants_are_what_they_say(monkeypatch) -> None:
+    """Each row times what its name says: the floor trains nothing but still runs the whole backward,
+    peft_default keeps fp32 adapters next to the 16-bit base and peft_bf16 does not, patched carries the
+    requested mask mode; throughput is tokens over the median step; a patched layer that ran PEFT's own
+    path stops the row instead of timing PEFT under the patched name."""
+    import bench.e2e_peft as e2e
+
+    args = e2e.parse_args(["--dry", "--dtype", "bf16", "--dropout-mask", "regenerate"])
+    args.dtype = "bf16"  # --dry sets fp32: the adapters' dtype shows only next to a 16-bit base
+    floor, params = e2e.prepare("floor", args)
+    assert params == [] and not any(p.requires_grad for p in floor.parameters())
+    assert floor.get_input_embeddings()(torch.zeros(1, 2, dtype=torch.long)).requires_grad
+    for variant, dtype in (("peft_default", torch.float32), ("peft_bf16", torch.bfloat16)):
+        _, params = e2e.prepare(variant, args)
+        assert params and {p.dtype for p in params} == {dtype}, variant
+    patched, _ = e2e.prepare("patched", args)
+    fused = [m for m in patched.modules() if getattr(m, "_lk_patched", False)]
+    assert fused and {m._lk_dropout_mask for m in fused} == {"regenerate"}
+
+    dry = e2e.parse_args(["--dry", "--no-csv"])
+    (row,) = e2e.main(["--dry", "--no-csv", "--variants", "peft_default"])
+    assert row["tokens_per_s"] == pytest.approx(dry.batch * dry.seq / (row["step_ms"] / 1e3))
+    table = e2e.format_table([{**row, "variant": "floor", "tokens_per_s": 1000.0},
+                              {**row, "variant": "patched", "tokens_per_s": 900.0}])  # fmt: skip
+    assert table.splitlines()[2].endswith("0.90x"), table
+
+    real = e2e.prepare
+
+    def prepare(variant, args):
+        model, params = real(variant, args)
+        layer = next(m for m in model.modules() if getattr(m, "_lk_patched", False))
+        layer.lora_dropout["default"] = torch.nn.AlphaDropout(args.dropout)  # not nn.Dropout: PEFT's path
+        return model, params
+
+    monkeypatch.setattr(e2e, "prepare", prepare)
+    with pytest.raises(RuntimeError, match="1 patched layers ran PEFT's path"):
+        e2e.run_variant("patched", dry)
+
+
 @pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
 @pytest.mark.parametrize("input_grads", [False, True], ids=["frozen-embeddings", "input-require-grads"])
 def test_flop_counter_gives_patched_and_peft_models_the_same_count(input_grads: bool) -> None:
