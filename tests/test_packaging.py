@@ -173,14 +173,21 @@ def test_cutlass_headers_fall_back_to_the_vendored_copy(monkeypatch, tmp_path):
     assert inc == [str(tmp_path / "cutlass" / "include"), str(tmp_path / "cutlass" / "tools" / "util" / "include")]
 
 
-def test_cuda_wheel_headers_are_found_outside_site_packages(monkeypatch, tmp_path):
-    """torch's CUDA wheels' headers (nvidia/cu13/include) in a --target / PYTHONPATH directory."""
+def _wheel_headers(monkeypatch, tmp_path: Path, header: str) -> Path:
+    """A CUDA wheel's ``nvidia/cu13/include`` holding ``header``, in a directory that is not site-packages
+    (a --target / PYTHONPATH install), found through the ``nvidia`` namespace package."""
     inc = tmp_path / "pylibs" / "nvidia" / "cu13" / "include"
     inc.mkdir(parents=True)
-    (inc / "cusparse.h").write_text("")
+    (inc / header).write_text("")
     spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "pylibs" / "nvidia")])
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == "nvidia" else real_find_spec(n, *a))
+    return inc
+
+
+def test_cuda_wheel_headers_are_found_outside_site_packages(monkeypatch, tmp_path):
+    """torch's CUDA wheels' headers (nvidia/cu13/include) in a --target / PYTHONPATH directory."""
+    inc = _wheel_headers(monkeypatch, tmp_path, "cusparse.h")
     assert str(inc) in _build.cuda_extra_include_dirs(None)
 
 
@@ -197,12 +204,7 @@ def test_build_configuration_honours_its_environment(monkeypatch, tmp_path):
     assert _build.cutlass_include_dirs() == [str(tree / "include"), str(tree / "tools" / "util" / "include")]
     monkeypatch.setenv("NVCC_THREADS", "7")
     assert "--threads=7" in _build.compile_flags(["80"])["nvcc"]
-    inc = tmp_path / "pylibs" / "nvidia" / "cu13" / "include"
-    inc.mkdir(parents=True)
-    (inc / "cublas_v2.h").write_text("")
-    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "pylibs" / "nvidia")])
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: spec if n == "nvidia" else real_find_spec(n, *a))
+    inc = _wheel_headers(monkeypatch, tmp_path, "cublas_v2.h")
     toolkit = tmp_path / "cuda-13.0"
     (toolkit / "include").mkdir(parents=True)
     assert str(inc) in _build.cuda_extra_include_dirs(str(toolkit))
