@@ -197,6 +197,58 @@ def test_dry_run_plot_and_table(dry_run):
     assert again is not None and again.read_bytes()[:4] == b"\x89PNG"
 
 
+def _drawn(monkeypatch) -> list:
+    """The figures bench.plot closes, kept open for inspection."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    return figs
+
+
+def test_plot_draws_each_ratio_at_its_configuration_and_the_latest_run(tmp_path, monkeypatch):
+    """The PNG committed with the H100 table is read as evidence: each bar is its row's ratio, over its
+    own configuration, one bar series per implementation; cublas is the 1.0 line, rows not ok are not
+    drawn, the targets are the dashed lines; from a CSV holding several runs, the latest (or --run-id)."""
+    pytest.importorskip("matplotlib")
+    base = dict(gpu="GPU", dtype="bf16", commit="abc", date="d", K=64, N=32, r=8, p=0.1)
+
+    def row(run, m, impl, fwd, fwdbwd, status="ok"):
+        return dict(base, run_id=run, M=m, impl=impl, fwd_ratio=fwd, fwdbwd_ratio=fwdbwd, status=status)
+
+    rows = [
+        row("2", 64, "cublas", 1.0, 1.0), row("2", 64, "naive", 1.5, 1.6), row("2", 64, "ours", 1.02, 1.08),
+        row("2", 128, "cublas", 1.0, 1.0), row("2", 128, "ours", 1.04, 1.09), row("2", 128, "naive", 1.3, 1.4),
+        row("2", 128, "bad", 0.5, 0.5, status="WRONG (rel_err 1e-1 > 8e-3)"),
+    ]  # fmt: skip
+    older = [row("1", 256, "cublas", 1.0, 1.0), row("1", 256, "naive", 2.5, 2.6)]
+    figs = _drawn(monkeypatch)
+    assert plot.plot_rows(rows, tmp_path / "a.png") == tmp_path / "a.png"
+    fwd_ax, fwdbwd_ax = figs[0].axes
+    labels = [t.get_text() for t in fwdbwd_ax.get_xticklabels()]
+    assert labels == ["64×64→32\nr=8 p=0.1", "128×64→32\nr=8 p=0.1"]
+    for ax, key in ((fwd_ax, "fwd_ratio"), (fwdbwd_ax, "fwdbwd_ratio")):
+        bars = {c.get_label(): [round(b.get_height(), 6) for b in c] for c in ax.containers}
+        want = {i: [r[key] for r in rows if r["impl"] == i] for i in ("naive", "ours")}
+        assert bars == want, (key, bars)
+        # each configuration's bars side by side around its tick (0, 1), in implementation order
+        xs = [[b.get_x() + b.get_width() / 2 for b in c] for c in ax.containers]
+        assert xs == [[pytest.approx(-0.2), pytest.approx(0.8)], [pytest.approx(0.2), pytest.approx(1.2)]], xs
+        lines = sorted(round(ln.get_ydata()[0], 6) for ln in ax.get_lines())
+        assert lines == [1.0, {"fwd_ratio": 1.05, "fwdbwd_ratio": 1.10}[key]]  # issue 3's targets
+
+    csv_path = tmp_path / "run.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([*older, *rows])  # the older run first in the file
+    plot.plot_csv(csv_path)
+    assert [t.get_text().split("\n")[0] for t in figs[1].axes[1].get_xticklabels()] == ["64×64→32", "128×64→32"]
+    plot.main([str(csv_path), "--run-id", "1", "-o", str(tmp_path / "old.png")])
+    assert [t.get_text().split("\n")[0] for t in figs[2].axes[1].get_xticklabels()] == ["256×64→32"]
+    assert (tmp_path / "old.png").exists() and csv_path.with_suffix(".png").exists()
+
+
 def test_plot_and_the_scripts_refuse_bad_arguments_with_a_message(tmp_path):
     """bench.plot on a CSV that is not a benchmark table (an e2e CSV, a header only) and counts of zero
     timed calls: a one-line error, not a traceback (KeyError, StatisticsError, ZeroDivisionError)."""
