@@ -5,7 +5,9 @@ when it was built from the same sources (a device session has 15 minutes in all)
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,11 +60,21 @@ def _repo_copy(tmp_path: Path) -> Path:
     return dst
 
 
+def _stub_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(_STUB_PY % sys.executable)
+    (venv / "bin" / "python").chmod(0o755)
+    return venv
+
+
 def _gpu_check(repo: Path, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    """gpu_check.sh in ``repo`` with ``env`` over this environment (a None value removes the variable)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "BENCH_", "VERIFY_"))}
     # No Triton cache seed from this checkout's .device/ unless a test gives one; a cache of the test's own.
     hermetic = {"GPU_CHECK_TRITON_CACHE": "", "TRITON_CACHE_DIR": str(repo / ".pytest-triton-cache")}
     env = {**base, "VENV": str(Path(sys.executable).parent.parent), **hermetic, **env}
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 
@@ -81,6 +93,139 @@ def test_gpu_check_runs_the_steps_in_the_order_given(tmp_path):
     assert (logs / "verify.json").exists()
     with tarfile.open(archive) as tar:
         assert {"./verify.log", "./environment.log", "./verify.json"} <= set(tar.getnames())
+
+
+# Each tool a step starts (bench, verify, ncu_profile, pytest) records its command line, the environment
+# it was handed and what the check had packed by then, and prints a table line instead of running.
+_PROBE = """
+import json, os, sys, tarfile
+tools = {"bench.lora_linear": "bench", "bench.ncu_profile": "profile", "verify": "verify", "pytest": "tests"}
+tool = next((t for a, t in tools.items() if a in sys.orig_argv[1:4]), None)
+if tool:
+    archive = os.environ["GPU_CHECK_ARCHIVE"]
+    keys = ("LORA_KERNELS_AUTOTUNE", "LORA_KERNELS_NO_JIT", "PYTHONPATH", "LORA_KERNELS_CUTLASS_DIR", "CUDA_HOME",
+            "LORA_KERNELS_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST", "TRITON_CACHE_DIR", "HF_HUB_OFFLINE",
+            "LORA_KERNELS_TEST_DEADLINE", "MAX_JOBS")
+    rec = dict(tool=tool, argv=sys.orig_argv[1:], env={k: os.environ.get(k) for k in keys},
+               packed=tarfile.open(archive).getnames() if os.path.exists(archive) else [],
+               cache_packed=os.path.exists(os.environ["GPU_CHECK_TRITON_CACHE_OUT"]))
+    with open(os.environ["PROBE_OUT"], "a") as f:
+        f.write(json.dumps(rec) + "\\n")
+    print(f"| probe | {tool} |", flush=True)
+    os._exit(0)
+"""
+
+
+def _probe_dir(tmp_path: Path) -> Path:
+    """A directory for PYTHONPATH: the probe above, and an `xdist` that imports (the tests step then asks
+    for workers)."""
+    probe = tmp_path / "probe"
+    (probe / "xdist").mkdir(parents=True)
+    (probe / "xdist" / "__init__.py").write_text("")
+    (probe / "sitecustomize.py").write_text(_PROBE)
+    return probe
+
+
+def _probed(records: Path) -> dict[str, dict]:
+    return {r["tool"]: r for r in map(json.loads, records.read_text().splitlines())}
+
+
+def _plan_values(env: dict | None = None) -> dict[str, str]:
+    """The short plan's variables as gpu_check.sh and device_prebuild.sh source them (``env`` first)."""
+    names = ("BENCH_ARGS", "VERIFY_ARGS", "BENCH_AUTOTUNE", "VERIFY_AUTOTUNE", "GPU_CHECK_TESTS", "PYTEST_ARGS")
+    script = "source scripts/gpu_check_short_plan.sh; printf '%s\\0' " + " ".join(f'"${n}"' for n in names)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "BENCH_", "VERIFY_", "PYTEST_"))}
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**base, **(env or {})})  # fmt: skip
+    return dict(zip(names, proc.stdout.split("\0"), strict=False))
+
+
+def test_gpu_check_hands_each_step_its_arguments_and_environment(tmp_path):
+    """What each step's tool is started with, in a child shell under a budget (so only what is exported
+    reaches it): its arguments (BENCH_OUT, the verify JSON, quoted test paths and -k, xdist workers),
+    the per-step autotune switches, and after the install the checkout on PYTHONPATH, no JIT build, the
+    CUTLASS headers of third_party/, the Hopper-only arch list. The logs and the Triton cache are packed
+    after each step (a call stopped mid-way returns what the finished steps wrote), and the tables of
+    verify, profile and bench are repeated before the summary."""
+    repo = _repo_copy(tmp_path)
+    (repo / "third_party" / "cutlass" / "include" / "cutlass").mkdir(parents=True)
+    (repo / "third_party" / "cutlass" / "include" / "cutlass" / "cutlass.h").write_text("// stand-in\n")
+    probe = _probe_dir(tmp_path)
+    cache = tmp_path / "cache"
+    (cache / "k1").mkdir(parents=True)
+    (cache / "k1" / "__grp__k.json").write_text('{"child_paths": {}}')
+    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records.jsonl"
+    out.mkdir()
+    env = {
+        "VENV": str(_stub_venv(tmp_path)), "PYTHONPATH": str(probe), "PROBE_OUT": str(records),
+        "GPU_CHECK_PREBUILT": str(tmp_path / "none"), "GPU_CHECK_STEPS": "install,verify,bench,tests",
+        "GPU_CHECK_PROFILE": "1", "NCU": "true", "GPU_CHECK_BUDGET": "400", "STEP_TIMEOUT": "100",
+        "GPU_CHECK_CAP_VERIFY": "45", "GPU_CHECK_CAP_BENCH": "50", "GPU_CHECK_LOGS": str(logs),
+        "BENCH_ARGS": "--m 64 --impls cublas", "BENCH_OUT": str(out / "bench"), "BENCH_AUTOTUNE": "0",
+        "VERIFY_ARGS": "--backend torch", "VERIFY_AUTOTUNE": "1",
+        "GPU_CHECK_TESTS": "tests/test_a.py 'tests/b c.py'", "PYTEST_ARGS": '-k "x or y"',
+        "GPU_CHECK_ARCHIVE": str(out / "logs.tar.gz"), "GPU_CHECK_TRITON_CACHE_OUT": str(out / "cache.tar.gz"),
+        "TRITON_CACHE_DIR": str(cache), "LORA_KERNELS_AUTOTUNE": None, "LORA_KERNELS_NO_JIT": None,
+        "LORA_KERNELS_CUTLASS_DIR": None, "LORA_KERNELS_CUDA_ARCHS": None, "TORCH_CUDA_ARCH_LIST": None,
+        "MAX_JOBS": None,
+    }  # fmt: skip
+    start = time.time()
+    proc = _gpu_check(repo, env)
+    text = proc.stdout
+    assert proc.returncode == 1 and "| install | FAILED (exit 3) |" in text, text + proc.stderr  # the stub's pip
+    for step, limit in (("verify", 45), ("bench", 50), ("tests", 100), ("profile", 100)):
+        assert f"=== gpu-check: {step} (limit {limit} s" in text and f"| {step} | ok |" in text, text
+    rec = _probed(records)
+    assert list(rec) == ["verify", "bench", "tests", "profile"], list(rec)
+    argv = {t: r["argv"][1:] for t, r in rec.items()}  # after "-m"
+    assert argv["verify"] == ["lora_kernels", "verify", "--backend", "torch", "--json", f"{logs}/verify.json"]
+    assert argv["bench"] == ["bench.lora_linear", "--m", "64", "--impls", "cublas", "--out", f"{out}/bench"]
+    assert argv["tests"] == ["pytest", "-ra", "-n", "8", "-v", "tests/test_a.py", "tests/b c.py", "-k", "x or y"]
+    assert rec["profile"]["argv"][1] == "bench.ncu_profile"
+    autotune = {t: r["env"]["LORA_KERNELS_AUTOTUNE"] for t, r in rec.items() if t != "tests"}
+    assert autotune == {"verify": "1", "bench": "0", "profile": "0"}, autotune
+    deadline = int(rec["tests"]["env"]["LORA_KERNELS_TEST_DEADLINE"])
+    assert start + 100 - 30 - 5 <= deadline <= time.time() + 100 - 30  # the step's limit less 30 s
+    for t, r in rec.items():
+        e = r["env"]
+        assert e["PYTHONPATH"].split(os.pathsep)[:2] == [str(repo), str(probe)], (t, e)
+        assert e["LORA_KERNELS_NO_JIT"] == "1" and e["HF_HUB_OFFLINE"] == "1" and e["TRITON_CACHE_DIR"] == str(cache)
+        assert e["LORA_KERNELS_CUTLASS_DIR"] == str(repo / "third_party" / "cutlass"), (t, e)
+        assert e["MAX_JOBS"].isdigit() and int(e["MAX_JOBS"]) > 0, (t, e)  # nproc when not given
+        if e["CUDA_HOME"]:  # a toolkit found: a fallback build on the device compiles for Hopper only
+            assert e["LORA_KERNELS_CUDA_ARCHS"] == "90" and e["TORCH_CUDA_ARCH_LIST"] == "9.0", (t, e)
+    # Packed after each step: what the tests step found already there.
+    assert {"./install.log", "./verify.log", "./bench.log"} <= set(rec["tests"]["packed"])
+    assert "./tests.log" not in rec["tests"]["packed"] and rec["tests"]["cache_packed"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"./tests.log", "./profile.log"} <= set(tar.getnames())
+    tables = text.split("=== gpu-check summary")[0]
+    for step in ("verify", "profile", "bench"):
+        assert f"=== gpu-check: {step} table\n| probe | {step} |" in tables, tables
+
+
+def test_short_plan_hands_the_steps_its_own_arguments(tmp_path):
+    """Call 1 of the runbook as its steps see it. The plan's defaults are shell variables of a sourced
+    file: only what gpu_check.sh exports reaches the steps' child shells (a step run under a limit)."""
+    records, out, logs = tmp_path / "records.jsonl", tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    env = {"GPU_CHECK_PLAN": "short", "GPU_CHECK_STEPS": "verify,bench,tests", "PYTHONPATH": str(_probe_dir(tmp_path)),
+           "PROBE_OUT": str(records), "BENCH_OUT": str(out), "GPU_CHECK_LOGS": str(logs),
+           "GPU_CHECK_ARCHIVE": str(out / "logs.tar.gz"), "GPU_CHECK_TRITON_CACHE_OUT": str(out / "cache.tar.gz"),
+           "LORA_KERNELS_AUTOTUNE": None}  # fmt: skip
+    proc = _gpu_check(ROOT, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step, limit in (("verify", "45 s"), ("bench", "140 s"), ("tests", "1")):  # tests: what is left, <= 150 s
+        assert f"=== gpu-check: {step} (limit {limit}" in proc.stdout, proc.stdout
+    plan, rec = _plan_values(), _probed(records)
+    assert rec["verify"]["argv"][1:] == ["lora_kernels", "verify", *shlex.split(plan["VERIFY_ARGS"]), "--json",
+                                         f"{logs}/verify.json"]  # fmt: skip
+    assert rec["bench"]["argv"][1:] == ["bench.lora_linear", *shlex.split(plan["BENCH_ARGS"]), "--out", str(out)]
+    assert rec["tests"]["argv"][1:] == ["pytest", "-ra", "-n", "8", "-v", *shlex.split(plan["GPU_CHECK_TESTS"]),
+                                        *shlex.split(plan["PYTEST_ARGS"])]  # fmt: skip
+    assert "--impls" in rec["bench"]["argv"] and "tests/test_lora_linear.py" in rec["tests"]["argv"]
+    autotune = {t: r["env"]["LORA_KERNELS_AUTOTUNE"] for t, r in rec.items()}
+    assert autotune == {"verify": "0", "bench": "0", "tests": None}, autotune
 
 
 def test_gpu_check_budget_skips_steps_and_stops_a_step_at_its_limit(tmp_path):
@@ -191,10 +336,7 @@ def test_gpu_check_takes_a_matching_prebuilt_binary_and_refuses_a_stale_one(tmp_
     if not built or not info.exists():
         pytest.skip("lora_kernels._C is not built in this checkout (no CUDA toolkit at install)")
     repo = _repo_copy(tmp_path)
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").write_text(_STUB_PY % sys.executable)
-    (venv / "bin" / "python").chmod(0o755)
+    venv = _stub_venv(tmp_path)
     pre = tmp_path / "prebuilt"
     pre.mkdir()
     shutil.copy2(built[0], pre / built[0].name)
@@ -209,7 +351,16 @@ def test_gpu_check_takes_a_matching_prebuilt_binary_and_refuses_a_stale_one(tmp_
     assert proc.returncode == 1 and "| install | FAILED" in proc.stdout
     assert not (repo / "lora_kernels" / built[0].name).exists()
 
+    # From these sources but not loadable here (another torch, a truncated copy): not left in the package.
     (pre / "SOURCES_DIGEST").write_text(digest)
+    (pre / built[0].name).write_bytes(b"\x7fELF truncated")
+    proc = _gpu_check(repo, env)
+    assert "the prebuilt binary does not load here: building" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "stub: no build here" in proc.stdout
+    assert not (repo / "lora_kernels" / built[0].name).exists()
+    assert not (repo / "lora_kernels" / "_build_info.py").exists()
+
+    shutil.copy2(built[0], pre / built[0].name)
     proc = _gpu_check(repo, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu-check: prebuilt lora_kernels._C: torch_version=" in proc.stdout and "stub" not in proc.stdout
@@ -249,6 +400,8 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
     the new path, in a new process); gpu_check.sh packs the cache again for a second device call."""
     pytest.importorskip("triton")
     first, seed = tmp_path / "first-cache", tmp_path / "seed.tar.gz"
+    (first / "stale").mkdir(parents=True)  # a kernel of an earlier prewarm: gone unless --keep
+    (first / "stale" / "__grp__old.json").write_text("{}")
     proc = _prewarm(first, seed)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bench triton-bitmask Config(M=256, K=512, N=512, r=16, p=0.1): ok" in proc.stdout, proc.stdout
@@ -258,6 +411,7 @@ def test_prewarmed_triton_cache_seeds_gpu_check_and_is_hit_there(tmp_path):
         names = tar.getnames()
         info = seed_info = tar.extractfile("PREWARM_INFO").read().decode()
     assert sum(x.endswith(".cubin") for x in names) == n and not any(x.endswith((".ptx", ".llir")) for x in names)
+    assert not (first / "stale").exists() and not any(x.startswith("stale") for x in names)
     assert f"cache_dir={first}\n" in info and "arch=90\n" in info and "sms=132\n" in info, info
 
     # gpu_check.sh, with the cache somewhere else: unpacked, re-pointed, the build recognised.
@@ -311,8 +465,17 @@ def test_short_plan_verifies_on_fixed_tiles():
     }
     out = _gpu_check(ROOT, env).stdout
     assert "autotune=off (fixed tiles)" in out, out
+    assert "=== gpu-check: verify (limit 45 s" in out, out  # the runbook's cap, under the 360 s budget
     out = _gpu_check(ROOT, {**env, "GPU_CHECK_PLAN": "", "LORA_KERNELS_AUTOTUNE": "1"}).stdout
     assert "autotune=" in out and "autotune=off (fixed tiles)" not in out, out
+
+
+def test_prewarm_compiles_nothing_for_a_verify_without_triton(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import prewarm_triton_cache as prewarm
+
+    call = prewarm.verify_call("--backend cuda --dtype bf16 --only-shapes --shape 67,203,130,1")
+    assert call() == "skipped: no triton backend in the verify arguments"
 
 
 def test_prewarm_compiles_every_tuning_config_when_the_run_tunes(tmp_path):
@@ -335,6 +498,61 @@ def test_prewarm_compiles_every_tuning_config_when_the_run_tunes(tmp_path):
     assert per_kernel == {"_shrink_kernel": 4, "_fwd_tma_kernel": 4, "_bwd_dy_kernel": 4, "_bwd_dx_tma_kernel": 5}
 
 
+_SAME_LAUNCHES = """
+import argparse, io, json, shlex, sys
+import torch
+sys.path[:0] = ["scripts", "."]
+import prewarm_triton_cache as prewarm
+from bench import lora_linear as bl
+from lora_kernels import verify
+from lora_kernels.triton_ops.compile_only import compile_only
+
+def kernels(run):
+    seen = []
+    with compile_only(seen.append):
+        run()
+    return sorted({f"{c.kernel} {c.compiled.hash}" for c in seen})
+
+bench_args, verify_args = sys.argv[1:3]
+got = {"prewarm_bench": kernels(lambda: [call() for _, call in prewarm.bench_calls(bench_args)])}
+# The benchmark's own rows as main() runs them (its measure(): untimed step, rel_err, saved bytes, timings).
+args = bl.parse_args([*shlex.split(bench_args), "--cpu-reps", "1"])
+args.dtype = args.dtype or "bf16"
+cpu = torch.device("cpu")
+got["bench"] = kernels(lambda: [bl.run_config(c, args.impls, args, cpu, {}, "") for c in bl.build_configs(args)])
+got["prewarm_verify"] = kernels(prewarm.verify_call(verify_args))
+# verify's own sweep with its float64 reference, as on the device: the one device-dependent choice of
+# its launches is the mask probe's size (the interpreter gets a smaller one).
+ap = argparse.ArgumentParser()
+verify.add_verify_args(ap)
+vargs = ap.parse_args([*shlex.split(verify_args), "--device", "cpu", "--no-progress"])
+verify.probe_size = lambda device_type, size=verify.probe_size("cuda"): size
+got["verify"] = kernels(lambda: verify.run_verify(vargs, out=io.StringIO(), err=io.StringIO()))
+print(json.dumps(got))
+"""
+
+
+def test_prewarm_replays_the_benchmarks_and_verifys_own_launches(tmp_path):
+    """The prewarm rebuilds the benchmark's problems itself (dtype, adapter dtype, bias, frozen adapters)
+    and runs verify with a stand-in reference and the device's probe size: whatever it launches
+    differently compiles other kernels, which the device then compiles inside its timed steps. Under
+    compile_only both must compile the same kernels (names and Triton's hashes)."""
+    pytest.importorskip("triton")
+    bench = ("--m 256 --shapes 512x512 --ranks 16 --dropout 0,0.1 --dtype fp16 --adapter-dtype fp32 --bias --frozen A "
+             "--impls cublas,triton-bitmask,triton-1pass")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")}
+    env.update(CUDA_VISIBLE_DEVICES="", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", _SAME_LAUNCHES, bench, _PREWARM_VERIFY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    names = {k.split()[0] for k in got["bench"]}
+    assert {"_shrink_kernel", "_fwd_tma_kernel", "_fwd_single_pass_kernel", "_bwd_single_pass_kernel"} <= names
+    assert got["prewarm_bench"] == got["bench"]
+    assert {k.split()[0] for k in got["verify"]} >= {"_shrink_kernel", "_fwd_kernel", "_bwd_dx_kernel"}
+    assert got["prewarm_verify"] == got["verify"]
+
+
 # ---- scripts/device_preflight.py: is what a device call carries the committed code and plan? ----
 
 
@@ -348,21 +566,30 @@ def _preflight_repo(tmp_path: Path) -> Path:
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "x"], cwd=repo, check=True)
-    probe = (
-        "import sys; sys.path[:0] = ['scripts']; import device_preflight as d, prewarm_triton_cache as p; "
-        "print(p.plan_digest(*d._plan())); print(p.kernel_sources_digest())"
-    )
-    plan, sources = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True,
-                                   check=True).stdout.split()  # fmt: skip
     digest = subprocess.run([sys.executable, "lora_kernels/cuda_ops/_build.py", "digest"], cwd=repo,
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
     (repo / ".device" / "prebuilt").mkdir(parents=True)
     (repo / ".device" / "prebuilt" / "SOURCES_DIGEST").write_text(digest)
-    info = tmp_path / "PREWARM_INFO"
-    info.write_text(f"triton_key=abc\ntriton=3.6.0\nkernels=32\nsources={sources}\nplan={plan}\n")
-    with tarfile.open(repo / ".device" / "triton-cache.tar.gz", "w:gz") as tar:
-        tar.add(info, arcname="PREWARM_INFO")
+    _device_cache(repo)
     return repo
+
+
+def _device_cache(repo: Path, env: dict | None = None, key: str = "abc", arcname: str = "PREWARM_INFO") -> None:
+    """.device/triton-cache.tar.gz as make device-prebuild writes it for the short plan under ``env``:
+    device_prebuild.sh sources the plan and hands its arguments and autotune flags to the prewarm."""
+    v = _plan_values(env)
+    plan = [v["BENCH_ARGS"], v["VERIFY_ARGS"], v["BENCH_AUTOTUNE"], v["VERIFY_AUTOTUNE"]]
+    probe = (
+        "import sys; sys.path[:0] = ['scripts']; import prewarm_triton_cache as p; "
+        "print(p.plan_digest(sys.argv[1], sys.argv[2], sys.argv[3] == '1', sys.argv[4] == '1')); "
+        "print(p.kernel_sources_digest())"
+    )
+    plan, sources = subprocess.run([sys.executable, "-c", probe, *plan], cwd=repo, capture_output=True, text=True,
+                                   check=True).stdout.split()  # fmt: skip
+    info = repo.parent / "PREWARM_INFO"
+    info.write_text(f"triton_key={key}\ntriton=3.6.0\nkernels=32\nsources={sources}\nplan={plan}\n")
+    with tarfile.open(repo / ".device" / "triton-cache.tar.gz", "w:gz") as tar:
+        tar.add(info, arcname=arcname)
 
 
 def _preflight(repo: Path, **env: str) -> subprocess.CompletedProcess:
@@ -392,3 +619,32 @@ def test_device_preflight_passes_a_matching_device_dir_and_names_each_mismatch(t
     for line in ("FAIL uncommitted changes", "FAIL prebuilt _C built from", "FAIL Triton cache from sources"):
         assert line in proc.stdout, proc.stdout
     assert "not ready" in proc.stdout.splitlines()[-1]
+
+
+def test_device_preflight_reads_a_returned_cache_and_fails_on_key_headers_size_and_untracked_files(tmp_path):
+    repo = _preflight_repo(tmp_path)
+    # The cache a device call returned (gpu_check.sh packs "./PREWARM_INFO"), copied over the seed as the
+    # runbook says: read like the prewarm's own.
+    _device_cache(repo, arcname="./PREWARM_INFO")
+    assert _preflight(repo).returncode == 0
+    # A cache compiled for the tuned benchmark fits a call that tunes it, not one that does not.
+    _device_cache(repo, env={"BENCH_AUTOTUNE": "1"})
+    assert _preflight(repo, BENCH_AUTOTUNE="1").returncode == 0
+    proc = _preflight(repo)
+    assert proc.returncode == 1 and "FAIL Triton cache for plan" in proc.stdout, proc.stdout
+    _device_cache(repo, key="")
+    proc = _preflight(repo)
+    assert proc.returncode == 1 and "FAIL Triton cache has no build key" in proc.stdout, proc.stdout
+    _device_cache(repo)
+    # Over the device tool's 64 MiB of carried paths (a sparse file: its size counts, not its blocks).
+    with open(repo / ".device" / "big.bin", "wb") as f:
+        f.truncate(65 * 2**20)
+    proc = _preflight(repo)
+    assert proc.returncode == 1 and "FAIL tree + .device + third_party = 6" in proc.stdout, proc.stdout
+    (repo / ".device" / "big.bin").unlink()
+    shutil.rmtree(repo / "third_party")
+    (repo / "new_module.py").write_text("# untracked: travels to the device, but no commit names it\n")
+    (repo / ".device" / "COMMIT").unlink()  # (written by the passing runs above)
+    proc = _preflight(repo)
+    assert proc.returncode == 1 and not (repo / ".device" / "COMMIT").exists(), proc.stdout
+    assert "FAIL no third_party/cutlass" in proc.stdout and "?? new_module.py" in proc.stdout, proc.stdout
