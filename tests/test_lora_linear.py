@@ -7,6 +7,8 @@ same tests run on CUDA (and add bf16-native and larger shapes) when a GPU is pre
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -316,6 +318,49 @@ def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
     assert taken == [True, True], "both the forward and the dX kernel must take the TMA path"
 
 
+@pytest.mark.parametrize("p,mode", [(0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (130, 200, 48, 64)], ids=str)
+def test_triton_tma_flattened_path(monkeypatch, p, mode, shape):
+    """LORA_KERNELS_TMA_FLATTEN=1 reaches both persistent TMA kernels (the interpreter runs the loops as
+    written: the flattening itself is compiled and checked by test_flattened_tma_kernels_pipeline_across_tiles).
+    K = 200: 7 dA blocks over 4 programs, so the dX kernel's second loop starts mid-round."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    monkeypatch.setattr(tri, "TMA_FLATTEN", True)
+    real, seen = tri._launch, []
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "FLATTEN" in meta:
+            seen.append((kernel.__name__, meta["FLATTEN"]))
+        return real(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
+    assert seen == [("_fwd_tma_kernel", True), ("_bwd_dx_tma_kernel", True)], seen
+
+
+def test_dx_tma_kernel_walks_every_tile_once_in_the_single_loops_order():
+    """The dX TMA kernel walks its dA blocks, then its dX tiles from ``_first_at_least(pid, num_da, NUM_SMS)``:
+    the ids pid, pid + NUM_SMS, ... of the single loop it replaced, split at num_da. Any other start that
+    still covers every tile once (num_da + pid) computes the same dX but loads some programs with a dA
+    block and as many dX tiles as the rest; one a round early adds a tile outside the output."""
+    _skip_unavailable("triton")
+    from ._triton_probes import first_at_least_probe as probe
+
+    for step in (4, 132):
+        for start in (0, 1, 3, 4, 7, 131, 132, 133, 200):
+            got = torch.empty(step, dtype=torch.int32, device=DEVICE)
+            probe[(step,)](got, start, step)
+            want = [min(i for i in range(pid, start + step + 1, step) if i >= start) for pid in range(step)]
+            assert got.tolist() == want, (step, start)
+
+
 @pytest.mark.parametrize("shape", [(67, 100, 72), (67, 104, 70)], ids=str)
 def test_triton_tma_falls_back_on_unaligned_rows(monkeypatch, shape):
     """Rows that are not 16-byte aligned (K or N not a multiple of 8 in fp16) use the pointer kernels."""
@@ -392,11 +437,16 @@ def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
 
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     monkeypatch.setattr(tri, "_shrink_splits", lambda x: 2)
+    # LORA_KERNELS_TMA_FLATTEN applies to eager launches only: a traced launch cannot step down, and the
+    # flattened forward exceeds an H100's shared memory at rank ≥ 32.
+    monkeypatch.setattr(tri, "TMA_FLATTEN", True)
     seen = []
     real_launch = tri._launch
 
     def launch(kernel, grid, args, meta, fixed, wrap):
         seen.append((kernel.__name__, meta.get("DEVICE_DESC")))
+        if "FLATTEN" in meta:
+            assert meta["FLATTEN"] == (not meta["DEVICE_DESC"]), (kernel.__name__, meta)
         real_launch(kernel, grid, args, meta, fixed, wrap)
 
     monkeypatch.setattr(tri, "_launch", launch)
@@ -481,6 +531,8 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
     assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
     assert {"DO_DT", "DO_DB"} <= set(tri._autotuner(tri._bwd_dy_kernel).keys)  # a frozen lora_B: dT role only
+    for kernel in (tri._fwd_tma_kernel, tri._bwd_dx_tma_kernel):  # flattened and not: each its own tiles
+        assert "FLATTEN" in tri._autotuner(kernel).keys
 
 
 def test_tuned_launches_of_one_kernel_are_serialised(monkeypatch):
@@ -762,6 +814,36 @@ def test_untuned_launch_steps_down_on_out_of_resources(monkeypatch):
     tried.clear()
     with pytest.raises(OutOfResources):
         tri._launch(FakeKernel(), grid, ("x",), {}, {**fixed, "BLOCK_N": 512}, tri._identity)
+
+    # A flattened loop (FLATTEN) that does not fit is unflattened first, at the same tiles and stages; the
+    # other constexprs go along unchanged, and the tile step-downs that follow stay unflattened.
+    class FlatKernel:
+        arg_names = ["X", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "FLATTEN", "HAS_BIAS"]
+
+        def __init__(self, max_stages=3):
+            self.max_stages = max_stages
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append((kw["FLATTEN"], kw["HAS_BIAS"], kw["BLOCK_N"], kw["num_stages"]))
+                if kw["FLATTEN"] or kw["num_stages"] > self.max_stages:
+                    raise OutOfResources(232448, 227000, "shared memory")
+
+            return launch
+
+    for limit, want in (
+        (3, [(True, 1, 256, 3), (False, 1, 256, 3)]),
+        (1, [(True, 1, 256, 3), (False, 1, 256, 3), (False, 1, 256, 2), (False, 1, 128, 2)]),
+    ):
+        tried.clear()
+        with contextlib.suppress(OutOfResources):
+            tri._launch(FlatKernel(limit), grid, ("x",), {"FLATTEN": True, "HAS_BIAS": 1}, fixed, tri._identity)
+        assert tried == want, tried
+    # Traced launches (torch.compile's ops) never step down: the tiles they were given must fit.
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        tri._launch(FlatKernel(), grid, ("x",), {"FLATTEN": True, "HAS_BIAS": 1}, fixed, lambda k: k)
+    assert tried == [(True, 1, 256, 3)]
 
 
 def test_tuned_launch_falls_back_to_fixed_tiles_on_out_of_resources(monkeypatch):
@@ -1120,6 +1202,82 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # Cooperative launches where asked, and only for the single-pass kernels (the dA launch is ordinary).
     coop = sorted((c["kernel"], c["case"].get("coop", False)) for c in fits if c["coop"])
     assert coop == [("_bwd_single_pass_kernel", True), ("_fwd_single_pass_kernel", True)], coop
+
+
+_SM90_FLATTEN = r"""
+from lora_kernels.triton_ops.compile_only import compile_only
+import lora_kernels.triton_ops.lora_linear as tri
+
+def pipelined_across_tiles(ttgir):
+    # Is the tile's TMA store inside the loop that waits on the main loop's wgmma (pendings = 1)? Only when
+    # the tile loop and the K loop are one loop: unflattened, the store follows the K loop in the tile loop.
+    stack, serial, loop_of = [], 0, []
+    waits, stores = set(), set()
+    for line in ttgir.splitlines():
+        loops = [n for kind, n in stack if kind == "for"]
+        if "ttng.warp_group_dot_wait" in line and "pendings = 1" in line and loops:
+            waits.add(loops[-1])
+        if "ttng.async_tma_copy_local_to_global" in line and loops:
+            stores.add(loops[-1])
+        net = line.count("{") - line.count("}")
+        for _ in range(net):
+            serial += 1
+            stack.append(("for" if "scf.for" in line else "other", serial))
+        for _ in range(-net):
+            stack.pop()
+    return bool(waits & stores)
+
+results = []
+for CASE in json.loads(sys.argv[1]):
+    dt, at = torch.bfloat16, getattr(torch, CASE["adapters"])
+    M, K, N, R = 8192, 4096, 4096, CASE["r"]
+    x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
+    a, b = torch.randn(R, K, dtype=at), torch.randn(N, R, dtype=at)
+    tri.TMA_FLATTEN = CASE["flatten"]
+
+    def record(c):
+        if "tma" in c.kernel:
+            kw = c.kwargs
+            results.append(dict(case=CASE, kernel=c.kernel, flatten=kw["FLATTEN"], tiles=[kw["BLOCK_M"],
+                                kw["BLOCK_N"], kw["BLOCK_K"], kw["num_stages"]], smem=c.compiled.metadata.shared,
+                                pipelined=pipelined_across_tiles(c.compiled.asm["ttgir"])))
+
+    with compile_only(record):
+        y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, True)
+        tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, 0.1, 5, True, True)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_flattened_tma_kernels_pipeline_across_tiles():
+    """LORA_KERNELS_TMA_FLATTEN=1: the persistent TMA kernels' tile loop flattened with their K loop, so that
+    the next tile's loads are issued during this tile's epilogue. Compiled for sm_90 at a headline shape
+    (8192 × 4096 → 4096, bf16, PEFT's fp32 adapters and bf16 ones): at rank 16 both kernels flatten (read off
+    the TTGIR: the tile's TMA store sits in the loop that waits on the main wgmma) with the fixed tiles and
+    fit an H100; where the flattened forward's multi-buffered epilogue loads exceed its shared memory
+    (rank 64 under Triton 3.6) the launch steps down to the unflattened kernel at the same tiles and stages
+    rather than to fewer stages; unflattened (the default) nothing is pipelined across tiles."""
+    pytest.importorskip("triton")
+    cases = [dict(r=r, adapters=a, flatten=f) for r in (16, 64) for a in ("float32", "bfloat16") for f in (True, False)]
+    results = _run_sm90_script(_SM90_FLATTEN, cases)
+    for case in cases:
+        for kernel in ("_fwd_tma_kernel", "_bwd_dx_tma_kernel"):
+            tries = [r for r in results if r["case"] == case and r["kernel"] == kernel]
+            assert tries and tries[-1]["smem"] <= 232448, (case, kernel, tries)
+            if not case["flatten"]:
+                assert [(t["flatten"], t["pipelined"]) for t in tries] == [(False, False)], (case, kernel, tries)
+                continue
+            first = tries[0]
+            assert first["flatten"] and first["pipelined"], (case, kernel, first)
+            if first["smem"] > 232448:  # the step-down keeps the tiles and stages, drops the flattening
+                assert [(t["flatten"], t["pipelined"], t["tiles"]) for t in tries[1:]] == [
+                    (False, False, first["tiles"])], (case, kernel, tries)  # fmt: skip
+            else:
+                assert len(tries) == 1, tries
+            if case["r"] == 16:  # the measured-best forward tiles (ANCHORS.md) keep their 3 stages, flattened
+                assert len(tries) == 1, tries
+                if kernel == "_fwd_tma_kernel":
+                    assert first["tiles"] == [128, 256, 64, 3], first
 
 
 _SM90_TUNING = r"""

@@ -109,6 +109,13 @@ def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _first_at_least(pid, start, STEP):
+    """The first of pid, pid + STEP, pid + 2·STEP, ... that is ≥ start (0 ≤ pid < STEP and start ≥ 0, so
+    the division's numerator is never negative: C's and Python's rounding agree)."""
+    return pid + (start - pid + STEP - 1) // STEP * STEP
+
+
+@triton.jit
 def _keep_block(BITS, stride_bm, offs_m, k_start, M, K, seed_lo, seed_hi, threshold,
                 LOAD_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_K) keep-mask of columns k_start + [0, BLOCK_K): gathered from the saved
@@ -340,6 +347,7 @@ def _fwd_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr, DEVICE_DESC: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     """Hopper path: persistent grid of NUM_SMS programs walking the output tiles; x and W tiles
     arrive by TMA (tensor descriptors, out-of-bounds zero-filled), y leaves by a TMA store.
@@ -354,7 +362,7 @@ def _fwd_tma_kernel(
         y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -492,11 +500,11 @@ def _bwd_dx_tma_kernel(
     DO_DX: tl.constexpr, DO_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr,
     CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEVICE_DESC: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEVICE_DESC: tl.constexpr, FLATTEN: tl.constexpr,
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
     The dA reductions are the first tiles of the walk (they are the longest). DEVICE_DESC: as in
-    ``_fwd_tma_kernel``, the descriptors are built here from plain tensors."""
+    ``_fwd_tma_kernel``, the descriptors are built here from plain tensors. FLATTEN: as there."""
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
         w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
@@ -509,25 +517,28 @@ def _bwd_dx_tma_kernel(
     num_dx = 0
     if DO_DX:
         num_dx = num_pid_m * num_pid_k
-    for tile_id in tl.range(tl.program_id(0), num_da + num_dx, NUM_SMS):
-        if tile_id < num_da:
-            _da_block(tile_id, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk, stride_dtm, stride_bm, stride_dar,
-                      seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
-                      BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-        else:
-            pid_m, pid_k = _tile_ids(tile_id - num_da, num_pid_m, num_pid_k, GROUP_M)
-            off_m = pid_m * BLOCK_M
-            off_k = pid_k * BLOCK_K
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                dy = dy_desc.load([off_m, n0]).to(CDT)
-                w = w_desc.load([n0, off_k]).to(CDT)
-                acc = tl.dot(dy, w, acc)
-            offs_m = off_m + tl.arange(0, BLOCK_M)
-            acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
-                               seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
-                               BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-            dx_desc.store([off_m, off_k], acc.to(OUT_DT))
+    # Tiles pid, pid + NUM_SMS, ...: those below num_da are dA blocks, the rest dX tiles. Two loops over
+    # the same walk rather than one with a branch: the compiler flattens (FLATTEN) only a loop whose
+    # body holds the K loop directly, not inside an if.
+    pid = tl.program_id(0)
+    for tile_id in tl.range(pid, num_da, NUM_SMS):
+        _da_block(tile_id, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk, stride_dtm, stride_bm, stride_dar,
+                  seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                  BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+    for tile_id in tl.range(_first_at_least(pid, num_da, NUM_SMS), num_da + num_dx, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_k = _tile_ids(tile_id - num_da, num_pid_m, num_pid_k, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_k = pid_k * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            dy = dy_desc.load([off_m, n0]).to(CDT)
+            w = w_desc.load([n0, off_k]).to(CDT)
+            acc = tl.dot(dy, w, acc)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
+                           seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                           BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+        dx_desc.store([off_m, off_k], acc.to(OUT_DT))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,6 +720,11 @@ BWD_MODE = os.environ.get("LORA_KERNELS_BWD", "two")
 # K splits of the shrink: "auto" (by M and the SM count, _shrink_splits) or a fixed count (1 = never
 # split) for A/B measurements.
 SHRINK_SPLIT_K = os.environ.get("LORA_KERNELS_SHRINK_SPLIT_K", "auto")
+# "1": the persistent TMA kernels' tile loop flattened with their K loop (``tl.range(flatten=True)``), so
+# the next tile's first TMA loads are issued during this tile's epilogue (one program per SM: nothing
+# else hides that gap). Off until measured on a GPU (bench row ``triton-flat``, bench/NOTES.md); eager
+# calls only (a flattened kernel that exceeds shared memory steps down to the unflattened one).
+TMA_FLATTEN = os.environ.get("LORA_KERNELS_TMA_FLATTEN", "0") not in ("", "0")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -827,7 +843,7 @@ def _prune(configs, named_args, **kwargs):
 # Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the dA-only launch of
 # the single-pass backward, split-K partials, the dY kernel's roles), so that p = 0 and p > 0 calls, or a
 # frozen lora_B's dT-only launch, keep their own tiles.
-_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB"]
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB", "FLATTEN"]
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
@@ -886,11 +902,20 @@ def _no_allocator_set(allocation) -> bool:
     return current is None or (null is not None and isinstance(current, null))
 
 
-def _step_downs(fixed: dict) -> list[dict]:
-    """Smaller tiles to try, in order, when ``fixed`` exceeds the GPU's shared memory: one stage
+def _step_downs(meta: dict, fixed: dict) -> list[tuple[dict, dict]]:
+    """(constexprs, tiles) to try, in order, when ``fixed`` exceeds the GPU's shared memory: a
+    flattened loop unflattened first (its epilogue loads are multi-buffered: at rank ≥ 32 they no
+    longer fit next to 3 stages of 128×256 tiles, and the stages are worth more), then one stage
     fewer, then (if wide) half-width N tiles."""
+    out = []
+    if meta.get("FLATTEN"):
+        meta = {**meta, "FLATTEN": False}
+        out.append((meta, fixed))
     fewer = {**fixed, "num_stages": max(1, fixed["num_stages"] - 1)}
-    return [fewer] + ([{**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}] if fixed.get("BLOCK_N", 0) > 64 else [])
+    out.append((meta, fewer))
+    if fixed.get("BLOCK_N", 0) > 64:
+        out.append((meta, {**fewer, "BLOCK_N": fixed["BLOCK_N"] // 2}))
+    return out
 
 
 class _NotTuned(Exception):
@@ -945,22 +970,22 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
         _ensure_allocator()
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
-    variants = [fixed]
+    variants = [(meta, fixed)]
     hook = _DESC_HOOKS.get(kernel)
     i = 0
     while True:
-        cfg = variants[i]
+        m, cfg = variants[i]
         tiles = {k: v for k, v in cfg.items() if k != "num_warps" and k != "num_stages"}
         # TMA descriptors carry the block shape: re-point them at the tiles of a step-down, or after the
         # tuner's pre-hooks moved them (they were built with the fixed tiles).
         if hook is not None and (i or tuned):
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **tiles})
         try:
-            wrap(kernel)[grid({**meta, **tiles})](*args, **meta, **cfg)
+            wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
             return
         except OutOfResources:
             if i == 0 and wrap is _identity:
-                variants += _step_downs(fixed)
+                variants += _step_downs(meta, fixed)
             if i == len(variants) - 1:
                 raise
         i += 1
@@ -1049,7 +1074,7 @@ def lora_fwd(
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
              t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), weight.stride(0), y.stride(0),
              scaling),
-            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced),
+            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced),
             fixed,
             wrap,
         )  # fmt: skip
@@ -1149,7 +1174,8 @@ def lora_bwd(
             (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R, MB,
              dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
              dy.stride(0), weight.stride(0), dx.stride(0), *seeds),
-            dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced),
+            dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced,
+                 FLATTEN=TMA_FLATTEN and not traced),
             fixed,
             wrap,
         )  # fmt: skip

@@ -575,7 +575,7 @@ def lora_fwd_single_pass(
     lo, hi = _seed_parts(seed)
     fixed = _single_cfg(R)
     # Step down (fewer stages, then half-width N tiles) if the tiles exceed this GPU's shared memory.
-    variants = [fixed, *_ll._step_downs(fixed)]
+    variants = [fixed, *(cfg for _, cfg in _ll._step_downs({}, fixed))]
     for i, cfg in enumerate(variants):
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         nt, mt = _cdiv(N, bn), _cdiv(M, bm)
