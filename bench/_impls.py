@@ -21,6 +21,9 @@ Names:
     ``triton-compile`` ``torch.compile(fullgraph=True)`` of ``triton-bitmask``: what a compiled model runs
                 (the registered ops; pointer GEMMs, or with ``LORA_KERNELS_TMA=1`` the TMA kernels with
                 in-kernel descriptors).
+    ``triton-flat`` ``triton-bitmask`` with the persistent TMA kernels' tile and K loops flattened into one
+                (``LORA_KERNELS_TMA_FLATTEN=1``: the next tile's loads overlap this tile's epilogue) for an A/B
+                against the default; offered only on the TMA path.
     ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
                 for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
@@ -61,6 +64,7 @@ ALL_IMPLS = (
     "triton-bitmask",
     "triton-1pass",
     "triton-compile",
+    "triton-flat",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",
@@ -365,6 +369,29 @@ def _ours_no_split(prob: Problem) -> Impl:
     return Impl(base.name, fn, base.owned, base.flops_fwd, base.flops_fwdbwd)
 
 
+def _ours_flattened(prob: Problem) -> Impl:
+    """``triton-bitmask`` with TMA_FLATTEN set around all of this row's calls (the dX kernel reads it
+    when the backward runs)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-flat")
+    x, W = prob.xs[0], prob.weight
+    if not (tri._tma_ok(x, W) and (prob.N * x.element_size()) % 16 == 0):
+        raise Unavailable("flattening applies to the persistent TMA kernels only (sm90+, 16-bit x, 16-byte rows)")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "TMA_FLATTEN", True))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _setting(module: object, name: str, value: object) -> Iterator[None]:
+    prev = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, prev)
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str) -> Iterator[None]:
     prev = os.environ.get(name)
@@ -408,6 +435,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_cuda_expand(prob)
     if name == "triton-nosplit":
         return _ours_no_split(prob)
+    if name == "triton-flat":
+        return _ours_flattened(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

@@ -96,6 +96,7 @@ GPU_IMPLS = (
     "addmm",
     "triton-bitmask",
     "triton-1pass",
+    "triton-flat",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",

@@ -293,7 +293,7 @@ do_profile() {
   # The tiles the benchmark rows ran (the short plan's are fixed): counters for the kernels the table timed,
   # and no autotuning compiles (every config of each kernel) inside the ncu child.
   LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} \
-    "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-1pass,cuda-bitmask,cuda-expand \
+    "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-flat,triton-1pass,cuda-bitmask,cuda-expand \
     --shape 8192,4096,4096,16 -p 0.1
 }
 

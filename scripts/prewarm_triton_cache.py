@@ -72,7 +72,8 @@ def bench_calls(bench_args: str) -> list[tuple[str, object]]:
                     impl = _impls.build(name, prob)
                 except _impls.Unavailable as e:
                     return f"unavailable: {e}"
-                impl.fn(prob.xs[0]).backward(prob.dys[0])
+                with impl.scope():  # a setting the row's backward reads as well (triton-flat)
+                    impl.fn(prob.xs[0]).backward(prob.dys[0])
                 return "ok"
 
             calls.append((f"bench {name} {cfg}", call))

@@ -417,6 +417,44 @@ def test_single_pass_row(monkeypatch):
     assert _impls.build("triton-bitmask", prob).fallbacks is None
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_flat_row(monkeypatch):
+    """``triton-flat``: refused off the TMA path; on it (TMA forced, interpreter) the row's persistent TMA
+    kernels, the backward's dX kernel included, are launched flattened, ``triton-bitmask``'s are not, and
+    the switch is restored after the row; both compute the same function (p = 0)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _impls.make_problem(
+        M, K, N, R, 0.0, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    monkeypatch.setattr(tri, "TMA_MODE", "0")
+    with pytest.raises(_impls.Unavailable, match="TMA kernels only"):
+        _impls.build("triton-flat", prob)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    real, seen = tri._launch, []
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "FLATTEN" in meta:
+            seen.append((kernel.__name__, meta["FLATTEN"]))
+        return real(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    out = {}
+    for name in ("triton-flat", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        x = prob.xs[0].detach().requires_grad_()
+        with impl.scope():
+            y = impl.fn(x)
+            y.backward(prob.dys[0])
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+        assert tri.TMA_FLATTEN is False
+    assert seen == [("_fwd_tma_kernel", True), ("_bwd_dx_tma_kernel", True),
+                    ("_fwd_tma_kernel", False), ("_bwd_dx_tma_kernel", False)], seen  # fmt: skip
+    for a, b in zip(out["triton-flat"], out["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_row_scope_holds_through_every_backward(monkeypatch):
     """``Impl.scope`` is entered once around all of a row's calls, so a setting the backward reads when
     it runs (cuda-expand's LORA_KERNELS_CUDA_CONCAT_K=0: at p = 0 the dX GEMM reads it) is in force
