@@ -355,7 +355,10 @@ def _fwd_tma_kernel(
 
     DEVICE_DESC: x_desc, w_desc, y_desc are plain tensors (row strides row_stride_*) and the
     descriptors are built here: under torch.compile, torch sees the writes through in-kernel
-    descriptors but not through host-built ones (it would drop the kernel, bench/NOTES.md)."""
+    descriptors but not through host-built ones (it would drop the kernel, bench/NOTES.md).
+
+    FLATTEN: the tile loop and the K loop compiled as one (``tl.range(flatten=True)``), so the next
+    tile's first TMA loads are issued before this tile's epilogue (``TMA_FLATTEN``)."""
     if DEVICE_DESC:
         x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
