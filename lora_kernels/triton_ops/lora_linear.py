@@ -358,11 +358,16 @@ def _fwd_tma_kernel(
     descriptors but not through host-built ones (it would drop the kernel, bench/NOTES.md).
 
     FLATTEN: the tile loop and the K loop compiled as one (``tl.range(flatten=True)``), so the next
-    tile's first TMA loads are issued before this tile's epilogue (``TMA_FLATTEN``)."""
+    tile's first TMA loads are issued before this tile's epilogue (``TMA_FLATTEN``, eager launches).
+    The epilogue's T and lora_B loads are then multi-buffered, so y is stored in two
+    (BLOCK_M, BLOCK_N / 2) halves (y_desc's block): half the staging buffer, 32 KB at 128×256."""
     if DEVICE_DESC:
         x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
-        y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N])
+        if FLATTEN:
+            y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N // 2])
+        else:
+            y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
@@ -379,7 +384,12 @@ def _fwd_tma_kernel(
         acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts,
                             stride_lbn, stride_lbr, scaling, pid_n == 0, HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R,
                             SPLIT_K)  # fmt: skip
-        y_desc.store([off_m, off_n], acc.to(OUT_DT))
+        if FLATTEN:
+            y0, y1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            y_desc.store([off_m, off_n], y0.to(OUT_DT))
+            y_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(OUT_DT))
+        else:
+            y_desc.store([off_m, off_n], acc.to(OUT_DT))
 
 
 @triton.jit
@@ -788,7 +798,7 @@ def _set_fwd_desc_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["y_desc"].block_shape = [bm, bn]
+    nargs["y_desc"].block_shape = [bm, bn // 2 if nargs.get("FLATTEN") else bn]  # flattened: stored in halves
 
 
 def _set_dx_desc_blocks(nargs):
@@ -907,8 +917,8 @@ def _no_allocator_set(allocation) -> bool:
 
 def _step_downs(meta: dict, fixed: dict) -> list[tuple[dict, dict]]:
     """(constexprs, tiles) to try, in order, when ``fixed`` exceeds the GPU's shared memory: a
-    flattened loop unflattened first (its epilogue loads are multi-buffered: at rank ≥ 32 they no
-    longer fit next to 3 stages of 128×256 tiles, and the stages are worth more), then one stage
+    flattened loop unflattened first (its epilogue loads are multi-buffered: at rank 64 with fp32
+    adapters they no longer fit next to 3 stages of 128×256 tiles, and the stages are worth more), then one stage
     fewer, then (if wide) half-width N tiles."""
     out = []
     if meta.get("FLATTEN"):
@@ -981,8 +991,8 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
         tiles = {k: v for k, v in cfg.items() if k != "num_warps" and k != "num_stages"}
         # TMA descriptors carry the block shape: re-point them at the tiles of a step-down, or after the
         # tuner's pre-hooks moved them (they were built with the fixed tiles).
-        if hook is not None and (i or tuned):
-            hook({**dict(zip(kernel.arg_names, args, strict=False)), **tiles})
+        if hook is not None and (i or tuned or m.get("FLATTEN")):
+            hook({**dict(zip(kernel.arg_names, args, strict=False)), **m, **tiles})
         try:
             wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
             return
