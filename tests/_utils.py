@@ -56,3 +56,17 @@ def poison_cuda_allocator(nbytes: int = 64 << 20) -> None:
     blocks = [torch.full((nbytes // 4,), float("nan"), device="cuda") for _ in range(2)]
     small = [torch.full((n,), float("nan"), device="cuda") for n in (1 << 10, 1 << 14, 1 << 18)]
     del blocks, small
+
+
+def record_flatten(monkeypatch, tri) -> list[tuple[str, bool]]:
+    """Patch the Triton launcher to record (kernel name, FLATTEN) for each launch that takes FLATTEN
+    (the persistent TMA kernels); the launches still run."""
+    real, seen = tri._launch, []
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "FLATTEN" in meta:
+            seen.append((kernel.__name__, meta["FLATTEN"]))
+        return real(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    return seen

@@ -20,6 +20,7 @@ import torch
 from bench import _impls, _measure, _report, plot
 from bench import lora_linear as bench_ll
 from lora_kernels import available_backends
+from tests._utils import record_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -431,14 +432,7 @@ def test_flat_row(monkeypatch):
     with pytest.raises(_impls.Unavailable, match="TMA kernels only"):
         _impls.build("triton-flat", prob)
     monkeypatch.setattr(tri, "TMA_MODE", "1")
-    real, seen = tri._launch, []
-
-    def launch(kernel, grid, args, meta, fixed, wrap):
-        if "FLATTEN" in meta:
-            seen.append((kernel.__name__, meta["FLATTEN"]))
-        return real(kernel, grid, args, meta, fixed, wrap)
-
-    monkeypatch.setattr(tri, "_launch", launch)
+    seen = record_flatten(monkeypatch, tri)
     out = {}
     for name in ("triton-flat", "triton-bitmask"):
         impl = _impls.build(name, prob)

@@ -16,7 +16,7 @@ import lora_kernels as lk
 from lora_kernels.backends import available_backends
 from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 
-from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, requires_gpu
+from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, record_flatten, requires_gpu
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", "triton", "cuda"]
@@ -331,14 +331,7 @@ def test_triton_tma_flattened_path(monkeypatch, p, mode, shape):
         pytest.skip("this Triton has no triton.tools.tensor_descriptor")
     monkeypatch.setattr(tri, "TMA_MODE", "1")
     monkeypatch.setattr(tri, "TMA_FLATTEN", True)
-    real, seen = tri._launch, []
-
-    def launch(kernel, grid, args, meta, fixed, wrap):
-        if "FLATTEN" in meta:
-            seen.append((kernel.__name__, meta["FLATTEN"]))
-        return real(kernel, grid, args, meta, fixed, wrap)
-
-    monkeypatch.setattr(tri, "_launch", launch)
+    seen = record_flatten(monkeypatch, tri)
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
