@@ -616,3 +616,52 @@ def test_line_mode_progress_names_the_step_before_it_ends():
     bar = verify.Progress(1, stream=with_bar)
     bar.step("only", "fail")  # a step without start still makes a whole line
     assert with_bar.getvalue().startswith("[" + "#" * 28 + "] 1/1 100% only: fail (")
+
+
+@pytest.mark.parametrize("p", ["1.0", "-0.1"])
+def test_dropout_p_outside_the_unit_interval_is_a_usage_error(p):
+    """``-p 1`` would divide by zero in the inverted-dropout scale: exit status 2 before any case runs."""
+    out, err = io.StringIO(), io.StringIO()
+    rc = verify.run_verify(_args("--backend", "torch", "--only-shapes", "--shape", "4,8,8,2", "-p", p), out, err)
+    assert rc == 2 and f"dropout p must be in [0, 1), got {float(p)}" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_many_failures_are_listed_up_to_thirty(fake_backend):
+    def no_scaling(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, 1.0, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = no_scaling
+    shapes = [a for m in range(1, 32) for a in ("--shape", f"{m},16,8,2")]  # one past the list's 30
+    out = io.StringIO()
+    rc = verify.run_verify(_args("--backend", "cuda", "--dtype", "fp32", "--only-shapes", *shapes, "-p", "0"),
+                           out=out, err=io.StringIO())  # fmt: skip
+    assert rc == 1
+    lines = out.getvalue().splitlines()
+    assert sum(line.startswith("FAILED cuda fp32 ") for line in lines) == 30
+    assert "... and 1 more failed cases (see --json)" in lines
+    assert any(line.startswith("FAIL: 0 passed, 31 failed") for line in lines), lines[-3:]
+
+
+def test_a_backend_that_cannot_run_reports_its_partial_gradient_cases_as_skipped(monkeypatch, tmp_path):
+    """Without --only-shapes the sweep adds the partial-gradient cases: for a backend that cannot run
+    they are skipped with the backend's reason like the others, not dropped and not run."""
+    monkeypatch.setitem(backends._MODULES, "cuda", "lora_kernels._no_such_backend_module")
+    path = tmp_path / "v.json"
+    args = _args("--backend", "cuda", "--dtype", "fp32", "-p", "0", "-p", "0.1", "--json", str(path))
+    assert verify.run_verify(args, out=io.StringIO(), err=io.StringIO()) == 1  # requested, nothing ran
+    doc = json.loads(path.read_text())
+    cases = [r for r in doc["results"] if r["kind"] == "case"]
+    partial = [r for r in cases if r["train"] != "all"]
+    assert partial and len(partial) == len(verify.TRAIN_SETS) - 1
+    assert {r["status"] for r in cases} == {"skip"}
+    assert all("_no_such_backend_module" in r["reason"] for r in cases)
+    masks = doc["mask_checks"]  # p = 0.1, both mask modes: skipped with the same reason
+    assert [m["mask_mode"] for m in masks] == ["bitmask", "regenerate"]
+    assert all(m["status"] == "skip" and "_no_such_backend_module" in m["reason"] for m in masks)
+
+
+def test_boundary_p_of_an_empty_probe_is_p_itself():
+    assert verify.boundary_p(3, 0, 24, 0.1) == 0.1
+    pb = verify.boundary_p(3, 4, 24, 0.1)
+    assert pb != 0.1 and 0 < pb < 1 and round(pb * 65536) in dropout_draws(3, 4, 24).flatten().tolist()
