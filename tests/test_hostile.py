@@ -261,6 +261,16 @@ def test_triton_refuses_what_it_cannot_run_with_the_reason():
     if reason is not None:
         pytest.skip(f"backend 'triton' cannot run here: {reason}")
     _raises("triton", _inputs(torch.float64), RuntimeError, r"backend='triton' cannot run here: .*float64")
+    # float64 adapters under float32 activations: refused for the adapters, and "auto" runs the reference
+    t64 = _inputs()
+    for name in ("lora_A", "lora_B", "lora_bias"):
+        t64[name] = t64[name].double()
+    _raises("triton", t64, RuntimeError, r"backend='triton' cannot run here: .*adapters, got torch.float64")
+    if not HAS_CUDA:
+        y = _call("auto", t64, scaling=2.0)
+        assert y.dtype == torch.float32
+        ref = _call("torch", {k: v.double() for k, v in t64.items()}, scaling=2.0)
+        assert_close_ref(y, ref, [torch.float32])
     t = _inputs(r=300)
     _raises("triton", t, RuntimeError, r"backend='triton' cannot run here: .*rank.*300")
     # "auto" falls back instead of failing (on CPU to the reference; on a GPU maybe to "cuda")
@@ -268,6 +278,23 @@ def test_triton_refuses_what_it_cannot_run_with_the_reason():
     assert y.shape == (M, N) and torch.isfinite(y).all()
     if not HAS_CUDA:
         assert_close_ref(y, _call("torch", {k: v.double() for k, v in t.items()}), [torch.float32])
+
+
+def test_triton_says_why_it_cannot_run_off_a_cuda_device(monkeypatch):
+    """The reasons ``backend="triton"`` and ``available_backends`` show: a CPU tensor outside the
+    interpreter, a tensor on another device type (meta here), whatever the dtype."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    x, a = torch.empty(4, 16), torch.empty(2, 16)
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    assert tri.unavailable_reason(x, x, a) == (
+        "x is on the CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
+    )
+    xm = torch.empty(4, 16, device="meta")
+    assert tri.unavailable_reason(xm, xm, a) == "Triton kernels run on CUDA GPUs, x is on meta"
+    monkeypatch.setattr(tri, "_interpret", lambda: True)
+    assert tri.unavailable_reason(x, x, a) is None
+    assert "ranks up to 256" in tri.unavailable_reason(x, x, torch.empty(257, 16))
 
 
 def test_raw_triton_ops_check_their_arguments():

@@ -95,6 +95,8 @@ def test_argument_errors() -> None:
         LoRALinear(base, 2, backend="cutlass")
     with pytest.raises(ValueError, match="dropout_mask"):
         LoRALinear(base, 2, dropout_mask="bytes")
+    with pytest.raises(TypeError, match="^adapter_dtype must be a floating dtype, got torch.int8"):
+        LoRALinear(base, 2, adapter_dtype=torch.int8)
 
 
 def test_seed_and_extra_state_stay_on_the_cpu_whatever_the_default_device() -> None:

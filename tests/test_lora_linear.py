@@ -218,6 +218,18 @@ def test_triton_mask_bits_identical_to_reference():
         assert torch.equal(bits.cpu(), pack_mask(dropout_keep_mask(seed, M, K, p))), (M, K, p)
 
 
+def test_triton_dropout_bitmask_helper_is_the_forward_bits():
+    """``dropout_bitmask`` (what verify compares bit for bit) at p > 0 runs the forward kernel; at p = 0
+    or on an empty x it launches nothing: every bit kept, in ``pack_mask``'s layout (padding bits too)."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops.lora_linear import dropout_bitmask
+
+    for seed, M, K, p in [(9, 37, 45, 0.3), (9, 37, 45, 0.0), (9, 0, 45, 0.3), (9, 5, 0, 0.3)]:
+        bits = dropout_bitmask(seed, M, K, p, device=DEVICE)
+        assert bits.dtype == torch.uint8 and bits.shape == (M, (K + 7) // 8), (M, K, p)
+        assert torch.equal(bits.cpu(), pack_mask(dropout_keep_mask(seed, M, K, p))), (M, K, p)
+
+
 def test_triton_mask_keeps_draws_equal_to_the_threshold():
     """u == threshold is kept (u >= threshold). Random cases meet such a draw with probability 2⁻¹⁶ per
     element, so `>` instead of `>=` passes them by luck: here p puts the threshold on a real draw, once

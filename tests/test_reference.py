@@ -79,6 +79,25 @@ def test_mask_depends_on_seed_and_is_deterministic():
     assert torch.equal(dropout_keep_mask(1, 70, 90, 0.5)[:64, :64], a)
 
 
+def test_the_reference_checks_its_seed():
+    """Called directly (users checking numerics do), the reference names a bad seed: it takes the full
+    64-bit key range (both Philox key words), the API's 2**63 cap aside."""
+    for seed in (True, 1.5, "3", None):
+        with pytest.raises(TypeError, match="^seed must be an int, got"):
+            dropout_keep_mask(seed, 4, 8, 0.5)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"^seed must be in \[0, 2\*\*64\), got"):
+            dropout_keep_mask(seed, 4, 8, 0.5)
+    top = dropout_keep_mask(2**64 - 1, 16, 16, 0.5)
+    assert not torch.equal(top, dropout_keep_mask(2**63 - 1, 16, 16, 0.5))
+    assert not torch.equal(top, dropout_keep_mask(2**32 - 1, 16, 16, 0.5))
+    x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="^seed is required when training with dropout_p > 0"):
+        lora_linear_ref(x, w, a, b, None, None, 1.0, 0.1, True, None)
+    assert torch.equal(lora_linear_ref(x, w, a, b, None, None, 1.0, 0.1, False, None),
+                       lora_linear_ref(x, w, a, b, None, None, 1.0, 0.0, True, None))  # fmt: skip
+
+
 @pytest.mark.parametrize("K", [1, 7, 8, 9, 67])
 def test_pack_unpack_roundtrip(K):
     keep = dropout_keep_mask(99, 13, K, 0.4)
