@@ -946,3 +946,65 @@ def test_rescaled_adapters_and_trainable_base_match_peft(monkeypatch: pytest.Mon
     spy.calls.clear()
     model(input_ids=ids)
     assert [c["scaling"] for c in spy.calls] == [2.0] * N_LINEAR
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")  # PEFT, for the Linear head
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+def test_layers_that_cannot_be_fused_are_left_to_peft_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's projections are transformers' Conv1D (weight stored (K, N), PEFT's fan_in_fan_out):
+    those LoRA layers are skipped with the reason and run PEFT's forward, bit for bit, while the
+    nn.Linear head next to them is fused; a Linear flagged fan_in_fan_out by hand is skipped too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32, vocab_size=VOCAB, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    model = get_peft_model(
+        GPT2LMHeadModel(cfg),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True,
+                   init_lora_weights=False),
+    )  # fmt: skip
+    ids = _ids()
+    before = model(input_ids=ids).logits
+    report = patch(model, backend="torch", log=False)
+    assert report.accelerated == ["base_model.model.lm_head"]
+    assert list(report.skipped) == ["base_model.model.transformer.h.0.attn.c_attn"]
+    assert "Conv1D is not an nn.Linear" in next(iter(report.skipped.values()))
+    spy = _Spy(monkeypatch)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
+    assert len(spy.calls) == 1  # the head alone
+    unpatch(model)
+    head = model.base_model.model.lm_head
+    head.fan_in_fan_out = True
+    assert lkp.inspect_model(model).skipped["base_model.model.lm_head"] == (
+        "fan_in_fan_out=True (base weight stored transposed)"
+    )
+
+
+def test_a_layer_without_the_active_adapter_runs_the_base_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two adapters on different targets: with "q_only" active, the other layers hold no active adapter
+    (PEFT runs their base layer alone) and say so; q_proj runs fused with q_only's weights."""
+    model = _peft_model(target_modules=["v_proj"])
+    model.add_adapter("q_only", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.base_model.set_adapter("q_only")
+    ids = _ids()
+    ref_logits, ref_grads = _run(copy.deepcopy(model).double(), ids)
+    report = patch(model, backend="torch", log=False)
+    assert len(report.accelerated) == 2 and all(n.endswith("q_proj") for n in report.accelerated)
+    assert len(report.fallback) == 2
+    assert set(report.fallback.values()) == {"no active adapter on this layer"}
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(model, ids)
+    assert len(spy.calls) == 2
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+
+
+def test_patch_options_are_checked_before_anything_changes() -> None:
+    model = _peft_model()
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch'.*got 'tpu'"):
+        patch(model, backend="tpu")
+    with pytest.raises(ValueError, match="dropout_mask must be one of .*got 'bytes'"):
+        patch(model, dropout_mask="bytes")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        register_fused_peft_module(LoraConfig(r=4), backend="tpu")
+    assert lkp.inspect_model(model).accelerated == []  # nothing was patched
