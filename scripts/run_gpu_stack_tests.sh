@@ -77,9 +77,12 @@ MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --disable-pip-version-check --no
 # scripts/device_prebuild.sh wants the binary only (it is in $SRC/lora_kernels now).
 [ "${GPU_STACK_BUILD_ONLY:-0}" = "1" ] && exit 0
 
-# The wheel test repeats the link step only; the emulation harness is plain C++ (no torch); the CPU
-# build of lora_ops.cpp (test_cuda_ops_emulation) checks the host code's logic, and lora_ops.cpp was
-# compiled against this torch by the extension build above: all three ran in the main suite.
-LORA_KERNELS_EXPECT_TRITON=3.6.0 LORA_KERNELS_EXPECT_TORCH=2.11.0 LORA_KERNELS_TEST_WHEEL=0 HF_HUB_OFFLINE=1 \
+# The wheel test repeats the link step only; the JIT build test compiles the sources the build above
+# just compiled against this torch (a minute more, through the same flags); the emulation harness is
+# plain C++ (no torch); the CPU build of lora_ops.cpp (test_cuda_ops_emulation) checks the host code's
+# logic, and lora_ops.cpp was compiled against this torch by the extension build above: all four ran
+# in the main suite.
+LORA_KERNELS_EXPECT_TRITON=3.6.0 LORA_KERNELS_EXPECT_TORCH=2.11.0 LORA_KERNELS_TEST_WHEEL=0 \
+  LORA_KERNELS_TEST_JIT=0 HF_HUB_OFFLINE=1 \
   "$PY" -m pytest -q -ra -p no:cacheprovider -W ignore::DeprecationWarning \
   --ignore=tests/test_cuda_emulation.py --ignore=tests/test_cuda_ops_emulation.py tests "$@"

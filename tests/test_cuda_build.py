@@ -8,6 +8,7 @@ skipped build is a test failure here, not a skip.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -320,6 +321,50 @@ def test_ops_accept_valid_inputs_and_name_bad_ones_without_a_gpu(ext):
         for msg, args in bad.items():
             with pytest.raises(RuntimeError, match=msg.strip()):
                 fn(*args)
+
+
+_JIT_CHILD = """
+import json, time
+from lora_kernels.cuda_ops import _ext
+from lora_kernels.reference import dropout_keep_mask, pack_mask
+_ext.prebuilt_available = lambda: False  # as an install without _C (a wheel built where no toolkit was)
+cached, t0 = _ext.jit_cached(), time.perf_counter()
+m = _ext.get_ext()
+bits = m.host_pack_mask(123, 37, 45, 0.3)
+print(json.dumps({"name": m.__name__, "file": m.__file__, "meta": m.build_metadata(), "cached_before": cached,
+                  "cached_after": _ext.jit_cached(), "s": time.perf_counter() - t0,
+                  "mask_ok": bool((bits == pack_mask(dropout_keep_mask(123, 37, 45, 0.3))).all())}))
+"""
+
+
+@requires_toolkit
+@pytest.mark.skipif(os.environ.get("LORA_KERNELS_TEST_JIT", "1") == "0", reason="LORA_KERNELS_TEST_JIT=0 disables it")
+def test_jit_build_compiles_links_and_loads_without_a_prebuilt_extension(tmp_path):
+    """backend="cuda" with no installed ``_C`` builds it on first use (``cpp_extension.load``, ninja)
+    into the cache. The real build, for sm_80 alone (66 s on 2 cores; sm_90's CUTLASS kernels double
+    it), in a child process (an extension cannot be unloaded): the module loads without a GPU, says
+    what it was built for, its host Philox gives the reference's mask bit for bit; a second process
+    loads it from the cache without compiling (``jit_cached``: what lets "auto" take it)."""
+    env = dict(os.environ, LORA_KERNELS_CACHE=str(tmp_path), LORA_KERNELS_CUDA_ARCHS="80",
+               TORCH_CUDA_ARCH_LIST=_build.torch_arch_list(["80"]), PYTHONPATH=str(ROOT))  # fmt: skip
+    env.pop("LORA_KERNELS_NO_JIT", None)
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", _JIT_CHILD], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=1500)  # fmt: skip
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs.append((json.loads(res.stdout.strip().splitlines()[-1]), res.stderr))
+    (first, err1), (second, err2) = runs
+    build_dir = tmp_path / "jit" / Path(first["file"]).parent.name
+    assert first["name"] == "lora_kernels_jit_C" and Path(first["file"]) == build_dir / "lora_kernels_jit_C.so"
+    assert "JIT-building the CUDA backend for sm_80 into" in err1 and (build_dir / "build.ninja").exists()
+    assert not first["cached_before"] and first["cached_after"] and second["cached_before"]
+    meta = first["meta"]
+    assert meta["archs"] == "80" and meta["sm90_kernels"] is False
+    assert meta["torch_version"] == torch.__version__.split("+")[0]
+    assert first["mask_ok"] and second["mask_ok"]
+    assert "loading the JIT build in" in err2 and second["file"] == first["file"]
+    assert second["s"] < first["s"] / 2, (first["s"], second["s"])  # nothing recompiled
 
 
 @requires_toolkit

@@ -10,7 +10,9 @@ are monkeypatched (this machine has both a toolkit and a built ``_C``).
 
 from __future__ import annotations
 
+import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,103 @@ def test_auto_takes_the_jit_build_of_an_earlier_process(no_prebuilt, monkeypatch
     assert _ext.jit_cached() and not cuda_ll._needs_build()
     monkeypatch.setattr(_build, "CSRC", tmp_path / "no-sources")  # an install without csrc/: nothing to load
     assert not _ext.jit_cached()
+
+
+# ---- the JIT build's own glue (cpp_extension.load stubbed; tests/test_cuda_build.py builds for real)
+
+
+@pytest.fixture
+def load_spy(monkeypatch, tmp_path):
+    """``cpp_extension.load`` recorded instead of compiling; a toolkit, CUDA torch, a clean cache."""
+    from torch.utils import cpp_extension
+
+    calls: list[dict] = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        return _fake_ext()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _jit_build resets it
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/opt/cuda-test")
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setenv("LORA_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("LORA_KERNELS_CUDA_ARCHS", "80;90")
+    monkeypatch.setenv("CUDA_HOME", "/elsewhere")  # (both restored afterwards: _jit_build sets them)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    return calls
+
+
+def test_jit_build_hands_setup_py_s_sources_and_flags_to_cpp_extension_load(load_spy, capsys):
+    """The JIT build compiles what ``pip install`` compiles (the same sources, flags and include
+    paths, shared with setup.py through _build), into the per-torch/CUDA/arch/sources cache dir,
+    under a module name of its own, with the toolkit it found; it says what it is doing."""
+    from torch.utils import cpp_extension
+
+    mod = _ext._jit_build()
+    assert mod.__name__ == "lora_kernels_fake_C" and len(load_spy) == 1
+    kw = load_spy[0]
+    archs = ["80", "90"]
+    build_dir = _ext.jit_cache_dir(archs)
+    assert kw["name"] == "lora_kernels_jit_C"
+    assert kw["sources"] == _build.sources() and all(Path(s).exists() for s in kw["sources"])
+    flags = _build.compile_flags(archs)
+    assert kw["extra_cflags"] == flags["cxx"] and kw["extra_cuda_cflags"] == flags["nvcc"]
+    assert "-DLORA_KERNELS_SM90A" in kw["extra_cuda_cflags"]
+    assert kw["extra_include_paths"] == _build.include_dirs("/opt/cuda-test")
+    assert kw["build_directory"] == str(build_dir) and build_dir.is_dir()
+    assert build_dir.name.startswith(f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-sm80_90-")
+    assert kw["verbose"] is False
+    # torch's cpp_extension reads the toolkit from CUDA_HOME (a PATH wrapper can mislead its own guess)
+    assert os.environ["CUDA_HOME"] == "/opt/cuda-test" and cpp_extension.CUDA_HOME == "/opt/cuda-test"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.torch_arch_list(archs)
+    err = capsys.readouterr().err
+    assert "JIT-building the CUDA backend for sm_80, sm_90 into " + str(build_dir) in err
+    # A build already in the cache: ninja finds nothing to do, and the message says it loads.
+    (build_dir / "lora_kernels_jit_C.so").write_bytes(b"")
+    _ext._jit_build()
+    assert f"loading the JIT build in {build_dir}" in capsys.readouterr().err
+
+
+def test_jit_build_keeps_a_user_s_arch_list(load_spy, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    _ext._jit_build()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+
+
+def test_jit_build_errors_say_what_is_missing(load_spy, monkeypatch, tmp_path):
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    with pytest.raises(RuntimeError, match=r"no CUDA toolkit was found to JIT-build it: .*\(set CUDA_HOME\)"):
+        _ext._jit_build()
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/opt/cuda-test")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="is a CPU-only build: the cuda backend needs CUDA torch"):
+        _ext._jit_build()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "no-csrc")
+    with pytest.raises(RuntimeError, match=r"sources \(.*no-csrc\) are not present"):
+        _ext._jit_build()
+    assert load_spy == []
+
+
+def test_a_prebuilt_extension_that_fails_to_load_says_how_to_rebuild(monkeypatch):
+    """An installed ``_C`` whose metadata matches but whose import fails (a missing CUDA library, a
+    build for another Python): ImportError with the loader's message, the build metadata, the
+    running torch and the rebuild command, not a bare undefined-symbol error."""
+    import importlib
+
+    monkeypatch.setattr(_ext.build_info, "check", lambda: None)
+    real = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "lora_kernels._C":
+            raise ImportError("libcudart.so.13: cannot open shared object file")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with pytest.raises(ImportError) as exc:
+        _ext._import_prebuilt()
+    msg = str(exc.value)
+    assert msg.startswith("lora_kernels._C exists but cannot be loaded (libcudart.so.13: cannot open")
+    assert f"running torch {torch.__version__}" in msg and "pip install --no-build-isolation -e ." in msg
