@@ -298,6 +298,17 @@ def test_cli_parsing_and_presets():
     assert {(c.M, c.r) for c in ranks} == {(8192, 64)} and len(ranks) == 4
     with pytest.raises(SystemExit):
         bench_ll.parse_args(["--impls", "cublas,nonsense"])
+    with pytest.raises(SystemExit) as info:
+        bench_ll.parse_args(["--shapes", "4096x4096,14336"])  # not KxN: argparse's usage error
+    assert info.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_benchmark_without_a_gpu_says_to_use_dry():
+    with pytest.raises(SystemExit, match=r"no CUDA GPU: the benchmark needs one \(use --dry"):
+        bench_ll.main(["--quick"])
+    with pytest.raises(SystemExit, match="--device cuda but no CUDA GPU is available"):
+        bench_ll.main(["--dry", "--device", "cuda"])
 
 
 # ---- saved-activation accounting on known cases --------------------------------------------------
