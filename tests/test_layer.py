@@ -157,12 +157,15 @@ def test_dropout_train_uses_seeded_mask_and_eval_disables_it() -> None:
     torch.testing.assert_close(layer(x), y_eval, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("biases", ["both", "none"])  # "none": Llama's layers (no bias, no lora_bias)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_unmerge_round_trip(dtype: torch.dtype) -> None:
+def test_merge_unmerge_round_trip(dtype: torch.dtype, biases: str) -> None:
     torch.manual_seed(0)
-    layer = _layer(K=64, N=48, r=8, dtype=dtype, lora_bias=True, lora_alpha=16, backend="torch").eval()
+    with_b = biases == "both"
+    layer = _layer(K=64, N=48, r=8, dtype=dtype, bias=with_b, lora_bias=with_b, lora_alpha=16, backend="torch")
+    layer.eval()
     w0 = layer.base_layer.weight.detach().clone()
-    b0 = layer.base_layer.bias.detach().clone()
+    b0 = layer.base_layer.bias.detach().clone() if with_b else torch.zeros(())
     x = torch.randn(5, 64, dtype=dtype)
     y_unmerged = layer(x)
     layer.merge()
@@ -181,7 +184,10 @@ def test_merge_unmerge_round_trip(dtype: torch.dtype) -> None:
     layer.unmerge()  # idempotent
     # One rounding of W's dtype per direction.
     assert (layer.base_layer.weight.double() - w0.double()).abs().max().item() <= ulp
-    assert (layer.base_layer.bias.double() - b0.double()).abs().max().item() <= ulp
+    if with_b:
+        assert (layer.base_layer.bias.double() - b0.double()).abs().max().item() <= ulp
+    else:
+        assert layer.base_layer.bias is None and layer.lora_bias is None
     assert_close_ref(layer(x), y_unmerged.double(), [dtype], "after unmerge")
 
 

@@ -417,6 +417,18 @@ def test_demo_on_cpu_checks_numerics_and_explains_missing_timing(monkeypatch):
     assert "timing: skipped: no CUDA GPU" in text
 
 
+def test_cli_hands_demo_its_options_and_refuses_unknown_verify_options(monkeypatch, capsys):
+    """``lora-kernels demo ...`` (the README's main command) passes its own options on to run_demo
+    (which parses them, so ``demo --help`` lists them); verify refuses an option it does not know."""
+    seen = []
+    monkeypatch.setattr(verify, "run_demo", lambda argv: seen.append(argv) or 7)
+    assert main(["demo", "--no-progress", "--interpret"]) == 7
+    assert seen == [["--no-progress", "--interpret"]]
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--backend", "torch", "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 @requires_gpu
 def test_demo_gpu():
     out = io.StringIO()
