@@ -339,6 +339,7 @@ print(json.dumps({"name": m.__name__, "file": m.__file__, "meta": m.build_metada
 
 @requires_toolkit
 @pytest.mark.skipif(os.environ.get("LORA_KERNELS_TEST_JIT", "1") == "0", reason="LORA_KERNELS_TEST_JIT=0 disables it")
+@pytest.mark.skipif(_ext.jit_disabled(), reason="LORA_KERNELS_NO_JIT forbids JIT builds here")
 def test_jit_build_compiles_links_and_loads_without_a_prebuilt_extension(tmp_path):
     """backend="cuda" with no installed ``_C`` builds it on first use (``cpp_extension.load``, ninja)
     into the cache. The real build, for sm_80 alone (66 s on 2 cores; sm_90's CUTLASS kernels double
@@ -347,7 +348,6 @@ def test_jit_build_compiles_links_and_loads_without_a_prebuilt_extension(tmp_pat
     loads it from the cache without compiling (``jit_cached``: what lets "auto" take it)."""
     env = dict(os.environ, LORA_KERNELS_CACHE=str(tmp_path), LORA_KERNELS_CUDA_ARCHS="80",
                TORCH_CUDA_ARCH_LIST=_build.torch_arch_list(["80"]), PYTHONPATH=str(ROOT))  # fmt: skip
-    env.pop("LORA_KERNELS_NO_JIT", None)
     runs = []
     for _ in range(2):
         res = subprocess.run([sys.executable, "-c", _JIT_CHILD], cwd=ROOT, env=env, capture_output=True,
