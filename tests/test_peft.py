@@ -948,37 +948,64 @@ def test_rescaled_adapters_and_trainable_base_match_peft(monkeypatch: pytest.Mon
     assert [c["scaling"] for c in spy.calls] == [2.0] * N_LINEAR
 
 
-@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")  # PEFT, for the Linear head
-@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
-def test_layers_that_cannot_be_fused_are_left_to_peft_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GPT-2's projections are transformers' Conv1D (weight stored (K, N), PEFT's fan_in_fan_out):
-    those LoRA layers are skipped with the reason and run PEFT's forward, bit for bit, while the
-    nn.Linear head next to them is fused; a Linear flagged fan_in_fan_out by hand is skipped too."""
+def _gpt2_peft(**lora_kw) -> PeftModel:
+    """GPT-2 (1 block): its attention and MLP projections are transformers' Conv1D (weight (K, N))."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32, vocab_size=VOCAB, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    model = get_peft_model(
-        GPT2LMHeadModel(cfg),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True,
-                   init_lora_weights=False),
-    )  # fmt: skip
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     tie_word_embeddings=False)  # fmt: skip
+    kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+              init_lora_weights=False)  # fmt: skip
+    return get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(**(kw | lora_kw)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's projections (transformers' Conv1D, ``fan_in_fan_out=True`` in PEFT) run fused: the (K, N)
+    weight goes in as its transposed view (the Triton kernels read it by pointer, no copy). Outputs and
+    every adapter gradient match PEFT's own model in float64, with dropout's mask aside (p = 0)."""
+    if backend == "triton" and not HAS_TRITON_BACKEND:
+        pytest.skip("triton is not installed")
+    model = _gpt2_peft()
     ids = _ids()
-    before = model(input_ids=ids).logits
-    report = patch(model, backend="torch", log=False)
-    assert report.accelerated == ["base_model.model.lm_head"]
-    assert list(report.skipped) == ["base_model.model.transformer.h.0.attn.c_attn"]
-    assert "Conv1D is not an nn.Linear" in next(iter(report.skipped.values()))
+    ref_logits, ref_grads = _run(copy.deepcopy(model).double(), ids)
+    report = patch(model, backend=backend, log=False)
+    assert len(report.accelerated) == 4 and report.skipped == {} and report.fallback == {}  # c_attn, 2 c_proj, c_fc
     spy = _Spy(monkeypatch)
-    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
-    assert len(spy.calls) == 1  # the head alone
+    logits, grads = _run(model, ids)
+    assert len(spy.calls) == 4 and all(c["backend"] == backend for c in spy.calls)
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
     unpatch(model)
-    head = model.base_model.model.lm_head
-    head.fan_in_fan_out = True
-    assert lkp.inspect_model(model).skipped["base_model.model.lm_head"] == (
-        "fan_in_fan_out=True (base weight stored transposed)"
-    )
+    logits_peft, _ = _run(model, ids)
+    torch.testing.assert_close(logits_peft, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_other_base_layers_and_fan_in_fan_out_pairings_stay_on_peft_s_path() -> None:
+    """A Conv1D subclass with its own forward is skipped, as is a fan_in_fan_out flag that does not
+    match the base layer's layout (set by hand on an nn.Linear, cleared on a Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class ScaledConv1D(Conv1D):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    model = _gpt2_peft()
+    attn = model.base_model.model.transformer.h[0].attn
+    attn.c_attn.base_layer.__class__ = ScaledConv1D
+    attn.c_proj.fan_in_fan_out = False
+    report = patch(model, backend="torch", log=False)
+    assert report.skipped == {
+        "base_model.model.transformer.h.0.attn.c_attn": "base layer ScaledConv1D has its own forward",
+        "base_model.model.transformer.h.0.attn.c_proj": "fan_in_fan_out=False on a Conv1D base layer",
+    }
+    assert len(report.accelerated) == 2
+    llama = _peft_model(target_modules=["q_proj"])
+    q = llama.base_model.model.model.layers[0].self_attn.q_proj
+    q.fan_in_fan_out = True
+    why = patch(llama, backend="torch", log=False).skipped["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert why == "fan_in_fan_out=True on a Linear base layer"
 
 
 def test_a_layer_without_the_active_adapter_runs_the_base_alone(monkeypatch: pytest.MonkeyPatch) -> None:

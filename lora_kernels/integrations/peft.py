@@ -24,8 +24,10 @@ unchanged: merged or disabled adapters, ``adapter_names=`` mixed batches (and an
 argument), LoRA variants (DoRA, aLoRA, ...), active adapters with different dropout p or dtypes,
 disabled input casting, hooks on the modules PEFT calls (base layer, lora_A/lora_B, dropout),
 another tuner's layer as the base (PeftMixedModel). Layers that can never be fused
-(Embedding/Conv LoRA layers, quantized or non-``nn.Linear`` bases, subclasses with their own
-forward, ``fan_in_fan_out``, an instance-level forward such as accelerate's hooks) are not patched.
+(Embedding/Conv LoRA layers, quantized bases or any other than ``nn.Linear`` and transformers'
+``Conv1D`` (GPT-2's, ``fan_in_fan_out``: its ``(K, N)`` weight is passed transposed, a view),
+subclasses with their own forward, an instance-level forward such as accelerate's hooks) are not
+patched.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ from torch import nn
 
 from ..api import MASK_MODES, lora_linear
 from ..backends import BACKENDS
+
+try:  # GPT-2's projections: y = x W + b with W stored (K, N) (PEFT's fan_in_fan_out layers)
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+except ImportError:  # transformers is optional for PEFT models built without it
+
+    class _Conv1D:  # type: ignore[no-redef]
+        pass
+
 
 __all__ = [
     "FusedLoraLinear",
@@ -83,9 +93,14 @@ else:  # a torch build without distributed: no tensor is a DTensor
 
 def _base_reason(base: nn.Module) -> str | None:
     """Why the fused op cannot stand in for ``base`` (the frozen layer), or None."""
-    if not isinstance(base, nn.Linear):
-        return f"base layer {type(base).__name__} is not an nn.Linear"
-    if type(base).forward is not nn.Linear.forward:
+    if isinstance(base, _Conv1D):
+        # transformers' Conv1D computes addmm(bias, x, W) with W (K, N): the fused op takes W.T, a
+        # strided view (no copy; the Triton kernels then read W by pointer rather than by TMA).
+        if type(base).forward is not _Conv1D.forward:
+            return f"base layer {type(base).__name__} has its own forward"
+    elif not isinstance(base, nn.Linear):
+        return f"base layer {type(base).__name__} is not an nn.Linear (or transformers' Conv1D)"
+    elif type(base).forward is not nn.Linear.forward:
         # bitsandbytes / HQQ / torchao / TE linears subclass nn.Linear with their own forward.
         return f"base layer {type(base).__name__} has its own forward (quantized or wrapped linear)"
     w = base.weight
@@ -110,8 +125,10 @@ def _static_reason(layer: nn.Module) -> str | None:
     reason = _base_reason(layer.get_base_layer())
     if reason is not None:
         return reason
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (base weight stored transposed)"
+    if getattr(layer, "fan_in_fan_out", False) != isinstance(layer.get_base_layer(), _Conv1D):
+        # PEFT sets it for Conv1D bases (their weight is stored (K, N)) and clears it for nn.Linear:
+        # any other pairing merges transposed deltas, a state the fused op does not take sides in.
+        return f"fan_in_fan_out={layer.fan_in_fan_out} on a {type(layer.get_base_layer()).__name__} base layer"
     return None
 
 
@@ -137,7 +154,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _state_plan(layer: PeftLoraLinear) -> str | tuple[list[str], float, nn.Module]:
-    """The active adapters, their shared dropout p and the base nn.Linear, or why the layer's state
+    """The active adapters, their shared dropout p and the base layer, or why the layer's state
     needs PEFT's path.
 
     Depends only on the layer's state (not on the input), so :func:`inspect_model` reports it.
@@ -240,11 +257,12 @@ def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: 
     """One fused ``lora_linear`` call for the active ``adapters`` (sharing dropout ``p``) over ``base``."""
     backend = getattr(layer, "_lk_backend", "auto")
     dropout_mask = getattr(layer, "_lk_dropout_mask", "bitmask")
+    weight = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K)
     if len(adapters) == 1:
         a = adapters[0]
         lora_A, lora_B = layer.lora_A[a].weight, layer.lora_B[a]
         return lora_linear(
-            x, base.weight, lora_A, lora_B.weight, bias=base.bias, lora_bias=lora_B.bias,
+            x, weight, lora_A, lora_B.weight, bias=base.bias, lora_bias=lora_B.bias,
             scaling=float(layer.scaling[a]), dropout_p=p, training=True, backend=backend,
             dropout_mask=dropout_mask,
         )  # fmt: skip
@@ -255,7 +273,7 @@ def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: 
     biases = [layer.lora_B[a].bias * float(layer.scaling[a]) for a in adapters if layer.lora_B[a].bias is not None]
     lora_bias = torch.stack(biases).sum(0) if biases else None
     return lora_linear(
-        x, base.weight, lora_A, lora_B, bias=base.bias, lora_bias=lora_bias, scaling=1.0,
+        x, weight, lora_A, lora_B, bias=base.bias, lora_bias=lora_bias, scaling=1.0,
         dropout_p=p, training=True, backend=backend, dropout_mask=dropout_mask,
     )  # fmt: skip
 
