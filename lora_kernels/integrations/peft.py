@@ -122,13 +122,15 @@ def _static_reason(layer: nn.Module) -> str | None:
     if own is not None and not isinstance(own, _PatchedForward) and not isinstance(layer, FusedLoraLinear):
         # e.g. accelerate's add_hook_to_module: patching would replace it, and unpatch() would not restore it.
         return "has an instance-level forward (e.g. an accelerate hook) that patching would replace"
-    reason = _base_reason(layer.get_base_layer())
+    base = layer.get_base_layer()
+    reason = _base_reason(base)
     if reason is not None:
         return reason
-    if getattr(layer, "fan_in_fan_out", False) != isinstance(layer.get_base_layer(), _Conv1D):
+    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+    if fan_in_fan_out != isinstance(base, _Conv1D):
         # PEFT sets it for Conv1D bases (their weight is stored (K, N)) and clears it for nn.Linear:
         # any other pairing merges transposed deltas, a state the fused op does not take sides in.
-        return f"fan_in_fan_out={layer.fan_in_fan_out} on a {type(layer.get_base_layer()).__name__} base layer"
+        return f"fan_in_fan_out={fan_in_fan_out} on a {type(base).__name__} base layer"
     return None
 
 
