@@ -275,6 +275,50 @@ def test_same_seed_is_bit_identical_run_to_run(backend):
     check()
 
 
+def test_triton_tma_kernels_match_reference(monkeypatch):
+    """The persistent TMA kernels (two launches, the default on Hopper; forced in the interpreter) on random
+    TMA-eligible problems (16-bit x, K and N multiples of 8, contiguous x), with the weight and adapters stored
+    row-major or transposed: a transposed (column-major) weight is a (K, N)-stored one, which the kernels'
+    W_KN variant reads. Output and every gradient against float64; both weight layouts must occur."""
+    _skip_unless_available("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels are a Hopper (sm90+) path")
+    if INTERPRET:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    layouts = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "W_KN" in meta:
+            layouts.append(meta["W_KN"])
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    names = [n for n in _dtype_names("triton") if DTYPES[n][0] != torch.float32]
+    base = settings.get_profile(PROFILE)
+
+    @settings(base, max_examples=max(10, base.max_examples // 2))
+    @given(prob=lora_problems("triton"), k8=st.integers(1, LIMITS[1] // 8), n8=st.integers(1, LIMITS[1] // 8),
+           dtype=st.sampled_from(names))  # fmt: skip
+    def check(prob, k8, n8, dtype):
+        prob = dict(prob, K=8 * k8, N=8 * n8, dtype=dtype, x_layout="contiguous")
+        t = _make(prob)
+        y, grads = _run(lora_linear, t, prob, upcast=False, backend="triton", dropout_mask=prob["mask_mode"])
+        y_ref, g_ref = _run(_ref, t, prob, upcast=True)
+        scales = _gradient_scales(t, prob, g_ref)
+        dts = DTYPES[prob["dtype"]]
+        assert_close_ref(y, y_ref, dts, "output")
+        for k, g in g_ref.items():
+            assert_close_ref(grads[k], g, dts, f"grad {k}", scale=scales[k])
+
+    check()
+    assert {False, True} <= set(layouts), "the examples did not take both weight layouts on the TMA path"
+
+
 def test_triton_single_pass_forward_matches_reference(monkeypatch):
     """The opt-in single-pass forward and backward (LORA_KERNELS_FWD/BWD=single) on random TMA-eligible
     problems (16-bit x, K and N multiples of 8, contiguous rows): output and every gradient against

@@ -8,6 +8,7 @@ same tests run on CUDA (and add bf16-native and larger shapes) when a GPU is pre
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -330,6 +331,61 @@ def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
     assert taken == [True, True], "both the forward and the dX kernel must take the TMA path"
 
 
+@pytest.mark.parametrize("dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=_ids)
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (130, 200, 48, 64), (5, 64, 24, 1)], ids=str)
+def test_triton_tma_path_with_a_weight_stored_k_by_n(monkeypatch, dts, p, mode, shape):
+    """A weight stored (K, N) and passed as its (N, K) transposed view (GPT-2's Conv1D, PEFT's fan_in_fan_out)
+    takes the TMA kernels' W_KN variant, forward and dX: the descriptor over the (K, N) matrix, its tiles
+    (BLOCK_K, BLOCK_N) fed to the dot as loaded. K = 200 and N = 24: partial tiles on both of W's axes.
+    BLOCK_N = 64, BLOCK_K = 32: a descriptor built with its tiles the other way round fails."""
+    _skip_unavailable("triton", dts[0])
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    real_cfg = tri._tma_cfg
+    monkeypatch.setattr(tri, "_tma_cfg", lambda *a, **k: {**real_cfg(*a, **k), "BLOCK_N": 64, "BLOCK_K": 32})
+    seen = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "W_KN" in meta:
+            w_desc = args[1]
+            seen.append((kernel.__name__, meta["W_KN"], tuple(w_desc.shape), list(w_desc.block_shape)))
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
+    W_kn = W.T.contiguous().T  # same values, stored (K, N)
+    assert W_kn.stride() == (1, N)
+    run_and_check("triton", x, W_kn, A, B, b, lb, p=p, mode=mode)
+    assert seen == [("_fwd_tma_kernel", True, (K, N), [32, 64]), ("_bwd_dx_tma_kernel", True, (K, N), [32, 64])], seen
+
+
+def test_tma_weight_layouts():
+    """Which weights the TMA kernels read directly, and as which matrix: (N, K) row-major as stored by nn.Linear
+    (also when N = 1 or K = 1, where both strides may be 1), its (K, N) transpose for a weight stored (K, N), and
+    neither for other strides, which ``_tma_ok`` then sends to the pointer kernels."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    W = torch.randn(48, 64)
+    got, kn = tri._tma_weight(W)
+    assert got is W and not kn
+    got, kn = tri._tma_weight(W.T.contiguous().T)
+    assert kn and got.shape == (64, 48) and got.stride() == (48, 1)
+    for w in (torch.randn(1, 64), torch.randn(48, 1), torch.randn(64, 1).T, torch.randn(1, 48).T):
+        got, kn = tri._tma_weight(w)
+        assert got.shape[1] == 1 or got.stride(1) == 1, w.stride()
+    strided = torch.randn(48, 128)[:, ::2]  # neither dimension contiguous
+    got, kn = tri._tma_weight(strided)
+    assert got is strided and not kn
+    x = torch.randn(8, 64, dtype=torch.float16)
+    assert not tri._tma_ok(x, strided.half())
+
+
 @pytest.mark.parametrize("p,mode", [(0.1, "bitmask"), (0.5, "regenerate")])
 @pytest.mark.parametrize("shape", [(67, 104, 72, 16), (130, 200, 48, 64)], ids=str)
 def test_triton_tma_flattened_path(monkeypatch, p, mode, shape):
@@ -432,11 +488,13 @@ def test_allocator_check_reads_every_triton_layout():
     tri._no_allocator_set(_allocation)  # the installed Triton's own layout: no exception
 
 
-def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
+@pytest.mark.parametrize("w_kn", [False, True], ids=["W(N,K)", "W(K,N)"])
+def test_triton_ops_in_kernel_tma_descriptors(monkeypatch, w_kn):
     """LORA_KERNELS_TMA=1 in the registered ops' traceable launches (what torch.compile traces; run here
     on real tensors through ``wrap=_op_wrap``, as the op does on fake ones): the TMA kernels take plain
     tensors and build their descriptors in the kernel (DEVICE_DESC), and compute exactly what the eager
-    launches with host-built descriptors compute: odd M, split-K, p > 0 with the stored mask."""
+    launches with host-built descriptors compute: odd M, split-K, p > 0 with the stored mask; a weight
+    stored (N, K) and one stored (K, N) (W_KN: the in-kernel descriptor over the (K, N) matrix)."""
     _skip_unavailable("triton", torch.float16)
     from lora_kernels.triton_ops import lora_linear as tri
 
@@ -452,10 +510,15 @@ def test_triton_ops_in_kernel_tma_descriptors(monkeypatch):
         seen.append((kernel.__name__, meta.get("DEVICE_DESC")))
         if "FLATTEN" in meta:
             assert meta["FLATTEN"] == (not meta["DEVICE_DESC"]), (kernel.__name__, meta)
+            assert meta["W_KN"] == w_kn
+            if meta["DEVICE_DESC"]:  # the plain (K, N) matrix, contiguous: the kernel describes it
+                assert args[1].shape == ((200, 72) if w_kn else (72, 200)) and args[1].stride(1) == 1
         real_launch(kernel, grid, args, meta, fixed, wrap)
 
     monkeypatch.setattr(tri, "_launch", launch)
     x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    if w_kn:
+        W = W.T.contiguous().T
     fwd_args = (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
     got = tri.lora_fwd(*fwd_args, wrap=tri._op_wrap)
     want = tri.lora_fwd(*fwd_args)
@@ -499,20 +562,23 @@ def _one_config_tables(tri, block_n=32):
     }
 
 
-@pytest.mark.parametrize("tma", ["0", "1"])
-def test_triton_autotuned_launch_path(monkeypatch, tma):
+@pytest.mark.parametrize("tma,w_kn", [("0", False), ("1", False), ("1", True)], ids=["ptr", "tma", "tma-W(K,N)"])
+def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
     """The autotuned launches (grid lambdas, per-kernel config filtering, TMA descriptor pre-hooks)
     with one interpreter-sized config per kernel, so the interpreter can run them (GPU calls tune over
-    the real tables)."""
+    the real tables). With a weight stored (K, N) the pre-hooks give its descriptor (BLOCK_K, BLOCK_N)
+    tiles: BLOCK_N = 64 there, so tiles set the other way round would not fit the dots."""
     _skip_unavailable("triton", torch.float16)
     from lora_kernels.triton_ops import lora_linear as tri
 
-    monkeypatch.setattr(tri, "_configs", _one_config_tables(tri))
+    monkeypatch.setattr(tri, "_configs", _one_config_tables(tri, block_n=64 if w_kn else 32))
     monkeypatch.setattr(tri, "TMA_MODE", tma)
     monkeypatch.setattr(tri, "AUTOTUNE", True)
     tri._autotuner.cache_clear()
     try:
         x, W, A, B, b, lb = make_inputs(67, 64, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+        if w_kn:
+            W = W.T.contiguous().T
         run_and_check("triton", x, W, A, B, b, lb, p=0.1)
         assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
     finally:
@@ -536,6 +602,8 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
     assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
     assert {"DO_DT", "DO_DB"} <= set(tri._autotuner(tri._bwd_dy_kernel).keys)  # a frozen lora_B: dT role only
+    for kernel in (tri._fwd_tma_kernel, tri._bwd_dx_tma_kernel):  # a weight stored (K, N): its own tiles
+        assert "W_KN" in tri._autotuner(kernel).keys
     for kernel in (tri._fwd_tma_kernel, tri._bwd_dx_tma_kernel):  # flattened and not: each its own tiles
         assert "FLATTEN" in tri._autotuner(kernel).keys
 
@@ -903,7 +971,6 @@ driver.set_active(_Driver(90))
 def _run_sm90_script(script: str, cases: list[dict]) -> list:
     """Run ``_SM90_DRIVER + script`` on ``cases`` in a fresh interpreter without TRITON_INTERPRET
     (compile only, also on a GPU machine) and return what it printed after RESULTS."""
-    import json
     import os
     import subprocess
     import sys
@@ -939,7 +1006,7 @@ results = []
 
 def record(c):
     k, kw = c.compiled, c.kwargs
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC", "DO_DB")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC", "DO_DB", "W_KN")
     cfg = {n: kw[n] for n in keys if n in kw}
     # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and local
     # memory (register spills) from the cubin's resource usage.
@@ -989,12 +1056,37 @@ for CASE in json.loads(sys.argv[1]):
     sp.COOPERATIVE = CASE.get("coop", False)
     M, N, K = 96, 160, CASE.get("K", 128)
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
+    if CASE.get("w_kn"):  # the weight stored (K, N), passed as its (N, K) view
+        w = w.T.contiguous().T
     a, b, bias = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(N, dtype=dt)
     y, t, bits = tri.lora_fwd(x, w, bias, a, b, bias, 2.0, p, 2**40 + 3, store)
     need = CASE.get("need", [True, True, True])  # need_dx, need_da, need_db
     tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, p, 2**40 + 3, *need)
 print("RESULTS" + json.dumps(results))
 """
+
+
+def test_w_kn_tma_kernels_compile_for_sm90_as_the_n_k_ones_do():
+    """The TMA kernels' W_KN variant (a weight stored (K, N): GPT-2's Conv1D) compiles for sm_90 to the same
+    tiles, stages, shared memory and wgmma count as the (N, K) one, without spills, both with host descriptors
+    and with in-kernel ones (the compile path): the (K, N) tiles go to wgmma as its MN-major operand, with no
+    staging copy in shared memory. Its speed waits for a GPU (bench/NOTES.md)."""
+    pytest.importorskip("triton")
+    cases = [dict(dtype=dt, r=r, mode=mode, tma="1", w_kn=kn, op=op)
+             for dt, r, mode, op in (("bfloat16", 16, "bitmask", False), ("float16", 256, "regenerate", False),
+                                     ("bfloat16", 64, "bitmask", True))
+             for kn in (False, True)]  # fmt: skip
+    results = _run_sm90_script(_SM90_COMPILE, cases)
+    tma = {}
+    for r in results:
+        if r != "launch" and "tma" in r["kernel"]:
+            tma.setdefault((r["kernel"], json.dumps({k: v for k, v in r["case"].items() if k != "w_kn"})), []).append(r)
+    assert len(tma) == 2 * len(cases) // 2, tma.keys()  # 2 kernels per case pair
+    for (kernel, case), (nk, kn) in tma.items():
+        assert (nk["case"]["w_kn"], kn["case"]["w_kn"]) == (False, True), case
+        assert nk["cfg"].pop("W_KN") is False and kn["cfg"].pop("W_KN") is True, (kernel, case)
+        assert nk["cfg"] == kn["cfg"] and nk["smem"] == kn["smem"] and nk["wgmma"] == kn["wgmma"] > 0, (nk, kn)
+        assert kn["smem"] <= 232448 and kn["local"] in (0, None), kn
 
 
 _SM90_TRACE = r"""
@@ -1026,6 +1118,8 @@ for case in json.loads(sys.argv[1]):
     M, K, N, R = case["shape"]
     dt = torch.bfloat16
     x, w, b = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(N, dtype=dt)
+    if case.get("w_kn"):  # stored (K, N), passed as its (N, K) view
+        w = w.T.contiguous().T
     a, bb, dy = torch.randn(R, K, dtype=dt), torch.randn(N, R, dtype=dt), torch.randn(M, N, dtype=dt)
     t = torch.randn(M, R)
     bits = torch.randint(0, 255, (M, (K + 7) // 8), dtype=torch.uint8)
@@ -1060,6 +1154,7 @@ def test_compiled_graph_outputs_come_from_the_kernels():
         dict(tma="1", shape=[256, 512, 256, 16]),
         dict(tma="1", shape=[96, 1024, 160, 32]),  # M = 96, K = 1024: the shrink splits K in 2
         dict(tma="auto", shape=[256, 512, 256, 16], regenerate=True),  # the dX kernel regenerates the mask
+        dict(tma="1", shape=[256, 512, 384, 16], w_kn=True),  # W stored (K, N): a transposed view reaches the kernel
     ]
     results = _run_sm90_script(_SM90_TRACE, cases)
     assert len(results) == 2 * len(cases), results

@@ -347,7 +347,7 @@ def _fwd_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr, DEVICE_DESC: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, W_KN: tl.constexpr,
 ):  # fmt: skip
     """Hopper path: persistent grid of NUM_SMS programs walking the output tiles; x and W tiles
     arrive by TMA (tensor descriptors, out-of-bounds zero-filled), y leaves by a TMA store.
@@ -360,10 +360,18 @@ def _fwd_tma_kernel(
     FLATTEN: the tile loop and the K loop compiled as one (``tl.range(flatten=True)``), so the next
     tile's first TMA loads are issued before this tile's epilogue (``TMA_FLATTEN``, eager launches).
     The epilogue's T and lora_B loads are then multi-buffered, so y is stored in two
-    (BLOCK_M, BLOCK_N / 2) halves (y_desc's block): half the staging buffer, 32 KB at 128×256."""
+    (BLOCK_M, BLOCK_N / 2) halves (y_desc's block): half the staging buffer, 32 KB at 128×256.
+
+    W_KN: the weight is stored (K, N) row-major (``weight`` an (N, K) view with unit stride along N:
+    GPT-2's Conv1D, PEFT's fan_in_fan_out) and w_desc describes that (K, N) matrix with (BLOCK_K,
+    BLOCK_N) tiles; wgmma reads either major order of a 16-bit operand from shared memory, so the
+    tiles go to the dot as loaded, without a copy of W."""
     if DEVICE_DESC:
         x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        if W_KN:
+            w_desc = tl.make_tensor_descriptor(w_desc, [K, N], [row_stride_w, 1], [BLOCK_K, BLOCK_N])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
         if FLATTEN:
             y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N // 2])
         else:
@@ -377,8 +385,10 @@ def _fwd_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([off_m, k0]).to(CDT)
-            w = w_desc.load([off_n, k0]).to(CDT)
-            acc = tl.dot(x, w.T, acc)
+            if W_KN:
+                acc = tl.dot(x, w_desc.load([k0, off_n]).to(CDT), acc)
+            else:
+                acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts,
@@ -514,13 +524,17 @@ def _bwd_dx_tma_kernel(
     CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEVICE_DESC: tl.constexpr, FLATTEN: tl.constexpr,
+    W_KN: tl.constexpr,
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
-    The dA reductions are the first tiles of the walk (they are the longest). DEVICE_DESC: as in
-    ``_fwd_tma_kernel``, the descriptors are built here from plain tensors. FLATTEN: as there."""
+    The dA reductions are the first tiles of the walk (they are the longest). DEVICE_DESC, FLATTEN,
+    W_KN (w_desc over the (K, N) matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``."""
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
-        w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        if W_KN:
+            w_desc = tl.make_tensor_descriptor(w_desc, [K, N], [row_stride_w, 1], [BLOCK_K, BLOCK_N])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
         dx_desc = tl.make_tensor_descriptor(dx_desc, [M, K], [row_stride_dx, 1], [BLOCK_M, BLOCK_K])
     num_da = 0
     if DO_DA:
@@ -545,8 +559,10 @@ def _bwd_dx_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             dy = dy_desc.load([off_m, n0]).to(CDT)
-            w = w_desc.load([n0, off_k]).to(CDT)
-            acc = tl.dot(dy, w, acc)
+            if W_KN:
+                acc = tl.dot(dy, w_desc.load([off_k, n0]).to(CDT).T, acc)
+            else:
+                acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
                            seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
@@ -772,6 +788,19 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
     return True
 
 
+def _tma_weight(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The weight as the TMA kernels read it, and W_KN: the (N, K) matrix when its rows are the
+    contiguous dimension (nn.Linear), else its (K, N) transpose when that one is (GPT-2's Conv1D
+    weight passed as ``weight.T``, a view), for which the kernels take the W_KN variant. Either is then
+    checked by ``_tma_ok``."""
+    if weight.stride(1) == 1 or weight.stride(0) != 1:
+        return weight, False
+    return weight.T, True
+
+
+_W_TILES = {False: ("BLOCK_N", "BLOCK_K"), True: ("BLOCK_K", "BLOCK_N")}  # the weight descriptor's tiles
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -797,7 +826,7 @@ def _set_fwd_desc_blocks(nargs):
         return  # in-kernel descriptors (DEVICE_DESC) take the tiles from the constexprs
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["w_desc"].block_shape = [bk, bn] if nargs.get("W_KN") else [bn, bk]
     nargs["y_desc"].block_shape = [bm, bn // 2 if nargs.get("FLATTEN") else bn]  # flattened: stored in halves
 
 
@@ -806,7 +835,7 @@ def _set_dx_desc_blocks(nargs):
         return
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["dy_desc"].block_shape = [bm, bn]
-    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["w_desc"].block_shape = [bk, bn] if nargs.get("W_KN") else [bn, bk]
     nargs["dx_desc"].block_shape = [bm, bk]
 
 
@@ -854,9 +883,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 # Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the dA-only launch of
-# the single-pass backward, split-K partials, the dY kernel's roles), so that p = 0 and p > 0 calls, or a
-# frozen lora_B's dT-only launch, keep their own tiles.
-_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB", "FLATTEN"]
+# the single-pass backward, split-K partials, the dY kernel's roles, the weight's major order), so that
+# p = 0 and p > 0 calls, a frozen lora_B's dT-only launch, or a (K, N)-stored weight keep their own tiles.
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB", "FLATTEN",
+         "W_KN"]  # fmt: skip
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
@@ -1075,19 +1105,21 @@ def lora_fwd(
     lbias_arg = lora_bias.contiguous() if lora_bias is not None else t
     flags = dict(HAS_BIAS=bias is not None, HAS_LBIAS=lora_bias is not None, CDT=cdt, BLOCK_R=BR, SPLIT_K=splits)
     traced = _traced(wrap)
-    if _tma_ok(x, weight, y, traced=traced):
+    w_tma, w_kn = _tma_weight(weight)
+    if _tma_ok(x, w_tma, y, traced=traced):
         fixed = _tma_cfg(x, R, backward=False)
         sms = _grid_sms(x)
         x_desc, w_desc, y_desc = _tma_operands(
-            traced, fixed, (x, "BLOCK_M", "BLOCK_K"), (weight, "BLOCK_N", "BLOCK_K"), (y, "BLOCK_M", "BLOCK_N")
+            traced, fixed, (x, "BLOCK_M", "BLOCK_K"), (w_tma, *_W_TILES[w_kn]), (y, "BLOCK_M", "BLOCK_N")
         )
         _launch(
             _fwd_tma_kernel,
             lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"])),),
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
-             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), weight.stride(0), y.stride(0),
+             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), w_tma.stride(0), y.stride(0),
              scaling),
-            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced),
+            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced,
+                 W_KN=w_kn),
             fixed,
             wrap,
         )  # fmt: skip
@@ -1175,20 +1207,21 @@ def lora_bwd(
     flags = dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR)
     n_da = (lambda META: _cdiv(K, META["BLOCK_K"])) if need_da else (lambda META: 0)
     traced = _traced(wrap)
-    if need_dx and _tma_ok(dy, weight, dx, traced=traced):
+    w_tma, w_kn = _tma_weight(weight)
+    if need_dx and _tma_ok(dy, w_tma, dx, traced=traced):
         fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
         dy_desc, w_desc, dx_desc = _tma_operands(
-            traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (weight, "BLOCK_N", "BLOCK_K"), (dx, "BLOCK_M", "BLOCK_K")
+            traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (w_tma, *_W_TILES[w_kn]), (dx, "BLOCK_M", "BLOCK_K")
         )
         _launch(
             _bwd_dx_tma_kernel,
             lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"]) + n_da(META)),),
             (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da, M, N, K, R, MB,
              dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride, da.stride(0),
-             dy.stride(0), weight.stride(0), dx.stride(0), *seeds),
+             dy.stride(0), w_tma.stride(0), dx.stride(0), *seeds),
             dict(flags, DO_DX=True, OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced,
-                 FLATTEN=TMA_FLATTEN and not traced),
+                 FLATTEN=TMA_FLATTEN and not traced, W_KN=w_kn),
             fixed,
             wrap,
         )  # fmt: skip
