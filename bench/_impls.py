@@ -24,6 +24,9 @@ Names:
     ``triton-flat`` ``triton-bitmask`` with the persistent TMA kernels' tile and K loops flattened into one
                 (``LORA_KERNELS_TMA_FLATTEN=1``: the next tile's loads overlap this tile's epilogue) for an A/B
                 against the default; offered only on the TMA path.
+    ``triton-kn`` ``triton-bitmask`` with W stored (K, N), as GPT-2's ``Conv1D`` keeps it (PEFT's
+                ``fan_in_fan_out``), passed as its (N, K) view: the TMA kernels' W_KN variant, for an A/B against
+                the (N, K) weight of ``triton-bitmask``; offered only on the TMA path.
     ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
                 for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
@@ -65,6 +68,7 @@ ALL_IMPLS = (
     "triton-1pass",
     "triton-compile",
     "triton-flat",
+    "triton-kn",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",
@@ -296,13 +300,15 @@ def _peft(prob: Problem) -> Impl:
     return Impl("peft", layer, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 
 
-def _ours(prob: Problem, backend: str, mask_mode: str, name: str) -> Impl:
+def _ours(prob: Problem, backend: str, mask_mode: str, name: str, weight: torch.Tensor | None = None) -> Impl:
+    """``weight``: the frozen weight to pass instead of ``prob.weight`` (same values, another layout)."""
     from lora_kernels import available_backends, lora_linear
 
     reason = available_backends(x=prob.xs[0]).get(backend, f"unknown backend {backend!r}")
     if reason is not None:
         raise Unavailable(reason)
-    W, b, A, B, s, p = prob.weight, prob.bias, prob.lora_A, prob.lora_B, prob.scaling, prob.p
+    W = prob.weight if weight is None else weight
+    b, A, B, s, p = prob.bias, prob.lora_A, prob.lora_B, prob.scaling, prob.p
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         # seed=None: a fresh seed per call, as in training.
@@ -382,6 +388,18 @@ def _ours_flattened(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "TMA_FLATTEN", True))  # fmt: skip
 
 
+def _ours_w_kn(prob: Problem) -> Impl:
+    """``triton-bitmask`` on a copy of W stored (K, N) (one more W in memory, owned by the row), passed as
+    its (N, K) view, as lora_kernels.patch passes a GPT-2 Conv1D layer's weight."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    w_kn = prob.weight.T.contiguous().T
+    w_tma, kn = tri._tma_weight(w_kn)
+    if not (kn and tri._tma_ok(prob.xs[0], w_tma)):
+        raise Unavailable("the (K, N) weight's own kernels are the TMA path's (sm90+, 16-bit x, 16-byte rows)")
+    return _ours(prob, "triton", "bitmask", "triton-kn", weight=w_kn)
+
+
 @contextlib.contextmanager
 def _setting(module: object, name: str, value: object) -> Iterator[None]:
     prev = getattr(module, name)
@@ -437,6 +455,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_no_split(prob)
     if name == "triton-flat":
         return _ours_flattened(prob)
+    if name == "triton-kn":
+        return _ours_w_kn(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

@@ -97,6 +97,7 @@ GPU_IMPLS = (
     "triton-bitmask",
     "triton-1pass",
     "triton-flat",
+    "triton-kn",
     "triton-nosplit",
     "triton-regen",
     "cuda-bitmask",

@@ -460,6 +460,46 @@ def test_flat_row(monkeypatch):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_w_kn_row(monkeypatch):
+    """``triton-kn``: refused off the TMA path; on it (TMA forced, interpreter) the row passes a copy of W stored
+    (K, N) as its (N, K) view, so both of its TMA kernels take the W_KN variant, ``triton-bitmask``'s do not,
+    and the two compute the same function with the same gradients (p = 0.1, the same seed)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _impls.make_problem(
+        M, K, N, R, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
+    )
+    monkeypatch.setattr(tri, "TMA_MODE", "0")
+    with pytest.raises(_impls.Unavailable, match="TMA path"):
+        _impls.build("triton-kn", prob)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    seen = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "W_KN" in meta:
+            seen.append((kernel.__name__, meta["W_KN"]))
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    out = {}
+    for name in ("triton-kn", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        w = impl.owned[0]
+        assert torch.equal(w, prob.weight) and w.stride() == ((1, N) if name == "triton-kn" else (K, 1))
+        x = prob.xs[0].detach().requires_grad_()
+        torch.manual_seed(3)  # the row draws its dropout seed per call, as in training
+        y = impl.fn(x)
+        y.backward(prob.dys[0])
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+    assert seen == [("_fwd_tma_kernel", True), ("_bwd_dx_tma_kernel", True),
+                    ("_fwd_tma_kernel", False), ("_bwd_dx_tma_kernel", False)], seen  # fmt: skip
+    for a, b in zip(out["triton-kn"], out["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
 def test_row_scope_holds_through_every_backward(monkeypatch):
     """``Impl.scope`` is entered once around all of a row's calls, so a setting the backward reads when
     it runs (cuda-expand's LORA_KERNELS_CUDA_CONCAT_K=0: at p = 0 the dX GEMM reads it) is in force
