@@ -948,8 +948,9 @@ def test_rescaled_adapters_and_trainable_base_match_peft(monkeypatch: pytest.Mon
     assert [c["scaling"] for c in spy.calls] == [2.0] * N_LINEAR
 
 
-def _gpt2_peft(**lora_kw) -> PeftModel:
-    """GPT-2 (1 block): its attention and MLP projections are transformers' Conv1D (weight (K, N))."""
+def _gpt2_peft(fused_backend: str | None = None, **lora_kw) -> PeftModel:
+    """GPT-2 (1 block): its attention and MLP projections are transformers' Conv1D (weight (K, N)).
+    ``fused_backend``: built through register_fused_peft_module with that backend."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -958,13 +959,16 @@ def _gpt2_peft(**lora_kw) -> PeftModel:
                      tie_word_embeddings=False)  # fmt: skip
     kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
               init_lora_weights=False)  # fmt: skip
-    return get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(**(kw | lora_kw)))
+    config = LoraConfig(**(kw | lora_kw))
+    if fused_backend is not None:
+        register_fused_peft_module(config, backend=fused_backend)
+    return get_peft_model(GPT2LMHeadModel(cfg), config)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPT-2's projections (transformers' Conv1D, ``fan_in_fan_out=True`` in PEFT) run fused: the (K, N)
-    weight goes in as its transposed view (the Triton kernels read it by pointer, no copy). Outputs and
+    weight goes in as its transposed view, no copy (on Hopper the TMA kernels' W_KN variant reads it). Outputs and
     every adapter gradient match PEFT's own model in float64, with dropout's mask aside (p = 0)."""
     if backend == "triton" and not HAS_TRITON_BACKEND:
         pytest.skip("triton is not installed")
@@ -980,6 +984,52 @@ def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend: str, monkeypatch: 
     unpatch(model)
     logits_peft, _ = _run(model, ids)
     torch.testing.assert_close(logits_peft, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [True, False])
+def test_register_fused_peft_module_builds_gpt2_layers_as_peft_does(
+    fan_in_fan_out: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """register_fused_peft_module builds GPT-2's Conv1D projections, and its nn.Linear lm_head, fused, with the
+    flags PEFT's own dispatch gives them: fan_in_fan_out following each base layer's layout, set with PEFT's
+    warnings where the config says otherwise (a config naming both kinds flips it, as in PEFT), and
+    is_target_conv_1d_layer on the Conv1D layers. The same weights; outputs and every adapter gradient match
+    PEFT's model in float64; merge_and_unload, which reads the flag, gives PEFT's merged weights."""
+    import warnings
+
+    targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
+    built = {}
+    for backend in (None, "torch"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = _gpt2_peft(backend, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
+        built[backend] = model, [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)]
+    (plain, peft_warnings), (fused, warned) = built[None], built["torch"]
+    assert warned == peft_warnings and len(warned) == (1 if fan_in_fan_out else 2), (warned, peft_warnings)
+    ref_state, state = plain.state_dict(), fused.state_dict()
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    layers = {n: m for n, m in fused.named_modules() if isinstance(m, PeftLoraLinear)}
+    ref_layers = {n: m for n, m in plain.named_modules() if isinstance(m, PeftLoraLinear)}
+    assert layers.keys() == ref_layers.keys() and len(layers) == 5
+    for name, layer in layers.items():
+        ref = ref_layers[name]
+        assert type(layer) is lkp.fused_linear_class("torch") and type(ref) is PeftLoraLinear, name
+        assert (
+            (layer.fan_in_fan_out, layer.is_target_conv_1d_layer)
+            == (ref.fan_in_fan_out, ref.is_target_conv_1d_layer)
+            == ((False, False) if "lm_head" in name else (True, True))
+        )
+    assert len(lkp.inspect_model(fused).accelerated) == 5
+    ids = _ids()
+    ref_logits, ref_grads = _run(copy.deepcopy(plain).double(), ids)
+    spy = _Spy(monkeypatch)
+    logits, grads = _run(fused, ids)
+    assert len(spy.calls) == 5 and all(c["backend"] == "torch" for c in spy.calls)
+    _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
+    merged, ref_merged = fused.merge_and_unload().state_dict(), plain.merge_and_unload().state_dict()
+    assert merged.keys() == ref_merged.keys()
+    for k in merged:
+        torch.testing.assert_close(merged[k], ref_merged[k], atol=1e-6, rtol=1e-6)
 
 
 def test_other_base_layers_and_fan_in_fan_out_pairings_stay_on_peft_s_path() -> None:

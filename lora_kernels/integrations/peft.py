@@ -7,7 +7,8 @@ Two ways in, same forward:
   runs again, bit for bit.
 * ``register_fused_peft_module(config)`` before ``get_peft_model``: PEFT's custom-module hook
   (``LoraConfig._register_custom_module``) then builds :class:`FusedLoraLinear` (a subclass of
-  ``peft.tuners.lora.Linear``) for every float ``nn.Linear`` target.
+  ``peft.tuners.lora.Linear``) for every float ``nn.Linear`` target and every transformers ``Conv1D``
+  one (GPT-2's).
 
 The fused forward computes, for the active adapters ``i`` of a layer (``x: (..., K)``,
 ``W: (N, K)``, ``A_i: (r_i, K)``, ``B_i: (N, r_i)``)::
@@ -33,6 +34,7 @@ patched.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +97,7 @@ def _base_reason(base: nn.Module) -> str | None:
     """Why the fused op cannot stand in for ``base`` (the frozen layer), or None."""
     if isinstance(base, _Conv1D):
         # transformers' Conv1D computes addmm(bias, x, W) with W (K, N): the fused op takes W.T, a
-        # strided view (no copy; the Triton kernels then read W by pointer rather than by TMA).
+        # strided view (no copy; on Hopper the Triton kernels' TMA descriptors describe the (K, N) matrix).
         if type(base).forward is not _Conv1D.forward:
             return f"base layer {type(base).__name__} has its own forward"
     elif not isinstance(base, nn.Linear):
@@ -309,12 +311,31 @@ class FusedLoraLinear(PeftLoraLinear):
         # PEFT's custom-module dispatch matches by isinstance, so bitsandbytes/HQQ/torchao linears
         # (nn.Linear subclasses) would land here too. Returning None makes PEFT's dispatcher try
         # its next candidate (its own quantized LoRA layers) instead, on every supported version.
-        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        config = kwargs.get("config")
-        fan_in_fan_out = getattr(config, "fan_in_fan_out", kwargs.get("fan_in_fan_out", False))
-        if _base_reason(target) is not None or fan_in_fan_out:
+        if _base_reason(_target_of(base_layer)) is not None:
             return None
         return super().__new__(cls)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # What PEFT's dispatch_default does: the flag follows the base layer's layout, True for a Conv1D
+        # (weight (K, N)), False for an nn.Linear, set with PEFT's own warning where the config says
+        # otherwise (a config targeting both kinds flips it, as it does in PEFT); a Conv1D layer is
+        # built with is_target_conv_1d_layer=True. Recent peft reads the flag from the config it passes,
+        # older releases (0.14) from a keyword argument.
+        conv1d = isinstance(_target_of(base_layer), _Conv1D)
+        if _fan_in_fan_out(kwargs) != conv1d:
+            kind = "`Conv1D`" if conv1d else "`torch.nn.Linear`"
+            warnings.warn(
+                f"fan_in_fan_out is set to {not conv1d} but the target module is {kind}. "
+                f"Setting fan_in_fan_out to {conv1d}.",
+                stacklevel=2,
+            )
+            if hasattr(kwargs.get("config"), "fan_in_fan_out"):
+                kwargs["config"].fan_in_fan_out = conv1d
+            if "fan_in_fan_out" in kwargs:
+                kwargs["fan_in_fan_out"] = conv1d
+        if conv1d:
+            kwargs["is_target_conv_1d_layer"] = True
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., K)`` -> ``(..., N)``, fused where it applies, else PEFT's forward."""
@@ -322,6 +343,15 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def __repr__(self) -> str:
         return "lora_kernels." + super().__repr__()
+
+
+def _target_of(base_layer: nn.Module) -> nn.Module:
+    return base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+
+
+def _fan_in_fan_out(kwargs: dict) -> bool:
+    """The fan_in_fan_out flag PEFT builds a layer with: the config's where it passes one, else the keyword's."""
+    return bool(getattr(kwargs.get("config"), "fan_in_fan_out", kwargs.get("fan_in_fan_out", False)))
 
 
 _FUSED_CLASSES: dict[tuple[str, str], type[FusedLoraLinear]] = {("auto", "bitmask"): FusedLoraLinear}
@@ -348,8 +378,9 @@ def register_fused_peft_module(config: Any, *, backend: str = "auto", dropout_ma
     """Make PEFT build fused LoRA Linear layers for ``config``; returns ``config``.
 
     Call before ``get_peft_model(model, config)`` (or ``add_adapter``). Every float ``nn.Linear``
-    target becomes a :class:`FusedLoraLinear`; quantized linears and other layer types still get
-    PEFT's own LoRA layers. Uses PEFT's experimental ``LoraConfig._register_custom_module``.
+    target and every transformers ``Conv1D`` one (GPT-2's projections, built with ``fan_in_fan_out``
+    as PEFT builds them) becomes a :class:`FusedLoraLinear`; quantized linears and other layer types
+    still get PEFT's own LoRA layers. Uses PEFT's experimental ``LoraConfig._register_custom_module``.
     """
     cls = fused_linear_class(backend, dropout_mask)
     register = getattr(config, "_register_custom_module", None)
@@ -358,7 +389,7 @@ def register_fused_peft_module(config: Any, *, backend: str = "auto", dropout_ma
             f"{type(config).__name__} has no _register_custom_module (peft {peft.__version__}); "
             "use lora_kernels.patch(model) after get_peft_model instead"
         )
-    register({nn.Linear: cls})
+    register({nn.Linear: cls} | ({} if _Conv1D.__module__ == __name__ else {_Conv1D: cls}))
     return config
 
 
