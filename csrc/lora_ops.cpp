@@ -56,8 +56,16 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
   dtype_of(t);
 }
 
+// A GEMM operand stored in the other major order (unit stride along dim 0: GPT-2's Conv1D weight,
+// stored (K, N) and passed as its (N, K) view) is the row-major transpose of itself: the GEMMs take
+// that with b_kmajor flipped, rather than leaving the problem to cuBLAS.
+bool other_major(const at::Tensor& b) { return b.stride(1) != 1 && b.stride(0) == 1; }
+
 // out (M×N) += a (M×K) · (b_kmajor ? bᵀ : b): CUTLASS when it can take the problem, else cuBLAS.
-void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b, bool b_kmajor, at::Tensor& out) {
+void base_gemm_accumulate(const at::Tensor& a, const at::Tensor& b_in, bool b_kmajor_in, at::Tensor& out) {
+  const bool flip = other_major(b_in);
+  const at::Tensor b = flip ? b_in.t() : b_in;
+  const bool b_kmajor = b_kmajor_in != flip;
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
   if (M == 0 || N == 0 || K == 0) return;  // nothing to add (an empty sum)
   const auto st = a.scalar_type();
@@ -139,9 +147,14 @@ bool concat_k_eligible(const at::Tensor& x) {
 // b_kmajor: b is (N, K) (forward) or (K, N) (dX). Returns false where that kernel cannot take the
 // problem, having launched nothing; or, if can_implement refuses after the pack (a broken contract:
 // the result stays right, the pack's work is lost), with a one-time warning. The caller then runs
-// the expand path.
-bool run_concat_k(const at::Tensor& a, const at::Tensor& b, bool b_kmajor, PackArgs pk, at::Tensor& out,
+// the expand path. A b of the other major order (other_major) goes in transposed with b_kmajor
+// flipped, and l is packed in the matching order (l_by_rank flipped).
+bool run_concat_k(const at::Tensor& a, const at::Tensor& b_in, bool b_kmajor_in, PackArgs pk, at::Tensor& out,
                   const char* what) {
+  const bool flip = other_major(b_in);
+  const at::Tensor b = flip ? b_in.t() : b_in;
+  const bool b_kmajor = b_kmajor_in != flip;
+  if (flip) pk.l_by_rank = !pk.l_by_rank;
   if (!concat_k_enabled() || !concat_k_eligible(a) || a.stride(1) != 1 || b.stride(1) != 1) return false;
   const int64_t M = pk.M, N = out.size(1), K = a.size(1), R = pk.R;
   at::Tensor t = at::empty({M, R}, a.options());

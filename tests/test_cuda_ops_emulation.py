@@ -128,6 +128,35 @@ def test_lora_ops_forward_and_backward_match_float64(ops, arch, mode, case):
         assert_close_ref(got, ref, [xdt, adt], name)
 
 
+@pytest.mark.parametrize("arch, mode", [(H100, AUTO), (A100, AUTO), (H100, SM80)], ids=["h100", "a100", "h100-sm80"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_a_weight_stored_k_by_n_takes_the_cutlass_paths(ops, arch, mode, p, bias):
+    """W stored (K, N) and passed as its (N, K) view (GPT-2's Conv1D): the GEMMs take its row-major
+    transpose with the layout flag flipped (and the concatenated-K pack its l in the matching order), so
+    the forward and dX run the CUTLASS paths an (N, K) weight runs, not cuBLAS. N != K, both biases: the
+    pack's bias rows in the flipped order too. Forward and every gradient against float64."""
+    ops.set_device(*arch, True)
+    ops.set_gemm_backend(mode)
+    M, K, N, r, s, seed = 9, 40, 24, 5, 1.3, 321
+    dts = [torch.bfloat16, torch.float32]
+    x, W, A, B, b, lb, dy = _inputs(M, K, N, r, *dts, bias, bias)
+    W = W.t().contiguous().t()
+    assert W.stride() == (1, N)
+    y, T, bits = ops.lora_fwd(x, W, b, A, B, lb, s, p, seed, True)
+    assert ops.last_gemm_path() == _expected_path(arch, mode, torch.bfloat16, K, N, "contiguous", fused_ok=True)
+    leaves = [t.double().requires_grad_() for t in (x, A, B)]
+    lbd = (lb.double() if lb is not None else torch.zeros(N, dtype=torch.float64)).requires_grad_()
+    bd = b.double() if b is not None else None
+    y_ref = lora_linear_ref(leaves[0], W.double(), leaves[1], leaves[2], bd, lbd, s, p, True, seed)
+    assert_close_ref(y, y_ref, dts, "y")
+    got = ops.lora_bwd(dy, x, W, A, B, T, bits, s, p, seed, True, True, True)
+    assert ops.last_gemm_path() == _expected_path(arch, mode, torch.bfloat16, K, N, "contiguous", fused_ok=p == 0)
+    refs = torch.autograd.grad(y_ref, [*leaves, lbd], dy.double())
+    for name, g, ref in zip(("dx", "dA", "dB", "dlora_bias"), got, refs, strict=True):
+        assert_close_ref(g, ref, dts, name)
+
+
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)],
                          ids=["dx-only", "dA-only", "dB-only"])  # fmt: skip
 def test_lora_bwd_computes_only_what_is_asked(ops, need):
