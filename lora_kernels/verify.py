@@ -7,7 +7,9 @@ mode for kernel backends) a *case* runs ``lora_linear`` forward and backward and
   ``dlora_bias: (N,)`` with :func:`lora_kernels.reference.lora_linear_ref` evaluated in float64 on
   the same (already rounded) inputs and the same seed, against :data:`TOLERANCES`; besides, per
   backend × dtype (under ``--only-shapes`` only with ``--partial``), four cases with only some leaves
-  trained (:data:`TRAIN_SETS`: the backward's partial paths, and ``dbias: (N,)`` of a trained base bias);
+  trained (:data:`TRAIN_SETS`: the backward's partial paths, and ``dbias: (N,)`` of a trained base bias)
+  and one with the weight stored ``(K, N)`` (passed as its ``(N, K)`` view, as GPT-2's Conv1D layers
+  are: on Hopper the Triton TMA kernels' W_KN variant);
 * the dropout mask, bit for bit, with :func:`lora_kernels.reference.dropout_keep_mask` through a
   *mask probe* (see :func:`mask_probe`): a call whose output and input gradient *are* the mask, so
   a backend cannot hide a few flipped mask bits inside a loose bf16 tolerance. When a backend
@@ -174,12 +176,15 @@ class Case:
     mask_mode: str = "bitmask"
     seed: int = _SEED
     train: str = "all"  # a key of TRAIN_SETS: which leaves require grad
+    # "kn": the weight stored (K, N) and passed as its (N, K) view, as GPT-2's Conv1D layers pass theirs
+    weight_layout: str = "nk"
 
     @property
     def label(self) -> str:
         mode = f" {self.mask_mode}" if self.p > 0 and self.backend != "torch" else ""
         train = f" train={self.train}" if self.train != "all" else ""
-        return f"{self.backend} {self.dtype} {self.M}x{self.K}->{self.N} r={self.r} p={self.p:g}{mode}{train}"
+        layout = " W(K,N)" if self.weight_layout == "kn" else ""
+        return f"{self.backend} {self.dtype} {self.M}x{self.K}->{self.N} r={self.r} p={self.p:g}{mode}{train}{layout}"
 
 
 @dataclass
@@ -216,21 +221,24 @@ def make_inputs(
     a_dtype: torch.dtype,
     device: torch.device | str,
     gen_seed: int = 0,
+    weight_layout: str = "nk",
 ) -> dict[str, torch.Tensor]:
     """Random inputs at sizes where the base and low-rank paths contribute comparably.
 
     ``x: (M, K)``, ``weight: (N, K)``, ``bias: (N,)`` in ``x_dtype``; ``lora_A: (r, K)``,
     ``lora_B: (N, r)`` (non-zero, unlike PEFT's init, so the low-rank path is tested),
-    ``lora_bias: (N,)`` in ``a_dtype``; ``dy: (M, N)`` in ``x_dtype``.
+    ``lora_bias: (N,)`` in ``a_dtype``; ``dy: (M, N)`` in ``x_dtype``. ``weight_layout="kn"``: the same
+    weight values stored (K, N) (the (N, K) view of GPT-2's Conv1D weight).
     """
     g = torch.Generator(device=device).manual_seed(gen_seed)
 
     def rnd(*shape: int, std: float, dtype: torch.dtype) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
+    weight = rnd(N, K, std=K**-0.5, dtype=x_dtype)
     return {
         "x": rnd(M, K, std=1.0, dtype=x_dtype),
-        "weight": rnd(N, K, std=K**-0.5, dtype=x_dtype),
+        "weight": weight.t().contiguous().t() if weight_layout == "kn" else weight,
         "bias": rnd(N, std=0.1, dtype=x_dtype),
         "lora_A": rnd(r, K, std=K**-0.5, dtype=a_dtype),
         "lora_B": rnd(N, r, std=r**-0.5, dtype=a_dtype),
@@ -382,7 +390,8 @@ def run_case(case: Case, device: torch.device | str, impl: Impl | None = None) -
 
 def _run_case(case: Case, device: torch.device | str, impl: Impl | None, t0: float) -> CaseResult:
     x_dt, a_dt = DTYPE_CONFIGS[case.dtype]
-    inp = make_inputs(case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode()))
+    inp = make_inputs(case.M, case.K, case.N, case.r, x_dt, a_dt, device, gen_seed=zlib.crc32(case.label.encode()),
+                      weight_layout=case.weight_layout)  # fmt: skip
     reason = unavailable(case.backend, inp["x"], inp["weight"], inp["lora_A"])
     if reason is not None:
         return CaseResult(case, "skip", reason)
@@ -787,8 +796,8 @@ def add_verify_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--partial",
         action="store_true",
-        help="with --only-shapes: run the partial-gradient cases too (always run otherwise), at the second "
-        "--shape (or the only one)",
+        help="with --only-shapes: run the partial-gradient cases and the (K, N)-stored weight case too (always "
+        "run otherwise), at the second --shape (or the only one)",
     )
     ap.add_argument(
         "-p",
@@ -865,11 +874,13 @@ def run_verify(args: argparse.Namespace, out=None, err=None) -> int:
                             cases.append(case)
                         else:
                             results.append(CaseResult(case, *group))
-            # The partial-gradient paths, once per group: the second shape, the largest p.
+            # The partial-gradient paths and a weight stored (K, N) (GPT-2's layers), once per group: the
+            # second shape, the largest p.
             if shapes and (args.partial or not args.only_shapes):
                 shape = shapes[min(1, len(shapes) - 1)]
-                for train in (t for t in TRAIN_SETS if t != "all"):
-                    case = Case(name, dt, *shape, p=max(ps), mask_mode=mode_list[0], seed=args.seed, train=train)
+                extra = [dict(train=t) for t in TRAIN_SETS if t != "all"] + [dict(weight_layout="kn")]
+                for kw in extra:
+                    case = Case(name, dt, *shape, p=max(ps), mask_mode=mode_list[0], seed=args.seed, **kw)
                     if group is None:
                         cases.append(case)
                     else:

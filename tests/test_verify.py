@@ -259,12 +259,37 @@ def test_sweep_holds_the_partial_gradient_cases(fake_backend, tmp_path):
     partial = [r for r in cases if r["train"] != "all"]
     assert sorted(r["train"] for r in partial) == sorted(t for t in verify.TRAIN_SETS if t != "all")
     assert all(r["p"] == 0.1 and r["status"] == "pass" for r in partial), partial
+    # ... and one case with the weight stored (K, N), at the same shape and p.
+    kn = [r for r in cases if r["weight_layout"] == "kn"]
+    assert [(r["train"], r["p"], r["status"], r["M"]) for r in kn] == [("all", 0.1, "pass", partial[0]["M"])], kn
     # --only-shapes leaves them out unless --partial asks (the GPU short plan does): at the second shape.
     only = [*argv, "--only-shapes", "--shape", "9,16,8,2", "--shape", "11,24,16,4"]
-    for extra, want in (([], []), (["--partial"], [[11, 24, 16, 4]] * (len(verify.TRAIN_SETS) - 1))):
+    for extra, want in (([], []), (["--partial"], [[11, 24, 16, 4]] * len(verify.TRAIN_SETS))):
         assert verify.run_verify(_args(*only, *extra), out=io.StringIO(), err=io.StringIO()) == 0
         cases = [r for r in json.loads(path.read_text())["results"] if r.get("kind") == "case"]
-        assert [[r["M"], r["K"], r["N"], r["r"]] for r in cases if r["train"] != "all"] == want, extra
+        extras = [r for r in cases if r["train"] != "all" or r["weight_layout"] != "nk"]
+        assert [[r["M"], r["K"], r["N"], r["r"]] for r in extras] == want, extra
+
+
+def test_weight_stored_k_by_n_case_catches_a_backend_that_ignores_the_weight_s_strides(fake_backend):
+    """The (K, N)-stored weight case hands the backend the (N, K) view with strides (1, N), as GPT-2's Conv1D
+    layers do; a backend that reads the weight as if it were row-major passes every (N, K) case and fails it."""
+    seen = []
+
+    def row_major_only(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+        seen.append(weight.stride())
+        weight = weight.as_strided(weight.shape, (weight.shape[1], 1))  # the bug: strides assumed
+        return _ref_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+
+    fake_backend.lora_linear_2d = row_major_only
+    assert verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2), DEVICE).status == "pass"
+    res = verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2, weight_layout="kn"), DEVICE)
+    assert seen == [(24, 1), (1, 8)], seen
+    assert res.status == "fail" and not res.checks["out"].ok and res.case.label.endswith(" W(K,N)"), res.reason
+    fake_backend.lora_linear_2d = _ref_2d
+    assert (
+        verify.run_case(verify.Case("cuda", "fp32", 16, 24, 8, 2, p=0.2, weight_layout="kn"), DEVICE).status == "pass"
+    )
 
 
 def test_module_mask_function_is_compared_bit_for_bit(fake_backend):
