@@ -1032,6 +1032,42 @@ def test_register_fused_peft_module_builds_gpt2_layers_as_peft_does(
         torch.testing.assert_close(merged[k], ref_merged[k], atol=1e-6, rtol=1e-6)
 
 
+def test_fused_layer_sets_the_layout_flags_in_either_of_peft_s_calling_conventions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What FusedLoraLinear hands PEFT's Linear.__init__ under both conventions PEFT has used: the flag in
+    the config it passes (recent releases) or as a keyword (0.14, not installable here). The flag follows the
+    base layer (True for Conv1D, False for nn.Linear) with PEFT's warning when it is flipped, and Conv1D
+    layers get is_target_conv_1d_layer; a matching flag passes through silently."""
+    import types
+    import warnings
+
+    from transformers.pytorch_utils import Conv1D
+
+    seen = []
+    monkeypatch.setattr(PeftLoraLinear, "__init__", lambda self, base, name, *a, **kw: seen.append(kw))
+    conv, lin = Conv1D(24, 16), nn.Linear(16, 24)
+    for base, flag, want, warned in ((conv, False, True, "Conv1D"), (conv, True, True, None),
+                                     (lin, True, False, "torch.nn.Linear"), (lin, False, False, None)):  # fmt: skip
+        for style in ("config", "keyword"):
+            config = types.SimpleNamespace(fan_in_fan_out=flag)
+            kwargs = {"config": config} if style == "config" else {"fan_in_fan_out": flag}
+            seen.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                layer = lkp.FusedLoraLinear(base, "default", r=4, lora_alpha=8, **kwargs)
+            assert isinstance(layer, lkp.FusedLoraLinear) and len(seen) == 1
+            got = config.fan_in_fan_out if style == "config" else seen[0]["fan_in_fan_out"]
+            assert got is want, (type(base).__name__, flag, style)
+            assert seen[0].get("is_target_conv_1d_layer", False) is (base is conv)
+            msgs = [str(w.message) for w in caught]
+            if warned is None:
+                assert msgs == [], msgs
+            else:
+                assert msgs == [f"fan_in_fan_out is set to {not want} but the target module is `{warned}`. "
+                                f"Setting fan_in_fan_out to {want}."], msgs  # fmt: skip
+
+
 def test_other_base_layers_and_fan_in_fan_out_pairings_stay_on_peft_s_path() -> None:
     """A Conv1D subclass with its own forward is skipped, as is a fan_in_fan_out flag that does not
     match the base layer's layout (set by hand on an nn.Linear, cleared on a Conv1D)."""
