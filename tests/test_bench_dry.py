@@ -391,6 +391,19 @@ def test_retained_and_peak_on_cuda():
     assert peak >= retained + M * N * 4  # saved activations and y are alive together in the step
 
 
+def _tma_row_problem(monkeypatch, name: str, p: float, refusal: str) -> _impls.Problem:
+    """A problem for a row offered on the TMA path only (fp16 x, fp32 adapters): ``name`` is refused with
+    ``refusal`` while TMA is off; then TMA is forced on (the interpreter runs the TMA kernels)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _impls.make_problem(M, K, N, R, p, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1)
+    monkeypatch.setattr(tri, "TMA_MODE", "0")
+    with pytest.raises(_impls.Unavailable, match=refusal):
+        _impls.build(name, prob)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    return prob
+
+
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
 def test_single_pass_row(monkeypatch):
     """``triton-1pass``: refused with its reason off the TMA path; with TMA forced (interpreter) it
@@ -398,13 +411,7 @@ def test_single_pass_row(monkeypatch):
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops import single_pass as sp
 
-    prob = _impls.make_problem(
-        M, K, N, R, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
-    )
-    monkeypatch.setattr(tri, "TMA_MODE", "0")
-    with pytest.raises(_impls.Unavailable, match="TMA path only"):
-        _impls.build("triton-1pass", prob)
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    prob = _tma_row_problem(monkeypatch, "triton-1pass", 0.1, refusal="TMA path only")
     calls = []
     fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
     monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: calls.append("fwd") or fwd(*a, **k))
@@ -436,13 +443,7 @@ def test_flat_row(monkeypatch):
     the switch is restored after the row; both compute the same function (p = 0)."""
     from lora_kernels.triton_ops import lora_linear as tri
 
-    prob = _impls.make_problem(
-        M, K, N, R, 0.0, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
-    )
-    monkeypatch.setattr(tri, "TMA_MODE", "0")
-    with pytest.raises(_impls.Unavailable, match="TMA kernels only"):
-        _impls.build("triton-flat", prob)
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    prob = _tma_row_problem(monkeypatch, "triton-flat", 0.0, refusal="TMA kernels only")
     seen = record_flatten(monkeypatch, tri)
     out = {}
     for name in ("triton-flat", "triton-bitmask"):
@@ -467,13 +468,7 @@ def test_w_kn_row(monkeypatch):
     and the two compute the same function with the same gradients (p = 0.1, the same seed)."""
     from lora_kernels.triton_ops import lora_linear as tri
 
-    prob = _impls.make_problem(
-        M, K, N, R, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu", copies=1
-    )
-    monkeypatch.setattr(tri, "TMA_MODE", "0")
-    with pytest.raises(_impls.Unavailable, match="TMA path"):
-        _impls.build("triton-kn", prob)
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    prob = _tma_row_problem(monkeypatch, "triton-kn", 0.1, refusal="TMA path")
     seen = []
     real_launch = tri._launch
 
