@@ -435,6 +435,27 @@ def test_triton_tma_falls_back_on_unaligned_rows(monkeypatch, shape):
     run_and_check("triton", x, W, A, B, b, lb, p=0.1)
 
 
+def test_triton_tma_falls_back_for_a_k_by_n_weight_with_unaligned_rows(monkeypatch):
+    """A weight stored (K, N) in a padded buffer (row stride N + 1: not 16-byte aligned) while x, y and dX are
+    aligned: its own rows decide, so both GEMMs take the pointer kernels, and compute the right thing."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    M, K, N = 67, 64, 48
+    x, W, A, B, b, lb = make_inputs(M, K, N, 8, xdt=torch.float16, adt=torch.float32)
+    padded = torch.zeros(K, N + 1, dtype=W.dtype, device=W.device)
+    padded[:, :N] = W.T
+    W_kn = padded[:, :N].T  # (N, K), strides (1, N + 1)
+    assert torch.equal(W_kn, W) and W_kn.stride() == (1, N + 1)
+    taken = []
+    real = tri._tma_ok
+    monkeypatch.setattr(tri, "_tma_ok", lambda *ts, **kw: taken.append(real(*ts, **kw)) or taken[-1])
+    run_and_check("triton", x, W_kn, A, B, b, lb, p=0.1)
+    assert taken == [False, False], taken
+    assert tri._tma_ok(x, tri._tma_weight(W.T.contiguous().T)[0]) and not tri._tma_ok(x, tri._tma_weight(W_kn)[0])
+
+
 def _triton_op_args(device):
     x, W, A, B, b, lb = make_inputs(67, 72, 48, 16, xdt=torch.float32, adt=torch.float32, lora_bias=True, device=device)
     return (x, W, b, A, B, lb, 2.0, 0.1, 5, True)
