@@ -1090,17 +1090,21 @@ print("RESULTS" + json.dumps(results))
 def test_w_kn_tma_kernels_compile_for_sm90_as_the_n_k_ones_do():
     """The TMA kernels' W_KN variant (a weight stored (K, N): GPT-2's Conv1D) compiles for sm_90 to the same
     tiles, stages, shared memory and wgmma count as the (N, K) one, without spills, both with host descriptors
-    and with in-kernel ones (the compile path): the (K, N) tiles go to wgmma as its MN-major operand, with no
-    staging copy in shared memory. Its speed waits for a GPU (bench/NOTES.md)."""
+    and with in-kernel ones (the compile path), and so do the single-pass kernels' (forward and backward):
+    the (K, N) tiles go to wgmma as its MN-major operand, with no staging copy in shared memory. Its speed
+    waits for a GPU (bench/NOTES.md)."""
     pytest.importorskip("triton")
-    cases = [dict(dtype=dt, r=r, mode=mode, tma="1", w_kn=kn, op=op)
-             for dt, r, mode, op in (("bfloat16", 16, "bitmask", False), ("float16", 256, "regenerate", False),
-                                     ("bfloat16", 64, "bitmask", True))
+    cases = [dict(dtype=dt, r=r, mode=mode, tma="1", w_kn=kn, op=op, fwd=fwd)
+             for dt, r, mode, op, fwd in (("bfloat16", 16, "bitmask", False, "two"),
+                                          ("float16", 256, "regenerate", False, "two"),
+                                          ("bfloat16", 64, "bitmask", True, "two"),
+                                          ("bfloat16", 16, "bitmask", False, "single"),
+                                          ("float16", 128, "regenerate", False, "single"))
              for kn in (False, True)]  # fmt: skip
     results = _run_sm90_script(_SM90_COMPILE, cases)
     tma = {}
     for r in results:
-        if r != "launch" and "tma" in r["kernel"]:
+        if r != "launch" and ("tma" in r["kernel"] or "single_pass" in r["kernel"]):
             tma.setdefault((r["kernel"], json.dumps({k: v for k, v in r["case"].items() if k != "w_kn"})), []).append(r)
     assert len(tma) == 2 * len(cases) // 2, tma.keys()  # 2 kernels per case pair
     for (kernel, case), (nk, kn) in tma.items():

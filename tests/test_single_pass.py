@@ -68,6 +68,37 @@ def test_single_pass_forward_and_gradients(single, dts, p, mode, shape):
     assert single == [("fwd", (M, K)), ("bwd", (M, K))], "a launcher did not take the single-pass kernel"
 
 
+@pytest.mark.parametrize(
+    "dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=["fp16", "bf16-fp32A"]
+)
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 200, 72, 16), (5, 64, 24, 1)], ids=str)
+def test_single_pass_with_a_weight_stored_k_by_n(single, monkeypatch, dts, p, mode, shape):
+    """A weight stored (K, N), passed as its (N, K) view (GPT-2's Conv1D), takes the single-pass kernels'
+    W_KN variant, forward and backward: the descriptor over the (K, N) matrix with (BLOCK_K, BLOCK_N) tiles.
+    Tiles BLOCK_N = 64, BLOCK_K = 32, so a descriptor with its tiles the other way round fails; K = 200 and
+    N = 72 / 24 leave partial tiles on both of W's axes."""
+    for name in ("_single_cfg", "_single_bwd_cfg"):
+        real = getattr(sp, name)
+        monkeypatch.setattr(sp, name, lambda R, real=real: {**real(R), "BLOCK_N": 64, "BLOCK_K": 32})
+    descs = []
+    real_desc = sp._w_desc
+
+    def w_desc(w_tma, w_kn, bn, bk):
+        d = real_desc(w_tma, w_kn, bn, bk)
+        descs.append((w_kn, tuple(d.shape), list(d.block_shape)))
+        return d
+
+    monkeypatch.setattr(sp, "_w_desc", w_desc)
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
+    W_kn = W.T.contiguous().T  # same values, stored (K, N)
+    assert W_kn.stride() == (1, N)
+    run_and_check("triton", x, W_kn, A, B, b, lb, p=p, mode=mode)
+    assert single == [("fwd", (M, K)), ("bwd", (M, K))], "a launcher did not take the single-pass kernel"
+    assert descs == [(True, (K, N), [32, 64])] * 2, descs
+
+
 def _check_direct(x, W, A, B, b, lb, p, seed, programs, producers=None, store=True):
     y, t, bits = sp.lora_fwd_single_pass(
         x, W, b, A, B, lb, 2.0, p, seed, store, num_programs=programs, num_producers=producers

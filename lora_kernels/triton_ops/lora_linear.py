@@ -1071,7 +1071,8 @@ def lora_fwd(
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if FWD_MODE == "single" and wrap is _identity and (N * x.element_size()) % 16 == 0 and _tma_ok(x, weight):
+    single = FWD_MODE == "single" and wrap is _identity and (N * x.element_size()) % 16 == 0
+    if single and _tma_ok(x, _tma_weight(weight)[0]):
         from .single_pass import lora_fwd_single_pass, single_pass_reason
 
         if single_pass_reason(x, weight, lora_A) is None:
@@ -1168,7 +1169,7 @@ def lora_bwd(
     N, R = weight.shape[0], lora_A.shape[0]
     single = (bwd_mode or BWD_MODE) == "single"
     if single and need_dx and wrap is _identity and (K * x.element_size()) % 16 == 0:
-        if _tma_ok(dy, weight):
+        if _tma_ok(dy, _tma_weight(weight)[0]):
             from .single_pass import lora_bwd_single_pass, single_pass_reason
 
             if single_pass_reason(x, weight, lora_A) is None:

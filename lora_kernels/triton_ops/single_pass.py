@@ -198,6 +198,28 @@ def _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, str
     return t * keep_scale  # as _sum_partials: the same bits as the partials' path
 
 
+@triton.jit
+def _x_dot_wt(acc, x, w_desc, off_n, k0, CDT: tl.constexpr, W_KN: tl.constexpr):
+    """acc (BM, BN) += x (BM, BK) · W[off_n :, k0 :]ᵀ, the W tile read by TMA in the layout W is stored in:
+    (BK, BN) tiles of the (K, N) matrix go to the dot as loaded (wgmma's MN-major operand, no copy)."""
+    # if/else, not an early return: Triton's compiler goes on past a return under a constexpr if.
+    if W_KN:
+        acc = tl.dot(x, w_desc.load([k0, off_n]).to(CDT), acc)
+    else:
+        acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
+    return acc
+
+
+@triton.jit
+def _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT: tl.constexpr, W_KN: tl.constexpr):
+    """acc (BM, BK) += dY (BM, BN) · W[n0 :, off_k :], W read as stored (see ``_x_dot_wt``)."""
+    if W_KN:
+        acc = tl.dot(dy, w_desc.load([off_k, n0]).to(CDT).T, acc)
+    else:
+        acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
 def _fwd_single_pass_kernel(
     x_desc, w_desc, y_desc, A, BIAS, T, PART, BITS, LB, LBIAS, SYNC,
@@ -207,13 +229,15 @@ def _fwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, W_KN: tl.constexpr,
 ):  # fmt: skip
     """Persistent grid of NUM_SMS programs; PHASE 0 = everything (GPU), 1 = shrink slices only,
     2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
 
     The first NUM_PROD tiles of each row-block are its producers (K-slice n of NUM_PROD each).
-    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2 + 4·⌈M/BM⌉,) int32."""
+    PART: (NUM_PROD, M, r) fp32 partials; BITS: (M, ⌈K/8⌉) uint8; SYNC: (2 + 4·⌈M/BM⌉,) int32.
+    W_KN: w_desc describes the weight stored (K, N) with (BLOCK_K, BLOCK_N) tiles (GPT-2's Conv1D), as in
+    lora_linear.py's ``_fwd_tma_kernel``."""
     epoch = 0
     if PHASE == 0:
         epoch = _launch_epoch(SYNC)
@@ -246,12 +270,12 @@ def _fwd_single_pass_kernel(
                                     seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT, False,
                                     BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
             if PHASE != 1:
-                acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
+                acc = _x_dot_wt(acc, x, w_desc, off_n, k0, CDT, W_KN)
         if PHASE != 1:
             # The rest of K, wrapping around: GEMM only (a plain, pipelined TMA loop).
             for i in range(kb_hi - kb_lo, k_tiles):
                 k0 = ((kb_lo + i) % k_tiles) * BLOCK_K
-                acc = tl.dot(x_desc.load([off_m, k0]).to(CDT), w_desc.load([off_n, k0]).to(CDT).T, acc)
+                acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
         if PHASE != 2:
             if is_producer:
                 part_ptrs = PART + pid_n.to(tl.int64) * stride_pn + p_off
@@ -339,12 +363,13 @@ def _bwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
     OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, DO_DB: tl.constexpr,
+    W_KN: tl.constexpr,
 ):  # fmt: skip
     """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
     (DO_DB) dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all
     of M; they never wait; none without DO_DB), then the dX tiles (m, k) row-major; the first NUM_PROD
     tiles of a row-block produce dT partials over their N-slice, meet at the row barrier, and everyone
-    sums them. PHASE as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
+    sums them. PHASE, W_KN as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
     epoch = 0
     if PHASE == 0:
         epoch = _launch_epoch(SYNC)
@@ -379,11 +404,11 @@ def _bwd_single_pass_kernel(
                 if PHASE != 2:
                     dtp = _dt_step(dtp, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
                 if PHASE != 1:
-                    acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
+                    acc = _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT, W_KN)
             if PHASE != 1:
                 for i in range(nb_hi - nb_lo, n_tiles):  # the rest of N, wrapping around: GEMM only
                     n0 = ((nb_lo + i) % n_tiles) * BLOCK_N
-                    acc = tl.dot(dy_desc.load([off_m, n0]).to(CDT), w_desc.load([n0, off_k]).to(CDT), acc)
+                    acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
             if PHASE != 2:
                 if is_producer:
                     tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
@@ -541,6 +566,12 @@ def single_pass_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
     return None
 
 
+def _w_desc(w_tma: torch.Tensor, w_kn: bool, bn: int, bk: int):
+    """The weight's host descriptor: over (N, K) with (bn, bk) tiles, or over the (K, N) matrix a weight
+    stored that way is (``_tma_weight``) with (bk, bn) tiles."""
+    return TensorDescriptor.from_tensor(w_tma, [bk, bn] if w_kn else [bn, bk])
+
+
 @_ll._on_tensor_device  # public: callers may pass tensors of a GPU that is not the current one
 def lora_fwd_single_pass(
     x: torch.Tensor,
@@ -558,11 +589,13 @@ def lora_fwd_single_pass(
     max_spins: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`lora_linear.lora_fwd` (``y (M, N)``, ``T (M, r)`` fp32, bits), in one
-    launch. The caller checks :func:`single_pass_reason` and TMA eligibility (16-bit x, 16-byte rows).
+    launch. The caller checks :func:`single_pass_reason` and TMA eligibility (16-bit x, 16-byte rows; the
+    weight as ``_tma_weight`` reads it: (N, K) rows, or (K, N) ones for a weight stored that way).
     ``num_programs`` / ``num_producers``: override :func:`_plan` (tests use small grids);
     ``max_spins``: polls of the barrier flag before a tile recomputes T itself (see the kernel)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    w_tma, w_kn = _ll._tma_weight(weight)
     cdt, _ = _compute_dtype(x)
     BR = _block_r(R)
     y = _ll._empty((M, N), x.device, x.dtype)
@@ -587,7 +620,7 @@ def lora_fwd_single_pass(
         sync, fallbacks = _sync_buffer(x.device, mt)
         grid = (min(programs, nt * mt),)
         args = (
-            TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+            TensorDescriptor.from_tensor(x, [bm, bk]), _w_desc(w_tma, w_kn, bn, bk),
             TensorDescriptor.from_tensor(y, [bm, bn]), lora_A, bias_arg, t, part, bits, lora_B, lbias_arg, sync,
             M, N, K, R, _m_bucket(M), producers, max_spins or _max_spins(), fallbacks,
             lora_A.stride(0), lora_A.stride(1), t.stride(0), part.stride(0), part.stride(1), max(bits.stride(0), 1),
@@ -604,6 +637,7 @@ def lora_fwd_single_pass(
             BLOCK_R=BR,
             NUM_SMS=programs,  # the walk's stride; fewer programs when tiles < programs
             TWO_LEVEL=REDUCE_LEVELS == 2,
+            W_KN=w_kn,
             **cfg,
             **_launch_opts(),
         )
@@ -648,9 +682,11 @@ def lora_bwd_single_pass(
     dY is read by the GEMM and by the dB tiles: once fewer than the two-launch path's dT launch.
     Without ``need_db`` (lora_B frozen) there are no dB tiles (dY read once) and dB, Σ dY come back
     empty, ``(0, r)`` and ``(0,)``, as from the two-launch path.
-    The caller checks TMA eligibility of dy, weight and dx (16-bit, 16-byte rows) and the rank."""
+    The caller checks TMA eligibility of dy, weight (as ``_tma_weight`` reads it) and dx (16-bit,
+    16-byte rows) and the rank."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    w_tma, w_kn = _ll._tma_weight(weight)
     dev = x.device
     cdt, _ = _compute_dtype(x)
     BR = _block_r(R)
@@ -677,7 +713,7 @@ def lora_bwd_single_pass(
         dtp = _ll._empty((producers, M, R), dev, torch.float32)
         sync, fallbacks = _sync_buffer(dev, mt)
         args = (
-            TensorDescriptor.from_tensor(dy, [bm, bn]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+            TensorDescriptor.from_tensor(dy, [bm, bn]), _w_desc(w_tma, w_kn, bn, bk),
             TensorDescriptor.from_tensor(dx, [bm, bk]), dy, lora_B, t, lora_A, bits, dt, db, colsum, dtp, sync,
             M, N, K, R, _m_bucket(M), producers, max_spins or _max_spins(), fallbacks,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), lora_A.stride(0),
@@ -685,7 +721,7 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, **cfg,
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, W_KN=w_kn, **cfg,
                     **_launch_opts())  # fmt: skip
         grid = (min(programs, (_cdiv(N, bn) if need_db else 0) + mt * kt),)
         try:
