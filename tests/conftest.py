@@ -107,3 +107,46 @@ def cuda_ops_emu(_cuda_ops_emu_build):
     torch.use_deterministic_algorithms(True)
     yield mod
     torch.use_deterministic_algorithms(prev)
+
+
+class _Spy:
+    """The emulated extension, recording which entry points the Python layer calls and which GEMM path
+    each call ended on (lora_ops.cpp's ``last_gemm_path``, lora_ops.h's GemmBackend numbering)."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.calls: list[str] = []
+        self.paths: list[int] = []
+
+    def lora_fwd(self, *args):
+        self.calls.append("lora_fwd")
+        self.fwd_save_mask = args[9]
+        out = self._mod.lora_fwd(*args)
+        self.paths.append(self._mod.last_gemm_path())
+        return out
+
+    def lora_bwd(self, *args):
+        self.calls.append("lora_bwd")
+        self.bwd_needs = tuple(args[10:13])
+        out = self._mod.lora_bwd(*args)
+        self.paths.append(self._mod.last_gemm_path())
+        return out
+
+
+@pytest.fixture
+def emu_cuda(cuda_ops_emu, monkeypatch) -> _Spy:
+    """backend="cuda" served by the emulated extension (``cuda_ops_emu``) on CPU tensors."""
+    from lora_kernels.cuda_ops import _ext
+    from lora_kernels.cuda_ops import lora_linear as cuda_ll
+
+    spy = _Spy(cuda_ops_emu)
+    monkeypatch.setattr(_ext, "get_ext", lambda build=True: spy)
+
+    def unavailable_reason(x, weight, lora_A):  # the real one needs CUDA tensors; its dtype rule stays
+        for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A)):
+            if t.dtype not in cuda_ll._DTYPES:
+                return f"{name} dtype {t.dtype} is not supported by the cuda backend"
+        return None
+
+    monkeypatch.setattr(cuda_ll, "unavailable_reason", unavailable_reason)
+    return spy

@@ -22,47 +22,12 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.cuda_ops import _ext
-from lora_kernels.cuda_ops import lora_linear as cuda_ll
 from lora_kernels.reference import lora_linear_ref
 
 from ._utils import assert_close_ref
 
 H100, A100 = (9, 0), (8, 0)
 AUTO = 0  # lora_ops.h's GemmBackend::kAuto
-
-
-class _Spy:
-    """The emulated extension, recording which entry points the Python layer calls."""
-
-    def __init__(self, mod):
-        self._mod = mod
-        self.calls: list[str] = []
-
-    def lora_fwd(self, *args):
-        self.calls.append("lora_fwd")
-        self.fwd_save_mask = args[9]
-        return self._mod.lora_fwd(*args)
-
-    def lora_bwd(self, *args):
-        self.calls.append("lora_bwd")
-        self.bwd_needs = tuple(args[10:13])
-        return self._mod.lora_bwd(*args)
-
-
-@pytest.fixture
-def emu_cuda(cuda_ops_emu, monkeypatch) -> _Spy:
-    """backend="cuda" served by the emulated extension on CPU tensors."""
-    spy = _Spy(cuda_ops_emu)
-    monkeypatch.setattr(_ext, "get_ext", lambda build=True: spy)
-
-    def unavailable_reason(x, weight, lora_A):  # the real one needs CUDA tensors; its dtype rule stays
-        for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A)):
-            if t.dtype not in cuda_ll._DTYPES:
-                return f"{name} dtype {t.dtype} is not supported by the cuda backend"
-        return None
-
-    monkeypatch.setattr(cuda_ll, "unavailable_reason", unavailable_reason)
-    return spy
 
 
 def _rnd(g, *shape, dt, scale=1.0):

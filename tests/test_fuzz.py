@@ -8,7 +8,8 @@ reference in float64 using the one tolerance table (tests/_utils.py).
 
 Example counts: the "lora-ci" profile (CPU / Triton interpreter: small shapes, 60 examples) or
 "lora-gpu" (full ranges M ≤ 600, K, N ≤ 700, r ≤ 256; 200 examples). Set
-``LORA_KERNELS_FUZZ_EXAMPLES`` to change the count.
+``LORA_KERNELS_FUZZ_EXAMPLES`` to change the count, ``LORA_KERNELS_FUZZ_PROFILE=lora-random`` for new
+examples every run (CI's are derandomized; a failure prints the blob that replays it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-PROFILE = "lora-gpu" if HAS_CUDA else "lora-ci"
+settings.register_profile(
+    "lora-random",  # CI's shapes and count, but new examples every run: for campaigns on the CPU
+    max_examples=int(_EXAMPLES or 60),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = os.environ.get("LORA_KERNELS_FUZZ_PROFILE") or ("lora-gpu" if HAS_CUDA else "lora-ci")
 # (max M, max K / N, max r): the interpreter runs every tile in Python, so CI keeps shapes small.
 LIMITS = (600, 700, 256) if HAS_CUDA else (96, 96, 32)
 
@@ -94,8 +102,8 @@ LAYOUTS = ["contiguous", "transposed", "strided", "offset"]
 
 
 @st.composite
-def lora_problems(draw, backend: str):
-    max_m, max_kn, max_r = LIMITS
+def lora_problems(draw, backend: str, limits: tuple[int, int, int] = LIMITS):
+    max_m, max_kn, max_r = limits
     lead = draw(st.lists(st.integers(1, 3), max_size=2))
     m = draw(st.integers(0, max_m // math.prod(lead)))
     return {
@@ -138,7 +146,7 @@ def trained_leaves(draw) -> tuple[str, ...]:
     return tuple(k for k in LEAVES if k in subset)
 
 
-def _make(prob: dict) -> dict[str, torch.Tensor | None]:
+def _make(prob: dict, device: str = DEVICE) -> dict[str, torch.Tensor | None]:
     x_dt, a_dt = DTYPES[prob["dtype"]]
     K, N, r = prob["K"], prob["N"], prob["r"]
     # Drawn on the CPU, then moved: the same data_seed gives the same problem on every device (a CUDA
@@ -147,7 +155,7 @@ def _make(prob: dict) -> dict[str, torch.Tensor | None]:
     g = torch.Generator().manual_seed(prob["data_seed"])
 
     def rnd(*shape: int, std: float, dtype: torch.dtype) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).to(dtype).to(DEVICE)
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(device)
 
     x = _layout(rnd(*prob["shape_x"], K, std=1.0, dtype=x_dt), prob["x_layout"])
     pl = prob["param_layout"]
@@ -236,9 +244,9 @@ def test_one_element_gradient_that_cancels(backend):
     _check_problem(CANCELLED_DB, backend)
 
 
-def _check_problem(prob: dict, backend: str) -> None:
+def _check_problem(prob: dict, backend: str, device: str = DEVICE) -> None:
     """One fuzz example: output and every gradient of ``backend`` against the float64 reference."""
-    t = _make(prob)
+    t = _make(prob, device)
     y, grads = _run(lora_linear, t, prob, upcast=False, backend=backend, dropout_mask=prob["mask_mode"])
     y_ref, g_ref = _run(_ref, t, prob, upcast=True)
     scales = _gradient_scales(t, prob, g_ref)
@@ -321,7 +329,8 @@ def test_triton_tma_kernels_match_reference(monkeypatch):
 
 def test_triton_single_pass_forward_matches_reference(monkeypatch):
     """The opt-in single-pass forward and backward (LORA_KERNELS_FWD/BWD=single) on random TMA-eligible
-    problems (16-bit x, K and N multiples of 8, contiguous rows): output and every gradient against
+    problems (16-bit x, K and N multiples of 8, contiguous rows), with the weight stored row-major or
+    transposed ((K, N): the W_KN variant); both layouts must occur: output and every gradient against
     float64. In the interpreter they run as their phased launches; tests/test_single_pass.py runs the
     barriers."""
     _skip_unless_available("triton")
@@ -340,6 +349,9 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
     fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
     monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
     monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
+    layouts = []
+    real_desc = sp._w_desc
+    monkeypatch.setattr(sp, "_w_desc", lambda w, kn, *a: layouts.append(kn) or real_desc(w, kn, *a))
     names = [n for n in _dtype_names("triton") if DTYPES[n][0] != torch.float32]
     base = settings.get_profile(PROFILE)
 
@@ -347,7 +359,7 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
     @given(prob=lora_problems("triton"), k8=st.integers(1, LIMITS[1] // 8), n8=st.integers(1, LIMITS[1] // 8),
            r=st.integers(1, min(LIMITS[2], 128)), dtype=st.sampled_from(names))  # fmt: skip
     def check(prob, k8, n8, r, dtype):
-        prob = dict(prob, K=8 * k8, N=8 * n8, r=r, dtype=dtype, x_layout="contiguous", param_layout="contiguous")
+        prob = dict(prob, K=8 * k8, N=8 * n8, r=r, dtype=dtype, x_layout="contiguous")
         t = _make(prob)
         y, grads = _run(lora_linear, t, prob, upcast=False, backend="triton", dropout_mask=prob["mask_mode"])
         y_ref, g_ref = _run(_ref, t, prob, upcast=True)
@@ -359,3 +371,37 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
 
     check()
     assert {"fwd", "bwd"} <= set(taken), "no example took the single-pass forward and backward"
+    assert {False, True} <= set(layouts), "the examples did not take both weight layouts on the single-pass path"
+
+
+# The CUDA backend on the CPU: csrc/lora_ops.cpp and the Python layer over the emulated kernels
+# (tests/conftest.py's emu_cuda). C++ on the CPU is far faster than the interpreter, so the shapes go
+# further than LIMITS, r included; (max M, max K / N, max r).
+EMU_LIMITS = (200, 160, 256)
+H100, A100 = (9, 0), (8, 0)
+CUBLAS, SM80, SM90, SM90_FUSED = 1, 2, 3, 4  # lora_ops.h's GemmBackend
+
+
+def test_cuda_backend_host_code_matches_reference(emu_cuda, cuda_ops_emu):
+    """backend="cuda" end to end on random problems, on the CPU: the Python layer and the real
+    lora_ops.cpp (argument checks, strides handed to each kernel, the concatenated-K pack, the split
+    plans, the GEMM path chosen, the (K, N)-stored weight of ``param_layout="transposed"``, the partial
+    backward of the drawn leaf subsets) over the emulated kernels, on an emulated H100 or A100. Every dtype
+    runs (the emulation's bf16 is exact C++); half the examples round K and N up to multiples of 8, so that
+    the CUTLASS paths' eligibility is drawn too. Each GEMM path must occur. What stays for a GPU: CUTLASS
+    itself and real concurrency (tests/test_cuda_ops_emulation.py)."""
+    base = settings.get_profile(PROFILE)
+
+    @settings(base, max_examples=max(20, base.max_examples))
+    @given(prob=lora_problems("cuda", EMU_LIMITS), gpu=st.sampled_from([H100, A100]), align=st.booleans())
+    def check(prob, gpu, align):
+        if align:
+            prob = dict(prob, K=-(-prob["K"] // 8) * 8, N=-(-prob["N"] // 8) * 8)
+        cuda_ops_emu.set_device(*gpu, True)
+        fails = cuda_ops_emu.stats()[0]
+        _check_problem(prob, "cuda", device="cpu")
+        assert cuda_ops_emu.stats()[0] == fails, "the emulation flagged a WMMA misuse or a bad split plan"
+
+    check()
+    taken = set(emu_cuda.paths)
+    assert {CUBLAS, SM80, SM90, SM90_FUSED} <= taken, f"GEMM paths taken: {sorted(taken)}"
