@@ -121,16 +121,18 @@ class _Spy:
     def lora_fwd(self, *args):
         self.calls.append("lora_fwd")
         self.fwd_save_mask = args[9]
-        out = self._mod.lora_fwd(*args)
-        self.paths.append(self._mod.last_gemm_path())
-        return out
+        try:
+            return self._mod.lora_fwd(*args)
+        finally:  # also when it raises: paths[i] stays the path of calls[i]
+            self.paths.append(self._mod.last_gemm_path())
 
     def lora_bwd(self, *args):
         self.calls.append("lora_bwd")
         self.bwd_needs = tuple(args[10:13])
-        out = self._mod.lora_bwd(*args)
-        self.paths.append(self._mod.last_gemm_path())
-        return out
+        try:
+            return self._mod.lora_bwd(*args)
+        finally:  # also when it raises: paths[i] stays the path of calls[i]
+            self.paths.append(self._mod.last_gemm_path())
 
 
 @pytest.fixture
