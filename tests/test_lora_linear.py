@@ -331,6 +331,15 @@ def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
     assert taken == [True, True], "both the forward and the dX kernel must take the TMA path"
 
 
+def run_with_a_weight_stored_k_by_n(shape, dts, p, mode):
+    """``run_and_check`` on the Triton backend with W stored (K, N), passed as its (N, K) view."""
+    M, K, N, r = shape
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
+    W_kn = W.T.contiguous().T  # same values, stored (K, N)
+    assert W_kn.stride() == (1, N)
+    run_and_check("triton", x, W_kn, A, B, b, lb, p=p, mode=mode)
+
+
 @pytest.mark.parametrize("dts", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)], ids=_ids)
 @pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
 @pytest.mark.parametrize("shape", [(67, 104, 72, 16), (130, 200, 48, 64), (5, 64, 24, 1)], ids=str)
@@ -358,10 +367,7 @@ def test_triton_tma_path_with_a_weight_stored_k_by_n(monkeypatch, dts, p, mode, 
 
     monkeypatch.setattr(tri, "_launch", launch)
     M, K, N, r = shape
-    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
-    W_kn = W.T.contiguous().T  # same values, stored (K, N)
-    assert W_kn.stride() == (1, N)
-    run_and_check("triton", x, W_kn, A, B, b, lb, p=p, mode=mode)
+    run_with_a_weight_stored_k_by_n(shape, dts, p, mode)
     assert seen == [("_fwd_tma_kernel", True, (K, N), [32, 64]), ("_bwd_dx_tma_kernel", True, (K, N), [32, 64])], seen
 
 

@@ -16,7 +16,12 @@ from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 
 from ._concurrent_interp import Deadlock, concurrent_programs
 from ._utils import HAS_CUDA, INTERPRET, assert_close_ref, requires_gpu
-from .test_lora_linear import _poison, make_inputs, run_and_check  # noqa: F401 - _poison: autouse fixture
+from .test_lora_linear import (  # noqa: F401 - _poison: autouse fixture
+    _poison,
+    make_inputs,
+    run_and_check,
+    run_with_a_weight_stored_k_by_n,
+)
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -91,10 +96,7 @@ def test_single_pass_with_a_weight_stored_k_by_n(single, monkeypatch, dts, p, mo
 
     monkeypatch.setattr(sp, "_w_desc", w_desc)
     M, K, N, r = shape
-    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=dts[0], adt=dts[1], lora_bias=True)
-    W_kn = W.T.contiguous().T  # same values, stored (K, N)
-    assert W_kn.stride() == (1, N)
-    run_and_check("triton", x, W_kn, A, B, b, lb, p=p, mode=mode)
+    run_with_a_weight_stored_k_by_n(shape, dts, p, mode)
     assert single == [("fwd", (M, K)), ("bwd", (M, K))], "a launcher did not take the single-pass kernel"
     assert descs == [(True, (K, N), [32, 64])] * 2, descs
 
