@@ -1033,7 +1033,7 @@ results = []
 
 def record(c):
     k, kw = c.compiled, c.kwargs
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC", "DO_DB", "W_KN")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K", "DEVICE_DESC", "DO_DB", "W_KN", "FLATTEN")
     cfg = {n: kw[n] for n in keys if n in kw}
     # The instruction mix of the compiled kernel: Hopper tensor-core MMAs (wgmma) or not, and local
     # memory (register spills) from the cubin's resource usage.
@@ -1079,6 +1079,7 @@ for CASE in json.loads(sys.argv[1]):
     dt = getattr(torch, CASE["dtype"])
     R, p, store, tri.TMA_MODE = CASE["r"], 0.1, CASE["mode"] == "bitmask", CASE["tma"]
     tri.FWD_MODE = tri.BWD_MODE = CASE.get("fwd", "two")
+    tri.TMA_FLATTEN = CASE.get("flatten", False)
     sp.REDUCE_LEVELS = CASE.get("levels", 1)
     sp.COOPERATIVE = CASE.get("coop", False)
     M, N, K = 96, 160, CASE.get("K", 128)
@@ -1096,17 +1097,20 @@ print("RESULTS" + json.dumps(results))
 def test_w_kn_tma_kernels_compile_for_sm90_as_the_n_k_ones_do():
     """The TMA kernels' W_KN variant (a weight stored (K, N): GPT-2's Conv1D) compiles for sm_90 to the same
     tiles, stages, shared memory and wgmma count as the (N, K) one, without spills, both with host descriptors
-    and with in-kernel ones (the compile path), and so do the single-pass kernels' (forward and backward):
+    and with in-kernel ones (the compile path), flattened (``LORA_KERNELS_TMA_FLATTEN=1``), and so do the
+    single-pass kernels' (forward and backward, here with the two-level reduction and cooperative launch):
     the (K, N) tiles go to wgmma as its MN-major operand, with no staging copy in shared memory. Its speed
     waits for a GPU (bench/NOTES.md)."""
     pytest.importorskip("triton")
-    cases = [dict(dtype=dt, r=r, mode=mode, tma="1", w_kn=kn, op=op, fwd=fwd)
-             for dt, r, mode, op, fwd in (("bfloat16", 16, "bitmask", False, "two"),
-                                          ("float16", 256, "regenerate", False, "two"),
-                                          ("bfloat16", 64, "bitmask", True, "two"),
-                                          ("bfloat16", 16, "bitmask", False, "single"),
-                                          ("float16", 128, "regenerate", False, "single"))
-             for kn in (False, True)]  # fmt: skip
+    variants = [
+        dict(dtype="bfloat16", r=16, mode="bitmask"),
+        dict(dtype="float16", r=256, mode="regenerate"),
+        dict(dtype="bfloat16", r=64, mode="bitmask", op=True),  # in-kernel descriptors
+        dict(dtype="bfloat16", r=64, mode="bitmask", flatten=True),  # LORA_KERNELS_TMA_FLATTEN=1
+        dict(dtype="bfloat16", r=16, mode="bitmask", fwd="single", levels=2, coop=True),
+        dict(dtype="float16", r=128, mode="regenerate", fwd="single"),
+    ]
+    cases = [dict(v, tma="1", w_kn=kn) for v in variants for kn in (False, True)]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     tma = {}
     for r in results:
@@ -1118,6 +1122,7 @@ def test_w_kn_tma_kernels_compile_for_sm90_as_the_n_k_ones_do():
         assert nk["cfg"].pop("W_KN") is False and kn["cfg"].pop("W_KN") is True, (kernel, case)
         assert nk["cfg"] == kn["cfg"] and nk["smem"] == kn["smem"] and nk["wgmma"] == kn["wgmma"] > 0, (nk, kn)
         assert kn["smem"] <= 232448 and kn["local"] in (0, None), kn
+        assert kn["cfg"].get("FLATTEN", False) == json.loads(case).get("flatten", False), kn  # no step-down
 
 
 _SM90_TRACE = r"""
