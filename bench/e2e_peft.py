@@ -2,6 +2,9 @@
 
 A Llama-style model (random init; default: 4 decoder layers at Llama-3-8B sizes, bf16,
 sequence 2048 x batch 4), LoRA r=16 on all linear layers, dropout 0.05, AdamW on the adapters.
+``--arch gpt2`` times a GPT-2 model instead (default: 4 blocks at GPT-2 XL sizes, sequence 1024 x
+batch 8): its projections are transformers' ``Conv1D``, weight stored (K, N) (PEFT's
+``fan_in_fan_out``), so the patched row times the kernels on a transposed weight.
 Each variant builds a fresh model and reports tokens/s at the median step time (each timed step synchronised;
 min and max go to the CSV) and peak GPU memory, allocated and reserved, over the timed steps (forward +
 backward + optimizer step):
@@ -20,6 +23,7 @@ CPU in seconds (a smoke test; it writes no CSV unless ``--csv`` is given).
 
     python bench/e2e_peft.py                       # the full H100 configuration
     python bench/e2e_peft.py --layers 2 --seq 1024 # shrink
+    python bench/e2e_peft.py --arch gpt2           # GPT-2 XL sizes (Conv1D projections)
     python bench/e2e_peft.py --dry
 """
 
@@ -45,23 +49,35 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
 VARIANTS = ("floor", "peft_default", "peft_bf16", "patched")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CSV_FIELDS = [
-    "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "layers", "hidden",
+    "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "arch", "layers", "hidden",
     "intermediate", "heads", "kv_heads", "vocab", "seq", "batch", "r", "lora_alpha", "dropout",
     "dtype", "backend", "backend_resolved", "dropout_mask", "warmup", "steps", "step_ms", "step_ms_min", "step_ms_max",
     "tokens_per_s", "peak_gib", "reserved_gib",
 ]  # fmt: skip
 
 
+# Per-architecture defaults of the model sizes (an explicit flag wins): Llama-3-8B's decoder layer, and
+# GPT-2 XL's block (its attention has no grouped KV heads: kv_heads is n_head).
+SIZES = {
+    "llama": {"layers": 4, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256,
+              "seq": 2048, "batch": 4},
+    "gpt2": {"layers": 4, "hidden": 1600, "intermediate": 6400, "heads": 25, "kv_heads": 25, "vocab": 50257,
+             "seq": 1024, "batch": 8},
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
+    arch_help = "llama (nn.Linear projections) or gpt2 (transformers' Conv1D, weight stored (K, N))"
+    p.add_argument("--arch", choices=sorted(SIZES), default="llama", help=arch_help)
+    p.add_argument("--layers", type=int, default=None, help="default per --arch (llama: 4, gpt2: 4)")
+    p.add_argument("--hidden", type=int, default=None, help="default per --arch (llama: 4096, gpt2: 1600)")
+    p.add_argument("--intermediate", type=int, default=None, help="default per --arch (llama: 14336, gpt2: 6400)")
+    p.add_argument("--heads", type=int, default=None, help="default per --arch (llama: 32, gpt2: 25)")
+    p.add_argument("--kv-heads", type=int, default=None, help="llama only (default 8); gpt2 has none")
+    p.add_argument("--vocab", type=int, default=None, help="default per --arch (llama: 128256, gpt2: 50257)")
+    p.add_argument("--seq", type=int, default=None, help="default per --arch (llama: 2048, gpt2: 1024)")
+    p.add_argument("--batch", type=int, default=None, help="default per --arch (llama: 4, gpt2: 8)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
@@ -76,8 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-csv", action="store_true", help="print only")
     p.add_argument("--dry", action="store_true", help="tiny fp32 config on the CPU (smoke test)")
     args = p.parse_args(argv)
+    if args.arch == "gpt2" and args.kv_heads is not None:
+        p.error("--kv-heads: GPT-2's attention has no grouped KV heads")
+    for name, value in SIZES[args.arch].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.dry:
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
+        args.layers, args.hidden, args.intermediate, args.heads = 2, 64, 128, 4
+        args.kv_heads = 2 if args.arch == "llama" else 4
         args.vocab, args.seq, args.batch, args.r, args.lora_alpha = 128, 32, 2, 8, 16
         args.dtype, args.device, args.steps, args.warmup = "fp32", "cpu", 2, 1
         args.no_csv = args.no_csv or args.csv is None
@@ -92,21 +114,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace):
-    """A random-init LlamaForCausalLM in ``args.dtype`` on ``args.device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-init LlamaForCausalLM (or GPT2LMHeadModel) in ``args.dtype`` on ``args.device``."""
+    if args.arch == "gpt2":
+        from transformers import GPT2Config
+        from transformers import GPT2LMHeadModel as Model
 
-    cfg = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False,
-    )  # fmt: skip
+        # The model's own dropout off, as in Llama's config: the rows differ only in the LoRA layers.
+        cfg = GPT2Config(
+            n_embd=args.hidden, n_inner=args.intermediate, n_layer=args.layers, n_head=args.heads,
+            vocab_size=args.vocab, n_positions=max(args.seq, 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    else:
+        from transformers import LlamaConfig
+        from transformers import LlamaForCausalLM as Model
+
+        cfg = LlamaConfig(
+            hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+            max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False,
+        )  # fmt: skip
     # Create the weights directly in the target dtype and device (as from_pretrained does):
     # no fp32 copy of a multi-GiB model, and RoPE buffers built explicitly in fp32 stay so.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[args.dtype])
     try:
         with torch.device(args.device):
-            model = LlamaForCausalLM(cfg)
+            model = Model(cfg)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -125,7 +158,10 @@ def prepare(variant: str, args: argparse.Namespace):
         # gradients only: the frozen model's own training cost.
         model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         return model, []
-    cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, target_modules="all-linear")
+    # "all-linear" takes GPT-2's Conv1D projections too; fan_in_fan_out says their weight is (K, N)
+    # (PEFT would set it itself, with a warning).
+    cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, target_modules="all-linear",
+                     fan_in_fan_out=args.arch == "gpt2")  # fmt: skip
     model = get_peft_model(model, cfg, autocast_adapter_dtype=variant != "peft_bf16")
     if variant == "patched":
         report = patch(model, backend=args.backend, dropout_mask=args.dropout_mask, log=False)
@@ -230,7 +266,7 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     common = {
         "gpu": _gpu_name(args.device), "commit": _commit(), "date": date,
         "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-        "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+        "arch": args.arch, "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
         "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "seq": args.seq,
         "batch": args.batch, "r": args.r, "lora_alpha": args.lora_alpha, "dropout": args.dropout,
         "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "warmup": args.warmup,
@@ -256,7 +292,7 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     print(
-        f"e2e_peft on {_gpu_name(args.device)}: {args.layers} layers, hidden {args.hidden}, "
+        f"e2e_peft on {_gpu_name(args.device)}: {args.arch}, {args.layers} layers, hidden {args.hidden}, "
         f"MLP {args.intermediate}, seq {args.seq} x batch {args.batch}, {args.dtype}, LoRA r={args.r} "
         f"alpha={args.lora_alpha:g} dropout={args.dropout:g}, {args.steps} timed steps"
     )

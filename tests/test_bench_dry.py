@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -281,6 +282,22 @@ def test_csv_appends_and_never_mixes_headers(tmp_path):
     moved = _report.write_csv([row], old)
     assert moved != old and _report.read_csv(moved)[0]["run_id"] == "R1"
     assert old.read_text() == "run_id,some_old_column\nR0,1\n"
+
+
+def test_results_readme_documents_every_column_of_both_csvs():
+    """bench/results/README.md is where a reader of a results CSV looks a column up: each table lists exactly
+    the columns its writer writes (the e2e list had fallen five columns behind)."""
+    from bench import e2e_peft
+
+    text = (ROOT / "bench" / "results" / "README.md").read_text()
+    bench_part, e2e_part = text.split("## `e2e_<gpu>.csv`")
+
+    def documented(part: str) -> list[str]:  # the first cell of each table row: `a`, `b` → [a, b]
+        cells = [line.split("|")[1] for line in part.splitlines() if line.startswith("| `")]
+        return [name for cell in cells for name in re.findall(r"`([A-Za-z_]+)`", cell)]
+
+    assert sorted(documented(bench_part)) == sorted(_report.COLUMNS)
+    assert sorted(documented(e2e_part)) == sorted(e2e_peft.CSV_FIELDS)
 
 
 def test_cli_parsing_and_presets():

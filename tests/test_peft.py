@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import io
 import logging
-import os
 
 import pytest
 import torch
@@ -681,21 +681,47 @@ def test_hf_trainer_trains_a_patched_model(tmp_path, p: float, checkpointing: bo
         assert_close_ref(out[name] - init[name], ref[name] - init[name], [torch.float32], f"{name} update")
 
 
-def test_bench_e2e_dry_runs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("arch, fused", [("llama", 14), ("gpt2", 8)])
+def test_bench_e2e_dry_runs(arch: str, fused: int, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """The dry run of each architecture: every variant times, the patched one ran every LoRA layer fused
+    (2 layers × 7 nn.Linear projections in Llama, × 4 Conv1D ones in GPT-2)."""
     import bench.e2e_peft as e2e
 
-    csv = tmp_path / "e2e.csv"
-    rows = e2e.main(["--dry", "--csv", str(csv)])
+    path = tmp_path / "e2e.csv"
+    rows = e2e.main(["--dry", "--arch", arch, "--csv", str(path)])
     assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    # The patched row names the kernels it timed: "auto" resolved per layer (the dry model has 2 layers
-    # × 7 projections; --dry runs on the CPU, where "auto" runs the reference), the other rows name none.
-    assert [r["backend_resolved"] for r in rows] == ["", "", "", "torch:14"]
-    out = capsys.readouterr().out
-    assert "tokens/s" in out and "patched" in out
-    lines = csv.read_text().strip().splitlines()
-    assert len(lines) == 1 + len(rows) and lines[0].startswith("gpu,")
-    assert os.path.exists(csv)
+    # The patched row names the kernels it timed: "auto" resolved per layer (--dry runs on the CPU, where
+    # "auto" runs the reference), the other rows name none.
+    assert [r["backend_resolved"] for r in rows] == ["", "", "", f"torch:{fused}"]
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.out and "patched" in captured.out and f"{arch}, 2 layers" in captured.out
+    assert f"{fused} of {fused} LoRA layers run fused" in captured.err
+    with path.open(newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["variant"] for r in written] == [r["variant"] for r in rows]
+    assert {r["arch"] for r in written} == {arch} and {r["hidden"] for r in written} == {"64"}
+
+
+def test_bench_e2e_model_sizes_follow_the_arch() -> None:
+    """Each --arch has its own default sizes, an explicit flag wins over them, and --kv-heads (grouped
+    KV heads) is refused for GPT-2, whose attention has none; the models built are the ones asked for."""
+    from transformers.pytorch_utils import Conv1D
+
+    import bench.e2e_peft as e2e
+
+    llama, gpt2 = e2e.parse_args([]), e2e.parse_args(["--arch", "gpt2", "--seq", "512"])
+    assert (llama.hidden, llama.intermediate, llama.heads, llama.kv_heads, llama.seq) == (4096, 14336, 32, 8, 2048)
+    sizes = (gpt2.hidden, gpt2.intermediate, gpt2.heads, gpt2.vocab, gpt2.seq, gpt2.batch)
+    assert sizes == (1600, 6400, 25, 50257, 512, 8)
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--arch", "gpt2", "--kv-heads", "5"])
+    args = e2e.parse_args(["--dry", "--arch", "gpt2"])
+    model, params = e2e.prepare("peft_default", args)
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8 and all(tuple(c.weight.shape) in {(64, 192), (64, 64), (64, 128), (128, 64)} for c in convs)
+    assert len(params) == 2 * 8 and all(m.fan_in_fan_out for m in model.modules() if hasattr(m, "fan_in_fan_out"))
+    assert model.base_model.model.config.n_positions >= args.seq
 
 
 def test_bench_e2e_keeps_the_rows_of_variants_that_ran(tmp_path, monkeypatch, capsys) -> None:
@@ -711,10 +737,10 @@ def test_bench_e2e_keeps_the_rows_of_variants_that_ran(tmp_path, monkeypatch, ca
         return real(variant, args)
 
     monkeypatch.setattr(e2e, "run_variant", run_variant)
-    csv = tmp_path / "e2e.csv"
+    path = tmp_path / "e2e.csv"
     with pytest.raises(SystemExit, match=r"1 variant\(s\) failed: peft_bf16: RuntimeError: CUDA out of memory"):
-        e2e.main(["--dry", "--csv", str(csv)])
-    lines = csv.read_text().strip().splitlines()
+        e2e.main(["--dry", "--csv", str(path)])
+    lines = path.read_text().strip().splitlines()
     column = e2e.CSV_FIELDS.index("variant")
     assert [line.split(",")[column] for line in lines[1:]] == ["floor", "peft_default", "patched"]
     assert "patched" in capsys.readouterr().out
