@@ -339,6 +339,39 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _x_dot_wt(acc, x, w_desc, off_n, k0, CDT: tl.constexpr, W_KN: tl.constexpr):
+    """acc (BM, BN) += x (BM, BK) · W[off_n :, k0 :]ᵀ, the W tile read by TMA in the layout W is stored in:
+    (BK, BN) tiles of the (K, N) matrix go to the dot as loaded (wgmma's MN-major operand, no copy)."""
+    # if/else, not an early return: Triton's compiler goes on past a return under a constexpr if.
+    if W_KN:
+        acc = tl.dot(x, w_desc.load([k0, off_n]).to(CDT), acc)
+    else:
+        acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
+    return acc
+
+
+@triton.jit
+def _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT: tl.constexpr, W_KN: tl.constexpr):
+    """acc (BM, BK) += dY (BM, BN) · W[n0 :, off_k :], W read as stored (see ``_x_dot_wt``)."""
+    if W_KN:
+        acc = tl.dot(dy, w_desc.load([off_k, n0]).to(CDT).T, acc)
+    else:
+        acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
+    return acc
+
+
+@triton.jit
+def _w_device_desc(w, N, K, row_stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KN: tl.constexpr):
+    """An in-kernel TMA descriptor of the weight as it is stored: (BLOCK_N, BLOCK_K) tiles of the (N, K)
+    matrix, or (BLOCK_K, BLOCK_N) tiles of the (K, N) one (W_KN: GPT-2's Conv1D, PEFT's fan_in_fan_out)."""
+    if W_KN:
+        desc = tl.make_tensor_descriptor(w, [K, N], [row_stride_w, 1], [BLOCK_K, BLOCK_N])
+    else:
+        desc = tl.make_tensor_descriptor(w, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+    return desc
+
+
+@triton.jit
 def _fwd_tma_kernel(
     x_desc, w_desc, y_desc, BIAS, T, T_OUT, LB, LBIAS,
     M, N, K, R, M_BUCKET,
@@ -368,10 +401,7 @@ def _fwd_tma_kernel(
     tiles go to the dot as loaded, without a copy of W."""
     if DEVICE_DESC:
         x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
-        if W_KN:
-            w_desc = tl.make_tensor_descriptor(w_desc, [K, N], [row_stride_w, 1], [BLOCK_K, BLOCK_N])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        w_desc = _w_device_desc(w_desc, N, K, row_stride_w, BLOCK_N, BLOCK_K, W_KN)
         if FLATTEN:
             y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N // 2])
         else:
@@ -384,11 +414,7 @@ def _fwd_tma_kernel(
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([off_m, k0]).to(CDT)
-            if W_KN:
-                acc = tl.dot(x, w_desc.load([k0, off_n]).to(CDT), acc)
-            else:
-                acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
+            acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts,
@@ -531,10 +557,7 @@ def _bwd_dx_tma_kernel(
     W_KN (w_desc over the (K, N) matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``."""
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
-        if W_KN:
-            w_desc = tl.make_tensor_descriptor(w_desc, [K, N], [row_stride_w, 1], [BLOCK_K, BLOCK_N])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_desc, [N, K], [row_stride_w, 1], [BLOCK_N, BLOCK_K])
+        w_desc = _w_device_desc(w_desc, N, K, row_stride_w, BLOCK_N, BLOCK_K, W_KN)
         dx_desc = tl.make_tensor_descriptor(dx_desc, [M, K], [row_stride_dx, 1], [BLOCK_M, BLOCK_K])
     num_da = 0
     if DO_DA:
@@ -558,11 +581,7 @@ def _bwd_dx_tma_kernel(
         off_k = pid_k * BLOCK_K
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            dy = dy_desc.load([off_m, n0]).to(CDT)
-            if W_KN:
-                acc = tl.dot(dy, w_desc.load([off_k, n0]).to(CDT).T, acc)
-            else:
-                acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
+            acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
                            seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,

@@ -80,6 +80,7 @@ from .lora_linear import (
     _compute_dtype,
     _db_block,
     _dx_epilogue_t,
+    _dy_dot_w,
     _fwd_epilogue_t,
     _grid_sms,
     _interpret,
@@ -87,6 +88,7 @@ from .lora_linear import (
     _m_bucket,
     _seed_parts,
     _shrink_step,
+    _x_dot_wt,
 )
 
 __all__ = ["single_pass_reason", "lora_fwd_single_pass", "lora_bwd_single_pass", "barrier_fallbacks"]
@@ -196,28 +198,6 @@ def _recompute_t(x_desc, A, BITS, offs_m, off_m, M, K, R, k_tiles, NUM_PROD, str
                               HAS_DROPOUT, False, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
         t += pj
     return t * keep_scale  # as _sum_partials: the same bits as the partials' path
-
-
-@triton.jit
-def _x_dot_wt(acc, x, w_desc, off_n, k0, CDT: tl.constexpr, W_KN: tl.constexpr):
-    """acc (BM, BN) += x (BM, BK) · W[off_n :, k0 :]ᵀ, the W tile read by TMA in the layout W is stored in:
-    (BK, BN) tiles of the (K, N) matrix go to the dot as loaded (wgmma's MN-major operand, no copy)."""
-    # if/else, not an early return: Triton's compiler goes on past a return under a constexpr if.
-    if W_KN:
-        acc = tl.dot(x, w_desc.load([k0, off_n]).to(CDT), acc)
-    else:
-        acc = tl.dot(x, w_desc.load([off_n, k0]).to(CDT).T, acc)
-    return acc
-
-
-@triton.jit
-def _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT: tl.constexpr, W_KN: tl.constexpr):
-    """acc (BM, BK) += dY (BM, BN) · W[n0 :, off_k :], W read as stored (see ``_x_dot_wt``)."""
-    if W_KN:
-        acc = tl.dot(dy, w_desc.load([off_k, n0]).to(CDT).T, acc)
-    else:
-        acc = tl.dot(dy, w_desc.load([n0, off_k]).to(CDT), acc)
-    return acc
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "max_spins"])
