@@ -367,7 +367,7 @@ def test_triton_tma_kernels_match_reference(monkeypatch):
     base = settings.get_profile(PROFILE)
 
     @settings(base, max_examples=max(10, base.max_examples // 2))
-    @given(prob=lora_problems("triton"), k8=st.integers(1, LIMITS[1] // 8), n8=st.integers(1, LIMITS[1] // 8),
+    @given(prob=lora_problems("triton"), k8=sizes(LIMITS[1] // 8), n8=sizes(LIMITS[1] // 8),
            dtype=st.sampled_from(names))  # fmt: skip
     def check(prob, k8, n8, dtype):
         prob = dict(prob, K=8 * k8, N=8 * n8, dtype=dtype, x_layout="contiguous")
@@ -413,7 +413,7 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
     base = settings.get_profile(PROFILE)
 
     @settings(base, max_examples=max(10, base.max_examples // 2))
-    @given(prob=lora_problems("triton"), k8=st.integers(1, LIMITS[1] // 8), n8=st.integers(1, LIMITS[1] // 8),
+    @given(prob=lora_problems("triton"), k8=sizes(LIMITS[1] // 8), n8=sizes(LIMITS[1] // 8),
            r=st.integers(1, min(LIMITS[2], 128)), dtype=st.sampled_from(names))  # fmt: skip
     def check(prob, k8, n8, r, dtype):
         prob = dict(prob, K=8 * k8, N=8 * n8, r=r, dtype=dtype, x_layout="contiguous")
