@@ -173,12 +173,13 @@ def backends_used(model: torch.nn.Module) -> str:
     """What the patched layers' ``backend`` runs ("auto" resolved for each layer's device, dtypes and
     rank), e.g. "triton:28" or "cuda:4,triton:24": a row says which kernels it timed."""
     from lora_kernels.backends import resolved_backend
-    from lora_kernels.integrations.peft import _is_fused
+    from lora_kernels.integrations.peft import _Conv1D, _is_fused
 
     counts: collections.Counter[str] = collections.Counter()
     for m in model.modules():
         if _is_fused(m):
-            w, A = m.get_base_layer().weight, m.lora_A[m.active_adapters[0]].weight
+            base, A = m.get_base_layer(), m.lora_A[m.active_adapters[0]].weight
+            w = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K), as the fused call passes it
             counts[resolved_backend(getattr(m, "_lk_backend", "auto"), w.new_empty((1, w.shape[1])), w, A)] += 1
     return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
 

@@ -682,10 +682,22 @@ def test_hf_trainer_trains_a_patched_model(tmp_path, p: float, checkpointing: bo
 
 
 @pytest.mark.parametrize("arch, fused", [("llama", 14), ("gpt2", 8)])
-def test_bench_e2e_dry_runs(arch: str, fused: int, tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_e2e_dry_runs(
+    arch: str, fused: int, tmp_path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The dry run of each architecture: every variant times, the patched one ran every LoRA layer fused
-    (2 layers × 7 nn.Linear projections in Llama, × 4 Conv1D ones in GPT-2)."""
+    (2 layers × 7 nn.Linear projections in Llama, × 4 Conv1D ones in GPT-2), and the backend each row
+    names was resolved on the tensors the fused call gets (the (N, K) view of a Conv1D weight)."""
     import bench.e2e_peft as e2e
+    from lora_kernels import backends
+
+    real = backends.resolved_backend
+
+    def resolved_backend(backend, x, weight, lora_A):
+        assert x.shape[1] == weight.shape[1] == lora_A.shape[1], (x.shape, weight.shape, lora_A.shape)
+        return real(backend, x, weight, lora_A)
+
+    monkeypatch.setattr(backends, "resolved_backend", resolved_backend)
 
     path = tmp_path / "e2e.csv"
     rows = e2e.main(["--dry", "--arch", arch, "--csv", str(path)])
