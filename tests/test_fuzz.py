@@ -431,6 +431,47 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
     assert {False, True} <= set(layouts), "the examples did not take both weight layouts on the single-pass path"
 
 
+@pytest.mark.parametrize("path", ["tma", "single"])
+def test_triton_hopper_paths_every_partial_backward(path, monkeypatch):
+    """The persistent TMA kernels (two launches) and the single-pass ones over ``partial_matrix``, made
+    TMA-eligible (16-bit x, K and N multiples of 8, contiguous x): each partial backward (their DO_DX / DO_DA
+    / DO_DB flags) under each mask mode, both weight layouts, against float64."""
+    _skip_unless_available("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA and single-pass kernels are a Hopper (sm90+) path")
+    if INTERPRET:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    taken = []
+    if path == "single":
+        monkeypatch.setattr(tri, "FWD_MODE", "single")
+        monkeypatch.setattr(tri, "BWD_MODE", "single")
+        fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+        monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
+        monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
+    else:
+        real_launch = tri._launch
+
+        def launch(kernel, grid, args, meta, fixed, wrap):
+            taken.append({tri._fwd_tma_kernel: "fwd", tri._bwd_dx_tma_kernel: "bwd"}.get(kernel))
+            real_launch(kernel, grid, args, meta, fixed, wrap)
+
+        monkeypatch.setattr(tri, "_launch", launch)
+    up8 = lambda n: -(-n // 8) * 8  # noqa: E731
+    for prob in partial_matrix("triton"):
+        dtype = prob["dtype"] if DTYPES[prob["dtype"]][0] != torch.float32 else "fp16"
+        prob = dict(prob, K=up8(prob["K"]), N=up8(prob["N"]), dtype=dtype, x_layout="contiguous")
+        try:
+            _check_problem(prob, "triton")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nproblem: {prob}") from None
+    assert {"fwd", "bwd"} <= set(taken), f"the {path} kernels did not run: {taken}"
+
+
 # The CUDA backend on the CPU: csrc/lora_ops.cpp and the Python layer over the emulated kernels
 # (tests/conftest.py's emu_cuda). C++ on the CPU is far faster than the interpreter, so the shapes go
 # further than LIMITS, r included; (max M, max K / N, max r).
