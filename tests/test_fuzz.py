@@ -340,20 +340,36 @@ def test_same_seed_is_bit_identical_run_to_run(backend):
     check()
 
 
+def _hopper_triton(monkeypatch, single: bool) -> tuple[list[str], object, object]:
+    """The Hopper Triton paths in this process: skips where they cannot run, forces the TMA kernels in the
+    interpreter, and with ``single`` switches both passes to the single-pass kernels, spied. Returns
+    (the single-pass calls made, "fwd" / "bwd"; the lora_linear module; the single_pass module)."""
+    _skip_unless_available("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA and single-pass kernels are a Hopper (sm90+) path")
+    if INTERPRET:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    taken: list[str] = []
+    if single:
+        monkeypatch.setattr(tri, "FWD_MODE", "single")
+        monkeypatch.setattr(tri, "BWD_MODE", "single")
+        fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
+        monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
+        monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
+    return taken, tri, sp
+
+
 def test_triton_tma_kernels_match_reference(monkeypatch):
     """The persistent TMA kernels (two launches, the default on Hopper; forced in the interpreter) on random
     TMA-eligible problems (16-bit x, K and N multiples of 8, contiguous x), with the weight and adapters stored
     row-major or transposed: a transposed (column-major) weight is a (K, N)-stored one, which the kernels'
     W_KN variant reads. Output and every gradient against float64; both weight layouts must occur."""
-    _skip_unless_available("triton")
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the TMA kernels are a Hopper (sm90+) path")
-    if INTERPRET:
-        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    _, tri, _ = _hopper_triton(monkeypatch, single=False)
     layouts = []
     real_launch = tri._launch
 
@@ -390,22 +406,7 @@ def test_triton_single_pass_forward_matches_reference(monkeypatch):
     transposed ((K, N): the W_KN variant); both layouts must occur: output and every gradient against
     float64. In the interpreter they run as their phased launches; tests/test_single_pass.py runs the
     barriers."""
-    _skip_unless_available("triton")
-    from lora_kernels.triton_ops import lora_linear as tri
-    from lora_kernels.triton_ops import single_pass as sp
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the single-pass forward is a Hopper (sm90+) path")
-    monkeypatch.setattr(tri, "FWD_MODE", "single")
-    monkeypatch.setattr(tri, "BWD_MODE", "single")
-    if INTERPRET:
-        monkeypatch.setattr(tri, "TMA_MODE", "1")
-    taken = []
-    fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
-    monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
-    monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
+    taken, _, sp = _hopper_triton(monkeypatch, single=True)
     layouts = []
     real_desc = sp._w_desc
     monkeypatch.setattr(sp, "_w_desc", lambda w, kn, *a: layouts.append(kn) or real_desc(w, kn, *a))
@@ -436,24 +437,8 @@ def test_triton_hopper_paths_every_partial_backward(path, monkeypatch):
     """The persistent TMA kernels (two launches) and the single-pass ones over ``partial_matrix``, made
     TMA-eligible (16-bit x, K and N multiples of 8, contiguous x): each partial backward (their DO_DX / DO_DA
     / DO_DB flags) under each mask mode, both weight layouts, against float64."""
-    _skip_unless_available("triton")
-    from lora_kernels.triton_ops import lora_linear as tri
-    from lora_kernels.triton_ops import single_pass as sp
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the TMA and single-pass kernels are a Hopper (sm90+) path")
-    if INTERPRET:
-        monkeypatch.setattr(tri, "TMA_MODE", "1")
-    taken = []
-    if path == "single":
-        monkeypatch.setattr(tri, "FWD_MODE", "single")
-        monkeypatch.setattr(tri, "BWD_MODE", "single")
-        fwd, bwd = sp.lora_fwd_single_pass, sp.lora_bwd_single_pass
-        monkeypatch.setattr(sp, "lora_fwd_single_pass", lambda *a, **k: taken.append("fwd") or fwd(*a, **k))
-        monkeypatch.setattr(sp, "lora_bwd_single_pass", lambda *a, **k: taken.append("bwd") or bwd(*a, **k))
-    else:
+    taken, tri, _ = _hopper_triton(monkeypatch, single=path == "single")
+    if path == "tma":
         real_launch = tri._launch
 
         def launch(kernel, grid, args, meta, fixed, wrap):
