@@ -17,11 +17,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["COLUMNS", "run_metadata", "device_slug", "write_csv", "read_csv", "markdown_table", "fmt_err"]
+__all__ = [
+    "COLUMNS",
+    "compute_capability",
+    "run_metadata",
+    "device_slug",
+    "write_csv",
+    "read_csv",
+    "markdown_table",
+    "fmt_err",
+]
 
 COLUMNS = (
     # run
-    "run_id", "date", "gpu", "commit", "torch", "triton", "peft", "preset", "timer",
+    "run_id", "date", "gpu", "cc", "commit", "torch", "triton", "peft", "preset", "timer",
     # configuration
     "M", "K", "N", "r", "p", "dtype", "adapter_dtype", "bias", "scaling", "frozen", "copies",
     # row
@@ -63,6 +72,14 @@ def _git_commit(repo: Path) -> str:
     return (lines[0].strip() if lines else "") or "unknown"
 
 
+def compute_capability(device: torch.device) -> str:
+    """ "9.0" for an H100/H200, "8.0" for an A100; "" off CUDA (the key of the "auto" table, bench.auto_table)."""
+    if device.type != "cuda":
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -80,6 +97,7 @@ def run_metadata(device: torch.device, preset: str) -> dict[str, str]:
         "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
         "date": now.isoformat(timespec="seconds"),
         "gpu": device_name(device),
+        "cc": compute_capability(device),
         "commit": _git_commit(Path(__file__).resolve().parent.parent),
         "torch": torch.__version__,
         "triton": _version("triton"),

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import _auto_table
+
 __all__ = ["BACKENDS", "available_backends", "resolve", "resolved_backend", "interpret_mode", "use_registered_op"]
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -33,9 +35,10 @@ _MODULES = {
     "triton": "lora_kernels.triton_ops.lora_linear",
     "cuda": "lora_kernels.cuda_ops.lora_linear",
 }
-# "auto" preference per GPU compute capability: measured winner first (bench/results).
-# Until a CUDA-backend measurement says otherwise, Triton is preferred everywhere.
-_AUTO_ORDER: dict[tuple[int, int], tuple[str, ...]] = {}
+# "auto" preference per GPU compute capability: the measured winner first (lora_kernels/_auto_table.py,
+# written from bench/results by `python -m bench.auto_table`). A capability not measured prefers Triton
+# (no extension build, the more tested backend).
+_AUTO_ORDER: dict[tuple[int, int], tuple[str, ...]] = dict(_auto_table.AUTO_ORDER)
 _AUTO_DEFAULT = ("triton", "cuda")
 
 
