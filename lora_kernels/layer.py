@@ -146,41 +146,44 @@ class LoRALinear(nn.Module):
             self.lora_bias.zero_()
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling · B A`` as a float32 ``(N, K)`` tensor (no grad tracking needed by callers)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``scaling · B A`` as an ``(N, K)`` tensor in float32 (float64 for float64 adapters)."""
+        dt = torch.promote_types(self.lora_B.dtype, torch.float32)
+        return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling
+
+    def _merge_update(self, sign: float) -> None:
+        # In float32 at least (float64 for a float64 layer), rounded once to each base tensor's dtype.
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        w.copy_((w.to(acc) + sign * self.delta_weight().to(acc)).to(w.dtype))
+        if self.lora_bias is not None:
+            b = self.base_layer.bias
+            acc = torch.promote_types(b.dtype, torch.promote_types(self.lora_bias.dtype, torch.float32))
+            b.copy_((b.to(acc) + sign * self.scaling * self.lora_bias.to(acc)).to(b.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base layer: ``W += s·B·A`` (and ``bias += s·lora_bias``).
 
-        Computed in float32 and cast once to W's dtype. Afterwards forward is the plain linear
-        (no adapter cost, no dropout) until :meth:`unmerge`. A ``lora_bias`` needs a base bias.
+        Computed in float32 (float64 for a float64 layer) and cast once to W's dtype. Afterwards forward is
+        the plain linear (no adapter cost, no dropout) until :meth:`unmerge`. A ``lora_bias`` needs a base bias.
         """
         if self.merged:
             return
         if self.lora_bias is not None and self.base_layer.bias is None:
             raise RuntimeError("cannot merge lora_bias: the base layer has no bias")
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        if self.lora_bias is not None:
-            b = self.base_layer.bias
-            b.copy_((b.float() + self.lora_bias.float() * self.scaling).to(b.dtype))
+        self._merge_update(1.0)
         self._merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W -= s·B·A`` in float32.
+        """Undo :meth:`merge`: ``W -= s·B·A`` in float32 (float64 for a float64 layer).
 
         Exact up to one rounding of W's dtype per merge/unmerge (as in PEFT): in float32 the
         round trip is within ~1 ulp, in bfloat16 within bf16 rounding of W.
         """
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        if self.lora_bias is not None:
-            b = self.base_layer.bias
-            b.copy_((b.float() - self.lora_bias.float() * self.scaling).to(b.dtype))
+        self._merge_update(-1.0)
         self._merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
