@@ -7,6 +7,7 @@
 LoRA Linear layers through the fused kernels; ``lora_linear_ref`` is the reference semantics.
 """
 
+from .adapter_io import load_peft_adapter, save_peft_adapter
 from .api import lora_linear
 from .backends import available_backends
 from .inject import add_lora, lora_layers, lora_state_dict, merge_lora
@@ -26,6 +27,8 @@ __all__ = [
     "lora_layers",
     "lora_state_dict",
     "merge_lora",
+    "save_peft_adapter",
+    "load_peft_adapter",
     "patch",
     "unpatch",
     "register_fused_peft_module",
