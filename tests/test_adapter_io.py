@@ -162,3 +162,33 @@ def test_what_cannot_be_saved_or_loaded_says_why(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps(config))
         lk.load_peft_adapter(_model(), tmp_path / "empty")
+
+
+def test_a_transformers_llama_matches_peft_outputs_and_gradients(tmp_path):
+    """A PEFT adapter on a (tiny, random) Llama loaded onto the plain model: same logits and the same
+    adapter gradients as PEFT's own model; and ``add_lora``'s "all-linear" picks PEFT's layers."""
+    pytest.importorskip("transformers", reason="the Llama check needs transformers")
+    from tests.test_peft import _ids as llama_ids
+    from tests.test_peft import _llama, _peft_model
+
+    peft_model = _peft_model(dtype=torch.float64, use_rslora=True)  # all-linear, random A and B
+    ids = llama_ids()
+    peft_model.save_pretrained(tmp_path)
+    ours = _llama(0, torch.float64)
+    names = lk.load_peft_adapter(ours, tmp_path, backend="torch")
+    assert len(names) == 14 and sorted(names) == sorted(lk.add_lora(_llama(0), 8, backend="torch"))
+
+    grads = []
+    for model in (peft_model, ours):
+        model.train()  # lora_dropout 0: training mode changes nothing but autograd
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        grads.append({
+            n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
+            for n, p in model.named_parameters() if p.requires_grad
+        })  # fmt: skip
+        grads[-1]["logits"] = logits.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 1 + 2 * 14
+    for key in grads[0]:
+        _close(grads[1][key], grads[0][key])
