@@ -29,6 +29,21 @@ def rank_step(model: torch.nn.Module, rank: int, device: str) -> torch.Tensor:
     return logits
 
 
+def add_lora_llama(p: float, backend: str) -> torch.nn.Module:
+    """The tiny Llama with ``lk.add_lora`` instead of PEFT (the own-stack path): LoRALinear layers on every
+    linear but lm_head, B random (from its own generator: every rank builds the same model)."""
+    import lora_kernels as lk
+    from tests.test_peft import _llama
+
+    model = _llama(0)
+    lk.add_lora(model, 8, lora_alpha=16, lora_dropout=p, backend=backend)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    return model
+
+
 def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) -> None:
     # Each rank is one process on a 2-core machine: one intra-op thread each, as torchrun sets.
     torch.set_num_threads(1)
@@ -59,18 +74,20 @@ def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
+    from lora_kernels import LoRALinear
     from lora_kernels.integrations import patch
     from tests.test_peft import _peft_model
 
     device = case["device"]
-    model = _peft_model(lora_dropout=case["p"]).to(device)
-    if not case["patch_after_wrap"]:
+    own = case.get("model") == "add_lora"
+    model = (add_lora_llama(case["p"], case["backend"]) if own else _peft_model(lora_dropout=case["p"])).to(device)
+    if not case["patch_after_wrap"] and not own:
         patch(model, backend=case["backend"], log=False)
     if case["wrapper"] == "ddp":
         model = DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     else:  # FSDP2, as accelerate/TRL apply it: each decoder layer, then the root
         mesh = init_device_mesh(device, (world,))
-        for layer in model.base_model.model.model.layers:
+        for layer in (model.model if own else model.base_model.model.model).layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     if case["patch_after_wrap"]:
@@ -85,8 +102,12 @@ def _train_step(rank: int, world: int, out: Path, case: dict) -> None:
         if p.requires_grad:
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[name.removeprefix("module.")] = g.detach().cpu()
-    lins = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
-    # Every LoRA Linear ran, and ran fused (a fallback leaves its reason here).
-    fallbacks = {m.__dict__.get("_lk_last_fallback", "never called") for m in lins}
+    if own:  # LoRALinear has no fallback: every layer runs lora_linear
+        lins = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        fallbacks = {None}
+    else:
+        lins = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+        # Every LoRA Linear ran, and ran fused (a fallback leaves its reason here).
+        fallbacks = {m.__dict__.get("_lk_last_fallback", "never called") for m in lins}
     torch.save({"logits": logits.detach().cpu(), "grads": grads, "fallbacks": fallbacks, "n": len(lins)},
                os.path.join(out, f"rank{rank}.pt"))  # fmt: skip

@@ -25,7 +25,7 @@ pytest.importorskip("peft", reason="the distributed tests train a patched PEFT m
 pytest.importorskip("transformers", reason="the distributed tests train a patched PEFT model")
 
 from lora_kernels.integrations import patch  # noqa: E402
-from tests._dist_worker import rank_step, run_rank  # noqa: E402
+from tests._dist_worker import add_lora_llama, rank_step, run_rank  # noqa: E402
 from tests._utils import assert_close_ref  # noqa: E402
 from tests.test_peft import N_LINEAR, _ids, _peft_model  # noqa: E402
 
@@ -107,6 +107,24 @@ def test_data_parallel_step_matches_single_process(tmp_path, wrapper, backend, p
         _, peft_grads = _single_process({**case, "device": "cpu"}, lambda: copy.deepcopy(base).double())
         for name, g in ranks[0]["grads"].items():
             assert_close_ref(g, peft_grads[name], [torch.float32], f"{name} vs PEFT float64")
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp2", "ddp"])
+def test_add_lora_model_trains_under_data_parallel(tmp_path, wrapper) -> None:
+    """The own-stack path (``lk.add_lora``, LoRALinear layers, no PEFT) under FSDP2 and DDP: the reduced
+    gradients equal the mean of the unwrapped single-process steps."""
+    case = {"wrapper": wrapper, "backend": "triton", "p": 0.1, "patch_after_wrap": False,
+            "device": _device("triton"), "n_linear": N_LINEAR, "model": "add_lora"}  # fmt: skip
+    ranks = _spawn(tmp_path, case)
+    assert all(r["n"] == N_LINEAR for r in ranks)
+    ref_logits, ref_grads = _single_process(case, lambda: add_lora_llama(0.1, "triton").to(case["device"]))
+    assert ranks[0]["grads"].keys() == ref_grads.keys() and len(ref_grads) == 2 * N_LINEAR
+    for rank, r in enumerate(ranks):
+        assert_close_ref(r["logits"], ref_logits[rank], [torch.float32], f"rank {rank} logits")
+    for name, g in ranks[0]["grads"].items():
+        assert g.abs().max() > 0, name
+        assert_close_ref(g, ref_grads[name], [torch.float32], name)
+        torch.testing.assert_close(ranks[1]["grads"][name], g, rtol=0, atol=0, msg=f"{name}: ranks disagree")
 
 
 def test_tensor_parallel_layers_take_peft_path(tmp_path) -> None:
