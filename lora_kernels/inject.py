@@ -39,6 +39,13 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from e
+
+
 def _skip_reason(module: nn.Module) -> str | None:
     if type(module) is nn.Linear:
         return None
@@ -53,7 +60,7 @@ def add_lora(
     r: int,
     *,
     target_modules: str | Sequence[str] = "all-linear",
-    exclude_modules: Sequence[str] = (),
+    exclude_modules: str | Sequence[str] = (),
     lora_alpha: float = 8.0,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
@@ -69,7 +76,7 @@ def add_lora(
         target_modules: ``"all-linear"`` (every ``nn.Linear`` but the output layer, as PEFT's option),
             a list of module names or name suffixes (``["q_proj", "v_proj"]`` matches
             ``layers.0.attn.q_proj``), or another string: a regular expression the full name must match.
-        exclude_modules: names or name suffixes never wrapped.
+        exclude_modules: layers never wrapped, given as ``target_modules`` (names or suffixes, or a regex).
         freeze_base: set ``requires_grad=False`` on every parameter of ``model`` first, so that only
             the new adapters train (as ``peft.get_peft_model`` does).
         The rest: as :class:`LoRALinear` (``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``lora_bias``,
@@ -86,25 +93,25 @@ def add_lora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        try:
-            re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {e}") from e
-    elif not isinstance(target_modules, str) and (
-        not target_modules or not all(isinstance(t, str) and t for t in target_modules)
-    ):
+    if isinstance(target_modules, str):
+        if target_modules != "all-linear":
+            _check_regex(target_modules, "target_modules")
+    elif not target_modules or not all(isinstance(t, str) and t for t in target_modules):
         raise ValueError(
             f"target_modules must be 'all-linear', a regex or a non-empty list of names, got {target_modules!r}"
         )
     if isinstance(exclude_modules, str):
-        exclude_modules = [exclude_modules]
+        _check_regex(exclude_modules, "exclude_modules")
+    else:
+        exclude_modules = list(exclude_modules)
+        if not all(isinstance(t, str) and t for t in exclude_modules):
+            raise ValueError(f"exclude_modules must be a regex or a list of names, got {exclude_modules!r}")
     output = _output_layer(model) if target_modules == "all-linear" else None
     inside_lora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
     chosen: list[tuple[str, nn.Module]] = []
     already = 0
     for name, module in model.named_modules():
-        if not name or (exclude_modules and _matches(name, list(exclude_modules))):
+        if not name or (exclude_modules and _matches(name, exclude_modules)):
             continue
         if target_modules == "all-linear":
             # The plain linear layers: subclasses are never guessed at (see _skip_reason).

@@ -101,6 +101,11 @@ def test_names_regex_exclusions_and_options():
     assert lk.add_lora(model, 2, target_modules=r".*\.q_proj.*") == [], "nor their base_layer (no nesting)"
     assert lk.add_lora(model, 8, exclude_modules=["mlp.2", "extra_q_proj"]) == ["layers.0.mlp.0", "layers.1.mlp.0"]
     assert model.layers[0].q_proj.r == 2 and model.layers[0].mlp[0].r == 8
+    # A string excludes by regex over the whole name, as target_modules (and PEFT's exclude_modules).
+    model = _model()
+    assert lk.add_lora(model, 2, exclude_modules=r"layers\.1\..*|.*mlp\.2") == [
+        "layers.0.q_proj", "layers.0.v_proj", "layers.0.mlp.0", "extra_q_proj",
+    ]  # fmt: skip
 
     model = _model()
     names = lk.add_lora(
@@ -133,6 +138,10 @@ def test_what_cannot_be_wrapped_raises_and_leaves_the_model_unchanged(monkeypatc
         lk.add_lora(model, 2, target_modules=r"(q|v)_proj")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         lk.add_lora(model, 2, target_modules="q_proj(")
+    with pytest.raises(ValueError, match="exclude_modules 'mlp\\[' is not a valid regular expression"):
+        lk.add_lora(model, 2, exclude_modules="mlp[")
+    with pytest.raises(ValueError, match="exclude_modules must be a regex or a list of names"):
+        lk.add_lora(model, 2, exclude_modules=[None])
     for bad in ([], [""], [3]):
         with pytest.raises(ValueError, match="non-empty list of names"):
             lk.add_lora(model, 2, target_modules=bad)
