@@ -16,6 +16,8 @@ backward + optimizer step):
   peft_default  PEFT's defaults (adapters kept in fp32 next to the bf16 base)
   peft_bf16     PEFT with ``autocast_adapter_dtype=False`` (bf16 adapters)
   patched       PEFT's defaults + ``lora_kernels.patch(model)``
+  add_lora      no PEFT: ``lora_kernels.add_lora(model)`` wraps the same layers in LoRALinear (fp32
+                adapters, as PEFT's default); Llama only (GPT-2's Conv1D is not an nn.Linear)
 
 Prints a table and appends one CSV row per variant to ``bench/results/e2e_<gpu-slug>.csv`` (GPU name,
 commit, date, torch/peft/transformers versions, sizes). ``--dry`` runs a tiny fp32 config on the
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's lora_kernels
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("floor", "peft_default", "peft_bf16", "patched")
+VARIANTS = ("floor", "peft_default", "peft_bf16", "patched", "add_lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CSV_FIELDS = [
     "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "arch", "layers", "hidden",
@@ -86,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout-mask", default="bitmask", choices=("bitmask", "regenerate"))
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (default: all; gpt2: "
+                   "all but add_lora)")  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/e2e_<gpu>.csv)")
     p.add_argument("--no-csv", action="store_true", help="print only")
@@ -105,10 +108,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_csv = args.no_csv or args.csv is None
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if not (args.arch == "gpt2" and v == "add_lora")]
+    else:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if args.arch == "gpt2" and "add_lora" in args.variants:
+        p.error("add_lora wraps nn.Linear layers; GPT-2's projections are transformers' Conv1D")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
@@ -158,6 +166,12 @@ def prepare(variant: str, args: argparse.Namespace):
         # gradients only: the frozen model's own training cost.
         model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         return model, []
+    if variant == "add_lora":
+        import lora_kernels as lk
+
+        lk.add_lora(model, args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, backend=args.backend,
+                    dropout_mask=args.dropout_mask)  # fmt: skip
+        return model, [p for p in model.parameters() if p.requires_grad]
     # "all-linear" takes GPT-2's Conv1D projections too; fan_in_fan_out says their weight is (K, N)
     # (PEFT would set it itself, with a warning).
     cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, target_modules="all-linear",
@@ -172,12 +186,16 @@ def prepare(variant: str, args: argparse.Namespace):
 def backends_used(model: torch.nn.Module) -> str:
     """What the patched layers' ``backend`` runs ("auto" resolved for each layer's device, dtypes and
     rank), e.g. "triton:28" or "cuda:4,triton:24": a row says which kernels it timed."""
+    from lora_kernels import LoRALinear
     from lora_kernels.backends import resolved_backend
     from lora_kernels.integrations.peft import _Conv1D, _is_fused
 
     counts: collections.Counter[str] = collections.Counter()
     for m in model.modules():
-        if _is_fused(m):
+        if isinstance(m, LoRALinear):  # the add_lora row
+            w = m.weight
+            counts[resolved_backend(m.backend, w.new_empty((1, w.shape[1])), w, m.lora_A)] += 1
+        elif _is_fused(m):
             base, A = m.get_base_layer(), m.lora_A[m.active_adapters[0]].weight
             w = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K), as the fused call passes it
             counts[resolved_backend(getattr(m, "_lk_backend", "auto"), w.new_empty((1, w.shape[1])), w, A)] += 1
@@ -214,7 +232,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
                 if m.__dict__.get("_lk_last_fallback")}  # fmt: skip
     if fallback:  # the "patched" row would time PEFT's own path for these layers
         raise RuntimeError(f"{len(fallback)} patched layers ran PEFT's path: {next(iter(fallback.items()))}")
-    resolved = backends_used(model) if variant == "patched" else ""
+    resolved = backends_used(model) if variant in ("patched", "add_lora") else ""
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     times = []

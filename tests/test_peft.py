@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import Linear as PeftLoraLinear  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import lora_kernels as lk  # noqa: E402
 import lora_kernels.integrations.peft as lkp  # noqa: E402
 from lora_kernels.integrations import patch, register_fused_peft_module, unpatch  # noqa: E402
 from tests._utils import assert_close_ref  # noqa: E402
@@ -701,11 +702,12 @@ def test_bench_e2e_dry_runs(
 
     path = tmp_path / "e2e.csv"
     rows = e2e.main(["--dry", "--arch", arch, "--csv", str(path)])
-    assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched"]
+    own = ["add_lora"] if arch == "llama" else []  # GPT-2's Conv1D layers are no nn.Linear for add_lora
+    assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched", *own]
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    # The patched row names the kernels it timed: "auto" resolved per layer (--dry runs on the CPU, where
-    # "auto" runs the reference), the other rows name none.
-    assert [r["backend_resolved"] for r in rows] == ["", "", "", f"torch:{fused}"]
+    # The patched and add_lora rows name the kernels they timed: "auto" resolved per layer (--dry runs on
+    # the CPU, where "auto" runs the reference), the other rows name none.
+    assert [r["backend_resolved"] for r in rows] == ["", "", "", f"torch:{fused}", *[f"torch:{fused}"] * len(own)]
     captured = capsys.readouterr()
     assert "tokens/s" in captured.out and "patched" in captured.out and f"{arch}, 2 layers" in captured.out
     assert f"{fused} of {fused} LoRA layers run fused" in captured.err
@@ -728,6 +730,8 @@ def test_bench_e2e_model_sizes_follow_the_arch() -> None:
     assert sizes == (1600, 6400, 25, 50257, 512, 8)
     with pytest.raises(SystemExit):
         e2e.parse_args(["--arch", "gpt2", "--kv-heads", "5"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--arch", "gpt2", "--variants", "floor,add_lora"])
     args = e2e.parse_args(["--dry", "--arch", "gpt2"])
     model, params = e2e.prepare("peft_default", args)
     convs = [m for m in model.modules() if isinstance(m, Conv1D)]
@@ -754,7 +758,7 @@ def test_bench_e2e_keeps_the_rows_of_variants_that_ran(tmp_path, monkeypatch, ca
         e2e.main(["--dry", "--csv", str(path)])
     lines = path.read_text().strip().splitlines()
     column = e2e.CSV_FIELDS.index("variant")
-    assert [line.split(",")[column] for line in lines[1:]] == ["floor", "peft_default", "patched"]
+    assert [line.split(",")[column] for line in lines[1:]] == ["floor", "peft_default", "patched", "add_lora"]
     assert "patched" in capsys.readouterr().out
 
 
@@ -788,6 +792,16 @@ def test_bench_e2e_variants_are_what_they_say(monkeypatch) -> None:
     patched, _ = e2e.prepare("patched", args)
     fused = [m for m in patched.modules() if getattr(m, "_lk_patched", False)]
     assert fused and {m._lk_dropout_mask for m in fused} == {"regenerate"}
+    # add_lora: the same layers as PEFT's "all-linear", the same LoRA settings, no PEFT module anywhere.
+    own, params = e2e.prepare("add_lora", args)
+    layers = lk.lora_layers(own)
+    peft_names = [n.removeprefix("base_model.model.") for n, m in patched.named_modules() if m in fused]
+    assert sorted(n for n, _ in layers) == sorted(peft_names)
+    assert {(m.r, m.lora_alpha, m.lora_dropout, m.dropout_mask) for _, m in layers} == {
+        (args.r, args.lora_alpha, args.dropout, "regenerate")
+    }
+    assert {p.dtype for p in params} == {torch.float32} and len(params) == 2 * len(layers)
+    assert not any(isinstance(m, PeftLoraLinear) for m in own.modules())
 
     dry = e2e.parse_args(["--dry", "--no-csv"])
     (row,) = e2e.main(["--dry", "--no-csv", "--variants", "peft_default"])
