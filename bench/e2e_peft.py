@@ -17,7 +17,7 @@ backward + optimizer step):
   peft_bf16     PEFT with ``autocast_adapter_dtype=False`` (bf16 adapters)
   patched       PEFT's defaults + ``lora_kernels.patch(model)``
   add_lora      no PEFT: ``lora_kernels.add_lora(model)`` wraps the same layers in LoRALinear (fp32
-                adapters, as PEFT's default); Llama only (GPT-2's Conv1D is not an nn.Linear)
+                adapters, as PEFT's default; GPT-2's Conv1D layers too, their weight read in place)
 
 Prints a table and appends one CSV row per variant to ``bench/results/e2e_<gpu-slug>.csv`` (GPU name,
 commit, date, torch/peft/transformers versions, sizes). ``--dry`` runs a tiny fp32 config on the
@@ -88,8 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout-mask", default="bitmask", choices=("bitmask", "regenerate"))
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (default: all; gpt2: "
-                   "all but add_lora)")  # fmt: skip
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/e2e_<gpu>.csv)")
     p.add_argument("--no-csv", action="store_true", help="print only")
@@ -108,15 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_csv = args.no_csv or args.csv is None
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.variants is None:
-        args.variants = [v for v in VARIANTS if not (args.arch == "gpt2" and v == "add_lora")]
-    else:
-        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    if args.arch == "gpt2" and "add_lora" in args.variants:
-        p.error("add_lora wraps nn.Linear layers; GPT-2's projections are transformers' Conv1D")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 

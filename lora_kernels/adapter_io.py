@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inject import add_lora, lora_layers
-from .layer import LoRALinear
+from .inject import add_lora, is_plain_linear, lora_layers
+from .layer import LoRALinear, is_hf_conv1d
 
 __all__ = ["save_peft_adapter", "load_peft_adapter"]
 
@@ -71,7 +71,8 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, *, base_model_nam
         "alpha_pattern": {name: layer.lora_alpha for name, layer in layers if layer.lora_alpha != alpha},
         "lora_bias": with_bias,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT sets it per layer from the layer's type (with a warning when the config disagrees).
+        "fan_in_fan_out": all(is_hf_conv1d(layer.base_layer) for _, layer in layers),
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -132,16 +133,14 @@ def load_peft_adapter(
     ``model`` is the plain base model (its module names as PEFT saw them). Each layer gets the adapter's
     rank, alpha (``rank_pattern`` / ``alpha_pattern`` included), ``use_rslora``, ``lora_dropout`` and
     ``lora_bias``. Returns the names of the layers wrapped. Adapters PEFT saves with other variants (DoRA,
-    ``fan_in_fan_out`` layers, embeddings, ``modules_to_save``) raise a ValueError naming what is not
-    supported.
+    embeddings, ``modules_to_save``) raise a ValueError naming what is not supported.
     """
     directory = Path(directory)
     config = json.loads((directory / CONFIG_NAME).read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: a {config.get('peft_type')} adapter, not LoRA")
-    for option, unsupported in (("use_dora", True), ("fan_in_fan_out", True)):
-        if config.get(option) == unsupported:
-            raise ValueError(f"{directory}: {option}={unsupported} is not supported by LoRALinear")
+    if config.get("use_dora"):
+        raise ValueError(f"{directory}: use_dora=True is not supported by LoRALinear")
     if config.get("modules_to_save"):
         raise ValueError(f"{directory}: modules_to_save ({config['modules_to_save']}) is not supported")
     tensors = _read_tensors(directory)
@@ -160,8 +159,10 @@ def load_peft_adapter(
             module = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"{directory}: the adapter targets {name!r}, which the model does not have") from e
-        if type(module) is not nn.Linear:
-            raise ValueError(f"{directory}: the adapter targets {name!r}, a {type(module).__name__}, not an nn.Linear")
+        if not is_plain_linear(module):
+            raise ValueError(
+                f"{directory}: the adapter targets {name!r}, a {type(module).__name__}, not an nn.Linear or Conv1D"
+            )
     r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
     groups: dict[tuple[int, float, bool], list[str]] = {}
     for name in names:

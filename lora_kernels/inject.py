@@ -1,9 +1,9 @@
-"""LoRA on any PyTorch model without PEFT: wrap its nn.Linear layers in :class:`LoRALinear`.
+"""LoRA on any PyTorch model without PEFT: wrap its linear layers in :class:`LoRALinear`.
 
     names = lk.add_lora(model, r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
     ...train (only the adapters require grad)...
     torch.save(lk.lora_state_dict(model), "adapter.pt")
-    lk.merge_lora(model, unload=True)   # plain nn.Linear layers holding W + s·B·A, for inference
+    lk.merge_lora(model, unload=True)   # the plain layers again, holding W + s·B·A, for inference
 
 For PEFT models use :func:`lora_kernels.patch` instead: it keeps PEFT's own modules and file format.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layer import LoRALinear
+from .layer import LoRALinear, is_hf_conv1d
 
 __all__ = ["add_lora", "lora_layers", "lora_state_dict", "merge_lora"]
 
@@ -46,8 +46,13 @@ def _check_regex(pattern: str, what: str) -> None:
         raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from e
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An exact ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's projections, weight stored (K, N))."""
+    return type(module) is nn.Linear or is_hf_conv1d(module)
+
+
 def _skip_reason(module: nn.Module) -> str | None:
-    if type(module) is nn.Linear:
+    if is_plain_linear(module):
         return None
     # Subclasses may not compute F.linear(x, weight, bias) in forward (quantized layers subclass
     # nn.Linear with packed weights) or may be read without calling forward (nn.MultiheadAttention's
@@ -70,10 +75,11 @@ def add_lora(
     adapter_dtype: torch.dtype | None = None,
     freeze_base: bool = True,
 ) -> list[str]:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` in place by :class:`LoRALinear` wrapping them.
+    """Replace the targeted linear layers of ``model`` in place by :class:`LoRALinear` wrapping them.
 
     Args:
-        target_modules: ``"all-linear"`` (every ``nn.Linear`` but the output layer, as PEFT's option),
+        target_modules: ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` but the output
+            layer, as PEFT's option),
             a list of module names or name suffixes (``["q_proj", "v_proj"]`` matches
             ``layers.0.attn.q_proj``), or another string: a regular expression the full name must match.
         exclude_modules: layers never wrapped, given as ``target_modules`` (names or suffixes, or a regex).
@@ -87,7 +93,7 @@ def add_lora(
     them, and listed under the first). Raises ValueError if no layer matches; a layer already
     wrapped is left as it is.
 
-    Only exact ``nn.Linear`` modules are wrapped: a subclass that matches a name raises a ValueError
+    Only exact ``nn.Linear`` (and ``Conv1D``) modules are wrapped: a subclass that matches a name raises a ValueError
     naming it (quantized layers and ``nn.MultiheadAttention``'s ``out_proj`` subclass nn.Linear but do
     not compute ``x Wᵀ + b`` through ``forward``).
     """
@@ -115,14 +121,14 @@ def add_lora(
             continue
         if target_modules == "all-linear":
             # The plain linear layers: subclasses are never guessed at (see _skip_reason).
-            if type(module) is not nn.Linear or module is output or id(module) in inside_lora:
+            if not is_plain_linear(module) or module is output or id(module) in inside_lora:
                 continue
         elif not _matches(name, target_modules):
             continue
         if isinstance(module, LoRALinear) or id(module) in inside_lora:
             already += 1
             continue
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_hf_conv1d(module):
             raise ValueError(
                 f"target_modules matched {name!r}, a {type(module).__name__}: only nn.Linear layers take LoRA"
             )
@@ -133,7 +139,7 @@ def add_lora(
     if not chosen:
         if already:
             return []
-        linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)][:8]
+        linear = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_hf_conv1d(m))][:8]
         raise ValueError(
             f"target_modules {target_modules!r} matched no nn.Linear layer of the model "
             f"(its nn.Linear layers include: {', '.join(linear) or 'none'})"
@@ -190,7 +196,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def merge_lora(model: nn.Module, *, unload: bool = False) -> int:
     """Fold every adapter into its base weight (:meth:`LoRALinear.merge`). With ``unload=True`` also
-    put each base ``nn.Linear`` back in place of its LoRALinear (the adapters are dropped: an
+    put each base layer back in place of its LoRALinear (the adapters are dropped: an
     inference model with no LoRA left). Returns the number of layers merged. A ``model`` that is itself
     a LoRALinear is merged, and cannot be unloaded in place (ValueError)."""
     layers = lora_layers(model)

@@ -3,7 +3,9 @@
     y = x Wᵀ + bias + scaling · (dropout(x) Aᵀ Bᵀ + lora_bias)
 
 Shapes: ``x: (..., K)``, ``base.weight W: (N, K)`` (frozen), ``lora_A: (r, K)``,
-``lora_B: (N, r)`` (PEFT's layout), ``lora_bias: (N,)``; the output is ``(..., N)``.
+``lora_B: (N, r)`` (PEFT's layout), ``lora_bias: (N,)``; the output is ``(..., N)``. The base may also
+be transformers' ``Conv1D`` (GPT-2's projections), which stores ``W`` as ``(K, N)``: the kernels read
+it in place through its ``(N, K)`` view.
 
 The module is a thin owner of parameters: every forward is one call of
 :func:`lora_kernels.lora_linear`, so the dropout mask, autocast rules and backend choice are
@@ -27,12 +29,19 @@ __all__ = ["LoRALinear"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (``y = x W + b``, ``W: (K, N)``), without importing transformers."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.split(".")[0] == "transformers"
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer with a LoRA adapter, forward and backward by the fused kernels.
 
     Args:
-        base: the ``nn.Linear`` to adapt, ``weight: (N, K)``, ``bias: (N,)`` or None. It is kept
-            (not copied) as the submodule ``base_layer`` and frozen (``requires_grad=False``).
+        base: the ``nn.Linear`` to adapt, ``weight: (N, K)``, ``bias: (N,)`` or None, or transformers'
+            ``Conv1D`` (``weight: (K, N)``, read in place). It is kept (not copied) as the submodule
+            ``base_layer`` and frozen (``requires_grad=False``).
         r: LoRA rank, ``>= 1``.
         lora_alpha: scaling numerator (PEFT's default 8): ``scaling = lora_alpha / r``, or
             ``lora_alpha / sqrt(r)`` with ``use_rslora``.
@@ -52,7 +61,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         r: int,
         lora_alpha: float = 8.0,
         lora_dropout: float = 0.0,
@@ -63,8 +72,8 @@ class LoRALinear(nn.Module):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, nn.Linear) and not is_hf_conv1d(base):
+            raise TypeError(f"base must be an nn.Linear (or transformers' Conv1D), got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -81,8 +90,10 @@ class LoRALinear(nn.Module):
 
         base.requires_grad_(False)
         self.base_layer = base
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        # A Conv1D's weight is stored (in, out) = (K, N).
+        self.in_features, self.out_features = (
+            tuple(w.shape) if is_hf_conv1d(base) else (base.in_features, base.out_features)
+        )
         self.r = r
         self.lora_alpha = float(lora_alpha)
         self.lora_dropout = float(lora_dropout)
@@ -105,8 +116,10 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight ``(N, K)`` (so code that reads ``layer.weight`` keeps working)."""
-        return self.base_layer.weight
+        """The base weight as ``(N, K)`` (a transposed view for a Conv1D base), so code that reads
+        ``layer.weight`` keeps working."""
+        w = self.base_layer.weight
+        return w.T if is_hf_conv1d(self.base_layer) else w
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -152,7 +165,7 @@ class LoRALinear(nn.Module):
 
     def _merge_update(self, sign: float) -> None:
         # In float32 at least (float64 for a float64 layer), rounded once to each base tensor's dtype.
-        w = self.base_layer.weight
+        w = self.weight  # (N, K), a view of a Conv1D's (K, N) weight: updated in place either way
         acc = torch.promote_types(w.dtype, torch.float32)
         w.copy_((w.to(acc) + sign * self.delta_weight().to(acc)).to(w.dtype))
         if self.lora_bias is not None:
@@ -189,10 +202,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., K)`` -> ``(..., N)``; dropout follows ``self.training``."""
         if self.merged:
-            return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+            return F.linear(x, self.weight, self.base_layer.bias)
         return lora_linear(
             x,
-            self.base_layer.weight,
+            self.weight,
             self.lora_A,
             self.lora_B,
             bias=self.base_layer.bias,

@@ -130,7 +130,6 @@ def test_what_cannot_be_saved_or_loaded_says_why(tmp_path):
 
     cases = [
         (variant("dora", use_dora=True), "use_dora=True is not supported"),
-        (variant("conv1d", fan_in_fan_out=True), "fan_in_fan_out=True is not supported"),
         (variant("ia3", peft_type="IA3"), "a IA3 adapter, not LoRA"),
         (variant("saved", modules_to_save=["lm_head"]), "modules_to_save"),
         (variant("rank", rank_pattern={}), "'layers.0.mlp.0' has rank 8, the config 4"),
@@ -192,3 +191,49 @@ def test_a_transformers_llama_matches_peft_outputs_and_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 1 + 2 * 14
     for key in grads[0]:
         _close(grads[1][key], grads[0][key])
+
+
+def test_gpt2_conv1d_adapters_both_ways(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weight stored (K, N), PEFT's fan_in_fan_out): a PEFT
+    adapter loads onto the plain model with the same logits and adapter gradients, add_lora picks the
+    same layers, and PEFT loads what we save."""
+    pytest.importorskip("transformers", reason="the GPT-2 check needs transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    def gpt2():
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return GPT2LMHeadModel(cfg).double()
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                             init_lora_weights=False, rank_pattern={"c_fc": 6})  # fmt: skip
+    peft_model = peft.get_peft_model(gpt2(), config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = gpt2()
+    names = lk.load_peft_adapter(ours, tmp_path / "peft", backend="torch")
+    assert len(names) == 8 and all(isinstance(ours.get_submodule(n).base_layer, Conv1D) for n in names)
+    assert sorted(lk.add_lora(gpt2(), 4)) == sorted(names), "all-linear: the Conv1D layers, not lm_head"
+    grads = []
+    for model in (peft_model, ours):
+        model.train()
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        g = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        grads.append({**g, "logits": logits.detach()})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 1 + 2 * 8
+    for key in grads[0]:
+        _close(grads[1][key], grads[0][key])
+
+    lk.save_peft_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "ours").eval()
+    _close(again(input_ids=ids).logits, ours.eval()(input_ids=ids).logits)
+    # Merged and unloaded: the Conv1D layers again, holding the merged weights.
+    expected = ours(input_ids=ids).logits
+    lk.merge_lora(ours, unload=True)
+    assert all(type(ours.get_submodule(n)) is Conv1D for n in names)
+    _close(ours(input_ids=ids).logits, expected)

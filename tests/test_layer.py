@@ -275,3 +275,50 @@ def test_dropout_mask_option_reaches_the_kernels(dropout_mask: str) -> None:
     assert masks == ([(6, 5)] if dropout_mask == "bitmask" else []), masks
     y.sum().backward()
     assert torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv1d_base_is_read_in_place_and_merges(backend: str) -> None:
+    """transformers' Conv1D (GPT-2's projections: y = x W + b, W stored (K, N)) as the base: the same
+    function as an nn.Linear holding Wᵀ, the kernels reading the (K, N) weight in place (no copy), and
+    merge/unmerge updating that storage."""
+    if backend == "triton" and not HAS_TRITON_BACKEND:
+        pytest.skip("triton is not installed")
+    transformers = pytest.importorskip("transformers", reason="Conv1D is transformers'")
+    Conv1D = transformers.pytorch_utils.Conv1D
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    K, N, r = 48, 40, 8
+    conv = Conv1D(N, K).to(dev)
+    torch.nn.init.normal_(conv.bias)
+    linear = nn.Linear(K, N).to(dev)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    a = LoRALinear(conv, r, lora_alpha=16, lora_dropout=0.2, lora_bias=True, backend=backend)
+    b = LoRALinear(linear, r, lora_alpha=16, lora_dropout=0.2, lora_bias=True, backend=backend)
+    assert (a.in_features, a.out_features) == (K, N) and a.weight.shape == (N, K)
+    assert a.weight.data_ptr() == conv.weight.data_ptr() and a.bias is conv.bias
+    with torch.no_grad():
+        for p, q in zip((a.lora_A, a.lora_B, a.lora_bias), (b.lora_A, b.lora_B, b.lora_bias), strict=True):
+            p.copy_(torch.randn_like(p))
+            q.copy_(p)
+    x = torch.randn(3, 5, K, device=dev)
+    gy = torch.randn(3, 5, N, device=dev)
+    outs = []
+    for layer in (a, b):
+        torch.manual_seed(11)  # the same dropout seed for both
+        y = layer(x)
+        y.backward(gy)
+        outs.append((y.detach(), layer.lora_A.grad, layer.lora_B.grad, layer.lora_bias.grad))
+    for got, want, name in zip(outs[0], outs[1], ("y", "dA", "dB", "dlora_bias"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    a.eval()
+    expected = a(x)
+    w0 = conv.weight.clone()
+    a.merge()
+    assert isinstance(a.base_layer, Conv1D) and a.base_layer is conv
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)  # the Conv1D itself now holds W + s·B·A
+    torch.testing.assert_close(a(x), expected, rtol=1e-5, atol=1e-5)
+    a.unmerge()
+    torch.testing.assert_close(conv.weight, w0, rtol=1e-6, atol=1e-6)
