@@ -255,3 +255,14 @@ def test_a_layer_shared_under_two_names_gets_one_adapter_at_both():
     lk.merge_lora(model, unload=True)
     assert type(model.a) is nn.Linear and model.b is model.a
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_add_lora_options_mirror_lora_linear():
+    """add_lora spells out LoRALinear's options (for the reader and the IDE): same names, same defaults."""
+    import inspect
+
+    layer = dict(inspect.signature(LoRALinear.__init__).parameters)
+    helper = dict(inspect.signature(lk.add_lora).parameters)
+    for name in ("self", "base", "r"):
+        layer.pop(name)
+    assert {n: p.default for n, p in layer.items()} == {n: helper[n].default for n in layer}
