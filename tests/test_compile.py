@@ -169,9 +169,14 @@ def test_reduce_overhead_draws_a_new_mask_per_call(backend):
     torch._dynamo.reset()
 
 
-def test_layer_module_compiles():
+@pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
+def test_layer_module_compiles(base_kind):
     LoRALinear = lk.LoRALinear
-    base = nn.Linear(32, 24).to(DEVICE)
+    if base_kind == "conv1d":  # transformers' Conv1D: the (K, N) weight enters the graph as its (N, K) view
+        transformers = pytest.importorskip("transformers", reason="Conv1D is transformers'")
+        base = transformers.pytorch_utils.Conv1D(24, 32).to(DEVICE)
+    else:
+        base = nn.Linear(32, 24).to(DEVICE)
     layer = LoRALinear(base, r=4, lora_alpha=8, lora_dropout=0.0, lora_bias=True, backend="torch")
     with torch.no_grad():  # B starts at zero (PEFT init): make the low-rank path visible
         layer.lora_B.normal_(generator=torch.Generator(device=DEVICE).manual_seed(3))
