@@ -120,7 +120,12 @@ def add_lora(
         if not name or (exclude_modules and _matches(name, exclude_modules)):
             continue
         if target_modules == "all-linear":
-            # The plain linear layers: subclasses are never guessed at (see _skip_reason).
+            # The plain linear layers (subclasses are never guessed at, see _skip_reason), and the layers
+            # already wrapped (counted below).
+            if isinstance(module, LoRALinear):
+                if module.base_layer is not output:
+                    already += 1
+                continue
             if not is_plain_linear(module) or module is output or id(module) in inside_lora:
                 continue
         elif not _matches(name, target_modules):
@@ -130,7 +135,8 @@ def add_lora(
             continue
         if not isinstance(module, nn.Linear) and not is_hf_conv1d(module):
             raise ValueError(
-                f"target_modules matched {name!r}, a {type(module).__name__}: only nn.Linear layers take LoRA"
+                f"target_modules matched {name!r}, a {type(module).__name__}: only nn.Linear and Conv1D layers "
+                "take LoRA"
             )
         reason = _skip_reason(module)
         if reason is not None:

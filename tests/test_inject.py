@@ -101,6 +101,9 @@ def test_names_regex_exclusions_and_options():
     assert lk.add_lora(model, 2, target_modules=r".*\.q_proj.*") == [], "nor their base_layer (no nesting)"
     assert lk.add_lora(model, 8, exclude_modules=["mlp.2", "extra_q_proj"]) == ["layers.0.mlp.0", "layers.1.mlp.0"]
     assert model.layers[0].q_proj.r == 2 and model.layers[0].mlp[0].r == 8
+    assert lk.add_lora(model, 4, exclude_modules=["extra_q_proj"]) == ["layers.0.mlp.2", "layers.1.mlp.2"]
+    assert lk.add_lora(model, 4) == ["extra_q_proj"]
+    assert lk.add_lora(model, 4) == [], "everything wrapped: nothing to do, no error"
     # A string excludes by regex over the whole name, as target_modules (and PEFT's exclude_modules).
     model = _model()
     assert lk.add_lora(model, 2, exclude_modules=r"layers\.1\..*|.*mlp\.2") == [
