@@ -39,6 +39,12 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (not the root: name is never "")."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def _check_regex(pattern: str, what: str) -> None:
     try:
         re.compile(pattern)
@@ -175,9 +181,7 @@ def add_lora(
         for p in model.parameters():
             p.requires_grad_(False)
     for name, layer in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        _replace(model, name, layer)
     return [name for name, _ in chosen]
 
 
@@ -218,7 +222,5 @@ def merge_lora(model: nn.Module, *, unload: bool = False) -> int:
     if unload:  # every position of a shared layer
         positions = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
         for name, layer in positions:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.base_layer)
+            _replace(model, name, layer.base_layer)
     return len(layers)

@@ -163,6 +163,23 @@ def test_what_cannot_be_saved_or_loaded_says_why(tmp_path):
         lk.load_peft_adapter(_model(), tmp_path / "empty")
 
 
+def _assert_same_step(peft_model, ours, ids, n_layers: int) -> None:
+    """One training step (loss = mean of the squared logits) of PEFT's model and ours: the same logits and
+    the same gradient for every adapter matrix (PEFT's parameter names mapped onto ours)."""
+    steps = []
+    for model in (peft_model, ours):
+        model.train()  # lora_dropout 0: training mode changes nothing but autograd
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        g = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        steps.append({**g, "logits": logits.detach()})
+    assert steps[0].keys() == steps[1].keys() and len(steps[0]) == 1 + 2 * n_layers
+    for key in steps[0]:
+        _close(steps[1][key], steps[0][key])
+
+
 def test_a_transformers_llama_matches_peft_outputs_and_gradients(tmp_path):
     """A PEFT adapter on a (tiny, random) Llama loaded onto the plain model: same logits and the same
     adapter gradients as PEFT's own model; and ``add_lora``'s "all-linear" picks PEFT's layers."""
@@ -177,20 +194,7 @@ def test_a_transformers_llama_matches_peft_outputs_and_gradients(tmp_path):
     names = lk.load_peft_adapter(ours, tmp_path, backend="torch")
     assert len(names) == 14 and sorted(names) == sorted(lk.add_lora(_llama(0), 8, backend="torch"))
 
-    grads = []
-    for model in (peft_model, ours):
-        model.train()  # lora_dropout 0: training mode changes nothing but autograd
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits
-        logits.square().mean().backward()
-        grads.append({
-            n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
-            for n, p in model.named_parameters() if p.requires_grad
-        })  # fmt: skip
-        grads[-1]["logits"] = logits.detach()
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 1 + 2 * 14
-    for key in grads[0]:
-        _close(grads[1][key], grads[0][key])
+    _assert_same_step(peft_model, ours, ids, n_layers=14)
 
 
 def test_gpt2_conv1d_adapters_both_ways(tmp_path):
@@ -216,17 +220,7 @@ def test_gpt2_conv1d_adapters_both_ways(tmp_path):
     names = lk.load_peft_adapter(ours, tmp_path / "peft", backend="torch")
     assert len(names) == 8 and all(isinstance(ours.get_submodule(n).base_layer, Conv1D) for n in names)
     assert sorted(lk.add_lora(gpt2(), 4)) == sorted(names), "all-linear: the Conv1D layers, not lm_head"
-    grads = []
-    for model in (peft_model, ours):
-        model.train()
-        logits = model(input_ids=ids).logits
-        logits.square().mean().backward()
-        g = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): p.grad
-             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
-        grads.append({**g, "logits": logits.detach()})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 1 + 2 * 8
-    for key in grads[0]:
-        _close(grads[1][key], grads[0][key])
+    _assert_same_step(peft_model, ours, ids, n_layers=8)
 
     lk.save_peft_adapter(ours, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
