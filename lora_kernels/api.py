@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from . import backends
-from .reference import lora_linear_ref
+from .reference import WeightRecompute, lora_linear_ref, lora_linear_ref_recompute
 
 __all__ = ["lora_linear", "check_inputs", "new_seed", "MASK_MODES"]
 
@@ -131,6 +132,7 @@ def lora_linear(
     seed: int | None = None,
     backend: str = "auto",
     dropout_mask: str = "bitmask",
+    recompute_weight: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Fused LoRA linear ``y = x Wᵀ + bias + scaling · (dropout(x) Aᵀ Bᵀ + lora_bias)``.
 
@@ -147,12 +149,23 @@ def lora_linear(
         backend: "auto", "torch" (reference, any device), "triton" or "cuda".
         dropout_mask: "bitmask" (save 1 bit per element of x for backward) or "regenerate"
             (save nothing; the mask is recomputed from the seed in backward).
+        recompute_weight: None (the weight is kept for backward, as nn.Linear keeps it), or a
+            callable returning ``weight`` again, called once in backward instead: for a weight that
+            is itself computed per call, such as a 4-bit base layer's dequantized copy, which would
+            otherwise stay alive (``N·K`` elements per layer) until backward. It must return the
+            same values, shape, dtype and device (checked, but for the values). Eager only.
 
     Returns:
         ``(..., N)`` in x's dtype (autocast's dtype inside ``torch.autocast``).
     """
     if dropout_mask not in MASK_MODES:
         raise ValueError(f"dropout_mask must be one of {MASK_MODES}, got {dropout_mask!r}")
+    if recompute_weight is not None:
+        if not callable(recompute_weight):
+            raise TypeError(f"recompute_weight must be a callable or None, got {type(recompute_weight).__name__}")
+        if torch.compiler.is_compiling():
+            # A Python callable kept on the autograd graph for backward is not something the compiler traces.
+            raise NotImplementedError("recompute_weight is eager only: call lora_linear without it under torch.compile")
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     _check_tensor("bias", bias, optional=True)
@@ -167,10 +180,11 @@ def lora_linear(
         def cast(t):  # as autocast itself: float64 is never cast (F.linear on float64 stays float64)
             return t if t is None or t.dtype == torch.float64 else t.to(dt)
 
+        recast = None if recompute_weight is None else (lambda: cast(recompute_weight()))
         with torch.autocast(device_type, enabled=False):
             return lora_linear(
                 cast(x), cast(weight), lora_A, lora_B, cast(bias), lora_bias, scaling, dropout_p,
-                training, seed, backend, dropout_mask,
+                training, seed, backend, dropout_mask, recast,
             )  # fmt: skip
     # Checked after autocast's casts: an fp32 model under bf16 autocast passes bf16 x and fp32 W.
     check_inputs(x, weight, lora_A, lora_B, bias, lora_bias, scaling, dropout_p, seed)
@@ -180,12 +194,19 @@ def lora_linear(
     if p > 0.0 and seed is None:
         seed = new_seed()
     impl = backends.resolve(backend, x, weight, lora_A)
+    recompute = None if recompute_weight is None else WeightRecompute(recompute_weight, weight)
     if impl is None:
+        if recompute is not None:
+            return lora_linear_ref_recompute(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, seed,
+                                             recompute)  # fmt: skip
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, True, seed)
     K = x.shape[-1]
     N = weight.shape[0]
     # Not reshape(-1, K): with K = 0 the -1 is ambiguous (x has no elements whatever M is).
     x2 = x.reshape(math.prod(x.shape[:-1]), K)
     seed = 0 if seed is None else seed  # (not `seed or 0`: a symbolic int under torch.compile)
-    y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask)
+    if recompute is None:
+        y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask)
+    else:
+        y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask, recompute)
     return y2.reshape(*x.shape[:-1], N)

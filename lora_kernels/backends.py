@@ -8,7 +8,9 @@ Every kernel backend exposes the same 2-D contract::
 ``p`` is already 0 when not training; ``seed`` is an int in [0, 2**63) (ignored when p == 0);
 ``mask_mode`` is "bitmask" or "regenerate". Inputs were validated by ``api.check_inputs``.
 The function is differentiable (an autograd.Function) in x, lora_A, lora_B, lora_bias and,
-when they require grad, weight and bias.
+when they require grad, weight and bias. A built-in backend also takes an eleventh argument,
+``recompute: reference.WeightRecompute | None``: when given, the weight is not saved for backward
+and backward calls ``recompute.get()`` for it (``lora_linear(..., recompute_weight=...)``).
 
 A backend module provides ``unavailable_reason(x, weight, lora_A) -> str | None`` (None means
 it can run these tensors) and ``lora_linear_2d`` (the contract above). It may also provide

@@ -29,6 +29,8 @@ measured on H100, one call per element costs ~5x a plain pass over x (see shared
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,8 @@ __all__ = [
     "unpack_mask",
     "lora_linear_ref",
     "lora_linear_ref_grads",
+    "WeightRecompute",
+    "lora_linear_ref_recompute",
 ]
 
 PHILOX_KEY_A = 0x9E3779B9
@@ -221,3 +225,83 @@ def lora_linear_ref_grads(
     for i, g in zip(want, grads, strict=True):
         out[i] = g
     return tuple(out)
+
+
+class WeightRecompute:
+    """The ``recompute_weight`` callable of a forward, with what its weight was (shape, dtype, device).
+
+    A backend's autograd function keeps this instead of the weight (e.g. a 4-bit weight's dequantized
+    copy, ``N·K`` elements per layer, ≥ 32 MiB at 4096 × 4096 in bf16) and calls :meth:`get` in backward.
+    """
+
+    __slots__ = ("fn", "shape", "dtype", "device")
+
+    def __init__(self, fn: Callable[[], torch.Tensor], weight: torch.Tensor) -> None:
+        self.fn = fn
+        self.shape, self.dtype, self.device = tuple(weight.shape), weight.dtype, weight.device
+
+    def get(self, weight_grad: bool = False) -> torch.Tensor:
+        """The weight again, in a backward that computes the weight's gradient or not (``weight_grad``).
+
+        With ``weight_grad`` it comes back as a leaf that requires grad (the reference's backward
+        differentiates with respect to it). Under ``create_graph=True`` that is refused: the copy has no
+        history, so a second-order gradient would not reach the weight the forward was given."""
+        if weight_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "backward(create_graph=True) with a weight that requires grad: recompute_weight's copy has no "
+                "autograd history, so the weight's second-order gradients would be lost; keep the weight "
+                "(recompute_weight=None) for double backward"
+            )
+        w = self.fn()
+        if not isinstance(w, torch.Tensor) or (tuple(w.shape), w.dtype, w.device) != (
+            self.shape,
+            self.dtype,
+            self.device,
+        ):
+            got = f"{tuple(w.shape)} {w.dtype} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise RuntimeError(
+                f"recompute_weight() returned {got} in backward, but the forward's weight was "
+                f"{self.shape} {self.dtype} on {self.device}: it must return the same weight again"
+            )
+        return w.detach().requires_grad_() if weight_grad else w
+
+
+class _RefRecompute(torch.autograd.Function):
+    """The reference without the weight kept for backward: the forward runs without a graph, the
+    backward differentiates the reference again on the recomputed weight (the mask is a function of
+    the seed, so nothing else is saved but x and the adapters)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, recompute):
+        with torch.no_grad():
+            y = lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, p, True, seed)
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.scaling, ctx.p, ctx.seed, ctx.recompute = scaling, p, seed, recompute
+        ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B = ctx.saved_tensors
+        weight = ctx.recompute.get(ctx.needs_input_grad[1])
+        grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lora_bias,
+                                      ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad)  # fmt: skip
+        return (*grads, None, None, None, None)
+
+
+def lora_linear_ref_recompute(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: int | None,
+    recompute: WeightRecompute,
+) -> torch.Tensor:
+    """:func:`lora_linear_ref` (a training call) whose backward gets the weight from ``recompute``
+    instead of keeping it: the torch backend of ``lora_linear(..., recompute_weight=...)``."""
+    seed = 0 if seed is None else seed
+    return _RefRecompute.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, recompute)

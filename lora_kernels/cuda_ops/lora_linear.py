@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import flops as _flops
 from ..backends import use_registered_op
-from ..reference import lora_linear_ref_grads
+from ..reference import WeightRecompute, lora_linear_ref_grads
 from . import _ext
 
 __all__ = ["unavailable_reason", "lora_linear_2d", "cuda_lora_fwd", "cuda_lora_bwd"]
@@ -116,17 +116,20 @@ def _bwd(*args):
 
 class _CudaLoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode, recompute=None):
         save_mask = p > 0.0 and mask_mode == "bitmask"
         y, t, bits = _fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, save_mask)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        # With a WeightRecompute the weight is not kept: backward asks for it again.
+        ctx.save_for_backward(x, weight if recompute is None else None, lora_A, lora_B, t, bits)
+        ctx.scaling, ctx.p, ctx.seed, ctx.recompute = scaling, p, seed, recompute
         ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
+        if ctx.recompute is not None:
+            weight = ctx.recompute.get(ctx.needs_input_grad[1])
         need = ctx.needs_input_grad
         # dX += dY·W runs in x's dtype (lora_bwd refuses a mismatch rather than misread the bytes).
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
@@ -135,7 +138,7 @@ class _CudaLoraFunction(torch.autograd.Function):
             # double backward would silently see constants. The reference's graph gives them one.
             grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lora_bias,
                                           ctx.scaling, ctx.p, ctx.seed, need)  # fmt: skip
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         need_db = bool(need[4])
         dx, dA, dB, dlb = _bwd(
             dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, bool(need[0]), bool(need[3]), need_db
@@ -166,6 +169,7 @@ class _CudaLoraFunction(torch.autograd.Function):
             dA if need[3] else None,
             dB if need[4] else None,
             dlb if want_lb else None,
+            None,
             None,
             None,
             None,
@@ -238,10 +242,11 @@ def lora_linear_2d(
     p: float,
     seed: int,
     mask_mode: str,
+    recompute: WeightRecompute | None = None,
 ) -> Tensor:
     """The backend contract (lora_kernels/backends.py): x2 (M, K) -> (M, N), differentiable."""
     # seed is passed as it is: under torch.compile it may be a symbolic (even unbacked, from
     # .item()) int, which int() would specialize or fail on; the op schema takes a SymInt.
     return _CudaLoraFunction.apply(
-        x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(p), seed, mask_mode
+        x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(p), seed, mask_mode, recompute
     )

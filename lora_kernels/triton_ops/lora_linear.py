@@ -1414,11 +1414,12 @@ class LoRALinearTriton(torch.autograd.Function):
     """Autograd wrapper: saves x, T and the bitmask (or nothing for the mask in regenerate mode)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode, recompute=None):
         store_mask = mask_mode == "bitmask"
         y, t, bits = _fwd(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, store_mask)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        # With a WeightRecompute the weight is not kept: backward asks for it again.
+        ctx.save_for_backward(x, weight if recompute is None else None, lora_A, lora_B, t, bits)
+        ctx.scaling, ctx.p, ctx.seed, ctx.recompute = scaling, p, seed, recompute
         ctx.bwd_mode = BWD_MODE  # the backward follows the mode in force when the forward ran
         ctx.has_bias, ctx.has_lbias = bias is not None, lora_bias is not None
         ctx.lbias_dtype = lora_bias.dtype if lora_bias is not None else None
@@ -1427,6 +1428,8 @@ class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, bits = ctx.saved_tensors
+        if ctx.recompute is not None:
+            weight = ctx.recompute.get(ctx.needs_input_grad[1])
         nx, nw, nb, na, nB, nlb = ctx.needs_input_grad[:6]
         dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
         if torch.is_grad_enabled():
@@ -1434,7 +1437,7 @@ class LoRALinearTriton(torch.autograd.Function):
             # double backward would silently see constants. The reference's graph gives them one.
             grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lbias,
                                           ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad)  # fmt: skip
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         dx, da, db, colsum = _bwd(
             dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, ctx.p, ctx.seed, nx, na, nB,
             bwd_mode=ctx.bwd_mode,
@@ -1451,7 +1454,7 @@ class LoRALinearTriton(torch.autograd.Function):
         # dtype (= weight's), accumulating in fp32 as nn.Linear does: no fp32 copies of dY and x, no
         # fp32 (non-tensor-core) GEMM.
         grad_w = dy.t().mm(x) if nw else None
-        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_lb, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_lb, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1492,10 +1495,10 @@ def dropout_bitmask(seed: int, M: int, K: int, p: float, device: torch.device | 
     return lora_fwd(x, a, None, a, torch.zeros((1, 1), device=device), None, 1.0, p, seed, True)[2]
 
 
-def lora_linear_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode):
+def lora_linear_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode, recompute=None):
     """The backend contract (see lora_kernels/backends.py): x (M, K) -> y (M, N)."""
     M, K = x.shape
     if M == 0 or K == 0 or weight.shape[0] == 0:
         # Degenerate sizes: nothing to launch; the reference gives the right (empty/zero) results.
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, p, True, seed)
-    return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode)
+    return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode, recompute)
