@@ -25,15 +25,22 @@ unchanged: merged or disabled adapters, ``adapter_names=`` mixed batches (and an
 argument), LoRA variants (DoRA, aLoRA, ...), active adapters with different dropout p or dtypes,
 disabled input casting, hooks on the modules PEFT calls (base layer, lora_A/lora_B, dropout),
 another tuner's layer as the base (PeftMixedModel). Layers that can never be fused
-(Embedding/Conv LoRA layers, quantized bases or any other than ``nn.Linear`` and transformers'
-``Conv1D`` (GPT-2's, ``fan_in_fan_out``: its ``(K, N)`` weight is passed transposed, a view),
-subclasses with their own forward, an instance-level forward such as accelerate's hooks) are not
-patched.
+(Embedding/Conv LoRA layers, quantized bases other than bitsandbytes' 4-bit ones or any other than
+``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's, ``fan_in_fan_out``: its ``(K, N)`` weight is
+passed transposed, a view), subclasses with their own forward, an instance-level forward such as
+accelerate's hooks) are not patched.
+
+QLoRA: ``patch`` also takes LoRA layers over a bitsandbytes ``Linear4bit`` base (PEFT's
+``lora.bnb.Linear4bit``, or ``lora.Linear`` where PEFT built that). The fused call gets the weight
+as bitsandbytes' own training path does, dequantized to the compute dtype for this call, and does
+not keep it for backward: backward dequantizes again (``recompute_weight``), as bitsandbytes does.
+The base layer keeps its own path under torch.compile.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,17 +121,53 @@ def _base_reason(base: nn.Module) -> str | None:
     return None
 
 
+def _bnb_linear4bit() -> type | None:
+    """bitsandbytes' ``nn.Linear4bit`` where bitsandbytes is already imported (a model holding one
+    has imported it), else None: never imported here."""
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(getattr(bnb, "nn", None), "Linear4bit", None) if bnb is not None else None
+
+
+def _is_bnb_4bit(base: nn.Module) -> bool:
+    """Whether ``base`` is a bitsandbytes 4-bit linear running bitsandbytes' own forward (NF4 and FP4
+    subclasses included), which the fused path stands in for by dequantizing its weight."""
+    cls = _bnb_linear4bit()
+    return cls is not None and isinstance(base, cls) and type(base).forward is cls.forward
+
+
+def _peft_bnb_4bit_class() -> type | None:
+    """PEFT's LoRA layer for 4-bit bases (``peft.tuners.lora.bnb.Linear4bit``), where it exists."""
+    if _bnb_linear4bit() is None:
+        return None
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
 def _static_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` (a PEFT LoRA layer) can never take the fused path, or None."""
+    bnb_cls = _peft_bnb_4bit_class()
+    if bnb_cls is not None and isinstance(layer, bnb_cls):
+        # QLoRA's LoRA layer: base(x) + Σ s·B·A·dropout(x), the same forward as lora.Linear's.
+        if type(layer).forward is not bnb_cls.forward:
+            return f"{type(layer).__name__} overrides peft's lora.bnb.Linear4bit.forward"
+        if not _is_bnb_4bit(layer.get_base_layer()):
+            return f"base layer {type(layer.get_base_layer()).__name__} is not bitsandbytes' Linear4bit"
+        return _instance_forward_reason(layer)
     if not isinstance(layer, PeftLoraLinear):
         return f"{type(layer).__name__} LoRA layer: only LoRA Linear layers are fused"
     if not isinstance(layer, FusedLoraLinear) and type(layer).forward is not PeftLoraLinear.forward:
         return f"{type(layer).__name__} overrides peft's lora.Linear.forward"
-    own = layer.__dict__.get("forward")
-    if own is not None and not isinstance(own, _PatchedForward) and not isinstance(layer, FusedLoraLinear):
-        # e.g. accelerate's add_hook_to_module: patching would replace it, and unpatch() would not restore it.
-        return "has an instance-level forward (e.g. an accelerate hook) that patching would replace"
+    reason = _instance_forward_reason(layer)
+    if reason is not None:
+        return reason
     base = layer.get_base_layer()
+    if _is_bnb_4bit(base) and not isinstance(layer, FusedLoraLinear):
+        # lora.Linear over a 4-bit base: what PEFT builds where its own 4-bit dispatch does not apply
+        # (a model not marked is_loaded_in_4bit). Its forward is base(x) + the adapters, as for QLoRA's.
+        return None if not getattr(layer, "fan_in_fan_out", False) else "fan_in_fan_out=True on a 4-bit base layer"
     reason = _base_reason(base)
     if reason is not None:
         return reason
@@ -133,6 +176,14 @@ def _static_reason(layer: nn.Module) -> str | None:
         # PEFT sets it for Conv1D bases (their weight is stored (K, N)) and clears it for nn.Linear:
         # any other pairing merges transposed deltas, a state the fused op does not take sides in.
         return f"fan_in_fan_out={fan_in_fan_out} on a {type(base).__name__} base layer"
+    return None
+
+
+def _instance_forward_reason(layer: nn.Module) -> str | None:
+    own = layer.__dict__.get("forward")
+    if own is not None and not isinstance(own, _PatchedForward) and not isinstance(layer, FusedLoraLinear):
+        # e.g. accelerate's add_hook_to_module: patching would replace it, and unpatch() would not restore it.
+        return "has an instance-level forward (e.g. an accelerate hook) that patching would replace"
     return None
 
 
@@ -249,7 +300,11 @@ def _call_plan(
         return "DTensor input or weights in forward (tensor parallelism): PEFT's path"
     if _any_hooks(layer, base, adapters):
         return "hooks or an instance-level forward on the base layer or an adapter's modules: PEFT's path"
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if _is_bnb_4bit(base):
+        reason = _bnb_4bit_reason(base)
+        if reason is not None:
+            return reason
+    elif x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype differs from the base weight's (PEFT's path decides what happens)"
     adapter_dtype = layer._modules["lora_A"][adapters[0]].weight.dtype
     if x.dtype != adapter_dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -257,29 +312,76 @@ def _call_plan(
     return adapters, p, base
 
 
+def _bnb_4bit_reason(base: nn.Module) -> str | None:
+    """Why this call over a bitsandbytes 4-bit base takes PEFT's path, or None."""
+    if torch.compiler.is_compiling():
+        return "4-bit base under torch.compile: bitsandbytes' path (recompute_weight is eager only)"
+    state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if state is None:
+        return "4-bit base weight not quantized yet (bitsandbytes quantizes it when the layer moves to its device)"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "4-bit base weight repacked for bitsandbytes' CPU inference kernel"
+    return None
+
+
+def _bnb_4bit_operands(base: nn.Module, x: torch.Tensor) -> tuple:
+    """``(x, weight, bias, recompute)`` for the fused call over a bitsandbytes 4-bit base, as its forward
+    computes them: x and bias in the layer's compute dtype, the weight ``(N, K)`` dequantized to it
+    (bitsandbytes' own training path: dequantize, then a dense GEMM). ``recompute`` dequantizes again in
+    backward, so the dense copy (``N·K`` elements) lives only during each pass, as in bitsandbytes."""
+    bnb = sys.modules["bitsandbytes"]
+    fix = getattr(bnb.nn.modules, "fix_4bit_weight_quant_state_from_module", None)
+    if fix is not None:  # a quant_state lost by a parameter conversion (FSDP), recovered as bitsandbytes does
+        fix(base)
+    if not getattr(base, "compute_type_is_set", True):  # bitsandbytes picks it from the first input
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    cdt = base.compute_dtype or x.dtype
+    param = base.weight
+
+    def dequantize() -> torch.Tensor:
+        return bnb.functional.dequantize_4bit(param.data, param.quant_state).to(cdt)
+
+    bias = base.bias.to(cdt) if base.bias is not None else None
+    return x.to(cdt), dequantize(), bias, dequantize
+
+
 def _fused_call(layer: PeftLoraLinear, x: torch.Tensor, adapters: list[str], p: float, base: nn.Module) -> torch.Tensor:
     """One fused ``lora_linear`` call for the active ``adapters`` (sharing dropout ``p``) over ``base``."""
     backend = getattr(layer, "_lk_backend", "auto")
     dropout_mask = getattr(layer, "_lk_dropout_mask", "bitmask")
-    weight = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K)
     if len(adapters) == 1:
         a = adapters[0]
-        lora_A, lora_B = layer.lora_A[a].weight, layer.lora_B[a]
-        return lora_linear(
-            x, weight, lora_A, lora_B.weight, bias=base.bias, lora_bias=lora_B.bias,
-            scaling=float(layer.scaling[a]), dropout_p=p, training=True, backend=backend,
-            dropout_mask=dropout_mask,
-        )  # fmt: skip
-    # Several adapters: Σ_i s_i B_i A_i h = [s_1 B_1, s_2 B_2, ...] [A_1; A_2; ...] h, one rank-Σr
-    # update. The cat/mul are autograd ops, so every adapter still gets its own gradient.
-    lora_A = torch.cat([layer.lora_A[a].weight for a in adapters], dim=0)
-    lora_B = torch.cat([layer.lora_B[a].weight * float(layer.scaling[a]) for a in adapters], dim=1)
-    biases = [layer.lora_B[a].bias * float(layer.scaling[a]) for a in adapters if layer.lora_B[a].bias is not None]
-    lora_bias = torch.stack(biases).sum(0) if biases else None
-    return lora_linear(
-        x, weight, lora_A, lora_B, bias=base.bias, lora_bias=lora_bias, scaling=1.0,
-        dropout_p=p, training=True, backend=backend, dropout_mask=dropout_mask,
-    )  # fmt: skip
+        lora_A, lora_B, lora_bias = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.lora_B[a].bias
+        scaling = float(layer.scaling[a])
+    else:
+        # Several adapters: Σ_i s_i B_i A_i h = [s_1 B_1, s_2 B_2, ...] [A_1; A_2; ...] h, one rank-Σr
+        # update. The cat/mul are autograd ops, so every adapter still gets its own gradient.
+        lora_A = torch.cat([layer.lora_A[a].weight for a in adapters], dim=0)
+        lora_B = torch.cat([layer.lora_B[a].weight * float(layer.scaling[a]) for a in adapters], dim=1)
+        biases = [layer.lora_B[a].bias * float(layer.scaling[a]) for a in adapters if layer.lora_B[a].bias is not None]
+        lora_bias = torch.stack(biases).sum(0) if biases else None
+        scaling = 1.0
+    lora = dict(lora_bias=lora_bias, scaling=scaling, dropout_p=p, training=True, backend=backend,
+                dropout_mask=dropout_mask)  # fmt: skip
+    if not _is_bnb_4bit(base):
+        weight = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K)
+        return lora_linear(x, weight, lora_A, lora_B, bias=base.bias, **lora)
+    x_c, weight, bias, dequantize = _bnb_4bit_operands(base, x)
+    y = lora_linear(x_c, weight, lora_A, lora_B, bias=bias, recompute_weight=dequantize, **lora)
+    return y.to(_peft_4bit_out_dtype(layer, x, lora_A.dtype))
+
+
+def _peft_4bit_out_dtype(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT's forward returns over a 4-bit base: the base layer's (x's: bitsandbytes casts
+    back). Except PEFT's 4-bit LoRA layer where ``torch.is_autocast_enabled()`` (no device argument: CUDA's
+    autocast) holds: it adds the adapters' output uncast, in the autocast dtype where x's device autocasts,
+    else in the adapters' dtype, and the sum promotes."""
+    if isinstance(layer, PeftLoraLinear) or not torch.is_autocast_enabled():
+        return x.dtype
+    dev = x.device.type
+    lora_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else adapter_dtype
+    return torch.promote_types(x.dtype, lora_dtype)
 
 
 def _forward(layer: PeftLoraLinear, fallback, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
