@@ -5,6 +5,9 @@ sequence 2048 x batch 4), LoRA r=16 on all linear layers, dropout 0.05, AdamW on
 ``--arch gpt2`` times a GPT-2 model instead (default: 4 blocks at GPT-2 XL sizes, sequence 1024 x
 batch 8): its projections are transformers' ``Conv1D``, weight stored (K, N) (PEFT's
 ``fan_in_fan_out``), so the patched row times the kernels on a transposed weight.
+``--base nf4`` (Llama only) times QLoRA: every decoder projection becomes a bitsandbytes NF4 ``Linear4bit``
+(compute dtype = ``--dtype``) before the adapters go on, as loading with transformers'
+``BitsAndBytesConfig(load_in_4bit=True)`` leaves them (needs bitsandbytes; no ``add_lora`` row there).
 Each variant builds a fresh model and reports tokens/s at the median step time (each timed step synchronised;
 min and max go to the CSV) and peak GPU memory, allocated and reserved, over the timed steps (forward +
 backward + optimizer step):
@@ -26,6 +29,7 @@ CPU in seconds (a smoke test; it writes no CSV unless ``--csv`` is given).
     python bench/e2e_peft.py                       # the full H100 configuration
     python bench/e2e_peft.py --layers 2 --seq 1024 # shrink
     python bench/e2e_peft.py --arch gpt2           # GPT-2 XL sizes (Conv1D projections)
+    python bench/e2e_peft.py --base nf4            # QLoRA: 4-bit decoder projections (bitsandbytes)
     python bench/e2e_peft.py --dry
 """
 
@@ -51,7 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
 VARIANTS = ("floor", "peft_default", "peft_bf16", "patched", "add_lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CSV_FIELDS = [
-    "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "arch", "layers", "hidden",
+    "gpu", "commit", "date", "torch", "peft", "transformers", "variant", "arch", "base", "layers", "hidden",
     "intermediate", "heads", "kv_heads", "vocab", "seq", "batch", "r", "lora_alpha", "dropout",
     "dtype", "backend", "backend_resolved", "dropout_mask", "warmup", "steps", "step_ms", "step_ms_min", "step_ms_max",
     "tokens_per_s", "peak_gib", "reserved_gib",
@@ -72,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     arch_help = "llama (nn.Linear projections) or gpt2 (transformers' Conv1D, weight stored (K, N))"
     p.add_argument("--arch", choices=sorted(SIZES), default="llama", help=arch_help)
+    p.add_argument("--base", choices=("dense", "nf4"), default="dense",
+                   help="nf4: decoder projections in bitsandbytes 4-bit (QLoRA; llama only)")  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="default per --arch (llama: 4, gpt2: 4)")
     p.add_argument("--hidden", type=int, default=None, help="default per --arch (llama: 4096, gpt2: 1600)")
     p.add_argument("--intermediate", type=int, default=None, help="default per --arch (llama: 14336, gpt2: 6400)")
@@ -88,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout-mask", default="bitmask", choices=("bitmask", "regenerate"))
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (default: all; "
+                   "with --base nf4 all but add_lora)")  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/e2e_<gpu>.csv)")
     p.add_argument("--no-csv", action="store_true", help="print only")
@@ -107,10 +114,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_csv = args.no_csv or args.csv is None
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.base == "nf4" and args.arch != "llama":
+        p.error("--base nf4 quantizes nn.Linear projections: --arch llama only")
+    default = [v for v in VARIANTS if args.base == "dense" or v != "add_lora"]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if args.base == "nf4" and "add_lora" in args.variants:
+        p.error("add_lora wraps plain nn.Linear layers only: not with --base nf4")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
@@ -144,7 +156,32 @@ def build_model(args: argparse.Namespace):
             model = Model(cfg)
     finally:
         torch.set_default_dtype(previous)
+    if args.base == "nf4":
+        quantize_4bit(model, DTYPES[args.dtype])
     return model
+
+
+def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Every ``nn.Linear`` of the decoder layers becomes a bitsandbytes NF4 ``Linear4bit`` holding its
+    weights (quantized as it moves back to the layer's device), and the model is marked
+    ``is_loaded_in_4bit``: what ``from_pretrained(..., BitsAndBytesConfig(load_in_4bit=True))`` leaves
+    (the output layer stays dense). Returns the number of layers quantized."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or ".layers." not in name:
+            continue
+        with torch.device("cpu"):
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
+        q.load_state_dict(module.state_dict())
+        q = q.to(module.weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+        n += 1
+    model.is_loaded_in_4bit = True
+    return n
 
 
 def prepare(variant: str, args: argparse.Namespace):
@@ -182,7 +219,7 @@ def backends_used(model: torch.nn.Module) -> str:
     rank), e.g. "triton:28" or "cuda:4,triton:24": a row says which kernels it timed."""
     from lora_kernels import LoRALinear
     from lora_kernels.backends import resolved_backend
-    from lora_kernels.integrations.peft import _Conv1D, _is_fused
+    from lora_kernels.integrations.peft import _Conv1D, _is_bnb_4bit, _is_fused
 
     counts: collections.Counter[str] = collections.Counter()
     for m in model.modules():
@@ -191,7 +228,11 @@ def backends_used(model: torch.nn.Module) -> str:
             counts[resolved_backend(m.backend, w.new_empty((1, w.shape[1])), w, m.lora_A)] += 1
         elif _is_fused(m):
             base, A = m.get_base_layer(), m.lora_A[m.active_adapters[0]].weight
-            w = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K), as the fused call passes it
+            if _is_bnb_4bit(base):  # the fused call gets the weight dequantized to the compute dtype
+                cdt = base.compute_dtype or DTYPES["bf16"]
+                w = torch.empty((), dtype=cdt, device=base.weight.device).expand(base.out_features, base.in_features)
+            else:
+                w = base.weight.T if isinstance(base, _Conv1D) else base.weight  # (N, K), as the fused call passes it
             counts[resolved_backend(getattr(m, "_lk_backend", "auto"), w.new_empty((1, w.shape[1])), w, A)] += 1
     return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
 
@@ -279,7 +320,8 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
     common = {
         "gpu": _gpu_name(args.device), "commit": _commit(), "date": date,
         "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-        "arch": args.arch, "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+        "arch": args.arch, "base": args.base, "layers": args.layers, "hidden": args.hidden,
+        "intermediate": args.intermediate,
         "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "seq": args.seq,
         "batch": args.batch, "r": args.r, "lora_alpha": args.lora_alpha, "dropout": args.dropout,
         "dtype": args.dtype, "backend": args.backend, "dropout_mask": args.dropout_mask, "warmup": args.warmup,
@@ -305,7 +347,7 @@ def write_csv(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     print(
-        f"e2e_peft on {_gpu_name(args.device)}: {args.arch}, {args.layers} layers, hidden {args.hidden}, "
+        f"e2e_peft on {_gpu_name(args.device)}: {args.arch} ({args.base}), {args.layers} layers, hidden {args.hidden}, "
         f"MLP {args.intermediate}, seq {args.seq} x batch {args.batch}, {args.dtype}, LoRA r={args.r} "
         f"alpha={args.lora_alpha:g} dropout={args.dropout:g}, {args.steps} timed steps"
     )

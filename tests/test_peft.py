@@ -708,7 +708,7 @@ def test_bench_e2e_dry_runs(
     # the CPU, where "auto" runs the reference), the other rows name none.
     assert [r["backend_resolved"] for r in rows] == ["", "", "", f"torch:{fused}", f"torch:{fused}"]
     captured = capsys.readouterr()
-    assert "tokens/s" in captured.out and "patched" in captured.out and f"{arch}, 2 layers" in captured.out
+    assert "tokens/s" in captured.out and "patched" in captured.out and f"{arch} (dense), 2 layers" in captured.out
     assert f"{fused} of {fused} LoRA layers run fused" in captured.err
     with path.open(newline="") as f:
         written = list(csv.DictReader(f))

@@ -271,23 +271,6 @@ def test_register_fused_peft_module_leaves_4bit_bases_to_peft() -> None:
     assert type(model.base_model.model.q).__module__ == "peft.tuners.lora.bnb"
 
 
-def _quantize_linears(model: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Every nn.Linear in the decoder layers becomes an NF4 Linear4bit holding its weights (what loading
-    with transformers' BitsAndBytesConfig(load_in_4bit=True) leaves, lm_head excepted)."""
-    n = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and ".layers." in name:
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
-            q.load_state_dict(module.state_dict())
-            q.to("cpu")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
-            n += 1
-    model.is_loaded_in_4bit = True
-    return n
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_llama_qlora_matches_peft(backend) -> None:
     """A tiny random Llama (bf16) with its 14 decoder projections in NF4, all-linear LoRA: logits and every
@@ -297,7 +280,9 @@ def test_tiny_llama_qlora_matches_peft(backend) -> None:
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
     base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    assert _quantize_linears(base, torch.bfloat16) == 14
+    from bench.e2e_peft import quantize_4bit  # what transformers' 4-bit loading leaves (the benchmark's too)
+
+    assert quantize_4bit(base, torch.bfloat16) == 14
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     gy = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
@@ -316,3 +301,25 @@ def test_tiny_llama_qlora_matches_peft(backend) -> None:
     assert grads.keys() == ref_grads.keys() and len(grads) == 28
     for name in grads:
         assert_close_ref(grads[name], ref_grads[name].double(), [torch.bfloat16], name)
+
+
+def test_bench_e2e_dry_run_with_4bit_bases(tmp_path, capsys) -> None:
+    """``bench/e2e_peft.py --base nf4 --dry``: every variant times (no add_lora row: it wraps plain
+    nn.Linear layers), the patched row runs all 14 projections fused and names the backend resolved for
+    the dequantized weight's dtype, and the CSV says which base it timed."""
+    import csv
+
+    import bench.e2e_peft as e2e
+
+    path = tmp_path / "e2e.csv"
+    rows = e2e.main(["--dry", "--base", "nf4", "--csv", str(path)])
+    assert [r["variant"] for r in rows] == ["floor", "peft_default", "peft_bf16", "patched"]
+    assert [r["backend_resolved"] for r in rows] == ["", "", "", "torch:14"]
+    captured = capsys.readouterr()
+    assert "llama (nf4), 2 layers" in captured.out and "14 of 14 LoRA layers run fused" in captured.err
+    with path.open(newline="") as f:
+        assert {r["base"] for r in csv.DictReader(f)} == {"nf4"}
+    for argv, msg in ((["--arch", "gpt2"], "llama only"), (["--variants", "patched,add_lora"], "not with --base nf4")):
+        with pytest.raises(SystemExit):
+            e2e.parse_args(["--base", "nf4", *argv])
+        assert msg in capsys.readouterr().err
