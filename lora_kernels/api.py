@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from . import backends
-from .reference import WeightRecompute, lora_linear_ref, lora_linear_ref_recompute
+from .reference import LoRALinearRefRecompute, WeightRecompute, lora_linear_ref
 
 __all__ = ["lora_linear", "check_inputs", "new_seed", "MASK_MODES"]
 
@@ -197,8 +197,8 @@ def lora_linear(
     recompute = None if recompute_weight is None else WeightRecompute(recompute_weight, weight)
     if impl is None:
         if recompute is not None:
-            return lora_linear_ref_recompute(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, seed,
-                                             recompute)  # fmt: skip
+            return LoRALinearRefRecompute.apply(x, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p,
+                                                0 if seed is None else seed, recompute)  # fmt: skip
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, True, seed)
     K = x.shape[-1]
     N = weight.shape[0]

@@ -48,7 +48,7 @@ __all__ = [
     "lora_linear_ref",
     "lora_linear_ref_grads",
     "WeightRecompute",
-    "lora_linear_ref_recompute",
+    "LoRALinearRefRecompute",
 ]
 
 PHILOX_KEY_A = 0x9E3779B9
@@ -266,10 +266,12 @@ class WeightRecompute:
         return w.detach().requires_grad_() if weight_grad else w
 
 
-class _RefRecompute(torch.autograd.Function):
-    """The reference without the weight kept for backward: the forward runs without a graph, the
-    backward differentiates the reference again on the recomputed weight (the mask is a function of
-    the seed, so nothing else is saved but x and the adapters)."""
+class LoRALinearRefRecompute(torch.autograd.Function):
+    """The torch backend of ``lora_linear(..., recompute_weight=...)``, a training call: the reference
+    without the weight kept for backward. The forward runs without a graph; the backward differentiates
+    the reference again on the recomputed weight (the mask is a function of the seed, so nothing else is
+    saved but x and the adapters). Arguments: ``(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p,
+    seed, recompute: WeightRecompute)``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, recompute):
@@ -287,21 +289,3 @@ class _RefRecompute(torch.autograd.Function):
         grads = lora_linear_ref_grads(dy, x, weight, lora_A, lora_B, ctx.has_bias, ctx.has_lora_bias,
                                       ctx.scaling, ctx.p, ctx.seed, ctx.needs_input_grad)  # fmt: skip
         return (*grads, None, None, None, None)
-
-
-def lora_linear_ref_recompute(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_bias: torch.Tensor | None,
-    scaling: float,
-    dropout_p: float,
-    seed: int | None,
-    recompute: WeightRecompute,
-) -> torch.Tensor:
-    """:func:`lora_linear_ref` (a training call) whose backward gets the weight from ``recompute``
-    instead of keeping it: the torch backend of ``lora_linear(..., recompute_weight=...)``."""
-    seed = 0 if seed is None else seed
-    return _RefRecompute.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed, recompute)
