@@ -1,4 +1,4 @@
-"""QLoRA: ``patch`` runs PEFT LoRA layers over bitsandbytes 4-bit bases fused (CPU, bitsandbytes' CPU ops).
+"""QLoRA: ``patch`` runs PEFT LoRA layers over bitsandbytes 4-bit bases fused (on CPU: bitsandbytes' CPU ops).
 
 The fused call dequantizes the base weight to the layer's compute dtype as bitsandbytes' training path
 does (dequantize, then a dense GEMM) and passes ``recompute_weight``, so the dense copy is not kept for
@@ -25,9 +25,11 @@ import lora_kernels.integrations.peft as lkp  # noqa: E402
 from ._utils import HAS_CUDA, INTERPRET, assert_close_ref  # noqa: E402
 
 K, N, N2 = 96, 80, 72
+# On a GPU the layers and tensors live there (bitsandbytes' CUDA ops, the Triton kernels compiled); on a
+# CPU machine, bitsandbytes' CPU ops and the Triton interpreter.
+DEV = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRET, reason="on CPU tensors the Triton backend runs only under TRITON_INTERPRET=1"))]  # fmt: skip
-pytestmark = pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="these run bitsandbytes' CPU ops on CPU tensors")
+    not (INTERPRET or HAS_CUDA), reason="the Triton backend needs a GPU or TRITON_INTERPRET=1"))]  # fmt: skip
 
 
 class _TwoLayers(nn.Module):
@@ -41,7 +43,7 @@ class _TwoLayers(nn.Module):
         self.o = bnb.nn.Linear4bit(N, N2, bias=False, compute_dtype=compute_dtype, quant_type="fp4")
         for q, d in ((self.q, dense[0]), (self.o, dense[1])):
             q.load_state_dict(d.state_dict())
-            q.to("cpu")  # bitsandbytes quantizes when the layer moves to its device
+            q.to(DEV)  # bitsandbytes quantizes when the layer moves to its device
         self.is_loaded_in_4bit = loaded_in_4bit  # what transformers sets; PEFT then builds lora.bnb.Linear4bit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _step(model, x, dy=None):
     x = x.detach().requires_grad_()
     y = model(x)
     if dy is None:
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEV).to(y.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     return y.detach(), torch.autograd.grad(y, [x, *params], dy), dy
 
@@ -87,7 +89,7 @@ def test_patched_matches_peft(backend, xdt, loaded_in_4bit, monkeypatch) -> None
     model = _model(loaded_in_4bit)
     expected = "peft.tuners.lora.bnb" if loaded_in_4bit else "peft.tuners.lora.layer"
     assert all(type(m).__module__ == expected for m in _layers(model))
-    x = torch.randn(3, 7, K, generator=torch.Generator().manual_seed(1)).to(xdt)
+    x = torch.randn(3, 7, K, generator=torch.Generator().manual_seed(1)).to(DEV).to(xdt)
     y0, g0, dy = _step(model, x)
     report = lk.patch(model, backend=backend, log=False)
     assert sorted(report.accelerated) == ["base_model.model.o", "base_model.model.q"] and not report.skipped
@@ -118,7 +120,7 @@ def test_dropout_is_the_fused_op_s_on_the_dequantized_weight(backend, mode) -> N
     model = _model(lora_dropout=0.25)
     lk.patch(model, backend=backend, dropout_mask=mode, log=False)
     layer = model.base_model.model.q
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(2)).to(DEV).to(torch.bfloat16).requires_grad_()
     torch.manual_seed(7)
     y = layer(x)
     base = layer.base_layer
@@ -128,7 +130,7 @@ def test_dropout_is_the_fused_op_s_on_the_dequantized_weight(backend, mode) -> N
     ref = lk.lora_linear(x, w, A, B, base.bias.to(torch.bfloat16), scaling=2.0, dropout_p=0.25, backend=backend,
                          dropout_mask=mode)  # fmt: skip
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEV).to(y.dtype)
     got = torch.autograd.grad(y, [x, A, B], dy)
     want = torch.autograd.grad(ref, [x, A, B], dy)
     for g, w_ in zip(got, want, strict=True):
@@ -153,7 +155,7 @@ def test_what_is_kept_for_backward(backend) -> None:
     PEFT's path does at p = 0.1 (PEFT keeps the dropped fp32 copy of x and a mask per adapter call)."""
     model = _model(lora_dropout=0.1)
     model.train()
-    x = torch.randn(64, K, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(64, K, generator=torch.Generator().manual_seed(2)).to(DEV).to(torch.bfloat16).requires_grad_()
     peft_saved = _saved_during(model, x)
     lk.patch(model, backend=backend, log=False)
     ours = _saved_during(model, x)
@@ -176,8 +178,8 @@ def test_gradient_checkpointing(backend, use_reentrant) -> None:
     model = _model(lora_dropout=0.1)
     lk.patch(model, backend=backend, log=False)
     inner = model.base_model.model
-    x = torch.randn(6, K, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(6, N2, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(5)).to(DEV).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(6, N2, generator=torch.Generator().manual_seed(6)).to(DEV).to(torch.bfloat16)
     leaves = [x, *(p for p in model.parameters() if p.requires_grad)]
 
     def grads(run) -> list[torch.Tensor]:  # .backward(): reentrant checkpointing refuses autograd.grad
@@ -197,7 +199,7 @@ def test_two_active_adapters_stack_into_one_call(monkeypatch) -> None:
     model = _model()
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=["q", "o"], init_lora_weights=False))
     model.base_model.set_adapter(["default", "second"])
-    x = torch.randn(4, K, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(8)).to(DEV).to(torch.bfloat16)
     y0, g0, dy = _step(model, x)
     lk.patch(model, backend="torch", log=False)
     spy = _Spy(monkeypatch)
@@ -218,17 +220,18 @@ def test_autocast_output_dtype_is_peft_s(cuda_autocast_flag, monkeypatch) -> Non
     if cuda_autocast_flag:
         real = torch.is_autocast_enabled
         monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True if not a else real(*a))
-    x32 = torch.randn(3, K, generator=torch.Generator().manual_seed(9))
+    x32 = torch.randn(3, K, generator=torch.Generator().manual_seed(9)).to(DEV)
     for loaded in (True, False):
         for xdt, adt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
             model = _model(loaded)
             x = x32.to(xdt)
-            with torch.autocast("cpu", dtype=adt):
+            with torch.autocast(DEV, dtype=adt):
                 y0 = model(x)
                 lk.patch(model, backend="torch", log=False)
                 y1 = model(x)
             # Promoted only for the 4-bit class with the flag set: bf16 + fp16 -> fp32 (fp32 + bf16 stays fp32).
-            want = torch.float32 if loaded and cuda_autocast_flag else xdt
+            # (On a GPU, CUDA's autocast is the one entered here: the flag holds either way.)
+            want = torch.float32 if loaded and (cuda_autocast_flag or DEV == "cuda") else xdt
             assert y0.dtype == want, "PEFT's own rule changed"
             assert y1.dtype == want, (loaded, xdt, adt, y1.dtype)
             assert_close_ref(y1, y0.double(), [torch.bfloat16, torch.float16], "y")
@@ -238,7 +241,7 @@ def test_states_that_take_peft_s_path(monkeypatch) -> None:
     model = _model()
     lk.patch(model, backend="torch", log=False)
     layer = model.base_model.model.q
-    x = torch.randn(2, K).to(torch.bfloat16)
+    x = torch.randn(2, K, device=DEV).to(torch.bfloat16)
     spy = _Spy(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     layer(x)
@@ -279,13 +282,13 @@ def test_tiny_llama_qlora_matches_peft(backend) -> None:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
-    base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    base = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16)
     from bench.e2e_peft import quantize_4bit  # what transformers' 4-bit loading leaves (the benchmark's too)
 
     assert quantize_4bit(base, torch.bfloat16) == 14
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    gy = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEV)
+    gy = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(2)).to(DEV).to(torch.bfloat16)
 
     def run():
         model.zero_grad(set_to_none=True)
