@@ -9,9 +9,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +31,108 @@ def test_gpu_stack_stage_declines_without_disk(tmp_path):
     assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "not run:" in proc.stdout and "needs 1000000 GB" in proc.stdout, proc.stdout
     assert not venv.exists() and not (tmp_path / "src").exists()  # nothing installed, nothing copied
+
+
+# ---- scripts/run_tests.sh (`make test`): the main suite and the GPU-image stack's suite side by side ----
+_FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for .venv/bin/python: the main suite, the fallback's pip and version probe and its pytest.
+case "$*" in
+  *"-m pip install"*) for a; do [ "$prev" = --target ] && mkdir -p "$a"; prev=$a; done; exit 0 ;;
+  "-c "*) echo "triton 3.6.0 numpy 2.3.5"; exit 0 ;;
+esac
+if [ -n "${PYTHONPATH:-}" ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
+echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
+"""
+_FAKE_STACK = r"""#!/usr/bin/env bash
+echo "stack start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; exit "$STACK_RC"
+"""
+
+
+@pytest.mark.parametrize(
+    ("main_rc", "stack_rc", "fallback_rc", "expect"),
+    [(0, 0, 0, 0), (1, 0, 0, 1), (0, 3, 0, 3), (2, 3, 0, 2), (0, 75, 0, 0), (1, 75, 0, 1), (0, 75, 4, 4)],
+)
+@pytest.mark.parametrize("serial", [False, True])
+def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack_rc, fallback_rc, expect, serial):
+    """Both suites run, at the same time unless GPU_STACK_SERIAL=1; the exit code is the main suite's
+    failure, else the stack's; the stack's 75 (no disk) brings the Triton-3.6 fallback, whose code counts."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text(_FAKE_STACK)
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(_FAKE_PYTHON)
+    py.chmod(0o755)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    env.update(VENV=str(tmp_path / "venv"), REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc),
+               FALLBACK_RC=str(fallback_rc), GPU_STACK_SERIAL="1" if serial else "0")  # fmt: skip
+    proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    calls = (rec / "calls").read_text().splitlines()
+    t = {c.split()[0] + " " + c.split()[1]: float(c.split()[2]) for c in calls if c.split()[1] in ("start", "end")}
+    assert set(t) == {"main start", "main end", "stack start", "stack end"}, calls
+    overlap = t["stack start"] < t["main end"] and t["main start"] < t["stack end"]
+    assert overlap is not serial, calls
+    assert "the stack's own output" in proc.stdout, proc.stdout
+    if not serial:  # its log is printed after the main suite, under a line with the stack's exit code
+        head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
+        assert head < proc.stdout.index("the stack's own output"), proc.stdout
+    assert any(c.startswith("fallback pytest") for c in calls) is (stack_rc == 75), calls
+
+
+def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text(_FAKE_STACK)
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(_FAKE_PYTHON)
+    py.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    for extra_env, args in (({}, ["tests/test_layer.py"]), ({"GPU_STACK": "0"}, []), ({"TRITON_COMPAT": "0"}, [])):
+        rec = tmp_path / f"rec{len(extra_env)}{len(args)}{sorted(extra_env)}"
+        rec.mkdir()
+        env = {**base, **extra_env, "VENV": str(tmp_path / "venv"), "REC": str(rec), "MAIN_RC": "5",
+               "STACK_RC": "0", "FALLBACK_RC": "0"}  # fmt: skip
+        proc = subprocess.run(["bash", "scripts/run_tests.sh", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        calls = (rec / "calls").read_text()
+        assert "stack" not in calls and "fallback" not in calls and "GPU-stack" not in proc.stdout, calls
+        assert f"args=-m pytest -q -ra --durations=15 tests {' '.join(args)}".rstrip() in calls, calls
+
+
+def test_run_tests_ctrl_c_stops_the_stack_beside_it(tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group) ends the main suite; the stack, in a session of
+    its own so that it does not get it, is killed with its children, not left running."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text('sleep 60 & echo $! > "$REC/stack_child"; wait\n')
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text('#!/usr/bin/env bash\necho started > "$REC/main"; sleep 60\n')
+    py.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    env.update(VENV=str(tmp_path / "venv"), REC=str(tmp_path))
+    proc = subprocess.Popen(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ((tmp_path / "main").exists() and (tmp_path / "stack_child").exists()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    child = int((tmp_path / "stack_child").read_text())
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the stack's child outlived run_tests.sh"
 
 
 # ---- scripts/gpu_check.sh: the device session's plan (steps in order, a time budget, a prebuilt _C) ----
@@ -75,8 +179,12 @@ def _gpu_check(repo: Path, env: dict, timeout: int = 240) -> subprocess.Complete
     hermetic = {"GPU_CHECK_TRITON_CACHE": "", "TRITON_CACHE_DIR": str(repo / ".pytest-triton-cache")}
     env = {**base, "VENV": str(Path(sys.executable).parent.parent), **hermetic, **env}
     env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="gpu-check-test-") as logs:
+        # The script's default is a fresh mktemp directory kept for the user: a test that does not
+        # read the logs gets one that goes away with it.
+        env.setdefault("GPU_CHECK_LOGS", logs)
+        return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
 
 
 def test_gpu_check_runs_the_steps_in_the_order_given(tmp_path):
