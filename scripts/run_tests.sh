@@ -25,8 +25,12 @@ if [ "$stack" = 1 ] && [ "${GPU_STACK_SERIAL:-0}" != "1" ]; then
   mkdir -p .cache
   echo "=== run_tests: the GPU-stack suite runs beside this one; its output: $LOG (printed at the end)"
   # In a session of its own (setsid execs in place: $! is its process group), so that Ctrl-C or a CI
-  # timeout on this script stops the whole run (pytest's children, pip and ninja) with one kill.
-  setsid bash scripts/run_gpu_stack_tests.sh > "$LOG" 2>&1 &
+  # timeout on this script stops the whole run (pytest's children, pip and ninja) with one kill. bash
+  # starts a background command with SIGINT and SIGQUIT ignored, which its tests would inherit (one
+  # that interrupts a child failed so): env gives them back their defaults, as in the foreground.
+  dflt=()
+  env --default-signal=INT,QUIT true 2>/dev/null && dflt=(env --default-signal=INT,QUIT)
+  setsid "${dflt[@]}" bash scripts/run_gpu_stack_tests.sh > "$LOG" 2>&1 &
   pid=$!
   trap 'kill -- -"$pid" 2>/dev/null; exit 130' INT TERM
 fi

@@ -46,6 +46,7 @@ echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
 """
 _FAKE_STACK = r"""#!/usr/bin/env bash
 echo "stack start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+echo "stack sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; exit "$STACK_RC"
 """
 
@@ -79,6 +80,9 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack
     overlap = t["stack start"] < t["main end"] and t["main start"] < t["stack end"]
     assert overlap is not serial, calls
     assert "the stack's own output" in proc.stdout, proc.stdout
+    ignored = int(next(c.split()[2] for c in calls if c.startswith("stack sigign")), 16)
+    if not serial:  # not the SIGINT / SIGQUIT that bash ignores in a background command: the defaults
+        assert not ignored & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGQUIT - 1)), hex(ignored)
     if not serial:  # its log is printed after the main suite, under a line with the stack's exit code
         head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
         assert head < proc.stdout.index("the stack's own output"), proc.stdout
@@ -107,9 +111,10 @@ def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_pa
         assert f"args=-m pytest -q -ra --durations=15 tests {' '.join(args)}".rstrip() in calls, calls
 
 
-def test_run_tests_ctrl_c_stops_the_stack_beside_it(tmp_path):
-    """Ctrl-C (SIGINT to the foreground process group) ends the main suite; the stack, in a session of
-    its own so that it does not get it, is killed with its children, not left running."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
+def test_run_tests_interrupted_stops_the_stack_beside_it(tmp_path, sig):
+    """Ctrl-C (SIGINT to the foreground process group) or SIGTERM to it ends the main suite; the stack, in a
+    session of its own so that it does not get it, is killed with its children, not left running."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
     (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text('sleep 60 & echo $! > "$REC/stack_child"; wait\n')
@@ -120,13 +125,16 @@ def test_run_tests_ctrl_c_stops_the_stack_beside_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
     env.update(VENV=str(tmp_path / "venv"), REC=str(tmp_path))
     proc = subprocess.Popen(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, start_new_session=True,
+                            # A terminal's default for SIGINT: this test may itself run in the background
+                            # (the stack's suite does), where bash starts commands with SIGINT ignored.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 30
     while not ((tmp_path / "main").exists() and (tmp_path / "stack_child").exists()):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.1)
     child = int((tmp_path / "stack_child").read_text())
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out
     deadline = time.monotonic() + 10
