@@ -24,14 +24,14 @@ pid=
 if [ "$stack" = 1 ] && [ "${GPU_STACK_SERIAL:-0}" != "1" ]; then
   mkdir -p .cache
   echo "=== run_tests: the GPU-stack suite runs beside this one; its output: $LOG (printed at the end)"
-  # In a session of its own (setsid execs in place: $! is its process group), so that Ctrl-C or a CI
-  # timeout on this script stops the whole run (pytest's children, pip and ninja) with one kill. bash
-  # starts a background command with SIGINT and SIGQUIT ignored, which its tests would inherit (one
-  # that interrupts a child failed so): env gives them back their defaults, as in the foreground.
-  dflt=()
-  env --default-signal=INT,QUIT true 2>/dev/null && dflt=(env --default-signal=INT,QUIT)
-  setsid "${dflt[@]}" bash scripts/run_gpu_stack_tests.sh > "$LOG" 2>&1 &
+  # Launched with job control on (set -m), as a job in a process group of its own ($! is its id), so
+  # that Ctrl-C or a CI timeout on this script stops the whole run (pytest's children, pip and ninja)
+  # with one kill. Without job control bash would start it with SIGINT and SIGQUIT ignored, and its
+  # tests would inherit that (one that interrupts a child hung so); with it, they keep their defaults.
+  set -m
+  bash scripts/run_gpu_stack_tests.sh > "$LOG" 2>&1 &
   pid=$!
+  set +m
   trap 'kill -- -"$pid" 2>/dev/null; exit 130' INT TERM
 fi
 

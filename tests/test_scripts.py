@@ -42,6 +42,7 @@ case "$*" in
 esac
 if [ -n "${PYTHONPATH:-}" ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
 echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+echo "main sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
 """
 _FAKE_STACK = r"""#!/usr/bin/env bash
@@ -49,6 +50,29 @@ echo "stack start $(date +%s.%N)" >> "$REC/calls"; sleep 1
 echo "stack sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; exit "$STACK_RC"
 """
+
+_INT_QUIT = 1 << (signal.SIGINT - 1) | 1 << (signal.SIGQUIT - 1)  # their bits in /proc's SigIgn
+
+
+def _terminal_signals() -> None:
+    """SIGINT and SIGQUIT at their defaults, as under a terminal: the test itself may run where they are
+    ignored (a background command of a shell without job control, e.g. the stack's suite before)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def _run_tests_tree(root: Path, stack: str = _FAKE_STACK, python: str = _FAKE_PYTHON) -> dict:
+    """run_tests.sh in ``root`` beside stand-ins for the stack script and the venv's python; the
+    environment to run it with (none of the switches that pick its mode)."""
+    (root / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "run_tests.sh", root / "scripts")
+    (root / "scripts" / "run_gpu_stack_tests.sh").write_text(stack)
+    py = root / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(python)
+    py.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    return {**env, "VENV": str(root / "venv")}
 
 
 @pytest.mark.parametrize(
@@ -59,20 +83,13 @@ echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; 
 def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack_rc, fallback_rc, expect, serial):
     """Both suites run, at the same time unless GPU_STACK_SERIAL=1; the exit code is the main suite's
     failure, else the stack's; the stack's 75 (no disk) brings the Triton-3.6 fallback, whose code counts."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
-    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text(_FAKE_STACK)
-    py = tmp_path / "venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text(_FAKE_PYTHON)
-    py.chmod(0o755)
+    env = _run_tests_tree(tmp_path)
     rec = tmp_path / "rec"
     rec.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
-    env.update(VENV=str(tmp_path / "venv"), REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc),
+    env.update(REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc),
                FALLBACK_RC=str(fallback_rc), GPU_STACK_SERIAL="1" if serial else "0")  # fmt: skip
     proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+                          timeout=60, preexec_fn=_terminal_signals)  # fmt: skip
     assert proc.returncode == expect, proc.stdout + proc.stderr
     calls = (rec / "calls").read_text().splitlines()
     t = {c.split()[0] + " " + c.split()[1]: float(c.split()[2]) for c in calls if c.split()[1] in ("start", "end")}
@@ -80,29 +97,23 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack
     overlap = t["stack start"] < t["main end"] and t["main start"] < t["stack end"]
     assert overlap is not serial, calls
     assert "the stack's own output" in proc.stdout, proc.stdout
-    ignored = int(next(c.split()[2] for c in calls if c.startswith("stack sigign")), 16)
-    if not serial:  # not the SIGINT / SIGQUIT that bash ignores in a background command: the defaults
-        assert not ignored & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGQUIT - 1)), hex(ignored)
-    if not serial:  # its log is printed after the main suite, under a line with the stack's exit code
+    # The stack's tests see the signals as the main suite's do: not the SIGINT / SIGQUIT that bash ignores
+    # in a background command without job control.
+    ignored = {c.split()[0]: int(c.split()[2], 16) for c in calls if c.split()[1] == "sigign"}
+    assert ignored["stack"] == ignored["main"] and not ignored["main"] & _INT_QUIT, calls
+    if not serial:
+        # Its log is printed after the main suite, under a line with the stack's exit code.
         head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
         assert head < proc.stdout.index("the stack's own output"), proc.stdout
     assert any(c.startswith("fallback pytest") for c in calls) is (stack_rc == 75), calls
 
 
 def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_path):
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
-    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text(_FAKE_STACK)
-    py = tmp_path / "venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text(_FAKE_PYTHON)
-    py.chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    base = _run_tests_tree(tmp_path)
     for extra_env, args in (({}, ["tests/test_layer.py"]), ({"GPU_STACK": "0"}, []), ({"TRITON_COMPAT": "0"}, [])):
         rec = tmp_path / f"rec{len(extra_env)}{len(args)}{sorted(extra_env)}"
         rec.mkdir()
-        env = {**base, **extra_env, "VENV": str(tmp_path / "venv"), "REC": str(rec), "MAIN_RC": "5",
-               "STACK_RC": "0", "FALLBACK_RC": "0"}  # fmt: skip
+        env = {**base, **extra_env, "REC": str(rec), "MAIN_RC": "5", "STACK_RC": "0", "FALLBACK_RC": "0"}
         proc = subprocess.run(["bash", "scripts/run_tests.sh", *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 5, proc.stdout + proc.stderr
@@ -115,19 +126,11 @@ def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_pa
 def test_run_tests_interrupted_stops_the_stack_beside_it(tmp_path, sig):
     """Ctrl-C (SIGINT to the foreground process group) or SIGTERM to it ends the main suite; the stack, in a
     session of its own so that it does not get it, is killed with its children, not left running."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "run_tests.sh", tmp_path / "scripts")
-    (tmp_path / "scripts" / "run_gpu_stack_tests.sh").write_text('sleep 60 & echo $! > "$REC/stack_child"; wait\n')
-    py = tmp_path / "venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text('#!/usr/bin/env bash\necho started > "$REC/main"; sleep 60\n')
-    py.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
-    env.update(VENV=str(tmp_path / "venv"), REC=str(tmp_path))
+    env = _run_tests_tree(tmp_path, stack='sleep 60 & echo $! > "$REC/stack_child"; wait\n',
+                          python='#!/usr/bin/env bash\necho started > "$REC/main"; sleep 60\n')  # fmt: skip
+    env["REC"] = str(tmp_path)
     proc = subprocess.Popen(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, start_new_session=True,
-                            # A terminal's default for SIGINT: this test may itself run in the background
-                            # (the stack's suite does), where bash starts commands with SIGINT ignored.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            preexec_fn=_terminal_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 30
     while not ((tmp_path / "main").exists() and (tmp_path / "stack_child").exists()):
