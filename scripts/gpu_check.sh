@@ -15,7 +15,7 @@
 #   LORA_KERNELS_NO_JIT  default 1 after the install step: a missing _C makes the cuda rows and tests
 #                    skip with a reason instead of JIT-building CUTLASS for minutes inside a timed step
 #   GPU_CHECK_STEPS=a,b,...  the steps, run in this order, of install, environment, verify, tests, bench,
-#                    profile (default install,environment,tests,bench), so a time-limited device
+#                    kernels, profile (default install,environment,tests,bench), so a time-limited device
 #                    session can split the check over several commands
 #   GPU_CHECK_PLAN=short  defaults for a 15-minute device session: install,environment,verify,bench,tests,
 #                    a 360 s budget, a four-configuration benchmark on fixed tiles, the GPU test files
@@ -50,6 +50,10 @@
 #                    tool returns no file over 16 MiB), which GPU_CHECK_TRITON_CACHE=file.tar.gz reads
 #   VERIFY_AUTOTUNE=0|1  LORA_KERNELS_AUTOTUNE for the verify step (short plan: 0, fixed tiles; eager calls
 #                    otherwise tune, compiling every config of each kernel variant)
+#   KERNELS_ARGS="..." arguments for the kernels step, `python -m bench.kernel_times` (time per kernel of a
+#                    forward+backward step from torch.profiler's trace; default: its own)
+#   PROFILE_ARGS="..." arguments for `python -m bench.ncu_profile` (default: six implementations at
+#                    8192×4096→4096, r = 16, p = 0.1)
 #   GPU_CHECK_PROFILE=1  also run the profile step: `python -m bench.ncu_profile` (Nsight Compute counters per
 #                    kernel at 8192×4096→4096, r = 16, p = 0.1) when ncu exists
 #   LORA_KERNELS_CUTLASS_DIR  CUTLASS headers (default third_party/cutlass when present: see
@@ -285,6 +289,12 @@ do_verify() {
   LORA_KERNELS_AUTOTUNE=${VERIFY_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} "$PY" -m lora_kernels verify ${VERIFY_ARGS:-} --json "$LOG_DIR/verify.json"
 }
 
+do_kernels() {
+  # Time per kernel of one forward+backward step (torch.profiler's trace; caches warm, no replay).
+  # shellcheck disable=SC2086
+  LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} "$PY" -m bench.kernel_times ${KERNELS_ARGS:-}
+}
+
 do_profile() {
   if ! command -v "${NCU:-ncu}" >/dev/null 2>&1; then
     echo "gpu-check: profile: ${NCU:-ncu} not found"
@@ -293,8 +303,8 @@ do_profile() {
   # The tiles the benchmark rows ran (the short plan's are fixed): counters for the kernels the table timed,
   # and no autotuning compiles (every config of each kernel) inside the ncu child.
   LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} \
-    "$PY" -m bench.ncu_profile --impls cublas,triton-bitmask,triton-flat,triton-1pass,cuda-bitmask,cuda-expand \
-    --shape 8192,4096,4096,16 -p 0.1
+    "$PY" -m bench.ncu_profile ${PROFILE_ARGS:---impls cublas,triton-bitmask,triton-flat,triton-1pass,cuda-bitmask,cuda-expand
+    --shape 8192,4096,4096,16 -p 0.1}
 }
 
 do_environment() {
@@ -317,9 +327,9 @@ print('backends', lora_kernels.available_backends(dtype=torch.bfloat16))
     --format=csv 2>/dev/null || true
 }
 
-export -f install_prebuilt do_install do_environment do_verify do_tests do_bench do_profile
+export -f install_prebuilt do_install do_environment do_verify do_tests do_bench do_kernels do_profile
 export PY LOG_DIR GPU_CHECK_PREBUILT GPU_CHECK_TESTS GPU_CHECK_WORKERS PYTEST_ARGS BENCH_ARGS BENCH_OUT \
-  BENCH_AUTOTUNE VERIFY_ARGS VERIFY_AUTOTUNE NCU
+  BENCH_AUTOTUNE VERIFY_ARGS VERIFY_AUTOTUNE NCU KERNELS_ARGS PROFILE_ARGS
 
 STEP_LIST=${GPU_CHECK_STEPS:-install,environment,tests,bench}
 [ "${GPU_CHECK_PROFILE:-0}" = "1" ] && [[ ",$STEP_LIST," != *",profile,"* ]] && STEP_LIST="$STEP_LIST,profile"
@@ -329,8 +339,8 @@ seed_triton_cache
 IFS=, read -r -a ORDER <<<"$STEP_LIST"
 for step in "${ORDER[@]}"; do
   case $step in
-    install | environment | verify | tests | bench | profile) run_step "$step" "do_$step" ;;
-    *) echo "gpu-check: unknown step '$step' (install, environment, verify, tests, bench, profile)"; exit 2 ;;
+    install | environment | verify | tests | bench | kernels | profile) run_step "$step" "do_$step" ;;
+    *) echo "gpu-check: unknown step '$step' (install, environment, verify, tests, bench, kernels, profile)"; exit 2 ;;
   esac
   # Whatever the install did, the checkout is importable (an in-place build, or none at all), and a
   # missing _C is not JIT-built inside a timed step.
@@ -345,7 +355,7 @@ for step in "${ORDER[@]}"; do
   fi
 done
 
-for name in verify profile bench; do  # the benchmark table nearest the summary (the reply keeps the tail)
+for name in verify kernels profile bench; do  # the benchmark table nearest the summary (the reply keeps the tail)
   [ -f "$LOG_DIR/$name.log" ] || continue
   echo
   echo "=== gpu-check: $name table"

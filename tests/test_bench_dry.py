@@ -986,3 +986,57 @@ def test_frozen_option_is_recorded(tmp_path):
     with pytest.raises(ValueError, match="frozen must be"):
         _impls.make_problem(8, 8, 8, 2, 0.0, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu",
                             frozen="x")  # fmt: skip
+
+
+def test_kernel_times_reads_the_device_events_of_a_trace():
+    """bench/kernel_times.py: a Chrome trace's kernel, memset and memcpy events (name, µs), not its host
+    events; the table per kernel (launches and µs per step, share of the step) and the sum per step
+    against the step's wall time."""
+    from bench import kernel_times as kt
+
+    trace = {
+        "traceEvents": [
+            {"cat": "cpu_op", "name": "aten::mm", "dur": 900.0},
+            {"cat": "kernel", "name": "_fwd_tma_kernel", "dur": 350.0},
+            {"cat": "kernel", "name": "_fwd_tma_kernel", "dur": 340.0},
+            {"cat": "gpu_memset", "name": "Memset (Device)", "dur": 2.0},
+            {"cat": "kernel", "name": "_shrink_kernel", "dur": 30.0},
+            {"cat": "ac2g", "name": "flow"},  # flow events have no duration
+        ]
+    }
+    events = kt.kernel_events(trace)
+    assert events == [("_fwd_tma_kernel", 350.0), ("_fwd_tma_kernel", 340.0), ("Memset (Device)", 2.0),
+                      ("_shrink_kernel", 30.0)]  # fmt: skip
+    row = {"shape": (8192, 4096, 4096, 16), "impl": "triton-bitmask", "p": 0.1, "wall_us": 400.0, "events": events}
+    table = kt.summarize([row], steps=2)
+    lines = table.splitlines()
+    head = "| 8192 × 4096 → 4096, 16 | triton-bitmask | 0.1 |"
+    assert lines[2] == f"{head} `_fwd_tma_kernel` | 1 | 345.0 | 86% |"
+    assert lines[3] == f"{head} `_shrink_kernel` | 0.5 | 15.0 | 4% |"
+    assert lines[4] == f"{head} `Memset (Device)` | 0.5 | 1.0 | 0% |"
+    assert lines[5] == f"{head} **all kernels / step wall time** | 2 | 361.0 / 400.0 | 90% |"
+    long = "void cutlass::device_kernel<" + "x" * 100 + ">"
+    row = {"shape": (1, 2, 3, 4), "impl": "cuda-bitmask", "p": 0.0, "wall_us": 10.0, "events": [(long, 5.0)]}
+    assert f"`{long[:67]}...`" in kt.summarize([row], 1)
+
+
+def test_kernel_times_runs_the_steps_on_a_gpu(capsys):
+    """The whole tool on a small problem: a row per kernel and a total per implementation and p; without
+    a CUDA GPU it says so and returns 2 (torch.profiler's CPU trace has no kernels to time)."""
+    from bench import kernel_times as kt
+
+    argv = ["--impls", "cublas,naive", "--shape", "256,128,192,8", "--shape", "67,203,130,1", "-p", "0.1",
+            "--steps", "2", "--warmup", "1"]  # fmt: skip
+    rc = kt.main(argv)
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert rc == 2 and "needs a CUDA GPU" in out
+        return
+    assert rc == 0
+    totals = [line for line in out.splitlines() if "all kernels / step wall time" in line]
+    assert [line.split(" | ")[0:3] for line in totals] == [
+        [f"| {shape}", impl, "0.1"]
+        for shape in ("256 × 128 → 192, 8", "67 × 203 → 130, 1")
+        for impl in ("cublas", "naive")
+    ]
+    assert sum(line.startswith("| impl |") for line in out.splitlines()) == 1

@@ -137,12 +137,16 @@ def test_tensors_on_different_gpus(backend):
 
 @pytest.mark.parametrize("backend_name", ["auto", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("name", ["weight", "lora_A", "lora_B", "bias", "lora_bias"])
-def test_tensors_on_different_gpus_without_two_gpus(backend_name, name):
+def test_tensors_on_different_gpus_without_two_gpus(backend_name, name, monkeypatch):
     """The device check of the test above on fake CUDA tensors (only devices and shapes exist): every
     argument on another GPU than x is named, for every backend, before anything would launch."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
 
-    with FakeTensorMode():
+    # On a machine with one real GPU, a fake tensor's first use of a device makes a real tensor there
+    # ("initialize the CUDA context"): cuda:1 does not exist (invalid device ordinal). Nothing here
+    # runs on a device, so the fake tensors need no context.
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+    with fake_tensor.FakeTensorMode():
         t = {k: torch.empty(v.shape, device="cuda:0") for k, v in _inputs().items()}
         t[name] = torch.empty(t[name].shape, device="cuda:1")
         with pytest.raises(ValueError, match=rf"^{name} is on cuda:1 but x is on cuda:0"):
