@@ -1039,4 +1039,4 @@ def test_kernel_times_runs_the_steps_on_a_gpu(capsys):
         for shape in ("256 × 128 → 192, 8", "67 × 203 → 130, 1")
         for impl in ("cublas", "naive")
     ]
-    assert sum(line.startswith("| impl |") for line in out.splitlines()) == 1
+    assert sum(line.startswith("| M × K → N, r | impl |") for line in out.splitlines()) == 1

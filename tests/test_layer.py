@@ -318,7 +318,9 @@ def test_conv1d_base_is_read_in_place_and_merges(backend: str) -> None:
     w0 = conv.weight.clone()
     a.merge()
     assert isinstance(a.base_layer, Conv1D) and a.base_layer is conv
-    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)  # the Conv1D itself now holds W + s·B·A
+    # The Conv1D itself now holds W + s·B·A; x·(W + s·B·A) rounds otherwise than x·W + s·(x·A)·B (on a GPU, 1e-5 of
+    # an output of ~10 was seen).
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(a(x), expected, rtol=1e-5, atol=1e-5)
     a.unmerge()
     torch.testing.assert_close(conv.weight, w0, rtol=1e-6, atol=1e-6)

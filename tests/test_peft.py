@@ -1021,8 +1021,9 @@ def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend: str, monkeypatch: 
     every adapter gradient match PEFT's own model in float64, with dropout's mask aside (p = 0)."""
     if backend == "triton" and not HAS_TRITON_BACKEND:
         pytest.skip("triton is not installed")
-    model = _gpt2_peft()
-    ids = _ids()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on a GPU, or on the CPU interpreted
+    model = _gpt2_peft().to(dev)
+    ids = _ids().to(dev)
     ref_logits, ref_grads = _run(copy.deepcopy(model).double(), ids)
     report = patch(model, backend=backend, log=False)
     assert len(report.accelerated) == 4 and report.skipped == {} and report.fallback == {}  # c_attn, 2 c_proj, c_fc
@@ -1032,7 +1033,8 @@ def test_gpt2_conv1d_layers_run_fused_and_match_peft(backend: str, monkeypatch: 
     _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.float32])
     unpatch(model)
     logits_peft, _ = _run(model, ids)
-    torch.testing.assert_close(logits_peft, logits, atol=1e-5, rtol=1e-5)
+    # Two fp32 computations in different orders (on a GPU, cuBLAS against the kernels): not bit for bit.
+    torch.testing.assert_close(logits_peft, logits, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [True, False])
