@@ -29,6 +29,10 @@ Names:
                 the (N, K) weight of ``triton-bitmask``; offered only on the TMA path.
     ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
                 for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
+    ``triton-dafused`` ``triton-bitmask`` with dA as the first tiles of the TMA dX kernel
+                (``LORA_KERNELS_BWD_DA=fused``) instead of a launch of its own; offered only on the TMA path.
+    ``triton-nosplitm`` ``triton-bitmask`` with the backward's dA and dB reductions unsplit over M
+                (``LORA_KERNELS_BWD_SPLIT_M=1``); offered only where the default splits.
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
@@ -70,6 +74,8 @@ ALL_IMPLS = (
     "triton-flat",
     "triton-kn",
     "triton-nosplit",
+    "triton-dafused",
+    "triton-nosplitm",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
@@ -388,6 +394,32 @@ def _ours_flattened(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "TMA_FLATTEN", True))  # fmt: skip
 
 
+def _ours_da_fused(prob: Problem) -> Impl:
+    """``triton-bitmask`` with dA as the first tiles of the TMA dX kernel (``LORA_KERNELS_BWD_DA=fused``, the
+    layout before session 28) instead of a launch of its own, for this row's calls."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-dafused")
+    x, W = prob.xs[0], prob.weight
+    if not (tri._tma_ok(x, W) and (prob.K * x.element_size()) % 16 == 0):
+        raise Unavailable("dA's placement is a choice of the TMA backward only (sm90+, 16-bit x, 16-byte rows)")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "BWD_DA", "fused"))  # fmt: skip
+
+
+def _ours_no_split_m(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the backward's dA and dB reductions unsplit (``LORA_KERNELS_BWD_SPLIT_M=1``: one
+    program per K- or N-block reduces all of M), for this row's calls."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-nosplitm")
+    x = prob.xs[0].reshape(-1, prob.K)
+    if max(tri._row_splits(x, tri._cdiv(prob.K, 128)), tri._row_splits(x, tri._cdiv(prob.N, 128))) == 1:
+        raise Unavailable("the backward does not split M here: identical to triton-bitmask")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "BWD_SPLIT_M", "1"))  # fmt: skip
+
+
 def _ours_w_kn(prob: Problem) -> Impl:
     """``triton-bitmask`` on a copy of W stored (K, N) (one more W in memory, owned by the row), passed as
     its (N, K) view, as lora_kernels.patch passes a GPT-2 Conv1D layer's weight."""
@@ -457,6 +489,10 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_flattened(prob)
     if name == "triton-kn":
         return _ours_w_kn(prob)
+    if name == "triton-dafused":
+        return _ours_da_fused(prob)
+    if name == "triton-nosplitm":
+        return _ours_no_split_m(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

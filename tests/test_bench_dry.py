@@ -594,6 +594,72 @@ def test_no_split_row(monkeypatch):
     torch.testing.assert_close(y1, y2, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_da_fused_row(monkeypatch):
+    """``triton-dafused``: refused off the TMA path; on it (TMA forced, interpreter) the row's dX kernel holds
+    the dA tiles and no dA launch follows, ``triton-bitmask``'s dA is a launch of its own; the switch is
+    restored after the row, and both give the same output and gradients (p = 0.1, the same seed)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _tma_row_problem(monkeypatch, "triton-dafused", 0.1, refusal="TMA backward only")
+    seen = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "DO_DA" in meta:
+            seen.append((kernel.__name__, meta["DO_DA"], meta.get("DO_DX")))
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    out = {}
+    for name in ("triton-dafused", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        x = prob.xs[0].detach().requires_grad_()
+        with impl.scope():
+            torch.manual_seed(3)  # the dropout seed each call draws
+            y = impl.fn(x)
+            y.backward(prob.dys[0])
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+        assert tri.BWD_DA == "separate"
+    assert seen == [("_bwd_dx_tma_kernel", True, True),
+                    ("_bwd_dx_tma_kernel", False, True), ("_bwd_dx_kernel", True, False)], seen  # fmt: skip
+    for a, b in zip(out["triton-dafused"], out["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_no_split_m_row(monkeypatch):
+    """``triton-nosplitm``: refused where the backward would not split M anyway (the interpreter never does
+    by itself); elsewhere ``triton-bitmask`` with LORA_KERNELS_BWD_SPLIT_M=1 for its own calls only: its
+    reductions unsplit, ``triton-bitmask``'s split, the same gradients."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _impls.make_problem(M, K, N, R, 0.0, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu",
+                               copies=1)  # fmt: skip
+    with pytest.raises(_impls.Unavailable, match="does not split"):
+        _impls.build("triton-nosplitm", prob)
+    real, seen = tri._row_splits, []
+
+    def splits(x, blocks):  # as a GPU would at a large M: 3 splits unless fixed by the switch
+        seen.append(tri.BWD_SPLIT_M)
+        return 3 if tri.BWD_SPLIT_M == "auto" else real(x, blocks)
+
+    monkeypatch.setattr(tri, "_row_splits", splits)
+    grads = {}
+    for name in ("triton-nosplitm", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        seen.clear()
+        with impl.scope():
+            impl.fn(prob.xs[0]).backward(prob.dys[0])
+        assert set(seen) == ({"1"} if name == "triton-nosplitm" else {"auto"}), (name, seen)
+        grads[name] = (prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+    assert tri.BWD_SPLIT_M == "auto"
+    for a, b in zip(grads["triton-nosplitm"], grads["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_row_needs_a_gpu():
     """``triton-compile`` (torch.compile of our Triton path) is refused on a CPU with its reason: the
     interpreter's kernels cannot be traced."""

@@ -607,7 +607,9 @@ def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
         if w_kn:
             W = W.T.contiguous().T
         run_and_check("triton", x, W, A, B, b, lb, p=0.1)
-        assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
+        # shrink, fwd, bwd-dy, bwd-dx kernels were tuned; on the TMA path also dA's own launch (the pointer dX
+        # kernel without dX tiles)
+        assert tri._autotuner.cache_info().currsize == (5 if tma == "1" else 4)
     finally:
         tri._autotuner.cache_clear()
 
@@ -835,6 +837,55 @@ def test_shrink_split_k_matches_reference(monkeypatch, splits, tma):
     assert torch.equal(bits, ref)
 
 
+def test_backward_row_splits_fill_the_gpu(monkeypatch):
+    """The backward's dA and dB reductions split M until their blocks reach ~2 programs per SM of an H100/H200
+    (132), at most 16 splits and at least 512 rows each; fp32 and the interpreter keep 1 unless
+    LORA_KERNELS_BWD_SPLIT_M fixes a count."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    x = lambda M: torch.empty(M, 8, dtype=torch.bfloat16)  # noqa: E731
+    # (M, blocks) -> splits: K = 4096 (32 blocks of 128), N = 14336 (112), K = 1024 (8), M too short to split
+    cases = {(8192, 32): 9, (8192, 112): 3, (8192, 8): 16, (16384, 8): 16, (2048, 32): 4, (1000, 32): 1, (1, 8): 1,
+             (8192, 300): 1}  # fmt: skip
+    assert {c: tri._row_splits(x(c[0]), c[1]) for c in cases} == cases
+    assert tri._row_splits(torch.empty(8192, 8), 32) == 1  # fp32
+    monkeypatch.setattr(tri, "_interpret", lambda: True)
+    assert tri._row_splits(x(8192), 32) == 1
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", "40")
+    assert tri._row_splits(x(8192), 32) == 16
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", "0")
+    assert tri._row_splits(x(8192), 32) == 1
+
+
+@pytest.mark.parametrize("splits,tma,da", [(3, "0", "separate"), (4, "1", "separate"), (4, "1", "fused"),
+                                           (2, "1", "separate")])  # fmt: skip
+def test_backward_row_splits_match_reference(monkeypatch, splits, tma, da):
+    """dA and dB (and Σ dY for the lora_bias gradient) reduced over row splits into fp32 partials, summed
+    after: splits of 32 rows at M = 67 leave the last one short and, in 4 splits, one empty (its partial must
+    be zeros); the pointer kernel's dA programs, the TMA path's own dA launch and its fused variant
+    (``LORA_KERNELS_BWD_DA=fused``); stored and regenerated masks; every gradient vs float64. Outputs start
+    NaN-poisoned, so a partial left unwritten shows."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", str(splits))
+    monkeypatch.setattr(tri, "TMA_MODE", tma)
+    monkeypatch.setattr(tri, "BWD_DA", da)
+    launched = []
+    real = tri._launch
+    monkeypatch.setattr(
+        tri, "_launch", lambda kernel, *a, **k: (launched.append(kernel.__name__), real(kernel, *a, **k))
+    )
+    x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    gemm = "_bwd_dx_tma_kernel" if tma == "1" else "_bwd_dx_kernel"
+    own_da = ["_bwd_dx_kernel"] if (tma == "1" and da == "separate") else []
+    assert launched == ["_shrink_kernel", launched[1], "_bwd_dy_kernel", gemm, *own_da], launched
+    run_and_check("triton", x, W, A, B, b, lb, p=0.5, mode="regenerate")
+    run_and_check("triton", x, W, A, B, b, lb, p=0.0)
+
+
 @pytest.mark.parametrize("tma", ["auto", "1"])
 @pytest.mark.parametrize("M,dtype", [(2048, torch.bfloat16), (8192, torch.float16), (300, torch.float32)])
 def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
@@ -874,7 +925,8 @@ def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
     names = [name for name, *_ in launches]
     tma_ = tma == "1" and dtype != torch.float32
     gemms = ["_fwd_tma_kernel", "_bwd_dx_tma_kernel"] if tma_ else ["_fwd_kernel", "_bwd_dx_kernel"]
-    assert names == ["_shrink_kernel", gemms[0], "_bwd_dy_kernel", gemms[1]], names
+    own_da = ["_bwd_dx_kernel"] if tma_ else []  # the TMA backward's dA launch
+    assert names == ["_shrink_kernel", gemms[0], "_bwd_dy_kernel", gemms[1], *own_da], names
     if tma_:  # plain tensors where the host path passes descriptors
         assert all(launches[i][3]["DEVICE_DESC"] is True for i in (1, 3))
         assert all(isinstance(launches[i][2][j], torch.Tensor) for i in (1, 3) for j in range(3))
@@ -1204,7 +1256,8 @@ def test_compiled_graph_outputs_come_from_the_kernels():
             want = [[gemm, y], [gemm, "T_OUT"] if split else ["_shrink_kernel", "T"], ["_shrink_kernel", "BITS"]]
         else:
             gemm, dx = ("_bwd_dx_tma_kernel", "dx_desc") if tma else ("_bwd_dx_kernel", "DX")
-            want = [[gemm, dx], [gemm, "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
+            # dA: on the TMA path a launch of its own, the pointer kernel's dA programs
+            want = [[gemm, dx], ["_bwd_dx_kernel", "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
         assert r["outputs"] == want, r
 
 
@@ -1463,7 +1516,7 @@ def test_tuning_tables_fit_an_h100():
     least one config that loads (the launcher would otherwise fall back to the fixed tiles)."""
     pytest.importorskip("triton")
     results = _run_sm90_script(_SM90_TUNING, [16, 64, 256])
-    kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
+    kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel", "_bwd_dx_kernel"}  # dA
     for r in (16, 64, 256):
         assert {c["kernel"] for c in results if c["r"] == r} == kernels, results
     common = [c for c in results if c["r"] <= 64]

@@ -364,8 +364,8 @@ def _bwd_single_pass_kernel(
     for tile_id in tl.range(tl.program_id(0), num_db + num_pid_m * num_pid_k, NUM_SMS):
         if tile_id < num_db:
             if PHASE != 2:
-                _db_block(tile_id, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, scaling,
-                          CDT, False, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
+                _db_block(tile_id, 0, 1, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, 0, 0,
+                          scaling, CDT, False, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
         else:
             pid_m = (tile_id - num_db) // num_pid_k
             pid_k = (tile_id - num_db) % num_pid_k
@@ -711,19 +711,6 @@ def lora_bwd_single_pass(
         except OutOfResources:
             if i == 1:
                 raise
-    da = _ll._empty((R, K), dev, torch.float32)
-    if need_da:
-        # The dA programs of the pointer kernel (no dX tiles): reads x (and the bits) once.
-        _ll._launch(
-            _ll._bwd_dx_kernel,
-            lambda META: (_cdiv(K, META["BLOCK_K"]),),
-            (dy, weight, dt, lora_A, x, bits, dx, da, M, N, K, R, _m_bucket(M),
-             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
-             lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
-             dx.stride(0), dx.stride(1), da.stride(0), lo, hi, thr, keep_scale),
-            dict(DO_DX=False, DO_DA=True, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR,
-                 IEEE=False),
-            _ll._cfg(x, R),
-            _ll._identity,
-        )  # fmt: skip
+    # dA: the dA programs of the pointer kernel (no dX tiles), reading x (and the bits) once.
+    da = _ll.launch_da(x, lora_A, dt, bits, p, seed) if need_da else _ll._empty((R, K), dev, torch.float32)
     return dx, da, db, colsum
