@@ -29,8 +29,8 @@ Names:
                 the (N, K) weight of ``triton-bitmask``; offered only on the TMA path.
     ``triton-nosplit`` ``triton-bitmask`` with the shrink's K never split (``LORA_KERNELS_SHRINK_SPLIT_K=1``)
                 for an A/B of the split-K shrink; offered only where the default splits (M below ~3.8 K).
-    ``triton-dafused`` ``triton-bitmask`` with dA as the first tiles of the TMA dX kernel
-                (``LORA_KERNELS_BWD_DA=fused``) instead of a launch of its own; offered only on the TMA path.
+    ``triton-daseparate`` ``triton-bitmask`` with dA as a launch of its own after the TMA dX kernel
+                (``LORA_KERNELS_BWD_DA=separate``) instead of its first tiles; offered only on the TMA path.
     ``triton-nosplitm`` ``triton-bitmask`` with the backward's dA and dB reductions unsplit over M
                 (``LORA_KERNELS_BWD_SPLIT_M=1``); offered only where the default splits.
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
@@ -74,7 +74,7 @@ ALL_IMPLS = (
     "triton-flat",
     "triton-kn",
     "triton-nosplit",
-    "triton-dafused",
+    "triton-daseparate",
     "triton-nosplitm",
     "triton-regen",
     "cuda-bitmask",
@@ -394,17 +394,17 @@ def _ours_flattened(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "TMA_FLATTEN", True))  # fmt: skip
 
 
-def _ours_da_fused(prob: Problem) -> Impl:
-    """``triton-bitmask`` with dA as the first tiles of the TMA dX kernel (``LORA_KERNELS_BWD_DA=fused``, the
-    layout before session 28) instead of a launch of its own, for this row's calls."""
+def _ours_da_separate(prob: Problem) -> Impl:
+    """``triton-bitmask`` with dA as a launch of its own after the TMA dX kernel (``LORA_KERNELS_BWD_DA=separate``)
+    instead of the first tiles of its walk, for this row's calls."""
     from lora_kernels.triton_ops import lora_linear as tri
 
-    base = _ours(prob, "triton", "bitmask", "triton-dafused")
+    base = _ours(prob, "triton", "bitmask", "triton-daseparate")
     x, W = prob.xs[0], prob.weight
     if not (tri._tma_ok(x, W) and (prob.K * x.element_size()) % 16 == 0):
         raise Unavailable("dA's placement is a choice of the TMA backward only (sm90+, 16-bit x, 16-byte rows)")
     return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
-                scope=lambda: _setting(tri, "BWD_DA", "fused"))  # fmt: skip
+                scope=lambda: _setting(tri, "BWD_DA", "separate"))  # fmt: skip
 
 
 def _ours_no_split_m(prob: Problem) -> Impl:
@@ -489,8 +489,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_flattened(prob)
     if name == "triton-kn":
         return _ours_w_kn(prob)
-    if name == "triton-dafused":
-        return _ours_da_fused(prob)
+    if name == "triton-daseparate":
+        return _ours_da_separate(prob)
     if name == "triton-nosplitm":
         return _ours_no_split_m(prob)
     if name == "triton-compile":

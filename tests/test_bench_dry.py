@@ -595,13 +595,14 @@ def test_no_split_row(monkeypatch):
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
-def test_da_fused_row(monkeypatch):
-    """``triton-dafused``: refused off the TMA path; on it (TMA forced, interpreter) the row's dX kernel holds
-    the dA tiles and no dA launch follows, ``triton-bitmask``'s dA is a launch of its own; the switch is
-    restored after the row, and both give the same output and gradients (p = 0.1, the same seed)."""
+def test_da_separate_row(monkeypatch):
+    """``triton-daseparate``: refused off the TMA path; on it (TMA forced, interpreter) the row's dA is a launch
+    of its own after the dX kernel, ``triton-bitmask``'s dX kernel holds the dA tiles and no dA launch follows;
+    the switch is restored after the row, and both give the same output and gradients (p = 0.1, the same
+    seed)."""
     from lora_kernels.triton_ops import lora_linear as tri
 
-    prob = _tma_row_problem(monkeypatch, "triton-dafused", 0.1, refusal="TMA backward only")
+    prob = _tma_row_problem(monkeypatch, "triton-daseparate", 0.1, refusal="TMA backward only")
     seen = []
     real_launch = tri._launch
 
@@ -612,7 +613,7 @@ def test_da_fused_row(monkeypatch):
 
     monkeypatch.setattr(tri, "_launch", launch)
     out = {}
-    for name in ("triton-dafused", "triton-bitmask"):
+    for name in ("triton-daseparate", "triton-bitmask"):
         impl = _impls.build(name, prob)
         x = prob.xs[0].detach().requires_grad_()
         with impl.scope():
@@ -621,10 +622,10 @@ def test_da_fused_row(monkeypatch):
             y.backward(prob.dys[0])
         out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
         prob.lora_A.grad = prob.lora_B.grad = None
-        assert tri.BWD_DA == "separate"
-    assert seen == [("_bwd_dx_tma_kernel", True, True),
-                    ("_bwd_dx_tma_kernel", False, True), ("_bwd_dx_kernel", True, False)], seen  # fmt: skip
-    for a, b in zip(out["triton-dafused"], out["triton-bitmask"], strict=True):
+        assert tri.BWD_DA == "fused"
+    assert seen == [("_bwd_dx_tma_kernel", False, True), ("_bwd_dx_kernel", True, False),
+                    ("_bwd_dx_tma_kernel", True, True)], seen  # fmt: skip
+    for a, b in zip(out["triton-daseparate"], out["triton-bitmask"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

@@ -607,9 +607,7 @@ def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
         if w_kn:
             W = W.T.contiguous().T
         run_and_check("triton", x, W, A, B, b, lb, p=0.1)
-        # shrink, fwd, bwd-dy, bwd-dx kernels were tuned; on the TMA path also dA's own launch (the pointer dX
-        # kernel without dX tiles)
-        assert tri._autotuner.cache_info().currsize == (5 if tma == "1" else 4)
+        assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
     finally:
         tri._autotuner.cache_clear()
 
@@ -925,8 +923,7 @@ def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):
     names = [name for name, *_ in launches]
     tma_ = tma == "1" and dtype != torch.float32
     gemms = ["_fwd_tma_kernel", "_bwd_dx_tma_kernel"] if tma_ else ["_fwd_kernel", "_bwd_dx_kernel"]
-    own_da = ["_bwd_dx_kernel"] if tma_ else []  # the TMA backward's dA launch
-    assert names == ["_shrink_kernel", gemms[0], "_bwd_dy_kernel", gemms[1], *own_da], names
+    assert names == ["_shrink_kernel", gemms[0], "_bwd_dy_kernel", gemms[1]], names
     if tma_:  # plain tensors where the host path passes descriptors
         assert all(launches[i][3]["DEVICE_DESC"] is True for i in (1, 3))
         assert all(isinstance(launches[i][2][j], torch.Tensor) for i in (1, 3) for j in range(3))
@@ -1256,8 +1253,7 @@ def test_compiled_graph_outputs_come_from_the_kernels():
             want = [[gemm, y], [gemm, "T_OUT"] if split else ["_shrink_kernel", "T"], ["_shrink_kernel", "BITS"]]
         else:
             gemm, dx = ("_bwd_dx_tma_kernel", "dx_desc") if tma else ("_bwd_dx_kernel", "DX")
-            # dA: on the TMA path a launch of its own, the pointer kernel's dA programs
-            want = [[gemm, dx], ["_bwd_dx_kernel", "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
+            want = [[gemm, dx], [gemm, "DA"], ["_bwd_dy_kernel", "DB"], ["_bwd_dy_kernel", "DSUM"]]
         assert r["outputs"] == want, r
 
 
@@ -1516,7 +1512,7 @@ def test_tuning_tables_fit_an_h100():
     least one config that loads (the launcher would otherwise fall back to the fixed tiles)."""
     pytest.importorskip("triton")
     results = _run_sm90_script(_SM90_TUNING, [16, 64, 256])
-    kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel", "_bwd_dx_kernel"}  # dA
+    kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
     for r in (16, 64, 256):
         assert {c["kernel"] for c in results if c["r"] == r} == kernels, results
     common = [c for c in results if c["r"] <= 64]

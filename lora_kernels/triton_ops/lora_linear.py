@@ -576,8 +576,8 @@ def _bwd_dx_tma_kernel(
     W_KN: tl.constexpr,
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
-    With DO_DA (``LORA_KERNELS_BWD_DA=fused``) the dA partials are the first tiles of the walk (they are
-    the longest); by default dA is a launch of its own. DEVICE_DESC, FLATTEN, W_KN (w_desc over the (K, N)
+    With DO_DA (the default, ``LORA_KERNELS_BWD_DA=fused``) the dA partials are the first tiles of the walk
+    (they are the longest); otherwise dA is a launch of its own. DEVICE_DESC, FLATTEN, W_KN (w_desc over the (K, N)
     matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``."""
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
@@ -817,10 +817,11 @@ SHRINK_SPLIT_K = os.environ.get("LORA_KERNELS_SHRINK_SPLIT_K", "auto")
 # Row splits of the backward's dA and dB reductions: "auto" (_row_splits) or a fixed count (1 = one program
 # per block reduces all of M, as before session 28) for A/B measurements.
 BWD_SPLIT_M = os.environ.get("LORA_KERNELS_BWD_SPLIT_M", "auto")
-# Where the TMA backward computes dA: "separate" (default), a launch of its own after the dX GEMM (one pass
-# over x, no registers of the dA code in the GEMM); "fused", the first tiles of the dX kernel's walk (the
-# layout before session 28), for an A/B (bench row ``triton-dafused``).
-BWD_DA = os.environ.get("LORA_KERNELS_BWD_DA", "separate")
+# Where the TMA backward computes dA: "fused" (default), the first tiles of the dX kernel's persistent walk
+# (memory-bound dA partials beside compute-bound dX tiles, no launch of their own); "separate", a launch of its
+# own after the dX GEMM, for an A/B (bench row ``triton-daseparate``). Measured on an H200 (bench/NOTES.md,
+# session 28): fused 15–35 µs faster per backward at 8192×4096→4096/14336, and one launch fewer.
+BWD_DA = os.environ.get("LORA_KERNELS_BWD_DA", "fused")
 # "1": the persistent TMA kernels' tile loop flattened with their K loop (``tl.range(flatten=True)``), so
 # the next tile's first TMA loads are issued during this tile's epilogue (one program per SM: nothing
 # else hides that gap). Off until measured on a GPU (bench row ``triton-flat``, bench/NOTES.md); eager
