@@ -626,6 +626,11 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
         assert fp32 and half and len(fp32) + len(half) == len(table), kernel.__name__
         assert all(c.lk_fp32 for c in fp32) and not any(c.lk_fp32 for c in half), kernel.__name__
     assert len(tri._prune(tri._tuning_configs(tri._bwd_dy_kernel), {"IEEE": True})) == 1
+    # The 256-row dX tile only at rank ≤ 16 (it needs 320 KiB of shared memory at rank 64).
+    rows = lambda br: {
+        c.kwargs["BLOCK_M"] for c in tri._prune(tri._tuning_configs(tri._bwd_dx_tma_kernel), {"BLOCK_R": br})
+    }  # noqa: E731
+    assert 256 in rows(16) and 256 not in rows(32) and 128 in rows(64)
     assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
     assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
     assert {"DO_DT", "DO_DB"} <= set(tri._autotuner(tri._bwd_dy_kernel).keys)  # a frozen lora_B: dT role only

@@ -931,10 +931,14 @@ def _configs() -> dict:
                         + gemm32,
         # Shared memory under Triton 3.6 for sm_90 (test_tuning_tables_fit_an_h100): all fit the 227 KiB of an
         # H100 up to rank 64 (the 128×256 dX tile with 2 stages: 200 / 224 KiB at rank 16 / 64; with 3 it
-        # needed 272); at rank 128 the last two, at rank 256 the last one only (176 KiB).
+        # needed 272); at rank 128 the last two, at rank 256 the last one only (176 KiB). The last two are
+        # cuBLAS's own shape for this GEMM on an H200 (256×128 output tiles, 64-wide steps, 4 stages; session
+        # 28, where the fixed 128×128×3 tile ran 1.5× cuBLAS): 4 stages of 128×128 (164 / 229 KiB at rank 16 /
+        # 64, fp32 adapters, dropout) and 3 of 256×128 (229 KiB at rank 16; 320 KiB above: _prune drops it).
         _bwd_dx_tma_kernel: [_c(128, 64, 128, 8, 3, _set_dx_desc_blocks), _c(128, 64, 256, 8, 2, _set_dx_desc_blocks),
                              _c(128, 128, 128, 8, 3, _set_dx_desc_blocks), _c(64, 64, 128, 4, 4, _set_dx_desc_blocks),
-                             _c(128, 64, 64, 8, 2, _set_dx_desc_blocks)],
+                             _c(128, 64, 64, 8, 2, _set_dx_desc_blocks), _c(128, 64, 128, 8, 4, _set_dx_desc_blocks),
+                             _c(256, 64, 128, 8, 3, _set_dx_desc_blocks)],
     }  # fmt: skip
 
 
@@ -952,6 +956,8 @@ def _prune(configs, named_args, **kwargs):
     keep = [c for c in configs if _fp32_family(c) == fp32]
     if br >= 256:  # a 256-wide rank tile next to a 256-wide N tile does not fit in registers
         keep = [c for c in keep if c.kwargs.get("BLOCK_N", 0) <= 128] or keep
+    if br > 16:  # 256-row dX tiles fit an H100's shared memory only at rank ≤ 16 (229 KiB; 320 at rank 64)
+        keep = [c for c in keep if c.kwargs.get("BLOCK_M", 0) < 256] or keep
     return keep or configs
 
 
