@@ -14,7 +14,6 @@ against the step's wall time (the difference is the GPU idle between launches: h
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _impls
-from .ncu_profile import _DTYPES, _step
+from .ncu_profile import _DTYPES, impl_steps
 
 __all__ = ["kernel_events", "main", "summarize"]
 
@@ -121,13 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     printed = False
     for (M, K, N, r), p in itertools.product(args.shape, args.dropout):
         prob = _impls.make_problem(M, K, N, r, p, dtype=dt, adapter_dtype=adt, device=torch.device("cuda"), copies=1)
-        for name in args.impls.split(","):
-            try:
-                impl = _impls.build(name, prob)
-            except _impls.Unavailable as e:
-                print(f"kernel_times: {name} skipped: {e}", file=sys.stderr)
-                continue
-            step = functools.partial(_step, impl, prob.xs[0], prob.dys[0])
+        for name, impl, step in impl_steps(prob, args.impls, "kernel_times"):
             with impl.scope():
                 for _ in range(args.warmup):
                     step()

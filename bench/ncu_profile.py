@@ -68,6 +68,18 @@ def _step(impl: _impls.Impl, x: torch.Tensor, dy: torch.Tensor) -> None:
     impl.fn(x).backward(dy)
 
 
+def impl_steps(prob: _impls.Problem, names: str, tool: str):
+    """(name, impl, step) for each implementation of the comma list ``names`` that can run on ``prob`` (step:
+    one forward+backward on its first copy); the others are reported on stderr, prefixed by ``tool``."""
+    for name in names.split(","):
+        try:
+            impl = _impls.build(name, prob)
+        except _impls.Unavailable as e:
+            print(f"{tool}: {name} skipped: {e}", file=sys.stderr)
+            continue
+        yield name, impl, functools.partial(_step, impl, prob.xs[0], prob.dys[0])
+
+
 def run_steps(args: argparse.Namespace) -> list[str]:
     """Warm up each implementation untraced, then ``steps`` steps with the CUDA profiler on."""
     M, K, N, r = args.shape
@@ -76,14 +88,7 @@ def run_steps(args: argparse.Namespace) -> list[str]:
     adt = dt if args.adapter_dtype == "same" else _DTYPES[args.adapter_dtype]
     prob = _impls.make_problem(M, K, N, r, args.dropout, dtype=dt, adapter_dtype=adt, device=dev, copies=1)
     ran = []
-    for name in args.impls.split(","):
-        try:
-            impl = _impls.build(name, prob)
-        except _impls.Unavailable as e:
-            print(f"profile: {name} skipped: {e}", file=sys.stderr)
-            continue
-        step = functools.partial(_step, impl, prob.xs[0], prob.dys[0])
-
+    for name, impl, step in impl_steps(prob, args.impls, "profile"):
         with impl.scope():
             for _ in range(2):  # compilation, autotuning, allocator warm-up stay out of the range
                 step()
