@@ -889,6 +889,94 @@ def test_backward_row_splits_match_reference(monkeypatch, splits, tma, da):
     run_and_check("triton", x, W, A, B, b, lb, p=0.0)
 
 
+@pytest.mark.parametrize("tma,da", [("0", "fused"), ("1", "fused"), ("1", "separate")])
+def test_backward_split_sums_stay_in_the_two_launches(monkeypatch, tma, da):
+    """With row splits the backward is still two launches: the dX kernel's first tiles sum the dY kernel's dB /
+    Σ dY partials, and the last dA program of each K-block to finish sums that block's partials (arrivals
+    counted in int32 counters that the dY kernel zeroes). No torch sum follows. Each launch of the dX kernel
+    runs twice here, as the autotuner's timing runs do: the last arrival re-arms its counter, so the repeat
+    finds zeros too and sums again (counters poisoned at allocation; all zero after). Gradients vs float64,
+    including the partial cases (x frozen: dA programs alone; lora_A frozen: dX and the dB sums)."""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", "3")
+    monkeypatch.setattr(tri, "TMA_MODE", tma)
+    monkeypatch.setattr(tri, "BWD_DA", da)
+    monkeypatch.setattr(tri, "_sum_splits", lambda part, splits: pytest.fail(f"a torch sum of {splits} partials"))
+    launched, counters = [], []
+    real_launch, real_empty = tri._launch, tri._empty
+
+    def launch(kernel, *a, **k):
+        launched.append(kernel.__name__)
+        for _ in range(2 if kernel.__name__.startswith("_bwd_dx") else 1):
+            real_launch(kernel, *a, **k)
+
+    def empty(shape, device, dtype):
+        t = real_empty(shape, device, dtype)
+        if dtype == torch.int32:
+            counters.append(t.fill_(0x5A5A))
+        return t
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    monkeypatch.setattr(tri, "_empty", empty)
+    x, W, A, B, b, lb = make_inputs(67, 200, 72, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    bwd = launched[2:]
+    assert bwd[0] == "_bwd_dy_kernel" and len(bwd) == (3 if da == "separate" else 2), launched
+    assert len(counters) == 1 and counters[0].numel() == tri._cdiv(200, tri._CNT_COLS)
+    assert not counters[0].any(), counters[0]
+    for frozen in ("x", "lora_A"):
+        xg = x.detach().clone().requires_grad_(frozen != "x")
+        Ag, Bg = A.detach().clone().requires_grad_(frozen != "lora_A"), B.detach().clone().requires_grad_()
+        y = lk.lora_linear(xg, W, Ag, Bg, b, None, 2.0, 0.1, True, 1234, backend="triton")
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+        y.backward(dy)
+        rx, rA, rB = (t.detach().double().requires_grad_() for t in (x, A, B))
+        y_ref = lora_linear_ref(rx, W.double(), rA, rB, b.double(), None, 2.0, 0.1, True, 1234)
+        y_ref.backward(dy.double())
+        dts = (x.dtype, A.dtype)
+        assert_close_ref(Bg.grad, rB.grad, dts, f"dB ({frozen} frozen)")
+        if frozen == "x":
+            assert xg.grad is None
+            assert_close_ref(Ag.grad, rA.grad, dts, "dA (x frozen)")
+        else:
+            assert Ag.grad is None
+            assert_close_ref(xg.grad, rx.grad, dts, "dx (lora_A frozen)")
+    assert all(not c.any() for c in counters), counters
+
+
+@requires_gpu
+@pytest.mark.parametrize("tuned", [False, True], ids=["fixed", "tuned"])
+def test_backward_split_sums_under_load(monkeypatch, tuned):
+    """The in-kernel sums of the backward's row splits at a real size (8192×4096→4096, bf16 x, fp32 adapters,
+    p = 0.1): 9 splits per dA K-block on an H100/H200, every SM busy, so the dA programs of a K-block finish in
+    any order and the last one sums. Ten backwards bit-identical (a race in the arrival count or a partial read
+    before it landed would differ run to run) and equal to float64 within the table; "tuned" lets the autotuner
+    time its configs first (repeated launches on the same counters)."""
+    _skip_unavailable("triton", torch.bfloat16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "AUTOTUNE", tuned)
+    x, W, A, B, b, lb = make_inputs(8192, 4096, 4096, 16, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
+    assert tri._row_splits(x, tri._cdiv(4096, 128)) > 1, "this GPU does not split the reductions"
+    dy = torch.randn(8192, 4096, device=DEVICE).to(torch.bfloat16)
+    runs = []
+    for _ in range(10):
+        xg, Ag, Bg, lbg = (t.detach().clone().requires_grad_() for t in (x, A, B, lb))
+        lk.lora_linear(xg, W, Ag, Bg, b, lbg, 2.0, 0.1, True, 99, backend="triton").backward(dy)
+        runs.append((xg.grad, Ag.grad, Bg.grad, lbg.grad))
+    for run in runs[1:]:
+        for name, u, v in zip(("dx", "dA", "dB", "dlora_bias"), runs[0], run, strict=True):
+            assert torch.equal(u, v), f"{name} differs run to run"
+    rx, rA, rB, rlb = (t.detach().double().requires_grad_() for t in (x, A, B, lb))
+    lora_linear_ref(rx, W.double(), rA, rB, b.double(), rlb, 2.0, 0.1, True, 99).backward(dy.double())
+    dts = (torch.bfloat16, torch.float32)
+    wants = (rx.grad, rA.grad, rB.grad, rlb.grad)
+    for name, got, want in zip(("dx", "dA", "dB", "dlora_bias"), runs[0], wants, strict=True):
+        assert_close_ref(got, want, dts, name)
+
+
 @pytest.mark.parametrize("tma", ["auto", "1"])
 @pytest.mark.parametrize("M,dtype", [(2048, torch.bfloat16), (8192, torch.float16), (300, torch.float32)])
 def test_host_code_under_symbolic_shapes(monkeypatch, M, dtype, tma):

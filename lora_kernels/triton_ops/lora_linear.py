@@ -9,11 +9,14 @@ Forward
   2. ``_fwd_kernel``: the frozen GEMM x·Wᵀ whose epilogue adds (s·T)·Bᵀ, bias and s·lora_bias
      before the single store of y: no M×N or M×K intermediate is written. With split K the epilogue
      sums the partials in a fixed order (deterministic) and the tiles of the first N block store T.
-Backward (deterministic: every output element is reduced by exactly one program, no atomics)
+Backward (deterministic: every sum is added in a fixed order, whichever program finishes first)
   1. ``_bwd_dy_kernel``: programs [0, ⌈M/BM⌉) compute dT = s·dY·B (M, r); the others reduce
-     over M for an N-block: dB = s·dYᵀ·T, Σ dY (for dlora_bias and dbias).
-  2. ``_bwd_dx_kernel``: programs for dX tiles compute dY·W and add (dT·A) ⊙ mask/(1-p) in the
-     epilogue; the remaining programs reduce over M for a K-block: dA = dTᵀ·(x ⊙ mask)/(1-p).
+     over M for an N-block: dB = s·dYᵀ·T, Σ dY (for dlora_bias and dbias), in fp32 partials over
+     row splits when M is long (``_row_splits``).
+  2. ``_bwd_dx_kernel``: a few programs first sum launch 1's dB / Σ dY partials; programs for dX tiles
+     compute dY·W and add (dT·A) ⊙ mask/(1-p) in the epilogue; the remaining programs reduce over a
+     row split for a K-block: dA = dTᵀ·(x ⊙ mask)/(1-p), the last of a K-block's programs to finish
+     (an atomic arrival count, the only atomic) summing its partials in split order.
 Saved for backward: x (alive anyway), T (M×r fp32) and the bitmask (M·K/8 bytes), or in
 "regenerate" mode no mask at all (recomputed from the seed in backward).
 
@@ -80,6 +83,11 @@ def _next_pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+
+# Elements per tile of the backward's sums of the dB / Σ dY row-split partials (``_sum_db_splits``).
+_RED_BLOCK = tl.constexpr(1024)
+# The dA arrival counters (``_sum_when_last``), one per K-block: ⌈K/16⌉ covers every tile width (≥ 16).
+_CNT_COLS = 16
 
 
 @triton.jit
@@ -215,15 +223,24 @@ def _dx_epilogue_t(acc, dt, A, BITS, offs_m, k_start, M, K, R, stride_ar, stride
 
 
 @triton.jit
-def _da_block(pid_k, pid_s, SPLIT_M, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk, stride_dtm, stride_bm,
-              stride_dar, stride_das, seed_lo, seed_hi, threshold, keep_scale,
+def _split_rows(pid_s, SPLIT_M, M, BLOCK_M: tl.constexpr):
+    """Rows [m_lo, m_hi) of split pid_s of SPLIT_M: ⌈M/SPLIT_M⌉ rounded up to BLOCK_M each, so the last splits
+    may be short or empty (m_lo ≥ m_hi)."""
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    m_lo = pid_s * chunk
+    return m_lo, tl.minimum(m_lo + chunk, M)
+
+
+@triton.jit
+def _da_block(pid_k, pid_s, SPLIT_M, X, DT, BITS, DA, DA_OUT, CNT, M, K, R, stride_xm, stride_xk, stride_dtm,
+              stride_bm, stride_dar, stride_das, seed_lo, seed_hi, threshold, keep_scale,
               HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """Partial ``pid_s`` of dA[:, K-block] = dTᵀ·(x ⊙ keep)·keep_scale: the rows of split pid_s of SPLIT_M
-    (⌈M/SPLIT_M⌉ rounded up to BLOCK_M; an empty split stores zeros), stored at DA + pid_s·stride_das."""
-    chunk = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
-    m_lo = pid_s * chunk
-    m_hi = tl.minimum(m_lo + chunk, M)
+    (⌈M/SPLIT_M⌉ rounded up to BLOCK_M; an empty split stores zeros), stored at DA + pid_s·stride_das.
+    With SPLIT_M > 1 the last of the K-block's programs to finish (counted in CNT[pid_k], zero on entry)
+    sums the block's partials into DA_OUT; with one split DA is the output."""
+    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rk = offs_k.to(tl.int64)
     k_ok = offs_k < K
@@ -242,11 +259,46 @@ def _da_block(pid_k, pid_s, SPLIT_M, X, DT, BITS, DA, M, K, R, stride_xm, stride
         # dTᵀ tile loaded directly as (BLOCK_R, BLOCK_M).
         dtt = tl.load(DT + rm[None, :] * stride_dtm + offs_r[:, None], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
         acc = _mma(dtt.to(CDT), x, acc, IEEE)
-    tl.store(
-        DA + pid_s * stride_das + offs_r[:, None] * stride_dar + rk[None, :],
-        acc * keep_scale,
-        mask=r_ok[:, None] & k_ok[None, :],
-    )
+    tile = offs_r[:, None] * stride_dar + rk[None, :]
+    tl.store(DA + pid_s * stride_das + tile, acc * keep_scale, mask=r_ok[:, None] & k_ok[None, :])
+    if SPLIT_M > 1:
+        _sum_when_last(CNT + pid_k, SPLIT_M, DA + tile, stride_das, DA_OUT + tile, r_ok[:, None] & k_ok[None, :],
+                       BLOCK_R, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _sum_when_last(CNT, SPLITS, PART, stride_s, OUT, mask, B0: tl.constexpr, B1: tl.constexpr):
+    """Called by each of the SPLITS programs that stored a (B0, B1) partial at PART + s·stride_s: the last
+    to arrive (CNT, an int32 that is zero before the first arrival) stores the sum of all SPLITS partials at
+    OUT, added in split order whichever program is last (deterministic), and re-arms CNT to zero, so a
+    repeated launch (the autotuner's timing runs) finds it as the first one did. The barrier makes the whole
+    program's partial visible before the release of its arrival (acq_rel, GPU scope); the last program's
+    acquire then sees every partial, read past L1 (.cg)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(CNT, 1, sem="acq_rel")
+    if arrived == SPLITS - 1:
+        tot = tl.zeros((B0, B1), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            tot += tl.load(PART + s * stride_s, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(OUT, tot, mask=mask)
+        tl.atomic_xchg(CNT, 0, sem="relaxed")
+
+
+@triton.jit
+def _sum_db_splits(tile, DBP, CSP, DB, CS, N, R, SPLITS, BLOCK: tl.constexpr):
+    """Tile ``tile`` of the sums over SPLITS row splits of the dY kernel's fp32 partials of dB (contiguous
+    (SPLITS, N, r)) and Σ dY ((SPLITS, N)): elements [0, N·r) of the tiles are dB's, the next N Σ dY's; each
+    element added in split order (deterministic). The partials come from the previous launch (stream order)."""
+    nr = N * R
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    in_db = offs < nr
+    in_cs = (offs >= nr) & (offs < nr + N)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(DBP + s * nr + offs, mask=in_db, other=0.0)
+        acc += tl.load(CSP + s * N + (offs - nr), mask=in_cs, other=0.0)
+    tl.store(DB + offs, acc, mask=in_db)
+    tl.store(CS + (offs - nr), acc, mask=in_cs)
 
 
 @triton.jit
@@ -445,9 +497,7 @@ def _db_block(pid_n, pid_s, SPLIT_M, DY, T, DB, DSUM, M, N, R, stride_dym, strid
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """Partial ``pid_s`` of dB[N-block] = s·dYᵀ·T and of Σ_m dY: the rows of split pid_s of SPLIT_M (as in
     ``_da_block``), stored at DB + pid_s·stride_dbs and DSUM + pid_s·stride_dss."""
-    chunk = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
-    m_lo = pid_s * chunk
-    m_hi = tl.minimum(m_lo + chunk, M)
+    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -472,10 +522,10 @@ def _db_block(pid_n, pid_s, SPLIT_M, DY, T, DB, DSUM, M, N, R, stride_dym, strid
     tl.store(DSUM + pid_s * stride_dss + rn, colsum, mask=n_ok)
 
 
-@triton.jit(do_not_specialize=["SPLIT_M"])
+@triton.jit(do_not_specialize=["SPLIT_M", "NUM_CNT"])
 def _bwd_dy_kernel(
-    DY, LB, T, DT, DB, DSUM,
-    M, N, R, M_BUCKET, SPLIT_M,
+    DY, LB, T, DT, DB, DSUM, CNT,
+    M, N, R, M_BUCKET, SPLIT_M, NUM_CNT,
     stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_dtm, stride_dbn, stride_dbs, stride_dss,
     scaling,
     DO_DT: tl.constexpr, DO_DB: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
@@ -483,8 +533,13 @@ def _bwd_dy_kernel(
 ):  # fmt: skip
     """Role 1 (first ⌈M/BM⌉ programs, if DO_DT): dT = s·dY·B.  Role 2 (the rest, if DO_DB: ⌈N/BN⌉·SPLIT_M
     programs): partials of dB = s·dYᵀ·T and Σ_m dY over SPLIT_M row splits. The grid holds the programs of
-    the roles switched on."""
+    the roles switched on. Program 0 also zeroes the NUM_CNT int32 counters at CNT that the dX kernel's dA
+    programs count their arrivals in (``_sum_when_last``): this launch precedes that one on the stream."""
     pid = tl.program_id(0)
+    if pid == 0:
+        for c0 in range(0, NUM_CNT, 1024):
+            offs_c = c0 + tl.arange(0, 1024)
+            tl.store(CNT + offs_c, tl.zeros((1024,), dtype=tl.int32), mask=offs_c < NUM_CNT)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     num_pid_m = 0
@@ -514,10 +569,10 @@ def _bwd_dy_kernel(
                   CDT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "SPLIT_M"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "SPLIT_M", "DB_SPLITS", "RED_TILES"])
 def _bwd_dx_kernel(
-    DY, W, DT, A, X, BITS, DX, DA,
-    M, N, K, R, M_BUCKET, SPLIT_M,
+    DY, W, DT, A, X, BITS, DX, DA, DA_OUT, CNT, DBP, CSP, DB, CS,
+    M, N, K, R, M_BUCKET, SPLIT_M, DB_SPLITS, RED_TILES,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_bm, stride_dxm, stride_dxk, stride_dar, stride_das,
     seed_lo, seed_hi, threshold, keep_scale,
@@ -526,19 +581,24 @@ def _bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """Pointer path. Programs [0, ⌈K/BK⌉·SPLIT_M) (if DO_DA): a dA partial for a K-block and a row split
-    (long reductions first); the rest (if DO_DX): one dX tile each, dY·W plus the low-rank epilogue."""
+    """Pointer path. Programs [0, RED_TILES): the sums of the dY kernel's DB_SPLITS partials of dB and Σ dY
+    (``_sum_db_splits``); the next ⌈K/BK⌉·SPLIT_M (if DO_DA): a dA partial for a K-block and a row split (long
+    reductions first), the last of each K-block summing them (``_da_block``); the rest (if DO_DX): one dX
+    tile each, dY·W plus the low-rank epilogue. Two launches in all for the backward, no sums after."""
     pid = tl.program_id(0)
     num_da = 0
     num_pid_k = tl.cdiv(K, BLOCK_K)
     if DO_DA:
         num_da = num_pid_k * SPLIT_M
-    if pid < num_da:
-        _da_block(pid % num_pid_k, pid // num_pid_k, SPLIT_M, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk,
-                  stride_dtm, stride_bm, stride_dar, stride_das, seed_lo, seed_hi, threshold, keep_scale,
-                  HAS_DROPOUT, LOAD_BITS, CDT, IEEE, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+    if pid < RED_TILES:
+        _sum_db_splits(pid, DBP, CSP, DB, CS, N, R, DB_SPLITS, _RED_BLOCK)
+    elif pid - RED_TILES < num_da:
+        pid_da = pid - RED_TILES
+        _da_block(pid_da % num_pid_k, pid_da // num_pid_k, SPLIT_M, X, DT, BITS, DA, DA_OUT, CNT, M, K, R,
+                  stride_xm, stride_xk, stride_dtm, stride_bm, stride_dar, stride_das, seed_lo, seed_hi, threshold,
+                  keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, IEEE, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
     elif DO_DX:
-        pid_m, pid_k = _tile_ids(pid - num_da, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+        pid_m, pid_k = _tile_ids(pid - RED_TILES - num_da, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rm = offs_m.to(tl.int64)
@@ -562,10 +622,10 @@ def _bwd_dx_kernel(
                  mask=m_ok[:, None] & k_ok[None, :])  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "SPLIT_M"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "SPLIT_M", "DB_SPLITS", "RED_TILES"])
 def _bwd_dx_tma_kernel(
-    dy_desc, w_desc, dx_desc, DT, A, X, BITS, DA,
-    M, N, K, R, M_BUCKET, SPLIT_M,
+    dy_desc, w_desc, dx_desc, DT, A, X, BITS, DA, DA_OUT, CNT, DBP, CSP, DB, CS,
+    M, N, K, R, M_BUCKET, SPLIT_M, DB_SPLITS, RED_TILES,
     stride_dtm, stride_ar, stride_ak, stride_xm, stride_xk, stride_bm, stride_dar, stride_das,
     row_stride_dy, row_stride_w, row_stride_dx,
     seed_lo, seed_hi, threshold, keep_scale,
@@ -577,7 +637,8 @@ def _bwd_dx_tma_kernel(
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
     With DO_DA (the default, ``LORA_KERNELS_BWD_DA=fused``) the dA partials are the first tiles of the walk
-    (they are the longest); otherwise dA is a launch of its own. DEVICE_DESC, FLATTEN, W_KN (w_desc over the (K, N)
+    (they are the longest); otherwise dA is a launch of its own. Before them, RED_TILES tiles sum the dB and
+    Σ dY partials (as in ``_bwd_dx_kernel``). DEVICE_DESC, FLATTEN, W_KN (w_desc over the (K, N)
     matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``."""
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
@@ -595,10 +656,12 @@ def _bwd_dx_tma_kernel(
     # the same walk rather than one with a branch: the compiler flattens (FLATTEN) only a loop whose
     # body holds the K loop directly, not inside an if.
     pid = tl.program_id(0)
+    for tile_id in tl.range(pid, RED_TILES, NUM_SMS):  # a few short tiles: the walk below starts over at pid
+        _sum_db_splits(tile_id, DBP, CSP, DB, CS, N, R, DB_SPLITS, _RED_BLOCK)
     for tile_id in tl.range(pid, num_da, NUM_SMS):
-        _da_block(tile_id % num_pid_k, tile_id // num_pid_k, SPLIT_M, X, DT, BITS, DA, M, K, R, stride_xm, stride_xk,
-                  stride_dtm, stride_bm, stride_dar, stride_das, seed_lo, seed_hi, threshold, keep_scale,
-                  HAS_DROPOUT, LOAD_BITS, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+        _da_block(tile_id % num_pid_k, tile_id // num_pid_k, SPLIT_M, X, DT, BITS, DA, DA_OUT, CNT, M, K, R,
+                  stride_xm, stride_xk, stride_dtm, stride_bm, stride_dar, stride_das, seed_lo, seed_hi, threshold,
+                  keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
     for tile_id in tl.range(_first_at_least(pid, num_da, NUM_SMS), num_da + num_dx, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_k = _tile_ids(tile_id - num_da, num_pid_m, num_pid_k, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -1263,16 +1326,20 @@ def lora_bwd(
     load_bits = has_dropout and bool(bits.numel() > 0)
     do_dt = need_dx or need_da
     dt = _empty((M, R) if do_dt else (0, R), dev, torch.float32)
-    # Without need_db the dB programs are left out of the grid: one read of dY (M·N) saved.
+    # Two launches, no sums after them: the dY kernel's dB / Σ dY partials (row splits) are summed by the first
+    # tiles of the dX kernel, and the dA partials of each K-block by the last of its programs to finish, counted
+    # in ``cnt`` (zeroed by the dY kernel). Without a dX kernel (x and lora_A both frozen) torch sums dB.
     db_splits = _row_splits(x, _cdiv(N, 128)) if need_db else 1
+    da_splits = _row_splits(x, _cdiv(K, 128)) if need_da else 1
     db_part = _split_buffer(db_splits, (N, R) if need_db else (0, R), dev)
     colsum_part = _split_buffer(db_splits, (N,) if need_db else (0,), dev)
+    cnt = _empty((_cdiv(K, _CNT_COLS) if da_splits > 1 else 0,), dev, torch.int32)
     if do_dt or need_db:
         _launch(
             _bwd_dy_kernel,
             lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0)
                           + (_cdiv(N, META["BLOCK_N"]) * db_splits if need_db else 0),),
-            (dy, lora_B, t, dt, db_part, colsum_part, M, N, R, MB, db_splits,
+            (dy, lora_B, t, dt, db_part, colsum_part, cnt, M, N, R, MB, db_splits, cnt.shape[0],
              dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
              max(db_part.stride(-2), 1), _split_stride(db_part, db_splits), _split_stride(colsum_part, db_splits),
              scaling),
@@ -1280,10 +1347,23 @@ def lora_bwd(
             _dy_cfg(fixed, lora_B),
             wrap,
         )  # fmt: skip
-    db, colsum = _sum_splits(db_part, db_splits), _sum_splits(colsum_part, db_splits)
     dx = _empty((M, K) if need_dx else (0, K), dev, x.dtype)
     if not (need_dx or need_da):
-        return dx, _empty((R, K), dev, torch.float32), db, colsum
+        return (
+            dx,
+            _empty((R, K), dev, torch.float32),
+            _sum_splits(db_part, db_splits),
+            _sum_splits(colsum_part, db_splits),
+        )
+    # The sums' operands: partials in, outputs out. With one split the dY kernel wrote the outputs and there is
+    # nothing to sum: an empty stand-in takes the four places (and dA's output's, below), so that
+    # torch.compile's analysis of what the dX kernel writes names none of the dY kernel's outputs.
+    spare = _empty((0,), dev, torch.float32)
+    if db_splits == 1:
+        db, colsum, sums, red_tiles = db_part, colsum_part, (spare,) * 4, 0
+    else:
+        db, colsum = _empty((N, R), dev, torch.float32), _empty((N,), dev, torch.float32)
+        sums, red_tiles = (db_part, colsum_part, db, colsum), _cdiv(N * R + N, _RED_BLOCK.value)
     lo, hi = _seed_parts(seed)
     bits_stride = max(bits.stride(0), 1)
     seeds = (lo, hi, dropout_threshold(p), 1.0 / (1.0 - p))
@@ -1291,9 +1371,11 @@ def lora_bwd(
     w_tma, w_kn = _tma_weight(weight)
     if need_dx and _tma_ok(dy, w_tma, dx, traced=traced):
         fused_da = need_da and BWD_DA == "fused"
-        da_splits = _row_splits(x, _cdiv(K, 128)) if fused_da else 1
-        da_part = _split_buffer(da_splits, (R, K) if fused_da else (0, K), dev)
-        n_da = (lambda META: _cdiv(K, META["BLOCK_K"]) * da_splits) if fused_da else (lambda META: 0)
+        splits = da_splits if fused_da else 1
+        da_part = _split_buffer(splits, (R, K) if fused_da else (0, K), dev)
+        da = _split_result(da_part, splits, (R, K) if fused_da else (0, K))
+        da_out = da if splits > 1 else spare
+        n_da = (lambda META: _cdiv(K, META["BLOCK_K"]) * splits) if fused_da else (lambda META: 0)
         fixed = _tma_cfg(x, R, backward=True)
         sms = _grid_sms(x)
         dy_desc, w_desc, dx_desc = _tma_operands(
@@ -1301,10 +1383,12 @@ def lora_bwd(
         )
         _launch(
             _bwd_dx_tma_kernel,
-            lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"]) + n_da(META)),),
-            (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da_part, M, N, K, R, MB, da_splits,
-             dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
-             max(da_part.stride(-2), 1), _split_stride(da_part, da_splits), dy.stride(0), w_tma.stride(0),
+            # At least min(sms, red_tiles) programs: the persistent walk of the sum tiles steps by NUM_SMS.
+            lambda META: (min(sms, max(_cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"]) + n_da(META),
+                                       red_tiles)),),
+            (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da_part, da_out, cnt, *sums, M, N, K, R, MB, splits,
+             db_splits, red_tiles, dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+             bits_stride, max(da_part.stride(-2), 1), _split_stride(da_part, splits), dy.stride(0), w_tma.stride(0),
              dx.stride(0), *seeds),
             dict(DO_DA=fused_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR, DO_DX=True,
                  OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced,
@@ -1313,17 +1397,18 @@ def lora_bwd(
             wrap,
         )  # fmt: skip
         if fused_da or not need_da:
-            return dx, _sum_splits(da_part, da_splits) if fused_da else _empty((R, K), dev, torch.float32), db, colsum
-        return dx, launch_da(x, lora_A, dt, bits, p, seed, wrap), db, colsum
-    da_splits = _row_splits(x, _cdiv(K, 128)) if need_da else 1
+            return dx, da if fused_da else _empty((R, K), dev, torch.float32), db, colsum
+        return dx, launch_da(x, lora_A, dt, bits, p, seed, wrap, counters=cnt), db, colsum
     da_part = _split_buffer(da_splits, (R, K), dev)
+    da = _split_result(da_part, da_splits, (R, K))
     n_da = (lambda META: _cdiv(K, META["BLOCK_K"]) * da_splits) if need_da else (lambda META: 0)
     n_dx = (lambda META: _cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"])) if need_dx else (lambda META: 0)
     _launch(
         _bwd_dx_kernel,
-        lambda META: (n_dx(META) + n_da(META),),
-        (dy, weight, dt, lora_A, x, bits, dx, da_part, M, N, K, R, MB, da_splits,
-         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
+        lambda META: (red_tiles + n_dx(META) + n_da(META),),
+        (dy, weight, dt, lora_A, x, bits, dx, da_part, da if da_splits > 1 else spare, cnt, *sums, M, N, K, R, MB,
+         da_splits, db_splits,
+         red_tiles, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
          lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
          max(dx.stride(0), 1), dx.stride(1), da_part.stride(-2), _split_stride(da_part, da_splits), *seeds),
         dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR, DO_DX=need_dx,
@@ -1331,7 +1416,7 @@ def lora_bwd(
         fixed,
         wrap,
     )  # fmt: skip
-    return dx, _sum_splits(da_part, da_splits), db, colsum
+    return dx, da, db, colsum
 
 
 def _split_buffer(splits: int, shape: tuple, device: torch.device) -> torch.Tensor:
@@ -1345,29 +1430,50 @@ def _split_stride(part: torch.Tensor, splits: int) -> int:
 
 
 def _sum_splits(part: torch.Tensor, splits: int) -> torch.Tensor:
-    """The sum of a row-split reduction's partials, in a fixed order (deterministic)."""
+    """The sum of a row-split reduction's partials, in a fixed order (deterministic), by torch: only where no
+    later launch of ours can sum them (dB when neither x nor lora_A takes a gradient)."""
     return part if splits == 1 else part.sum(0)
 
 
+def _split_result(part: torch.Tensor, splits: int, shape: tuple) -> torch.Tensor:
+    """The output a kernel sums a row-split reduction's partials into: the partials' buffer itself when there
+    is one split (the kernel writes it directly)."""
+    return part if splits == 1 else _empty(shape, part.device, torch.float32)
+
+
 def launch_da(
-    x: torch.Tensor, lora_A: torch.Tensor, dt: torch.Tensor, bits: torch.Tensor, p: float, seed: int, wrap=_identity
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    dt: torch.Tensor,
+    bits: torch.Tensor,
+    p: float,
+    seed: int,
+    wrap=_identity,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dA (r, K) fp32 = dTᵀ·(x ⊙ keep)/(1-p), one pass over x (and the bits), as a launch of its own: the dA
-    programs of ``_bwd_dx_kernel`` (no dX tiles), split over rows (``_row_splits``). x: (M, K), dt: (M, r)
-    fp32, bits: the packed mask or empty (regenerated from ``seed`` at p > 0)."""
+    programs of ``_bwd_dx_kernel`` (no dX tiles), split over rows (``_row_splits``), the last of each K-block
+    summing its partials. x: (M, K), dt: (M, r) fp32, bits: the packed mask or empty (regenerated from ``seed``
+    at p > 0); counters: ⌈K/16⌉ int32 zeros for those arrivals (the dY kernel zeroes them), else allocated
+    zeroed here."""
     M, K = x.shape
     R = lora_A.shape[0]
     cdt, ieee = _compute_dtype(x)
     splits = _row_splits(x, _cdiv(K, 128))
     da_part = _split_buffer(splits, (R, K), x.device)
+    da = _split_result(da_part, splits, (R, K))
+    if counters is None or counters.numel() < _cdiv(K, _CNT_COLS) * (splits > 1):
+        counters = torch.zeros(_cdiv(K, _CNT_COLS) if splits > 1 else 0, device=x.device, dtype=torch.int32)
     lo, hi = _seed_parts(seed)
     has_dropout = p > 0.0
-    # The dX operands (dY, W, dX) are compiled out (DO_DX=False): da_part, which the launch writes anyway,
-    # stands in for them, so that torch.compile's analysis of what the kernel writes names no input.
+    # The dX operands (dY, W, dX) and the dB sums' are compiled out or idle (DO_DX=False, no sum tiles): da_part,
+    # which the launch writes anyway, stands in for them, so that torch.compile's analysis of what the kernel
+    # writes names no input.
     _launch(
         _bwd_dx_kernel,
         lambda META: (_cdiv(K, META["BLOCK_K"]) * splits,),
-        (da_part, da_part, dt, lora_A, x, bits, da_part, da_part, M, 0, K, R, _m_bucket(M), splits,
+        (da_part, da_part, dt, lora_A, x, bits, da_part, da_part, da, counters, da_part, da_part, da_part, da_part,
+         M, 0, K, R, _m_bucket(M), splits, 1, 0,
          0, 0, 0, 0, dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
          max(bits.stride(0), 1), 0, 0, da_part.stride(-2), _split_stride(da_part, splits),
          lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
@@ -1376,7 +1482,7 @@ def launch_da(
         _cfg(x, R),
         wrap,
     )  # fmt: skip
-    return _sum_splits(da_part, splits)
+    return da
 
 
 # ----------------------------------------------------------------------------------------------
