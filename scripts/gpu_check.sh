@@ -15,9 +15,9 @@
 #   LORA_KERNELS_NO_JIT  default 1 after the install step: a missing _C makes the cuda rows and tests
 #                    skip with a reason instead of JIT-building CUTLASS for minutes inside a timed step
 #   GPU_CHECK_STEPS=a,b,...  the steps, run in this order, of install, environment, verify, tests, bench,
-#                    kernels, profile (default install,environment,tests,bench), so a time-limited device
+#                    kernels, host, profile (default install,environment,tests,bench), so a time-limited device
 #                    session can split the check over several commands
-#   GPU_CHECK_PLAN=short  defaults for a 15-minute device session: install,environment,verify,bench,tests,
+#   GPU_CHECK_PLAN=short  defaults for a 15-minute device session: install,environment,verify,host,bench,tests,
 #                    a 360 s budget, a four-configuration benchmark on fixed tiles, the GPU test files
 #   GPU_CHECK_REQUIRE_GPU=1  skip every step after environment when torch sees no CUDA GPU (short plan)
 #   GPU_CHECK_BUDGET=s  wall-clock budget of the whole check: each step may run for what is left (less
@@ -52,6 +52,8 @@
 #                    otherwise tune, compiling every config of each kernel variant)
 #   KERNELS_ARGS="..." arguments for the kernels step, `python -m bench.kernel_times` (time per kernel of a
 #                    forward+backward step from torch.profiler's trace; default: its own)
+#   HOST_ARGS="..."  arguments for the host step, `python -m bench.host_profile` (the CPU's time to issue a
+#                    step: calibration of a launch, host µs per step, a cProfile by area; default: its own)
 #   PROFILE_ARGS="..." arguments for `python -m bench.ncu_profile` (default: six implementations at
 #                    8192×4096→4096, r = 16, p = 0.1)
 #   GPU_CHECK_PROFILE=1  also run the profile step: `python -m bench.ncu_profile` (Nsight Compute counters per
@@ -295,6 +297,12 @@ do_kernels() {
   LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} "$PY" -m bench.kernel_times ${KERNELS_ARGS:-}
 }
 
+do_host() {
+  # Where the CPU's time per step goes (the Triton rows were host-bound at N = 4096 on the H200, session 28).
+  # shellcheck disable=SC2086
+  LORA_KERNELS_AUTOTUNE=${BENCH_AUTOTUNE:-${LORA_KERNELS_AUTOTUNE:-1}} "$PY" -m bench.host_profile ${HOST_ARGS:-}
+}
+
 do_profile() {
   if ! command -v "${NCU:-ncu}" >/dev/null 2>&1; then
     echo "gpu-check: profile: ${NCU:-ncu} not found"
@@ -327,9 +335,9 @@ print('backends', lora_kernels.available_backends(dtype=torch.bfloat16))
     --format=csv 2>/dev/null || true
 }
 
-export -f install_prebuilt do_install do_environment do_verify do_tests do_bench do_kernels do_profile
+export -f install_prebuilt do_install do_environment do_verify do_tests do_bench do_kernels do_host do_profile
 export PY LOG_DIR GPU_CHECK_PREBUILT GPU_CHECK_TESTS GPU_CHECK_WORKERS PYTEST_ARGS BENCH_ARGS BENCH_OUT \
-  BENCH_AUTOTUNE VERIFY_ARGS VERIFY_AUTOTUNE NCU KERNELS_ARGS PROFILE_ARGS
+  BENCH_AUTOTUNE VERIFY_ARGS VERIFY_AUTOTUNE NCU KERNELS_ARGS HOST_ARGS PROFILE_ARGS
 
 STEP_LIST=${GPU_CHECK_STEPS:-install,environment,tests,bench}
 [ "${GPU_CHECK_PROFILE:-0}" = "1" ] && [[ ",$STEP_LIST," != *",profile,"* ]] && STEP_LIST="$STEP_LIST,profile"
@@ -339,8 +347,9 @@ seed_triton_cache
 IFS=, read -r -a ORDER <<<"$STEP_LIST"
 for step in "${ORDER[@]}"; do
   case $step in
-    install | environment | verify | tests | bench | kernels | profile) run_step "$step" "do_$step" ;;
-    *) echo "gpu-check: unknown step '$step' (install, environment, verify, tests, bench, kernels, profile)"; exit 2 ;;
+    install | environment | verify | tests | bench | kernels | host | profile) run_step "$step" "do_$step" ;;
+    *) echo "gpu-check: unknown step '$step' (install, environment, verify, tests, bench, kernels, host, profile)"
+      exit 2 ;;
   esac
   # Whatever the install did, the checkout is importable (an in-place build, or none at all), and a
   # missing _C is not JIT-built inside a timed step.
@@ -355,7 +364,7 @@ for step in "${ORDER[@]}"; do
   fi
 done
 
-for name in verify kernels profile bench; do  # the benchmark table nearest the summary (the reply keeps the tail)
+for name in verify kernels host profile bench; do  # the benchmark table nearest the summary (the reply keeps the tail)
   [ -f "$LOG_DIR/$name.log" ] || continue
   echo
   echo "=== gpu-check: $name table"

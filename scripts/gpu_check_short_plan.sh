@@ -6,7 +6,9 @@
 # A small verify first (correctness against float64 and the masks bit for bit, fixed size; its full
 # sweep compiles ~80 kernel variants in one process: a later call), then the numbers (WRONG rows where
 # rel_err exceeds the table), then the GPU tests, which have more tests than time and take what is left.
-: "${GPU_CHECK_STEPS:=install,environment,verify,bench,tests}"
+# The host step (bench.host_profile, ~20 s) says where the CPU's time per step goes: the Triton rows were
+# host-bound at N = 4096 on the H200 (session 28).
+: "${GPU_CHECK_STEPS:=install,environment,verify,host,bench,tests}"
 : "${GPU_CHECK_REQUIRE_GPU:=1}"
 : "${GPU_CHECK_BUDGET:=360}"
 : "${GPU_CHECK_CAP_BENCH:=140}"

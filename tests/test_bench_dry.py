@@ -7,6 +7,7 @@ answer is known from the algorithm (no assertion on wall time).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -817,6 +818,36 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     # Positive figures only: with 3 repetitions on a loaded CI machine even forward+backward > forward
     # does not hold (a CI run measured the single-pass row at 507 µs forward, 444 µs both).
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
+
+
+_HOST_PROFILE = r"""
+import json, torch
+from bench import host_profile as hp
+from lora_kernels.triton_ops.compile_only import compile_only
+with compile_only(lambda c: None):
+    rows, stats = hp.profile_steps((64, 256, 256, 16), 0.1, 3, torch.device("cpu"))
+print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
+"""
+
+
+def test_host_profile_counts_launches_and_sorts_time_by_area():
+    """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
+    rows for cuBLAS and the Triton backend, one step's Triton launches (four: the backward's sums of its row
+    splits are inside them), and the cProfile summed by area. Without a GPU the command itself exits 2."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", _HOST_PROFILE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched) = out["rows"]
+    assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
+    assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
+    assert out["areas"]["lora_kernels"] > 0 and out["areas"]["triton runtime"] > 0, out["areas"]
+    proc = subprocess.run([sys.executable, "-m", "bench.host_profile"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr
 
 
 # ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------

@@ -219,7 +219,7 @@ def test_gpu_check_runs_the_steps_in_the_order_given(tmp_path):
 _PROBE = """
 import json, os, sys, tarfile
 tools = {"bench.lora_linear": "bench", "bench.ncu_profile": "profile", "bench.kernel_times": "kernels",
-         "verify": "verify", "pytest": "tests"}
+         "bench.host_profile": "host", "verify": "verify", "pytest": "tests"}
 tool = next((t for a, t in tools.items() if a in sys.orig_argv[1:4]), None)
 if tool:
     archive = os.environ["GPU_CHECK_ARCHIVE"]
@@ -278,7 +278,7 @@ def test_gpu_check_hands_each_step_its_arguments_and_environment(tmp_path):
     out.mkdir()
     env = {
         "VENV": str(_stub_venv(tmp_path)), "PYTHONPATH": str(probe), "PROBE_OUT": str(records),
-        "GPU_CHECK_PREBUILT": str(tmp_path / "none"), "GPU_CHECK_STEPS": "install,verify,bench,kernels,tests",
+        "GPU_CHECK_PREBUILT": str(tmp_path / "none"), "GPU_CHECK_STEPS": "install,verify,bench,kernels,host,tests",
         "GPU_CHECK_PROFILE": "1", "NCU": "true", "GPU_CHECK_BUDGET": "400", "STEP_TIMEOUT": "100",
         "GPU_CHECK_CAP_VERIFY": "45", "GPU_CHECK_CAP_BENCH": "50", "GPU_CHECK_LOGS": str(logs),
         "BENCH_ARGS": "--m 64 --impls cublas", "BENCH_OUT": str(out / "bench"), "BENCH_AUTOTUNE": "0",
@@ -288,23 +288,26 @@ def test_gpu_check_hands_each_step_its_arguments_and_environment(tmp_path):
         "TRITON_CACHE_DIR": str(cache), "LORA_KERNELS_AUTOTUNE": None, "LORA_KERNELS_NO_JIT": None,
         "LORA_KERNELS_CUTLASS_DIR": None, "LORA_KERNELS_CUDA_ARCHS": None, "TORCH_CUDA_ARCH_LIST": None,
         "MAX_JOBS": None, "KERNELS_ARGS": "--impls cublas -p 0.1", "PROFILE_ARGS": "--impls naive --steps 1",
+        "HOST_ARGS": "--steps 5 --p 0",
     }  # fmt: skip
     start = time.time()
     proc = _gpu_check(repo, env)
     text = proc.stdout
     assert proc.returncode == 1 and "| install | FAILED (exit 3) |" in text, text + proc.stderr  # the stub's pip
-    for step, limit in (("verify", 45), ("bench", 50), ("kernels", 100), ("tests", 100), ("profile", 100)):
+    for step, limit in (("verify", 45), ("bench", 50), ("kernels", 100), ("host", 100), ("tests", 100),
+                        ("profile", 100)):  # fmt: skip
         assert f"=== gpu-check: {step} (limit {limit} s" in text and f"| {step} | ok |" in text, text
     rec = _probed(records)
-    assert list(rec) == ["verify", "bench", "kernels", "tests", "profile"], list(rec)
+    assert list(rec) == ["verify", "bench", "kernels", "host", "tests", "profile"], list(rec)
     argv = {t: r["argv"][1:] for t, r in rec.items()}  # after "-m"
     assert argv["verify"] == ["lora_kernels", "verify", "--backend", "torch", "--json", f"{logs}/verify.json"]
     assert argv["bench"] == ["bench.lora_linear", "--m", "64", "--impls", "cublas", "--out", f"{out}/bench"]
     assert argv["tests"] == ["pytest", "-ra", "-n", "8", "-v", "tests/test_a.py", "tests/b c.py", "-k", "x or y"]
     assert argv["kernels"] == ["bench.kernel_times", "--impls", "cublas", "-p", "0.1"]
     assert argv["profile"] == ["bench.ncu_profile", "--impls", "naive", "--steps", "1"]
+    assert argv["host"] == ["bench.host_profile", "--steps", "5", "--p", "0"]
     autotune = {t: r["env"]["LORA_KERNELS_AUTOTUNE"] for t, r in rec.items() if t != "tests"}
-    assert autotune == {"verify": "1", "bench": "0", "kernels": "0", "profile": "0"}, autotune
+    assert autotune == {"verify": "1", "bench": "0", "kernels": "0", "host": "0", "profile": "0"}, autotune
     deadline = int(rec["tests"]["env"]["LORA_KERNELS_TEST_DEADLINE"])
     assert start + 100 - 30 - 5 <= deadline <= time.time() + 100 - 30  # the step's limit less 30 s
     for t, r in rec.items():
@@ -321,7 +324,7 @@ def test_gpu_check_hands_each_step_its_arguments_and_environment(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {"./tests.log", "./profile.log"} <= set(tar.getnames())
     tables = text.split("=== gpu-check summary")[0]
-    for step in ("verify", "kernels", "profile", "bench"):
+    for step in ("verify", "kernels", "host", "profile", "bench"):
         assert f"=== gpu-check: {step} table\n| probe | {step} |" in tables, tables
 
 

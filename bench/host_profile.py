@@ -1,0 +1,243 @@
+"""Where the host's time per training step goes, on the GPU machine itself.
+
+    python -m bench.host_profile [--shape 8192,4096,4096,16] [--p 0.1] [--steps 50] [--top 25]
+
+The H200 run of session 28 measured the Triton backend's eager forward + backward issuing in 1.2–1.7 ms of
+CPU time per step, more than its ~1.0 ms of kernels at N = 4096 (bench/NOTES.md), where cuBLAS's own step
+issued in 0.2–0.3 ms. ``bench.host_overhead`` measures our Python on any CPU without a GPU; this measures
+the real path on the device's CPU, so the next change can aim at what costs there:
+
+1. calibration: µs per host call of the things a step is made of (an empty allocation, one aten kernel, a
+   bare Triton launch with 3 and with 30 arguments, a host TMA descriptor), so a step's time can be read as
+   launches × their price plus our Python;
+2. steps: host µs per step (steps enqueued back to back while the GPU runs behind, as the benchmark's
+   ``host_us``) for cuBLAS's frozen F.linear and the Triton backend, forward and forward + backward, with
+   the number of Triton launches per step;
+3. a cProfile of ``--steps`` Triton forward + backward steps: the functions with the most own time, and the
+   time summed by area (Triton's runtime, torch's autograd, torch otherwise, lora_kernels, the rest).
+
+CUDA only: exits 2 with a message elsewhere (``bench.host_overhead`` is the CPU measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="8192,4096,4096,16", help="M,K,N,r (default %(default)s)")
+    ap.add_argument("--p", type=float, default=0.1, help="dropout probability (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=50, help="profiled forward+backward steps (default %(default)s)")
+    ap.add_argument("--top", type=int, default=25, help="functions listed by own time (default %(default)s)")
+    ap.add_argument("--reps", type=int, default=200, help="timed calls per calibration row (median)")
+    args = ap.parse_args(argv)
+    try:
+        args.dims = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        ap.error(f"--shape takes M,K,N,r integers, got {args.shape!r}")
+    if len(args.dims) != 4 or min(args.dims) < 1:
+        ap.error(f"--shape takes four positive integers M,K,N,r, got {args.shape!r}")
+    if args.steps < 1 or args.top < 1 or args.reps < 1 or not 0.0 <= args.p < 1.0:
+        ap.error("--steps, --top and --reps must be >= 1 and --p in [0, 1)")
+    return args
+
+
+def _median_us(fn, reps: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def area(filename: str) -> str:
+    """The area a profiled function's file belongs to (cProfile's ``~`` for built-ins, C calls)."""
+    f = filename.replace("\\", "/")
+    if "/triton/" in f:
+        return "triton runtime"
+    if "/torch/autograd/" in f:
+        return "torch autograd"
+    if "/torch/" in f:
+        return "torch, other"
+    if "/lora_kernels/" in f:
+        return "lora_kernels"
+    if f == "~":
+        return "built-ins (C calls: launches, torch ops)"
+    return "other"
+
+
+def area_totals(stats: pstats.Stats) -> dict[str, float]:
+    """Own (tottime) seconds summed per :func:`area`, largest first."""
+    out: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        out[area(filename)] = out.get(area(filename), 0.0) + tottime
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _calibration(reps: int) -> list[tuple[str, float]]:
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noop3(X, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(X + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < n)
+
+    @triton.jit
+    def _noop30(X, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
+                a21, a22, a23, a24, a25, a26, a27, a28, a29, BLOCK: tl.constexpr):  # fmt: skip
+        offs = tl.arange(0, BLOCK)
+        tl.store(X + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < a1)
+
+    dev = torch.device("cuda")
+    x = torch.empty(4096, device=dev)
+    ints = [4096 + 3 * i for i in range(29)]  # varied values: specialisation looks at each
+    rows = [
+        ("torch.empty (caching allocator)", _median_us(lambda: torch.empty(4096, device=dev), reps)),
+        ("aten kernel (x.add_(1))", _median_us(lambda: x.add_(1), reps)),
+        ("Triton launch, 3 arguments", _median_us(lambda: _noop3[(1,)](x, 4096, BLOCK=128), reps)),
+        ("Triton launch, 30 arguments", _median_us(lambda: _noop30[(1,)](x, *ints, BLOCK=128), reps)),
+    ]
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w = torch.empty(256, 256, device=dev, dtype=torch.bfloat16)
+        rows.append(
+            ("TensorDescriptor.from_tensor", _median_us(lambda: TensorDescriptor.from_tensor(w, [64, 64]), reps))
+        )
+    except ImportError:  # pragma: no cover - Triton < 3.4
+        pass
+    torch.cuda.synchronize()
+    return rows
+
+
+def _steps(M: int, K: int, N: int, r: int, p: float, dev):
+    """(name, forward fn, forward+backward fn, grads to clear) for cuBLAS and the Triton backend."""
+    import torch
+    import torch.nn.functional as F
+
+    import lora_kernels as lk
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(N, K, device=dev, generator=g) / K**0.5).to(torch.bfloat16)
+    A = (torch.randn(r, K, device=dev, generator=g) / K**0.5).requires_grad_()  # fp32 adapters: PEFT's default
+    B = (torch.randn(N, r, device=dev, generator=g) / r**0.5).requires_grad_()
+    dy = torch.randn(M, N, device=dev, generator=g).to(torch.bfloat16)
+    Wt = W.clone().requires_grad_()
+
+    def cublas_fwd():
+        return F.linear(x, Wt)
+
+    def triton_fwd():
+        return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
+
+    return [
+        ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
+        ("triton", triton_fwd, lambda: triton_fwd().backward(dy), [x, A, B]),
+    ]
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _host_us(fn, clear, dev, steps: int = 20) -> float:
+    for _ in range(3):
+        for t in clear:
+            t.grad = None
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for t in clear:
+            t.grad = None
+        fn()
+    us = (time.perf_counter() - t0) / steps * 1e6
+    _sync(dev)
+    return us
+
+
+def profile_steps(dims: tuple[int, int, int, int], p: float, steps: int, dev) -> tuple[list[tuple], pstats.Stats]:
+    """Rows (name, forward host µs, forward+backward host µs, Triton kernels of one step or None) and a
+    cProfile of ``steps`` Triton forward + backward steps. ``dev``: the GPU; a CPU device only under
+    ``compile_only`` (the tests: launches bind and return)."""
+    import torch
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    launches: list[str] = []
+    real_launch = tri._launch
+
+    def counting_launch(kernel, *a, **k):
+        launches.append(kernel.__name__)
+        return real_launch(kernel, *a, **k)
+
+    rows = []
+    for name, fwd, step, clear in _steps(*dims, p, dev):
+        tri._launch = counting_launch
+        try:
+            _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
+            launches.clear()
+            step()
+            names = list(launches)
+            with torch.no_grad():
+                f_us = _host_us(fwd, [], dev)
+            fb_us = _host_us(step, clear, dev)
+        finally:
+            tri._launch = real_launch
+        rows.append((name, f_us, fb_us, names if name == "triton" else None))
+    _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")
+    _host_us(step, clear, dev, steps=2)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        for t in clear:
+            t.grad = None
+        step()
+    prof.disable()
+    _sync(dev)
+    return rows, pstats.Stats(prof)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("host_profile: needs a CUDA GPU (none here); `python -m bench.host_overhead` measures the host "
+              "path on a CPU", file=sys.stderr)  # fmt: skip
+        return 2
+    print(f"host_profile: {torch.cuda.get_device_name()}, M,K,N,r = {args.shape}, p = {args.p}", flush=True)
+    calib = _calibration(args.reps)
+    rows, stats = profile_steps(args.dims, args.p, args.steps, torch.device("cuda"))
+    print("\n### cProfile: own time, top functions (µs per step)")
+    stats.sort_stats("tottime").print_stats(args.top)
+    print("\n| area | own µs per step |\n|---|---|")
+    for name, secs in area_totals(stats).items():
+        print(f"| {name} | {secs / args.steps * 1e6:.0f} |")
+    print("\n| host call | µs |\n|---|---|")
+    for name, us in calib:
+        print(f"| {name} | {us:.1f} |")
+    print("\n| step | forward host µs | fwd+bwd host µs | Triton launches per fwd+bwd |\n|---|---|---|---|")
+    for name, f_us, fb_us, names in rows:
+        counted = "" if names is None else f"{len(names)} ({', '.join(names)})"
+        print(f"| {name} | {f_us:.0f} | {fb_us:.0f} | {counted} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
