@@ -294,6 +294,139 @@ __device__ __forceinline__ void for_each_result(const Acc (&acc)[NF], unsigned c
   for (int e = threadIdx.x; e < Rows * Cols; e += kThreads) f(e / Cols, e % Cols, cs[(e / Cols) * Smem::kLdc + e % Cols]);
 }
 
+// Element k (0, 1, …) of a thread's share of a slice tile of Rows rows and kTileC columns, as slice_coord maps
+// element tid + k·kThreads: (il + di·k, cl + dc·k). c_fast: 8 consecutive columns of 4 rows per warp, the
+// thread's column fixed; else 32 consecutive rows of one column, its row fixed. A base and a step, so that a
+// thread's loads need one 64-bit address each rather than the registers of a coordinate pair per element.
+struct SliceWalk {
+  int il, cl, di, dc;
+};
+template <int Rows>
+__device__ __forceinline__ SliceWalk slice_walk(bool c_fast) {
+  static_assert(kThreads % Rows == 0 && (kThreads / 32) % kGroupsPerSlice == 0, "the mapping's period");
+  const int tid = threadIdx.x;
+  if (c_fast) {
+    return {4 * ((tid / 32) / kGroupsPerSlice) + (tid % 32) / 8, ((tid / 32) % kGroupsPerSlice) * 8 + tid % 8,
+            (kThreads / 32 / kGroupsPerSlice) * 4, 0};
+  }
+  return {tid % Rows, tid / Rows, 0, kThreads / Rows};
+}
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A's share of a slice (Cols rows j, kTileC columns c) as fp32, its dtype T known: one loop per dtype rather
+// than a dtype switch per element, which kept every branch's loads and addresses live at once.
+template <int N, typename T>
+__device__ __forceinline__ void load_a_share(const SkinnyArgs& p, const SliceWalk& w, int64_t j, int64_t c,
+                                             float (&a)[N]) {
+  const T* const first = static_cast<const T*>(p.a) + j * p.saj + c * p.sac;
+  const int64_t step = w.di * p.saj + w.dc * p.sac;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const bool in = j + w.di * k < p.J && c + w.dc * k < p.C;
+    a[k] = in ? to_f32(first[k * step]) : 0.f;
+  }
+}
+
+// One thread's share of a skinny slice, held in registers between the loads and the shared-memory stores
+// (the tensor-core kernel: X is E, its own 16-bit dtype, so no conversion). stage_skinny_slice waited on
+// each load before the next (a load's value went to shared memory at once): at 8192 × 4096, r = 16 on an
+// H200 one launch took ~300 µs for 64 MB of x, 27 % of the SMs busy (bench/NOTES.md, session 28), about
+// one load latency per element a thread stages. Here every load of a slice is issued before any value is
+// used, and the kernel loads slice c0 + kTileC before the MMA of slice c0, so the loads wait behind it.
+// The same values as stage_skinny_slice (same element-to-thread mapping, same masks and bounds).
+template <int Rows, int Cols, typename E>
+struct SliceRegs {
+  static_assert(Rows * kTileC % kThreads == 0 && Rows * kGroupsPerSlice % kThreads == 0 &&
+                Cols * kTileC % kThreads == 0, "whole shares");
+  static constexpr int kX = Rows * kTileC / kThreads;                   // X elements per thread
+  static constexpr int kGroups = Rows * kGroupsPerSlice / kThreads;     // kGenerate: 8-column groups
+  static constexpr int kA = Cols * kTileC / kThreads;                   // A elements per thread
+  static_assert(kX <= 32 && kX == 8 * kGroups, "keep holds a bit per X element");
+  E x[kX];
+  uint32_t keep;  // bit k: x[k] is kept (a zero bit: out of bounds, or dropped by the mask)
+  float a[kA];
+
+  __device__ __forceinline__ void load(const SkinnyArgs& p, int64_t i0, int64_t j0, int64_t c0, bool write_bits) {
+    const int tid = threadIdx.x;
+    const E* const xp = static_cast<const E*>(p.x);
+    keep = 0;
+    if (p.mask == SkinnyMask::kGenerate) {
+      // Group g of this thread: row tid / kGroupsPerSlice + g · (kThreads / kGroupsPerSlice), its column group fixed.
+      const int64_t cb = c0 + 8 * (tid % kGroupsPerSlice), grp = cb / 8;
+      const int64_t ib = i0 + tid / kGroupsPerSlice;
+      const E* const row0 = xp + ib * p.sxi + cb * p.sxc;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t i = ib + g * (kThreads / kGroupsPerSlice);
+        uint32_t byte = 0;
+        if (i < p.R && cb < p.C) {
+          byte = dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(grp), p.threshold) &
+                 valid_bits(p.C, grp);
+          if (write_bits) p.bits_out[i * p.ld_bits_out + grp] = static_cast<uint8_t>(byte);
+        }
+        keep |= byte << (8 * g);
+        const E* const row = row0 + g * (kThreads / kGroupsPerSlice) * p.sxi;
+#pragma unroll
+        for (int e8 = 0; e8 < 8; ++e8) x[8 * g + e8] = (byte >> e8) & 1u ? row[e8 * p.sxc] : static_cast<E>(0.f);
+      }
+    } else {
+      const SliceWalk w = slice_walk<Rows>(p.sxc == 1 || p.sxi != 1);
+      const int64_t i = i0 + w.il, c = c0 + w.cl, step = w.di * p.sxi + w.dc * p.sxc;
+      const E* const first = xp + i * p.sxi + c * p.sxc;
+#pragma unroll
+      for (int k = 0; k < kX; ++k) {
+        const bool in = i + w.di * k < p.R && c + w.dc * k < p.C;
+        x[k] = in ? first[k * step] : static_cast<E>(0.f);
+        uint32_t bit = in ? 1u : 0u;
+        if (in && p.mask == SkinnyMask::kBitsTransposed) {
+          const int64_t ik = i + w.di * k;
+          bit = (p.bits_in[(c + w.dc * k) * p.ld_bits_in + (ik >> 3)] >> (ik & 7)) & 1u;
+        }
+        keep |= bit << k;
+      }
+    }
+    const SliceWalk wa = slice_walk<Cols>(p.sac == 1 || p.saj != 1);
+    const int64_t j = j0 + wa.il, c = c0 + wa.cl;
+    if (p.at == kF32) {
+      load_a_share<kA, float>(p, wa, j, c, a);
+    } else if (p.at == kBF16) {
+      load_a_share<kA, __nv_bfloat16>(p, wa, j, c, a);
+    } else {
+      load_a_share<kA, __half>(p, wa, j, c, a);
+    }
+    if (p.ones_col) {  // the extra column of ones: its output is alpha · Σ_c X(i, c)
+#pragma unroll
+      for (int k = 0; k < kA; ++k)
+        if (j + wa.di * k == p.J && c + wa.dc * k < p.C) a[k] = 1.f;
+    }
+  }
+
+  // Into the kernel's shared tiles: xs[i * LDS + c] and as[j * LDS + c] (see skinny_mma_kernel).
+  __device__ __forceinline__ void store(const SkinnyArgs& p, E* xs, E* as) const {
+    const int tid = threadIdx.x;
+    if (p.mask == SkinnyMask::kGenerate) {
+      E* const row0 = xs + (tid / kGroupsPerSlice) * kMmaLds + 8 * (tid % kGroupsPerSlice);
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+        for (int e8 = 0; e8 < 8; ++e8) row0[g * (kThreads / kGroupsPerSlice) * kMmaLds + e8] = x[8 * g + e8];
+    } else {
+      const SliceWalk w = slice_walk<Rows>(p.sxc == 1 || p.sxi != 1);
+      E* const first = xs + w.il * kMmaLds + w.cl;
+      const int step = w.di * kMmaLds + w.dc;
+#pragma unroll
+      for (int k = 0; k < kX; ++k) first[k * step] = (keep >> k) & 1u ? x[k] : static_cast<E>(0.f);
+    }
+    const SliceWalk wa = slice_walk<Cols>(p.sac == 1 || p.saj != 1);
+    E* const afirst = as + wa.il * kMmaLds + wa.cl;
+#pragma unroll
+    for (int k = 0; k < kA; ++k) afirst[k * (wa.di * kMmaLds + wa.dc)] = static_cast<E>(a[k]);
+  }
+};
+
 // Tensor-core variant of skinny_kernel for 16-bit X (x or dY): the same contract and the same
 // staging, but as E (X's dtype; A converted to it, as the Triton path does) and multiplied with WMMA
 // 16×16×16 fragments, fp32 accumulation. At r = 64 the FMA kernel is bound by the CUDA cores
@@ -316,11 +449,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < NF; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.f);
 
+  // Registers carry a slice from its loads to its stores: slice c0 + kTileC loads while slice c0 multiplies.
+  SliceRegs<TI, TJ, E> regs;
+  if (blk.c_begin < blk.c_end) regs.load(p, blk.i0, blk.j0, blk.c_begin, blk.write_bits);
   for (int64_t c0 = blk.c_begin; c0 < blk.c_end; c0 += kTileC) {
-    stage_skinny_slice<TI, TJ>(
-        p, blk.i0, blk.j0, c0, blk.write_bits, [&](int ii, int cc, float v) { xs[ii * LDS + cc] = static_cast<E>(v); },
-        [&](int jj, int cc, float v) { as[jj * LDS + cc] = static_cast<E>(v); });
+    regs.store(p, xs, as);
     __syncthreads();
+    if (c0 + kTileC < blk.c_end) regs.load(p, blk.i0, blk.j0, c0 + kTileC, blk.write_bits);
     mma_slice<NF>(acc, xs + warp * 16 * LDS, as, kTileC / 16);
     __syncthreads();
   }
