@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
 import time
+
+from .host_overhead import _median_us
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,17 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.top < 1 or args.reps < 1 or not 0.0 <= args.p < 1.0:
         ap.error("--steps, --top and --reps must be >= 1 and --p in [0, 1)")
     return args
-
-
-def _median_us(fn, reps: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def area(filename: str) -> str:
@@ -83,7 +73,8 @@ def area_totals(stats: pstats.Stats) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def _calibration(reps: int) -> list[tuple[str, float]]:
+def _calibration(reps: int, dev=None) -> list[tuple[str, float]]:
+    """(what, µs per host call) rows; ``dev``: the GPU (a CPU device under TRITON_INTERPRET in the tests)."""
     import torch
     import triton
     import triton.language as tl
@@ -99,25 +90,25 @@ def _calibration(reps: int) -> list[tuple[str, float]]:
         offs = tl.arange(0, BLOCK)
         tl.store(X + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < a1)
 
-    dev = torch.device("cuda")
+    dev = dev or torch.device("cuda")
     x = torch.empty(4096, device=dev)
     ints = [4096 + 3 * i for i in range(29)]  # varied values: specialisation looks at each
     rows = [
-        ("torch.empty (caching allocator)", _median_us(lambda: torch.empty(4096, device=dev), reps)),
-        ("aten kernel (x.add_(1))", _median_us(lambda: x.add_(1), reps)),
-        ("Triton launch, 3 arguments", _median_us(lambda: _noop3[(1,)](x, 4096, BLOCK=128), reps)),
-        ("Triton launch, 30 arguments", _median_us(lambda: _noop30[(1,)](x, *ints, BLOCK=128), reps)),
+        ("torch.empty (caching allocator)", _median_us(lambda: torch.empty(4096, device=dev), reps, 10)),
+        ("aten kernel (x.add_(1))", _median_us(lambda: x.add_(1), reps, 10)),
+        ("Triton launch, 3 arguments", _median_us(lambda: _noop3[(1,)](x, 4096, BLOCK=128), reps, 10)),
+        ("Triton launch, 30 arguments", _median_us(lambda: _noop30[(1,)](x, *ints, BLOCK=128), reps, 10)),
     ]
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w = torch.empty(256, 256, device=dev, dtype=torch.bfloat16)
         rows.append(
-            ("TensorDescriptor.from_tensor", _median_us(lambda: TensorDescriptor.from_tensor(w, [64, 64]), reps))
+            ("TensorDescriptor.from_tensor", _median_us(lambda: TensorDescriptor.from_tensor(w, [64, 64]), reps, 10))
         )
     except ImportError:  # pragma: no cover - Triton < 3.4
         pass
-    torch.cuda.synchronize()
+    _sync(dev)
     return rows
 
 

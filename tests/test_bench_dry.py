@@ -848,6 +848,14 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
     proc = subprocess.run([sys.executable, "-m", "bench.host_profile"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr
+    # The calibration rows (their kernels interpreted on the CPU here).
+    code = ("import json, torch; from bench import host_profile as hp; "
+            "print(json.dumps(hp._calibration(2, torch.device('cpu'))))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calib = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert len(calib) == 5 and all(us > 0 for us in calib.values()), calib
 
 
 # ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------
