@@ -96,7 +96,50 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
                 finally:
                     tri.FWD_MODE, tri.BWD_MODE = prev
                 rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
+        rows += _tuned_rows(reps, warmup)
     return rows + measure_cuda_layer(reps, warmup)
+
+
+TUNED_ROWS = ("two-launch, TMA, tuned: Autotuner.run", "two-launch, TMA, tuned: chosen config")
+
+
+def _tuned_rows(reps: int, warmup: int) -> list[dict]:
+    """The autotuned eager path (the default on a GPU) on keys tuned already: each launch through Triton's
+    ``Autotuner.run``, then as lora_kernels launches from the second call of a key (the config the Autotuner
+    chose, directly). Real Autotuners over the compile-only kernels, pruned to one config each so that nothing
+    is benchmarked (there is no GPU to time on); the key is computed and looked up as on a GPU."""
+    import functools
+    from unittest import mock
+
+    import torch
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    def first(configs, named_args, **kwargs):
+        return tri._prune(configs, named_args, **kwargs)[:1]
+
+    M, K, N, r = 64, 256, 256, 16
+    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, dtype=torch.bfloat16)
+    A = torch.randn(r, K, requires_grad=True)
+    B = torch.randn(N, r, requires_grad=True)
+    dy = torch.randn(M, N, dtype=torch.bfloat16)
+    rows = []
+    for label, chosen in zip(TUNED_ROWS, (False, True), strict=True):
+
+        def make(kernel, chosen=chosen):
+            tuner = tri._make_autotuner(kernel, prune=first)
+            if not chosen:
+                tuner.lk_chosen = None  # every launch through Autotuner.run, as before session 30
+            return tuner
+
+        with mock.patch.object(tri, "_autotuner", functools.cache(make)), mock.patch.object(tri, "AUTOTUNE", True):
+            for p in (0.0, 0.1):
+                f_us, fb_us = _time_calls(x, W, A, B, dy, p, reps, warmup)
+                rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
+            if chosen:  # the rows timed what they say: every launch of a step had its config chosen
+                assert all(len(tri._autotuner(k).lk_chosen) == 2 for k in (tri._shrink_kernel, tri._bwd_dx_tma_kernel))
+    return rows
 
 
 class _StubExt:

@@ -202,11 +202,13 @@ def lora_linear(
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, float(scaling), p, True, seed)
     K = x.shape[-1]
     N = weight.shape[0]
-    # Not reshape(-1, K): with K = 0 the -1 is ambiguous (x has no elements whatever M is).
-    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    # Not reshape(-1, K): with K = 0 the -1 is ambiguous (x has no elements whatever M is). A 2-D x is
+    # taken as it is: a reshape to its own shape is still a view, and an autograd node each way.
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), K)
     seed = 0 if seed is None else seed  # (not `seed or 0`: a symbolic int under torch.compile)
     if recompute is None:
         y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask)
     else:
         y2 = impl(x2, weight, bias, lora_A, lora_B, lora_bias, float(scaling), p, seed, dropout_mask, recompute)
-    return y2.reshape(*x.shape[:-1], N)
+    return y2 if flat else y2.reshape(*x.shape[:-1], N)

@@ -49,6 +49,25 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_CAPABILITY: dict[tuple[Callable, int], tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, read once per GPU: torch re-reads the device's
+    properties on each call (lazy-init check, index parsing, a device count), a few µs of host time per
+    call on the eager path's critical path, up to three times a call. Keyed on the function as well, so a
+    test's stand-in for it is not answered from the real one's entries; a device without an index (the
+    current device, which can change) and compiled regions (dynamo traces the plain call) are not cached."""
+    fn = torch.cuda.get_device_capability
+    if device.index is None or torch.compiler.is_compiling():
+        return fn(device)
+    key = (fn, device.index)
+    cap = _CAPABILITY.get(key)
+    if cap is None:
+        cap = _CAPABILITY[key] = tuple(fn(device))
+    return cap
+
+
 def use_registered_op() -> bool:
     """True when a kernel call must go through its ``torch.library`` op rather than straight to the
     launcher: under torch.compile/export (the compiler must see the op), and under any
@@ -121,7 +140,7 @@ def resolve(
 def _auto_pick(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
     if x.device.type != "cuda":
         return "torch"  # on CPU the reference is the fast path (the interpreter is for testing)
-    order = _AUTO_ORDER.get(torch.cuda.get_device_capability(x.device), _AUTO_DEFAULT)
+    order = _AUTO_ORDER.get(device_capability(x.device), _AUTO_DEFAULT)
     for name in order:
         if _unavailable(name, x, weight, lora_A, auto=True) is None:
             return name

@@ -215,3 +215,25 @@ def test_rows_carry_the_compute_capability(monkeypatch):
     meta = _report.run_metadata(torch.device("cuda"), "quick")
     assert meta["cc"] == "9.0" and meta["gpu"] == "NVIDIA H200"
     assert "cc" in _report.COLUMNS and _report.COLUMNS.index("cc") == _report.COLUMNS.index("gpu") + 1
+
+
+def test_device_capability_is_read_once_per_gpu(monkeypatch):
+    """backends.device_capability (the eager path asks up to three times a call) reads each GPU's
+    capability once; a stand-in for torch's function gets its own entries (tests patch it), and a device
+    without an index (the current one, which can change) is read every time."""
+    calls = []
+
+    def hopper(device=None):
+        calls.append(device)
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", hopper)
+    for _ in range(3):
+        assert backends.device_capability(torch.device("cuda", 0)) == (9, 0)
+    assert backends.device_capability(torch.device("cuda", 1)) == (9, 0)
+    assert len(calls) == 2
+    backends.device_capability(torch.device("cuda"))
+    backends.device_capability(torch.device("cuda"))
+    assert len(calls) == 4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backends.device_capability(torch.device("cuda", 0)) == (8, 0)

@@ -802,19 +802,24 @@ def test_budget_stops_between_configurations(tmp_path, monkeypatch):
 def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     """bench.host_overhead times the eager Triton path under compile_only (every launch binds its
     arguments and finds its kernel, none runs) and the CUDA backend's Python layer over a stubbed
-    extension, eager and through the ops, and a patched PEFT layer over that stub: twelve rows of positive
-    figures, nothing asserted on time."""
+    extension, eager and through the ops, and a patched PEFT layer over that stub; the tuned TMA path through
+    Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
+    itself asserts that the chosen rows took the chosen path): sixteen rows of positive figures, nothing
+    asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
+    from bench import host_overhead
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--reps", "3", "--warmup", "1"],
                           cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
-    assert len(rows) == 12 and {r[0].strip() for r in rows} == {
-        "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", "cuda layer, eager (direct)",
-        "cuda layer, through the ops", "peft layer, patched (cuda layer)"}, proc.stdout  # fmt: skip
+    assert len(rows) == 16 and {r[0].strip() for r in rows} == {
+        "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS,
+        "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
+    }, proc.stdout  # fmt: skip
     # Positive figures only: with 3 repetitions on a loaded CI machine even forward+backward > forward
     # does not hold (a CI run measured the single-pass row at 507 µs forward, 444 µs both).
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout

@@ -594,8 +594,12 @@ def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
     """The autotuned launches (grid lambdas, per-kernel config filtering, TMA descriptor pre-hooks)
     with one interpreter-sized config per kernel, so the interpreter can run them (GPU calls tune over
     the real tables). With a weight stored (K, N) the pre-hooks give its descriptor (BLOCK_K, BLOCK_N)
-    tiles: BLOCK_N = 64 there, so tiles set the other way round would not fit the dots."""
+    tiles: BLOCK_N = 64 there, so tiles set the other way round would not fit the dots. A second call
+    with the same tuning key launches the config the Autotuner chose without its ``run`` (host time),
+    pre-hooks included; a call with another key (p = 0: HAS_DROPOUT) goes through the Autotuner."""
     _skip_unavailable("triton", torch.float16)
+    from triton.runtime.autotuner import Autotuner
+
     from lora_kernels.triton_ops import lora_linear as tri
 
     monkeypatch.setattr(tri, "_configs", _one_config_tables(tri, block_n=64 if w_kn else 32))
@@ -608,6 +612,13 @@ def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
             W = W.T.contiguous().T
         run_and_check("triton", x, W, A, B, b, lb, p=0.1)
         assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
+        runs, real_run = [], Autotuner.run
+        spy = lambda self, *a, **k: runs.append(self.base_fn.__name__) or real_run(self, *a, **k)  # noqa: E731
+        monkeypatch.setattr(Autotuner, "run", spy)
+        run_and_check("triton", x, W, A, B, b, lb, p=0.1, seed=99)  # the seed is not a tuning key
+        assert runs == []
+        run_and_check("triton", x, W, A, B, b, lb, p=0.0)  # the GEMM and the dY kernel do not key on dropout
+        assert sorted(runs) == sorted(["_shrink_kernel", "_bwd_dx_tma_kernel" if tma == "1" else "_bwd_dx_kernel"])
     finally:
         tri._autotuner.cache_clear()
 

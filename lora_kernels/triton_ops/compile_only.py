@@ -108,12 +108,17 @@ class CompileOnly:
         self.sink(Compiled(self.fn.__name__, dict(kwargs), compiled))
         return compiled
 
+    def run(self, *args, grid=None, warmup=False, **kwargs):
+        """What Triton's Autotuner calls: compiles, as a launch through ``[grid]`` does."""
+        compiled = self.compile(*args, **kwargs)
+        shared = compiled.metadata.shared
+        if shared > self.max_shared:  # what loading it on that GPU would raise
+            raise OutOfResources(shared, self.max_shared, "shared memory")
+        return compiled
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            compiled = self.compile(*args, **kwargs)
-            shared = compiled.metadata.shared
-            if shared > self.max_shared:  # what loading it on that GPU would raise
-                raise OutOfResources(shared, self.max_shared, "shared memory")
+            self.run(*args, **kwargs)
 
         return launch
 

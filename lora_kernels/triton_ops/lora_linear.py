@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer kernels only
     TensorDescriptor = None
 
 from .. import flops as _flops
-from ..backends import use_registered_op
+from ..backends import device_capability, use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
 from .philox import dropout_mask_bytes, unpack_bytes
 
@@ -911,7 +911,7 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
         return False  # fp32 runs true-fp32 dots on the pointer path
     if TMA_MODE == "auto":
         dev = tensors[0].device
-        if _interpret() or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+        if _interpret() or dev.type != "cuda" or device_capability(dev)[0] < 9:
             return False
     for t in tensors:
         if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
@@ -1046,10 +1046,42 @@ def _tuning_configs(kernel) -> list:
 
 @functools.cache
 def _autotuner(kernel):
+    return _make_autotuner(kernel)
+
+
+def _make_autotuner(kernel, prune=_prune):
     keys = [k for k in _KEYS if k in kernel.arg_names]
-    return triton.autotune(configs=_tuning_configs(kernel), key=keys, prune_configs_by={"early_config_prune": _prune})(
+    tuner = triton.autotune(configs=_tuning_configs(kernel), key=keys, prune_configs_by={"early_config_prune": prune})(
         kernel
     )
+    # The configs this tuner chose, by _tuned_key: later calls with a key seen launch the config directly.
+    tuner.lk_chosen = {}
+    tuner.lk_key_pos = tuple(i for i, name in enumerate(kernel.arg_names) if name in keys)
+    return tuner
+
+
+def _tuned_key(tuner, args: tuple, meta: dict) -> tuple:
+    """A key at least as fine as Triton's Autotuner's (the ``key`` arguments' values and every tensor
+    argument's dtype): those arguments, all the launch's constexprs, the tensors' dtypes. Two calls with one
+    key get one config from the Autotuner, so the config it chose for the first is the second's."""
+    n = len(args)
+    return (
+        tuple(args[i] for i in tuner.lk_key_pos if i < n),
+        tuple(meta.items()),
+        tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+    )
+
+
+def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple) -> None:
+    """Launch the config ``(Config.all_kwargs(), pre_hook)`` the Autotuner chose for this key, as its
+    ``run`` would after the cache lookup (pre-hook, then the launch), without the rest of ``run``: it
+    rebuilds a dict of all the arguments and a key per call (bench/NOTES.md, session 30: 10–35 µs a launch
+    on the CPU). No lock: the pre-hook re-points this call's own descriptors through a dict of its own."""
+    cfg, pre_hook = chosen
+    full = {**meta, **cfg}
+    if pre_hook is not None:
+        pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **full})
+    kernel[grid(full)](*args, **full)
 
 
 @functools.cache
@@ -1126,9 +1158,14 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     """
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
     if tuned:
+        tuner = _autotuner(kernel)
+        chosen = getattr(tuner, "lk_chosen", None)  # (stand-in tuners in tests have none)
+        if chosen:
+            hit = chosen.get(_tuned_key(tuner, args, meta))
+            if hit is not None:
+                return _launch_chosen(kernel, grid, args, meta, hit)
         try:
             with _tune_lock(kernel):
-                tuner = _autotuner(kernel)
                 capturing = _capturing()
                 if capturing:
                     # Tuning a new key times configs and synchronises, which a CUDA-graph capture forbids,
@@ -1142,6 +1179,9 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
                 finally:
                     if capturing:
                         del tuner.prune_configs
+                best = getattr(tuner, "best_config", None)
+                if best is not None and getattr(tuner, "lk_chosen", None) is not None:
+                    tuner.lk_chosen[_tuned_key(tuner, args, meta)] = (best.all_kwargs(), best.pre_hook)
             return
         except _NotTuned:
             pass
@@ -1693,7 +1733,7 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tens
             return "x is on the CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
     elif x.device.type != "cuda":
         return f"Triton kernels run on CUDA GPUs, x is on {x.device.type}"
-    elif torch.bfloat16 in (x.dtype, lora_A.dtype) and torch.cuda.get_device_capability(x.device) < (8, 0):
+    elif torch.bfloat16 in (x.dtype, lora_A.dtype) and device_capability(x.device) < (8, 0):
         return "bfloat16 needs an sm_80 or newer GPU for the Triton kernels (this one is older): use float16"
     return _support_reason(x, lora_A)
 
