@@ -312,21 +312,58 @@ __device__ __forceinline__ SliceWalk slice_walk(bool c_fast) {
   return {tid % Rows, tid / Rows, 0, kThreads / Rows};
 }
 
+// v through an empty asm statement (no instruction), so the compiler cannot tell that the result equals v:
+// what SliceRegs derives from a thread's walk (per-element offsets, bounds, mask-bit positions, shared
+// addresses) is then computed where it is used, each slice. Those values do not depend on the slice, and
+// LLVM's LICM hoisted them out of skinny_mma_kernel's slice loop (per X element: a 64-bit offset k·step, a
+// 64-bit row and its bitmask byte index, a shared address), where they all stayed live: 188-235 registers
+// at TJ = 32 and 64 (ptxas -v, sm_90a: one block per SM), and 176 at TJ = 16 too after an unrelated edit
+// (whether LICM fired varied). With the walks opaque, and two elements per register: 56-84, no spills.
+// The kGenerate load's coordinates (per 8-column group) stay visible: opaque, they cost spills at some TJ.
+__device__ __forceinline__ int opaque(int v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+__device__ __forceinline__ SliceWalk opaque(const SliceWalk& w) {
+  return {opaque(w.il), opaque(w.cl), opaque(w.di), opaque(w.dc)};
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// A's share of a slice (Cols rows j, kTileC columns c) as fp32, its dtype T known: one loop per dtype rather
-// than a dtype switch per element, which kept every branch's loads and addresses live at once.
-template <int N, typename T>
+// The bits of a 16-bit element and back: SliceRegs keeps two elements per 32-bit register.
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ void from_bits16(uint32_t b, __half& v) {
+  v = __ushort_as_half(static_cast<unsigned short>(b));
+}
+__device__ __forceinline__ void from_bits16(uint32_t b, __nv_bfloat16& v) {
+  v = __ushort_as_bfloat16(static_cast<unsigned short>(b));
+}
+// Element k of a packed array: the low half of pk[k / 2] for even k (put in order: an even k sets the word).
+__device__ __forceinline__ uint32_t half_of(const uint32_t* pk, int k) {
+  return (pk[k / 2] >> (16 * (k % 2))) & 0xFFFFu;
+}
+__device__ __forceinline__ void put_half(uint32_t* pk, int k, uint32_t b) {
+  pk[k / 2] = k % 2 ? pk[k / 2] | b << 16 : b;
+}
+
+// A's share of a slice (Cols rows j, kTileC columns c) as E's bits, packed (see SliceRegs), its dtype T known:
+// one loop per dtype rather than a dtype switch per element, which kept every branch's loads and addresses
+// live at once. Rounded to E here rather than at the store: the same rounding of the same fp32 value.
+template <int N, typename T, typename E>
 __device__ __forceinline__ void load_a_share(const SkinnyArgs& p, const SliceWalk& w, int64_t j, int64_t c,
-                                             float (&a)[N]) {
+                                             uint32_t (&a)[N / 2]) {
   const T* const first = static_cast<const T*>(p.a) + j * p.saj + c * p.sac;
   const int64_t step = w.di * p.saj + w.dc * p.sac;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const bool in = j + w.di * k < p.J && c + w.dc * k < p.C;
-    a[k] = in ? to_f32(first[k * step]) : 0.f;
+    const bool one = p.ones_col && j + w.di * k == p.J && c + w.dc * k < p.C;  // the extra column of ones
+    put_half(a, k, bits16(static_cast<E>(in ? to_f32(first[k * step]) : one ? 1.f : 0.f)));
   }
 }
 
@@ -336,7 +373,8 @@ __device__ __forceinline__ void load_a_share(const SkinnyArgs& p, const SliceWal
 // H200 one launch took ~300 µs for 64 MB of x, 27 % of the SMs busy (bench/NOTES.md, session 28), about
 // one load latency per element a thread stages. Here every load of a slice is issued before any value is
 // used, and the kernel loads slice c0 + kTileC before the MMA of slice c0, so the loads wait behind it.
-// The same values as stage_skinny_slice (same element-to-thread mapping, same masks and bounds).
+// The same values as stage_skinny_slice (same element-to-thread mapping, same masks and bounds). Elements
+// are held as bits, two per 32-bit register (as E, each took a register of its own), A already rounded to E.
 template <int Rows, int Cols, typename E>
 struct SliceRegs {
   static_assert(Rows * kTileC % kThreads == 0 && Rows * kGroupsPerSlice % kThreads == 0 &&
@@ -344,17 +382,17 @@ struct SliceRegs {
   static constexpr int kX = Rows * kTileC / kThreads;                   // X elements per thread
   static constexpr int kGroups = Rows * kGroupsPerSlice / kThreads;     // kGenerate: 8-column groups
   static constexpr int kA = Cols * kTileC / kThreads;                   // A elements per thread
-  static_assert(kX <= 32 && kX == 8 * kGroups, "keep holds a bit per X element");
-  E x[kX];
-  uint32_t keep;  // bit k: x[k] is kept (a zero bit: out of bounds, or dropped by the mask)
-  float a[kA];
+  static_assert(kX <= 32 && kX == 8 * kGroups && kA % 2 == 0, "keep holds a bit per X element; pairs");
+  uint32_t x[kX / 2];  // element k: half_of(x, k)
+  uint32_t keep;       // bit k: x element k is kept (a zero bit: out of bounds, or dropped by the mask)
+  uint32_t a[kA / 2];
 
   __device__ __forceinline__ void load(const SkinnyArgs& p, int64_t i0, int64_t j0, int64_t c0, bool write_bits) {
-    const int tid = threadIdx.x;
     const E* const xp = static_cast<const E*>(p.x);
     keep = 0;
     if (p.mask == SkinnyMask::kGenerate) {
       // Group g of this thread: row tid / kGroupsPerSlice + g · (kThreads / kGroupsPerSlice), its column group fixed.
+      const int tid = threadIdx.x;
       const int64_t cb = c0 + 8 * (tid % kGroupsPerSlice), grp = cb / 8;
       const int64_t ib = i0 + tid / kGroupsPerSlice;
       const E* const row0 = xp + ib * p.sxi + cb * p.sxc;
@@ -370,16 +408,16 @@ struct SliceRegs {
         keep |= byte << (8 * g);
         const E* const row = row0 + g * (kThreads / kGroupsPerSlice) * p.sxi;
 #pragma unroll
-        for (int e8 = 0; e8 < 8; ++e8) x[8 * g + e8] = (byte >> e8) & 1u ? row[e8 * p.sxc] : static_cast<E>(0.f);
+        for (int e8 = 0; e8 < 8; ++e8) put_half(x, 8 * g + e8, (byte >> e8) & 1u ? bits16(row[e8 * p.sxc]) : 0u);
       }
     } else {
-      const SliceWalk w = slice_walk<Rows>(p.sxc == 1 || p.sxi != 1);
+      const SliceWalk w = opaque(slice_walk<Rows>(p.sxc == 1 || p.sxi != 1));
       const int64_t i = i0 + w.il, c = c0 + w.cl, step = w.di * p.sxi + w.dc * p.sxc;
       const E* const first = xp + i * p.sxi + c * p.sxc;
 #pragma unroll
       for (int k = 0; k < kX; ++k) {
         const bool in = i + w.di * k < p.R && c + w.dc * k < p.C;
-        x[k] = in ? first[k * step] : static_cast<E>(0.f);
+        put_half(x, k, in ? bits16(first[k * step]) : 0u);
         uint32_t bit = in ? 1u : 0u;
         if (in && p.mask == SkinnyMask::kBitsTransposed) {
           const int64_t ik = i + w.di * k;
@@ -388,42 +426,38 @@ struct SliceRegs {
         keep |= bit << k;
       }
     }
-    const SliceWalk wa = slice_walk<Cols>(p.sac == 1 || p.saj != 1);
+    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
     const int64_t j = j0 + wa.il, c = c0 + wa.cl;
     if (p.at == kF32) {
-      load_a_share<kA, float>(p, wa, j, c, a);
+      load_a_share<kA, float, E>(p, wa, j, c, a);
     } else if (p.at == kBF16) {
-      load_a_share<kA, __nv_bfloat16>(p, wa, j, c, a);
+      load_a_share<kA, __nv_bfloat16, E>(p, wa, j, c, a);
     } else {
-      load_a_share<kA, __half>(p, wa, j, c, a);
-    }
-    if (p.ones_col) {  // the extra column of ones: its output is alpha · Σ_c X(i, c)
-#pragma unroll
-      for (int k = 0; k < kA; ++k)
-        if (j + wa.di * k == p.J && c + wa.dc * k < p.C) a[k] = 1.f;
+      load_a_share<kA, __half, E>(p, wa, j, c, a);
     }
   }
 
   // Into the kernel's shared tiles: xs[i * LDS + c] and as[j * LDS + c] (see skinny_mma_kernel).
   __device__ __forceinline__ void store(const SkinnyArgs& p, E* xs, E* as) const {
-    const int tid = threadIdx.x;
     if (p.mask == SkinnyMask::kGenerate) {
+      const int tid = opaque(static_cast<int>(threadIdx.x));
       E* const row0 = xs + (tid / kGroupsPerSlice) * kMmaLds + 8 * (tid % kGroupsPerSlice);
 #pragma unroll
       for (int g = 0; g < kGroups; ++g)
 #pragma unroll
-        for (int e8 = 0; e8 < 8; ++e8) row0[g * (kThreads / kGroupsPerSlice) * kMmaLds + e8] = x[8 * g + e8];
+        for (int e8 = 0; e8 < 8; ++e8)
+          from_bits16(half_of(x, 8 * g + e8), row0[g * (kThreads / kGroupsPerSlice) * kMmaLds + e8]);
     } else {
-      const SliceWalk w = slice_walk<Rows>(p.sxc == 1 || p.sxi != 1);
+      const SliceWalk w = opaque(slice_walk<Rows>(p.sxc == 1 || p.sxi != 1));
       E* const first = xs + w.il * kMmaLds + w.cl;
       const int step = w.di * kMmaLds + w.dc;
 #pragma unroll
-      for (int k = 0; k < kX; ++k) first[k * step] = (keep >> k) & 1u ? x[k] : static_cast<E>(0.f);
+      for (int k = 0; k < kX; ++k) from_bits16((keep >> k) & 1u ? half_of(x, k) : 0u, first[k * step]);
     }
-    const SliceWalk wa = slice_walk<Cols>(p.sac == 1 || p.saj != 1);
+    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
     E* const afirst = as + wa.il * kMmaLds + wa.cl;
 #pragma unroll
-    for (int k = 0; k < kA; ++k) afirst[k * (wa.di * kMmaLds + wa.dc)] = static_cast<E>(a[k]);
+    for (int k = 0; k < kA; ++k) from_bits16(half_of(a, k), afirst[k * (wa.di * kMmaLds + wa.dc)]);
   }
 };
 

@@ -152,9 +152,9 @@ def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
     counted in STACK, not LOCAL, under the ABI), the CUTLASS 3.x GEMMs for sm_90a issue Hopper wgmma
     (HGMMA), and the tensor-core low-rank kernels issue HMMA.
 
-    Known exception: ptxas gives some skinny_mma_kernel variants an 8-byte frame with one 4-byte
-    spill (stored before the slice loop, loaded once per 32-column slice, outside the HMMA sequence,
-    an L1 hit; found by a review with ``-Xptxas -v``). Anything larger, or in another kernel, fails."""
+    skinny_mma_kernel (256 threads) stays within 128 registers, two blocks per SM, at every column tile
+    and arch: its slice loop once held 188-255 when the compiler hoisted each element's offsets and
+    bounds out of it (one block per SM; bench/NOTES.md, session 30)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither bundled with Triton nor in the CUDA toolkit)")
@@ -163,8 +163,9 @@ def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
     assert len(kernels) >= 20, res[-2000:]
     assert [k for k in kernels if k[3] != "0"] == []
-    allowed = lambda k: "skinny_mma_kernel" in k[0] and int(k[2]) <= 8  # noqa: E731 (see the docstring)
-    assert [k for k in kernels if k[2] != "0" and not allowed(k)] == []
+    assert [k for k in kernels if k[2] != "0"] == []
+    skinny = [k for k in kernels if "skinny_mma_kernel" in k[0]]
+    assert len(skinny) >= 6 and [k for k in skinny if int(k[1]) > 128] == [], skinny
     if "90" not in ext.build_metadata()["archs"].split(";"):
         return
     sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", so], capture_output=True, text=True, check=True).stdout
