@@ -66,10 +66,24 @@ def _time_calls(x, W, A, B, dy, p: float, reps: int, warmup: int, backend: str =
     return f_us, _median_us(step, reps, warmup)
 
 
+M_, N_, R_ = 64, 256, 16  # every row's sizes (tiny: the launches bind and return), K per row
+
+
+def _inputs(K: int = 256) -> tuple:
+    """x (M_, K), W (N_, K), dy (M_, N_) in bf16; A (R_, K), B (N_, R_) in fp32 (PEFT's default); x, A, B
+    require grad."""
+    import torch
+
+    x = torch.randn(M_, K, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N_, K, dtype=torch.bfloat16)
+    A = torch.randn(R_, K, requires_grad=True)
+    B = torch.randn(N_, R_, requires_grad=True)
+    return x, W, A, B, torch.randn(M_, N_, dtype=torch.bfloat16)
+
+
 def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
     """Rows of host µs per call: the TMA path (16-byte rows) and the pointer path (odd K), p = 0 and 0.1,
     and the single-pass kernels (``LORA_KERNELS_FWD/BWD=single``) on the TMA path."""
-    import torch
 
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops.compile_only import compile_only
@@ -82,12 +96,7 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
     ]
     with compile_only(lambda c: None):
         for label, K, mode in cases:
-            M, N, r = 64, 256, 16
-            x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
-            W = torch.randn(N, K, dtype=torch.bfloat16)
-            A = torch.randn(r, K, requires_grad=True)  # fp32 adapters, PEFT's default
-            B = torch.randn(N, r, requires_grad=True)
-            dy = torch.randn(M, N, dtype=torch.bfloat16)
+            x, W, A, B, dy = _inputs(K)
             for p in (0.0, 0.1):
                 prev = tri.FWD_MODE, tri.BWD_MODE
                 tri.FWD_MODE = tri.BWD_MODE = mode
@@ -111,19 +120,12 @@ def _tuned_rows(reps: int, warmup: int) -> list[dict]:
     import functools
     from unittest import mock
 
-    import torch
-
     from lora_kernels.triton_ops import lora_linear as tri
 
     def first(configs, named_args, **kwargs):
         return tri._prune(configs, named_args, **kwargs)[:1]
 
-    M, K, N, r = 64, 256, 256, 16
-    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
-    W = torch.randn(N, K, dtype=torch.bfloat16)
-    A = torch.randn(r, K, requires_grad=True)
-    B = torch.randn(N, r, requires_grad=True)
-    dy = torch.randn(M, N, dtype=torch.bfloat16)
+    x, W, A, B, dy = _inputs()
     rows = []
     for label, chosen in zip(TUNED_ROWS, (False, True), strict=True):
 
@@ -169,13 +171,8 @@ def measure_cuda_layer(reps: int = 300, warmup: int = 20) -> list[dict]:
     from lora_kernels.cuda_ops import _ext
     from lora_kernels.cuda_ops import lora_linear as cuda_ll
 
-    M, K, N, r = 64, 256, 256, 16
-    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
-    W = torch.randn(N, K, dtype=torch.bfloat16)
-    A = torch.randn(r, K, requires_grad=True)
-    B = torch.randn(N, r, requires_grad=True)
-    dy = torch.randn(M, N, dtype=torch.bfloat16)
-    stub = _StubExt(M, K, N, r, torch.bfloat16, torch.float32)
+    x, W, A, B, dy = _inputs()
+    stub = _StubExt(M_, x.shape[1], N_, R_, torch.bfloat16, torch.float32)
     rows = []
     with mock.patch.object(_ext, "get_ext", lambda build=True: stub), \
             mock.patch.object(cuda_ll, "unavailable_reason", lambda *a: None):  # fmt: skip
