@@ -1182,6 +1182,8 @@ import lora_kernels.triton_ops.single_pass as sp
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
+from triton.backends.nvidia.compiler import get_ptxas
+PTXAS = get_ptxas(90).path
 results = []
 
 def record(c):
@@ -1198,12 +1200,21 @@ def record(c):
             res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
         local = int(re.search(r"LOCAL:(\d+)", res)[1])
     ptx = k.asm["ptx"]
+    # ptxas's own verdict on the wgmma pipeline: C7515 ("wgmma.mma_async instructions are serialized ...")
+    # means every wgmma of the kernel waits for the previous one (the single-pass kernels under Triton 3.6,
+    # until session 31: bench/NOTES.md).
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        info = subprocess.run([PTXAS, "-arch=sm_90a", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
+    serialized = "C7515" in info.stderr
     # The cross-program barrier's memory operations as emitted (single-pass kernels): their scopes and
     # orderings, and the loads of the other programs' partials.
     sync = sorted({m[1] for m in re.finditer(r"(atom\.global\.\w+\.\w+\.\w+|ld\.global\.gpu\.acquire)", ptx)})
     results.append(dict(kernel=c.kernel, case=CASE, cfg=cfg, smem=k.metadata.shared,
                         wgmma=ptx.count("wgmma.mma_async"), local=local, sync=sync,
-                        cg_loads=ptx.count("ld.global.cg"), coop=bool(k.metadata.launch_cooperative_grid)))
+                        cg_loads=ptx.count("ld.global.cg"), coop=bool(k.metadata.launch_cooperative_grid),
+                        serialized=serialized))
 
 # compile_only: an H100's target, SM count and shared memory (a kernel over it raises OutOfResources, so
 # the launchers step down as on the GPU), fixed tiles; "launch" marks where each launch's tries begin.
@@ -1477,6 +1488,10 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     if half[0]["local"] is not None:  # cuobjdump found (Triton bundles it)
         spills = [(c["kernel"], c["case"], c["local"]) for c in half if c["local"] and c["case"]["r"] <= 128]
         assert not spills, spills
+    # ... and ptxas keeps every kernel's wgmmas asynchronous (no C7515 serialisation: the single-pass kernels'
+    # fused shrink-and-GEMM loop had it under Triton 3.6, the GPU image's).
+    serialized = [(c["kernel"], c["case"]) for c in fits if c["serialized"]]
+    assert not serialized, serialized
     # The single-pass barrier compiles to what its proof assumes (single_pass.py's docstring): GPU-scope
     # acq_rel arrivals, a release publish and acquire polls (each issued by thread 0 alone and broadcast
     # through shared memory: read off the PTX of Triton 3.6 and 3.8, not asserted, as the predicate's
@@ -1584,6 +1599,8 @@ import lora_kernels.triton_ops.lora_linear as tri
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
+from triton.backends.nvidia.compiler import get_ptxas
+PTXAS = get_ptxas(90).path
 results = []
 
 def record(c):

@@ -211,6 +211,46 @@ def test_concurrent_harness_runs_programs_together_and_reports_deadlocks():
         _handshake_kernel[(2,)](torch.zeros(2, dtype=torch.int32), out, WAIT_FOR=1)  # flag[1]: never set
 
 
+_walk_tile = sp._walk_tile
+
+
+@triton.jit
+def _walk_kernel(OUT, total, num_pid_m, nt, NUM_PROD, GROUP_M: tl.constexpr):
+    for t in range(0, total):
+        pid_m, pid_n = _walk_tile(t, num_pid_m, nt, NUM_PROD, GROUP_M)
+        tl.store(OUT + 2 * t, pid_m)
+        tl.store(OUT + 2 * t + 1, pid_n)
+
+
+@pytest.mark.skipif(not (INTERPRET or HAS_CUDA), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize(
+    "mt,nt,producers,group",
+    [(5, 7, 2, 2), (20, 56, 8, 8), (8, 16, 16, 8), (3, 4, 1, 8), (17, 3, 3, 4), (1, 1, 1, 8)],
+    ids=str,
+)
+def test_single_pass_walk_groups_row_blocks_producers_first(mt, nt, producers, group):
+    """The single-pass kernels' walk (``_walk_tile``): every tile once; each row-block's producers at
+    consecutive positions before all its consumers (what the deadlock argument needs); and, in each group of
+    ``group`` row-blocks, the consumers column by column, so the group's row-blocks read a W tile back to back
+    (at N = 14336, nt = 56, the row-major walk read all 117 MB of W in every round of the grid)."""
+    out = torch.full((2 * mt * nt,), -1, dtype=torch.int32, device=DEVICE)
+    _walk_kernel[(1,)](out, mt * nt, mt, nt, producers, GROUP_M=group)
+    walk = [tuple(p) for p in out.view(-1, 2).tolist()]
+    assert sorted(walk) == [(m, n) for m in range(mt) for n in range(nt)], "not every tile exactly once"
+    pos = {tile: i for i, tile in enumerate(walk)}
+    for m in range(mt):
+        prod = sorted(pos[(m, n)] for n in range(producers))
+        assert prod == list(range(prod[0], prod[0] + producers)), f"row-block {m}'s producers are not consecutive"
+        assert all(pos[(m, n)] > prod[-1] for n in range(producers, nt)), f"a consumer of {m} precedes a producer"
+    for first in range(0, mt, group):
+        rows = range(first, min(first + group, mt))
+        lo = first * nt
+        members = walk[lo : lo + len(rows) * nt]
+        assert {m for m, _ in members} == set(rows), "a group's tiles are not contiguous in the walk"
+        consumers = [tile for tile in members if tile[1] >= producers]
+        assert consumers == [(m, n) for n in range(producers, nt) for m in rows], "consumers not column by column"
+
+
 def test_single_pass_plan(monkeypatch):
     """Whole row-blocks per round where that leaves at most ~3 % of the SMs out, else ≤ 8 producers."""
     assert sp._plan(16, 132) == (128, 16)  # N = 4096, BN = 256 on an H100: 8 row-blocks per round

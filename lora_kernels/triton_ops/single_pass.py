@@ -7,30 +7,42 @@ of the GEMM at N = 4096 (bench/NOTES.md). Here T and the mask bits come from the
 persistent TMA GEMM loads anyway. Every output tile (m, n) needs all of T[m] (a sum over all of K) in
 its epilogue, so the shrink work of row-block m is split across its first S tiles, the producers:
 
-  1. producer (m, n < S) runs its K loop starting at K-slice n = K-blocks [n·kt/S, (n+1)·kt/S); for
-     that slice only it also generates the Philox mask (storing the bits) and accumulates the partial
-     T_n[m] = (x ⊙ keep)·Aᵀ, then finishes the GEMM over the other K-blocks; consumers (n ≥ S) run
-     a plain GEMM loop;
-  2. producers store T_n[m] (fp32) and arrive at row m's barrier; the last one publishes;
-  3. every tile of the row then sums the S partials in a fixed order (deterministic), tile (m, 0)
+  1. producer (m, n < S) first runs the shrink over its K-slice n = K-blocks [n·kt/S, (n+1)·kt/S):
+     it generates the Philox mask there (storing the bits), accumulates the partial
+     T_n[m] = (x ⊙ keep)·Aᵀ, stores it (fp32) and arrives at row m's barrier (the last to arrive
+     publishes), without waiting;
+  2. every tile (producer or consumer) runs the plain pipelined GEMM loop over all of K;
+  3. then waits for row m's barrier, sums the S partials in a fixed order (deterministic), tile (m, 0)
      stores T[m] for backward, and the epilogue adds (s·T)·Bᵀ, bias and s·lora_bias before the TMA
      store of y.
-Philox and the shrink MMA ride inside the tensor-core loop; no M×K or M×N intermediate exists; the
-extra traffic is S partials (S·BM·r·4 bytes read per tile, from L2). S and the grid come from
-``_plan``: S = all nt tiles of a row-block when the grid can hold whole row-blocks per round (nt = 16
-at N = 4096: 128 of 132 SMs), else S = min(nt, MAX_PRODUCERS). With ``REDUCE_LEVELS = 2``
-(LORA_KERNELS_SP_REDUCE=2) producer j instead sums rows [j·BM/S, (j+1)·BM/S) of all S partials into
-T, the producers meet at a second barrier, and every tile reads T (BM·r·4 bytes): fewer L2 reads for
-one more barrier latency, an A/B for a GPU measurement.
+A producer's slice is read twice, once by its shrink and once by its GEMM (from L2: 1/S of a row-block
+of x per producer). Fusing the two into one loop instead made Triton 3.6's PTX (the GPU image's) defeat
+ptxas's wgmma pipelining: every wgmma of the kernel serialised (ptxas C7515; the likely cause of the
+1.5–1.9× cuBLAS measured in session 28, bench/NOTES.md session 31); and arriving before the GEMM means
+no tile waits for a producer's GEMM or Philox. No M×K or M×N intermediate exists; the extra traffic is S
+partials (S·BM·r·4 bytes read per tile, from L2). S and the grid come from ``_plan``: S = all nt tiles
+of a row-block when the grid can hold whole row-blocks per round (nt = 16 at N = 4096: 128 of 132 SMs),
+else S = min(nt, MAX_PRODUCERS). With ``REDUCE_LEVELS = 2`` (LORA_KERNELS_SP_REDUCE=2) producer j
+instead sums rows [j·BM/S, (j+1)·BM/S) of all S partials into T after its GEMM, the producers meet at a
+second barrier, and every tile reads T (BM·r·4 bytes): fewer L2 reads for one more barrier latency, an
+A/B for a GPU measurement.
 
-Deadlock freedom. Programs walk tiles in row-major order (tile_id = m·nt + n; program p takes p,
-p + P, p + 2P, …). Producers wait only for the producers of their own row-block, consumers only for
-the producers of theirs, which have lower tile ids. If every program is resident (persistent grid
-P ≤ #SMs, one CTA per SM) and S ≤ P: by induction on m, a producer of row m was preceded on its
-program only by tiles t − P, t − 2P, … < m·nt + S − P ≤ m·nt, i.e. tiles of earlier rows, so all S
-producers of row m arrive and the barrier opens; a consumer's earlier tiles are of rows ≤ m and
-only ever wait for producers (in the backward, the dB tiles at the head of the walk never wait, so
-they do not change the argument). A producer group that straddles two rounds costs its early members a
+The walk (``_walk_tile``). Program p of the persistent grid of P programs takes tiles p, p + P,
+p + 2P, … of a walk that goes through groups of GROUP_M row-blocks: in each group first the S
+producers of every row-block (row by row), then its consumers column by column, so the group's
+row-blocks read each W tile back to back, as the two-launch GEMM's grouped order does. (A row-major
+walk reads all of W once per round of the grid: at N = 14336 that is 117 MB a round, past the L2.)
+
+Deadlock freedom. The walk puts each row-block's S producers at consecutive positions [a, a + S) and
+all its consumers after them. Arrivals never wait; the only wait (after the GEMM) is for the S
+producers of the tile's own row-block. If every program is resident (persistent grid P ≤ #SMs, one
+CTA per SM) and S ≤ P, by induction on the position t: suppose every tile before t completes; tile t's
+program has reached it (its earlier tiles are before t). A consumer's producers are all before t:
+arrived. A producer's fellow producers after it, at u < a + S, were preceded on their programs only
+by tiles at u − P, u − 2P, … < a + S − P ≤ a ≤ t, all complete, so they run and arrive. Either way
+the barrier opens and t completes (in the backward, the dB tiles at the head of the walk never wait,
+so they do not change the argument; the two-level reduction's second barrier follows the first, whose
+arrivals all happen). A producer group that straddles two rounds costs its early members a
 wait, not a deadlock. Where residency does not hold (MPS or green contexts that cap a process below
 its grid, a GPU shared with long-running kernels), a wait is still bounded: after ``max_spins`` polls
 a tile recomputes T from x itself (slice by slice, in the producers' order) and counts it
@@ -47,11 +59,12 @@ eager calls on the capture stream nor the graph replayed on another stream share
 Ordering: all warps' partial stores, ``debug_barrier`` (CTA), then an acq_rel arrival / release
 publish at GPU scope; waiters acquire, then ``debug_barrier`` again before any warp reads partials.
 
-The backward (``_bwd_single_pass_kernel``) applies the same scheme to dT = s·dY·B inside the dX GEMM
-dX = dY·W + (dT·A) ⊙ keep/(1-p): the first tiles of each row-block of dX take N-slices of dT from the
-dY tiles they load, meet at the same kind of barrier, and every tile sums the partials for its
-epilogue; the dB = s·dYᵀ·T and Σ dY reductions are tiles at the head of the walk (they never wait);
-dA = dTᵀ·(x ⊙ keep)/(1-p) follows in a second launch, since x is not an operand of the dX GEMM.
+The backward (``_bwd_single_pass_kernel``) applies the same scheme to dT = s·dY·B inside the dX GEMM dX
+= dY·W + (dT·A) ⊙ keep/(1-p): the first tiles of each row-block of dX first compute N-slices of dT from
+dY (read again by their GEMM, from L2) and arrive at the same kind of barrier, and every tile sums the
+partials for its epilogue after its GEMM; the dB = s·dYᵀ·T and Σ dY reductions are tiles at the head of
+the walk (they never wait); dA = dTᵀ·(x ⊙ keep)/(1-p) follows in a second launch, since x is not an
+operand of the dX GEMM.
 
 The CPU interpreter runs the programs of a grid one after another, where any barrier would spin
 forever. There the kernel runs as two launches of the same code (PHASE 1: the shrink slices and
@@ -124,20 +137,24 @@ def _exit_launch(SYNC, epoch):
 
 
 @triton.jit
-def _row_barrier(WORDS, n_producers, epoch, max_spins, IS_PRODUCER):
-    """Row-block barrier: producers arrive, everyone waits until the last producer has published.
-    Returns False if that did not happen within ``max_spins`` polls (the caller then recomputes).
-
-    The arrival count is left at 0 for the next launch; the flag holds the epoch of the last launch
-    whose producers all arrived, so a value left by an earlier launch never opens this one."""
+def _arrive(WORDS, n_producers, epoch):
+    """A producer's arrival at its row-block's barrier (after storing its partial); the last of the
+    n_producers resets the count for the next launch and publishes ``epoch`` in the flag. Does not wait:
+    a producer arrives before its own GEMM loop, so nobody waits for its GEMM (see the kernel)."""
     count_ptr = WORDS
-    flag_ptr = count_ptr + 1
-    tl.debug_barrier()  # every warp's partial-T stores precede this CTA's arrival
-    if IS_PRODUCER:
-        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if arrived == n_producers - 1:
-            tl.atomic_xchg(count_ptr, 0, sem="relaxed")  # every producer of this launch has arrived
-            tl.atomic_xchg(flag_ptr, epoch, sem="release")
+    tl.debug_barrier()  # every warp's partial stores precede this CTA's arrival
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == n_producers - 1:
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed")  # every producer of this launch has arrived
+        tl.atomic_xchg(count_ptr + 1, epoch, sem="release")
+
+
+@triton.jit
+def _wait_open(WORDS, epoch, max_spins):
+    """Wait until the row-block's flag holds ``epoch``; False if that did not happen within ``max_spins``
+    polls (the caller then recomputes). The flag holds the epoch of the last launch whose producers all
+    arrived, so a value left by an earlier launch never opens this one."""
+    flag_ptr = WORDS + 1
     cur = tl.atomic_add(flag_ptr, 0, sem="acquire")
     spins = 0
     while (cur != epoch) & (spins < max_spins):
@@ -145,6 +162,16 @@ def _row_barrier(WORDS, n_producers, epoch, max_spins, IS_PRODUCER):
         spins += 1
     tl.debug_barrier()  # no warp reads the partials before the acquire
     return cur == epoch
+
+
+@triton.jit
+def _row_barrier(WORDS, n_producers, epoch, max_spins, IS_PRODUCER):
+    """Producers arrive, everyone waits until the last producer has published (``_arrive``, ``_wait_open``)."""
+    if IS_PRODUCER:
+        _arrive(WORDS, n_producers, epoch)
+    else:
+        tl.debug_barrier()
+    return _wait_open(WORDS, epoch, max_spins)
 
 
 @triton.jit
@@ -158,6 +185,26 @@ def _producer_slice(pid_in_row, n_blocks, NUM_PROD):
 
 
 @triton.jit
+def _walk_tile(t, num_pid_m, nt, NUM_PROD, GROUP_M: tl.constexpr):
+    """(row-block, column tile) of the t-th tile of the persistent walk over num_pid_m × nt tiles. Groups of
+    GROUP_M row-blocks, one after another; in each, first the NUM_PROD producers of every row-block (row by
+    row: a row-block's producers are consecutive), then the consumers column by column, so that the group's
+    row-blocks read each W tile back to back (from L2) — a row-major walk reads all of W once per round of
+    the grid, 117 MB at N = 14336: more than the L2. Every row-block's producers precede its consumers."""
+    per_group = GROUP_M * nt
+    g = t // per_group
+    first_m = g * GROUP_M
+    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
+    local = t - g * per_group
+    n_prod = gm * NUM_PROD
+    is_prod = local < n_prod
+    c = tl.maximum(local - n_prod, 0)
+    pid_m = first_m + tl.where(is_prod, local // NUM_PROD, c % gm)
+    pid_n = tl.where(is_prod, local % NUM_PROD, NUM_PROD + c // gm)
+    return pid_m, pid_n
+
+
+@triton.jit
 def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """scale · Σ_j P[j] over the NUM_PROD (unscaled) partials of one (BM, BLOCK_R) tile, in a fixed order
     (deterministic). The fallback recomputations (_recompute_t, _recompute_dt) do exactly these
@@ -165,9 +212,28 @@ def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, scale, BLOCK_M: tl.cons
     instead would let the compiler fuse the fallback's multiply and add into an FMA, one rounding fewer:
     other bits than the partials' path.)"""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for j in range(0, NUM_PROD):
-        # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
-        acc += tl.load(P + tl.cast(j, tl.int64) * stride_pn + p_off, mask=p_mask, other=0.0, cache_modifier=".cg")
+    # U partials' loads in flight at a time (one after another, each waited out, they were S L2 round trips
+    # per tile: 16 at N = 4096), then added one by one in the same order: the same sum, bit for bit. U·BLOCK_R
+    # ≤ 64 keeps the loads in flight at ≤ 32 registers a thread next to the live accumulator tile.
+    # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
+    U: tl.constexpr = 4 if BLOCK_R <= 16 else (2 if BLOCK_R <= 32 else 1)
+    for j0 in range(0, NUM_PROD, U):
+        ptrs = P + tl.cast(j0, tl.int64) * stride_pn + p_off
+        p0 = tl.load(ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
+        if U > 1:
+            p1 = tl.load(ptrs + stride_pn, mask=p_mask & (j0 + 1 < NUM_PROD), other=0.0, cache_modifier=".cg")
+        if U > 2:
+            p2 = tl.load(ptrs + 2 * stride_pn, mask=p_mask & (j0 + 2 < NUM_PROD), other=0.0, cache_modifier=".cg")
+            p3 = tl.load(ptrs + 3 * stride_pn, mask=p_mask & (j0 + 3 < NUM_PROD), other=0.0, cache_modifier=".cg")
+        acc += p0
+        if U > 1:
+            if j0 + 1 < NUM_PROD:
+                acc += p1
+        if U > 2:
+            if j0 + 2 < NUM_PROD:
+                acc += p2
+            if j0 + 3 < NUM_PROD:
+                acc += p3
     return acc * scale
 
 
@@ -209,7 +275,7 @@ def _fwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, W_KN: tl.constexpr,
+    NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, W_KN: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Persistent grid of NUM_SMS programs; PHASE 0 = everything (GPU), 1 = shrink slices only,
     2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
@@ -227,9 +293,8 @@ def _fwd_single_pass_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
-        # Row-major walk: a row-block's producers are consecutive tiles (the barrier needs it, see above).
-        pid_m = tile_id // num_pid_n
-        pid_n = tile_id % num_pid_n
+        # Grouped walk, producers first (the barrier needs a row-block's producers consecutive, see above).
+        pid_m, pid_n = _walk_tile(tile_id, num_pid_m, num_pid_n, NUM_PROD, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -241,30 +306,29 @@ def _fwd_single_pass_kernel(
         is_producer, kb_lo, kb_hi = _producer_slice(pid_n, k_tiles, NUM_PROD)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        # A producer's K-slice: the GEMM step plus the shrink step on the same x tile.
-        for kb in range(kb_lo, kb_hi):
-            k0 = kb * BLOCK_K
-            x = x_desc.load([off_m, k0]).to(CDT)
-            if PHASE != 2:
-                part = _shrink_step(part, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, stride_bm,
-                                    seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT, False,
-                                    BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-            if PHASE != 1:
-                acc = _x_dot_wt(acc, x, w_desc, off_n, k0, CDT, W_KN)
-        if PHASE != 1:
-            # The rest of K, wrapping around: GEMM only (a plain, pipelined TMA loop).
-            for i in range(kb_hi - kb_lo, k_tiles):
-                k0 = ((kb_lo + i) % k_tiles) * BLOCK_K
-                acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
+        words = SYNC + 2 + 4 * pid_m
         if PHASE != 2:
+            # A producer's K-slice of the shrink first, in a loop of its own: its partial is stored and its
+            # arrival counted before its GEMM, so no tile waits for a producer's GEMM (nor, with dropout, for
+            # its Philox once a GEMM later), and the GEMM loop below is the plain pipelined one. (Fused into
+            # one loop with the GEMM steps, Triton 3.6's PTX made ptxas serialise every wgmma of the kernel:
+            # C7515, bench/NOTES.md session 31.) The slice's x tiles are read again by the GEMM, from L2.
+            for kb in range(kb_lo, kb_hi):
+                k0 = kb * BLOCK_K
+                part = _shrink_step(part, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R, stride_ar,
+                                    stride_ak, stride_bm, seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT,
+                                    False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
             if is_producer:
-                part_ptrs = PART + pid_n.to(tl.int64) * stride_pn + p_off
-                tl.store(part_ptrs, part, mask=p_mask)  # unscaled: see _sum_partials
+                tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled: _sum_partials
+                if PHASE == 0:
+                    _arrive(words, NUM_PROD, epoch)
         if PHASE != 1:
+            for kb in range(0, k_tiles):  # the GEMM over all of K: the two-launch forward's loop
+                k0 = kb * BLOCK_K
+                acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
             t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             opened = True
-            words = SYNC + 2 + 4 * pid_m
             if PHASE == 2:  # the interpreter's second launch: the partials are all there
                 t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                 if pid_n == 0:
@@ -274,7 +338,7 @@ def _fwd_single_pass_kernel(
                 # reads T (BM·r·4 bytes) instead of all S partials.
                 if is_producer:
                     s_mask = _slice_rows(p_mask, pid_n, NUM_PROD, BLOCK_M)
-                    if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
+                    if _wait_open(words, epoch, max_spins):
                         ts = _sum_partials(PART, stride_pn, p_off, s_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                     else:
                         tl.atomic_add(FALLBACKS, 1)
@@ -286,7 +350,7 @@ def _fwd_single_pass_kernel(
                 if opened:
                     t = tl.load(t_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
             else:
-                opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
+                opened = _wait_open(words, epoch, max_spins)  # (producers arrived before their GEMM)
                 if opened:  # every tile of the row-block sums the same partials in the same order: same bits
                     t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                     if pid_n == 0:
@@ -343,13 +407,14 @@ def _bwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
     OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, DO_DB: tl.constexpr,
-    W_KN: tl.constexpr,
+    W_KN: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
     (DO_DB) dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all
-    of M; they never wait; none without DO_DB), then the dX tiles (m, k) row-major; the first NUM_PROD
-    tiles of a row-block produce dT partials over their N-slice, meet at the row barrier, and everyone
-    sums them. PHASE, W_KN as in ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
+    of M; they never wait; none without DO_DB), then the dX tiles (m, k) in ``_walk_tile``'s order; the
+    first NUM_PROD tiles of a row-block produce dT partials over their N-slice and arrive at the row
+    barrier before their GEMM, and everyone sums them after theirs. PHASE, W_KN as in
+    ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
     epoch = 0
     if PHASE == 0:
         epoch = _launch_epoch(SYNC)
@@ -367,8 +432,7 @@ def _bwd_single_pass_kernel(
                 _db_block(tile_id, 0, 1, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn, 0, 0,
                           scaling, CDT, False, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
         else:
-            pid_m = (tile_id - num_db) // num_pid_k
-            pid_k = (tile_id - num_db) % num_pid_k
+            pid_m, pid_k = _walk_tile(tile_id - num_db, num_pid_m, num_pid_k, NUM_PROD, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_k = pid_k * BLOCK_K
             offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -378,25 +442,25 @@ def _bwd_single_pass_kernel(
             is_producer, nb_lo, nb_hi = _producer_slice(pid_k, n_tiles, NUM_PROD)
             acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             dtp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for nb in range(nb_lo, nb_hi):  # a producer's N-slice: the GEMM step and the dT step
-                n0 = nb * BLOCK_N
-                dy = dy_desc.load([off_m, n0]).to(CDT)
-                if PHASE != 2:
-                    dtp = _dt_step(dtp, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
-                if PHASE != 1:
-                    acc = _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT, W_KN)
-            if PHASE != 1:
-                for i in range(nb_hi - nb_lo, n_tiles):  # the rest of N, wrapping around: GEMM only
-                    n0 = ((nb_lo + i) % n_tiles) * BLOCK_N
-                    acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
+            words = SYNC + 2 + 4 * pid_m
             if PHASE != 2:
+                # A producer's N-slice of dT first, in a loop of its own, stored and counted before its GEMM
+                # (as the forward's shrink slice: no serialised wgmma, nobody waits for a producer's GEMM).
+                for nb in range(nb_lo, nb_hi):
+                    n0 = nb * BLOCK_N
+                    dtp = _dt_step(dtp, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn, stride_lbr, CDT,
+                                   BLOCK_N, BLOCK_R)  # fmt: skip
                 if is_producer:
                     tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
+                    if PHASE == 0:
+                        _arrive(words, NUM_PROD, epoch)
             if PHASE != 1:
+                for nb in range(0, n_tiles):  # the dX GEMM over all of N: the two-launch backward's loop
+                    n0 = nb * BLOCK_N
+                    acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
                 dt_ptrs = DT + rm[:, None] * stride_dtm + offs_r[None, :]
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 opened = True
-                words = SYNC + 2 + 4 * pid_m
                 if PHASE == 2:  # the interpreter's second launch: the partials are all there
                     dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                     if pid_k == 0:
@@ -404,7 +468,7 @@ def _bwd_single_pass_kernel(
                 elif TWO_LEVEL:  # as in the forward: producers reduce row slices into DT, then all read DT
                     if is_producer:
                         s_mask = _slice_rows(p_mask, pid_k, NUM_PROD, BLOCK_M)
-                        if _row_barrier(words, NUM_PROD, epoch, max_spins, True):
+                        if _wait_open(words, epoch, max_spins):
                             ds = _sum_partials(DTP, stride_pn, p_off, s_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                         else:
                             tl.atomic_add(FALLBACKS, 1)
@@ -415,7 +479,7 @@ def _bwd_single_pass_kernel(
                     if opened:
                         dt = tl.load(dt_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
                 else:
-                    opened = _row_barrier(words, NUM_PROD, epoch, max_spins, is_producer)
+                    opened = _wait_open(words, epoch, max_spins)  # (producers arrived before their GEMM)
                     if opened:
                         dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                         if pid_k == 0:
@@ -593,7 +657,7 @@ def lora_fwd_single_pass(
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         nt, mt = _cdiv(N, bn), _cdiv(M, bm)
         programs, producers = _plan(nt, _grid_sms(x))
-        programs, producers = num_programs or programs, num_producers or min(producers, nt)
+        programs, producers = num_programs or programs, min(num_producers or producers, nt)
         if producers > programs:  # the producers of a row-block must be resident together
             raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
         part = _ll._empty((producers, M, R), x.device, torch.float32)
@@ -616,6 +680,7 @@ def lora_fwd_single_pass(
             OUT_DT=_TL_DTYPE[y.dtype],
             BLOCK_R=BR,
             NUM_SMS=programs,  # the walk's stride; fewer programs when tiles < programs
+            GROUP_M=_group_m(),
             TWO_LEVEL=REDUCE_LEVELS == 2,
             W_KN=w_kn,
             **cfg,
@@ -632,9 +697,15 @@ def lora_fwd_single_pass(
     raise AssertionError("unreachable")
 
 
+def _group_m() -> int:
+    """Row-blocks per group of the single-pass walk (``_walk_tile``): the two-launch GEMMs' 8 on a GPU; 2 in
+    the interpreter, whose tests have a handful of row-blocks, so that they walk several groups."""
+    return 2 if _interpret() else 8
+
+
 def _single_bwd_cfg(R: int) -> dict:
-    """The dX GEMM's tiles of the two-launch TMA kernel (``_tma_cfg``), without its grouped ordering:
-    (BM, BK) output tiles, BN the step over N; the single-pass walk is row-major."""
+    """The dX GEMM's tiles of the two-launch TMA kernel (``_tma_cfg``): (BM, BK) output tiles, BN the step
+    over N; the single-pass walk groups row-blocks by ``_group_m`` instead of the tile's GROUP_M."""
     return {k: v for k, v in _ll._tma_cfg(None, R, backward=True).items() if k != "GROUP_M"}
 
 
@@ -687,7 +758,7 @@ def lora_bwd_single_pass(
         # dB tiles come first in the walk, so row-blocks never align with rounds: the full grid with
         # at most MAX_PRODUCERS producers (see _plan).
         programs = num_programs or _grid_sms(x)
-        producers = num_producers or min(kt, MAX_PRODUCERS, programs)
+        producers = min(num_producers or min(MAX_PRODUCERS, programs), kt)
         if producers > programs:
             raise ValueError(f"{producers} producers per row-block need at least as many programs, got {programs}")
         dtp = _ll._empty((producers, M, R), dev, torch.float32)
@@ -701,7 +772,7 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, W_KN=w_kn, **cfg,
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, W_KN=w_kn, GROUP_M=_group_m(), **cfg,
                     **_launch_opts())  # fmt: skip
         grid = (min(programs, (_cdiv(N, bn) if need_db else 0) + mt * kt),)
         try:
