@@ -1246,6 +1246,7 @@ for CASE in json.loads(sys.argv[1]):
     tri.TMA_FLATTEN = CASE.get("flatten", False)
     sp.REDUCE_LEVELS = CASE.get("levels", 1)
     sp.COOPERATIVE = CASE.get("coop", False)
+    sp.FUSED_SLICE = CASE.get("slice") == "fused"
     M, N, K = 96, 160, CASE.get("K", 128)
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     if CASE.get("w_kn"):  # the weight stored (K, N), passed as its (N, K) view
@@ -1430,6 +1431,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=16, mode="regenerate", tma="1", need=[False, True, True]),
         # ... and the single-pass backward with lora_B frozen (no dB tiles: DO_DB=False)
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", need=[True, True, False]),
+        # the single-pass kernels with the producers' slice inside the GEMM loop (LORA_KERNELS_SP_SLICE=fused)
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", slice="fused"),
     ]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
@@ -1462,17 +1465,19 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # at rank 64, 3.6 needs 254 KiB and steps down to 2 stages).
     single = [t for t in launches if t[0]["kernel"] == "_fwd_single_pass_kernel"]
     got = [(t[0]["case"]["r"], t[0]["case"].get("levels", 1), t[0]["cfg"]["BLOCK_N"], len(t)) for t in single]
-    assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1), (16, 1, 256, 1)], single
+    assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1), (16, 1, 256, 1), (16, 1, 256, 1)], single
     # The single-pass backward's dX tiles fit without stepping down (rank 128 starts at 2 stages).
     single_bwd = [t for t in launches if t[0]["kernel"] == "_bwd_single_pass_kernel"]
     got = [(t[0]["case"]["r"], len(t), t[-1]["cfg"]["num_stages"], t[-1]["cfg"]["DO_DB"]) for t in single_bwd]
-    assert got == [(16, 1, 3, True), (128, 1, 2, True), (16, 1, 3, True), (16, 1, 3, False)], single_bwd
+    want = [(16, 1, 3, True), (128, 1, 2, True), (16, 1, 3, True), (16, 1, 3, False), (16, 1, 3, True)]
+    assert got == want, single_bwd
     # Performance guards a GPU run would otherwise find first: with 16-bit operands every kernel issues
     # Hopper wgmma rather than Ampere mma.sync, except two memory-bound skinny products whose dot is too
     # short for wgmma's 64 rows: a dA-only launch below rank 64 (r rows: the single-pass mode's, and the
     # two-launch one when x needs no gradient), and the shrink with fewer than 64 rows per program
     # (_shrink_cfg: at M = 96 it takes 32-row blocks). And
-    # no kernel that fits spills registers to local memory at ranks up to 128.
+    # no kernel that fits spills registers to local memory at ranks up to 128 (but the opt-in fused slice of the
+    # single-pass kernels, which spills 16–28 bytes at rank 16 under Triton 3.6).
     fits = [t[-1] for t in launches]
     half = [c for c in fits if c["case"]["dtype"] != "float32"]
     no_wgmma = [(c["kernel"], c["case"]) for c in half if c["wgmma"] == 0]
@@ -1487,9 +1492,9 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert len(short) >= 3 and sorted(map(str, no_wgmma)) == sorted(map(str, short)), (no_wgmma, short)
     if half[0]["local"] is not None:  # cuobjdump found (Triton bundles it)
         spills = [(c["kernel"], c["case"], c["local"]) for c in half if c["local"] and c["case"]["r"] <= 128]
-        assert not spills, spills
-    # ... and ptxas keeps every kernel's wgmmas asynchronous (no C7515 serialisation: the single-pass kernels'
-    # fused shrink-and-GEMM loop had it under Triton 3.6, the GPU image's).
+        assert not [s for s in spills if not (s[1].get("slice") == "fused" and "single_pass" in s[0])], spills
+    # ... and ptxas keeps every kernel's wgmmas asynchronous here (p = 0.1; no C7515 serialisation: the
+    # single-pass kernels' slice-then-rest pair of GEMM loops had it under Triton 3.6, the GPU image's).
     serialized = [(c["kernel"], c["case"]) for c in fits if c["serialized"]]
     assert not serialized, serialized
     # The single-pass barrier compiles to what its proof assumes (single_pass.py's docstring): GPU-scope

@@ -508,3 +508,40 @@ def test_single_pass_replays_in_a_cuda_graph(single, warm_stream):
         for name, u, v in zip(("y", "T", "dx", "dA", "dB", "colsum"), static_out, eager, strict=True):
             assert torch.equal(u, v), (seed, name)
     assert sp.barrier_fallbacks() == fallbacks
+
+
+# LORA_KERNELS_SP_SLICE=fused: the producers' slice inside the GEMM loop, arriving after it (opt-in A/B).
+@pytest.mark.parametrize("p,mode", [(0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("shape", [(67, 104, 72, 16), (130, 96, 48, 64), (5, 24, 16, 8)], ids=str)
+def test_single_pass_fused_slice_forward_and_gradients(single, monkeypatch, p, mode, shape):
+    """The fused-slice kernels through the public API (the interpreter's phased launches), every gradient
+    against float64."""
+    monkeypatch.setattr(sp, "FUSED_SLICE", True)
+    test_single_pass_forward_and_gradients(single, (torch.bfloat16, torch.float32), p, mode, shape)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
+@pytest.mark.parametrize("M,K,N,r,programs,producers", [CONCURRENT[0], CONCURRENT[2], CONCURRENT[4]], ids=str)
+def test_single_pass_fused_slice_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, levels):
+    """The fused-slice forward with every program in its own thread (straddling producer groups, empty
+    slices, consumers waiting on the flag): the checks of ``test_single_pass_barrier_runs_concurrently``."""
+    monkeypatch.setattr(sp, "FUSED_SLICE", True)
+    test_single_pass_barrier_runs_concurrently(monkeypatch, M, K, N, r, programs, producers, 0.1, levels)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-level"])
+@pytest.mark.parametrize("case", CONCURRENT_BWD[:2], ids=str)
+def test_single_pass_fused_slice_backward_runs_concurrently(monkeypatch, case, levels):
+    """The fused-slice backward with every program in its own thread against the two-launch backward."""
+    monkeypatch.setattr(sp, "FUSED_SLICE", True)
+    test_single_pass_backward_barrier_runs_concurrently(monkeypatch, *case, levels)
+
+
+@needs_interpreter
+def test_single_pass_fused_slice_starved_barrier_recomputes(monkeypatch):
+    """Fused slice, 2 of 4 programs resident: the waiters recompute T and dT, still right and counted."""
+    monkeypatch.setattr(sp, "FUSED_SLICE", True)
+    test_single_pass_starved_barrier_recomputes(monkeypatch, 1)
+    test_single_pass_backward_starved_barrier_recomputes(monkeypatch, 1)

@@ -15,17 +15,20 @@ its epilogue, so the shrink work of row-block m is split across its first S tile
   3. then waits for row m's barrier, sums the S partials in a fixed order (deterministic), tile (m, 0)
      stores T[m] for backward, and the epilogue adds (s·T)·Bᵀ, bias and s·lora_bias before the TMA
      store of y.
-A producer's slice is read twice, once by its shrink and once by its GEMM (from L2: 1/S of a row-block
-of x per producer). Fusing the two into one loop instead made Triton 3.6's PTX (the GPU image's) defeat
-ptxas's wgmma pipelining: every wgmma of the kernel serialised (ptxas C7515; the likely cause of the
-1.5–1.9× cuBLAS measured in session 28, bench/NOTES.md session 31); and arriving before the GEMM means
-no tile waits for a producer's GEMM or Philox. No M×K or M×N intermediate exists; the extra traffic is S
-partials (S·BM·r·4 bytes read per tile, from L2). S and the grid come from ``_plan``: S = all nt tiles
-of a row-block when the grid can hold whole row-blocks per round (nt = 16 at N = 4096: 128 of 132 SMs),
-else S = min(nt, MAX_PRODUCERS). With ``REDUCE_LEVELS = 2`` (LORA_KERNELS_SP_REDUCE=2) producer j
-instead sums rows [j·BM/S, (j+1)·BM/S) of all S partials into T after its GEMM, the producers meet at a
-second barrier, and every tile reads T (BM·r·4 bytes): fewer L2 reads for one more barrier latency, an
-A/B for a GPU measurement.
+``LORA_KERNELS_SP_SLICE=fused`` (``FUSED_SLICE``) instead runs a producer's slice steps inside its GEMM
+loop over all of K, the GEMM's wgmma in flight while the mask is made, and arrives after the loop (an
+A/B for a GPU). In the default, a producer's slice is read twice, once by its shrink and once by its
+GEMM (from L2: 1/S of a row-block of x per producer), and arriving before the GEMM means no tile waits
+for a producer's GEMM or Philox. The first version ran the slice's shrink and GEMM steps in one loop and
+the rest of K in a second loop that continued the accumulator: from that pair, Triton 3.6's PTX (the GPU
+image's) made ptxas serialise every wgmma of the kernel (C7515; the likely cause of the 1.5–1.9× cuBLAS
+measured in session 28, bench/NOTES.md session 31); neither loop structure here does. No M×K or M×N
+intermediate exists; the extra traffic is S partials (S·BM·r·4 bytes read per tile, from L2). S and the
+grid come from ``_plan``: S = all nt tiles of a row-block when the grid can hold whole row-blocks per
+round (nt = 16 at N = 4096: 128 of 132 SMs), else S = min(nt, MAX_PRODUCERS). With ``REDUCE_LEVELS = 2``
+(LORA_KERNELS_SP_REDUCE=2) producer j instead sums rows [j·BM/S, (j+1)·BM/S) of all S partials into T
+after its GEMM, the producers meet at a second barrier, and every tile reads T (BM·r·4 bytes): fewer L2
+reads for one more barrier latency, an A/B for a GPU measurement.
 
 The walk (``_walk_tile``). Program p of the persistent grid of P programs takes tiles p, p + P,
 p + 2P, … of a walk that goes through groups of GROUP_M row-blocks: in each group first the S
@@ -276,6 +279,7 @@ def _fwd_single_pass_kernel(
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, W_KN: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSED_SLICE: tl.constexpr,
 ):  # fmt: skip
     """Persistent grid of NUM_SMS programs; PHASE 0 = everything (GPU), 1 = shrink slices only,
     2 = GEMM + sum + epilogue only (1 then 2: the interpreter's sequential stand-in for 0).
@@ -307,25 +311,46 @@ def _fwd_single_pass_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         words = SYNC + 2 + 4 * pid_m
-        if PHASE != 2:
-            # A producer's K-slice of the shrink first, in a loop of its own: its partial is stored and its
-            # arrival counted before its GEMM, so no tile waits for a producer's GEMM (nor, with dropout, for
-            # its Philox once a GEMM later), and the GEMM loop below is the plain pipelined one. (Fused into
-            # one loop with the GEMM steps, Triton 3.6's PTX made ptxas serialise every wgmma of the kernel:
-            # C7515, bench/NOTES.md session 31.) The slice's x tiles are read again by the GEMM, from L2.
-            for kb in range(kb_lo, kb_hi):
+        if FUSED_SLICE:
+            # The producer's shrink steps inside the GEMM loop: the GEMM's wgmma stays in flight while the
+            # mask is generated; consumers skip the branch. The arrival follows the loop.
+            k_lo, k_hi = 0, k_tiles
+            if PHASE == 1:  # the interpreter's first launch: the slice only
+                k_lo, k_hi = kb_lo, kb_hi
+            for kb in range(k_lo, k_hi):
                 k0 = kb * BLOCK_K
-                part = _shrink_step(part, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R, stride_ar,
-                                    stride_ak, stride_bm, seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT,
-                                    False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-            if is_producer:
-                tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled: _sum_partials
-                if PHASE == 0:
-                    _arrive(words, NUM_PROD, epoch)
+                x = x_desc.load([off_m, k0]).to(CDT)
+                if PHASE != 1:
+                    acc = _x_dot_wt(acc, x, w_desc, off_n, k0, CDT, W_KN)
+                if PHASE != 2:
+                    if (kb >= kb_lo) & (kb < kb_hi):
+                        part = _shrink_step(part, x, A, BITS, offs_m, k0, M, K, R, stride_ar, stride_ak, stride_bm,
+                                            seed_lo, seed_hi, threshold, HAS_DROPOUT, STORE_BITS, CDT, False,
+                                            BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+            if PHASE != 2:
+                if is_producer:
+                    tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled
+                    if PHASE == 0:
+                        _arrive(words, NUM_PROD, epoch)
+        else:
+            if PHASE != 2:
+                # The producer's K-slice of the shrink first, in a loop of its own: its partial is stored and
+                # its arrival counted before its GEMM, so no tile waits for a producer's GEMM or Philox; the
+                # slice's x tiles are read again by the GEMM, from L2.
+                for kb in range(kb_lo, kb_hi):
+                    k0 = kb * BLOCK_K
+                    part = _shrink_step(part, x_desc.load([off_m, k0]).to(CDT), A, BITS, offs_m, k0, M, K, R,
+                                        stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold, HAS_DROPOUT,
+                                        STORE_BITS, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                if is_producer:
+                    tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled
+                    if PHASE == 0:
+                        _arrive(words, NUM_PROD, epoch)
+            if PHASE != 1:
+                for kb in range(0, k_tiles):  # the GEMM over all of K: the two-launch forward's loop
+                    k0 = kb * BLOCK_K
+                    acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
         if PHASE != 1:
-            for kb in range(0, k_tiles):  # the GEMM over all of K: the two-launch forward's loop
-                k0 = kb * BLOCK_K
-                acc = _x_dot_wt(acc, x_desc.load([off_m, k0]).to(CDT), w_desc, off_n, k0, CDT, W_KN)
             t_ptrs = T + rm[:, None] * stride_tm + offs_r[None, :]
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             opened = True
@@ -407,7 +432,7 @@ def _bwd_single_pass_kernel(
     PHASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr,
     OUT_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, TWO_LEVEL: tl.constexpr, DO_DB: tl.constexpr,
-    W_KN: tl.constexpr, GROUP_M: tl.constexpr,
+    W_KN: tl.constexpr, GROUP_M: tl.constexpr, FUSED_SLICE: tl.constexpr,
 ):  # fmt: skip
     """dX = dY·W + (dT·A) ⊙ keep/(1-p) with dT = s·dY·B computed from the dY tiles of this GEMM, plus
     (DO_DB) dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all
@@ -443,21 +468,40 @@ def _bwd_single_pass_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             dtp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             words = SYNC + 2 + 4 * pid_m
-            if PHASE != 2:
-                # A producer's N-slice of dT first, in a loop of its own, stored and counted before its GEMM
-                # (as the forward's shrink slice: no serialised wgmma, nobody waits for a producer's GEMM).
-                for nb in range(nb_lo, nb_hi):
+            if FUSED_SLICE:  # the producer's dT steps inside the GEMM loop (as the forward's shrink)
+                n_lo, n_hi = 0, n_tiles
+                if PHASE == 1:
+                    n_lo, n_hi = nb_lo, nb_hi
+                for nb in range(n_lo, n_hi):
                     n0 = nb * BLOCK_N
-                    dtp = _dt_step(dtp, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn, stride_lbr, CDT,
-                                   BLOCK_N, BLOCK_R)  # fmt: skip
-                if is_producer:
-                    tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
-                    if PHASE == 0:
-                        _arrive(words, NUM_PROD, epoch)
+                    dy = dy_desc.load([off_m, n0]).to(CDT)
+                    if PHASE != 1:
+                        acc = _dy_dot_w(acc, dy, w_desc, n0, off_k, CDT, W_KN)
+                    if PHASE != 2:
+                        if (nb >= nb_lo) & (nb < nb_hi):
+                            dtp = _dt_step(dtp, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
+                if PHASE != 2:
+                    if is_producer:
+                        tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
+                        if PHASE == 0:
+                            _arrive(words, NUM_PROD, epoch)
+            else:
+                if PHASE != 2:
+                    # The producer's N-slice of dT first, in a loop of its own, stored and counted before its
+                    # GEMM (as the forward's separate shrink slice).
+                    for nb in range(nb_lo, nb_hi):
+                        n0 = nb * BLOCK_N
+                        dtp = _dt_step(dtp, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn,
+                                       stride_lbr, CDT, BLOCK_N, BLOCK_R)  # fmt: skip
+                    if is_producer:
+                        tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
+                        if PHASE == 0:
+                            _arrive(words, NUM_PROD, epoch)
+                if PHASE != 1:
+                    for nb in range(0, n_tiles):  # the dX GEMM over all of N: the two-launch backward's loop
+                        n0 = nb * BLOCK_N
+                        acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
             if PHASE != 1:
-                for nb in range(0, n_tiles):  # the dX GEMM over all of N: the two-launch backward's loop
-                    n0 = nb * BLOCK_N
-                    acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
                 dt_ptrs = DT + rm[:, None] * stride_dtm + offs_r[None, :]
                 dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 opened = True
@@ -514,6 +558,12 @@ MAX_PRODUCERS = 8
 REDUCE_LEVELS = int(os.environ.get("LORA_KERNELS_SP_REDUCE", "1") or 1)
 # LORA_KERNELS_PRODUCERS=k: always the full grid with min(nt, k) producers (for measuring _plan's choice).
 FORCE_PRODUCERS = int(os.environ.get("LORA_KERNELS_PRODUCERS", "0") or 0)
+# Where a producer computes its shrink (dT) slice. Default: in a loop of its own before its GEMM loop, arriving
+# before its GEMM (nobody waits for it). LORA_KERNELS_SP_SLICE=fused: the slice's steps inside the GEMM loop
+# (the GEMM's wgmma in flight while the mask is made, x read once), arriving after it; 16–28 more bytes of
+# spills at rank 16 with dropout under Triton 3.6. Both keep ptxas's wgmma pipelining under Triton 3.6 (the
+# earlier slice-then-rest pair of GEMM loops did not: C7515); which is faster is a GPU measurement (NOTES.md).
+FUSED_SLICE = os.environ.get("LORA_KERNELS_SP_SLICE", "separate") == "fused"
 # LORA_KERNELS_SP_COOPERATIVE=1: launch both kernels as cooperative grids (Triton's
 # launch_cooperative_grid), so CUDA starts every program at once and no barrier waits on a program not
 # yet resident, e.g. while NCCL kernels hold SMs under DDP/FSDP. Without it the waits are bounded (then
@@ -681,6 +731,7 @@ def lora_fwd_single_pass(
             BLOCK_R=BR,
             NUM_SMS=programs,  # the walk's stride; fewer programs when tiles < programs
             GROUP_M=_group_m(),
+            FUSED_SLICE=FUSED_SLICE,
             TWO_LEVEL=REDUCE_LEVELS == 2,
             W_KN=w_kn,
             **cfg,
@@ -772,7 +823,8 @@ def lora_bwd_single_pass(
             lo, hi, thr, keep_scale, scaling,
         )  # fmt: skip
         meta = dict(HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, OUT_DT=_TL_DTYPE[dx.dtype], BLOCK_R=BR,
-                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, W_KN=w_kn, GROUP_M=_group_m(), **cfg,
+                    NUM_SMS=programs, TWO_LEVEL=REDUCE_LEVELS == 2, DO_DB=need_db, W_KN=w_kn, GROUP_M=_group_m(),
+                    FUSED_SLICE=FUSED_SLICE, **cfg,
                     **_launch_opts())  # fmt: skip
         grid = (min(programs, (_cdiv(N, bn) if need_db else 0) + mt * kt),)
         try:
