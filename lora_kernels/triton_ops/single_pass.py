@@ -153,6 +153,14 @@ def _arrive(WORDS, n_producers, epoch):
 
 
 @triton.jit
+def _publish(P, j, stride_pn, p_off, p, p_mask, WORDS, NUM_PROD, epoch, PHASE: tl.constexpr):
+    """Producer j's partial stored (unscaled: see ``_sum_partials``) and, in the one-launch mode, its arrival."""
+    tl.store(P + j.to(tl.int64) * stride_pn + p_off, p, mask=p_mask)
+    if PHASE == 0:
+        _arrive(WORDS, NUM_PROD, epoch)
+
+
+@triton.jit
 def _wait_open(WORDS, epoch, max_spins):
     """Wait until the row-block's flag holds ``epoch``; False if that did not happen within ``max_spins``
     polls (the caller then recomputes). The flag holds the epoch of the last launch whose producers all
@@ -205,6 +213,16 @@ def _walk_tile(t, num_pid_m, nt, NUM_PROD, GROUP_M: tl.constexpr):
     pid_m = first_m + tl.where(is_prod, local // NUM_PROD, c % gm)
     pid_n = tl.where(is_prod, local % NUM_PROD, NUM_PROD + c // gm)
     return pid_m, pid_n
+
+
+@triton.jit
+def _fused_range(n_blocks, lo, hi, PHASE: tl.constexpr):
+    """The blocks a fused-slice loop walks: all n_blocks (the GEMM), or in the interpreter's first launch
+    (PHASE 1, the shrink alone) the producer's slice [lo, hi) only."""
+    first, end = 0, n_blocks
+    if PHASE == 1:  # (an assignment, not an early return: Triton goes on past a return under a constexpr if)
+        first, end = lo, hi
+    return first, end
 
 
 @triton.jit
@@ -314,9 +332,7 @@ def _fwd_single_pass_kernel(
         if FUSED_SLICE:
             # The producer's shrink steps inside the GEMM loop: the GEMM's wgmma stays in flight while the
             # mask is generated; consumers skip the branch. The arrival follows the loop.
-            k_lo, k_hi = 0, k_tiles
-            if PHASE == 1:  # the interpreter's first launch: the slice only
-                k_lo, k_hi = kb_lo, kb_hi
+            k_lo, k_hi = _fused_range(k_tiles, kb_lo, kb_hi, PHASE)
             for kb in range(k_lo, k_hi):
                 k0 = kb * BLOCK_K
                 x = x_desc.load([off_m, k0]).to(CDT)
@@ -329,9 +345,7 @@ def _fwd_single_pass_kernel(
                                             BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
             if PHASE != 2:
                 if is_producer:
-                    tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled
-                    if PHASE == 0:
-                        _arrive(words, NUM_PROD, epoch)
+                    _publish(PART, pid_n, stride_pn, p_off, part, p_mask, words, NUM_PROD, epoch, PHASE)
         else:
             if PHASE != 2:
                 # The producer's K-slice of the shrink first, in a loop of its own: its partial is stored and
@@ -343,9 +357,7 @@ def _fwd_single_pass_kernel(
                                         stride_ar, stride_ak, stride_bm, seed_lo, seed_hi, threshold, HAS_DROPOUT,
                                         STORE_BITS, CDT, False, BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
                 if is_producer:
-                    tl.store(PART + pid_n.to(tl.int64) * stride_pn + p_off, part, mask=p_mask)  # unscaled
-                    if PHASE == 0:
-                        _arrive(words, NUM_PROD, epoch)
+                    _publish(PART, pid_n, stride_pn, p_off, part, p_mask, words, NUM_PROD, epoch, PHASE)
             if PHASE != 1:
                 for kb in range(0, k_tiles):  # the GEMM over all of K: the two-launch forward's loop
                     k0 = kb * BLOCK_K
@@ -469,9 +481,7 @@ def _bwd_single_pass_kernel(
             dtp = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             words = SYNC + 2 + 4 * pid_m
             if FUSED_SLICE:  # the producer's dT steps inside the GEMM loop (as the forward's shrink)
-                n_lo, n_hi = 0, n_tiles
-                if PHASE == 1:
-                    n_lo, n_hi = nb_lo, nb_hi
+                n_lo, n_hi = _fused_range(n_tiles, nb_lo, nb_hi, PHASE)
                 for nb in range(n_lo, n_hi):
                     n0 = nb * BLOCK_N
                     dy = dy_desc.load([off_m, n0]).to(CDT)
@@ -482,9 +492,7 @@ def _bwd_single_pass_kernel(
                             dtp = _dt_step(dtp, dy, LB, n0, N, R, stride_lbn, stride_lbr, CDT, BLOCK_N, BLOCK_R)
                 if PHASE != 2:
                     if is_producer:
-                        tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
-                        if PHASE == 0:
-                            _arrive(words, NUM_PROD, epoch)
+                        _publish(DTP, pid_k, stride_pn, p_off, dtp, p_mask, words, NUM_PROD, epoch, PHASE)
             else:
                 if PHASE != 2:
                     # The producer's N-slice of dT first, in a loop of its own, stored and counted before its
@@ -494,9 +502,7 @@ def _bwd_single_pass_kernel(
                         dtp = _dt_step(dtp, dy_desc.load([off_m, n0]).to(CDT), LB, n0, N, R, stride_lbn,
                                        stride_lbr, CDT, BLOCK_N, BLOCK_R)  # fmt: skip
                     if is_producer:
-                        tl.store(DTP + pid_k.to(tl.int64) * stride_pn + p_off, dtp, mask=p_mask)  # unscaled
-                        if PHASE == 0:
-                            _arrive(words, NUM_PROD, epoch)
+                        _publish(DTP, pid_k, stride_pn, p_off, dtp, p_mask, words, NUM_PROD, epoch, PHASE)
                 if PHASE != 1:
                     for nb in range(0, n_tiles):  # the dX GEMM over all of N: the two-launch backward's loop
                         n0 = nb * BLOCK_N
