@@ -387,7 +387,7 @@ def _fwd_single_pass_kernel(
                 if opened:
                     t = tl.load(t_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
             else:
-                opened = _wait_open(words, epoch, max_spins)  # (producers arrived before their GEMM)
+                opened = _wait_open(words, epoch, max_spins)  # (every producer has arrived: _publish)
                 if opened:  # every tile of the row-block sums the same partials in the same order: same bits
                     t = _sum_partials(PART, stride_pn, p_off, p_mask, NUM_PROD, keep_scale, BLOCK_M, BLOCK_R)
                     if pid_n == 0:
@@ -450,7 +450,7 @@ def _bwd_single_pass_kernel(
     (DO_DB) dB = s·dYᵀ·T and Σ_m dY. Persistent walk: first the ⌈N/BN⌉ dB tiles (each reduces over all
     of M; they never wait; none without DO_DB), then the dX tiles (m, k) in ``_walk_tile``'s order; the
     first NUM_PROD tiles of a row-block produce dT partials over their N-slice and arrive at the row
-    barrier before their GEMM, and everyone sums them after theirs. PHASE, W_KN as in
+    barrier before their GEMM (after it with FUSED_SLICE), and everyone sums them after theirs. PHASE, W_KN as in
     ``_fwd_single_pass_kernel``. DTP: (NUM_PROD, M, r) fp32; DT: (M, r) fp32 out."""
     epoch = 0
     if PHASE == 0:
@@ -529,7 +529,7 @@ def _bwd_single_pass_kernel(
                     if opened:
                         dt = tl.load(dt_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
                 else:
-                    opened = _wait_open(words, epoch, max_spins)  # (producers arrived before their GEMM)
+                    opened = _wait_open(words, epoch, max_spins)  # (every producer has arrived: _publish)
                     if opened:
                         dt = _sum_partials(DTP, stride_pn, p_off, p_mask, NUM_PROD, scaling, BLOCK_M, BLOCK_R)
                         if pid_k == 0:
