@@ -156,6 +156,37 @@ def fmt_err(v: object) -> str:
     return f"{float(v):.1e}"
 
 
+def _tiles(t: dict) -> str:
+    """128x64x256/8w/3s: BLOCK_M x BLOCK_N x BLOCK_K (those the kernel takes), warps, stages."""
+    dims = "x".join(str(t[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in t)
+    return f"{dims}/{t['num_warps']}w/{t['num_stages']}s"
+
+
+def tuning_lines(log: Sequence[dict]) -> str:
+    """The autotuner's timings (``lora_linear.tuning_log()``), a line per tuning key: each config's median µs,
+    fastest first, the chosen one starred."""
+    out = ["tuned tiles (median µs per config, fastest first; * chosen):"]
+    for entry in log:
+        key = " ".join(f"{k}={v}" for k, v in entry["key"].items())
+        times = sorted(entry["timings"], key=lambda ct: ct[1])
+        cells = [f"{_tiles(c)} {'inf' if math.isinf(ms) else f'{ms * 1e3:.0f}'}{'*' if c == entry['best'] else ''}"
+                 for c, ms in times]  # fmt: skip
+        out.append(f"  {entry['kernel']} [{key}]: " + ", ".join(cells))
+    return "\n".join(out)
+
+
+def write_tuning(log: Sequence[dict], path: Path, base: dict) -> Path:
+    """Append the tunings to ``path`` as JSON lines, each with the run's id, commit, GPU and versions."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: base[k] for k in ("run_id", "commit", "gpu", "torch", "triton") if k in base}
+    with path.open("a") as f:
+        for entry in log:
+            f.write(json.dumps({**meta, **entry}, default=str) + "\n")
+    return path
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """One line per row; ratios are to cuBLAS of the same configuration and run.
 

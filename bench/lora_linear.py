@@ -527,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             _log(f"bench.lora_linear: appended {len(rows)} rows to {csv_path}")
         # The table before the plot: importing matplotlib takes seconds a killed run may not have.
         print(_report.markdown_table(rows), flush=True)
+        _report_tuning(out_dir / f"{slug}-tuning.jsonl", args, base)
         failed = [r for r in rows if _failed(r)]
         if failed:
             _log(f"bench.lora_linear: {len(failed)} of {len(rows)} rows failed (error, WRONG or not run)")
@@ -539,6 +540,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         # 128 + signal, as a shell reports a process killed by it: the run is incomplete.
         raise SystemExit(128 + (signals[0] if signals else signal.SIGINT))
     return rows
+
+
+def _report_tuning(path: Path, args: argparse.Namespace, base: dict) -> None:
+    """After an autotuned run: what the Triton rows' tunings timed (every config per kernel and key), printed
+    and appended to ``path`` (next to the CSV), so a tuned row's time comes with the tiles behind it."""
+    try:
+        from lora_kernels.triton_ops import lora_linear as tri
+    except ImportError:  # no Triton: no Triton rows, nothing tuned
+        return
+    log = tri.tuning_log()
+    if not log:
+        return
+    print(_report.tuning_lines(log), flush=True)
+    if not args.no_csv:
+        _log(f"bench.lora_linear: appended {len(log)} tunings to {_report.write_tuning(log, path, base)}")
 
 
 def _write(rows: list[dict], path: Path, args: argparse.Namespace, run_timer: str) -> Path:

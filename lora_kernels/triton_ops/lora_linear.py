@@ -191,14 +191,42 @@ def _dx_epilogue(acc, DT, A, BITS, offs_m, k_start, M, K, R, stride_dtm, stride_
                  seed_lo, seed_hi, threshold, keep_scale,
                  HAS_DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """acc (BM, BK) += (dT·A) ⊙ keep · keep_scale: the low-rank part of dX for columns k_start + [0, BK)."""
+    """acc (BM, BK) += (dT·A) ⊙ keep · keep_scale: the low-rank part of dX for columns k_start + [0, BK).
+
+    dT·A runs over the rank in steps of at most 64, each loading its dT columns and A rows: a whole
+    (128, 256) fp32 dT tile is 128 registers a thread at 8 warps, and beside the accumulators it spilled
+    (0.2–0.7 KB at rank 256). A loop, not unrolled: unrolled, the compiler hoisted every step's loads above
+    the dots and spilled again. The steps continue one fp32 accumulator in the dot's own k order; without
+    dropout that is ``acc`` itself (no second (BM, BK) accumulator: 2–10 registers fewer up to rank 64)."""
     rm = offs_m.to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    dt = tl.load(DT + rm[:, None] * stride_dtm + offs_r[None, :], mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
-                 other=0.0)  # fmt: skip
-    return _dx_epilogue_t(acc, dt, A, BITS, offs_m, k_start, M, K, R, stride_ar, stride_ak, stride_bm,
-                          seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, IEEE,
-                          BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+    m_ok = offs_m < M
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    rk = offs_k.to(tl.int64)
+    k_ok = offs_k < K
+    R_STEP: tl.constexpr = 64 if BLOCK_R > 64 else BLOCK_R
+    if HAS_DROPOUT:
+        lo = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        lo = acc
+    for r0 in range(0, BLOCK_R, R_STEP):
+        offs_r = r0 + tl.arange(0, R_STEP)
+        r_ok = offs_r < R
+        dt = tl.load(DT + rm[:, None] * stride_dtm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = _load_cast(A + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, r_ok[:, None] & k_ok[None, :], CDT)
+        lo = _mma(dt.to(CDT), a, lo, IEEE)
+    if HAS_DROPOUT:
+        return _dx_masked_add(acc, lo, BITS, offs_m, k_start, M, K, stride_bm, seed_lo, seed_hi, threshold,
+                              keep_scale, LOAD_BITS, BLOCK_M, BLOCK_K)  # fmt: skip
+    return lo
+
+
+@triton.jit
+def _dx_masked_add(acc, lo, BITS, offs_m, k_start, M, K, stride_bm, seed_lo, seed_hi, threshold, keep_scale,
+                   LOAD_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc + lo ⊙ keep · keep_scale, keep being the dropout mask of rows offs_m, columns k_start + [0, BK)."""
+    keep = _keep_block(BITS, stride_bm, offs_m, k_start, M, K, seed_lo, seed_hi, threshold,
+                       LOAD_BITS, BLOCK_M, BLOCK_K)  # fmt: skip
+    return acc + tl.where(keep, lo * keep_scale, 0.0)
 
 
 @triton.jit
@@ -214,12 +242,11 @@ def _dx_epilogue_t(acc, dt, A, BITS, offs_m, k_start, M, K, R, stride_ar, stride
     a = _load_cast(
         A + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, r_ok[:, None] & (offs_k < K)[None, :], CDT
     )
-    lo = _mma(dt.to(CDT), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), IEEE)
     if HAS_DROPOUT:
-        keep = _keep_block(BITS, stride_bm, offs_m, k_start, M, K, seed_lo, seed_hi, threshold,
-                           LOAD_BITS, BLOCK_M, BLOCK_K)  # fmt: skip
-        lo = tl.where(keep, lo * keep_scale, 0.0)
-    return acc + lo
+        lo = _mma(dt.to(CDT), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), IEEE)
+        return _dx_masked_add(acc, lo, BITS, offs_m, k_start, M, K, stride_bm, seed_lo, seed_hi, threshold,
+                              keep_scale, LOAD_BITS, BLOCK_M, BLOCK_K)  # fmt: skip
+    return _mma(dt.to(CDT), a, acc, IEEE)
 
 
 @triton.jit
@@ -741,6 +768,8 @@ def _dy_cfg(fixed: dict, lora_B: torch.Tensor) -> dict:
     br = _block_r(lora_B.shape[1])
     if br >= 256 or (br >= 128 and lora_B.element_size() == 4):
         cfg["num_stages"] = min(cfg["num_stages"], 2)
+    if br >= 256:  # the dB programs' (BLOCK_N, 256) fp32 accumulator: at 128 columns it spilled (24–128 bytes)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
     return cfg
 
 
@@ -992,16 +1021,20 @@ def _configs() -> dict:
                         + [_c(32, 64, 32, 4, 2)],
         _bwd_dx_kernel: [_c(128, 64, 128, 8, 3), _c(128, 128, 64, 8, 3), _c(64, 64, 128, 4, 3), _c(64, 128, 64, 4, 4)]
                         + gemm32,
-        # Shared memory under Triton 3.6 for sm_90 (test_tuning_tables_fit_an_h100): all fit the 227 KiB of an
-        # H100 up to rank 64 (the 128×256 dX tile with 2 stages: 200 / 224 KiB at rank 16 / 64; with 3 it
-        # needed 272); at rank 128 the last two, at rank 256 the last one only (176 KiB). The last two are
-        # cuBLAS's own shape for this GEMM on an H200 (256×128 output tiles, 64-wide steps, 4 stages; session
-        # 28, where the fixed 128×128×3 tile ran 1.5× cuBLAS): 4 stages of 128×128 (164 / 229 KiB at rank 16 /
-        # 64, fp32 adapters, dropout) and 3 of 256×128 (229 KiB at rank 16; 320 KiB above: _prune drops it).
+        # Under Triton 3.6 for sm_90, fp32 adapters (test_tuning_tables_fit_an_h100; _prune drops what does not fit
+        # or spills): at rank 16 all fit the 227 KiB of an H100 (128×64×128×3: 128 KiB; the 3-stage 128×256 and
+        # 256×128 output tiles 208 KiB), at rank 64 all but those two (256 / 320 KiB), at rank 128 the 128-row ones
+        # up to 3 stages of 128×128, at rank 256 (dA in a launch of its own) only 128×64×64×2 (160 KiB). The
+        # 256-wide tiles are tuned at rank 16 without dropout only: with dropout they spill 1–2 KB (the masked
+        # epilogue holds a second (BM, BK) fp32 accumulator), and at rank 64 the 2-stage one takes 254 registers
+        # (3.6) or spills (3.8). At rank ≥ 128 the 4-warp tiles spill too. The 128×256 output tile with 64-wide
+        # steps and 3 stages is the forward's measured-best GEMM shape (ANCHORS.md); 256×128 with 4 stages is
+        # cuBLAS's for this GEMM on an H200 (session 28, where the fixed 128×128×3 tile ran 1.5× cuBLAS): here 3
+        # stages of it, 4 of 128×128.
         _bwd_dx_tma_kernel: [_c(128, 64, 128, 8, 3, _set_dx_desc_blocks), _c(128, 64, 256, 8, 2, _set_dx_desc_blocks),
-                             _c(128, 128, 128, 8, 3, _set_dx_desc_blocks), _c(64, 64, 128, 4, 4, _set_dx_desc_blocks),
-                             _c(128, 64, 64, 8, 2, _set_dx_desc_blocks), _c(128, 64, 128, 8, 4, _set_dx_desc_blocks),
-                             _c(256, 64, 128, 8, 3, _set_dx_desc_blocks)],
+                             _c(128, 64, 256, 8, 3, _set_dx_desc_blocks), _c(128, 128, 128, 8, 3, _set_dx_desc_blocks),
+                             _c(64, 64, 128, 4, 4, _set_dx_desc_blocks), _c(128, 64, 64, 8, 2, _set_dx_desc_blocks),
+                             _c(128, 64, 128, 8, 4, _set_dx_desc_blocks), _c(256, 64, 128, 8, 3, _set_dx_desc_blocks)],
     }  # fmt: skip
 
 
@@ -1019,8 +1052,18 @@ def _prune(configs, named_args, **kwargs):
     keep = [c for c in configs if _fp32_family(c) == fp32]
     if br >= 256:  # a 256-wide rank tile next to a 256-wide N tile does not fit in registers
         keep = [c for c in keep if c.kwargs.get("BLOCK_N", 0) <= 128] or keep
-    if br > 16:  # 256-row dX tiles fit an H100's shared memory only at rank ≤ 16 (229 KiB; 320 at rank 64)
-        keep = [c for c in keep if c.kwargs.get("BLOCK_M", 0) < 256] or keep
+    if br >= 64:  # 4-warp 128×128 tiles: 128 fp32 accumulator registers a thread, and the epilogue's beside it
+        keep = [
+            c for c in keep if c.num_warps > 4 or c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 0) < 128 * 128
+        ] or keep
+    if "dx_desc" in named_args or "DX" in named_args:  # the dX kernels' (BLOCK_M, BLOCK_K) output tiles: see the
+        # TMA kernel's table comment
+        wide = [c for c in keep if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > 128 * 128]
+        has_dropout = bool(named_args.get("HAS_DROPOUT", kwargs.get("HAS_DROPOUT", False)))
+        drop = wide if (has_dropout or br > 16) else []
+        if br >= 128 and "dx_desc" in named_args:  # (the pointer kernel's dA launch keeps them: at rank 256
+            drop += [c for c in keep if c.num_warps == 4]  # only they fit an H100)
+        keep = [c for c in keep if c not in drop] or keep
     return keep or configs
 
 
@@ -1082,6 +1125,38 @@ def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple) -> None
     if pre_hook is not None:
         pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **full})
     kernel[grid(full)](*args, **full)
+
+
+# What each tuning timed, in call order: one entry per tuning key (``tuning_log``).
+_TUNING_LOG: list[dict] = []
+
+
+def _log_tuning(kernel, tuner, args: tuple, meta: dict, best) -> None:
+    """Record a tuning the Autotuner just ran: the key's values, each config timed (median ms; inf for one
+    that failed to load or ran out of resources) and the config chosen."""
+    named = {**dict(zip(kernel.arg_names, args, strict=False)), **meta}
+
+    def tiles(config) -> dict:
+        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    def median(t) -> float:
+        return float(t[0] if isinstance(t, (list, tuple)) else t)
+
+    _TUNING_LOG.append(
+        dict(
+            kernel=kernel.__name__,
+            key={k: named[k] for k in tuner.keys if k in named},
+            timings=[(tiles(c), median(t)) for c, t in tuner.configs_timings.items()],
+            best=tiles(best) if best is not None else None,
+        )
+    )
+
+
+def tuning_log() -> list[dict]:
+    """The tunings eager GPU calls ran in this process, in order: ``kernel``, ``key`` (the tuning key's
+    arguments: M bucket, N, K, rank tile, dropout, ...), ``timings`` (each config's tiles with its median ms)
+    and ``best``. ``bench.lora_linear`` prints and saves it after an autotuned run."""
+    return list(_TUNING_LOG)
 
 
 @functools.cache
@@ -1174,6 +1249,7 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
                     # _NotTuned here (prune_configs runs first for an uncached key, in Triton 3.6 and 3.8)
                     # and takes the fixed tiles.
                     tuner.prune_configs = _refuse_tuning
+                timed = getattr(tuner, "configs_timings", None)
                 try:
                     tuner[grid](*args, **meta)
                 finally:
@@ -1182,6 +1258,8 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
                 best = getattr(tuner, "best_config", None)
                 if best is not None and getattr(tuner, "lk_chosen", None) is not None:
                     tuner.lk_chosen[_tuned_key(tuner, args, meta)] = (best.all_kwargs(), best.pre_hook)
+                if getattr(tuner, "configs_timings", None) is not timed:  # this call timed configs: log them
+                    _log_tuning(kernel, tuner, args, meta, best)
             return
         except _NotTuned:
             pass
@@ -1410,7 +1488,9 @@ def lora_bwd(
     traced = _traced(wrap)
     w_tma, w_kn = _tma_weight(weight)
     if need_dx and _tma_ok(dy, w_tma, dx, traced=traced):
-        fused_da = need_da and BWD_DA == "fused"
+        # Above rank 128 dA takes its own launch: in the dX kernel its (256, BK) fp32 accumulator and dTᵀ tiles
+        # spilled registers (up to 0.5 KB a thread under Triton 3.6 / 3.8), whatever the row step.
+        fused_da = need_da and BWD_DA == "fused" and BR <= 128
         splits = da_splits if fused_da else 1
         da_part = _split_buffer(splits, (R, K) if fused_da else (0, K), dev)
         da = _split_result(da_part, splits, (R, K) if fused_da else (0, K))
