@@ -617,9 +617,10 @@ def test_prewarm_compiles_every_tuning_config_when_the_run_tunes(tmp_path):
     for grp in cache.glob("*/__grp__*.json"):
         name = grp.name.removeprefix("__grp__").removesuffix(".json")
         per_kernel[name] = per_kernel.get(name, 0) + 1
-    # bf16, rank 16, the TMA path: lora_linear._configs() less what _prune drops for 16-bit operands (the
-    # fp32 family: BLOCK_K = 32 in the tables, also for _bwd_dy_kernel, which takes no BLOCK_K).
-    assert per_kernel == {"_shrink_kernel": 4, "_fwd_tma_kernel": 4, "_bwd_dy_kernel": 4, "_bwd_dx_tma_kernel": 7}
+    # bf16, rank 16, p = 0.1, the TMA path: lora_linear._configs() less what _prune drops for 16-bit operands
+    # (the fp32 family: BLOCK_K = 32 in the tables, also for _bwd_dy_kernel, which takes no BLOCK_K) and, for
+    # the dX kernel, its three 256-wide output tiles (they spill with dropout).
+    assert per_kernel == {"_shrink_kernel": 4, "_fwd_tma_kernel": 4, "_bwd_dy_kernel": 4, "_bwd_dx_tma_kernel": 5}
 
 
 _SAME_LAUNCHES = """
