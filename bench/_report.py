@@ -157,9 +157,10 @@ def fmt_err(v: object) -> str:
 
 
 def _tiles(t: dict) -> str:
-    """128x64x256/8w/3s: BLOCK_M x BLOCK_N x BLOCK_K (those the kernel takes), warps, stages."""
+    """128x64x256/8w/3s: BLOCK_M x BLOCK_N x BLOCK_K (those the kernel takes), warps, stages; "/split" for a dX
+    config that stores its tiles in column halves at any p (SPLIT_STORE)."""
     dims = "x".join(str(t[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in t)
-    return f"{dims}/{t['num_warps']}w/{t['num_stages']}s"
+    return f"{dims}/{t['num_warps']}w/{t['num_stages']}s" + ("/split" if t.get("SPLIT_STORE") else "")
 
 
 def tuning_lines(log: Sequence[dict]) -> str:

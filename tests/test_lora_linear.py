@@ -354,6 +354,100 @@ def test_tma_backward_wide_ranks(monkeypatch, r, p, mode):
     assert launched[2:] == ["_bwd_dy_kernel", *dx], launched
 
 
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.5, "regenerate")])
+@pytest.mark.parametrize("tiles", [(128, 256), (256, 128)], ids=["128x256", "256x128"])
+@pytest.mark.parametrize("path", ["fixed", "tuned", "tuned-split-store", "in-kernel"])
+def test_tma_dx_wide_tiles_take_the_dropout_epilogue_in_halves(monkeypatch, tiles, p, mode, path):
+    """dX output tiles wider than 128×128 (the tuning table's 128×256 and 256×128) run the dropout epilogue and
+    the store in two column halves, each with its own (BLOCK_M, BLOCK_K / 2) dT·A tile (whole, it spilled 1 KB a
+    thread); a config with SPLIT_STORE does so at any p (its store's staging buffer is half: room for a 4th
+    stage). K = 296: the last K tile's first half is partly in bounds, its second half wholly out. The dX
+    descriptor's block is the half (fixed tiles: the launcher; tuned: the config's pre-hook; in-kernel
+    descriptors, the registered op's traceable launch: the kernel), otherwise the whole tile. Gradients vs
+    float64; the in-kernel descriptors' results equal the host descriptors' bit for bit."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    bm, bk = tiles
+    split = path == "tuned-split-store"
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    if path.startswith("tuned"):
+        table = _one_config_tables(tri)()
+        extra = {"SPLIT_STORE": True} if split else {}
+        table[tri._bwd_dx_tma_kernel] = [tri._c(bm, 64, bk, 8, 1, tri._set_dx_desc_blocks, group_m=4, **extra)]
+        monkeypatch.setattr(tri, "_configs", lambda: table)
+        monkeypatch.setattr(tri, "AUTOTUNE", True)
+        tri._autotuner.cache_clear()
+    else:
+        real_cfg = tri._tma_cfg
+        wide = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk)
+        cfg = lambda x, R, backward: {**real_cfg(x, R, backward), **(wide if backward else {})}  # noqa: E731
+        monkeypatch.setattr(tri, "_tma_cfg", cfg)
+    blocks = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+        if kernel is tri._bwd_dx_tma_kernel and not meta["DEVICE_DESC"]:
+            blocks.append(list(args[2].block_shape))  # after the launch: the pre-hook set the tuned one
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    x, W, A, B, b, lb = make_inputs(67, 296, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    try:
+        if path == "in-kernel":
+            fwd_args = (x, W, b, A, B, lb, 2.0, p, 5, mode == "bitmask")
+            y, t, bits = tri.lora_fwd(*fwd_args)
+            bwd_args = (torch.randn(67, 72).to(x.device, x.dtype), x, W, A, B, t, bits, 2.0, p, 5, True, True)
+            got = tri.lora_bwd(*bwd_args, wrap=tri._op_wrap)
+            want = tri.lora_bwd(*bwd_args)
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w)
+        else:
+            run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
+    finally:
+        tri._autotuner.cache_clear()
+    halves = p > 0 or split
+    assert tri._dx_halves(bm, bk, p > 0, split) == halves
+    assert blocks == [[bm, bk // 2 if halves else bk]], blocks
+
+
+@pytest.mark.parametrize("w_kn", [False, True], ids=["W(N,K)", "W(K,N)"])
+def test_tma_forward_split_store_config(monkeypatch, w_kn):
+    """The forward's tuning config with SPLIT_STORE (128×256 with 4 stages on a GPU) stores y in two (BLOCK_M,
+    BLOCK_N / 2) halves without flattening the loop: its pre-hook gives y's descriptor the half block, the kernel
+    stores the halves (here BLOCK_N = 64 with an N of 72: the second N tile's second half wholly out of bounds),
+    also when a second call launches the chosen config without the Autotuner. Output and gradients vs float64."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    table = _one_config_tables(tri, block_n=64)()
+    table[tri._fwd_tma_kernel] = [tri._c(32, 64, 32, 4, 1, tri._set_fwd_desc_blocks, group_m=4, SPLIT_STORE=True)]
+    monkeypatch.setattr(tri, "_configs", lambda: table)
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    blocks = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+        if kernel is tri._fwd_tma_kernel:
+            assert meta["FLATTEN"] is False and fixed["SPLIT_STORE"] is False  # the fixed tiles' value
+            blocks.append(list(args[2].block_shape))
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    tri._autotuner.cache_clear()
+    try:
+        run_and_check("triton", *_tuned_path_inputs(w_kn), p=0.1)
+        run_and_check("triton", *_tuned_path_inputs(w_kn), p=0.1, seed=99)  # the chosen config, launched directly
+    finally:
+        tri._autotuner.cache_clear()
+    assert blocks == [[32, 32], [32, 32]], blocks
+
+
 def run_with_a_weight_stored_k_by_n(shape, dts, p, mode):
     """``run_and_check`` on the Triton backend with W stored (K, N), passed as its (N, K) view."""
     M, K, N, r = shape
@@ -596,6 +690,12 @@ def test_triton_ops_opcheck_gpu():
     torch.library.opcheck(torch.ops.lora_kernels.triton_lora_bwd.default, bwd_args)
 
 
+def _tuned_path_inputs(w_kn: bool) -> tuple:
+    """67×64→72, rank 16, fp16 with fp32 adapters and a lora_bias; W stored (K, N) when ``w_kn``."""
+    x, W, A, B, b, lb = make_inputs(67, 64, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    return x, (W.T.contiguous().T if w_kn else W), A, B, b, lb
+
+
 def _one_config_tables(tri, block_n=32):
     """One interpreter-sized config per kernel, for running the tuned launch path in the interpreter."""
 
@@ -630,9 +730,7 @@ def test_triton_autotuned_launch_path(monkeypatch, tma, w_kn):
     monkeypatch.setattr(tri, "AUTOTUNE", True)
     tri._autotuner.cache_clear()
     try:
-        x, W, A, B, b, lb = make_inputs(67, 64, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
-        if w_kn:
-            W = W.T.contiguous().T
+        x, W, A, B, b, lb = _tuned_path_inputs(w_kn)
         run_and_check("triton", x, W, A, B, b, lb, p=0.1)
         assert tri._autotuner.cache_info().currsize == 4  # shrink, fwd, bwd-dy, bwd-dx kernels were tuned
         runs, real_run = [], Autotuner.run
@@ -683,6 +781,8 @@ def test_tuning_log_records_every_config_timed(monkeypatch, tmp_path, capsys):
     lines = _report.tuning_lines(log).splitlines()
     assert len(lines) == 5 and lines[4].startswith("  _bwd_dx_tma_kernel [M_BUCKET=128 N=72 K=64 BLOCK_R=16"), lines
     assert lines[4].endswith(": 32x32x32/4w/2s 1000*, 32x32x32/4w/1s 2000"), lines
+    split = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, SPLIT_STORE=True, num_warps=8, num_stages=4)
+    assert _report._tiles(split) == "128x64x256/8w/4s/split"  # the dX config that stores in halves at any p
     args = bench_ll.parse_args(["--dry", "--no-plot"])
     bench_ll._report_tuning(tmp_path / "gpu-tuning.jsonl", args, {"run_id": "R1", "commit": "abc", "gpu": "G"})
     assert "tuned tiles" in capsys.readouterr().out
@@ -710,19 +810,30 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
         for c in tri._prune(tri._tuning_configs(tri._bwd_dx_tma_kernel), {"BLOCK_R": br, "dx_desc": 0})
     }  # noqa: E731
     assert 256 in rows(16) and 256 not in rows(32) and 128 in rows(64)
-    # The wide (128×256, 256×128) dX output tiles only at rank ≤ 16 without dropout (they spill with it), the
-    # 4-warp 128×128 ones not from rank 64 (forward) / 128 (dX) on: they spill there (session 32).
+    # The wide (128×256, 256×128) dX output tiles only at rank ≤ 16, without dropout or with it from a saved
+    # bitmask (regenerating the mask in their epilogue spills), the 4-warp 128×128 ones not from rank 64
+    # (forward) / 128 (dX) on: they spill there (sessions 32, 33).
     dx = tri._tuning_configs(tri._bwd_dx_tma_kernel)
     wide = lambda cs: [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > 128 * 128]  # noqa: E731
-    assert len(wide(tri._prune(dx, {"BLOCK_R": 16, "HAS_DROPOUT": False, "dx_desc": None}))) == 3
-    assert wide(tri._prune(dx, {"BLOCK_R": 16, "HAS_DROPOUT": True, "dx_desc": None})) == []
+    split = lambda cs: [c for c in cs if c.kwargs.get("SPLIT_STORE")]  # noqa: E731
+    assert len(wide(tri._prune(dx, {"BLOCK_R": 16, "HAS_DROPOUT": False, "dx_desc": None}))) == 4
+    assert len(split(tri._prune(dx, {"BLOCK_R": 16, "HAS_DROPOUT": False, "dx_desc": None}))) == 1
+    bitmask = {"BLOCK_R": 16, "HAS_DROPOUT": True, "LOAD_BITS": True, "dx_desc": None}
+    assert len(wide(tri._prune(dx, bitmask))) == 3 and split(tri._prune(dx, bitmask)) == []  # 4 stages: 280 KiB
+    assert wide(tri._prune(dx, {**bitmask, "LOAD_BITS": False})) == []
+    assert wide(tri._prune(dx, {**bitmask, "BLOCK_R": 32})) == []
     assert wide(tri._prune(dx, {"BLOCK_R": 64, "HAS_DROPOUT": False, "dx_desc": None})) == []
     assert all(c.num_warps == 8 for c in tri._prune(dx, {"BLOCK_R": 128, "dx_desc": None}))
     fwd = tri._tuning_configs(tri._fwd_tma_kernel)
     four = lambda cs: [c for c in cs if c.num_warps == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 2**14]  # noqa: E731
     assert len(four(tri._prune(fwd, {"BLOCK_R": 32}))) == 1 and four(tri._prune(fwd, {"BLOCK_R": 64})) == []
+    # The forward's 4-stage 128×256 tile (y stored in halves) up to rank 32: at rank 64 it spills (3.8).
+    assert len(split(tri._prune(fwd, {"BLOCK_R": 32}))) == 1 and split(tri._prune(fwd, {"BLOCK_R": 64})) == []
+    assert [c.kwargs["SPLIT_STORE"] for c in fwd] == [False] * 4 + [True]  # _tuning_configs: False where unset
     assert "HAS_DROPOUT" in tri._autotuner(tri._bwd_dx_kernel).keys
-    assert {"HAS_DROPOUT", "SPLIT_K"} <= set(tri._autotuner(tri._shrink_kernel).keys)
+    for kernel in (tri._bwd_dx_kernel, tri._bwd_dx_tma_kernel):  # bitmask and regenerate: each its own tiles
+        assert "LOAD_BITS" in tri._autotuner(kernel).keys
+    assert {"HAS_DROPOUT", "SPLIT_K", "STORE_BITS"} <= set(tri._autotuner(tri._shrink_kernel).keys)
     assert {"DO_DT", "DO_DB"} <= set(tri._autotuner(tri._bwd_dy_kernel).keys)  # a frozen lora_B: dT role only
     for kernel in (tri._fwd_tma_kernel, tri._bwd_dx_tma_kernel):  # a weight stored (K, N): its own tiles
         assert "W_KN" in tri._autotuner(kernel).keys
@@ -1731,7 +1842,7 @@ def test_tuning_tables_fit_an_h100():
     launcher would otherwise fall back to the fixed tiles)."""
     pytest.importorskip("triton")
     cases = [[16, 0.1, "bfloat16"], [64, 0.1, "bfloat16"], [256, 0.1, "bfloat16"], [16, 0.0, "float32"],
-             [64, 0.0, "float32"]]  # fmt: skip
+             [64, 0.0, "float32"], [16, 0.1, "float32"]]  # fmt: skip
     results = _run_sm90_script(_SM90_TUNING, cases)
     kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
     for r, p, adapters in cases:
@@ -1740,15 +1851,18 @@ def test_tuning_tables_fit_an_h100():
         assert got == (kernels | {"_bwd_dx_kernel"} if r > 128 else kernels), (r, p, adapters, results)
     common = [c for c in results if c["r"] <= 64]
     assert len(common) >= 60, common
-    # The wide dX tiles are tuned where they fit and do not spill, at rank 16 without dropout: all three of them
-    # (the forward's measured-best 128×256×64×3 GEMM shape among them).
+    # The wide dX tiles are tuned where they fit and do not spill, at rank 16 (with dropout their epilogue runs in
+    # column halves): all three of them (the forward's measured-best 128×256×64×3 GEMM shape among them), and
+    # without dropout a fourth, 128×256 with 4 stages, which fits by storing in halves (SPLIT_STORE).
     wide = [
-        (c["r"], c["p"], c["cfg"])
+        (c["r"], c["p"], c["adapters"], c["cfg"])
         for c in common
         if c["kernel"] == "_bwd_dx_tma_kernel" and c["cfg"][0] * c["cfg"][2] > 2**14
     ]
-    assert sorted(wide) == [(16, 0.0, [128, 64, 256, 8, 2]), (16, 0.0, [128, 64, 256, 8, 3]),
-                            (16, 0.0, [256, 64, 128, 8, 3])], wide  # fmt: skip
+    tiles = [[128, 64, 256, 8, 2], [128, 64, 256, 8, 3], [256, 64, 128, 8, 3]]
+    cases16 = [(0.0, "float32"), (0.1, "bfloat16"), (0.1, "float32")]
+    want = [(16, p, a, t) for p, a in cases16 for t in tiles] + [(16, 0.0, "float32", [128, 64, 256, 8, 4])]
+    assert sorted(wide) == sorted(want), wide
     over = [(c["r"], c["kernel"], c["cfg"], c["smem"]) for c in common if c["smem"] > 232448]
     assert not over, over
     spills = [(c["r"], c["kernel"], c["cfg"], c["local"]) for c in common if c["local"]]

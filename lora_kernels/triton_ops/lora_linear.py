@@ -86,6 +86,9 @@ def _next_pow2(n: int) -> int:
 
 # Elements per tile of the backward's sums of the dB / Σ dY row-split partials (``_sum_db_splits``).
 _RED_BLOCK = tl.constexpr(1024)
+# The largest (BLOCK_M, BLOCK_K) dX tile whose dropout epilogue runs whole; wider ones run it in column halves
+# (``_bwd_dx_tma_kernel``, ``_dx_halves``).
+_DX_WHOLE_TILE = tl.constexpr(128 * 128)
 # The dA arrival counters (``_sum_when_last``), one per K-block: ⌈K/16⌉ covers every tile width (≥ 16).
 _CNT_COLS = 16
 
@@ -470,7 +473,7 @@ def _fwd_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_LBIAS: tl.constexpr, CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, SPLIT_K: tl.constexpr, DEVICE_DESC: tl.constexpr,
-    FLATTEN: tl.constexpr, W_KN: tl.constexpr,
+    FLATTEN: tl.constexpr, W_KN: tl.constexpr, SPLIT_STORE: tl.constexpr,
 ):  # fmt: skip
     """Hopper path: persistent grid of NUM_SMS programs walking the output tiles; x and W tiles
     arrive by TMA (tensor descriptors, out-of-bounds zero-filled), y leaves by a TMA store.
@@ -484,15 +487,18 @@ def _fwd_tma_kernel(
     tile's first TMA loads are issued before this tile's epilogue (``TMA_FLATTEN``, eager launches).
     The epilogue's T and lora_B loads are then multi-buffered, so y is stored in two
     (BLOCK_M, BLOCK_N / 2) halves (y_desc's block): half the staging buffer, 32 KB at 128×256.
+    SPLIT_STORE (a tuning config's; False for the fixed tiles) stores the halves unflattened: room for a
+    fourth stage of 128×256×64 tiles (224 KiB at rank 16).
 
     W_KN: the weight is stored (K, N) row-major (``weight`` an (N, K) view with unit stride along N:
     GPT-2's Conv1D, PEFT's fan_in_fan_out) and w_desc describes that (K, N) matrix with (BLOCK_K,
     BLOCK_N) tiles; wgmma reads either major order of a 16-bit operand from shared memory, so the
     tiles go to the dot as loaded, without a copy of W."""
+    HALVES: tl.constexpr = FLATTEN or SPLIT_STORE
     if DEVICE_DESC:
         x_desc = tl.make_tensor_descriptor(x_desc, [M, K], [row_stride_x, 1], [BLOCK_M, BLOCK_K])
         w_desc = _w_device_desc(w_desc, N, K, row_stride_w, BLOCK_N, BLOCK_K, W_KN)
-        if FLATTEN:
+        if HALVES:
             y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N // 2])
         else:
             y_desc = tl.make_tensor_descriptor(y_desc, [M, N], [row_stride_y, 1], [BLOCK_M, BLOCK_N])
@@ -510,7 +516,7 @@ def _fwd_tma_kernel(
         acc = _fwd_epilogue(acc, BIAS, T, T_OUT, LB, LBIAS, offs_m, offs_n, M, N, R, stride_tm, stride_ts,
                             stride_lbn, stride_lbr, scaling, pid_n == 0, HAS_BIAS, HAS_LBIAS, CDT, False, BLOCK_R,
                             SPLIT_K)  # fmt: skip
-        if FLATTEN:
+        if HALVES:
             y0, y1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             y_desc.store([off_m, off_n], y0.to(OUT_DT))
             y_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(OUT_DT))
@@ -660,17 +666,25 @@ def _bwd_dx_tma_kernel(
     CDT: tl.constexpr, OUT_DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, DEVICE_DESC: tl.constexpr, FLATTEN: tl.constexpr,
-    W_KN: tl.constexpr,
+    W_KN: tl.constexpr, SPLIT_STORE: tl.constexpr,
 ):  # fmt: skip
     """Hopper path of ``_bwd_dx_kernel``: persistent, dY and W tiles by TMA, dX stored by TMA.
     With DO_DA (the default, ``LORA_KERNELS_BWD_DA=fused``) the dA partials are the first tiles of the walk
     (they are the longest); otherwise dA is a launch of its own. Before them, RED_TILES tiles sum the dB and
     Σ dY partials (as in ``_bwd_dx_kernel``). DEVICE_DESC, FLATTEN, W_KN (w_desc over the (K, N)
-    matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``."""
+    matrix, (BLOCK_K, BLOCK_N) tiles): as in ``_fwd_tma_kernel``.
+
+    HALVES: the epilogue and the store of each dX tile in its two column halves. With dropout the epilogue holds
+    dT·A (before the mask) in a second (BLOCK_M, BLOCK_K) fp32 tile beside the accumulator: above 128×128 outputs
+    that spilled (0.1–1.1 KB a thread), so those tiles take halves, each with a (BLOCK_M, BLOCK_K / 2) low-rank
+    tile. SPLIT_STORE (a tuning config's) takes them at any p: the store's staging buffer is then half the tile
+    (32 KB at 128×256), room for a fourth stage of 128×64×256 (224 KiB at rank 16). ``_dx_halves``: dx_desc's block."""
+    HALVES: tl.constexpr = SPLIT_STORE or ((BLOCK_M * BLOCK_K > _DX_WHOLE_TILE) if HAS_DROPOUT else False)
+    DX_COLS: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
     if DEVICE_DESC:
         dy_desc = tl.make_tensor_descriptor(dy_desc, [M, N], [row_stride_dy, 1], [BLOCK_M, BLOCK_N])
         w_desc = _w_device_desc(w_desc, N, K, row_stride_w, BLOCK_N, BLOCK_K, W_KN)
-        dx_desc = tl.make_tensor_descriptor(dx_desc, [M, K], [row_stride_dx, 1], [BLOCK_M, BLOCK_K])
+        dx_desc = tl.make_tensor_descriptor(dx_desc, [M, K], [row_stride_dx, 1], [BLOCK_M, DX_COLS])
     num_da = 0
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
@@ -697,10 +711,21 @@ def _bwd_dx_tma_kernel(
         for n0 in range(0, N, BLOCK_N):
             acc = _dy_dot_w(acc, dy_desc.load([off_m, n0]).to(CDT), w_desc, n0, off_k, CDT, W_KN)
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
-                           seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
-                           BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
-        dx_desc.store([off_m, off_k], acc.to(OUT_DT))
+        if HALVES:  # (the split is a renaming of the accumulator's registers: a column's high bit is a register's)
+            d0, d1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, DX_COLS)), (0, 2, 1)))
+            d0 = _dx_epilogue(d0, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
+                              seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                              BLOCK_M, DX_COLS, BLOCK_R)  # fmt: skip
+            dx_desc.store([off_m, off_k], d0.to(OUT_DT))
+            d1 = _dx_epilogue(d1, DT, A, BITS, offs_m, off_k + DX_COLS, M, K, R, stride_dtm, stride_ar, stride_ak,
+                              stride_bm, seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                              BLOCK_M, DX_COLS, BLOCK_R)  # fmt: skip
+            dx_desc.store([off_m, off_k + DX_COLS], d1.to(OUT_DT))
+        else:
+            acc = _dx_epilogue(acc, DT, A, BITS, offs_m, off_k, M, K, R, stride_dtm, stride_ar, stride_ak, stride_bm,
+                               seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
+                               BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+            dx_desc.store([off_m, off_k], acc.to(OUT_DT))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -980,9 +1005,12 @@ def _grid_sms(x: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _c(bm, bn, bk, warps, stages, pre_hook=None, group_m=8):
+def _c(bm, bn, bk, warps, stages, pre_hook=None, group_m=8, **extra):
     return triton.Config(
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps, num_stages=stages, pre_hook=pre_hook
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, **extra),
+        num_warps=warps,
+        num_stages=stages,
+        pre_hook=pre_hook,
     )
 
 
@@ -992,7 +1020,13 @@ def _set_fwd_desc_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bk, bn] if nargs.get("W_KN") else [bn, bk]
-    nargs["y_desc"].block_shape = [bm, bn // 2 if nargs.get("FLATTEN") else bn]  # flattened: stored in halves
+    halves = nargs.get("FLATTEN") or nargs.get("SPLIT_STORE")  # stored in halves
+    nargs["y_desc"].block_shape = [bm, bn // 2 if halves else bn]
+
+
+def _dx_halves(block_m: int, block_k: int, has_dropout: bool, split_store: bool = False) -> bool:
+    """Whether ``_bwd_dx_tma_kernel`` stores dX tiles in two (BLOCK_M, BLOCK_K / 2) halves (its HALVES)."""
+    return bool(split_store) or (bool(has_dropout) and block_m * block_k > _DX_WHOLE_TILE.value)
 
 
 def _set_dx_desc_blocks(nargs):
@@ -1001,7 +1035,8 @@ def _set_dx_desc_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["dy_desc"].block_shape = [bm, bn]
     nargs["w_desc"].block_shape = [bk, bn] if nargs.get("W_KN") else [bn, bk]
-    nargs["dx_desc"].block_shape = [bm, bk]
+    halves = _dx_halves(bm, bk, nargs.get("HAS_DROPOUT"), nargs.get("SPLIT_STORE"))
+    nargs["dx_desc"].block_shape = [bm, bk // 2 if halves else bk]
 
 
 def _configs() -> dict:
@@ -1014,8 +1049,10 @@ def _configs() -> dict:
         _shrink_kernel: [_c(bm, 32, bk, w, s) for bm, bk, w, s in
                          ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2))],
         _fwd_kernel: gemm16 + gemm32,
+        # The last: 128×256 with 4 stages (cuBLAS's depth) fits (224 KiB at rank 16) when y is stored in halves.
         _fwd_tma_kernel: [_c(128, 256, 64, 8, 3, _set_fwd_desc_blocks), _c(128, 128, 64, 8, 4, _set_fwd_desc_blocks),
-                          _c(128, 128, 64, 4, 3, _set_fwd_desc_blocks), _c(64, 256, 64, 8, 3, _set_fwd_desc_blocks)],
+                          _c(128, 128, 64, 4, 3, _set_fwd_desc_blocks), _c(64, 256, 64, 8, 3, _set_fwd_desc_blocks),
+                          _c(128, 256, 64, 8, 4, _set_fwd_desc_blocks, SPLIT_STORE=True)],
         _bwd_dy_kernel: [_c(bm, bn, 64, w, s) for bm, bn, w, s in
                          ((64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))]
                         + [_c(32, 64, 32, 4, 2)],
@@ -1025,16 +1062,21 @@ def _configs() -> dict:
         # or spills): at rank 16 all fit the 227 KiB of an H100 (128×64×128×3: 128 KiB; the 3-stage 128×256 and
         # 256×128 output tiles 208 KiB), at rank 64 all but those two (256 / 320 KiB), at rank 128 the 128-row ones
         # up to 3 stages of 128×128, at rank 256 (dA in a launch of its own) only 128×64×64×2 (160 KiB). The
-        # 256-wide tiles are tuned at rank 16 without dropout only: with dropout they spill 1–2 KB (the masked
-        # epilogue holds a second (BM, BK) fp32 accumulator), and at rank 64 the 2-stage one takes 254 registers
-        # (3.6) or spills (3.8). At rank ≥ 128 the 4-warp tiles spill too. The 128×256 output tile with 64-wide
+        # 256-wide tiles are tuned at rank 16 only, with dropout from a saved bitmask: their masked epilogue runs in
+        # column halves (``_dx_halves``; whole, it spilled 0.1–1.1 KB), 233–254 registers and no spill under 3.6 and
+        # 3.8 (bf16 and fp32 adapters); regenerating the mask there (Philox in the epilogue) spills 0.4–0.9 KB. At
+        # rank 64 they spill with dropout (76–112 B), and without it the 2-stage one takes 254 registers (3.6) or
+        # spills (3.8). The last config stores its 128×256 tiles in halves at any p (SPLIT_STORE): half the store's
+        # staging buffer, and a fourth stage fits (224 KiB, rank 16, no dropout; with dropout the dA walk's x tiles
+        # take it to 280 KiB). At rank ≥ 128 the 4-warp tiles spill too. The 128×256 output tile with 64-wide
         # steps and 3 stages is the forward's measured-best GEMM shape (ANCHORS.md); 256×128 with 4 stages is
         # cuBLAS's for this GEMM on an H200 (session 28, where the fixed 128×128×3 tile ran 1.5× cuBLAS): here 3
-        # stages of it, 4 of 128×128.
+        # stages of it, 4 of 128×128 and of 128×256 (in halves).
         _bwd_dx_tma_kernel: [_c(128, 64, 128, 8, 3, _set_dx_desc_blocks), _c(128, 64, 256, 8, 2, _set_dx_desc_blocks),
                              _c(128, 64, 256, 8, 3, _set_dx_desc_blocks), _c(128, 128, 128, 8, 3, _set_dx_desc_blocks),
                              _c(64, 64, 128, 4, 4, _set_dx_desc_blocks), _c(128, 64, 64, 8, 2, _set_dx_desc_blocks),
-                             _c(128, 64, 128, 8, 4, _set_dx_desc_blocks), _c(256, 64, 128, 8, 3, _set_dx_desc_blocks)],
+                             _c(128, 64, 128, 8, 4, _set_dx_desc_blocks), _c(256, 64, 128, 8, 3, _set_dx_desc_blocks),
+                             _c(128, 64, 256, 8, 4, _set_dx_desc_blocks, SPLIT_STORE=True)],
     }  # fmt: skip
 
 
@@ -1056,32 +1098,42 @@ def _prune(configs, named_args, **kwargs):
         keep = [
             c for c in keep if c.num_warps > 4 or c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 0) < 128 * 128
         ] or keep
+        # The 4-stage 128×256 tiles (SPLIT_STORE): at rank 64 the forward's takes 255 registers and spills 20–24 B
+        # (3.8); the dX one is a wide tile, dropped above rank 16 below.
+        keep = [c for c in keep if not c.kwargs.get("SPLIT_STORE")] or keep
     if "dx_desc" in named_args or "DX" in named_args:  # the dX kernels' (BLOCK_M, BLOCK_K) output tiles: see the
         # TMA kernel's table comment
-        wide = [c for c in keep if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > 128 * 128]
+        wide = [c for c in keep if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > _DX_WHOLE_TILE.value]
         has_dropout = bool(named_args.get("HAS_DROPOUT", kwargs.get("HAS_DROPOUT", False)))
-        drop = wide if (has_dropout or br > 16) else []
+        regenerate = has_dropout and not named_args.get("LOAD_BITS", kwargs.get("LOAD_BITS", False))
+        drop = wide if (regenerate or br > 16) else []
+        if has_dropout:  # the 4-stage 128×256 output tile (SPLIT_STORE) needs 280 KiB there (the dA walk's x tiles)
+            drop += [c for c in keep if c.kwargs.get("SPLIT_STORE")]
         if br >= 128 and "dx_desc" in named_args:  # (the pointer kernel's dA launch keeps them: at rank 256
             drop += [c for c in keep if c.num_warps == 4]  # only they fit an H100)
         keep = [c for c in keep if c not in drop] or keep
     return keep or configs
 
 
-# Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the dA-only launch of
-# the single-pass backward, split-K partials, the dY kernel's roles, the weight's major order), so that
-# p = 0 and p > 0 calls, a frozen lora_B's dT-only launch, or a (K, N)-stored weight keep their own tiles.
-_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "DO_DX", "SPLIT_K", "DO_DT", "DO_DB", "FLATTEN",
-         "W_KN"]  # fmt: skip
+# Besides the sizes: the switches that change a kernel's cost (Philox in the loop, the mask stored or loaded or
+# regenerated, the dA-only launch of the single-pass backward, split-K partials, the dY kernel's roles, the weight's
+# major order), so that p = 0 and p > 0 calls, bitmask and regenerate modes, a frozen lora_B's dT-only launch, or a
+# (K, N)-stored weight keep their own tiles (and ``_prune`` sees LOAD_BITS: the wide dX tiles spill regenerating).
+_KEYS = ["M_BUCKET", "N", "K", "BLOCK_R", "IEEE", "HAS_DROPOUT", "STORE_BITS", "LOAD_BITS", "DO_DX", "SPLIT_K",
+         "DO_DT", "DO_DB", "FLATTEN", "W_KN"]  # fmt: skip
 _DESC_HOOKS = {_fwd_tma_kernel: _set_fwd_desc_blocks, _bwd_dx_tma_kernel: _set_dx_desc_blocks}
 
 
 def _tuning_configs(kernel) -> list:
-    """``kernel``'s tuning table, each config reduced to the meta-parameters the kernel takes."""
+    """``kernel``'s tuning table, each config reduced to the meta-parameters the kernel takes (SPLIT_STORE, which
+    the TMA kernels take without a default, False where a config does not set it)."""
     names = kernel.arg_names
     out = []
     for c in _configs()[kernel]:
-        t = triton.Config({k: v for k, v in c.kwargs.items() if k in names}, num_warps=c.num_warps,
-                          num_stages=c.num_stages, pre_hook=c.pre_hook)  # fmt: skip
+        kw = {k: v for k, v in c.kwargs.items() if k in names}
+        if "SPLIT_STORE" in names:
+            kw.setdefault("SPLIT_STORE", False)
+        t = triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook)
         t.lk_fp32 = _fp32_family(c)  # the family survives the stripping of BLOCK_K (see _prune)
         out.append(t)
     return out
@@ -1281,7 +1333,7 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
         tiles = {k: v for k, v in cfg.items() if k != "num_warps" and k != "num_stages"}
         # TMA descriptors carry the block shape: re-point them at the tiles of a step-down, or after the
         # tuner's pre-hooks moved them (they were built with the fixed tiles).
-        if hook is not None and (i or tuned or m.get("FLATTEN")):
+        if hook is not None and (i or tuned or m.get("FLATTEN") or cfg.get("SPLIT_STORE")):
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **m, **tiles})
         try:
             wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
@@ -1368,7 +1420,7 @@ def lora_fwd(
     traced = _traced(wrap)
     w_tma, w_kn = _tma_weight(weight)
     if _tma_ok(x, w_tma, y, traced=traced):
-        fixed = _tma_cfg(x, R, backward=False)
+        fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=False)}  # (not a default argument: see lora_bwd)
         sms = _grid_sms(x)
         x_desc, w_desc, y_desc = _tma_operands(
             traced, fixed, (x, "BLOCK_M", "BLOCK_K"), (w_tma, *_W_TILES[w_kn]), (y, "BLOCK_M", "BLOCK_N")
@@ -1496,11 +1548,15 @@ def lora_bwd(
         da = _split_result(da_part, splits, (R, K) if fused_da else (0, K))
         da_out = da if splits > 1 else spare
         n_da = (lambda META: _cdiv(K, META["BLOCK_K"]) * splits) if fused_da else (lambda META: 0)
-        fixed = _tma_cfg(x, R, backward=True)
+        # SPLIT_STORE: a tuning config's (see the kernel), False for the fixed tiles. Not a default argument: torch's
+        # analysis of what a traced kernel writes fails on one and takes every tensor argument as written.
+        fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=True)}
         sms = _grid_sms(x)
         dy_desc, w_desc, dx_desc = _tma_operands(
             traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (w_tma, *_W_TILES[w_kn]), (dx, "BLOCK_M", "BLOCK_K")
         )
+        if not traced and _dx_halves(fixed["BLOCK_M"], fixed["BLOCK_K"], has_dropout, fixed.get("SPLIT_STORE")):
+            dx_desc.block_shape = [fixed["BLOCK_M"], fixed["BLOCK_K"] // 2]
         _launch(
             _bwd_dx_tma_kernel,
             # At least min(sms, red_tiles) programs: the persistent walk of the sum tiles steps by NUM_SMS.
