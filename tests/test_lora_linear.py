@@ -1714,6 +1714,76 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert coop == [("_bwd_single_pass_kernel", True), ("_fwd_single_pass_kernel", True)], coop
 
 
+_SM90_PHILOX = r"""
+from lora_kernels.triton_ops.compile_only import compile_only
+import lora_kernels.triton_ops.lora_linear as tri
+
+results = []
+for CASE in json.loads(sys.argv[1]):
+    M, K, N, R = CASE["M"], 4096, 4096, 16
+    x, w = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(N, K, dtype=torch.bfloat16)
+    a, b = torch.randn(R, K, dtype=torch.float32), torch.randn(N, R, dtype=torch.float32)
+    dy = torch.randn(M, N, dtype=torch.bfloat16)
+
+    def record(c):
+        flags = {n: bool(c.kwargs[n]) for n in ("STORE_BITS", "LOAD_BITS") if n in c.kwargs}
+        results.append(dict(case=CASE, mode=MODE, kernel=c.kernel, tiles=[c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K")],
+                            mulhi=c.compiled.asm["ptx"].count("mul.hi.u32"), **flags))
+
+    with compile_only(record):
+        # The two-launch shrink without the store first (the unit: a Philox call per 8 columns, 8 a thread), then
+        # the case's kernels in the bitmask mode and in the regenerate mode, forward and backward.
+        tri.FWD_MODE = tri.BWD_MODE = "two"
+        MODE = "unit"
+        tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, False)
+        tri.FWD_MODE = tri.BWD_MODE = "single" if CASE["single"] else "two"
+        for MODE, store in (("bitmask", True), ("regenerate", False)):
+            y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, store)
+            tri.lora_bwd(dy, x, w, a, b, t, bits, 2.0, 0.1, 5, True, True)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_dropout_mask_philox_runs_once_per_tile_compile_for_sm90():
+    """No kernel computes a tile's dropout mask more than once. Triton's layout pass recomputes a value's chain in
+    each layout its users want, and the mask's Philox rounds ran (PTX ``mul.hi.u32`` under Triton 3.6, the GPU
+    image's, at M = 8192; bench/NOTES.md, session 34):
+
+    * twice in the forward that stored the bitmask: the byte store, given 8 bytes a thread by coalescing, wanted
+      the bytes in another layout than the x tile's unpack (shrink 277 against 132 without the store; single-pass
+      forward 204 against 131). The store's offsets now carry no provable alignment (``_unaligned``): one layout.
+    * four times in the dX epilogue with a regenerated mask (3.6 and 3.8), where the wgmma accumulator's layout
+      spreads a byte's 8 columns over 4 threads (the two-launch dX kernel 663 against 2 × 132 for its two
+      masks, the epilogue's and the dA walk's). The bytes now pass a while loop (``computed_once``) that the
+      pass cannot recompute through: one Philox, then a conversion of the bytes.
+
+    M = 8192 (64-row shrink blocks, 8 bytes a thread as in the dX kernels' 128 × 128 tiles at 8 warps) and 2048
+    (32-row blocks, split K: the forward's check only). (Where x's rows are not 16-byte aligned, K = 4104, Triton
+    3.6 replicates the shrink's Philox over the 8 lanes of a byte's columns, with or without the store; 3.8 does
+    not.)"""
+    pytest.importorskip("triton")
+    cases = [dict(M=m, single=single) for m in (8192, 2048) for single in (False, True)]
+    results = _run_sm90_script(_SM90_PHILOX, cases)
+    for case in cases:
+        got = [r for r in results if r["case"] == case]
+        (unit,) = [r["mulhi"] for r in got if r["mode"] == "unit" and r["kernel"] == "_shrink_kernel"]
+        fwd = "_fwd_single_pass_kernel" if case["single"] else "_shrink_kernel"
+        (stored,) = [r for r in got if r["mode"] == "bitmask" and r["kernel"] == fwd]
+        (regenerated,) = [r for r in got if r["mode"] == "regenerate" and r["kernel"] == fwd]
+        assert stored["STORE_BITS"] and not regenerated["STORE_BITS"]
+        assert stored["tiles"] == regenerated["tiles"], (stored, regenerated)
+        assert stored["mulhi"] == regenerated["mulhi"] > 0, (case, stored, regenerated)
+        if case["M"] == 8192:
+            bwd = "_bwd_single_pass_kernel" if case["single"] else "_bwd_dx_tma_kernel"
+            (dx,) = [r for r in got if r["mode"] == "regenerate" and r["kernel"] == bwd]
+            assert dx["tiles"] == [128, 128] and not dx["LOAD_BITS"], dx
+            # The two-launch dX kernel holds two masks (its epilogue's and its dA walk's), the single-pass one the
+            # epilogue's (its dA runs in a launch of its own).
+            assert dx["mulhi"] == (1 if case["single"] else 2) * unit, (case, dx, unit)
+            (loaded,) = [r for r in got if r["mode"] == "bitmask" and r["kernel"] == bwd]
+            assert loaded["LOAD_BITS"] and loaded["mulhi"] == 0, loaded
+
+
 _SM90_FLATTEN = r"""
 from lora_kernels.triton_ops.compile_only import compile_only
 import lora_kernels.triton_ops.lora_linear as tri

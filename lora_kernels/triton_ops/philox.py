@@ -66,6 +66,23 @@ def dropout_mask_bytes(seed_lo, seed_hi, offs_m, g_start, threshold, BLOCK_M: tl
 
 
 @triton.jit
+def computed_once(value, threshold):
+    """``value``, passed through a while loop that runs once (its bound, ``threshold >> 17``, is 0 for any
+    threshold ≤ 65536 but not a constant to the compiler). Triton's layout pass recomputes a value's whole chain
+    in each layout a user wants rather than convert it, but cannot recompute a while loop's result: after it,
+    the Philox rounds that made ``value`` run once, in their own layout (one byte a thread), and a user that
+    wants another layout gets a conversion of the bytes through shared memory. Needed in the dX epilogue with
+    a regenerated mask, where the wgmma accumulator's layout spreads a byte's 8 columns over 4 threads and each
+    computed the byte's Philox (4 times the rounds; bench/NOTES.md, session 34). Not for a loop that Triton
+    pipelines or flattens: a loop nested in it stops both."""
+    i = (tl.cast(threshold, tl.uint32) >> 17).to(tl.int32)
+    while i < 1:
+        value += i
+        i += 1
+    return value
+
+
+@triton.jit
 def unpack_bytes(byte, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_K // 8) int32 bytes -> (BLOCK_M, BLOCK_K) bool keep-mask (bit j = column 8g+j)."""
     bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1

@@ -543,7 +543,7 @@ def _bwd_single_pass_kernel(
                             tl.store(dt_ptrs, dt, mask=p_mask)
                 acc = _dx_epilogue_t(acc, dt, A, BITS, offs_m, off_k, M, K, R, stride_ar, stride_ak, stride_bm,
                                      seed_lo, seed_hi, threshold, keep_scale, HAS_DROPOUT, LOAD_BITS, CDT, False,
-                                     BLOCK_M, BLOCK_K, BLOCK_R)  # fmt: skip
+                                     BLOCK_M, BLOCK_K, BLOCK_R, True)  # fmt: skip
                 dx_desc.store([off_m, off_k], acc.to(OUT_DT))
     if PHASE == 0:
         _exit_launch(SYNC, epoch)
