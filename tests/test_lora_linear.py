@@ -1730,16 +1730,18 @@ for CASE in json.loads(sys.argv[1]):
         results.append(dict(case=CASE, mode=MODE, kernel=c.kernel, tiles=[c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K")],
                             mulhi=c.compiled.asm["ptx"].count("mul.hi.u32"), **flags))
 
-    with compile_only(record):
+    with compile_only(record, autotune=CASE.get("tuned", False)):
         # The two-launch shrink without the store first (the unit: a Philox call per 8 columns, 8 a thread), then
-        # the case's kernels in the bitmask mode and in the regenerate mode, forward and backward.
+        # the case's kernels in the bitmask mode and in the regenerate mode, forward and backward ("tuned": every
+        # config of the tuning tables, the forward only).
         tri.FWD_MODE = tri.BWD_MODE = "two"
         MODE = "unit"
         tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, False)
         tri.FWD_MODE = tri.BWD_MODE = "single" if CASE["single"] else "two"
         for MODE, store in (("bitmask", True), ("regenerate", False)):
             y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, 0.1, 5, store)
-            tri.lora_bwd(dy, x, w, a, b, t, bits, 2.0, 0.1, 5, True, True)
+            if not CASE.get("tuned"):
+                tri.lora_bwd(dy, x, w, a, b, t, bits, 2.0, 0.1, 5, True, True)
 print("RESULTS" + json.dumps(results))
 """
 
@@ -1758,12 +1760,21 @@ def test_dropout_mask_philox_runs_once_per_tile_compile_for_sm90():
       pass cannot recompute through: one Philox, then a conversion of the bytes.
 
     M = 8192 (64-row shrink blocks, 8 bytes a thread as in the dX kernels' 128 × 128 tiles at 8 warps) and 2048
-    (32-row blocks, split K: the forward's check only). (Where x's rows are not 16-byte aligned, K = 4104, Triton
+    (32-row blocks, split K: the forward's check only), and every tile of the shrink's tuning table. (Where x's rows are not 16-byte aligned, K = 4104, Triton
     3.6 replicates the shrink's Philox over the 8 lanes of a byte's columns, with or without the store; 3.8 does
     not.)"""
     pytest.importorskip("triton")
     cases = [dict(M=m, single=single) for m in (8192, 2048) for single in (False, True)]
+    cases.append(dict(M=8192, single=False, tuned=True))  # the shrink's tuning configs: 32- to 128-row tiles
     results = _run_sm90_script(_SM90_PHILOX, cases)
+    tuned = [r for r in results if r["case"].get("tuned") and r["kernel"] == "_shrink_kernel" and r["mode"] != "unit"]
+    by_tiles = {}
+    for r in tuned:
+        by_tiles.setdefault((tuple(r["tiles"]), r["STORE_BITS"]), set()).add(r["mulhi"])
+    assert len(by_tiles) >= 8, by_tiles  # ≥ 4 distinct tiles (BM, BK), with and without the store
+    for (tiles, store), counts in by_tiles.items():
+        assert counts == by_tiles[(tiles, not store)] and min(counts) > 0, (tiles, by_tiles)
+    cases.pop()
     for case in cases:
         got = [r for r in results if r["case"] == case]
         (unit,) = [r["mulhi"] for r in got if r["mode"] == "unit" and r["kernel"] == "_shrink_kernel"]

@@ -665,7 +665,7 @@ def test_prewarm_replays_the_benchmarks_and_verifys_own_launches(tmp_path):
     compile_only both must compile the same kernels (names and Triton's hashes)."""
     pytest.importorskip("triton")
     bench = ("--m 256 --shapes 512x512 --ranks 16 --dropout 0,0.1 --dtype fp16 --adapter-dtype fp32 --bias --frozen A "
-             "--impls cublas,triton-bitmask,triton-flat,triton-1pass")  # fmt: skip
+             "--impls cublas,triton-bitmask,triton-regen,triton-flat,triton-1pass")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")}
     env.update(CUDA_VISIBLE_DEVICES="", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", _SAME_LAUNCHES, bench, _PREWARM_VERIFY], cwd=ROOT, env=env,
