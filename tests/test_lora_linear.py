@@ -811,7 +811,7 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     }  # noqa: E731
     assert 256 in rows(16) and 256 not in rows(32) and 128 in rows(64)
     # The wide (128×256, 256×128) dX output tiles only at rank ≤ 16, without dropout or with it from a saved
-    # bitmask (regenerating the mask in their epilogue spills), the 4-warp 128×128 ones not from rank 64
+    # bitmask (regenerating the mask in their epilogue, the 128×256 ones only), the 4-warp 128×128 ones not from rank 64
     # (forward) / 128 (dX) on: they spill there (sessions 32, 33).
     dx = tri._tuning_configs(tri._bwd_dx_tma_kernel)
     wide = lambda cs: [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > 128 * 128]  # noqa: E731
@@ -820,7 +820,8 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     assert len(split(tri._prune(dx, {"BLOCK_R": 16, "HAS_DROPOUT": False, "dx_desc": None}))) == 1
     bitmask = {"BLOCK_R": 16, "HAS_DROPOUT": True, "LOAD_BITS": True, "dx_desc": None}
     assert len(wide(tri._prune(dx, bitmask))) == 3 and split(tri._prune(dx, bitmask)) == []  # 4 stages: 280 KiB
-    assert wide(tri._prune(dx, {**bitmask, "LOAD_BITS": False})) == []
+    # Regenerating the mask (Philox in the epilogue): the 128×256 tiles, not 256×128 (12–20 B spilled; session 34).
+    assert [c.kwargs["BLOCK_M"] for c in wide(tri._prune(dx, {**bitmask, "LOAD_BITS": False}))] == [128, 128]
     assert wide(tri._prune(dx, {**bitmask, "BLOCK_R": 32})) == []
     assert wide(tri._prune(dx, {"BLOCK_R": 64, "HAS_DROPOUT": False, "dx_desc": None})) == []
     assert all(c.num_warps == 8 for c in tri._prune(dx, {"BLOCK_R": 128, "dx_desc": None}))
@@ -1760,9 +1761,9 @@ def test_dropout_mask_philox_runs_once_per_tile_compile_for_sm90():
       pass cannot recompute through: one Philox, then a conversion of the bytes.
 
     M = 8192 (64-row shrink blocks, 8 bytes a thread as in the dX kernels' 128 × 128 tiles at 8 warps) and 2048
-    (32-row blocks, split K: the forward's check only), and every tile of the shrink's tuning table. (Where x's rows are not 16-byte aligned, K = 4104, Triton
-    3.6 replicates the shrink's Philox over the 8 lanes of a byte's columns, with or without the store; 3.8 does
-    not.)"""
+    (32-row blocks, split K: the forward's check only), and every tile of the shrink's tuning table. (Where x's
+    rows are not 16-byte aligned, K = 4104, Triton 3.6 replicates the shrink's Philox over the 8 lanes of a byte's
+    columns, with or without the store; 3.8 does not.)"""
     pytest.importorskip("triton")
     cases = [dict(M=m, single=single) for m in (8192, 2048) for single in (False, True)]
     cases.append(dict(M=8192, single=False, tuned=True))  # the shrink's tuning configs: 32- to 128-row tiles
@@ -1899,15 +1900,16 @@ def record(c):
             res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
         local = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", res))  # spills: STACK
     cfg = [c.kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
-    results.append(dict(r=R, p=P, adapters=ADT, kernel=c.kernel, cfg=cfg, smem=c.compiled.metadata.shared,
-                        local=local))
+    results.append(dict(r=R, p=P, adapters=ADT + ("" if STORE else "+regenerate"), kernel=c.kernel, cfg=cfg,
+                        smem=c.compiled.metadata.shared, local=local))
 
-for R, P, ADT in json.loads(sys.argv[1]):
+for R, P, ADT, *MODE in json.loads(sys.argv[1]):
+    STORE = MODE != ["regenerate"]
     M, N, K, dt = 8192, 4096, 4096, torch.bfloat16
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b = torch.randn(R, K, dtype=getattr(torch, ADT)), torch.randn(N, R, dtype=getattr(torch, ADT))
     with compile_only(record, autotune=True):  # every config of each tuning table, as the first GPU call
-        y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, P, 5, True)
+        y, t, bits = tri.lora_fwd(x, w, None, a, b, None, 2.0, P, 5, STORE)
         tri.lora_bwd(torch.randn(M, N, dtype=dt), x, w, a, b, t, bits, 2.0, P, 5, True, True)
 print("RESULTS" + json.dumps(results))
 """
@@ -1923,10 +1925,11 @@ def test_tuning_tables_fit_an_h100():
     launcher would otherwise fall back to the fixed tiles)."""
     pytest.importorskip("triton")
     cases = [[16, 0.1, "bfloat16"], [64, 0.1, "bfloat16"], [256, 0.1, "bfloat16"], [16, 0.0, "float32"],
-             [64, 0.0, "float32"], [16, 0.1, "float32"]]  # fmt: skip
+             [64, 0.0, "float32"], [16, 0.1, "float32"], [16, 0.1, "float32", "regenerate"]]  # fmt: skip
     results = _run_sm90_script(_SM90_TUNING, cases)
     kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
-    for r, p, adapters in cases:
+    for r, p, adapters, *mode in cases:
+        adapters += "".join("+" + m for m in mode)
         got = {c["kernel"] for c in results if [c["r"], c["p"], c["adapters"]] == [r, p, adapters]}
         # Above rank 128 dA is a launch of its own (the pointer kernel's dA programs), tuned over that table.
         assert got == (kernels | {"_bwd_dx_kernel"} if r > 128 else kernels), (r, p, adapters, results)
@@ -1934,7 +1937,8 @@ def test_tuning_tables_fit_an_h100():
     assert len(common) >= 60, common
     # The wide dX tiles are tuned where they fit and do not spill, at rank 16 (with dropout their epilogue runs in
     # column halves): all three of them (the forward's measured-best 128×256×64×3 GEMM shape among them), and
-    # without dropout a fourth, 128×256 with 4 stages, which fits by storing in halves (SPLIT_STORE).
+    # without dropout a fourth, 128×256 with 4 stages, which fits by storing in halves (SPLIT_STORE); regenerating
+    # the mask, the two 128×256 ones.
     wide = [
         (c["r"], c["p"], c["adapters"], c["cfg"])
         for c in common
@@ -1943,6 +1947,7 @@ def test_tuning_tables_fit_an_h100():
     tiles = [[128, 64, 256, 8, 2], [128, 64, 256, 8, 3], [256, 64, 128, 8, 3]]
     cases16 = [(0.0, "float32"), (0.1, "bfloat16"), (0.1, "float32")]
     want = [(16, p, a, t) for p, a in cases16 for t in tiles] + [(16, 0.0, "float32", [128, 64, 256, 8, 4])]
+    want += [(16, 0.1, "float32+regenerate", t) for t in tiles[:2]]
     assert sorted(wide) == sorted(want), wide
     over = [(c["r"], c["kernel"], c["cfg"], c["smem"]) for c in common if c["smem"] > 232448]
     assert not over, over

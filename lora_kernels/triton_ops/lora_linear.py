@@ -1089,7 +1089,8 @@ def _configs() -> dict:
         # up to 3 stages of 128×128, at rank 256 (dA in a launch of its own) only 128×64×64×2 (160 KiB). The
         # 256-wide tiles are tuned at rank 16 only, with dropout from a saved bitmask: their masked epilogue runs in
         # column halves (``_dx_halves``; whole, it spilled 0.1–1.1 KB), 233–254 registers and no spill under 3.6 and
-        # 3.8 (bf16 and fp32 adapters); regenerating the mask there (Philox in the epilogue) spills 0.4–0.9 KB. At
+        # 3.8 (bf16 and fp32 adapters); regenerating the mask there (Philox in the epilogue), the 128×256 ones take
+        # 254–255 registers without spills, the 256×128 one spills 12–20 B (session 34; 0.4–0.9 KB before). At
         # rank 64 they spill with dropout (76–112 B), and without it the 2-stage one takes 254 registers (3.6) or
         # spills (3.8). The last config stores its 128×256 tiles in halves at any p (SPLIT_STORE): half the store's
         # staging buffer, and a fourth stage fits (224 KiB, rank 16, no dropout; with dropout the dA walk's x tiles
@@ -1131,7 +1132,10 @@ def _prune(configs, named_args, **kwargs):
         wide = [c for c in keep if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > _DX_WHOLE_TILE.value]
         has_dropout = bool(named_args.get("HAS_DROPOUT", kwargs.get("HAS_DROPOUT", False)))
         regenerate = has_dropout and not named_args.get("LOAD_BITS", kwargs.get("LOAD_BITS", False))
-        drop = wide if (regenerate or br > 16) else []
+        # A regenerated mask (Philox in the epilogue) leaves the 128×256 tiles at 254–255 registers without spills
+        # since its bytes are computed once (``computed_once``: before, 0.4–0.9 KB spilled), the 256×128 one spills
+        # 12–20 B.
+        drop = wide if br > 16 else [c for c in wide if c.kwargs["BLOCK_M"] > 128] if regenerate else []
         if has_dropout:  # the 4-stage 128×256 output tile (SPLIT_STORE) needs 280 KiB there (the dA walk's x tiles)
             drop += [c for c in keep if c.kwargs.get("SPLIT_STORE")]
         if br >= 128 and "dx_desc" in named_args:  # (the pointer kernel's dA launch keeps them: at rank 256
