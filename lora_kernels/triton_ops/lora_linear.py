@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer kernels only
 from .. import flops as _flops
 from ..backends import device_capability, use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
-from .philox import computed_once, dropout_mask_bytes, unpack_bytes
+from .philox import computed_once, dropout_mask_bytes, opaque_zero, unpack_bytes
 
 __all__ = [
     "unavailable_reason",
@@ -343,16 +343,16 @@ def _sum_db_splits(tile, DBP, CSP, DB, CS, N, R, SPLITS, BLOCK: tl.constexpr):
 
 @triton.jit
 def _unaligned(offs, threshold):
-    """``offs`` plus ``threshold >> 17``, which is 0 (threshold ≤ 65536) but has no alignment the compiler can
-    prove. Used for the bitmask store's byte offsets: proven 16-aligned, Triton's coalescing gives that store
-    8 bytes a thread, a layout other than the one the bytes are unpacked in for the x tile (one byte a thread),
-    and for a value wanted in two layouts Triton 3.6 computes its whole chain twice rather than convert it:
-    every Philox round ran twice per tile. Unaligned, the store takes one byte a thread, the unpack's layout:
-    one Philox (the shrink's loop at p > 0 on sm_90: 1708 → 1092 instructions a K step; bench/NOTES.md,
-    session 34). The store was one STG.U8 per byte before too. Under Triton ≥ 3.8 (``_UNALIGNED_BITS``), which
-    converts instead, ``offs`` as it is."""
+    """``offs`` plus ``opaque_zero(threshold)``: 0, but of no alignment the compiler can prove. Used for the
+    bitmask store's byte offsets: proven 16-aligned, Triton's coalescing gives that store 8 bytes a thread, a
+    layout other than the one the bytes are unpacked in for the x tile (one byte a thread), and for a value
+    wanted in two layouts Triton 3.6 computes its whole chain twice rather than convert it: every Philox round
+    ran twice per tile. Unaligned, the store takes one byte a thread, the unpack's layout: one Philox (the
+    shrink's loop at p > 0 on sm_90: 1708 → 1092 instructions a K step; bench/NOTES.md, session 34). The store
+    was one STG.U8 per byte before too. Under Triton ≥ 3.8 (``_UNALIGNED_BITS``), which converts instead,
+    ``offs`` as it is."""
     if _UNALIGNED_BITS:  # (an assignment, not an early return: Triton goes on past a return under a constexpr if)
-        offs = offs + (tl.cast(threshold, tl.int32) >> 17)
+        offs = offs + opaque_zero(threshold)
     return offs
 
 

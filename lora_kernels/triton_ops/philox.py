@@ -66,6 +66,13 @@ def dropout_mask_bytes(seed_lo, seed_hi, offs_m, g_start, threshold, BLOCK_M: tl
 
 
 @triton.jit
+def opaque_zero(threshold):
+    """int32 ``threshold >> 17``: 0 for any keep threshold (≤ 65536), but neither a constant nor of any alignment
+    the compiler can prove (the threshold is a kernel argument it does not specialise)."""
+    return (tl.cast(threshold, tl.uint32) >> 17).to(tl.int32)
+
+
+@triton.jit
 def computed_once(value, threshold):
     """``value``, passed through a while loop that runs once (its bound, ``threshold >> 17``, is 0 for any
     threshold ≤ 65536 but not a constant to the compiler). Triton's layout pass recomputes a value's whole chain
@@ -75,7 +82,7 @@ def computed_once(value, threshold):
     a regenerated mask, where the wgmma accumulator's layout spreads a byte's 8 columns over 4 threads and each
     computed the byte's Philox (4 times the rounds; bench/NOTES.md, session 34). Not for a loop that Triton
     pipelines or flattens: a loop nested in it stops both."""
-    i = (tl.cast(threshold, tl.uint32) >> 17).to(tl.int32)
+    i = opaque_zero(threshold)
     while i < 1:
         value += i
         i += 1
