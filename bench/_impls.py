@@ -33,6 +33,9 @@ Names:
                 (``LORA_KERNELS_BWD_DA=separate``) instead of its first tiles; offered only on the TMA path.
     ``triton-nosplitm`` ``triton-bitmask`` with the backward's dA and dB reductions unsplit over M
                 (``LORA_KERNELS_BWD_SPLIT_M=1``); offered only where the default splits.
+    ``triton-dx128`` ``triton-bitmask`` with the TMA dX GEMM's fixed tiles at 128×128 (``LORA_KERNELS_DX_WIDE=0``,
+                the default before session 35) for an A/B against the 128×256 ones; offered only where the
+                default takes 128×256 (rank ≤ 16, enough tiles to fill the SMs, fixed tiles).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
@@ -76,6 +79,7 @@ ALL_IMPLS = (
     "triton-nosplit",
     "triton-daseparate",
     "triton-nosplitm",
+    "triton-dx128",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
@@ -420,6 +424,23 @@ def _ours_no_split_m(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "BWD_SPLIT_M", "1"))  # fmt: skip
 
 
+def _ours_dx128(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the TMA dX GEMM's fixed tiles at 128×128 (``LORA_KERNELS_DX_WIDE=0``) for this
+    row's calls: the A/B of session 35's 128×256 default."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-dx128")
+    x = prob.xs[0].reshape(-1, prob.K)
+    if not (tri._tma_ok(x, prob.weight) and (prob.N * x.element_size()) % 16 == 0):
+        raise Unavailable("the dX tiles are the TMA backward's (sm90+, 16-bit x, 16-byte rows)")
+    if tri.AUTOTUNE:
+        raise Unavailable("autotuned: the tuner picks the dX tiles (LORA_KERNELS_AUTOTUNE=0 compares the fixed ones)")
+    if not tri._dx_wide(x, prob.r):
+        raise Unavailable("the fixed dX tiles are 128×128 here already (rank > 16 or too few wide tiles)")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "DX_WIDE", "0"))  # fmt: skip
+
+
 def _ours_w_kn(prob: Problem) -> Impl:
     """``triton-bitmask`` on a copy of W stored (K, N) (one more W in memory, owned by the row), passed as
     its (N, K) view, as lora_kernels.patch passes a GPT-2 Conv1D layer's weight."""
@@ -493,6 +514,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_da_separate(prob)
     if name == "triton-nosplitm":
         return _ours_no_split_m(prob)
+    if name == "triton-dx128":
+        return _ours_dx128(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

@@ -99,6 +99,7 @@ GPU_IMPLS = (
     "triton-flat",
     "triton-kn",
     "triton-nosplit",
+    "triton-dx128",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",

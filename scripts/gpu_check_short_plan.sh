@@ -18,8 +18,10 @@
 # (autotuning compiles every config: a later session measures it); --budget-s keeps the table.
 # triton-regen (the mask regenerated in backward) rather than triton-flat since session 34: the flattened
 # loops were measured slower (session 28), the regenerate mode's dX epilogue never (its Philox ran 4 times).
+# triton-dx128 (the dX GEMM's 128x128 fixed tiles of session 28, against the 128x256 default since session 35)
+# rather than triton-1pass, measured slower in session 28 (the runbook's item 2 measures its variants).
 : "${BENCH_ARGS:=--m 8192 --shapes 4096x4096,4096x14336 --ranks 16 --dropout 0,0.1 --budget-s 120
-  --impls cublas,naive,peft,triton-bitmask,triton-regen,triton-1pass,cuda-bitmask,cuda-expand}"
+  --impls cublas,naive,peft,triton-bitmask,triton-regen,triton-dx128,cuda-bitmask,cuda-expand}"
 : "${BENCH_AUTOTUNE:=0}"
 # The files whose tests run kernels on the GPU; the CPU-only files (extension build, emulation
 # harness, scripts) already pass in CI.

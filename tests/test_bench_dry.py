@@ -662,6 +662,46 @@ def test_no_split_m_row(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_dx128_row(monkeypatch):
+    """``triton-dx128``: refused off the TMA path, when autotuned (the tuner picks the tiles) and where the fixed dX
+    tiles are 128×128 anyway; elsewhere ``triton-bitmask`` with LORA_KERNELS_DX_WIDE=0 for its own calls only (the
+    dX tiles asked for with the switch off, ``triton-bitmask``'s with it on), the same output and gradients."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _tma_row_problem(monkeypatch, "triton-dx128", 0.1, refusal="TMA backward")
+    with pytest.raises(_impls.Unavailable, match="128×128 here already"):
+        _impls.build("triton-dx128", prob)  # M = 64: too few wide tiles for an H100
+    monkeypatch.setattr(tri, "AUTOTUNE", True)
+    with pytest.raises(_impls.Unavailable, match="autotuned"):
+        _impls.build("triton-dx128", prob)
+    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    monkeypatch.setattr(tri, "_dx_wide", lambda x, r: tri.DX_WIDE != "0")  # as a GPU at a large M
+    real_cfg, seen = tri._tma_cfg, []
+
+    def cfg(x, r, backward):
+        if backward:
+            seen.append(tri._dx_wide(x, r))
+        return real_cfg(x, r, backward)
+
+    monkeypatch.setattr(tri, "_tma_cfg", cfg)
+    out = {}
+    for name in ("triton-dx128", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        x = prob.xs[0].detach().requires_grad_()
+        seen.clear()
+        with impl.scope():
+            torch.manual_seed(3)  # the dropout seed each call draws
+            y = impl.fn(x)
+            y.backward(prob.dys[0])
+        assert seen == [name == "triton-bitmask"], (name, seen)
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+    assert tri.DX_WIDE == "auto"
+    for a, b in zip(out["triton-dx128"], out["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_compiled_row_needs_a_gpu():
     """``triton-compile`` (torch.compile of our Triton path) is refused on a CPU with its reason: the
     interpreter's kernels cannot be traced."""

@@ -866,16 +866,36 @@ def _row_splits(x: torch.Tensor, blocks: int) -> int:
     return splits
 
 
-def _tma_cfg(x: torch.Tensor, R: int, backward: bool) -> dict:
+def _dx_wide(x: torch.Tensor | None, R: int) -> bool:
+    """Whether the fixed dX tiles of the TMA backward are 128×256 (else 128×128). The 128×128 tile ran at 1.49–1.54×
+    cuBLAS's dY·W on an H200 where the forward's 128×256 ran at 1.04–1.08× (bench/NOTES.md, session 28), and in the
+    SASS (sm_90a, Triton 3.6 and 3.8) the two main loops are one shape: 4 wgmmas, a wgmma wait, four CTA barriers
+    and the TMA issue per 64-wide step, so a 128-wide tile does half the tensor work per step for the same overhead
+    (session 35). Rank ≤ 16 only: there the wide tile's masked epilogue (in column halves, ``_dx_halves``) fits in
+    registers with either mask mode, above it spills (sessions 33-34). And only where the wide tiles alone fill
+    the SMs (⌈M/128⌉·⌈K/256⌉ ≥ SM count; 128×128 below: twice the tiles). ``x=None`` (the single-pass backward,
+    whose walk keeps its own tiles): 128×128. LORA_KERNELS_DX_WIDE=0 keeps 128×128 everywhere (bench row
+    ``triton-dx128``)."""
+    if x is None or DX_WIDE == "0" or _block_r(R) > 16:
+        return False
+    M, K = x.shape[0], x.shape[-1]
+    # (Under torch.compile M may be a SymInt: the comparison becomes a guard, the tile stays a plain int.)
+    return _cdiv(M, 128) * _cdiv(K, 256) >= _planning_sms(x)
+
+
+def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool) -> dict:
     """Fixed tiles of the persistent TMA kernels: 128×256×64, 8 warps, 3 stages measured best for
-    the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy."""
+    the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy.
+    The dX GEMM (``backward``) takes the same shape, 128×256 output tiles in 64-wide steps over N, at
+    rank ≤ 16 where there are enough of them to fill the SMs (``_dx_wide``); else 128×128."""
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if backward:  # (BM, BK) output tiles, BN is the reduction step over N
         # Rank ≥ 128: 3 stages need 256 KiB (r=128) / 384 KiB (r=256) of shared memory, 2 stages
         # 160 / 224 KiB (triton 3.6, sm_90): start at 2 rather than compile a kernel that cannot load.
         stages = 2 if _block_r(R) >= 128 else 3
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=stages)
+        bk = 256 if _dx_wide(x, R) else 128
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=stages)
     bn = 256 if _block_r(R) <= 64 else 128
     return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -969,6 +989,9 @@ BWD_DA = os.environ.get("LORA_KERNELS_BWD_DA", "fused")
 # else hides that gap). Off until measured on a GPU (bench row ``triton-flat``, bench/NOTES.md); eager
 # calls only (a flattened kernel that exceeds shared memory steps down to the unflattened one).
 TMA_FLATTEN = os.environ.get("LORA_KERNELS_TMA_FLATTEN", "0") not in ("", "0")
+# The TMA dX GEMM's fixed output tiles: "auto", 128×256 at rank ≤ 16 where they fill the SMs (``_dx_wide``); "0",
+# 128×128 everywhere (as before session 35), for an A/B (bench row ``triton-dx128``).
+DX_WIDE = os.environ.get("LORA_KERNELS_DX_WIDE", "auto")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
