@@ -676,13 +676,13 @@ def test_dx128_row(monkeypatch):
     with pytest.raises(_impls.Unavailable, match="autotuned"):
         _impls.build("triton-dx128", prob)
     monkeypatch.setattr(tri, "AUTOTUNE", False)
-    monkeypatch.setattr(tri, "_dx_wide", lambda x, r: tri.DX_WIDE != "0")  # as a GPU at a large M
+    monkeypatch.setattr(tri, "_dx_wide", lambda x, r, regenerate=False: tri.DX_WIDE != "0")  # as a GPU at a large M
     real_cfg, seen = tri._tma_cfg, []
 
-    def cfg(x, r, backward):
+    def cfg(x, r, backward, regenerate=False):
         if backward:
-            seen.append(tri._dx_wide(x, r))
-        return real_cfg(x, r, backward)
+            seen.append(tri._dx_wide(x, r, regenerate))
+        return real_cfg(x, r, backward, regenerate)
 
     monkeypatch.setattr(tri, "_tma_cfg", cfg)
     out = {}

@@ -383,7 +383,10 @@ def test_tma_dx_wide_tiles_take_the_dropout_epilogue_in_halves(monkeypatch, tile
     else:
         real_cfg = tri._tma_cfg
         wide = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk)
-        cfg = lambda x, R, backward: {**real_cfg(x, R, backward), **(wide if backward else {})}  # noqa: E731
+        cfg = lambda x, R, backward, regenerate=False: {  # noqa: E731
+            **real_cfg(x, R, backward, regenerate),
+            **(wide if backward else {}),
+        }
         monkeypatch.setattr(tri, "_tma_cfg", cfg)
     blocks = []
     real_launch = tri._launch
@@ -810,9 +813,10 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
         for c in tri._prune(tri._tuning_configs(tri._bwd_dx_tma_kernel), {"BLOCK_R": br, "dx_desc": 0})
     }  # noqa: E731
     assert 256 in rows(16) and 256 not in rows(32) and 128 in rows(64)
-    # The wide (128×256, 256×128) dX output tiles only at rank ≤ 16, without dropout or with it from a saved
-    # bitmask (regenerating the mask in their epilogue, the 128×256 ones only), the 4-warp 128×128 ones not from rank 64
-    # (forward) / 128 (dX) on: they spill there (sessions 32, 33).
+    # The wide (128×256, 256×128) dX output tiles at rank ≤ 16, without dropout or with it from a saved bitmask
+    # (regenerating the mask in their epilogue, the 128×256 ones only); at rank 32 the 128×256 ones with 2 and 3
+    # stages, unless the mask is regenerated; the 4-warp 128×128 ones not from rank 64 (forward) / 128 (dX) on: they
+    # spill there (sessions 32, 33, 35).
     dx = tri._tuning_configs(tri._bwd_dx_tma_kernel)
     wide = lambda cs: [c for c in cs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] > 128 * 128]  # noqa: E731
     split = lambda cs: [c for c in cs if c.kwargs.get("SPLIT_STORE")]  # noqa: E731
@@ -822,7 +826,11 @@ def test_tuning_tables_prune_to_the_call_family_and_key_on_cost_switches():
     assert len(wide(tri._prune(dx, bitmask))) == 3 and split(tri._prune(dx, bitmask)) == []  # 4 stages: 280 KiB
     # Regenerating the mask (Philox in the epilogue): the 128×256 tiles, not 256×128 (12–20 B spilled; session 34).
     assert [c.kwargs["BLOCK_M"] for c in wide(tri._prune(dx, {**bitmask, "LOAD_BITS": False}))] == [128, 128]
-    assert wide(tri._prune(dx, {**bitmask, "BLOCK_R": 32})) == []
+    rank32 = [(c.kwargs["BLOCK_M"], c.num_stages) for c in wide(tri._prune(dx, {**bitmask, "BLOCK_R": 32}))]
+    assert rank32 == [(128, 2), (128, 3)], rank32
+    p0 = {"BLOCK_R": 32, "HAS_DROPOUT": False, "dx_desc": None}
+    assert [(c.kwargs["BLOCK_M"], c.num_stages) for c in wide(tri._prune(dx, p0))] == rank32
+    assert wide(tri._prune(dx, {**bitmask, "BLOCK_R": 32, "LOAD_BITS": False})) == []
     assert wide(tri._prune(dx, {"BLOCK_R": 64, "HAS_DROPOUT": False, "dx_desc": None})) == []
     assert all(c.num_warps == 8 for c in tri._prune(dx, {"BLOCK_R": 128, "dx_desc": None}))
     fwd = tri._tuning_configs(tri._fwd_tma_kernel)
@@ -987,7 +995,8 @@ def test_shrink_tiles_fill_the_gpu(monkeypatch):
 
 def test_dx_tiles_fill_the_gpu(monkeypatch):
     """The untuned TMA dX GEMM takes the forward's measured-best shape, 128×256 output tiles (64-wide steps over N),
-    at rank ≤ 16 where those tiles alone fill an H100's 132 SMs, else 128×128 (bench/NOTES.md, session 35); the
+    at rank ≤ 16 (≤ 32 unless it regenerates the mask) where those tiles alone fill an H100's 132 SMs, else 128×128
+    (bench/NOTES.md, session 35); the
     single-pass backward (no x given) and LORA_KERNELS_DX_WIDE=0 keep 128×128; the forward's tiles are unchanged."""
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops import single_pass as sp
@@ -996,16 +1005,19 @@ def test_dx_tiles_fill_the_gpu(monkeypatch):
     x = lambda M, K=4096: torch.empty(M, K, dtype=torch.bfloat16)  # noqa: E731
     # (M, K, r) -> (BLOCK_K, stages): 1024 wide tiles at M = 8192, 256 at 2048, 128 < 132 at 1024 (K = 4096);
     # K = 14336 has 56 column tiles, so 3 row blocks (M = 257..384) already fill the SMs.
+    # Rank 17-32: wide unless the epilogue regenerates the mask (it spills there).
     cases = {(8192, 4096, 16): (256, 3), (8192, 4096, 1): (256, 3), (2048, 4096, 16): (256, 3),
              (1024, 4096, 16): (128, 3), (1, 4096, 16): (128, 3), (384, 14336, 16): (256, 3),
-             (256, 14336, 16): (128, 3), (8192, 4096, 17): (128, 3), (8192, 4096, 64): (128, 3),
-             (8192, 4096, 256): (128, 2)}  # fmt: skip
-    got = {}
-    for M, K, r in cases:
-        c = tri._tma_cfg(x(M, K), r, backward=True)
-        assert (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (128, 64, 8), c
-        got[M, K, r] = (c["BLOCK_K"], c["num_stages"])
-    assert got == cases
+             (256, 14336, 16): (128, 3), (8192, 4096, 17): (256, 3), (8192, 4096, 32): (256, 3),
+             (8192, 4096, 33): (128, 3), (8192, 4096, 64): (128, 3), (8192, 4096, 256): (128, 2)}  # fmt: skip
+    for regenerate in (False, True):
+        got = {}
+        for M, K, r in cases:
+            c = tri._tma_cfg(x(M, K), r, backward=True, regenerate=regenerate)
+            assert (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) == (128, 64, 8), c
+            got[M, K, r] = (c["BLOCK_K"], c["num_stages"])
+        want = {k: (128, v[1]) if regenerate and k[2] > 16 else v for k, v in cases.items()}
+        assert got == want, regenerate
     assert sp._single_bwd_cfg(16)["BLOCK_K"] == 128
     fwd = tri._tma_cfg(x(8192), 16, backward=False)
     assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_K"], fwd["num_stages"]) == (128, 256, 64, 3)
@@ -1664,6 +1676,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         # enough rows for the dX GEMM's 128×256 fixed tiles (64 × 4 ≥ 132 SMs), both mask modes
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", M=8192, K=1024),
         dict(dtype="float16", r=16, mode="regenerate", tma="1", M=8192, K=1024),
+        dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", M=8192, K=1024),  # ... and rank 32 with the bitmask
     ]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
@@ -1700,7 +1713,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1), (16, 1, 256, 1), (16, 1, 256, 1)], single
     # The dX GEMM's fixed tiles: 128×256 where they fill the SMs (M = 8192, K = 1024), fitting as they are with the
     # stored and the regenerated mask (the none-spills check below covers them); 128×128 at M = 96.
-    dx_tma = [t for t in launches if t[0]["kernel"] == "_bwd_dx_tma_kernel" and t[0]["case"]["r"] <= 16]
+    dx_tma = [t for t in launches if t[0]["kernel"] == "_bwd_dx_tma_kernel" and t[0]["case"]["r"] <= 32]
     got = sorted({(t[0]["case"].get("M", 96), t[0]["cfg"]["BLOCK_K"], len(t)) for t in dx_tma})
     assert got == [(96, 128, 1), (8192, 256, 1)], got
     # The single-pass backward's dX tiles fit without stepping down (rank 128 starts at 2 stages).
@@ -1743,7 +1756,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     shrink_8192 = [
         s for s in serialized if s[0] == "_shrink_kernel" and s[1].get("M") == 8192 and s[1]["mode"] == "bitmask"
     ]
-    assert len(shrink_8192) <= 1 and serialized == shrink_8192, serialized
+    assert serialized == shrink_8192, serialized
     # The single-pass barrier compiles to what its proof assumes (single_pass.py's docstring): GPU-scope
     # acq_rel arrivals, a release publish and acquire polls (each issued by thread 0 alone and broadcast
     # through shared memory: read off the PTX of Triton 3.6 and 3.8, not asserted, as the predicate's
@@ -1982,7 +1995,8 @@ def test_tuning_tables_fit_an_h100():
     launcher would otherwise fall back to the fixed tiles)."""
     pytest.importorskip("triton")
     cases = [[16, 0.1, "bfloat16"], [64, 0.1, "bfloat16"], [256, 0.1, "bfloat16"], [16, 0.0, "float32"],
-             [64, 0.0, "float32"], [16, 0.1, "float32"], [16, 0.1, "float32", "regenerate"]]  # fmt: skip
+             [64, 0.0, "float32"], [16, 0.1, "float32"], [16, 0.1, "float32", "regenerate"], [32, 0.1, "float32"],
+             [32, 0.0, "bfloat16"]]  # fmt: skip
     results = _run_sm90_script(_SM90_TUNING, cases)
     kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
     for r, p, adapters, *mode in cases:
@@ -1995,7 +2009,7 @@ def test_tuning_tables_fit_an_h100():
     # The wide dX tiles are tuned where they fit and do not spill, at rank 16 (with dropout their epilogue runs in
     # column halves): all three of them (the forward's measured-best 128×256×64×3 GEMM shape among them), and
     # without dropout a fourth, 128×256 with 4 stages, which fits by storing in halves (SPLIT_STORE); regenerating
-    # the mask, the two 128×256 ones.
+    # the mask, the two 128×256 ones. At rank 32 the two 128×256 ones, with the bitmask and without dropout.
     wide = [
         (c["r"], c["p"], c["adapters"], c["cfg"])
         for c in common
@@ -2005,6 +2019,7 @@ def test_tuning_tables_fit_an_h100():
     cases16 = [(0.0, "float32"), (0.1, "bfloat16"), (0.1, "float32")]
     want = [(16, p, a, t) for p, a in cases16 for t in tiles] + [(16, 0.0, "float32", [128, 64, 256, 8, 4])]
     want += [(16, 0.1, "float32+regenerate", t) for t in tiles[:2]]
+    want += [(32, p, a, t) for p, a in ((0.1, "float32"), (0.0, "bfloat16")) for t in tiles[:2]]
     assert sorted(wide) == sorted(want), wide
     over = [(c["r"], c["kernel"], c["cfg"], c["smem"]) for c in common if c["smem"] > 232448]
     assert not over, over

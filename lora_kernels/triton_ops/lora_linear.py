@@ -866,35 +866,38 @@ def _row_splits(x: torch.Tensor, blocks: int) -> int:
     return splits
 
 
-def _dx_wide(x: torch.Tensor | None, R: int) -> bool:
+def _dx_wide(x: torch.Tensor | None, R: int, regenerate: bool = False) -> bool:
     """Whether the fixed dX tiles of the TMA backward are 128×256 (else 128×128). The 128×128 tile ran at 1.49–1.54×
     cuBLAS's dY·W on an H200 where the forward's 128×256 ran at 1.04–1.08× (bench/NOTES.md, session 28), and in the
     SASS (sm_90a, Triton 3.6 and 3.8) the two main loops are one shape: 4 wgmmas, a wgmma wait, four CTA barriers
     and the TMA issue per 64-wide step, so a 128-wide tile does half the tensor work per step for the same overhead
-    (session 35). Rank ≤ 16 only: there the wide tile's masked epilogue (in column halves, ``_dx_halves``) fits in
-    registers with either mask mode, above it spills (sessions 33-34). And only where the wide tiles alone fill
-    the SMs (⌈M/128⌉·⌈K/256⌉ ≥ SM count; 128×128 below: twice the tiles). ``x=None`` (the single-pass backward,
-    whose walk keeps its own tiles): 128×128. LORA_KERNELS_DX_WIDE=0 keeps 128×128 everywhere (bench row
+    (session 35). Where the wide tile's epilogue (with dropout in column halves, ``_dx_halves``) fits in registers:
+    rank ≤ 16 in either mask mode, rank ≤ 32 without a ``regenerate``d mask (250–255 registers; regenerating it
+    spills 32–64 B there; above rank 32 both spill; sessions 33–35). And only where the wide tiles alone fill the
+    SMs (⌈M/128⌉·⌈K/256⌉ ≥ SM count; 128×128 below: twice the tiles). ``x=None`` (the single-pass backward, whose
+    walk keeps its own tiles): 128×128. LORA_KERNELS_DX_WIDE=0 keeps 128×128 everywhere (bench row
     ``triton-dx128``)."""
-    if x is None or DX_WIDE == "0" or _block_r(R) > 16:
+    br = _block_r(R)
+    if x is None or DX_WIDE == "0" or br > 32 or (br > 16 and regenerate):
         return False
     M, K = x.shape[0], x.shape[-1]
     # (Under torch.compile M may be a SymInt: the comparison becomes a guard, the tile stays a plain int.)
     return _cdiv(M, 128) * _cdiv(K, 256) >= _planning_sms(x)
 
 
-def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool) -> dict:
+def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool, regenerate: bool = False) -> dict:
     """Fixed tiles of the persistent TMA kernels: 128×256×64, 8 warps, 3 stages measured best for
     the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy.
-    The dX GEMM (``backward``) takes the same shape, 128×256 output tiles in 64-wide steps over N, at
-    rank ≤ 16 where there are enough of them to fill the SMs (``_dx_wide``); else 128×128."""
+    The dX GEMM (``backward``; ``regenerate``: its epilogue regenerates the dropout mask) takes the same
+    shape, 128×256 output tiles in 64-wide steps over N, at ranks where its epilogue fits and where there
+    are enough of them to fill the SMs (``_dx_wide``); else 128×128."""
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if backward:  # (BM, BK) output tiles, BN is the reduction step over N
         # Rank ≥ 128: 3 stages need 256 KiB (r=128) / 384 KiB (r=256) of shared memory, 2 stages
         # 160 / 224 KiB (triton 3.6, sm_90): start at 2 rather than compile a kernel that cannot load.
         stages = 2 if _block_r(R) >= 128 else 3
-        bk = 256 if _dx_wide(x, R) else 128
+        bk = 256 if _dx_wide(x, R, regenerate) else 128
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=stages)
     bn = 256 if _block_r(R) <= 64 else 128
     return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
@@ -989,8 +992,8 @@ BWD_DA = os.environ.get("LORA_KERNELS_BWD_DA", "fused")
 # else hides that gap). Off until measured on a GPU (bench row ``triton-flat``, bench/NOTES.md); eager
 # calls only (a flattened kernel that exceeds shared memory steps down to the unflattened one).
 TMA_FLATTEN = os.environ.get("LORA_KERNELS_TMA_FLATTEN", "0") not in ("", "0")
-# The TMA dX GEMM's fixed output tiles: "auto", 128×256 at rank ≤ 16 where they fill the SMs (``_dx_wide``); "0",
-# 128×128 everywhere (as before session 35), for an A/B (bench row ``triton-dx128``).
+# The TMA dX GEMM's fixed output tiles: "auto", 128×256 at rank ≤ 16 (≤ 32 without a regenerated mask) where they
+# fill the SMs (``_dx_wide``); "0", 128×128 everywhere (as before session 35), for an A/B (bench row ``triton-dx128``).
 DX_WIDE = os.environ.get("LORA_KERNELS_DX_WIDE", "auto")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
@@ -1110,7 +1113,8 @@ def _configs() -> dict:
         # or spills): at rank 16 all fit the 227 KiB of an H100 (128×64×128×3: 128 KiB; the 3-stage 128×256 and
         # 256×128 output tiles 208 KiB), at rank 64 all but those two (256 / 320 KiB), at rank 128 the 128-row ones
         # up to 3 stages of 128×128, at rank 256 (dA in a launch of its own) only 128×64×64×2 (160 KiB). The
-        # 256-wide tiles are tuned at rank 16 only, with dropout from a saved bitmask: their masked epilogue runs in
+        # 256-wide tiles are tuned at rank 16 (at rank 32 the 128×256 ones, without a regenerated mask: 250–255
+        # registers, none spilled; session 35), with dropout from a saved bitmask: their masked epilogue runs in
         # column halves (``_dx_halves``; whole, it spilled 0.1–1.1 KB), 233–254 registers and no spill under 3.6 and
         # 3.8 (bf16 and fp32 adapters); regenerating the mask there (Philox in the epilogue), the 128×256 ones take
         # 254–255 registers without spills, the 256×128 one spills 12–20 B (session 34; 0.4–0.9 KB before). At
@@ -1148,7 +1152,7 @@ def _prune(configs, named_args, **kwargs):
             c for c in keep if c.num_warps > 4 or c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 0) < 128 * 128
         ] or keep
         # The 4-stage 128×256 tiles (SPLIT_STORE): at rank 64 the forward's takes 255 registers and spills 20–24 B
-        # (3.8); the dX one is a wide tile, dropped above rank 16 below.
+        # (3.8); the dX one is a wide tile, dropped above rank 16 below (it is unchecked at rank 32).
         keep = [c for c in keep if not c.kwargs.get("SPLIT_STORE")] or keep
     if "dx_desc" in named_args or "DX" in named_args:  # the dX kernels' (BLOCK_M, BLOCK_K) output tiles: see the
         # TMA kernel's table comment
@@ -1157,8 +1161,14 @@ def _prune(configs, named_args, **kwargs):
         regenerate = has_dropout and not named_args.get("LOAD_BITS", kwargs.get("LOAD_BITS", False))
         # A regenerated mask (Philox in the epilogue) leaves the 128×256 tiles at 254–255 registers without spills
         # since its bytes are computed once (``computed_once``: before, 0.4–0.9 KB spilled), the 256×128 one spills
-        # 12–20 B.
-        drop = wide if br > 16 else [c for c in wide if c.kwargs["BLOCK_M"] > 128] if regenerate else []
+        # 12–20 B. At rank 32 the 128×256 tiles fit without a regenerated mask (250–255 registers with the bitmask;
+        # 32–64 B spilled regenerating it), the 256×128 one spills (188–200 B).
+        if br > 32 or (br > 16 and regenerate):
+            drop = wide
+        elif br > 16:
+            drop = [c for c in wide if c.kwargs["BLOCK_M"] > 128 or c.kwargs.get("SPLIT_STORE")]
+        else:
+            drop = [c for c in wide if c.kwargs["BLOCK_M"] > 128] if regenerate else []
         if has_dropout:  # the 4-stage 128×256 output tile (SPLIT_STORE) needs 280 KiB there (the dA walk's x tiles)
             drop += [c for c in keep if c.kwargs.get("SPLIT_STORE")]
         if br >= 128 and "dx_desc" in named_args:  # (the pointer kernel's dA launch keeps them: at rank 256
@@ -1602,7 +1612,7 @@ def lora_bwd(
         n_da = (lambda META: _cdiv(K, META["BLOCK_K"]) * splits) if fused_da else (lambda META: 0)
         # SPLIT_STORE: a tuning config's (see the kernel), False for the fixed tiles. Not a default argument: torch's
         # analysis of what a traced kernel writes fails on one and takes every tensor argument as written.
-        fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=True)}
+        fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=True, regenerate=has_dropout and not load_bits)}
         sms = _grid_sms(x)
         dy_desc, w_desc, dx_desc = _tma_operands(
             traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (w_tma, *_W_TILES[w_kn]), (dx, "BLOCK_M", "BLOCK_K")
