@@ -35,7 +35,7 @@ Names:
                 (``LORA_KERNELS_BWD_SPLIT_M=1``); offered only where the default splits.
     ``triton-dx128`` ``triton-bitmask`` with the TMA dX GEMM's fixed tiles at 128×128 (``LORA_KERNELS_DX_WIDE=0``,
                 the default before session 35) for an A/B against the 128×256 ones; offered only where the
-                default takes 128×256 (rank ≤ 32, enough tiles to fill the SMs, fixed tiles).
+                default takes 128×256 (rank ≤ 32, more wide tiles than half the SM count, fixed tiles).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.

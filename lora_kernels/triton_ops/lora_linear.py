@@ -873,16 +873,17 @@ def _dx_wide(x: torch.Tensor | None, R: int, regenerate: bool = False) -> bool:
     and the TMA issue per 64-wide step, so a 128-wide tile does half the tensor work per step for the same overhead
     (session 35). Where the wide tile's epilogue (with dropout in column halves, ``_dx_halves``) fits in registers:
     rank ≤ 16 in either mask mode, rank ≤ 32 without a ``regenerate``d mask (250–255 registers; regenerating it
-    spills 32–64 B there; above rank 32 both spill; sessions 33–35). And only where the wide tiles alone fill the
-    SMs (⌈M/128⌉·⌈K/256⌉ ≥ SM count; 128×128 below: twice the tiles). ``x=None`` (the single-pass backward, whose
-    walk keeps its own tiles): 128×128. LORA_KERNELS_DX_WIDE=0 keeps 128×128 everywhere (bench row
-    ``triton-dx128``)."""
+    spills 32–64 B there; above rank 32 both spill; sessions 33–35). And only where the wide tiles are more than
+    half the SM count: with fewer, the 128×128 tiles (twice as many) still run in one wave while SMs would idle under
+    the wide ones; with more, the narrow ones need a wave more, at ≈ 0.7 of a wide tile's time each (1.49 against
+    1.05× cuBLAS per FLOP, session 28), and the wide ones win. ``x=None`` (the single-pass backward, whose walk keeps
+    its own tiles): 128×128. LORA_KERNELS_DX_WIDE=0 keeps 128×128 everywhere (bench row ``triton-dx128``)."""
     br = _block_r(R)
     if x is None or DX_WIDE == "0" or br > 32 or (br > 16 and regenerate):
         return False
     M, K = x.shape[0], x.shape[-1]
     # (Under torch.compile M may be a SymInt: the comparison becomes a guard, the tile stays a plain int.)
-    return _cdiv(M, 128) * _cdiv(K, 256) >= _planning_sms(x)
+    return 2 * _cdiv(M, 128) * _cdiv(K, 256) > _planning_sms(x)
 
 
 def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool, regenerate: bool = False) -> dict:
@@ -890,7 +891,7 @@ def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool, regenerate: bool = 
     the plain GEMM on H100 (ANCHORS.md); narrower N tiles when the rank makes the epilogue heavy.
     The dX GEMM (``backward``; ``regenerate``: its epilogue regenerates the dropout mask) takes the same
     shape, 128×256 output tiles in 64-wide steps over N, at ranks where its epilogue fits and where there
-    are enough of them to fill the SMs (``_dx_wide``); else 128×128."""
+    are enough of them (``_dx_wide``); else 128×128."""
     if _interpret():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if backward:  # (BM, BK) output tiles, BN is the reduction step over N
@@ -992,8 +993,9 @@ BWD_DA = os.environ.get("LORA_KERNELS_BWD_DA", "fused")
 # else hides that gap). Off until measured on a GPU (bench row ``triton-flat``, bench/NOTES.md); eager
 # calls only (a flattened kernel that exceeds shared memory steps down to the unflattened one).
 TMA_FLATTEN = os.environ.get("LORA_KERNELS_TMA_FLATTEN", "0") not in ("", "0")
-# The TMA dX GEMM's fixed output tiles: "auto", 128×256 at rank ≤ 16 (≤ 32 without a regenerated mask) where they
-# fill the SMs (``_dx_wide``); "0", 128×128 everywhere (as before session 35), for an A/B (bench row ``triton-dx128``).
+# The TMA dX GEMM's fixed output tiles: "auto", 128×256 at rank ≤ 16 (≤ 32 without a regenerated mask) where there are
+# more than half an SM count of them (``_dx_wide``); "0", 128×128 everywhere (as before session 35), for an A/B (bench
+# row ``triton-dx128``).
 DX_WIDE = os.environ.get("LORA_KERNELS_DX_WIDE", "auto")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
