@@ -1674,7 +1674,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", need=[True, True, False]),
         # the single-pass kernels with the producers' slice inside the GEMM loop (LORA_KERNELS_SP_SLICE=fused)
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", fwd="single", slice="fused"),
-        # enough rows for the dX GEMM's 128×256 fixed tiles (64 × 4 ≥ 132 SMs), both mask modes
+        # enough rows for the dX GEMM's 128×256 fixed tiles (64 × 4 of them, over half of 132 SMs), both mask modes
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", M=8192, K=1024),
         dict(dtype="float16", r=16, mode="regenerate", tma="1", M=8192, K=1024),
         dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", M=8192, K=1024),  # ... and rank 32 with the bitmask
@@ -1712,7 +1712,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     single = [t for t in launches if t[0]["kernel"] == "_fwd_single_pass_kernel"]
     got = [(t[0]["case"]["r"], t[0]["case"].get("levels", 1), t[0]["cfg"]["BLOCK_N"], len(t)) for t in single]
     assert got == [(16, 1, 256, 1), (128, 1, 128, 1), (16, 2, 256, 1), (16, 1, 256, 1), (16, 1, 256, 1)], single
-    # The dX GEMM's fixed tiles: 128×256 where they fill the SMs (M = 8192, K = 1024), fitting as they are with the
+    # The dX GEMM's fixed tiles: 128×256 where there are enough (M = 8192, K = 1024), fitting as they are with the
     # stored and the regenerated mask (the none-spills check below covers them); 128×128 at M = 96.
     dx_tma = [t for t in launches if t[0]["kernel"] == "_bwd_dx_tma_kernel" and t[0]["case"]["r"] <= 32]
     got = sorted({(t[0]["case"].get("M", 96), t[0]["cfg"]["BLOCK_K"], len(t)) for t in dx_tma})
