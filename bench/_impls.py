@@ -36,6 +36,9 @@ Names:
     ``triton-dx128`` ``triton-bitmask`` with the TMA dX GEMM's fixed tiles at 128×128 (``LORA_KERNELS_DX_WIDE=0``,
                 the default before session 35) for an A/B against the 128×256 ones; offered only where the
                 default takes 128×256 (rank ≤ 32, more wide tiles than half the SM count, fixed tiles).
+    ``triton-dy1`` ``triton-bitmask`` with the backward's dT and dB from one read of dY (``_bwd_dy1_kernel``,
+                ``LORA_KERNELS_DY_PASSES=1``, opt-in since session 36) for an A/B against the two reads of
+                ``_bwd_dy_kernel``; offered only where it applies (16-bit x, rank ≤ 16).
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
@@ -80,6 +83,7 @@ ALL_IMPLS = (
     "triton-daseparate",
     "triton-nosplitm",
     "triton-dx128",
+    "triton-dy1",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
@@ -441,6 +445,20 @@ def _ours_dx128(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "DX_WIDE", "0"))  # fmt: skip
 
 
+def _ours_dy1(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the backward's dT and dB from one read of dY (``LORA_KERNELS_DY_PASSES=1``) for this
+    row's calls: the A/B of session 36's opt-in kernel against the default's two reads."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-dy1")
+    with _setting(tri, "DY_PASSES", "1"):
+        applies = tri._dy_one_pass(prob.xs[0], prob.r)
+    if not applies:
+        raise Unavailable("one read of dY is for 16-bit x at rank ≤ 16")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "DY_PASSES", "1"))  # fmt: skip
+
+
 def _ours_w_kn(prob: Problem) -> Impl:
     """``triton-bitmask`` on a copy of W stored (K, N) (one more W in memory, owned by the row), passed as
     its (N, K) view, as lora_kernels.patch passes a GPT-2 Conv1D layer's weight."""
@@ -516,6 +534,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_no_split_m(prob)
     if name == "triton-dx128":
         return _ours_dx128(prob)
+    if name == "triton-dy1":
+        return _ours_dy1(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

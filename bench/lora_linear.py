@@ -100,6 +100,7 @@ GPU_IMPLS = (
     "triton-kn",
     "triton-nosplit",
     "triton-dx128",
+    "triton-dy1",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",

@@ -702,6 +702,45 @@ def test_dx128_row(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_dy1_row(monkeypatch):
+    """``triton-dy1``: refused where one read of dY does not apply (rank > 16); elsewhere ``triton-bitmask`` with
+    LORA_KERNELS_DY_PASSES=1 for its own calls only (``_bwd_dy1_kernel`` launched, ``triton-bitmask``'s
+    ``_bwd_dy_kernel`` with the switch back), the same output and gradients within fp32 summation order."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    M, K, N = 67, 64, 72
+    wide = _impls.make_problem(M, K, N, 32, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu",
+                               copies=1)  # fmt: skip
+    with pytest.raises(_impls.Unavailable, match="rank ≤ 16"):
+        _impls.build("triton-dy1", wide)
+    prob = _impls.make_problem(M, K, N, 16, 0.1, dtype=torch.float16, adapter_dtype=torch.float32, device="cpu",
+                               copies=1)  # fmt: skip
+    real_launch, seen = tri._launch, []
+
+    def launch(kernel, *args, **kwargs):
+        if kernel.__name__.startswith("_bwd_dy"):
+            seen.append(kernel.__name__)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    out = {}
+    for name in ("triton-dy1", "triton-bitmask"):
+        impl = _impls.build(name, prob)
+        x = prob.xs[0].detach().requires_grad_()
+        seen.clear()
+        with impl.scope():
+            torch.manual_seed(3)  # the dropout seed each call draws
+            y = impl.fn(x)
+            y.backward(prob.dys[0])
+        assert seen == ["_bwd_dy1_kernel" if name == "triton-dy1" else "_bwd_dy_kernel"], (name, seen)
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+    assert tri.DY_PASSES == "2"
+    for a, b in zip(out["triton-dy1"], out["triton-bitmask"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=2e-3)
+
+
 def test_compiled_row_needs_a_gpu():
     """``triton-compile`` (torch.compile of our Triton path) is refused on a CPU with its reason: the
     interpreter's kernels cannot be traced."""

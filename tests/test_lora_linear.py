@@ -710,6 +710,7 @@ def _one_config_tables(tri, block_n=32):
         tri._fwd_kernel: [c()],
         tri._fwd_tma_kernel: [c(tri._set_fwd_desc_blocks)],
         tri._bwd_dy_kernel: [c()],
+        tri._bwd_dy1_kernel: [c()],
         tri._bwd_dx_kernel: [c()],
         tri._bwd_dx_tma_kernel: [c(tri._set_dx_desc_blocks)],
     }
@@ -1027,6 +1028,79 @@ def test_dx_tiles_fill_the_gpu(monkeypatch):
     monkeypatch.setattr(tri, "DX_WIDE", "auto")
     monkeypatch.setattr(tri, "_interpret", lambda: True)  # the interpreter's small tiles
     assert tri._tma_cfg(x(8192), 16, backward=True)["BLOCK_K"] == 32
+
+
+@pytest.mark.parametrize(
+    "M,N,r,splits,xdt",
+    [(67, 130, 16, 1, torch.float16), (300, 257, 8, 3, torch.float32), (67, 130, 16, 4, torch.float16),
+     (96, 30, 1, 2, torch.float32), (1, 70, 16, 1, torch.float32)],
+    ids=["5-blocks", "splits", "empty-split", "one-block", "M=1"],
+)  # fmt: skip
+def test_dy_one_read_kernel(monkeypatch, M, N, r, splits, xdt):
+    """dT, dB and Σ dY from one read of dY (``_bwd_dy1_kernel``, LORA_KERNELS_DY_PASSES=1): programs of a row split ×
+    a 32-column block (the interpreter's tiles), dT stored as a partial per column block, the last program to arrive
+    at a row block summing its partials. N = 130: five partials, the last block partly out of bounds; N = 30: one
+    block, dT stored directly; row splits forced (M = 67 in four 32-row splits: the last is empty). Against float64
+    with p > 0 and against ``_bwd_dy_kernel`` (the default, two reads); relaunched on the same counters (the
+    autotuner's timing runs): each is re-armed to zero by its last arrival, and the second launch gives the same dT.
+    Outputs start NaN-poisoned (the reference comparison) or are NaN-filled before the relaunch."""
+    _skip_unavailable("triton", xdt)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", str(splits))
+    monkeypatch.setattr(tri, "DY_PASSES", "1")
+    launched, relaunched = [], []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        launched.append(kernel.__name__)
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+        if kernel is tri._bwd_dy1_kernel:
+            dt_part, dt, cnt = args[3], args[4], args[7]
+            assert dt_part.shape[0] == (-(-N // 32) if N > 32 else 0), dt_part.shape
+            assert cnt.numel() == (-(-M // 32) if N > 32 else 0) and not cnt.any(), cnt  # re-armed
+            first = dt.clone()
+            dt.fill_(float("nan"))
+            real_launch(kernel, grid, args, meta, fixed, wrap)
+            assert torch.equal(dt, first) and not cnt.any()
+            relaunched.append(True)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    x, W, A, B, b, lb = make_inputs(M, 64, N, r, xdt=xdt, adt=torch.float32, lora_bias=True)
+    run_and_check("triton", x, W, A, B, b, lb, p=0.1)
+    assert launched[2] == "_bwd_dy1_kernel" and relaunched == [True], launched
+    # The two kernels agree (fp32 partials summed in another order: not bit for bit).
+    y, t, bits = tri.lora_fwd(x, W, b, A, B, lb, 2.0, 0.1, 5, True)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    one = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, 0.1, 5, True, True)
+    monkeypatch.setattr(tri, "DY_PASSES", "2")
+    launched.clear()
+    two = tri.lora_bwd(dy, x, W, A, B, t, bits, 2.0, 0.1, 5, True, True)
+    assert launched[0] == "_bwd_dy_kernel", launched
+    for a, b_ in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b_, rtol=2e-3 if xdt == torch.float16 else 1e-5, atol=1e-4)
+
+
+def test_dy_one_read_rule(monkeypatch):
+    """One read of dY only when asked for (LORA_KERNELS_DY_PASSES=1, until measured on a GPU), where dT and dB are
+    both needed, at rank ≤ 16 (its tiles spill at 32), for 16-bit x on a GPU (fp32's true-fp32 dots spilled) and any
+    x in the interpreter. Its fixed tiles are 64 × 256 with 8 warps; no tuning config has narrower columns (the dT
+    partials are sized for the fixed tiles' count) or fewer than 32 rows (the counters, one per row block)."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    bf16, fp32 = torch.empty(8, 8, dtype=torch.bfloat16), torch.empty(8, 8)
+    monkeypatch.setattr(tri, "_interpret", lambda: False)
+    assert tri.DY_PASSES == "2" and not tri._dy_one_pass(bf16, 16)
+    monkeypatch.setattr(tri, "DY_PASSES", "1")
+    assert [tri._dy_one_pass(bf16, r) for r in (1, 8, 16, 17, 32, 64, 256)] == [True] * 3 + [False] * 4
+    assert not tri._dy_one_pass(fp32, 16)
+    fixed = tri._dy1_cfg(bf16)
+    assert (fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"]) == (64, 256, 8)
+    table = tri._tuning_configs(tri._bwd_dy1_kernel)
+    assert table and all(c.kwargs["BLOCK_N"] >= fixed["BLOCK_N"] and c.kwargs["BLOCK_M"] >= 32 for c in table)
+    assert not any(c.lk_fp32 for c in table) and tri._prune(table, {"BLOCK_R": 16}) == table
+    monkeypatch.setattr(tri, "_interpret", lambda: True)
+    assert tri._dy_one_pass(fp32, 16) and tri._dy1_cfg(fp32)["BLOCK_N"] == 32
 
 
 @pytest.mark.parametrize("bm", [32, 64])
@@ -1483,7 +1557,8 @@ for CASE in json.loads(sys.argv[1]):
     sp.REDUCE_LEVELS = CASE.get("levels", 1)
     sp.COOPERATIVE = CASE.get("coop", False)
     sp.FUSED_SLICE = CASE.get("slice") == "fused"
-    M, N, K = CASE.get("M", 96), 160, CASE.get("K", 128)
+    tri.DY_PASSES = CASE.get("dy", "2")
+    M, N, K = CASE.get("M", 96), CASE.get("N", 160), CASE.get("K", 128)
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     if CASE.get("w_kn"):  # the weight stored (K, N), passed as its (N, K) view
         w = w.T.contiguous().T
@@ -1678,6 +1753,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", M=8192, K=1024),
         dict(dtype="float16", r=16, mode="regenerate", tma="1", M=8192, K=1024),
         dict(dtype="bfloat16", r=32, mode="bitmask", tma="1", M=8192, K=1024),  # ... and rank 32 with the bitmask
+        # dT and dB from one read of dY (LORA_KERNELS_DY_PASSES=1), five column blocks
+        dict(dtype="bfloat16", r=16, mode="bitmask", tma="1", M=8192, N=1200, K=1024, dy="1"),
     ]
     results = _run_sm90_script(_SM90_COMPILE, cases)
     # One list of compiles per launch: more than one means the launcher stepped down (_launch
@@ -1693,8 +1770,8 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     want = sum(3 if c.get("fwd") == "single" else 5 if c["r"] > 128 and c["tma"] == "1" else 4 for c in cases)
     assert len(launches) == want and all(launches), launches
     assert {c["kernel"] for tries in launches for c in tries} == {
-        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel",
-        "_fwd_single_pass_kernel", "_bwd_single_pass_kernel",
+        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dy1_kernel", "_bwd_dx_kernel",
+        "_bwd_dx_tma_kernel", "_fwd_single_pass_kernel", "_bwd_single_pass_kernel",
     }  # fmt: skip
     assert all(tries[-1]["smem"] <= 232448 for tries in launches)
     # The op path's TMA kernels built their descriptors in the kernel.
@@ -1971,11 +2048,12 @@ def record(c):
             res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
         local = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", res))  # spills: STACK
     cfg = [c.kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
-    results.append(dict(r=R, p=P, adapters=ADT + ("" if STORE else "+regenerate"), kernel=c.kernel, cfg=cfg,
+    results.append(dict(r=R, p=P, adapters=ADT + "".join("+" + m for m in MODE), kernel=c.kernel, cfg=cfg,
                         smem=c.compiled.metadata.shared, local=local))
 
 for R, P, ADT, *MODE in json.loads(sys.argv[1]):
-    STORE = MODE != ["regenerate"]
+    STORE = "regenerate" not in MODE
+    tri.DY_PASSES = "1" if "dy1" in MODE else "2"
     M, N, K, dt = 8192, 4096, 4096, torch.bfloat16
     x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
     a, b = torch.randn(R, K, dtype=getattr(torch, ADT)), torch.randn(N, R, dtype=getattr(torch, ADT))
@@ -1997,14 +2075,21 @@ def test_tuning_tables_fit_an_h100():
     pytest.importorskip("triton")
     cases = [[16, 0.1, "bfloat16"], [64, 0.1, "bfloat16"], [256, 0.1, "bfloat16"], [16, 0.0, "float32"],
              [64, 0.0, "float32"], [16, 0.1, "float32"], [16, 0.1, "float32", "regenerate"], [32, 0.1, "float32"],
-             [32, 0.0, "bfloat16"]]  # fmt: skip
+             [32, 0.0, "bfloat16"], [16, 0.1, "float32", "dy1"]]  # fmt: skip
     results = _run_sm90_script(_SM90_TUNING, cases)
     kernels = {"_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"}
     for r, p, adapters, *mode in cases:
         adapters += "".join("+" + m for m in mode)
         got = {c["kernel"] for c in results if [c["r"], c["p"], c["adapters"]] == [r, p, adapters]}
-        # Above rank 128 dA is a launch of its own (the pointer kernel's dA programs), tuned over that table.
-        assert got == (kernels | {"_bwd_dx_kernel"} if r > 128 else kernels), (r, p, adapters, results)
+        # Above rank 128 dA is a launch of its own (the pointer kernel's dA programs), tuned over that table; with
+        # LORA_KERNELS_DY_PASSES=1 one read of dY gives dT and dB (rank ≤ 16).
+        want = kernels | ({"_bwd_dx_kernel"} if r > 128 else set())
+        if "dy1" in mode:
+            want = want - {"_bwd_dy_kernel"} | {"_bwd_dy1_kernel"}
+        assert got == want, (r, p, adapters, results)
+    dy1 = [c["cfg"] for c in results if c["kernel"] == "_bwd_dy1_kernel"]
+    assert len(dy1) == 3, dy1  # its whole table, none spilled (below)
+    results = [c for c in results if not c["adapters"].endswith("+dy1") or c["kernel"] == "_bwd_dy1_kernel"]
     common = [c for c in results if c["r"] <= 64]
     assert len(common) >= 60, common
     # The wide dX tiles are tuned where they fit and do not spill, at rank 16 (with dropout their epilogue runs in

@@ -56,7 +56,8 @@ H100_SMS = 132  # multiprocessors of an H100 SXM and an H200
 
 _KERNELS = {
     _ll: (
-        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel", "_bwd_dx_tma_kernel",
+        "_shrink_kernel", "_fwd_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dy1_kernel", "_bwd_dx_kernel",
+        "_bwd_dx_tma_kernel",
     ),
     _sp: ("_fwd_single_pass_kernel", "_bwd_single_pass_kernel"),
 }  # fmt: skip

@@ -12,7 +12,8 @@ Forward
 Backward (deterministic: every sum is added in a fixed order, whichever program finishes first)
   1. ``_bwd_dy_kernel``: programs [0, ⌈M/BM⌉) compute dT = s·dY·B (M, r); the others reduce
      over M for an N-block: dB = s·dYᵀ·T, Σ dY (for dlora_bias and dbias), in fp32 partials over
-     row splits when M is long (``_row_splits``).
+     row splits when M is long (``_row_splits``). (Opt-in, LORA_KERNELS_DY_PASSES=1: ``_bwd_dy1_kernel``
+     computes the same from one read of dY instead of two.)
   2. ``_bwd_dx_kernel``: a few programs first sum launch 1's dB / Σ dY partials; programs for dX tiles
      compute dY·W and add (dT·A) ⊙ mask/(1-p) in the epilogue; the remaining programs reduce over a
      row split for a K-block: dA = dTᵀ·(x ⊙ mask)/(1-p), the last of a K-block's programs to finish
@@ -307,16 +308,23 @@ def _da_block(pid_k, pid_s, SPLIT_M, X, DT, BITS, DA, DA_OUT, CNT, M, K, R, stri
 
 
 @triton.jit
-def _sum_when_last(CNT, SPLITS, PART, stride_s, OUT, mask, B0: tl.constexpr, B1: tl.constexpr):
-    """Called by each of the SPLITS programs that stored a (B0, B1) partial at PART + s·stride_s: the last
-    to arrive (CNT, an int32 that is zero before the first arrival) stores the sum of all SPLITS partials at
-    OUT, added in split order whichever program is last (deterministic), and re-arms CNT to zero, so a
-    repeated launch (the autotuner's timing runs) finds it as the first one did. The barrier makes the whole
-    program's partial visible before the release of its arrival (acq_rel, GPU scope); the last program's
-    acquire then sees every partial, read past L1 (.cg)."""
+def _last_to_arrive(CNT, ARRIVALS):
+    """Count this program's arrival at CNT (an int32, zero before the first of ARRIVALS arrivals): whether it is
+    the last. The barrier makes the whole program's stores before it visible before the release of its arrival
+    (acq_rel, GPU scope); the last program's acquire then sees the others' stores (read them past L1: .cg). The
+    last re-arms CNT to zero (``tl.atomic_xchg``) once it has read what it sums."""
     tl.debug_barrier()
     arrived = tl.atomic_add(CNT, 1, sem="acq_rel")
-    if arrived == SPLITS - 1:
+    return arrived == ARRIVALS - 1
+
+
+@triton.jit
+def _sum_when_last(CNT, SPLITS, PART, stride_s, OUT, mask, B0: tl.constexpr, B1: tl.constexpr):
+    """Called by each of the SPLITS programs that stored a (B0, B1) partial at PART + s·stride_s: the last
+    to arrive (CNT, an int32 that is zero before the first arrival, ``_last_to_arrive``) stores the sum of all
+    SPLITS partials at OUT, added in split order whichever program is last (deterministic), and re-arms CNT to
+    zero, so a repeated launch (the autotuner's timing runs) finds it as the first one did."""
+    if _last_to_arrive(CNT, SPLITS):
         tot = tl.zeros((B0, B1), dtype=tl.float32)
         for s in range(0, SPLITS):
             tot += tl.load(PART + s * stride_s, mask=mask, other=0.0, cache_modifier=".cg")
@@ -627,6 +635,101 @@ def _bwd_dy_kernel(
                   CDT, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
 
+@triton.jit
+def _dy1_tiles(DY, T, m0, m_hi, rn, n_ok, offs_r, r_ok, stride_dym, stride_dyn, stride_tm, CDT: tl.constexpr,
+               BLOCK_M: tl.constexpr):  # fmt: skip
+    """The (BLOCK_M, BLOCK_N) dY tile and (BLOCK_M, BLOCK_R) T tile of rows [m0, m0 + BLOCK_M) ∩ [.., m_hi) (the
+    rest zeros: past the split, nothing is read)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rm = offs_m.to(tl.int64)
+    m_ok = offs_m < m_hi
+    dy = _load_cast(DY + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, m_ok[:, None] & n_ok[None, :], CDT)
+    t = tl.load(T + rm[:, None] * stride_tm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    return dy, t
+
+
+@triton.jit
+def _sum_dt_partials(DTP, DT, tile, ok, PARTS, stride_dtps, scaling, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """DT[tile] = scaling · Σ_j DTP[j][tile] over the PARTS fp32 partials, four loads in flight at a time (from L2:
+    .cg, past the L1 that may hold none of them but must not serve a stale line), added in a fixed order."""
+    tot = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j in range(0, PARTS, 4):
+        p0 = tl.load(DTP + j * stride_dtps + tile, mask=ok, other=0.0, cache_modifier=".cg")
+        p1 = tl.load(DTP + (j + 1) * stride_dtps + tile, mask=ok & (j + 1 < PARTS), other=0.0, cache_modifier=".cg")
+        p2 = tl.load(DTP + (j + 2) * stride_dtps + tile, mask=ok & (j + 2 < PARTS), other=0.0, cache_modifier=".cg")
+        p3 = tl.load(DTP + (j + 3) * stride_dtps + tile, mask=ok & (j + 3 < PARTS), other=0.0, cache_modifier=".cg")
+        tot += (p0 + p1) + (p2 + p3)
+    tl.store(DT + tile, tot * scaling, mask=ok)
+
+
+@triton.jit(do_not_specialize=["SPLIT_M", "NUM_CNT"])
+def _bwd_dy1_kernel(
+    DY, LB, T, DTP, DT, DB, DSUM, CNT, CNT_DX,
+    M, N, R, M_BUCKET, SPLIT_M, NUM_CNT,
+    stride_dym, stride_dyn, stride_lbn, stride_lbr, stride_tm, stride_dtps, stride_dtm, stride_dbn, stride_dbs,
+    stride_dss, scaling,
+    CDT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """dT = s·dY·B, and the partials of dB = s·dYᵀ·T and Σ_m dY over SPLIT_M row splits, from one read of dY
+    (``_bwd_dy_kernel`` reads it twice, once per reduction). Program (pid_s, pid_n), pid_n fastest: the rows of
+    split pid_s (``_split_rows``) × the BLOCK_N columns of N-block pid_n. It keeps its block's B tile and dB / Σ dY
+    accumulators in registers down its rows, as ``_db_block`` does, and stores the dT of each row block over its
+    columns, a partial over N, at DTP + pid_n·stride_dtps (fp32). The last of the ⌈N/BLOCK_N⌉ programs to arrive at
+    a row block (counted in CNT[m0 / BLOCK_M], zero on entry, re-armed after) sums its dT partials in N-block order
+    (deterministic) into DT, there and then: the sums spread over the programs and the loop, rather than a split's
+    all falling to its last program after it (at 8192×4096→14336, 5 splits: 5.9 MB of partials each, on one SM).
+    With one N-block the dT goes to DT directly. The arrivals' barrier keeps Triton (3.6, 3.8) from pipelining the
+    loop: it loads the next row block's tiles a step ahead by hand.
+    Bytes: M·N·2 of dY read once, plus ⌈N/BLOCK_N⌉·M·r·4 of dT partials (written, then read back from L2) and
+    SPLIT_M·N·r·4 of dB partials: at r = 16, BLOCK_N = 256, 2r/BLOCK_N = 12 % of the read of dY that it saves.
+    Program 0 also zeroes the dX kernel's NUM_CNT counters at CNT_DX, as ``_bwd_dy_kernel`` does."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        for c0 in range(0, NUM_CNT, 1024):
+            offs_c = c0 + tl.arange(0, 1024)
+            tl.store(CNT_DX + offs_c, tl.zeros((1024,), dtype=tl.int32), mask=offs_c < NUM_CNT)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_pid_n
+    pid_s = pid // num_pid_n
+    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n.to(tl.int64)
+    n_ok = offs_n < N
+    b = _load_cast(LB + rn[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, n_ok[:, None] & r_ok[None, :], CDT)
+    acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # The loop holds a barrier and an atomic (the arrivals), which Triton's pipeliner (3.6, 3.8) does not take: the
+    # next row block's dY and T are loaded by hand a step ahead, so their reads fly during this step's work.
+    dy, t = _dy1_tiles(DY, T, m_lo, m_hi, rn, n_ok, offs_r, r_ok, stride_dym, stride_dyn, stride_tm, CDT, BLOCK_M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        dy_next, t_next = _dy1_tiles(DY, T, m0 + BLOCK_M, m_hi, rn, n_ok, offs_r, r_ok, stride_dym, stride_dyn,
+                                     stride_tm, CDT, BLOCK_M)  # fmt: skip
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rm = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        dt = _mma(dy, b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), IEEE)
+        tile = rm[:, None] * stride_dtm + offs_r[None, :]
+        ok = m_ok[:, None] & r_ok[None, :]
+        if num_pid_n == 1:
+            tl.store(DT + tile, dt * scaling, mask=ok)
+        else:
+            tl.store(DTP + pid_n * stride_dtps + tile, dt, mask=ok)
+            if _last_to_arrive(CNT + m0 // BLOCK_M, num_pid_n):
+                _sum_dt_partials(DTP, DT, tile, ok, num_pid_n, stride_dtps, scaling, BLOCK_M, BLOCK_R)
+                tl.atomic_xchg(CNT + m0 // BLOCK_M, 0, sem="relaxed")
+        acc_db = _mma(tl.trans(dy), t.to(CDT), acc_db, IEEE)
+        colsum += tl.sum(dy.to(tl.float32), axis=0)
+        dy, t = dy_next, t_next
+    tl.store(
+        DB + pid_s * stride_dbs + rn[:, None] * stride_dbn + offs_r[None, :],
+        acc_db * scaling,
+        mask=n_ok[:, None] & r_ok[None, :],
+    )
+    tl.store(DSUM + pid_s * stride_dss + rn, colsum, mask=n_ok)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "SPLIT_M", "DB_SPLITS", "RED_TILES"])
 def _bwd_dx_kernel(
     DY, W, DT, A, X, BITS, DX, DA, DA_OUT, CNT, DBP, CSP, DB, CS,
@@ -823,6 +926,25 @@ def _dy_cfg(fixed: dict, lora_B: torch.Tensor) -> dict:
     return cfg
 
 
+def _dy_one_pass(x: torch.Tensor, R: int) -> bool:
+    """Whether the backward's dT and dB (both asked for) come from one read of dY (``_bwd_dy1_kernel``) rather than
+    two (``_bwd_dy_kernel``): with LORA_KERNELS_DY_PASSES=1 (bench row ``triton-dy1``; off until measured on a GPU,
+    bench/NOTES.md, session 36), at rank ≤ 16 and for 16-bit x (the interpreter: any x, that is where CI runs it).
+    Its fixed tiles spill at rank 32 (255 registers and 56 bytes of stack with fp32 adapters, Triton 3.6, sm_90); its
+    fp32 dT partials, ⌈N/256⌉·M·r·4 bytes, grow with the rank; and fp32 x's true-fp32 (FMA) dots spilled 0.6–1.3 KB."""
+    return DY_PASSES == "1" and _block_r(R) <= 16 and (x.dtype != torch.float32 or _interpret())
+
+
+def _dy1_cfg(x: torch.Tensor) -> dict:
+    """Fixed tiles of ``_bwd_dy1_kernel``: 64 rows × 256 columns of dY a step (32 KiB in 16 bits), 8 warps: its dY
+    tile twice (this step's and the next's, kept in registers for Σ dY and loaded a step ahead), its (256, 16) fp32 dB
+    accumulator: 222–230 registers, none spilled (bf16 / fp32 adapters, Triton 3.6, sm_90; one program per SM). The
+    wider the columns, the fewer dT partials (one per column block). (16-bit x only on a GPU: ``_dy_one_pass``.)"""
+    if _interpret():
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=1)
+
+
 def _shrink_splits(x: torch.Tensor) -> int:
     """K splits of the shrink. Below M ≈ 3.8 K rows even 32-row blocks leave an H100's SMs idle (64
     programs at M = 2048), and with them the bandwidth and, at p > 0, the Philox throughput that the
@@ -997,6 +1119,9 @@ TMA_FLATTEN = os.environ.get("LORA_KERNELS_TMA_FLATTEN", "0") not in ("", "0")
 # more than half an SM count of them (``_dx_wide``); "0", 128×128 everywhere (as before session 35), for an A/B (bench
 # row ``triton-dx128``).
 DX_WIDE = os.environ.get("LORA_KERNELS_DX_WIDE", "auto")
+# The backward's passes over dY for dT and dB: "2" (default), ``_bwd_dy_kernel``; "1", one pass (``_bwd_dy1_kernel``)
+# at rank ≤ 16 (``_dy_one_pass``): off until measured on a GPU (bench row ``triton-dy1``, bench/NOTES.md, session 36).
+DY_PASSES = os.environ.get("LORA_KERNELS_DY_PASSES", "2")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -1109,6 +1234,10 @@ def _configs() -> dict:
         _bwd_dy_kernel: [_c(bm, bn, 64, w, s) for bm, bn, w, s in
                          ((64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))]
                         + [_c(32, 64, 32, 4, 2)],
+        # One read of dY (16-bit x, rank ≤ 16): columns as wide as its fixed tiles' (256), which size its dT partials;
+        # rows at least 32 (its arrival counters, one per row block). Others spilled: 64 rows with 4 warps (0.6 KB),
+        # 128 rows or 512 columns with 8 (0.4–0.5 KB; Triton 3.6, sm_90). Not pipelined by Triton: 1 stage.
+        _bwd_dy1_kernel: [_c(64, 256, 64, 8, 1), _c(32, 256, 64, 4, 1), _c(32, 256, 64, 8, 1)],
         _bwd_dx_kernel: [_c(128, 64, 128, 8, 3), _c(128, 128, 64, 8, 3), _c(64, 64, 128, 4, 3), _c(64, 128, 64, 4, 4)]
                         + gemm32,
         # Under Triton 3.6 for sm_90, fp32 adapters (test_tuning_tables_fit_an_h100; _prune drops what does not fit
@@ -1563,12 +1692,39 @@ def lora_bwd(
     # Two launches, no sums after them: the dY kernel's dB / Σ dY partials (row splits) are summed by the first
     # tiles of the dX kernel, and the dA partials of each K-block by the last of its programs to finish, counted
     # in ``cnt`` (zeroed by the dY kernel). Without a dX kernel (x and lora_A both frozen) torch sums dB.
-    db_splits = _row_splits(x, _cdiv(N, 128)) if need_db else 1
+    one_pass = do_dt and need_db and _dy_one_pass(x, R)
+    dy1_cfg = _dy1_cfg(x) if one_pass else None
+    db_splits = _row_splits(x, _cdiv(N, dy1_cfg["BLOCK_N"] if one_pass else 128)) if need_db else 1
     da_splits = _row_splits(x, _cdiv(K, 128)) if need_da else 1
     db_part = _split_buffer(db_splits, (N, R) if need_db else (0, R), dev)
     colsum_part = _split_buffer(db_splits, (N,) if need_db else (0,), dev)
-    cnt = _empty((_cdiv(K, _CNT_COLS) if da_splits > 1 else 0,), dev, torch.int32)
-    if do_dt or need_db:
+    n_cnt = _cdiv(K, _CNT_COLS) if da_splits > 1 else 0
+    cnt = _empty((n_cnt,), dev, torch.int32)
+    if one_pass:
+        # The dT partials, one per column block: the fixed tiles' count, which no tuning config exceeds (test:
+        # test_dy_one_read_rule). Their arrival counters, one per row block of at least 32 rows, zeroed here: a memset
+        # launch, nothing of ours running before this kernel to zero them.
+        n_part = _cdiv(N, dy1_cfg["BLOCK_N"])
+        dt_part = _empty((n_part if n_part > 1 else 0, M, R), dev, torch.float32)
+        dt_cnt = torch.zeros((_cdiv(M, 32) if n_part > 1 else 0,), device=dev, dtype=torch.int32)
+
+        def dy1_grid(META):
+            if _cdiv(N, META["BLOCK_N"]) > n_part or META["BLOCK_M"] < 32:  # (a table the buffers do not fit)
+                raise ValueError(f"_bwd_dy1_kernel: tiles {META['BLOCK_M']}x{META['BLOCK_N']} exceed its buffers")
+            return (_cdiv(N, META["BLOCK_N"]) * db_splits,)
+
+        _launch(
+            _bwd_dy1_kernel,
+            dy1_grid,
+            (dy, lora_B, t, dt_part, dt, db_part, colsum_part, dt_cnt, cnt, M, N, R, MB, db_splits, n_cnt,
+             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt_part.stride(0), 1),
+             max(dt.stride(0), 1), max(db_part.stride(-2), 1), _split_stride(db_part, db_splits),
+             _split_stride(colsum_part, db_splits), scaling),
+            dict(CDT=cdt, IEEE=ieee, BLOCK_R=BR),
+            dy1_cfg,
+            wrap,
+        )  # fmt: skip
+    elif do_dt or need_db:
         _launch(
             _bwd_dy_kernel,
             lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0)
