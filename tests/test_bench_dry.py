@@ -662,6 +662,24 @@ def test_no_split_m_row(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _ab_rows(prob, names, seen, want) -> dict:
+    """Forward + backward of each row in ``names`` inside its scope, on one dropout seed: ``seen`` (cleared before
+    each) must read ``want(name)`` after it. The output and gradients of each row, by name."""
+    out = {}
+    for name in names:
+        impl = _impls.build(name, prob)
+        x = prob.xs[0].detach().requires_grad_()
+        seen.clear()
+        with impl.scope():
+            torch.manual_seed(3)  # the dropout seed each call draws
+            y = impl.fn(x)
+            y.backward(prob.dys[0])
+        assert seen == want(name), (name, seen)
+        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
+        prob.lora_A.grad = prob.lora_B.grad = None
+    return out
+
+
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
 def test_dx128_row(monkeypatch):
     """``triton-dx128``: refused off the TMA path, when autotuned (the tuner picks the tiles) and where the fixed dX
@@ -685,18 +703,7 @@ def test_dx128_row(monkeypatch):
         return real_cfg(x, r, backward, regenerate)
 
     monkeypatch.setattr(tri, "_tma_cfg", cfg)
-    out = {}
-    for name in ("triton-dx128", "triton-bitmask"):
-        impl = _impls.build(name, prob)
-        x = prob.xs[0].detach().requires_grad_()
-        seen.clear()
-        with impl.scope():
-            torch.manual_seed(3)  # the dropout seed each call draws
-            y = impl.fn(x)
-            y.backward(prob.dys[0])
-        assert seen == [name == "triton-bitmask"], (name, seen)
-        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
-        prob.lora_A.grad = prob.lora_B.grad = None
+    out = _ab_rows(prob, ("triton-dx128", "triton-bitmask"), seen, lambda name: [name == "triton-bitmask"])
     assert tri.DX_WIDE == "auto"
     for a, b in zip(out["triton-dx128"], out["triton-bitmask"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -724,18 +731,12 @@ def test_dy1_row(monkeypatch):
         return real_launch(kernel, *args, **kwargs)
 
     monkeypatch.setattr(tri, "_launch", launch)
-    out = {}
-    for name in ("triton-dy1", "triton-bitmask"):
-        impl = _impls.build(name, prob)
-        x = prob.xs[0].detach().requires_grad_()
-        seen.clear()
-        with impl.scope():
-            torch.manual_seed(3)  # the dropout seed each call draws
-            y = impl.fn(x)
-            y.backward(prob.dys[0])
-        assert seen == ["_bwd_dy1_kernel" if name == "triton-dy1" else "_bwd_dy_kernel"], (name, seen)
-        out[name] = (y.detach(), x.grad, prob.lora_A.grad.clone(), prob.lora_B.grad.clone())
-        prob.lora_A.grad = prob.lora_B.grad = None
+    out = _ab_rows(
+        prob,
+        ("triton-dy1", "triton-bitmask"),
+        seen,
+        lambda name: [f"_bwd_dy{'1' if name == 'triton-dy1' else ''}_kernel"],
+    )
     assert tri.DY_PASSES == "2"
     for a, b in zip(out["triton-dy1"], out["triton-bitmask"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=2e-3)

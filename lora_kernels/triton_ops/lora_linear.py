@@ -558,17 +558,23 @@ def _fwd_tma_kernel(
 
 
 @triton.jit
+def _split_n_block(pid_s, SPLIT_M, M, pid_n, N, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr):  # fmt: skip
+    """The rows [m_lo, m_hi) of row split pid_s (``_split_rows``), the rank columns (offsets, in bounds) and the
+    BLOCK_N columns of N-block pid_n (int64 offsets, in bounds) of a program reducing dY down a split."""
+    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return m_lo, m_hi, offs_r, offs_r < R, offs_n.to(tl.int64), offs_n < N
+
+
+@triton.jit
 def _db_block(pid_n, pid_s, SPLIT_M, DY, T, DB, DSUM, M, N, R, stride_dym, stride_dyn, stride_tm, stride_dbn,
               stride_dbs, stride_dss, scaling, CDT: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """Partial ``pid_s`` of dB[N-block] = s·dYᵀ·T and of Σ_m dY: the rows of split pid_s of SPLIT_M (as in
     ``_da_block``), stored at DB + pid_s·stride_dbs and DSUM + pid_s·stride_dss."""
-    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n.to(tl.int64)
-    n_ok = offs_n < N
+    m_lo, m_hi, offs_r, r_ok, rn, n_ok = _split_n_block(pid_s, SPLIT_M, M, pid_n, N, R, BLOCK_M, BLOCK_N, BLOCK_R)
     acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
@@ -691,12 +697,7 @@ def _bwd_dy1_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_n = pid % num_pid_n
     pid_s = pid // num_pid_n
-    m_lo, m_hi = _split_rows(pid_s, SPLIT_M, M, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n.to(tl.int64)
-    n_ok = offs_n < N
+    m_lo, m_hi, offs_r, r_ok, rn, n_ok = _split_n_block(pid_s, SPLIT_M, M, pid_n, N, R, BLOCK_M, BLOCK_N, BLOCK_R)
     b = _load_cast(LB + rn[:, None] * stride_lbn + offs_r[None, :] * stride_lbr, n_ok[:, None] & r_ok[None, :], CDT)
     acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
