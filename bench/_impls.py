@@ -42,6 +42,9 @@ Names:
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
+    ``cuda-scalar`` ``cuda-bitmask`` with the tensor-core low-rank kernels loading x and dY an element at a time
+                (``LORA_KERNELS_CUDA_VEC_LOADS=0``, the loads before session 37) for an A/B against their 16-byte
+                vector loads; offered only with 16-bit x (fp32 x takes the FMA kernels either way).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ ALL_IMPLS = (
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
+    "cuda-scalar",
     "cuda-regen",
 )
 _MASK_MODES = {"bitmask": "bitmask", "regen": "regenerate"}
@@ -504,6 +508,16 @@ def _ours_cuda_expand(prob: Problem) -> Impl:
                 scope=lambda: _env("LORA_KERNELS_CUDA_CONCAT_K", "0"))  # fmt: skip
 
 
+def _ours_cuda_scalar(prob: Problem) -> Impl:
+    """``cuda-bitmask`` with LORA_KERNELS_CUDA_VEC_LOADS=0 for this row's calls, backward included (the
+    extension reads it at every low-rank launch)."""
+    if prob.dtype not in (torch.float16, torch.bfloat16):
+        raise Unavailable("the vector loads are for 16-bit x: with fp32 x cuda-bitmask runs the FMA kernels")
+    base = _ours(prob, "cuda", "bitmask", "cuda-scalar")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _env("LORA_KERNELS_CUDA_VEC_LOADS", "0"))  # fmt: skip
+
+
 def build(name: str, prob: Problem) -> Impl:
     """The :class:`Impl` called ``name`` on ``prob``; raises :class:`Unavailable` with a reason."""
     if name == "cublas":
@@ -522,6 +536,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_single_pass(prob)
     if name == "cuda-expand":
         return _ours_cuda_expand(prob)
+    if name == "cuda-scalar":
+        return _ours_cuda_scalar(prob)
     if name == "triton-nosplit":
         return _ours_no_split(prob)
     if name == "triton-flat":

@@ -104,6 +104,7 @@ GPU_IMPLS = (
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
+    "cuda-scalar",
     "cuda-regen",
 )
 # triton-compile (a compile per configuration, like `compile`) only when asked for with --impls.

@@ -12,6 +12,9 @@
 #include <mma.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 namespace lora_kernels {
 namespace {
@@ -20,31 +23,18 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The tensor-core kernel for 16-bit X, else the FMA kernel; TJ = skinny_tile_cols(J + ones_col).
+// The tensor-core kernel for 16-bit X, else the FMA kernel (skinny_kernel_for, which the emulation shares).
 bool skinny_uses_mma(const SkinnyArgs& a) { return a.xt == kBF16 || a.xt == kF16; }
 
-template <int TJ>
-void launch_skinny_tj(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, int64_t c_chunk, int64_t zstride) {
-  if (a.xt == kBF16) {
-    skinny_mma_kernel<TJ, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
-  } else if (a.xt == kF16) {
-    skinny_mma_kernel<TJ, __half><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
-  } else {
-    skinny_kernel<TJ><<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
-  }
+// LORA_KERNELS_CUDA_VEC_LOADS=0: the tensor-core skinny kernels load X an element at a time even where
+// 16-byte vectors apply (read per launch, so that a benchmark can A/B both in one process).
+bool vec_loads_enabled() {
+  const char* v = std::getenv("LORA_KERNELS_CUDA_VEC_LOADS");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 void launch_skinny_tiles(dim3 grid, cudaStream_t stream, const SkinnyArgs& a, int64_t c_chunk, int64_t zstride) {
-  switch (skinny_tile_cols(a.J + (a.ones_col ? 1 : 0))) {
-    case 16:
-      launch_skinny_tj<16>(grid, stream, a, c_chunk, zstride);
-      break;
-    case 32:
-      launch_skinny_tj<32>(grid, stream, a, c_chunk, zstride);
-      break;
-    default:
-      launch_skinny_tj<64>(grid, stream, a, c_chunk, zstride);
-  }
+  skinny_kernel_for(a, vec_loads_enabled())<<<grid, kThreads, 0, stream>>>(a, c_chunk, zstride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -83,6 +83,22 @@ inline SkinnySplit plan_skinny_split(int64_t R, int64_t JT, int64_t C, int num_s
   return {s, chunk};
 }
 
+// How skinny_mma_kernel reads its X slices. kScalar: an element per load (any strides; see SliceRegs).
+// kVecC / kVecI: 16-byte loads of 8 consecutive elements along c (x for the forward's T, dY for dT) or
+// along i (dY for dB's and x for dAᵀ's reductions over M, which read them transposed), staged with
+// 16-byte shared stores (see SliceVec). Per thread and slice: 2 loads instead of 16 (at 128 rows), and a
+// warp's requests are whole 32-byte sectors. They need unit stride along the vector, the other stride a
+// multiple of 8 elements and a 16-byte-aligned base, so that every vector (it starts at a multiple of
+// 8) is aligned. Not kVecI with kGenerate: a Philox byte covers 8 columns c of one row i, and a vector
+// along i would need 8 of them.
+enum class XLoad : int { kScalar = 0, kVecC = 1, kVecI = 2 };
+inline XLoad skinny_x_load(const SkinnyArgs& p) {
+  if ((p.xt != kBF16 && p.xt != kF16) || reinterpret_cast<uintptr_t>(p.x) % 16 != 0) return XLoad::kScalar;
+  if (p.sxc == 1 && p.sxi % 8 == 0) return XLoad::kVecC;
+  if (p.sxi == 1 && p.sxc % 8 == 0 && p.mask != SkinnyMask::kGenerate) return XLoad::kVecI;
+  return XLoad::kScalar;
+}
+
 // Uniform branch on the operand's runtime dtype: cheaper in code size than templating every
 // kernel on 3 × 3 dtype combinations, and the loads are memory-bound anyway.
 __device__ __forceinline__ float load_f32(const void* p, int64_t idx, DType t) {
@@ -250,15 +266,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // WMMA tile products shared by the tensor-core kernels: acc[f] += A(rows [16w, 16w + 16), k-steps)
-// · B(k-steps, columns [16f, 16f + 16)), both staged row-major as E with LDS elements per row (B is
-// staged by its n: column-major for WMMA), then the accumulators stored to the fp32 buffer cs.
+// · B(k-steps, columns [16f, 16f + 16)), B staged row-major as E with LDS elements per row (B is
+// staged by its n: column-major for WMMA), A likewise (ALayout row_major: a_rows[m * kMmaLds + k]) or
+// by its k (col_major: a_rows[k * lda + m], SliceVec's kVecI staging).
 constexpr int kMmaLds = kTileC + 8;  // staged row length (elements): 80 bytes, fragment rows 32-byte aligned
-template <int NF, typename E, typename Acc>
-__device__ __forceinline__ void mma_slice(Acc (&acc)[NF], const E* a_rows, const E* b_cols, int ksteps) {
+template <int NF, typename ALayout = nvcuda::wmma::row_major, typename E, typename Acc>
+__device__ __forceinline__ void mma_slice(Acc (&acc)[NF], const E* a_rows, const E* b_cols, int ksteps,
+                                          unsigned lda = kMmaLds) {
   namespace wmma = nvcuda::wmma;
+  constexpr bool a_by_k = std::is_same<ALayout, wmma::col_major>::value;
   for (int k = 0; k < ksteps * 16; k += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> af;
-    wmma::load_matrix_sync(af, a_rows + k, kMmaLds);
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, ALayout> af;
+    wmma::load_matrix_sync(af, a_rows + (a_by_k ? k * lda : k), lda);
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> bf;  // B(k, n) = b_cols[n * LDS + k]
@@ -351,6 +370,41 @@ __device__ __forceinline__ void put_half(uint32_t* pk, int k, uint32_t b) {
   pk[k / 2] = k % 2 ? pk[k / 2] | b << 16 : b;
 }
 
+// 8 16-bit elements, element e in the low (even e) or high half of w[e / 2]: one 16-byte load or store.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+__device__ __forceinline__ Vec16 load_vec16(const void* ptr) {
+#ifdef LORA_KERNELS_EMU
+  return emu_load16<Vec16>(ptr);  // checks the alignment a GPU would fault on
+#else
+  return *static_cast<const Vec16*>(ptr);
+#endif
+}
+__device__ __forceinline__ void store_vec16(void* ptr, const Vec16& v) {
+#ifdef LORA_KERNELS_EMU
+  emu_store16(ptr, v);
+#else
+  *static_cast<Vec16*>(ptr) = v;
+#endif
+}
+// The n first elements at ptr (unit stride), zeros after them: one vector load when all 8 are in.
+template <typename E>
+__device__ __forceinline__ Vec16 load_vec16_first(const E* ptr, int64_t n) {
+  if (n >= 8) return load_vec16(ptr);
+  Vec16 v{};
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    if (e < n) put_half(v.w, e, bits16(ptr[e]));
+  return v;
+}
+// v with element e zeroed where bit e of byte is 0.
+__device__ __forceinline__ Vec16 keep_vec16(Vec16 v, uint32_t byte) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v.w[q] &= ((byte >> (2 * q)) & 1u ? 0xFFFFu : 0u) | ((byte >> (2 * q + 1)) & 1u ? 0xFFFF0000u : 0u);
+  return v;
+}
+
 // A's share of a slice (Cols rows j, kTileC columns c) as E's bits, packed (see SliceRegs), its dtype T known:
 // one loop per dtype rather than a dtype switch per element, which kept every branch's loads and addresses
 // live at once. Rounded to E here rather than at the store: the same rounding of the same fp32 value.
@@ -367,6 +421,34 @@ __device__ __forceinline__ void load_a_share(const SkinnyArgs& p, const SliceWal
   }
 }
 
+// One thread's share of A's slice (Cols rows j, kTileC columns c) in registers, as E's bits, two per 32-bit
+// register: loaded with the X share (SliceRegs, SliceVec), stored to as[j * kMmaLds + c] with it.
+template <int Cols, typename E>
+struct SliceA {
+  static_assert(Cols * kTileC % kThreads == 0, "whole shares");
+  static constexpr int kA = Cols * kTileC / kThreads;  // A elements per thread
+  static_assert(kA % 2 == 0, "pairs");
+  uint32_t a[kA / 2];
+
+  __device__ __forceinline__ void load(const SkinnyArgs& p, int64_t j0, int64_t c0) {
+    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
+    const int64_t j = j0 + wa.il, c = c0 + wa.cl;
+    if (p.at == kF32) {
+      load_a_share<kA, float, E>(p, wa, j, c, a);
+    } else if (p.at == kBF16) {
+      load_a_share<kA, __nv_bfloat16, E>(p, wa, j, c, a);
+    } else {
+      load_a_share<kA, __half, E>(p, wa, j, c, a);
+    }
+  }
+  __device__ __forceinline__ void store(const SkinnyArgs& p, E* as) const {
+    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
+    E* const afirst = as + wa.il * kMmaLds + wa.cl;
+#pragma unroll
+    for (int k = 0; k < kA; ++k) from_bits16(half_of(a, k), afirst[k * (wa.di * kMmaLds + wa.dc)]);
+  }
+};
+
 // One thread's share of a skinny slice, held in registers between the loads and the shared-memory stores
 // (the tensor-core kernel: X is E, its own 16-bit dtype, so no conversion). stage_skinny_slice waited on
 // each load before the next (a load's value went to shared memory at once): at 8192 × 4096, r = 16 on an
@@ -377,15 +459,13 @@ __device__ __forceinline__ void load_a_share(const SkinnyArgs& p, const SliceWal
 // are held as bits, two per 32-bit register (as E, each took a register of its own), A already rounded to E.
 template <int Rows, int Cols, typename E>
 struct SliceRegs {
-  static_assert(Rows * kTileC % kThreads == 0 && Rows * kGroupsPerSlice % kThreads == 0 &&
-                Cols * kTileC % kThreads == 0, "whole shares");
+  static_assert(Rows * kTileC % kThreads == 0 && Rows * kGroupsPerSlice % kThreads == 0, "whole shares");
   static constexpr int kX = Rows * kTileC / kThreads;                   // X elements per thread
   static constexpr int kGroups = Rows * kGroupsPerSlice / kThreads;     // kGenerate: 8-column groups
-  static constexpr int kA = Cols * kTileC / kThreads;                   // A elements per thread
-  static_assert(kX <= 32 && kX == 8 * kGroups && kA % 2 == 0, "keep holds a bit per X element; pairs");
+  static_assert(kX <= 32 && kX == 8 * kGroups, "keep holds a bit per X element");
   uint32_t x[kX / 2];  // element k: half_of(x, k)
   uint32_t keep;       // bit k: x element k is kept (a zero bit: out of bounds, or dropped by the mask)
-  uint32_t a[kA / 2];
+  SliceA<Cols, E> a;
 
   __device__ __forceinline__ void load(const SkinnyArgs& p, int64_t i0, int64_t j0, int64_t c0, bool write_bits) {
     const E* const xp = static_cast<const E*>(p.x);
@@ -426,15 +506,7 @@ struct SliceRegs {
         keep |= bit << k;
       }
     }
-    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
-    const int64_t j = j0 + wa.il, c = c0 + wa.cl;
-    if (p.at == kF32) {
-      load_a_share<kA, float, E>(p, wa, j, c, a);
-    } else if (p.at == kBF16) {
-      load_a_share<kA, __nv_bfloat16, E>(p, wa, j, c, a);
-    } else {
-      load_a_share<kA, __half, E>(p, wa, j, c, a);
-    }
+    a.load(p, j0, c0);
   }
 
   // Into the kernel's shared tiles: xs[i * LDS + c] and as[j * LDS + c] (see skinny_mma_kernel).
@@ -454,10 +526,82 @@ struct SliceRegs {
 #pragma unroll
       for (int k = 0; k < kX; ++k) from_bits16((keep >> k) & 1u ? half_of(x, k) : 0u, first[k * step]);
     }
-    const SliceWalk wa = opaque(slice_walk<Cols>(p.sac == 1 || p.saj != 1));
-    E* const afirst = as + wa.il * kMmaLds + wa.cl;
+    a.store(p, as);
+  }
+};
+
+// SliceRegs for X loaded as 16-byte vectors (skinny_x_load: kVecC, kVecI): 2 vectors per thread at 128
+// rows, each held as loaded, the keep bits applied as it is stored. Masks, bounds and values as
+// SliceRegs (a partial vector at the edge is loaded an element at a time, zeros past it).
+//   kVecC: vector g of a thread is row tid / 4 + 64·g, columns c0 + 8·(tid % 4) + [0, 8) (the kGenerate
+//     mapping of SliceRegs: a Philox byte per vector), staged as SliceRegs stages it, xs[i * kMmaLds + c].
+//   kVecI: rows i0 + 8·(tid % 16) + [0, 8) of column c0 + tid / 16 + 16·g, staged by column,
+//     xs[c * kLdI + i] (A col_major for the WMMA): a quarter warp's stores fill 128 contiguous bytes.
+template <int Rows, int Cols, typename E, XLoad L>
+struct SliceVec {
+  static_assert(L == XLoad::kVecC || L == XLoad::kVecI, "a vector layout");
+  static_assert(Rows == kSkinnyMmaRows && Rows * kTileC % (8 * kThreads) == 0 &&
+                kThreads % (Rows / 8) == 0 && kThreads % kGroupsPerSlice == 0, "whole vectors per thread");
+  static constexpr int kV = Rows * kTileC / (8 * kThreads);  // vectors per thread
+  static constexpr int kLdI = Rows + 8;  // kVecI's staged column length: 272 bytes, ≡ 16 (mod 128)
+  static_assert(kV <= 4 && kTileC * kLdI <= Rows * kMmaLds, "keep holds 8 bits per vector; kVecI's staging fits");
+  Vec16 x[kV];
+  uint32_t keep;  // byte g: vector g's elements kept (a zero bit: out of bounds, or dropped by the mask)
+  SliceA<Cols, E> a;
+
+  __device__ __forceinline__ void load(const SkinnyArgs& p, int64_t i0, int64_t j0, int64_t c0, bool write_bits) {
+    const E* const xp = static_cast<const E*>(p.x);
+    const int tid = threadIdx.x;
+    keep = 0;
+    if constexpr (L == XLoad::kVecC) {
+      const int64_t cb = c0 + 8 * (tid % kGroupsPerSlice), grp = cb / 8;
+      const int64_t ib = i0 + tid / kGroupsPerSlice;
 #pragma unroll
-    for (int k = 0; k < kA; ++k) from_bits16(half_of(a, k), afirst[k * (wa.di * kMmaLds + wa.dc)]);
+      for (int g = 0; g < kV; ++g) {
+        const int64_t i = ib + g * (kThreads / kGroupsPerSlice);
+        const bool in = i < p.R && cb < p.C;
+        x[g] = in ? load_vec16_first(xp + i * p.sxi + cb, p.C - cb) : Vec16{};
+        uint32_t byte = in ? valid_bits(p.C, grp) : 0u;
+        if (in && p.mask == SkinnyMask::kGenerate) {
+          byte &= dropout_keep_byte(p.seed, static_cast<uint64_t>(i), static_cast<uint64_t>(grp), p.threshold);
+          if (write_bits) p.bits_out[i * p.ld_bits_out + grp] = static_cast<uint8_t>(byte);
+        } else if (in && p.mask == SkinnyMask::kBitsTransposed) {
+          uint32_t b = 0;  // bit e: mask (c = cb + e, i), a byte per column
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (cb + e < p.C) b |= ((p.bits_in[(cb + e) * p.ld_bits_in + (i >> 3)] >> (i & 7)) & 1u) << e;
+          byte &= b;
+        }
+        keep |= byte << (8 * g);
+      }
+    } else {
+      const int64_t ib = i0 + 8 * (tid % (Rows / 8));
+      const int64_t cf = c0 + tid / (Rows / 8);
+#pragma unroll
+      for (int g = 0; g < kV; ++g) {
+        const int64_t c = cf + g * (kThreads / (Rows / 8));
+        const bool in = ib < p.R && c < p.C;
+        x[g] = in ? load_vec16_first(xp + c * p.sxc + ib, p.R - ib) : Vec16{};
+        uint32_t byte = in ? valid_bits(p.R, ib / 8) : 0u;
+        if (in && p.mask == SkinnyMask::kBitsTransposed) byte &= p.bits_in[c * p.ld_bits_in + (ib >> 3)];
+        keep |= byte << (8 * g);
+      }
+    }
+    a.load(p, j0, c0);
+  }
+
+  // xs: SliceRegs' layout (kVecC) or xs[c * kLdI + i] (kVecI); as as SliceRegs.
+  __device__ __forceinline__ void store(const SkinnyArgs& p, E* xs, E* as) const {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int g = 0; g < kV; ++g) {
+      E* const dst = L == XLoad::kVecC
+                         ? xs + (tid / kGroupsPerSlice + g * (kThreads / kGroupsPerSlice)) * kMmaLds +
+                               8 * (tid % kGroupsPerSlice)
+                         : xs + (tid / (Rows / 8) + g * (kThreads / (Rows / 8))) * kLdI + 8 * (tid % (Rows / 8));
+      store_vec16(dst, keep_vec16(x[g], keep >> (8 * g)));
+    }
+    a.store(p, as);
   }
 };
 
@@ -467,14 +611,16 @@ struct SliceRegs {
 // (M·K·r FMAs ≈ 75 µs at M = 8192, K = 4096 on an H100), several times the time of reading x. Block
 // tile 128 × TJ: warp w owns output rows [16w, 16w + 16) and all TJ columns (TJ/16 fragments).
 // X values are exact in E (they are E already and staged unscaled).
-template <int TJ, typename E>
+// L (skinny_x_load) picks how X is loaded and staged: SliceRegs (any strides) or SliceVec.
+template <int TJ, typename E, XLoad L>
 __global__ void __launch_bounds__(kThreads)
     skinny_mma_kernel(const SkinnyArgs p, const int64_t c_chunk, const int64_t out_zstride) {
   static_assert(TJ == 16 || TJ == 32 || TJ == 64, "skinny column tile: 16, 32 or 64");
   constexpr int TI = kSkinnyMmaRows, NF = TJ / 16, LDS = kMmaLds;
   using Smem = MmaSmem<TI, TJ, E>;
+  using Regs = std::conditional_t<L == XLoad::kScalar, SliceRegs<TI, TJ, E>, SliceVec<TI, TJ, E, L>>;
   __shared__ __align__(32) unsigned char smem[Smem::kBytes];
-  E* const xs = Smem::rows(smem);  // xs[i * LDS + c]
+  E* const xs = Smem::rows(smem);  // xs[i * LDS + c], or xs[c * kLdI + i] for kVecI
   E* const as = Smem::cols(smem);  // as[j * LDS + c]
   const int warp = threadIdx.x / 32;
   const SkinnyBlock blk = skinny_block(p, TI, TJ, c_chunk, out_zstride);
@@ -484,19 +630,52 @@ __global__ void __launch_bounds__(kThreads)
   for (int f = 0; f < NF; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.f);
 
   // Registers carry a slice from its loads to its stores: slice c0 + kTileC loads while slice c0 multiplies.
-  SliceRegs<TI, TJ, E> regs;
+  Regs regs;
   if (blk.c_begin < blk.c_end) regs.load(p, blk.i0, blk.j0, blk.c_begin, blk.write_bits);
   for (int64_t c0 = blk.c_begin; c0 < blk.c_end; c0 += kTileC) {
     regs.store(p, xs, as);
     __syncthreads();
     if (c0 + kTileC < blk.c_end) regs.load(p, blk.i0, blk.j0, c0 + kTileC, blk.write_bits);
-    mma_slice<NF>(acc, xs + warp * 16 * LDS, as, kTileC / 16);
+    if constexpr (L == XLoad::kVecI) {
+      mma_slice<NF, nvcuda::wmma::col_major>(acc, xs + warp * 16, as, kTileC / 16, Regs::kLdI);
+    } else {
+      mma_slice<NF>(acc, xs + warp * 16 * LDS, as, kTileC / 16);
+    }
     __syncthreads();
   }
   for_each_result<TI, TJ, E>(acc, smem, [&](int ii, int jj, float v) {
     const int64_t i = blk.i0 + ii, j = blk.j0 + jj;
     if (i < p.R && j < blk.JT) blk.out[i * p.ldo + j] = blk.scale * v;
   });
+}
+
+// The skinny kernel of a launch with column tile TJ (skinny_tile_cols): for 16-bit X the tensor-core
+// kernel with the loads skinny_x_load picks, else the FMA kernel. Host code: the launcher (lowrank.cu)
+// and the emulation's (tests/cuda_emu) call the same pointer, so both run the same choice.
+using SkinnyKernelFn = void (*)(SkinnyArgs, int64_t, int64_t);
+template <int TJ, typename E>
+inline SkinnyKernelFn skinny_mma_kernel_for(XLoad l) {
+  return l == XLoad::kVecC   ? &skinny_mma_kernel<TJ, E, XLoad::kVecC>
+         : l == XLoad::kVecI ? &skinny_mma_kernel<TJ, E, XLoad::kVecI>
+                             : &skinny_mma_kernel<TJ, E, XLoad::kScalar>;
+}
+template <int TJ>
+inline SkinnyKernelFn skinny_kernel_tj(const SkinnyArgs& a, XLoad l) {
+  if (a.xt == kBF16) return skinny_mma_kernel_for<TJ, __nv_bfloat16>(l);
+  if (a.xt == kF16) return skinny_mma_kernel_for<TJ, __half>(l);
+  return &skinny_kernel<TJ>;
+}
+// vec_loads = false: the scalar loads even where vectors apply (LORA_KERNELS_CUDA_VEC_LOADS=0, an A/B).
+inline SkinnyKernelFn skinny_kernel_for(const SkinnyArgs& a, bool vec_loads = true) {
+  const XLoad l = vec_loads ? skinny_x_load(a) : XLoad::kScalar;
+  switch (skinny_tile_cols(a.J + (a.ones_col ? 1 : 0))) {
+    case 16:
+      return skinny_kernel_tj<16>(a, l);
+    case 32:
+      return skinny_kernel_tj<32>(a, l);
+    default:
+      return skinny_kernel_tj<64>(a, l);
+  }
 }
 
 // Second pass of a split launch: out[i, j] = alpha · Σ_z ws[z, i, j] with z = 0, 1, … in order, so

@@ -548,6 +548,25 @@ def test_row_scope_holds_through_every_backward(monkeypatch):
     assert os.environ["LORA_KERNELS_CUDA_CONCAT_K"] == "1"
 
 
+def test_cuda_scalar_row(monkeypatch):
+    """``cuda-scalar``: refused for fp32 x (the FMA kernels run either way); with 16-bit x ``cuda-bitmask`` with
+    LORA_KERNELS_CUDA_VEC_LOADS=0 in its scope only (the extension reads it at every low-rank launch; modelled
+    away here)."""
+    kw = dict(adapter_dtype=torch.float32, device="cpu", copies=1)
+    prob32 = _impls.make_problem(16, 32, 24, 4, 0.1, dtype=torch.float32, **kw)
+    with pytest.raises(_impls.Unavailable, match="16-bit x"):
+        _impls.build("cuda-scalar", prob32)
+    prob = _impls.make_problem(16, 32, 24, 4, 0.1, dtype=torch.bfloat16, **kw)
+    base, asked = _impls.build("torch", prob), []
+    monkeypatch.setattr(_impls, "_ours", lambda prob, backend, mode, name: asked.append((backend, mode, name)) or base)
+    monkeypatch.delenv("LORA_KERNELS_CUDA_VEC_LOADS", raising=False)
+    row = _impls.build("cuda-scalar", prob)
+    assert asked == [("cuda", "bitmask", "cuda-scalar")] and row.fn is base.fn
+    with row.scope():
+        assert os.environ["LORA_KERNELS_CUDA_VEC_LOADS"] == "0"
+    assert "LORA_KERNELS_CUDA_VEC_LOADS" not in os.environ
+
+
 def test_row_reports_barrier_fallbacks_of_its_own_calls():
     """``sp_fallbacks``: the increase of the impl's fallback count over the row's calls after the first
     (untimed) step; rows without a barrier have no such column."""

@@ -345,6 +345,23 @@ def test_backward_is_deterministic():
         assert torch.equal(g1[k], g2[k]), k
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_vector_and_element_loads_agree_bitwise(monkeypatch, p):
+    """The tensor-core low-rank kernels' 16-byte loads of x and dY (contiguous, K and N multiples of 8: along
+    the rows for T and dT, along the columns for dB and dA) against their element loads
+    (LORA_KERNELS_CUDA_VEC_LOADS=0): the same values staged, the same WMMA products in the same order, so the
+    same bits in y and in every gradient. M = 300 and K = 200 end in partial row blocks."""
+    t = _make(300, 200, 136, 16, torch.bfloat16, adapter_dtype=torch.float32)
+    dy = torch.randn(300, 136, device="cuda")
+    monkeypatch.delenv("LORA_KERNELS_CUDA_VEC_LOADS", raising=False)
+    y1, g1 = _run(t, "cuda", 2.0, p, 11, "bitmask", dy)
+    monkeypatch.setenv("LORA_KERNELS_CUDA_VEC_LOADS", "0")
+    y2, g2 = _run(t, "cuda", 2.0, p, 11, "bitmask", dy)
+    assert torch.equal(y1, y2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
 def test_mask_modes_agree_bitwise():
     t = _make(67, 72, 40, 16, torch.float16)
     dy = torch.randn(67, 40, device="cuda")

@@ -152,9 +152,10 @@ def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
     counted in STACK, not LOCAL, under the ABI), the CUTLASS 3.x GEMMs for sm_90a issue Hopper wgmma
     (HGMMA), and the tensor-core low-rank kernels issue HMMA.
 
-    skinny_mma_kernel (256 threads) stays within 128 registers, two blocks per SM, at every column tile
-    and arch: its slice loop once held 188-255 when the compiler hoisted each element's offsets and
-    bounds out of it (one block per SM; bench/NOTES.md, session 30)."""
+    skinny_mma_kernel (256 threads) stays within 128 registers, two blocks per SM, at every column tile,
+    X load and arch: its slice loop once held 188-255 when the compiler hoisted each element's offsets and
+    bounds out of it (one block per SM; bench/NOTES.md, session 30). Its vector X loads are 16-byte LDGs
+    (session 37)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither bundled with Triton nor in the CUDA toolkit)")
@@ -165,7 +166,7 @@ def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
     assert [k for k in kernels if k[3] != "0"] == []
     assert [k for k in kernels if k[2] != "0"] == []
     skinny = [k for k in kernels if "skinny_mma_kernel" in k[0]]
-    assert len(skinny) >= 6 and [k for k in skinny if int(k[1]) > 128] == [], skinny
+    assert len(skinny) >= 18 and [k for k in skinny if int(k[1]) > 128] == [], skinny
     if "90" not in ext.build_metadata()["archs"].split(";"):
         return
     sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", so], capture_output=True, text=True, check=True).stdout
@@ -181,7 +182,14 @@ def test_extension_kernels_use_tensor_cores_and_no_local_memory(ext):
     assert len(gemms) == 8 and all(v > 0 for v in gemms.values()), gemms
     assert all("HGMMA" in sass.split(k, 1)[1].split("Function :", 1)[0] for k in gemms)
     mma = {k: v for k, v in tc.items() if "skinny_mma_kernel" in k or "expand_mma_kernel" in k}
-    assert len(mma) == 8 and all(v > 0 for v in mma.values()), mma
+    assert len(mma) == 20 and all(v > 0 for v in mma.values()), mma
+    # The vector X loads (XLoad 1 and 2: "XLoadE1E" / "XLoadE2E" in the mangled names) are 16-byte
+    # LDGs, two per thread and slice, prologue and loop (lowrank_kernels.cuh's SliceVec); the scalar ones none.
+    vec_ldg = {
+        k: sass.split(k, 1)[1].split("Function :", 1)[0].count("LDG.E.128") for k in tc if "skinny_mma_kernel" in k
+    }
+    assert len(vec_ldg) == 18, vec_ldg
+    assert all((v >= 4) == ("XLoadE0E" not in k) for k, v in vec_ldg.items()), vec_ldg
 
 
 @requires_toolkit

@@ -92,6 +92,22 @@ void wmma_emu_fail(const char* what) {
   if (g_wmma_fails++ == 0) printf("  FAIL %s\n", what);
 }
 bool wmma_emu_lane0() { return threadIdx.x % 32 == 0; }
+// 16-byte vector loads and stores (lowrank_kernels.cuh's load_vec16 / store_vec16 under LORA_KERNELS_EMU):
+// a GPU faults on a misaligned one, so the emulation fails the case rather than reading it.
+int g_vec16_misaligned = 0;
+template <class V>
+V emu_load16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ++g_vec16_misaligned;
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V>
+void emu_store16(void* p, const V& v) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ++g_vec16_misaligned;
+  std::memcpy(p, &v, sizeof(V));
+}
+#define LORA_KERNELS_EMU 1
 namespace lora_kernels {
 namespace {
 #include "lowrank_kernels.cuh"
@@ -182,31 +198,17 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int kEmuSms = 4;            // emulated SM count: small grids, so the split path runs
 int64_t g_split_min_c = kSplitMinC;   // plan_skinny_split's min_c; lowered for the small shapes
 int g_skinny_launches = 0, g_split_launches = 0;
+int g_xload_launches[3] = {0, 0, 0};  // tensor-core skinny launches by XLoad (scalar, along c, along i)
 // Mirrors lowrank.cu's launch_skinny: same plan, same kernels, the workspace a NaN-filled vector.
 void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
   if (a.R == 0 || JT == 0) return;
   const int64_t gx = cdiv(a.R, skinny_tile_rows(JT, a.xt == kBF16 || a.xt == kF16)), gy = cdiv(JT, skinny_tile_cols(JT));
-  const int tj = skinny_tile_cols(JT);
-  // As lowrank.cu: the tensor-core kernel for 16-bit X, else the FMA kernel.
   const bool mma = a.xt == kBF16 || a.xt == kF16;
-  auto kernel = [tj, mma, xt = a.xt](const SkinnyArgs& args, int64_t chunk, int64_t zstride) {
-    if (mma && xt == kBF16) {
-      if (tj == 16) skinny_mma_kernel<16, __nv_bfloat16>(args, chunk, zstride);
-      else if (tj == 32) skinny_mma_kernel<32, __nv_bfloat16>(args, chunk, zstride);
-      else skinny_mma_kernel<64, __nv_bfloat16>(args, chunk, zstride);
-    } else if (mma) {
-      if (tj == 16) skinny_mma_kernel<16, __half>(args, chunk, zstride);
-      else if (tj == 32) skinny_mma_kernel<32, __half>(args, chunk, zstride);
-      else skinny_mma_kernel<64, __half>(args, chunk, zstride);
-    } else if (tj == 16) {
-      skinny_kernel<16>(args, chunk, zstride);
-    } else if (tj == 32) {
-      skinny_kernel<32>(args, chunk, zstride);
-    } else {
-      skinny_kernel<64>(args, chunk, zstride);
-    }
-  };
+  // lowrank.cu's choice of kernel (tile, dtype, X loads), shared through skinny_kernel_for.
+  const SkinnyKernelFn fn = skinny_kernel_for(a);
+  if (mma) ++g_xload_launches[static_cast<int>(skinny_x_load(a))];
+  auto kernel = [fn](const SkinnyArgs& args, int64_t chunk, int64_t zstride) { fn(args, chunk, zstride); };
   const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, mma, g_split_min_c);
   ++g_skinny_launches;
   if (sp.splits == 1) {

@@ -94,14 +94,19 @@ void cmp_terms(const char* what, const std::vector<double>& ref, const std::vect
   cmp_terms(what, ref, [&](int64_t i) { return got[i]; }, absum, u);
 }
 
-// x layout: 0 = row-major padded (ld = K + 3), 1 = column-major, 2 = stride-2 inner
+// x layout: 0 = row-major padded (ld = K + 3), 1 = column-major, 2 = stride-2 inner, 3 = row-major with rows
+// of a multiple of 8 elements (ld = K rounded up to 8, plus 8): with 16-bit storage the skinny kernels load
+// its slices as 16-byte vectors along k (T) and along m (dAᵀ), as they load dY when N is a multiple of 8.
+// Its buffer ends at x(M - 1, K - 1), so that under AddressSanitizer a vector read past K in the last row
+// (a partial vector loaded whole) is an overflow.
 void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t seed, int xlayout, bool save_mask) {
   std::mt19937 rng(M * 131 + K * 7 + N + r);
   std::normal_distribution<float> nd;
   int64_t sxi, sxc, xsize;
   if (xlayout == 0) { sxi = K + 3; sxc = 1; xsize = M * (K + 3) + 1; }
   else if (xlayout == 1) { sxi = 1; sxc = M; xsize = M * K + 1; }
-  else { sxi = 2 * K; sxc = 2; xsize = 2 * M * K + 1; }
+  else if (xlayout == 2) { sxi = 2 * K; sxc = 2; xsize = 2 * M * K + 1; }
+  else { sxi = (K + 7) / 8 * 8 + 8; sxc = 1; xsize = std::max<int64_t>(1, (M - 1) * sxi + K); }  // ends at x(M-1, K-1)
   std::vector<float> xb(xsize), W(N * K), A(r * K), B(N * r), bias(N), lb(N), dy(M * N);
   for (auto& v : xb) v = nd(rng);
   for (auto& v : W) v = nd(rng); for (auto& v : A) v = nd(rng); for (auto& v : B) v = nd(rng);
@@ -361,6 +366,8 @@ int main(int argc, char** argv) {
   // --random N SEED [MAXDIM]: N random cases (sizes 1..MAXDIM, default 160; r 1..256, dtype
   // configurations, x layouts, p, saved or regenerated mask, split plans) instead of the fixed set.
   const bool random_mode = argc > 2 && std::string(argv[1]) == "--random";
+  // --vector: only the cases written for the 16-byte vector loads (the AddressSanitizer run's set).
+  const bool vector_mode = argc > 1 && std::string(argv[1]) == "--vector";
   // LORA_EMU_STOP_AT_FAIL=1: stop after the first failing case (a mutant's run need not go on).
   const bool stop_at_fail = std::getenv("LORA_EMU_STOP_AT_FAIL") && std::string(std::getenv("LORA_EMU_STOP_AT_FAIL")) == "1";
   int n = 0, n_split = 0;
@@ -373,6 +380,36 @@ int main(int argc, char** argv) {
     n_split += g_split_launches != splits_before;
     ++n;
   };
+  // The last lines of every mode: the X loads the tensor-core skinny launches took, then the count.
+  auto report = [&] {
+    printf("tensor-core skinny launches by X loads: scalar %d, along c %d, along i %d\n", g_xload_launches[0],
+           g_xload_launches[1], g_xload_launches[2]);
+    if (g_vec16_misaligned) printf("  FAIL %d misaligned 16-byte loads or stores\n", g_vec16_misaligned);
+    fails += g_wmma_fails.load() + (g_vec16_misaligned != 0);
+    printf("%d cases, %d failures\n", n, fails);
+    return 0;
+  };
+  // 16-byte vector loads (skinny_x_load), in the current dtypes: x row-major with aligned rows (T along k,
+  // dAᵀ along m with the saved or regenerated mask), x column-major (dAᵀ along k; T along m without
+  // dropout), dY with N a multiple of 8 (dT along n, dB along m); K = 203 and 206 end in a partial vector of 3
+  // and 6 elements (at the end of x's buffer in layout 3), M = 37 and 70 in a partial row block.
+  auto vector_cases = [&] {
+    for (int64_t r : {1, 16, 40})
+      for (double p : {0.0, 0.3}) {
+        one(70, 203, 48, r, p, 3);
+        one(37, 206, 40, r, p, 3);
+        one(72, 203, 40, r, p, 1);
+      }
+    one(300, 264, 136, 16, 0.3, 3);
+  };
+  if (vector_mode) {
+    for (DType st : {kBF16, kF16}) {
+      g_store = st;
+      g_adapter = st == kBF16 ? kF32 : kF16;
+      vector_cases();
+    }
+    return report();
+  }
   if (random_mode) {
     const int count = std::atoi(argv[2]);
     std::mt19937_64 pick(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1);
@@ -387,7 +424,7 @@ int main(int argc, char** argv) {
       g_adapter = cfg == 2 ? kF16 : kF32;
       g_split_min_c = pick() % 2 ? kTileC : kSplitMinC;
       const double p = pick() % 2 ? 0.3 : 0.0;
-      const int xl = (int)(pick() % 3);
+      const int xl = (int)(pick() % 4);
       const int before = fails;
       run_case(M, K, N, r, p, pick() >> 1, xl, pick() % 2 == 0);
       if (fails != before)
@@ -395,9 +432,7 @@ int main(int argc, char** argv) {
                (long)N, (long)r, p, xl, (int)g_store, (int)g_adapter, (long)g_split_min_c);
       ++n;
     }
-    fails += g_wmma_fails.load();
-    printf("%d cases, %d failures\n", n, fails);
-    return 0;
+    return report();
   }
   g_split_min_c = kTileC;  // C ≤ 72 here: splits of one or two slices, the last one ragged
   for (int64_t M : {1, 37, 70})
@@ -419,6 +454,7 @@ int main(int argc, char** argv) {
       for (int xl : {0, 1, 2}) one(37 + 33 * (xl == 2), 72, 40 + 30 * (r == 16), r, xl == 1 ? 0.0 : 0.3, xl);
     one(300, 200, 260, 16, 0.3, 0);
     one(300, 200, 260, 40, 0.0, 1);
+    vector_cases();
   }
   g_store = g_adapter = kF32;
   // The launcher's plan as it is (min_c = kSplitMinC): long reductions over M (dB, dAᵀ) and over
@@ -449,6 +485,5 @@ int main(int argc, char** argv) {
     one(M, 17, 9, 7, (c[0] & 0xFFFFu) / 65536.0, 0);
   }
   printf("split path: %d of %d skinny launches, in %d of %d cases\n", g_split_launches, g_skinny_launches, n_split, n);
-  fails += g_wmma_fails.load();
-  printf("%d cases, %d failures\n", n, fails);
+  return report();
 }
