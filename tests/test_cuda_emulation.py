@@ -109,6 +109,16 @@ def _x_loads(out: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
+def test_vector_loads_match_element_loads_bit_for_bit(harness):
+    """The vector set run twice (``--vector-ab``): 16-byte loads, then element loads (the emulation's
+    LORA_KERNELS_CUDA_VEC_LOADS=0). The same values are staged and multiplied in the same order, so T, dT,
+    dB, dAᵀ and the bits must hash the same; the GPU test ``test_vector_and_element_loads_agree_bitwise``
+    asks the same of the real kernels."""
+    cases, fails, out = _run(harness, "--vector-ab")
+    assert cases >= 60 and fails == 0, out[-3000:]
+    assert re.search(r"vector loads: [1-9]\d* launches", out), out[-2000:]
+
+
 def test_vector_loads_stay_inside_x_under_address_sanitizer(tmp_path):
     """The 16-byte X loads (lowrank_kernels.cuh's SliceVec) at the edges: K = 203 and R = 203 end in a partial
     vector, which must be read an element at a time. The harness's aligned x layout ends at x(M - 1, K - 1),

@@ -199,6 +199,7 @@ constexpr int kEmuSms = 4;            // emulated SM count: small grids, so the 
 int64_t g_split_min_c = kSplitMinC;   // plan_skinny_split's min_c; lowered for the small shapes
 int g_skinny_launches = 0, g_split_launches = 0;
 int g_xload_launches[3] = {0, 0, 0};  // tensor-core skinny launches by XLoad (scalar, along c, along i)
+bool g_vec_loads = true;               // false: as lowrank.cu under LORA_KERNELS_CUDA_VEC_LOADS=0
 // Mirrors lowrank.cu's launch_skinny: same plan, same kernels, the workspace a NaN-filled vector.
 void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t JT = a.J + (a.ones_col ? 1 : 0);
@@ -206,8 +207,8 @@ void launch_skinny(const SkinnyArgs& a, cudaStream_t) {
   const int64_t gx = cdiv(a.R, skinny_tile_rows(JT, a.xt == kBF16 || a.xt == kF16)), gy = cdiv(JT, skinny_tile_cols(JT));
   const bool mma = a.xt == kBF16 || a.xt == kF16;
   // lowrank.cu's choice of kernel (tile, dtype, X loads), shared through skinny_kernel_for.
-  const SkinnyKernelFn fn = skinny_kernel_for(a);
-  if (mma) ++g_xload_launches[static_cast<int>(skinny_x_load(a))];
+  const SkinnyKernelFn fn = skinny_kernel_for(a, g_vec_loads);
+  if (mma) ++g_xload_launches[g_vec_loads ? static_cast<int>(skinny_x_load(a)) : 0];
   auto kernel = [fn](const SkinnyArgs& args, int64_t chunk, int64_t zstride) { fn(args, chunk, zstride); };
   const SkinnySplit sp = plan_skinny_split(a.R, JT, a.C, kEmuSms, mma, g_split_min_c);
   ++g_skinny_launches;

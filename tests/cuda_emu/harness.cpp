@@ -64,6 +64,8 @@ struct Stored {
   }
 };
 
+constexpr uint64_t kHashBasis = 0xcbf29ce484222325ull;  // FNV-1a
+uint64_t g_out_hash = kHashBasis;
 bool g_selftest = false;  // --selftest: corrupt one value of T, of the bits and of dT: every case must fail
 void cmp(const char* what, const std::vector<double>& ref, const std::function<double(int64_t)>& got, double tol) {
   double maxerr = 0, maxref = 1e-30;
@@ -359,6 +361,15 @@ done_bits:
   cmp_skinny("dB", dBr, [&](int64_t i) { int64_t n = i / r, j = i % r; return dBx[n * (r + 1) + j]; }, dBabs);
   cmp_skinny("dlb", dlbr, [&](int64_t n) { return dBx[n * (r + 1) + r]; }, dlbabs);
   cmp("dx", dxr, [&](int64_t i) { return dx.get(i); }, out_tol);
+  // The skinny kernels' outputs and the bits, bit for bit, into g_out_hash (--vector-ab compares two runs).
+  auto mix = [](const void* data, size_t bytes) {
+    for (size_t i = 0; i < bytes; ++i) g_out_hash = (g_out_hash ^ static_cast<const unsigned char*>(data)[i]) * 0x100000001b3ull;
+  };
+  mix(T.data(), T.size() * sizeof(float));
+  mix(dT.data(), dT.size() * sizeof(float));
+  mix(dBx.data(), dBx.size() * sizeof(float));
+  mix(dAt.data(), dAt.size() * sizeof(float));
+  mix(bits.data(), bits.size());
 }
 
 int main(int argc, char** argv) {
@@ -368,6 +379,9 @@ int main(int argc, char** argv) {
   const bool random_mode = argc > 2 && std::string(argv[1]) == "--random";
   // --vector: only the cases written for the 16-byte vector loads (the AddressSanitizer run's set).
   const bool vector_mode = argc > 1 && std::string(argv[1]) == "--vector";
+  // --vector-ab: that set twice, with the vector loads and with the element loads (g_vec_loads = false, as
+  // LORA_KERNELS_CUDA_VEC_LOADS=0): the same values staged, so every skinny output must match bit for bit.
+  const bool vector_ab = argc > 1 && std::string(argv[1]) == "--vector-ab";
   // LORA_EMU_STOP_AT_FAIL=1: stop after the first failing case (a mutant's run need not go on).
   const bool stop_at_fail = std::getenv("LORA_EMU_STOP_AT_FAIL") && std::string(std::getenv("LORA_EMU_STOP_AT_FAIL")) == "1";
   int n = 0, n_split = 0;
@@ -402,11 +416,30 @@ int main(int argc, char** argv) {
       }
     one(300, 264, 136, 16, 0.3, 3);
   };
-  if (vector_mode) {
+  auto vector_set = [&] {
     for (DType st : {kBF16, kF16}) {
       g_store = st;
       g_adapter = st == kBF16 ? kF32 : kF16;
       vector_cases();
+    }
+  };
+  if (vector_mode) {
+    vector_set();
+    return report();
+  }
+  if (vector_ab) {
+    vector_set();
+    const uint64_t vec_hash = g_out_hash;
+    const int vec_launches = g_xload_launches[1] + g_xload_launches[2];
+    g_out_hash = kHashBasis;
+    g_vec_loads = false;
+    g_xload_launches[1] = g_xload_launches[2] = 0;
+    vector_set();
+    printf("vector loads: %d launches, outputs %016llx; element loads: outputs %016llx\n", vec_launches,
+           (unsigned long long)vec_hash, (unsigned long long)g_out_hash);
+    if (vec_hash != g_out_hash || vec_launches == 0 || g_xload_launches[1] + g_xload_launches[2] != 0) {
+      printf("  FAIL the two loads' outputs differ, or a run did not take its loads\n");
+      ++fails;
     }
     return report();
   }
