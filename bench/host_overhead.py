@@ -106,7 +106,37 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
                     tri.FWD_MODE, tri.BWD_MODE = prev
                 rows.append(dict(path=label, p=p, fwd_us=f_us, fwdbwd_us=fb_us))
         rows += _tuned_rows(reps, warmup)
-    return rows + measure_cuda_layer(reps, warmup)
+    return rows + _recorded_rows(reps, warmup) + measure_cuda_layer(reps, warmup)
+
+
+RECORDED_ROWS = ("to the launcher: Triton's run", "to the launcher: launch cache")
+
+
+def _recorded_rows(reps: int, warmup: int) -> list[dict]:
+    """The eager path down to the compiled kernel's launcher (``record_launches``: real JITFunctions, the
+    launcher records instead of calling the driver), each launch through ``JITFunction.run`` and through
+    :mod:`lora_kernels.triton_ops.launch`'s cache, measured in alternation (two rounds, the lower median)."""
+    from lora_kernels.triton_ops import launch
+    from lora_kernels.triton_ops.compile_only import record_launches
+
+    rows = []
+    saved = launch.FAST_LAUNCH
+    try:
+        with record_launches(lambda launched: None):
+            for label, K in (("two-launch, TMA", 256), ("two-launch, pointer (K = 250)", 250)):
+                x, W, A, B, dy = _inputs(K)
+                best: dict[bool, tuple[float, float]] = {}
+                for _ in range(2):
+                    for fast in (False, True):
+                        launch.FAST_LAUNCH = fast
+                        f_us, fb_us = _time_calls(x, W, A, B, dy, 0.1, reps, warmup)
+                        prev = best.get(fast, (f_us, fb_us))
+                        best[fast] = (min(prev[0], f_us), min(prev[1], fb_us))
+                for fast, how in zip((False, True), RECORDED_ROWS, strict=True):
+                    rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[fast][0], fwdbwd_us=best[fast][1]))
+    finally:
+        launch.FAST_LAUNCH = saved
+    return rows
 
 
 TUNED_ROWS = ("two-launch, TMA, tuned: Autotuner.run", "two-launch, TMA, tuned: chosen config")

@@ -903,8 +903,9 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     arguments and finds its kernel, none runs) and the CUDA backend's Python layer over a stubbed
     extension, eager and through the ops, and a patched PEFT layer over that stub; the tuned TMA path through
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
-    itself asserts that the chosen rows took the chosen path): sixteen rows of positive figures, nothing
-    asserted on time."""
+    itself asserts that the chosen rows took the chosen path); the path down to the launcher
+    (``record_launches``) through Triton's run and through the launch cache: twenty rows of positive
+    figures, nothing asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -915,8 +916,10 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
-    assert len(rows) == 16 and {r[0].strip() for r in rows} == {
-        "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS,
+    recorded = {f"{path}, {how}" for path in ("two-launch, TMA", "two-launch, pointer (K = 250)")
+                for how in host_overhead.RECORDED_ROWS}  # fmt: skip
+    assert len(rows) == 20 and {r[0].strip() for r in rows} == {
+        "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
     # Positive figures only: with 3 repetitions on a loaded CI machine even forward+backward > forward

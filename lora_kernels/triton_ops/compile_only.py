@@ -38,18 +38,24 @@ elsewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
+from . import launch as _launch_mod
 from . import lora_linear as _ll
 from . import single_pass as _sp
 from ._build_key import ptxas_version, triton_build_key
 
-__all__ = ["Compiled", "compile_only", "triton_build_key", "ptxas_version", "H100_SMEM", "H100_SMS"]
+__all__ = [
+    "Compiled", "Launch", "compile_only", "record_launches", "triton_build_key", "ptxas_version", "H100_SMEM",
+    "H100_SMS",
+]  # fmt: skip
 
 H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 / H200 (227 KiB)
 H100_SMS = 132  # multiprocessors of an H100 SXM and an H200
@@ -148,6 +154,97 @@ class _TuneAll:
         return run
 
 
+@dataclass
+class Launch:
+    """One launch that reached the driver's launcher: the compiled kernel's name and hash, the grid, and
+    every parameter's value in signature order (what the launcher receives)."""
+
+    name: str
+    hash: str
+    grid: tuple
+    args: tuple
+
+
+def _raise_error(err, *args, **kwargs):
+    raise err
+
+
+@contextlib.contextmanager
+def _host_choices(arch: int, num_sms: int, autotune: bool) -> Iterator[Callable[[object, str, object], None]]:
+    """The GPU's host-side choices on CPU tensors (see the module docstring), and a stand-in driver."""
+    saved: list[tuple[object, str, object]] = []
+
+    def patch(module, name: str, value) -> None:
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
+    previous = driver._active  # None until something asked for the driver: leave it that way after
+    driver.set_active(_Driver(arch))
+    try:
+        for module in (_ll, _sp):
+            patch(module, "_grid_sms", lambda x: num_sms)
+        patch(_ll, "_planning_sms", lambda x: num_sms)
+        patch(_ll, "TMA_MODE", "1" if arch >= 90 else "0")
+        patch(_ll, "AUTOTUNE", autotune)
+        # CPU tensors stand in for the GPU's: only the dtype and rank limits apply.
+        patch(_ll, "unavailable_reason", lambda x, weight, lora_A: _ll._support_reason(x, lora_A))
+        yield patch
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+        driver._active = previous  # (not reset_active(): without a GPU there is no driver to reset to)
+
+
+@contextlib.contextmanager
+def record_launches(
+    on_launch: Callable[[Launch], None],
+    *,
+    arch: int = 90,
+    num_sms: int = H100_SMS,
+    max_shared: int = H100_SMEM,
+) -> Iterator[None]:
+    """Within the block, the Triton backend's eager calls run their whole host path as on a GPU, on CPU
+    tensors: the kernels stay Triton's JITFunctions, so each launch binds, looks up or compiles for
+    ``sm_<arch>`` (``JITFunction.run``), or takes :mod:`.launch`'s cache, and ends at the compiled kernel's
+    launcher, which here reports a :class:`Launch` to ``on_launch`` instead of calling the driver. A kernel
+    whose shared memory exceeds ``max_shared`` raises ``OutOfResources`` there, as its load would. Fixed
+    tiles (no autotuning: there is nothing to time). What it leaves out of a GPU call: the launcher's own C
+    code (argument conversion, ``cuLaunchKernel``) and the CUDA caching allocator.
+
+    On exit the compiled kernels it touched lose their stand-in launchers and the launch cache is cleared,
+    so nothing recorded here can reach a real launch later in the process."""
+    if _ll._interpret():
+        raise RuntimeError("record_launches needs the compiler: unset TRITON_INTERPRET before importing lora_kernels")
+    touched: list[CompiledKernel] = []
+    original = CompiledKernel._init_handles
+
+    def init_handles(self) -> None:
+        if self.module is not None:
+            return
+        touched.append(self)
+        if self.metadata.shared > max_shared:
+            err = OutOfResources(self.metadata.shared, max_shared, "shared memory")
+            self._run = functools.partial(_raise_error, err)
+            raise err
+        name, digest = self.name, self.hash
+
+        def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+            on_launch(Launch(name, digest, (g0, g1, g2), args))
+
+        self.module, self.function, self._run = "recorded", 0, launcher
+
+    CompiledKernel._init_handles = init_handles
+    _launch_mod.clear()
+    try:
+        with _host_choices(arch, num_sms, autotune=False):
+            yield
+    finally:
+        CompiledKernel._init_handles = original
+        for compiled in touched:
+            compiled.module = compiled.function = compiled._run = None
+        _launch_mod.clear()
+
+
 @contextlib.contextmanager
 def compile_only(
     on_compile: Callable[[Compiled], None],
@@ -161,28 +258,9 @@ def compile_only(
     compiled kernel to ``on_compile`` instead of running (see the module docstring)."""
     if _ll._interpret():
         raise RuntimeError("compile_only needs the compiler: unset TRITON_INTERPRET before importing lora_kernels")
-    saved: list[tuple[object, str, object]] = []
-
-    def patch(module, name: str, value) -> None:
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, value)
-
-    previous = driver._active  # None until something asked for the driver: leave it that way after
-    driver.set_active(_Driver(arch))
-    try:
+    with _host_choices(arch, num_sms, autotune) as patch:
         for module, names in _KERNELS.items():
             for name in names:
                 patch(module, name, CompileOnly(getattr(module, name), on_compile, max_shared))
-        for module in (_ll, _sp):
-            patch(module, "_grid_sms", lambda x: num_sms)
-        patch(_ll, "_planning_sms", lambda x: num_sms)
-        patch(_ll, "TMA_MODE", "1" if arch >= 90 else "0")
-        patch(_ll, "AUTOTUNE", autotune)
         patch(_ll, "_autotuner", _TuneAll)
-        # CPU tensors stand in for the GPU's: only the dtype and rank limits apply.
-        patch(_ll, "unavailable_reason", lambda x, weight, lora_A: _ll._support_reason(x, lora_A))
         yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
-        driver._active = previous  # (not reset_active(): without a GPU there is no driver to reset to)

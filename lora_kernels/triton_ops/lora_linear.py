@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer kernels only
 from .. import flops as _flops
 from ..backends import device_capability, use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
+from .launch import launch as _fast_launch
 from .philox import computed_once, dropout_mask_bytes, opaque_zero, unpack_bytes
 
 __all__ = [
@@ -1370,7 +1371,7 @@ def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple) -> None
     full = {**meta, **cfg}
     if pre_hook is not None:
         pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **full})
-    kernel[grid(full)](*args, **full)
+    _fast_launch(kernel, grid(full), args, full)
 
 
 # What each tuning timed, in call order: one entry per tuning key (``tuning_log``).
@@ -1530,7 +1531,10 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
         if hook is not None and (i or tuned or m.get("FLATTEN") or cfg.get("SPLIT_STORE")):
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **m, **tiles})
         try:
-            wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
+            if wrap is _identity:
+                _fast_launch(kernel, grid({**m, **tiles}), args, {**m, **cfg})
+            else:
+                wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
             return
         except OutOfResources:
             if i == 0 and wrap is _identity:

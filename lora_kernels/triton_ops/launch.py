@@ -1,0 +1,134 @@
+"""Eager launches of already-compiled Triton kernels without ``JITFunction.run``'s per-call work.
+
+``kernel[grid](*args, **kw)`` binds every argument, builds Triton's cache key (a ``str`` of the compile
+options among it) and looks the compiled kernel up, on every call: 20–30 µs a launch on a 2-core CPU,
+4–5 launches per training step of one layer (bench/NOTES.md, session 38). :func:`launch` does that once
+per *specialization* and then calls the compiled kernel directly, as ``JITFunction.run`` itself does
+after its lookup (``CompiledKernel[grid](*all_params)``: ``launch_metadata``, then ``run``).
+
+Why a hit launches the kernel Triton would have launched. Triton picks a compiled kernel by (a) the
+specialization of each non-constexpr argument, which it computes with ``native_specialize_impl`` (the
+dtype and 16-byte alignment of a tensor; the type of an integer, whether it equals 1 and whether 16
+divides it; a descriptor's dtype and block shape; the type of a float), (b) the constexprs and compile
+options (``num_warps``, ``num_stages``, ...), (c) the device and the debug and instrumentation knobs. The
+key here holds (a) computed by that same function with each parameter's own flags, every keyword
+argument of the call (b) and the values of (c): equal keys give equal Triton keys. A key is stored only
+after Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel
+that ran out of resources.
+
+Off with ``LORA_KERNELS_FAST_LAUNCH=0`` (every launch through ``JITFunction.run``), and for anything that
+is not a plain ``JITFunction`` (the interpreter's kernels, ``wrap_triton``, the compile-only stand-ins):
+those take ``kernel[grid]`` as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+try:  # Triton 3.4+: the C function both Triton 3.6 and 3.8 bind arguments with
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:  # pragma: no cover - older Triton: no fast path
+    native_specialize_impl = None
+
+__all__ = ["FAST_LAUNCH", "launch", "clear", "stats"]
+
+FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
+
+# (kernel, device, debug, instrumentation, keyword items, argument specializations) -> (compiled, tail):
+# ``tail`` the values of the parameters after the positional ones (keywords, then defaults).
+_CACHE: dict[tuple, tuple] = {}
+_CACHE_MAX = 4096  # distinct specializations kept; past it the cache starts over (a few µs per launch again)
+_LOCK = threading.Lock()
+_STATS = {"hits": 0, "misses": 0}
+
+
+def stats() -> dict:
+    """Launches that found their compiled kernel here (``hits``) and that went through Triton (``misses``)."""
+    return dict(_STATS, entries=len(_CACHE))
+
+
+def clear() -> None:
+    with _LOCK:
+        _CACHE.clear()
+        _STATS.update(hits=0, misses=0)
+
+
+def _param_flags(kernel: JITFunction) -> tuple[tuple, tuple[int, ...]]:
+    """Per parameter: None for a constexpr (its value is its key), else ``native_specialize_impl``'s flags
+    (is_const, specialize the value, specialize the alignment), as Triton's binder passes them; and the
+    positions of the parameters whose value Triton does not specialise on (``do_not_specialize``)."""
+    flags = kernel.__dict__.get("_lk_param_flags")
+    if flags is None:
+        per = tuple(
+            None if p.is_constexpr else (p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+            for p in kernel.params
+        )
+        flags = per, tuple(i for i, f in enumerate(per) if f is not None and not f[1])
+        kernel._lk_param_flags = flags
+    return flags
+
+
+_BY_VALUE = frozenset({int, float, bool})
+
+
+def _specs(backend, kernel: JITFunction, args: tuple) -> tuple:
+    """Each positional argument's key: finer than or equal to the specialization Triton's binder computes
+    from it, and cheap. Constexprs, integers, floats and bools are keyed by their value (which determines
+    their specialization; the cache is bounded for values that vary, such as M), except the integers
+    Triton does not specialise on (the seed: a new value each step); those and everything else (tensors,
+    descriptors) by ``native_specialize_impl`` itself, with the parameter's flags."""
+    spec = native_specialize_impl
+    flags, unspecialised = _param_flags(kernel)
+    key = [
+        a if f is None or type(a) in _BY_VALUE else spec(backend, a, f[0], f[1], f[2])
+        for a, f in zip(args, flags, strict=False)
+    ]
+    for i in unspecialised:
+        if i < len(args) and type(args[i]) is int:
+            f = flags[i]
+            key[i] = spec(backend, args[i], f[0], f[1], f[2])
+    # The types too: 1 == 1.0 == True as keys, while Triton specialises them as constexpr 1, fp32 and u1.
+    key.append(tuple(map(type, args)))
+    return tuple(key)
+
+
+def _tail(kernel: JITFunction, n_args: int, kw: dict) -> tuple:
+    """The values of the parameters after the ``n_args`` positional ones, in signature order: from ``kw``,
+    else the default (what Triton's binder fills in; the other keywords are compile options)."""
+    return tuple(kw[p.name] if p.name in kw else p.default for p in kernel.params[n_args:])
+
+
+def launch(kernel, grid: tuple, args: tuple, kw: dict):
+    """``kernel[grid](*args, **kw)``, through the cache above where it can be; returns the compiled kernel.
+    grid: the launch grid as a tuple (not a callable); kw: constexprs and compile options."""
+    if not FAST_LAUNCH or type(kernel) is not JITFunction:
+        return kernel[grid](*args, **kw)
+    device = driver.active.get_current_device()
+    try:
+        backend = kernel.device_caches[device][3]  # the binder's backend (created on first use, as run does)
+        key = (
+            kernel, device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(kw.items()),
+            _specs(backend, kernel, args),
+        )  # fmt: skip
+        hit = _CACHE.get(key)
+    except (TypeError, IndexError, AttributeError):  # an unhashable value, or another Triton's layout
+        return kernel[grid](*args, **kw)
+    if hit is not None:
+        _STATS["hits"] += 1
+        compiled, tail = hit
+        n = len(grid)  # (the compiled kernel's runner indexes three dimensions: JITFunction.run pads them)
+        compiled[grid if n == 3 else (grid[0], grid[1] if n > 1 else 1, 1)](*args, *tail)
+        return compiled
+    _STATS["misses"] += 1
+    compiled = kernel[grid](*args, **kw)
+    entry = (compiled, _tail(kernel, len(args), kw))
+    with _LOCK:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = entry
+    return compiled

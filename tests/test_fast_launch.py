@@ -1,0 +1,258 @@
+"""The launch cache of ``lora_kernels.triton_ops.launch``: a hit launches what ``JITFunction.run`` would.
+
+The eager Triton path launches an already-compiled kernel straight through its runner once Triton has
+launched that specialization itself (bench/NOTES.md, session 38). These tests run the whole host path on
+the CPU under ``record_launches`` (the kernels compile for sm_90, their launchers record instead of
+calling the driver), in a subprocess without TRITON_INTERPRET so that the kernels are JITFunctions, and
+compare what reaches the launcher with the cache on and off: the same compiled kernels (Triton's hash),
+grids and every parameter, for each launch of a training step, on the paths that take it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.tools.tensor_descriptor", reason="needs Triton's host TensorDescriptor (3.4+)")
+
+
+def _run(script: str, *argv: str) -> dict:
+    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET and with a Triton cache of its own;
+    return the JSON it printed last."""
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_FAST_LAUNCH")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_STEPS = r"""
+import functools, json, sys
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+import lora_kernels as lk
+from lora_kernels.triton_ops import launch as L
+from lora_kernels.triton_ops import lora_linear as tri
+from lora_kernels.triton_ops.compile_only import record_launches
+
+
+def norm(v):
+    # Outputs are new tensors each call: compare what the kernel is given about them.
+    if isinstance(v, torch.Tensor):
+        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16]
+    if isinstance(v, TensorDescriptor):
+        return ["D", norm(v.base), list(v.shape), list(v.strides), list(v.block_shape)]
+    return repr(v)
+
+
+out = {}
+seen = []
+with record_launches(seen.append):
+    for name, case in json.loads(sys.argv[1]).items():
+        torch.manual_seed(0)
+        M, K, N, r, p = case["shape"]
+        x = torch.randn(*case.get("lead", []), M, K, dtype=torch.bfloat16, requires_grad=True)
+        W = torch.randn(N, K, dtype=torch.bfloat16)
+        A = torch.randn(r, K, requires_grad=True)
+        B = torch.randn(N, r, requires_grad=True)
+        dy = torch.randn(*x.shape[:-1], N, dtype=torch.bfloat16)
+        tri.FWD_MODE = tri.BWD_MODE = case.get("mode", "two")
+        tuned = case.get("tuned", False)
+        tri.AUTOTUNE = tuned
+        if tuned:  # real Autotuners pruned to one config, nothing timed (as bench.host_overhead's tuned rows)
+            def make(kernel):
+                tuner = tri._make_autotuner(kernel, prune=lambda c, n, **kw: tri._prune(c, n, **kw)[:1])
+                tuner._bench = lambda *args, config, **meta: [0.0, 0.0, 0.0]
+                return tuner
+            tri._autotuner = functools.cache(make)
+
+        def step(fast, seed):
+            L.FAST_LAUNCH = fast
+            seen.clear()
+            x.grad = A.grad = B.grad = None
+            lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, seed, backend="triton").backward(dy)
+            return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+
+        L.clear()  # (cases may share kernels: count each case's own misses)
+        # Tuned: the first step goes through Triton's Autotuner.run, later ones launch the config it chose.
+        slow = step(False, 1234)
+        before = dict(L.stats())
+        first = step(True, 1234)     # the cache's misses: Triton launches and the entries are stored
+        mid = dict(L.stats())
+        hit = step(True, 1234)       # every launch a hit
+        other_seed = step(True, 99)  # the seed is not specialised on: still hits, with its own value
+        slow_other = step(False, 99)
+        after = dict(L.stats())
+        out[name] = dict(slow=slow, first=first, hit=hit, other_seed=other_seed, slow_other=slow_other,
+                         misses=mid["misses"] - before["misses"], hits=after["hits"] - mid["hits"],
+                         late_misses=after["misses"] - mid["misses"])
+        if tuned:  # the keys whose chosen config the later steps launched
+            out[name]["chosen"] = sorted(k.__name__ for k in (tri._shrink_kernel, tri._fwd_tma_kernel,
+                                         tri._bwd_dx_tma_kernel) if tri._autotuner(k).lk_chosen)
+print(json.dumps(out))
+"""
+
+_CASES = {
+    "tma p=0": dict(shape=[64, 256, 256, 16, 0.0]),
+    "tma p=0.1, 3-D x": dict(shape=[32, 256, 256, 16, 0.1], lead=[2]),
+    "pointer K=250 p=0.1": dict(shape=[67, 250, 130, 8, 0.1]),
+    "single-pass p=0.1": dict(shape=[64, 256, 256, 16, 0.1], mode="single"),
+    "tuned, chosen configs, tma p=0.1": dict(shape=[64, 256, 256, 16, 0.1], tuned=True),
+}
+
+
+@pytest.fixture(scope="module")
+def steps() -> dict:
+    return _run(_STEPS, json.dumps(_CASES))
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_cached_launches_match_tritons_own(steps, case):
+    """Every launch of a forward+backward step reaches the launcher with the same compiled kernel, grid and
+    parameters whether Triton binds it (cache off) or the cache does; a new seed (an unspecialised
+    argument) hits and passes its own value; the second step misses nothing."""
+    got = steps[case]
+    assert got["slow"], "no launch recorded"
+    assert got["first"] == got["slow"] and got["hit"] == got["slow"], case
+    assert got["other_seed"] == got["slow_other"] and got["other_seed"] != got["slow"], case
+    assert got["misses"] == len(got["slow"]) and got["late_misses"] == 0, got
+    assert got["hits"] == 2 * len(got["slow"]), got
+    if "tuned" in case:
+        assert got["chosen"] == ["_bwd_dx_tma_kernel", "_fwd_tma_kernel", "_shrink_kernel"], got["chosen"]
+
+
+def test_cached_launches_cover_each_kernel_of_the_step(steps):
+    """The cases reach every kernel of the two-launch TMA and pointer paths and the single-pass kernels."""
+    names = {launch[0] for case in steps.values() for launch in case["slow"]}
+    assert {"_shrink_kernel", "_fwd_tma_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel",
+            "_bwd_dx_tma_kernel", "_fwd_single_pass_kernel", "_bwd_single_pass_kernel"} <= names, names  # fmt: skip
+
+
+_KEYS = r"""
+import itertools, json
+import torch
+from triton.backends.compiler import BaseBackend
+from triton.tools.tensor_descriptor import TensorDescriptor
+from lora_kernels.triton_ops import launch as L
+
+spec = L.native_specialize_impl
+base = torch.empty(4096, dtype=torch.bfloat16)
+values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**32, 2**63 - 16, 2**63,
+          0.0, 1.0, 2.5, True, False, None]
+values += [base[i:] for i in range(16)] + [base.float()[i:] for i in range(4)]
+values += [base.to(torch.uint8)[i:] for i in range(16)]
+values += [TensorDescriptor.from_tensor(base[i:i + 64 * 48].view(48, 64), [b, 64]) for i in (0, 8) for b in (16, 32)]
+values += [TensorDescriptor.from_tensor(base[:64 * 40].view(40, 64), [16, 64])]
+
+
+class Param:
+    def __init__(self, constexpr, const, dns, dnsa):
+        self.is_constexpr, self.is_const = constexpr, const
+        self.do_not_specialize, self.do_not_specialize_on_alignment = dns, dnsa
+
+
+class Kernel:
+    pass
+
+
+conflicts, checked = [], 0
+for const, dns, dnsa in itertools.product((False, True), repeat=3):
+    k = Kernel()
+    k.params = [Param(False, const, dns, dnsa)]
+    seen = {}
+    for v in values:
+        if v is None:
+            continue
+        key = L._specs(BaseBackend, k, (v,))
+        truth = spec(BaseBackend, v, const, not dns, not dnsa)
+        try:
+            hash(key)
+        except TypeError:
+            conflicts.append(["unhashable", repr(key)])
+            continue
+        if isinstance(v, torch.Tensor) and key[0] is v:
+            conflicts.append(["tensor kept in the key", repr(key)])
+        checked += 1
+        if seen.setdefault(key, truth) != truth:
+            conflicts.append([repr(key), repr(truth), repr(seen[key])])
+print(json.dumps(dict(conflicts=conflicts, checked=checked)))
+"""
+
+
+def test_keys_determine_tritons_specialization():
+    """The cache's key of an argument is at least as fine as Triton's own specialization of it (equal keys,
+    equal specializations), for integers across the 1 / 16 / int32 / int64 boundaries, floats, bools,
+    tensors at every 2-byte offset, descriptors, with every combination of a parameter's flags; and no
+    tensor is kept in a key (the cache would hold it alive). Run by both CI stacks (Triton 3.6 and 3.8)."""
+    got = _run(_KEYS)
+    assert got["checked"] > 300 and got["conflicts"] == [], got
+
+
+_SWITCHES = r"""
+import json
+import torch
+import lora_kernels as lk
+from lora_kernels.triton_ops import launch as L
+from lora_kernels.triton_ops.compile_only import record_launches
+
+seen = []
+res = {}
+with record_launches(seen.append):
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    W, A, B = torch.randn(256, 256, dtype=torch.bfloat16), torch.randn(16, 256), torch.randn(256, 16)
+    lk.lora_linear(x, W, A, B, backend="triton")
+    res["after_first"] = L.stats()
+    L._CACHE_MAX = 1  # full: each store starts the cache over
+    seen.clear()
+    lk.lora_linear(x, W[:128], A, B[:128], backend="triton")  # another N
+    res["bounded"] = dict(L.stats(), launches=len(seen))
+    L.FAST_LAUNCH = False
+    before = L.stats()
+    lk.lora_linear(x, W, A, B, backend="triton")
+    res["off"] = [before, L.stats()]
+res["cleared_on_exit"] = L.stats()["entries"]
+print(json.dumps(res))
+"""
+
+
+def test_cache_is_bounded_switchable_and_cleared():
+    """At its bound the cache starts over and launches still happen; LORA_KERNELS_FAST_LAUNCH's switch
+    sends every launch through Triton; leaving ``record_launches`` empties it (its entries point at
+    stand-in launchers)."""
+    got = _run(_SWITCHES)
+    assert got["after_first"]["misses"] == 2 and got["after_first"]["entries"] == 2, got
+    bounded = got["bounded"]  # (the forward GEMM's N changed; the shrink kernel's key has no N)
+    assert bounded["launches"] == 2 and bounded["misses"] == 3 and bounded["entries"] == 1, got
+    assert got["off"][0] == got["off"][1], got  # no hit, no miss: the cache was not consulted
+    assert got["cleared_on_exit"] == 0, got
+
+
+def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():
+    """Under TRITON_INTERPRET the kernels are not JITFunctions: ``launch`` hands them to ``kernel[grid]``
+    unchanged (this process runs the interpreter when CI's suite does)."""
+    import torch
+
+    from lora_kernels.triton_ops import launch as L
+
+    calls = []
+
+    class Stand:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append((grid, a, k)) or "launched"
+
+    before = L.stats()
+    assert L.launch(Stand(), (3,), (torch.empty(1), 7), {"BLOCK": 32}) == "launched"
+    assert calls == [((3,), calls[0][1], {"BLOCK": 32})] and L.stats() == before
