@@ -39,23 +39,35 @@ __all__ = ["FAST_LAUNCH", "launch", "clear", "stats"]
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
 
-# (kernel, device, debug, instrumentation, keyword items, argument specializations) -> (compiled, tail):
-# ``tail`` the values of the parameters after the positional ones (keywords, then defaults).
-_CACHE: dict[tuple, tuple] = {}
-_CACHE_MAX = 4096  # distinct specializations kept; past it the cache starts over (a few µs per launch again)
+# Per kernel (kept on the JITFunction: hashing one runs Python under a lock), (device, debug, instrumentation,
+# keyword items, argument keys) -> (compiled, tail): ``tail`` the values of the parameters after the positional
+# ones (keywords, then defaults).
+_CACHES: list[dict] = []  # every kernel's cache, for clear() and the bound
+_CACHE_MAX = 4096  # distinct specializations kept in all; past it the caches start over (a miss each, once)
 _LOCK = threading.Lock()
 _STATS = {"hits": 0, "misses": 0}
 
 
 def stats() -> dict:
     """Launches that found their compiled kernel here (``hits``) and that went through Triton (``misses``)."""
-    return dict(_STATS, entries=len(_CACHE))
+    return dict(_STATS, entries=sum(map(len, _CACHES)))
 
 
 def clear() -> None:
     with _LOCK:
-        _CACHE.clear()
+        for cache in _CACHES:
+            cache.clear()
         _STATS.update(hits=0, misses=0)
+
+
+def _cache_of(kernel: JITFunction) -> dict:
+    cache = kernel.__dict__.get("_lk_launch_cache")
+    if cache is None:
+        with _LOCK:
+            cache = kernel.__dict__.setdefault("_lk_launch_cache", {})
+            if not any(c is cache for c in _CACHES):
+                _CACHES.append(cache)
+    return cache
 
 
 def _param_flags(kernel: JITFunction) -> tuple[tuple, tuple[int, ...]]:
@@ -109,13 +121,14 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
     if not FAST_LAUNCH or type(kernel) is not JITFunction:
         return kernel[grid](*args, **kw)
     device = driver.active.get_current_device()
+    cache = _cache_of(kernel)
     try:
         backend = kernel.device_caches[device][3]  # the binder's backend (created on first use, as run does)
         key = (
-            kernel, device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(kw.items()),
+            device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(kw.items()),
             _specs(backend, kernel, args),
         )  # fmt: skip
-        hit = _CACHE.get(key)
+        hit = cache.get(key)
     except (TypeError, IndexError, AttributeError):  # an unhashable value, or another Triton's layout
         return kernel[grid](*args, **kw)
     if hit is not None:
@@ -128,7 +141,8 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
     compiled = kernel[grid](*args, **kw)
     entry = (compiled, _tail(kernel, len(args), kw))
     with _LOCK:
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.clear()
-        _CACHE[key] = entry
+        if sum(map(len, _CACHES)) >= _CACHE_MAX:
+            for c in _CACHES:
+                c.clear()
+        cache[key] = entry
     return compiled

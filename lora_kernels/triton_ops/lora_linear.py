@@ -1521,14 +1521,15 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
     variants = [(meta, fixed)]
-    hook = _DESC_HOOKS.get(kernel)
     i = 0
     while True:
         m, cfg = variants[i]
         tiles = {k: v for k, v in cfg.items() if k != "num_warps" and k != "num_stages"}
         # TMA descriptors carry the block shape: re-point them at the tiles of a step-down, or after the
-        # tuner's pre-hooks moved them (they were built with the fixed tiles).
-        if hook is not None and (i or tuned or m.get("FLATTEN") or cfg.get("SPLIT_STORE")):
+        # tuner's pre-hooks moved them (they were built with the fixed tiles). (The condition first: looking a
+        # JITFunction up hashes it, in Python.)
+        hook = (i or tuned or m.get("FLATTEN") or cfg.get("SPLIT_STORE")) and _DESC_HOOKS.get(kernel)
+        if hook:
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **m, **tiles})
         try:
             if wrap is _identity:
