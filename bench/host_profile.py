@@ -118,6 +118,7 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
     import torch.nn.functional as F
 
     import lora_kernels as lk
+    from lora_kernels.triton_ops import launch
 
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
@@ -133,9 +134,23 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
     def triton_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
 
+    def uncached(fn):  # every launch through Triton's JITFunction.run (LORA_KERNELS_FAST_LAUNCH=0): the A/B
+        def run():
+            saved, launch.FAST_LAUNCH = launch.FAST_LAUNCH, False
+            try:
+                return fn()
+            finally:
+                launch.FAST_LAUNCH = saved
+
+        return run
+
+    def triton_step():
+        triton_fwd().backward(dy)
+
     return [
         ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
-        ("triton", triton_fwd, lambda: triton_fwd().backward(dy), [x, A, B]),
+        ("triton", triton_fwd, triton_step, [x, A, B]),
+        ("triton, launch cache off", uncached(triton_fwd), uncached(triton_step), [x, A, B]),
     ]
 
 
@@ -190,7 +205,7 @@ def profile_steps(dims: tuple[int, int, int, int], p: float, steps: int, dev) ->
             fb_us = _host_us(step, clear, dev)
         finally:
             tri._launch = real_launch
-        rows.append((name, f_us, fb_us, names if name == "triton" else None))
+        rows.append((name, f_us, fb_us, names if name.startswith("triton") else None))
     _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")
     _host_us(step, clear, dev, steps=2)
     prof = cProfile.Profile()

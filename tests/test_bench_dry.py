@@ -939,8 +939,9 @@ print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
-    rows for cuBLAS and the Triton backend, one step's Triton launches (four: the backward's sums of its row
-    splits are inside them), and the cProfile summed by area. Without a GPU the command itself exits 2."""
+    rows for cuBLAS and the Triton backend (launch cache on, and off: the A/B), one step's Triton launches
+    (four: the backward's sums of its row splits are inside them), and the cProfile summed by area. Without a
+    GPU the command itself exits 2."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -948,9 +949,10 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    (cublas, _, _, none), (triton_, f_us, fb_us, launched) = out["rows"]
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched), (off, f_off, fb_off, launched_off) = out["rows"]
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
+    assert off == "triton, launch cache off" and launched_off == launched and f_off > 0 and fb_off > 0
     assert out["areas"]["lora_kernels"] > 0 and out["areas"]["triton runtime"] > 0, out["areas"]
     proc = subprocess.run([sys.executable, "-m", "bench.host_profile"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
