@@ -31,9 +31,12 @@ def _run(script: str, *argv: str) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORA_KERNELS_FAST_LAUNCH")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as cache:
         env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True,
+        path = Path(cache) / "script.py"  # (a file: Triton reads a @jit function's source from it)
+        path.write_text(script)
+        proc = subprocess.run([sys.executable, str(path), *argv], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -208,6 +211,15 @@ import lora_kernels as lk
 from lora_kernels.triton_ops import launch as L
 from lora_kernels.triton_ops.compile_only import record_launches
 
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _flag_kernel(X, FLAG: tl.constexpr):
+    tl.store(X + tl.arange(0, 64), tl.full((64,), FLAG, tl.float32))
+
+
 seen = []
 res = {}
 with record_launches(seen.append):
@@ -223,6 +235,16 @@ with record_launches(seen.append):
     before = L.stats()
     lk.lora_linear(x, W, A, B, backend="triton")
     res["off"] = [before, L.stats()]
+    # Keyword constexprs: the cache returns the compiled kernel Triton's own launch returns for each value
+    # (a kernel outside lora_kernels, launched through the cache directly).
+    L._CACHE_MAX = 4096
+    L.clear()
+    t = torch.empty(64)
+    flags = (True, 1, 2.0, False, 0, True, 1, 2.0, False, 0)
+    slow = [L.launch(_flag_kernel, (1,), (t,), {"FLAG": flag}) for flag in flags[:5]]
+    L.FAST_LAUNCH = True
+    fast = [L.launch(_flag_kernel, (1,), (t,), {"FLAG": flag}) for flag in flags]
+    res["flags"] = dict(L.stats(), same=[f is slow[i % 5] for i, f in enumerate(fast)])
 res["cleared_on_exit"] = L.stats()["entries"]
 print(json.dumps(res))
 """
@@ -230,13 +252,15 @@ print(json.dumps(res))
 
 def test_cache_is_bounded_switchable_and_cleared():
     """At its bound the cache starts over and launches still happen; LORA_KERNELS_FAST_LAUNCH's switch
-    sends every launch through Triton; leaving ``record_launches`` empties it (its entries point at
-    stand-in launchers)."""
+    sends every launch through Triton; for constexprs passed by keyword (True, 1, 2.0, False, 0) it returns
+    the compiled kernel Triton's own launch returns; leaving ``record_launches`` empties it (its entries
+    point at stand-in launchers)."""
     got = _run(_SWITCHES)
     assert got["after_first"]["misses"] == 2 and got["after_first"]["entries"] == 2, got
     bounded = got["bounded"]  # (the forward GEMM's N changed; the shrink kernel's key has no N)
     assert bounded["launches"] == 2 and bounded["misses"] == 3 and bounded["entries"] == 1, got
     assert got["off"][0] == got["off"][1], got  # no hit, no miss: the cache was not consulted
+    assert got["flags"]["same"] == [True] * 10 and got["flags"]["hits"] >= 5, got["flags"]
     assert got["cleared_on_exit"] == 0, got
 
 

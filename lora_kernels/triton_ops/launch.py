@@ -12,7 +12,8 @@ dtype and 16-byte alignment of a tensor; the type of an integer, whether it equa
 divides it; a descriptor's dtype and block shape; the type of a float), (b) the constexprs and compile
 options (``num_warps``, ``num_stages``, ...), (c) the device and the debug and instrumentation knobs. The
 key here holds (a) computed by that same function with each parameter's own flags, every keyword
-argument of the call (b) and the values of (c): equal keys give equal Triton keys. A key is stored only
+argument of the call (b; Triton's own key holds constexprs by value too, so a constexpr True and 1 are one
+key to both) and the values of (c): equal keys give equal Triton keys. A key is stored only
 after Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel
 that ran out of resources.
 
