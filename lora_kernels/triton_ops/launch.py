@@ -11,11 +11,13 @@ specialization of each non-constexpr argument, which it computes with ``native_s
 dtype and 16-byte alignment of a tensor; the type of an integer, whether it equals 1 and whether 16
 divides it; a descriptor's dtype and block shape; the type of a float), (b) the constexprs and compile
 options (``num_warps``, ``num_stages``, ...), (c) the device and the debug and instrumentation knobs. The
-key here holds (a) computed by that same function with each parameter's own flags, every keyword
-argument of the call (b; Triton's own key holds constexprs by value too, so a constexpr True and 1 are one
-key to both) and the values of (c): equal keys give equal Triton keys. A key is stored only
-after Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel
-that ran out of resources.
+key here holds (a) as each argument's value where the value determines it (integers Triton specialises on,
+floats, bools, constexprs), else as that same function computes it with the parameter's own flags, plus the
+arguments' types; every keyword argument of the call (b; Triton's own key holds constexprs by value too, so a
+constexpr True and 1 are one key to both); the values of (c). Equal keys give equal Triton keys
+(tests/test_fast_launch.py checks the keys against ``native_specialize_impl``). A key is stored only after
+Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel that ran
+out of resources. The cache holds compiled kernels and plain values, never a tensor.
 
 Off with ``LORA_KERNELS_FAST_LAUNCH=0`` (every launch through ``JITFunction.run``), and for anything that
 is not a plain ``JITFunction`` (the interpreter's kernels, ``wrap_triton``, the compile-only stand-ins):
@@ -140,6 +142,8 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
         return compiled
     _STATS["misses"] += 1
     compiled = kernel[grid](*args, **kw)
+    if compiled is None:  # (Triton returns None only where it did not launch: nothing to keep)
+        return None
     entry = (compiled, _tail(kernel, len(args), kw))
     with _LOCK:
         if sum(map(len, _CACHES)) >= _CACHE_MAX:
