@@ -8,8 +8,12 @@ and Triton's argument binding. When that takes longer than the GPU work it issue
 host-bound (small M: at M = 2048, K = N = 4096 an H100 forward is ≈ 100 µs). This runs the real path
 under ``lora_kernels.triton_ops.compile_only`` on tiny CPU tensors: each launch binds its arguments and
 finds its compiled kernel as on a GPU, then returns instead of launching, so the figures are the host
-path minus the driver's launch (a few µs per kernel on a GPU). The CUDA backend's rows run its Python
-layer (checks, autograd Function, op dispatch policy) with the pybind extension replaced by a stub that
+path minus the driver's launch (a few µs per kernel on a GPU). The rows "to the launcher" run under
+``record_launches`` instead: the kernels stay Triton's JITFunctions and each launch reaches the compiled
+kernel's launcher (which records instead of calling the driver), through ``JITFunction.run`` and through
+lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), in alternation. The CUDA backend's
+rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
+replaced by a stub that
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
 in the same run, as eager calls are made (straight to the extension) and through the registered
 ``torch.library`` ops (what torch.compile and dispatch modes use), so the difference is the
