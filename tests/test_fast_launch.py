@@ -171,6 +171,14 @@ class Kernel:
     pass
 
 
+def flat(key):
+    for part in key:
+        if isinstance(part, tuple):
+            yield from flat(part)
+        else:
+            yield part
+
+
 conflicts, checked = [], 0
 for const, dns, dnsa in itertools.product((False, True), repeat=3):
     k = Kernel()
@@ -186,7 +194,7 @@ for const, dns, dnsa in itertools.product((False, True), repeat=3):
         except TypeError:
             conflicts.append(["unhashable", repr(key)])
             continue
-        if isinstance(v, torch.Tensor) and key[0] is v:
+        if isinstance(v, torch.Tensor) and any(part is v for part in flat(key)):
             conflicts.append(["tensor kept in the key", repr(key)])
         checked += 1
         if seen.setdefault(key, truth) != truth:

@@ -26,6 +26,7 @@ those take ``kernel[grid]`` as before.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 
@@ -73,43 +74,54 @@ def _cache_of(kernel: JITFunction) -> dict:
     return cache
 
 
-def _param_flags(kernel: JITFunction) -> tuple[tuple, tuple[int, ...]]:
+def _param_flags(kernel: JITFunction) -> tuple:
     """Per parameter: None for a constexpr (its value is its key), else ``native_specialize_impl``'s flags
-    (is_const, specialize the value, specialize the alignment), as Triton's binder passes them; and the
-    positions of the parameters whose value Triton does not specialise on (``do_not_specialize``)."""
+    (is_const, specialize the value, specialize the alignment), as Triton's binder passes them."""
     flags = kernel.__dict__.get("_lk_param_flags")
     if flags is None:
-        per = tuple(
+        flags = kernel._lk_param_flags = tuple(
             None if p.is_constexpr else (p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
             for p in kernel.params
         )
-        flags = per, tuple(i for i, f in enumerate(per) if f is not None and not f[1])
-        kernel._lk_param_flags = flags
     return flags
 
 
 _BY_VALUE = frozenset({int, float, bool})
 
 
+def _layout(kernel: JITFunction, types: tuple) -> tuple:
+    """For arguments of these types: a getter of the positions keyed by value, and the positions keyed by
+    ``native_specialize_impl`` with their parameter's flags. (Which positions are which depends only on the
+    types and the kernel's parameters, so it is worked out once per pair; the types are part of the key.)"""
+    layouts = kernel.__dict__.get("_lk_layouts")
+    if layouts is None:
+        layouts = kernel.__dict__.setdefault("_lk_layouts", {})
+    layout = layouts.get(types)
+    if layout is None:
+        flags = _param_flags(kernel)
+        by_value, by_spec = [], []
+        for i, (t, f) in enumerate(zip(types, flags, strict=False)):
+            # Constexprs, and integers, floats and bools, except the integers Triton does not specialise on.
+            if f is None or (t in _BY_VALUE and (f[1] or t is not int)):
+                by_value.append(i)
+            else:
+                by_spec.append((i, *f))
+        get = operator.itemgetter(*by_value) if len(by_value) > 1 else (lambda a, i=by_value: tuple(a[j] for j in i))
+        layout = layouts[types] = (get, tuple(by_spec))
+    return layout
+
+
 def _specs(backend, kernel: JITFunction, args: tuple) -> tuple:
-    """Each positional argument's key: finer than or equal to the specialization Triton's binder computes
-    from it, and cheap. Constexprs, integers, floats and bools are keyed by their value (which determines
+    """The positional arguments' key: finer than or equal to the specialization Triton's binder computes
+    from them, and cheap. Constexprs, integers, floats and bools are keyed by their value (which determines
     their specialization; the cache is bounded for values that vary, such as M), except the integers
     Triton does not specialise on (the seed: a new value each step); those and everything else (tensors,
-    descriptors) by ``native_specialize_impl`` itself, with the parameter's flags."""
+    descriptors) by ``native_specialize_impl`` itself, with the parameter's flags. The types too: 1 == 1.0
+    == True as keys, while Triton specialises them as constexpr 1, fp32 and u1."""
+    types = tuple(map(type, args))
+    get, by_spec = _layout(kernel, types)
     spec = native_specialize_impl
-    flags, unspecialised = _param_flags(kernel)
-    key = [
-        a if f is None or type(a) in _BY_VALUE else spec(backend, a, f[0], f[1], f[2])
-        for a, f in zip(args, flags, strict=False)
-    ]
-    for i in unspecialised:
-        if i < len(args) and type(args[i]) is int:
-            f = flags[i]
-            key[i] = spec(backend, args[i], f[0], f[1], f[2])
-    # The types too: 1 == 1.0 == True as keys, while Triton specialises them as constexpr 1, fp32 and u1.
-    key.append(tuple(map(type, args)))
-    return tuple(key)
+    return types, get(args), tuple([spec(backend, args[i], c, s, a) for i, c, s, a in by_spec])
 
 
 def _tail(kernel: JITFunction, n_args: int, kw: dict) -> tuple:
