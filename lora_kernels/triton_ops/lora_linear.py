@@ -1148,12 +1148,15 @@ def _tma_ok(*tensors: torch.Tensor, traced: bool = False) -> bool:
         if _interpret() or dev.type != "cuda" or device_capability(dev)[0] < 9:
             return False
     for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16:
+        if t.dim() != 2:
+            return False
+        row, col = t.stride()  # (one call: each ``stride(i)`` costs as much, and this runs on every eager call)
+        if col != 1 or (row * t.element_size()) % 16:
             return False
         fake = traced and torch._subclasses.fake_tensor.is_fake(t)
         if (t.storage_offset() * t.element_size()) % 16 if fake else t.data_ptr() % 16:
             return False
-        if t.stride(0) < t.shape[1]:  # overlapping rows (e.g. an expanded dY with row stride 0)
+        if row < t.shape[1]:  # overlapping rows (e.g. an expanded dY with row stride 0)
             return False
     return True
 
@@ -1606,7 +1609,7 @@ def lora_fwd(
         _shrink_kernel,
         lambda META: (_cdiv(M, META["BLOCK_M"]), splits),
         (x, lora_A, t_part, bits, M, K, R, MB,
-         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), stride_ts,
+         *x.stride(), *lora_A.stride(), t.stride(0), stride_ts,
          max(bits.stride(0), 1), lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
         dict(HAS_DROPOUT=has_dropout, STORE_BITS=store_bits, CDT=cdt, IEEE=ieee, BLOCK_R=BR, SPLIT_K=splits),
         _shrink_cfg(x, fixed, lora_A),
@@ -1628,7 +1631,7 @@ def lora_fwd(
             _fwd_tma_kernel,
             lambda META: (min(sms, _cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"])),),
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
-             t.stride(0), stride_ts, lora_B.stride(0), lora_B.stride(1), x.stride(0), w_tma.stride(0), y.stride(0),
+             t.stride(0), stride_ts, *lora_B.stride(), x.stride(0), w_tma.stride(0), y.stride(0),
              scaling),
             dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced,
                  W_KN=w_kn),
@@ -1640,8 +1643,8 @@ def lora_fwd(
         _fwd_kernel,
         lambda META: (_cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"]),),
         (x, weight, bias_arg, t_part, t, lora_B, lbias_arg, y, M, N, K, R, MB,
-         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0), stride_ts,
-         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), scaling),
+         *x.stride(), *weight.stride(), t.stride(0), stride_ts,
+         *lora_B.stride(), *y.stride(), scaling),
         dict(flags, IEEE=ieee),
         fixed,
         wrap,
@@ -1723,7 +1726,7 @@ def lora_bwd(
             _bwd_dy1_kernel,
             dy1_grid,
             (dy, lora_B, t, dt_part, dt, db_part, colsum_part, dt_cnt, cnt, M, N, R, MB, db_splits, n_cnt,
-             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt_part.stride(0), 1),
+             *dy.stride(), *lora_B.stride(), t.stride(0), max(dt_part.stride(0), 1),
              max(dt.stride(0), 1), max(db_part.stride(-2), 1), _split_stride(db_part, db_splits),
              _split_stride(colsum_part, db_splits), scaling),
             dict(CDT=cdt, IEEE=ieee, BLOCK_R=BR),
@@ -1736,7 +1739,7 @@ def lora_bwd(
             lambda META: ((_cdiv(M, META["BLOCK_M"]) if do_dt else 0)
                           + (_cdiv(N, META["BLOCK_N"]) * db_splits if need_db else 0),),
             (dy, lora_B, t, dt, db_part, colsum_part, cnt, M, N, R, MB, db_splits, cnt.shape[0],
-             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), max(dt.stride(0), 1),
+             *dy.stride(), *lora_B.stride(), t.stride(0), max(dt.stride(0), 1),
              max(db_part.stride(-2), 1), _split_stride(db_part, db_splits), _split_stride(colsum_part, db_splits),
              scaling),
             dict(DO_DT=do_dt, DO_DB=need_db, CDT=cdt, IEEE=ieee, BLOCK_R=BR),
@@ -1789,7 +1792,7 @@ def lora_bwd(
             lambda META: (min(sms, max(_cdiv(M, META["BLOCK_M"]) * _cdiv(K, META["BLOCK_K"]) + n_da(META),
                                        red_tiles)),),
             (dy_desc, w_desc, dx_desc, dt, lora_A, x, bits, da_part, da_out, cnt, *sums, M, N, K, R, MB, splits,
-             db_splits, red_tiles, dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+             db_splits, red_tiles, dt.stride(0), *lora_A.stride(), *x.stride(),
              bits_stride, max(da_part.stride(-2), 1), _split_stride(da_part, splits), dy.stride(0), w_tma.stride(0),
              dx.stride(0), *seeds),
             dict(DO_DA=fused_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR, DO_DX=True,
@@ -1810,8 +1813,8 @@ def lora_bwd(
         lambda META: (red_tiles + n_dx(META) + n_da(META),),
         (dy, weight, dt, lora_A, x, bits, dx, da_part, da if da_splits > 1 else spare, cnt, *sums, M, N, K, R, MB,
          da_splits, db_splits,
-         red_tiles, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
-         lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), bits_stride,
+         red_tiles, *dy.stride(), *weight.stride(), dt.stride(0),
+         *lora_A.stride(), *x.stride(), bits_stride,
          max(dx.stride(0), 1), dx.stride(1), da_part.stride(-2), _split_stride(da_part, da_splits), *seeds),
         dict(DO_DA=need_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR, DO_DX=need_dx,
              IEEE=ieee),
@@ -1876,7 +1879,7 @@ def launch_da(
         lambda META: (_cdiv(K, META["BLOCK_K"]) * splits,),
         (da_part, da_part, dt, lora_A, x, bits, da_part, da_part, da, counters, da_part, da_part, da_part, da_part,
          M, 0, K, R, _m_bucket(M), splits, 1, 0,
-         0, 0, 0, 0, dt.stride(0), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+         0, 0, 0, 0, dt.stride(0), *lora_A.stride(), *x.stride(),
          max(bits.stride(0), 1), 0, 0, da_part.stride(-2), _split_stride(da_part, splits),
          lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)),
         dict(DO_DX=False, DO_DA=True, HAS_DROPOUT=has_dropout, LOAD_BITS=has_dropout and bool(bits.numel() > 0),
