@@ -10,8 +10,9 @@ under ``lora_kernels.triton_ops.compile_only`` on tiny CPU tensors: each launch 
 finds its compiled kernel as on a GPU, then returns instead of launching, so the figures are the host
 path minus the driver's launch (a few µs per kernel on a GPU). The rows "to the launcher" run under
 ``record_launches`` instead: the kernels stay Triton's JITFunctions and each launch reaches the compiled
-kernel's launcher (which records instead of calling the driver), through ``JITFunction.run`` and through
-lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), in alternation. The CUDA backend's
+kernel's launcher (which records instead of calling the driver), through ``JITFunction.run``, through
+lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``) and replayed from its launch plans, in
+alternation. The CUDA backend's
 rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
 replaced by a stub that
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
@@ -113,33 +114,35 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
     return rows + _recorded_rows(reps, warmup) + measure_cuda_layer(reps, warmup)
 
 
-RECORDED_ROWS = ("to the launcher: Triton's run", "to the launcher: launch cache")
+RECORDED_ROWS = ("to the launcher: Triton's run", "to the launcher: launch cache", "to the launcher: launch plans")
+_RECORDED_MODES = ((False, False), (True, False), (True, True))  # (launch cache, launch plans) per row above
 
 
 def _recorded_rows(reps: int, warmup: int) -> list[dict]:
     """The eager path down to the compiled kernel's launcher (``record_launches``: real JITFunctions, the
-    launcher records instead of calling the driver), each launch through ``JITFunction.run`` and through
-    :mod:`lora_kernels.triton_ops.launch`'s cache, measured in alternation (two rounds, the lower median)."""
+    launcher records instead of calling the driver), each launch through ``JITFunction.run``, through
+    :mod:`lora_kernels.triton_ops.launch`'s cache, and replayed from that module's launch plans, measured in
+    alternation (two rounds, the lower median)."""
     from lora_kernels.triton_ops import launch
     from lora_kernels.triton_ops.compile_only import record_launches
 
     rows = []
-    saved = launch.FAST_LAUNCH
+    saved = launch.FAST_LAUNCH, launch.PLANS
     try:
         with record_launches(lambda launched: None):
             for label, K in (("two-launch, TMA", 256), ("two-launch, pointer (K = 250)", 250)):
                 x, W, A, B, dy = _inputs(K)
-                best: dict[bool, tuple[float, float]] = {}
+                best: dict[tuple[bool, bool], tuple[float, float]] = {}
                 for _ in range(2):
-                    for fast in (False, True):
-                        launch.FAST_LAUNCH = fast
+                    for mode in _RECORDED_MODES:
+                        launch.FAST_LAUNCH, launch.PLANS = mode
                         f_us, fb_us = _time_calls(x, W, A, B, dy, 0.1, reps, warmup)
-                        prev = best.get(fast, (f_us, fb_us))
-                        best[fast] = (min(prev[0], f_us), min(prev[1], fb_us))
-                for fast, how in zip((False, True), RECORDED_ROWS, strict=True):
-                    rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[fast][0], fwdbwd_us=best[fast][1]))
+                        prev = best.get(mode, (f_us, fb_us))
+                        best[mode] = (min(prev[0], f_us), min(prev[1], fb_us))
+                for mode, how in zip(_RECORDED_MODES, RECORDED_ROWS, strict=True):
+                    rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[mode][0], fwdbwd_us=best[mode][1]))
     finally:
-        launch.FAST_LAUNCH = saved
+        launch.FAST_LAUNCH, launch.PLANS = saved
     return rows
 
 

@@ -134,13 +134,16 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
     def triton_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
 
-    def uncached(fn):  # every launch through Triton's JITFunction.run (LORA_KERNELS_FAST_LAUNCH=0): the A/B
+    def switched(fn, fast: bool, plans: bool):
+        # The A/Bs: each launch through the launch cache but without launch plans (LORA_KERNELS_LAUNCH_PLANS=0),
+        # or through Triton's JITFunction.run (LORA_KERNELS_FAST_LAUNCH=0, which turns plans off too).
         def run():
-            saved, launch.FAST_LAUNCH = launch.FAST_LAUNCH, False
+            saved = launch.FAST_LAUNCH, launch.PLANS
+            launch.FAST_LAUNCH, launch.PLANS = fast, plans
             try:
                 return fn()
             finally:
-                launch.FAST_LAUNCH = saved
+                launch.FAST_LAUNCH, launch.PLANS = saved
 
         return run
 
@@ -150,7 +153,13 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
     return [
         ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
         ("triton", triton_fwd, triton_step, [x, A, B]),
-        ("triton, launch cache off", uncached(triton_fwd), uncached(triton_step), [x, A, B]),
+        ("triton, launch plans off", switched(triton_fwd, True, False), switched(triton_step, True, False), [x, A, B]),
+        (
+            "triton, launch cache off",
+            switched(triton_fwd, False, False),
+            switched(triton_step, False, False),
+            [x, A, B],
+        ),
     ]
 
 

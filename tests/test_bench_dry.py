@@ -904,8 +904,8 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     extension, eager and through the ops, and a patched PEFT layer over that stub; the tuned TMA path through
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
     itself asserts that the chosen rows took the chosen path); the path down to the launcher
-    (``record_launches``) through Triton's run and through the launch cache: twenty rows of positive
-    figures, nothing asserted on time."""
+    (``record_launches``) through Triton's run, through the launch cache and replayed from launch plans:
+    twenty-two rows of positive figures, nothing asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -918,7 +918,7 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
     recorded = {f"{path}, {how}" for path in ("two-launch, TMA", "two-launch, pointer (K = 250)")
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(rows) == 20 and {r[0].strip() for r in rows} == {
+    assert len(rows) == 22 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
@@ -939,9 +939,9 @@ print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
-    rows for cuBLAS and the Triton backend (launch cache on, and off: the A/B), one step's Triton launches
-    (four: the backward's sums of its row splits are inside them), and the cProfile summed by area. Without a
-    GPU the command itself exits 2."""
+    rows for cuBLAS and the Triton backend (launch cache and plans on; plans off; both off: the A/Bs), one
+    step's Triton launches (four: the backward's sums of its row splits are inside them), and the cProfile
+    summed by area. Without a GPU the command itself exits 2."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -949,10 +949,11 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    (cublas, _, _, none), (triton_, f_us, fb_us, launched), (off, f_off, fb_off, launched_off) = out["rows"]
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched), plans_off, cache_off = out["rows"]
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
-    assert off == "triton, launch cache off" and launched_off == launched and f_off > 0 and fb_off > 0
+    for row, name in ((plans_off, "triton, launch plans off"), (cache_off, "triton, launch cache off")):
+        assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row
     assert out["areas"]["lora_kernels"] > 0 and out["areas"]["triton runtime"] > 0, out["areas"]
     proc = subprocess.run([sys.executable, "-m", "bench.host_profile"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

@@ -73,17 +73,18 @@ with record_launches(seen.append):
         B = torch.randn(N, r, requires_grad=True)
         dy = torch.randn(*x.shape[:-1], N, dtype=torch.bfloat16)
         tri.FWD_MODE = tri.BWD_MODE = case.get("mode", "two")
+        tri.TMA_FLATTEN = case.get("flat", False)  # (its hook re-points the output descriptors at half tiles)
         tuned = case.get("tuned", False)
         tri.AUTOTUNE = tuned
         if tuned:  # real Autotuners pruned to one config, nothing timed (as bench.host_overhead's tuned rows)
-            def make(kernel):
-                tuner = tri._make_autotuner(kernel, prune=lambda c, n, **kw: tri._prune(c, n, **kw)[:1])
+            def make(kernel, pick=slice(0, 1)):
+                tuner = tri._make_autotuner(kernel, prune=lambda c, n, **kw: tri._prune(c, n, **kw)[pick])
                 tuner._bench = lambda *args, config, **meta: [0.0, 0.0, 0.0]
                 return tuner
             tri._autotuner = functools.cache(make)
 
-        def step(fast, seed):
-            L.FAST_LAUNCH = fast
+        def step(fast, seed, plans=False):
+            L.FAST_LAUNCH, L.PLANS = fast, plans
             seen.clear()
             x.grad = A.grad = B.grad = None
             lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, seed, backend="triton").backward(dy)
@@ -105,12 +106,70 @@ with record_launches(seen.append):
         if tuned:  # the keys whose chosen config the later steps launched
             out[name]["chosen"] = sorted(k.__name__ for k in (tri._shrink_kernel, tri._fwd_tma_kernel,
                                          tri._bwd_dx_tma_kernel) if tri._autotuner(k).lk_chosen)
+        # Launch plans: the first step with them records (its launches through the cache), later ones replay.
+        p0 = dict(L.stats())
+        plan_first = step(True, 1234, plans=True)
+        p1 = dict(L.stats())
+        plan_hit = step(True, 1234, plans=True)
+        plan_other = step(True, 99, plans=True)
+        p2 = dict(L.stats())
+        # Switches that change launches under the same plan key, the backward's integer arguments (its row splits)
+        # and the shrink's fixed tiles: the sites that no longer match launch as without plans, and are recorded
+        # again.
+        tri.BWD_SPLIT_M = "2"
+        shrink_cfg = tri._shrink_cfg
+        tri._shrink_cfg = lambda *a: {**shrink_cfg(*a), "BLOCK_M": 64}
+        split_slow = step(False, 1234)
+        p3 = dict(L.stats())
+        split_plan = step(True, 1234, plans=True)
+        split_again = step(True, 1234, plans=True)
+        p4 = dict(L.stats())
+        tri.BWD_SPLIT_M, tri._shrink_cfg = "auto", shrink_cfg
+        # A constexpr only (the TMA kernels' FLATTEN).
+        tri.TMA_FLATTEN = not case.get("flat", False)
+        other_slow = step(False, 1234)
+        other_plan = step(True, 1234, plans=True)
+        tri.TMA_FLATTEN = case.get("flat", False)
+        out[name].update(other_slow=other_slow, other_plan=other_plan)
+
+        # An argument of another type with an equal value (2 == 2.0 in a plan key), straight to the autograd
+        # Function's forward launcher (the public call passes float(scaling)): Triton specialises an int apart.
+        def fwd_only(scaling, plans):
+            L.FAST_LAUNCH, L.PLANS = plans, plans
+            seen.clear()
+            with torch.no_grad():
+                tri._fwd(x.detach().reshape(-1, K), W, None, A.detach(), B.detach(), None, scaling, p, 1234, True)
+            return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+
+        fwd_only(2.0, True)
+        out[name].update(float_plan=fwd_only(2.0, True), int_slow=fwd_only(2, False), int_plan=fwd_only(2, True))
+        if tuned:
+            # Other tuners (choosing the last config rather than the first): the sites see another tuner.
+            tri._autotuner = functools.cache(lambda kernel: make(kernel, slice(-1, None)))
+            tuner_slow = step(False, 1234)
+            tuner_plan = step(True, 1234, plans=True)
+            # During a CUDA-graph capture an untuned key launches the fixed tiles: not kept in the plan, so the next
+            # step outside the capture tunes (fresh tuners) and launches the config chosen, as without plans.
+            tri._autotuner = functools.cache(lambda kernel: make(kernel, slice(-1, None)))
+            capturing, tri._capturing = tri._capturing, lambda: True
+            captured = step(True, 1234, plans=True)
+            tri._capturing = capturing
+            after_capture = step(True, 1234, plans=True)
+            out[name].update(tuner_slow=tuner_slow, tuner_plan=tuner_plan, captured=captured,
+                             after_capture=after_capture)
+        out[name].update(plan_first=plan_first, plan_hit=plan_hit, plan_other=plan_other,
+                         plan_hits_recording=p1["plan_hits"] - p0["plan_hits"],
+                         plan_hits=p2["plan_hits"] - p1["plan_hits"],
+                         cache_calls_replaying=p2["hits"] + p2["misses"] - p1["hits"] - p1["misses"],
+                         split_slow=split_slow, split_plan=split_plan, split_again=split_again,
+                         split_plan_hits=p4["plan_hits"] - p3["plan_hits"])
 print(json.dumps(out))
 """
 
 _CASES = {
     "tma p=0": dict(shape=[64, 256, 256, 16, 0.0]),
     "tma p=0.1, 3-D x": dict(shape=[32, 256, 256, 16, 0.1], lead=[2]),
+    "tma p=0.1, flattened": dict(shape=[64, 256, 256, 16, 0.1], flat=True),
     "pointer K=250 p=0.1": dict(shape=[67, 250, 130, 8, 0.1]),
     "single-pass p=0.1": dict(shape=[64, 256, 256, 16, 0.1], mode="single"),
     "tuned, chosen configs, tma p=0.1": dict(shape=[64, 256, 256, 16, 0.1], tuned=True),
@@ -135,6 +194,43 @@ def test_cached_launches_match_tritons_own(steps, case):
     assert got["hits"] == 2 * len(got["slow"]), got
     if "tuned" in case:
         assert got["chosen"] == ["_bwd_dx_tma_kernel", "_fwd_tma_kernel", "_shrink_kernel"], got["chosen"]
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_launch_plans_replay_tritons_launches(steps, case):
+    """With launch plans (``launch.planned``) the first step records and later steps replay each launch the
+    Triton launchers make through ``_launch``: the same compiled kernels, grids and parameters as Triton's own
+    launches, a new seed passed through, no call to the launch cache while replaying. A switch that changes a
+    launch's integer arguments under the same plan key (``LORA_KERNELS_BWD_SPLIT_M``), other fixed tiles for
+    the shrink, a constexpr (``LORA_KERNELS_TMA_FLATTEN``), an int scaling where a float was recorded, other
+    autotuners: each is seen by the site check, and those launches go through the launcher as without plans
+    (the others still replay). The fixed tiles an untuned key falls back to during a CUDA-graph capture are not
+    kept: the next step outside the capture launches the config the autotuner then chooses."""
+    got = steps[case]
+    n = len(got["slow"])
+    assert got["plan_first"] == got["slow"] and got["plan_hit"] == got["slow"], case
+    assert got["plan_other"] == got["slow_other"], case
+    assert got["plan_hits_recording"] == 0, got
+    if case.startswith("single-pass"):  # its launchers launch directly (no plan): only the rest replays
+        assert got["plan_hits"] + got["cache_calls_replaying"] == 2 * n, got
+    else:
+        assert got["plan_hits"] == 2 * n and got["cache_calls_replaying"] == 0, got
+    assert got["split_slow"] != got["slow"], "the switch changed nothing: it tests nothing"
+    if not case.startswith(("pointer", "single-pass")):  # (FLATTEN is the two-launch TMA kernels')
+        assert got["other_slow"] != got["slow"], "the switch changed nothing: it tests nothing"
+    assert got["other_plan"] == got["other_slow"], case
+    if not case.startswith("single-pass"):
+        assert got["int_slow"] != got["float_plan"], "the int scaling changed nothing: it tests nothing"
+    assert got["int_plan"] == got["int_slow"], case
+    if "tuned" in case:
+        assert got["tuner_slow"] != got["slow"], "the other tuners chose the same configs: it tests nothing"
+        assert got["tuner_plan"] == got["tuner_slow"], case
+        assert got["captured"] != got["tuner_slow"], "the capture took the chosen configs: it tests nothing"
+        assert got["after_capture"] == got["tuner_slow"], case
+    assert got["split_plan"] == got["split_slow"] and got["split_again"] == got["split_slow"], case
+    if not case.startswith("single-pass"):
+        # The forward GEMM replays; the shrink and the backward's launches were recorded again.
+        assert 0 < got["split_plan_hits"] < 2 * n, got
 
 
 def test_cached_launches_cover_each_kernel_of_the_step(steps):
@@ -228,6 +324,11 @@ def _flag_kernel(X, FLAG: tl.constexpr):
     tl.store(X + tl.arange(0, 64), tl.full((64,), FLAG, tl.float32))
 
 
+@triton.jit(do_not_specialize=["seed_lo"])
+def _seeded(X, seed_lo):
+    tl.store(X + tl.arange(0, 64), tl.full((64,), seed_lo, tl.float32))
+
+
 seen = []
 res = {}
 with record_launches(seen.append):
@@ -253,6 +354,11 @@ with record_launches(seen.append):
     L.FAST_LAUNCH = True
     fast = [L.launch(_flag_kernel, (1,), (t,), {"FLAG": flag}) for flag in flags]
     res["flags"] = dict(L.stats(), same=[f is slow[i % 5] for i, f in enumerate(fast)])
+    # A plan's varying argument (a seed half) replays only while it keeps the int32 type it was recorded with.
+    plan = []
+    compiled = L.launch(_seeded, (1,), (t, 5), {})
+    L.record([plan, 0], _seeded, None, {}, {}, (t, 5), compiled, (1,), {})
+    res["varying"] = [L.replay([plan, 0], _seeded, None, {}, {}, (t, v)) for v in (7, -2**31, 2**31, 2**40)]
 res["cleared_on_exit"] = L.stats()["entries"]
 print(json.dumps(res))
 """
@@ -262,7 +368,8 @@ def test_cache_is_bounded_switchable_and_cleared():
     """At its bound the cache starts over and launches still happen; LORA_KERNELS_FAST_LAUNCH's switch
     sends every launch through Triton; for constexprs passed by keyword (True, 1, 2.0, False, 0) it returns
     the compiled kernel Triton's own launch returns; leaving ``record_launches`` empties it (its entries
-    point at stand-in launchers)."""
+    point at stand-in launchers). A launch plan's site replays a seed half only while it is an int32, the type
+    its kernel was compiled for."""
     got = _run(_SWITCHES)
     assert got["after_first"]["misses"] == 2 and got["after_first"]["entries"] == 2, got
     bounded = got["bounded"]  # (the forward GEMM's N changed; the shrink kernel's key has no N)
@@ -270,6 +377,7 @@ def test_cache_is_bounded_switchable_and_cleared():
     assert got["off"][0] == got["off"][1], got  # no hit, no miss: the cache was not consulted
     assert got["flags"]["same"] == [True] * 10 and got["flags"]["hits"] >= 5, got["flags"]
     assert got["cleared_on_exit"] == 0, got
+    assert got["varying"] == [True, True, False, False], got["varying"]
 
 
 def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():

@@ -22,6 +22,10 @@ out of resources. The cache holds compiled kernels and plain values, never a ten
 Off with ``LORA_KERNELS_FAST_LAUNCH=0`` (every launch through ``JITFunction.run``), and for anything that
 is not a plain ``JITFunction`` (the interpreter's kernels, ``wrap_triton``, the compile-only stand-ins):
 those take ``kernel[grid]`` as before.
+
+The second half of the module, launch plans, goes one step further for the eager forward and backward: per input
+layout, each launch's compiled kernel and grid as the launchers chose them, replayed after a short check
+(``LORA_KERNELS_LAUNCH_PLANS=0`` turns them off; off with the cache too).
 """
 
 from __future__ import annotations
@@ -30,16 +34,22 @@ import operator
 import os
 import threading
 
+import torch
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton without host descriptors
+    TensorDescriptor = None
 
 try:  # Triton 3.4+: the C function both Triton 3.6 and 3.8 bind arguments with
     from triton._C.libtriton import native_specialize_impl
 except ImportError:  # pragma: no cover - older Triton: no fast path
     native_specialize_impl = None
 
-__all__ = ["FAST_LAUNCH", "launch", "clear", "stats"]
+__all__ = ["FAST_LAUNCH", "PLANS", "launch", "planned", "plan_slot", "replay", "record", "clear", "stats"]
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
 
@@ -49,19 +59,21 @@ FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_
 _CACHES: list[dict] = []  # every kernel's cache, for clear() and the bound
 _CACHE_MAX = 4096  # distinct specializations kept in all; past it the caches start over (a miss each, once)
 _LOCK = threading.Lock()
-_STATS = {"hits": 0, "misses": 0}
+_STATS = {"hits": 0, "misses": 0, "plan_hits": 0}
 
 
 def stats() -> dict:
-    """Launches that found their compiled kernel here (``hits``) and that went through Triton (``misses``)."""
-    return dict(_STATS, entries=sum(map(len, _CACHES)))
+    """Launches that found their compiled kernel here (``hits``), that went through Triton (``misses``) and that a
+    launch plan replayed (``plan_hits``, below); the cache's ``entries`` and the ``plans`` kept."""
+    return dict(_STATS, entries=sum(map(len, _CACHES)), plans=len(_PLANS))
 
 
 def clear() -> None:
     with _LOCK:
         for cache in _CACHES:
             cache.clear()
-        _STATS.update(hits=0, misses=0)
+        _PLANS.clear()
+        _STATS.update(hits=0, misses=0, plan_hits=0)
 
 
 def _cache_of(kernel: JITFunction) -> dict:
@@ -89,6 +101,13 @@ def _param_flags(kernel: JITFunction) -> tuple:
 _BY_VALUE = frozenset({int, float, bool})
 
 
+def _getter(positions: list[int]):
+    """The arguments at ``positions`` (C's ``itemgetter``; a tuple for fewer than two)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda a, i=tuple(positions): tuple(a[j] for j in i)
+
+
 def _layout(kernel: JITFunction, types: tuple) -> tuple:
     """For arguments of these types: a getter of the positions keyed by value, and the positions keyed by
     ``native_specialize_impl`` with their parameter's flags. (Which positions are which depends only on the
@@ -106,8 +125,7 @@ def _layout(kernel: JITFunction, types: tuple) -> tuple:
                 by_value.append(i)
             else:
                 by_spec.append((i, *f))
-        get = operator.itemgetter(*by_value) if len(by_value) > 1 else (lambda a, i=by_value: tuple(a[j] for j in i))
-        layout = layouts[types] = (get, tuple(by_spec))
+        layout = layouts[types] = (_getter(by_value), tuple(by_spec))
     return layout
 
 
@@ -163,3 +181,143 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
                 c.clear()
         cache[key] = entry
     return compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: one eager call's launches, per input layout
+# ----------------------------------------------------------------------------------------------
+# A launch through the cache above still costs its caller's decisions (autotuned or fixed tiles, the pre-hooks that
+# point TMA descriptors at the tiles, the grid) and the key: 10–18 µs a launch on a 2-core CPU (bench/NOTES.md,
+# session 39). Within :func:`planned`, the i-th launch a caller makes (``_launch`` in lora_linear.py) is recorded
+# once: the compiled kernel, grid, constexpr tail and each TMA descriptor's block shape as launched. Later calls with
+# an equal plan key replay it after a short check, calling the compiled kernel directly.
+#
+# Why a replay launches what the caller would. The plan key holds every tensor the caller receives by dtype, shape,
+# strides and 16-byte alignment (Triton specialises a tensor on its dtype and alignment; the launches' tensors are
+# those, views of them, or fresh allocations, which torch aligns), and the caller's other arguments by value, except
+# the ones listed as varying (the seed, a new value each step). Each site then checks that its launch is the one
+# recorded: the same kernel, whether it is autotuned (and by which tuner), the same constexprs and fixed tiles as the
+# caller passed them, the same type at every argument position, and the same value at every non-tensor position
+# except the varying ones, whose Triton type (int32) it checks instead. What the caller decides from those (the
+# config the autotuner chose, the grid, the descriptors' tiles) is then what it decided when recording. A site that
+# does not match launches as before and is recorded again. Only launches that went through :func:`launch`'s fast
+# path to a compiled kernel are recorded (not the autotuner's tuning calls, nor the fixed tiles an untuned key
+# falls back to during a CUDA-graph capture), so a plan never freezes a choice the caller would revise.
+
+PLANS = os.environ.get("LORA_KERNELS_LAUNCH_PLANS", "1") != "0"
+VARYING = frozenset({"seed_lo", "seed_hi"})  # parameters whose value changes from call to call under one plan
+_PLANS: dict = {}  # plan key -> list of sites (None where nothing is recorded)
+_PLAN_MAX = 1024  # plans kept; past it they start over
+_LOCAL = threading.local()
+
+
+def plan_key(tag: object, args: tuple, varying: int) -> tuple | None:
+    """A caller's plan key: ``tag``, then per argument, for a tensor its device, dtype, shape, strides and 16-byte
+    alignment, for the ``varying`` position its type only, else the value itself; and Triton's debug and
+    instrumentation knobs, as in the cache's key. None where a tensor has no data pointer (a subclass, a fake
+    tensor): no plan then."""
+    key = [tag, knobs.runtime.debug, knobs.compilation.instrumentation_mode]
+    try:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                key.append((a.device, a.dtype, a.shape, a.stride(), a.data_ptr() & 15))
+            else:
+                key.append(type(a) if i == varying else a)
+        key = tuple(key)
+        hash(key)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return key
+
+
+def planned(key: tuple | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the plan of ``key`` active on this thread (none when key is None, plans are
+    off, or the launch cache is)."""
+    if key is None or not (PLANS and FAST_LAUNCH):
+        return fn(*args, **kwargs)
+    plan = _PLANS.get(key)
+    if plan is None:
+        with _LOCK:
+            if len(_PLANS) >= _PLAN_MAX:
+                _PLANS.clear()
+            plan = _PLANS.setdefault(key, [])
+    outer = getattr(_LOCAL, "cursor", None)
+    _LOCAL.cursor = [plan, 0]
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _LOCAL.cursor = outer
+
+
+class _Site:
+    """One recorded launch: what identifies it (kernel, tuner, meta, fixed, argument types, non-tensor values) and
+    what replays it (compiled kernel, padded grid, tail of parameters, the descriptors' block shapes)."""
+
+    __slots__ = ("kernel", "tuner", "meta", "fixed", "types", "get", "values", "varying", "descs", "compiled", "grid",
+                 "tail")  # fmt: skip
+
+    def matches(self, kernel, tuner, meta: dict, fixed: dict, args: tuple) -> bool:
+        if self.kernel is not kernel or self.tuner is not tuner or self.meta != meta or self.fixed != fixed:
+            return False
+        if tuple(map(type, args)) != self.types or self.get(args) != self.values:
+            return False
+        for i in self.varying:  # int32, as when recorded (Triton types an int by its range)
+            if not -0x80000000 <= args[i] <= 0x7FFFFFFF:
+                return False
+        return True
+
+
+def plan_slot() -> list | None:
+    """The active plan and this launch's index in it, ``[plan, i]`` (advancing the cursor), or None."""
+    cursor = getattr(_LOCAL, "cursor", None)
+    if cursor is None:
+        return None
+    i = cursor[1]
+    cursor[1] = i + 1
+    return [cursor[0], i]
+
+
+def replay(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tuple) -> bool:
+    """Launch the site recorded at ``slot`` if it matches this launch; False (nothing launched) otherwise."""
+    if slot is None:
+        return False
+    plan, i = slot
+    site = plan[i] if i < len(plan) else None
+    if site is None or not site.matches(kernel, tuner, meta, fixed, args):
+        return False
+    for j, block in site.descs:
+        args[j].block_shape = list(block)
+    _STATS["plan_hits"] += 1
+    site.compiled[site.grid](*args, *site.tail)
+    return True
+
+
+def record(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tuple, compiled, grid: tuple,
+           kw: dict) -> None:  # fmt: skip
+    """Keep at ``slot`` the launch just made through :func:`launch` (``compiled``, its ``grid`` and keywords)."""
+    if slot is None or compiled is None or type(kernel) is not JITFunction or not FAST_LAUNCH:
+        return
+    site = _Site()
+    site.kernel, site.tuner, site.meta, site.fixed = kernel, tuner, dict(meta), dict(fixed)
+    site.types = tuple(map(type, args))
+    names = kernel.arg_names
+    scalars, varying, descs = [], [], []
+    for j, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            continue
+        if type(a) is TensorDescriptor:
+            descs.append((j, tuple(a.block_shape)))
+        elif names[j] in VARYING and type(a) is int and -0x80000000 <= a <= 0x7FFFFFFF:
+            varying.append(j)
+        else:
+            scalars.append(j)
+    site.get = _getter(scalars)
+    site.values, site.varying, site.descs = site.get(args), tuple(varying), tuple(descs)
+    n = len(grid)
+    site.compiled, site.grid = compiled, grid if n == 3 else (grid[0], grid[1] if n > 1 else 1, 1)
+    site.tail = _tail(kernel, len(args), kw)
+    plan, i = slot
+    with _LOCK:
+        if i >= len(plan):
+            plan.extend([None] * (i + 1 - len(plan)))
+        plan[i] = site

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - older Triton: pointer kernels only
 from .. import flops as _flops
 from ..backends import device_capability, use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
+from . import launch as _plans
 from .launch import launch as _fast_launch
 from .philox import computed_once, dropout_mask_bytes, opaque_zero, unpack_bytes
 
@@ -1365,7 +1366,7 @@ def _tuned_key(tuner, args: tuple, meta: dict) -> tuple:
     )
 
 
-def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple) -> None:
+def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple, slot=None, tuner=None, fixed=None) -> None:
     """Launch the config ``(Config.all_kwargs(), pre_hook)`` the Autotuner chose for this key, as its
     ``run`` would after the cache lookup (pre-hook, then the launch), without the rest of ``run``: it
     rebuilds a dict of all the arguments and a key per call (bench/NOTES.md, session 30: 10–35 µs a launch
@@ -1374,7 +1375,8 @@ def _launch_chosen(kernel, grid, args: tuple, meta: dict, chosen: tuple) -> None
     full = {**meta, **cfg}
     if pre_hook is not None:
         pre_hook({**dict(zip(kernel.arg_names, args, strict=False)), **full})
-    _fast_launch(kernel, grid(full), args, full)
+    g = grid(full)
+    _plans.record(slot, kernel, tuner, meta, fixed, args, _fast_launch(kernel, g, args, full), g, full)
 
 
 # What each tuning timed, in call order: one entry per tuning key (``tuning_log``).
@@ -1482,13 +1484,17 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     short (bench/NOTES.md, "host overhead").
     """
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
+    tuner = _autotuner(kernel) if tuned else None
+    # Within an eager call's launch plan (launch.py): the launch recorded here for this layout, if it matches.
+    slot = _plans.plan_slot() if wrap is _identity else None
+    if slot is not None and _plans.replay(slot, kernel, tuner, meta, fixed, args):
+        return
     if tuned:
-        tuner = _autotuner(kernel)
         chosen = getattr(tuner, "lk_chosen", None)  # (stand-in tuners in tests have none)
         if chosen:
             hit = chosen.get(_tuned_key(tuner, args, meta))
             if hit is not None:
-                return _launch_chosen(kernel, grid, args, meta, hit)
+                return _launch_chosen(kernel, grid, args, meta, hit, slot, tuner, fixed)
         try:
             with _tune_lock(kernel):
                 capturing = _capturing()
@@ -1517,13 +1523,14 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
             pass  # every tuned config exceeds this GPU: the fixed tiles below step down until one fits
         except torch.cuda.OutOfMemoryError:
             pass  # tuning's benchmark buffers (do_bench's 256 MB L2 flush) did not fit next to training
+    own = fixed  # (``fixed`` itself stays as the caller gave it: a plan's site compares it)
     if "BLOCK_N" not in kernel.arg_names:
-        fixed = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
+        own = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
     if meta.get("DEVICE_DESC") and not _interpret():
         _ensure_allocator()
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
-    variants = [(meta, fixed)]
+    variants = [(meta, own)]
     i = 0
     while True:
         m, cfg = variants[i]
@@ -1536,13 +1543,16 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
             hook({**dict(zip(kernel.arg_names, args, strict=False)), **m, **tiles})
         try:
             if wrap is _identity:
-                _fast_launch(kernel, grid({**m, **tiles}), args, {**m, **cfg})
+                g, kw = grid({**m, **tiles}), {**m, **cfg}
+                compiled = _fast_launch(kernel, g, args, kw)
+                if not tuned:  # (the fixed tiles of a tuned kernel are a fallback: not kept in a plan)
+                    _plans.record(slot, kernel, tuner, meta, fixed, args, compiled, g, kw)
             else:
                 wrap(kernel)[grid({**m, **tiles})](*args, **m, **cfg)
             return
         except OutOfResources:
             if i == 0 and wrap is _identity:
-                variants += _step_downs(meta, fixed)
+                variants += _step_downs(meta, own)
             if i == len(variants) - 1:
                 raise
         i += 1
@@ -2024,14 +2034,16 @@ def _fwd(*args):
     if use_registered_op():
         _flops.reach_active_counters()
         return triton_lora_fwd(*args)
-    return lora_fwd(*args)
+    # The launches of a layout replay from their plan (launch.py) after the first call; the seed (args[8]) varies.
+    return _plans.planned(_plans.plan_key("fwd", args, 8), lora_fwd, *args)
 
 
 def _bwd(*args, bwd_mode: str | None = None):
     if use_registered_op():
         _flops.reach_active_counters()
         return triton_lora_bwd(*args)
-    return lora_bwd(*args, bwd_mode=bwd_mode)
+    key = _plans.plan_key(("bwd", bwd_mode), args, 9)  # (args[9]: the seed)
+    return _plans.planned(key, lora_bwd, *args, bwd_mode=bwd_mode)
 
 
 # ----------------------------------------------------------------------------------------------
