@@ -12,7 +12,8 @@ the real path on the device's CPU, so the next change can aim at what costs ther
    launches × their price plus our Python;
 2. steps: host µs per step (steps enqueued back to back while the GPU runs behind, as the benchmark's
    ``host_us``) for cuBLAS's frozen F.linear and the Triton backend, forward and forward + backward, with
-   the number of Triton launches per step;
+   the number of Triton launches per step; the Triton rows three times: as shipped, without launch plans,
+   and without the launch cache (the A/Bs of ``lora_kernels/triton_ops/launch.py``);
 3. a cProfile of ``--steps`` Triton forward + backward steps: the functions with the most own time, and the
    time summed by area (Triton's runtime, torch's autograd, torch otherwise, lora_kernels, the rest).
 
