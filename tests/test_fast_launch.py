@@ -396,3 +396,60 @@ def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():
     before = L.stats()
     assert L.launch(Stand(), (3,), (torch.empty(1), 7), {"BLOCK": 32}) == "launched"
     assert calls == [((3,), calls[0][1], {"BLOCK": 32})] and L.stats() == before
+
+
+def test_descriptors_without_checks_equal_tritons():
+    """``launch.descriptor`` builds what ``TensorDescriptor.from_tensor`` builds, field for field, on this Triton's
+    layout of the class (CI runs Triton 3.8's and 3.6's); an empty dimension, or the launch cache switched off,
+    goes through ``from_tensor`` (its assertion)."""
+    import dataclasses
+    from unittest import mock
+
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from lora_kernels.triton_ops import launch as L
+
+    assert L._DESC_REST is not None, "this Triton's TensorDescriptor layout is not the known one: no fast path"
+    base = torch.randn(4096, dtype=torch.bfloat16)
+    cases = [
+        (torch.randn(64, 256, dtype=torch.bfloat16), [64, 64]),
+        (base[8 : 8 + 48 * 64].view(48, 64), [16, 64]),  # a 16-byte aligned view
+        (torch.randn(300, 40, dtype=torch.float16)[:, :32], [128, 32]),  # rows longer than the tile's columns
+        (torch.randn(8, 16, dtype=torch.float32), [8, 16]),
+    ]
+    for t, block in cases:
+        fast, ref = L.descriptor(t, block), TensorDescriptor.from_tensor(t, block)
+        assert type(fast) is TensorDescriptor
+        for f in dataclasses.fields(TensorDescriptor):
+            a, b = getattr(fast, f.name), getattr(ref, f.name)
+            assert a is b if f.name == "base" else a == b, (f.name, a, b)
+        fast.block_shape = [block[0], block[1] // 2]  # (the launchers' hooks re-point tiles: a plain attribute)
+        assert fast.block_shape == [block[0], block[1] // 2]
+    with pytest.raises(AssertionError, match="shape must be positive"):
+        L.descriptor(torch.empty(0, 64, dtype=torch.bfloat16), [16, 64])
+    with mock.patch.object(L, "FAST_LAUNCH", False), mock.patch.object(TensorDescriptor, "__post_init__") as checks:
+        L.descriptor(cases[0][0], [64, 64])
+    assert checks.call_count == 1  # Triton's constructor, checks included
+    with mock.patch.object(TensorDescriptor, "__post_init__") as checks:
+        L.descriptor(cases[0][0], [64, 64])
+    assert checks.call_count == 0
+
+
+def test_stand_ins_are_kept_for_eager_calls_only():
+    """The backward's zero-element stand-ins: one tensor per (device, dtype) in eager calls; traced calls (a wrap
+    other than the identity: the registered ops) allocate theirs through ``_empty``, as every kernel output."""
+    from unittest import mock
+
+    import torch
+
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    dev = torch.device("cpu")
+    a = tri._stand_in(dev, torch.int32, tri._identity)
+    assert a.numel() == 0 and a.dtype == torch.int32 and a.device == dev
+    assert tri._stand_in(dev, torch.int32, tri._identity) is a
+    assert tri._stand_in(dev, torch.float32, tri._identity) is not a
+    with mock.patch.object(tri, "_empty", wraps=tri._empty) as alloc:
+        b = tri._stand_in(dev, torch.int32, lambda k: k)
+    assert b is not a and b.numel() == 0 and alloc.call_count == 1

@@ -30,6 +30,7 @@ layout, each launch's compiled kernel and grid as the launchers chose them, repl
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import threading
@@ -49,7 +50,7 @@ try:  # Triton 3.4+: the C function both Triton 3.6 and 3.8 bind arguments with
 except ImportError:  # pragma: no cover - older Triton: no fast path
     native_specialize_impl = None
 
-__all__ = ["FAST_LAUNCH", "PLANS", "launch", "planned", "plan_slot", "replay", "record", "clear", "stats"]
+__all__ = ["FAST_LAUNCH", "PLANS", "launch", "descriptor", "planned", "plan_slot", "replay", "record", "clear", "stats"]
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
 
@@ -181,6 +182,39 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
                 c.clear()
         cache[key] = entry
     return compiled
+
+
+def _descriptor_defaults() -> dict | None:
+    """The values of ``TensorDescriptor``'s fields beyond (base, shape, strides, block_shape) as ``from_tensor``
+    fills them (their defaults: Triton 3.6 has ``padding``, 3.8 also ``round_f32_to_tf32``); None where the class
+    is not such a dataclass or a further field has no default."""
+    if TensorDescriptor is None or not dataclasses.is_dataclass(TensorDescriptor):
+        return None
+    names = [f.name for f in dataclasses.fields(TensorDescriptor)]
+    if names[:4] != ["base", "shape", "strides", "block_shape"]:
+        return None
+    rest = {}
+    for f in dataclasses.fields(TensorDescriptor)[4:]:
+        if f.default is dataclasses.MISSING:
+            return None
+        rest[f.name] = f.default
+    return rest
+
+
+_DESC_REST = _descriptor_defaults()
+
+
+def descriptor(t: torch.Tensor, block_shape: list[int]):
+    """``TensorDescriptor.from_tensor(t, block_shape)`` without ``__post_init__``'s checks, which cost 1.0 of the
+    call's 1.6 µs (bench/NOTES.md, session 40). For eager launchers only, on a tensor ``_tma_ok`` accepted (2-D,
+    unit column stride, 16-byte aligned base and rows) and tiles from their configs (powers of two, as Triton
+    compiles): the checks could not fail. A tensor with an empty dimension still goes through ``from_tensor`` (its
+    assertion), and everything does where the launch cache is off or the class's layout is not the one known."""
+    if _DESC_REST is None or not FAST_LAUNCH or 0 in t.shape:
+        return TensorDescriptor.from_tensor(t, block_shape)
+    d = object.__new__(TensorDescriptor)
+    d.__dict__ = {"base": t, "shape": t.shape, "strides": t.stride(), "block_shape": block_shape, **_DESC_REST}
+    return d
 
 
 # ----------------------------------------------------------------------------------------------

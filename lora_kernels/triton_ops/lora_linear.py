@@ -46,6 +46,7 @@ from .. import flops as _flops
 from ..backends import device_capability, use_registered_op
 from ..reference import dropout_threshold, lora_linear_ref, lora_linear_ref_grads, pack_mask
 from . import launch as _plans
+from .launch import descriptor as _descriptor
 from .launch import launch as _fast_launch
 from .philox import computed_once, dropout_mask_bytes, opaque_zero, unpack_bytes
 
@@ -1039,13 +1040,28 @@ def _identity(kernel):
     return kernel
 
 
+_NOTHING: dict = {}  # (device, dtype) -> a zero-element tensor
+
+
+def _stand_in(device: torch.device, dtype: torch.dtype, wrap) -> torch.Tensor:
+    """A zero-element tensor for a kernel argument that nothing reads or writes: in eager calls one kept per
+    (device, dtype), not an allocation each call (1.8 µs on a 2-core CPU, bench/NOTES.md session 40). Traced calls
+    (the registered ops) allocate theirs, which their graph then holds as a kernel's operand."""
+    if wrap is not _identity:
+        return _empty((0,), device, dtype)
+    t = _NOTHING.get((device, dtype))
+    if t is None:
+        t = _NOTHING[(device, dtype)] = torch.empty((0,), device=device, dtype=dtype)
+    return t
+
+
 def _tma_operands(traced: bool, fixed: dict, *specs: tuple[torch.Tensor, str, str]) -> tuple:
     """The TMA kernels' operands, one per ``(tensor, row-tile key, column-tile key)``: host descriptors
     with those tiles for eager launches, the plain tensors for traced ones (in-kernel descriptors, see
-    ``_tma_ok``)."""
+    ``_tma_ok``). The callers have checked the tensors with ``_tma_ok``: the descriptors skip their own checks."""
     if traced:
         return tuple(t for t, _, _ in specs)
-    return tuple(TensorDescriptor.from_tensor(t, [fixed[r], fixed[c]]) for t, r, c in specs)
+    return tuple([_descriptor(t, [fixed[r], fixed[c]]) for t, r, c in specs])
 
 
 def _traced(wrap) -> bool:
@@ -1718,7 +1734,7 @@ def lora_bwd(
     db_part = _split_buffer(db_splits, (N, R) if need_db else (0, R), dev)
     colsum_part = _split_buffer(db_splits, (N,) if need_db else (0,), dev)
     n_cnt = _cdiv(K, _CNT_COLS) if da_splits > 1 else 0
-    cnt = _empty((n_cnt,), dev, torch.int32)
+    cnt = _empty((n_cnt,), dev, torch.int32) if n_cnt else _stand_in(dev, torch.int32, wrap)
     if one_pass:
         # The dT partials, one per column block: the fixed tiles' count, which no tuning config exceeds (test:
         # test_dy_one_read_rule). Their arrival counters, one per row block of at least 32 rows, zeroed here: a memset
@@ -1767,7 +1783,7 @@ def lora_bwd(
     # The sums' operands: partials in, outputs out. With one split the dY kernel wrote the outputs and there is
     # nothing to sum: an empty stand-in takes the four places (and dA's output's, below), so that
     # torch.compile's analysis of what the dX kernel writes names none of the dY kernel's outputs.
-    spare = _empty((0,), dev, torch.float32)
+    spare = _stand_in(dev, torch.float32, wrap)
     if db_splits == 1:
         db, colsum, sums, red_tiles = db_part, colsum_part, (spare,) * 4, 0
     else:
