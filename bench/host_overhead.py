@@ -116,6 +116,7 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
 
 RECORDED_ROWS = ("to the launcher: Triton's run", "to the launcher: launch cache", "to the launcher: launch plans")
 _RECORDED_MODES = ((False, False), (True, False), (True, True))  # (launch cache, launch plans) per row above
+RECORDED_PATHS = (("two-launch, TMA", 256), ("two-launch, pointer (K = 250)", 250), ("single-pass", 256))  # (label, K)
 
 
 def _recorded_rows(reps: int, warmup: int) -> list[dict]:
@@ -124,13 +125,15 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
     :mod:`lora_kernels.triton_ops.launch`'s cache, and replayed from that module's launch plans, measured in
     alternation (two rounds, the lower median)."""
     from lora_kernels.triton_ops import launch
+    from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops.compile_only import record_launches
 
     rows = []
-    saved = launch.FAST_LAUNCH, launch.PLANS
+    saved = launch.FAST_LAUNCH, launch.PLANS, tri.FWD_MODE, tri.BWD_MODE
     try:
         with record_launches(lambda launched: None):
-            for label, K in (("two-launch, TMA", 256), ("two-launch, pointer (K = 250)", 250)):
+            for label, K in RECORDED_PATHS:
+                tri.FWD_MODE = tri.BWD_MODE = "single" if label == "single-pass" else "two"
                 x, W, A, B, dy = _inputs(K)
                 best: dict[tuple[bool, bool], tuple[float, float]] = {}
                 for _ in range(2):
@@ -142,7 +145,7 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
                 for mode, how in zip(_RECORDED_MODES, RECORDED_ROWS, strict=True):
                     rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[mode][0], fwdbwd_us=best[mode][1]))
     finally:
-        launch.FAST_LAUNCH, launch.PLANS = saved
+        launch.FAST_LAUNCH, launch.PLANS, tri.FWD_MODE, tri.BWD_MODE = saved
     return rows
 
 

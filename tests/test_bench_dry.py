@@ -905,7 +905,7 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
     itself asserts that the chosen rows took the chosen path); the path down to the launcher
     (``record_launches``) through Triton's run, through the launch cache and replayed from launch plans:
-    twenty-two rows of positive figures, nothing asserted on time."""
+    (two-launch TMA and pointer, single-pass): twenty-five rows of positive figures, nothing asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -916,9 +916,10 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
-    recorded = {f"{path}, {how}" for path in ("two-launch, TMA", "two-launch, pointer (K = 250)")
+    recorded = {f"{path}, {how}" for path, _ in host_overhead.RECORDED_PATHS
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(rows) == 22 and {r[0].strip() for r in rows} == {
+    assert len(recorded) == 9 and "single-pass, to the launcher: launch plans" in recorded
+    assert len(rows) == 25 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip

@@ -198,9 +198,13 @@ def test_triton_launchers_make_the_tensors_gpu_current(monkeypatch):
     seen = []
     guarded = tri._on_tensor_device(lambda t, *args: seen.append((list(entered), args)) or "done")
 
-    class OnDevice:
+    class OnDevice:  # what the guard reads of a tensor, as torch.Tensor answers it
         def __init__(self, device):
             self.device = torch.device(device)
+            self.is_cuda = self.device.type == "cuda"
+
+        def get_device(self):
+            return self.device.index if self.device.index is not None else -1
 
     assert guarded(OnDevice("cuda:1"), 5) == "done" and seen[-1] == ([1], (5,)) and entered == [1, "exit"]
     entered.clear()

@@ -50,7 +50,10 @@ try:  # Triton 3.4+: the C function both Triton 3.6 and 3.8 bind arguments with
 except ImportError:  # pragma: no cover - older Triton: no fast path
     native_specialize_impl = None
 
-__all__ = ["FAST_LAUNCH", "PLANS", "launch", "descriptor", "planned", "plan_slot", "replay", "record", "clear", "stats"]
+__all__ = [
+    "FAST_LAUNCH", "PLANS", "launch", "descriptor", "planned", "plan_slot", "replay", "record", "planned_launch",
+    "clear", "stats",
+]  # fmt: skip
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
 
@@ -355,3 +358,18 @@ def record(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tupl
         if i >= len(plan):
             plan.extend([None] * (i + 1 - len(plan)))
         plan[i] = site
+
+
+_NO_TILES: dict = {}  # the ``fixed`` of a launch whose tiles are all in its keywords
+
+
+def planned_launch(kernel, grid: tuple, args: tuple, kw: dict) -> None:
+    """:func:`launch` as one site of the active plan: replayed where the site recorded for it matches (the same
+    kernel, keywords, argument types and non-tensor values), else launched and recorded. For launchers that pick
+    their tiles themselves (no autotuner): the single-pass kernels. grid: a tuple; kw: constexprs, tiles and
+    compile options."""
+    slot = plan_slot()
+    if slot is not None and replay(slot, kernel, None, kw, _NO_TILES, args):
+        return
+    compiled = launch(kernel, grid, args, kw)
+    record(slot, kernel, None, kw, _NO_TILES, args, compiled, grid, kw)

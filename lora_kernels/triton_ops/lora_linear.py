@@ -1582,8 +1582,9 @@ def _on_tensor_device(fn):
 
     @functools.wraps(fn)
     def on_device(t: torch.Tensor, *args, **kwargs):
-        if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
-            with torch.cuda.device(t.device.index):
+        index = t.get_device()  # (-1 off the GPU; one call, where ``t.device`` builds a device object each time)
+        if index >= 0 and t.is_cuda and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
                 return fn(t, *args, **kwargs)
         return fn(t, *args, **kwargs)
 

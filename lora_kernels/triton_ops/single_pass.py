@@ -88,7 +88,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..reference import dropout_threshold
 from . import lora_linear as _ll  # _ll._empty: tests swap in a NaN-poisoning allocator
-from .launch import launch as _fast_launch
+from .launch import planned_launch as _planned_launch
 from .lora_linear import (
     _TL_DTYPE,
     TensorDescriptor,
@@ -747,7 +747,7 @@ def lora_fwd_single_pass(
         phases = (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,)
         try:
             for phase in phases:
-                _fast_launch(_fwd_single_pass_kernel, grid, args, dict(meta, PHASE=phase))
+                _planned_launch(_fwd_single_pass_kernel, grid, args, dict(meta, PHASE=phase))
             return y, t, bits
         except OutOfResources:
             if i == len(variants) - 1:
@@ -836,7 +836,7 @@ def lora_bwd_single_pass(
         grid = (min(programs, (_cdiv(N, bn) if need_db else 0) + mt * kt),)
         try:
             for phase in (1, 2) if (_interpret() and INTERPRETER_PHASES) else (0,):
-                _fast_launch(_bwd_single_pass_kernel, grid, args, dict(meta, PHASE=phase))
+                _planned_launch(_bwd_single_pass_kernel, grid, args, dict(meta, PHASE=phase))
             break
         except OutOfResources:
             if i == 1:
