@@ -63,17 +63,18 @@ def check_inputs(
         raise ValueError("lora_A has rank r = 0: the LoRA rank must be at least 1")
     if lora_A.shape[1] != K:
         raise ValueError(f"lora_A must have shape (r, K) = ({r}, {K}), got {tuple(lora_A.shape)}")
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+    # (torch.Size compares equal to a tuple: no tuple() per check on the eager path, which runs this every call)
+    if lora_B.shape != (N, r):
         raise ValueError(f"lora_B must have shape (N, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
+    if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
-    if lora_bias is not None and tuple(lora_bias.shape) != (N,):
+    if lora_bias is not None and lora_bias.shape != (N,):
         raise ValueError(f"lora_bias must have shape (N,) = ({N},), got {tuple(lora_bias.shape)}")
-    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
-    named += [(n, t) for n, t in (("bias", bias), ("lora_bias", lora_bias)) if t is not None]
+    device = x.device
+    named = (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_bias", lora_bias))
     for name, t in named:
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move them to one device")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}: move them to one device")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast x (or use torch.autocast)")
     if bias is not None and bias.dtype != weight.dtype:
@@ -82,16 +83,17 @@ def check_inputs(
         raise TypeError(f"lora_B dtype {lora_B.dtype} differs from lora_A dtype {lora_A.dtype}")
     if lora_bias is not None and lora_bias.dtype != lora_A.dtype:
         raise TypeError(f"lora_bias dtype {lora_bias.dtype} differs from lora_A dtype {lora_A.dtype}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+    # (float and int first: the ABC check costs as much as the rest of a scalar's checks)
+    if type(scaling) not in (float, int) and (isinstance(scaling, bool) or not isinstance(scaling, numbers.Real)):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     if scaling != scaling or abs(float(scaling)) == float("inf"):
         raise ValueError(f"scaling must be finite, got {scaling}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if type(dropout_p) not in (float, int) and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if type(seed) is not int and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not torch.compiler.is_compiling() and not 0 <= int(seed) < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
