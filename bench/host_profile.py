@@ -1,6 +1,6 @@
 """Where the host's time per training step goes, on the GPU machine itself.
 
-    python -m bench.host_profile [--shape 8192,4096,4096,16] [--p 0.1] [--steps 50] [--top 25]
+    python -m bench.host_profile [--shape 8192,4096,4096,16] [--p 0.1] [--steps 50] [--top 25] [--single-pass]
 
 The H200 run of session 28 measured the Triton backend's eager forward + backward issuing in 1.2–1.7 ms of
 CPU time per step, more than its ~1.0 ms of kernels at N = 4096 (bench/NOTES.md), where cuBLAS's own step
@@ -13,7 +13,9 @@ the real path on the device's CPU, so the next change can aim at what costs ther
 2. steps: host µs per step (steps enqueued back to back while the GPU runs behind, as the benchmark's
    ``host_us``) for cuBLAS's frozen F.linear and the Triton backend, forward and forward + backward, with
    the number of Triton launches per step; the Triton rows three times: as shipped, without launch plans,
-   and without the launch cache (the A/Bs of ``lora_kernels/triton_ops/launch.py``);
+   and without the launch cache (the A/Bs of ``lora_kernels/triton_ops/launch.py``); with ``--single-pass``
+   the single-pass kernels (the opt-in path); the CUDA backend (its C++ launchers; where it cannot run
+   without a build, the row says why);
 3. a cProfile of ``--steps`` Triton forward + backward steps: the functions with the most own time, and the
    time summed by area (Triton's runtime, torch's autograd, torch otherwise, lora_kernels, the rest).
 
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50, help="profiled forward+backward steps (default %(default)s)")
     ap.add_argument("--top", type=int, default=25, help="functions listed by own time (default %(default)s)")
     ap.add_argument("--reps", type=int, default=200, help="timed calls per calibration row (median)")
+    ap.add_argument("--single-pass", action="store_true", help="also the single-pass kernels' row (compiles them)")
     args = ap.parse_args(argv)
     try:
         args.dims = tuple(int(v) for v in args.shape.split(","))
@@ -113,13 +116,15 @@ def _calibration(reps: int, dev=None) -> list[tuple[str, float]]:
     return rows
 
 
-def _steps(M: int, K: int, N: int, r: int, p: float, dev):
+def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = False):
     """(name, forward fn, forward+backward fn, grads to clear) for cuBLAS and the Triton backend."""
     import torch
     import torch.nn.functional as F
 
     import lora_kernels as lk
+    from lora_kernels import backends
     from lora_kernels.triton_ops import launch
+    from lora_kernels.triton_ops import lora_linear as tri
 
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
@@ -151,7 +156,22 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
     def triton_step():
         triton_fwd().backward(dy)
 
-    return [
+    def single(fn):
+        # The single-pass kernels (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single) for this call's launches.
+        def run():
+            saved = tri.FWD_MODE, tri.BWD_MODE
+            tri.FWD_MODE = tri.BWD_MODE = "single"
+            try:
+                return fn()
+            finally:
+                tri.FWD_MODE, tri.BWD_MODE = saved
+
+        return run
+
+    def cuda_fwd():
+        return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="cuda")
+
+    rows = [
         ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
         ("triton", triton_fwd, triton_step, [x, A, B]),
         ("triton, launch plans off", switched(triton_fwd, True, False), switched(triton_step, True, False), [x, A, B]),
@@ -162,6 +182,13 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev):
             [x, A, B],
         ),
     ]
+    if single_pass:  # (opt-in: its kernels are not in the short plan's prewarmed cache; compiling them takes time)
+        rows.append(("triton, single-pass", single(triton_fwd), single(triton_step), [x, A, B]))
+    # The CUDA backend's C++ launchers: the other route past the Python per call (bench/NOTES.md, session 40).
+    # As backend="auto" asks (auto=True): where the extension is not built, the row says so instead of building it.
+    reason = backends._unavailable("cuda", x, W, A, auto=True)
+    rows.append(("cuda", cuda_fwd, lambda: cuda_fwd().backward(dy), [x, A, B]) if reason is None else ("cuda", reason))
+    return rows
 
 
 def _sync(dev) -> None:
@@ -187,24 +214,34 @@ def _host_us(fn, clear, dev, steps: int = 20) -> float:
     return us
 
 
-def profile_steps(dims: tuple[int, int, int, int], p: float, steps: int, dev) -> tuple[list[tuple], pstats.Stats]:
+def profile_steps(
+    dims: tuple[int, int, int, int], p: float, steps: int, dev, single_pass: bool = False
+) -> tuple[list[tuple], pstats.Stats]:
     """Rows (name, forward host µs, forward+backward host µs, Triton kernels of one step or None) and a
     cProfile of ``steps`` Triton forward + backward steps. ``dev``: the GPU; a CPU device only under
     ``compile_only`` (the tests: launches bind and return)."""
     import torch
 
     from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
 
     launches: list[str] = []
-    real_launch = tri._launch
+    real_launch, real_planned = tri._launch, sp._planned_launch
 
-    def counting_launch(kernel, *a, **k):
-        launches.append(kernel.__name__)
-        return real_launch(kernel, *a, **k)
+    def counting(real):
+        def launch(kernel, *a, **k):
+            launches.append(kernel.__name__)
+            return real(kernel, *a, **k)
+
+        return launch
 
     rows = []
-    for name, fwd, step, clear in _steps(*dims, p, dev):
-        tri._launch = counting_launch
+    for name, *step_row in _steps(*dims, p, dev, single_pass):
+        if len(step_row) == 1:  # a backend that cannot run here: the row says why
+            rows.append((name, None, None, f"unavailable: {step_row[0]}"))
+            continue
+        fwd, step, clear = step_row
+        tri._launch, sp._planned_launch = counting(real_launch), counting(real_planned)
         try:
             _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
             launches.clear()
@@ -214,7 +251,7 @@ def profile_steps(dims: tuple[int, int, int, int], p: float, steps: int, dev) ->
                 f_us = _host_us(fwd, [], dev)
             fb_us = _host_us(step, clear, dev)
         finally:
-            tri._launch = real_launch
+            tri._launch, sp._planned_launch = real_launch, real_planned
         rows.append((name, f_us, fb_us, names if name.startswith("triton") else None))
     _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")
     _host_us(step, clear, dev, steps=2)
@@ -239,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"host_profile: {torch.cuda.get_device_name()}, M,K,N,r = {args.shape}, p = {args.p}", flush=True)
     calib = _calibration(args.reps)
-    rows, stats = profile_steps(args.dims, args.p, args.steps, torch.device("cuda"))
+    rows, stats = profile_steps(args.dims, args.p, args.steps, torch.device("cuda"), args.single_pass)
     print("\n### cProfile: own time, top functions (µs per step)")
     stats.sort_stats("tottime").print_stats(args.top)
     print("\n| area | own µs per step |\n|---|---|")
@@ -250,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {us:.1f} |")
     print("\n| step | forward host µs | fwd+bwd host µs | Triton launches per fwd+bwd |\n|---|---|---|---|")
     for name, f_us, fb_us, names in rows:
+        if f_us is None:
+            print(f"| {name} | – | – | {names} |")
+            continue
         counted = "" if names is None else f"{len(names)} ({', '.join(names)})"
         print(f"| {name} | {f_us:.0f} | {fb_us:.0f} | {counted} |")
     return 0

@@ -933,16 +933,17 @@ import json, torch
 from bench import host_profile as hp
 from lora_kernels.triton_ops.compile_only import compile_only
 with compile_only(lambda c: None):
-    rows, stats = hp.profile_steps((64, 256, 256, 16), 0.1, 3, torch.device("cpu"))
+    rows, stats = hp.profile_steps((64, 256, 256, 16), 0.1, 3, torch.device("cpu"), single_pass=True)
 print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 """
 
 
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
-    rows for cuBLAS and the Triton backend (launch cache and plans on; plans off; both off: the A/Bs), one
-    step's Triton launches (four: the backward's sums of its row splits are inside them), and the cProfile
-    summed by area. Without a GPU the command itself exits 2."""
+    rows for cuBLAS and the Triton backend (launch cache and plans on; plans off; both off: the A/Bs; the
+    single-pass kernels), one step's Triton launches (four: the backward's sums of its row splits are inside
+    them; three single-pass), the CUDA backend's row (here saying why it cannot run), and the cProfile summed by
+    area. Without a GPU the command itself exits 2."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -950,11 +951,16 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    (cublas, _, _, none), (triton_, f_us, fb_us, launched), plans_off, cache_off = out["rows"]
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched), plans_off, cache_off, single, cuda = out["rows"]
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
     for row, name in ((plans_off, "triton, launch plans off"), (cache_off, "triton, launch cache off")):
         assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row
+    assert single[0] == "triton, single-pass" and single[1] > 0 and single[2] > 0, single
+    # (dA: the pointer dX kernel's dA programs, a launch of their own after the single-pass backward)
+    assert single[3] == ["_fwd_single_pass_kernel", "_bwd_single_pass_kernel", "_bwd_dx_kernel"], single
+    # No extension or GPU here: the CUDA row is there, saying why it has no figures.
+    assert cuda[0] == "cuda" and cuda[1] is None and cuda[3].startswith("unavailable: "), cuda
     assert out["areas"]["lora_kernels"] > 0 and out["areas"]["triton runtime"] > 0, out["areas"]
     proc = subprocess.run([sys.executable, "-m", "bench.host_profile"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
