@@ -140,33 +140,30 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     def triton_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
 
-    def switched(fn, fast: bool, plans: bool):
-        # The A/Bs: each launch through the launch cache but without launch plans (LORA_KERNELS_LAUNCH_PLANS=0),
-        # or through Triton's JITFunction.run (LORA_KERNELS_FAST_LAUNCH=0, which turns plans off too).
+    def patched(fn, module, **values):
+        # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.PLANS off:
+        # LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too: LORA_KERNELS_FAST_LAUNCH=0, every launch through
+        # Triton's JITFunction.run) and the single-pass kernels (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single).
         def run():
-            saved = launch.FAST_LAUNCH, launch.PLANS
-            launch.FAST_LAUNCH, launch.PLANS = fast, plans
+            saved = {name: getattr(module, name) for name in values}
+            for name, value in values.items():
+                setattr(module, name, value)
             try:
                 return fn()
             finally:
-                launch.FAST_LAUNCH, launch.PLANS = saved
+                for name, value in saved.items():
+                    setattr(module, name, value)
 
         return run
+
+    def switched(fn, fast: bool, plans: bool):
+        return patched(fn, launch, FAST_LAUNCH=fast, PLANS=plans)
+
+    def single(fn):
+        return patched(fn, tri, FWD_MODE="single", BWD_MODE="single")
 
     def triton_step():
         triton_fwd().backward(dy)
-
-    def single(fn):
-        # The single-pass kernels (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single) for this call's launches.
-        def run():
-            saved = tri.FWD_MODE, tri.BWD_MODE
-            tri.FWD_MODE = tri.BWD_MODE = "single"
-            try:
-                return fn()
-            finally:
-                tri.FWD_MODE, tri.BWD_MODE = saved
-
-        return run
 
     def cuda_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="cuda")
