@@ -141,9 +141,10 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
 
     def patched(fn, module, **values):
-        # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.PLANS off:
-        # LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too: LORA_KERNELS_FAST_LAUNCH=0, every launch through
-        # Triton's JITFunction.run) and the single-pass kernels (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single).
+        # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.CALLS off:
+        # LORA_KERNELS_CALL_PLANS=0; launch.PLANS off: LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too:
+        # LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run) and the single-pass kernels
+        # (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single).
         def run():
             saved = {name: getattr(module, name) for name in values}
             for name, value in values.items():
@@ -156,8 +157,8 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
 
         return run
 
-    def switched(fn, fast: bool, plans: bool):
-        return patched(fn, launch, FAST_LAUNCH=fast, PLANS=plans)
+    def switched(fn, fast: bool, plans: bool, calls: bool = False):
+        return patched(fn, launch, FAST_LAUNCH=fast, PLANS=plans, CALLS=calls)
 
     def single(fn):
         return patched(fn, tri, FWD_MODE="single", BWD_MODE="single")
@@ -171,6 +172,7 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     rows = [
         ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
         ("triton", triton_fwd, triton_step, [x, A, B]),
+        ("triton, call plans off", switched(triton_fwd, True, True), switched(triton_step, True, True), [x, A, B]),
         ("triton, launch plans off", switched(triton_fwd, True, False), switched(triton_step, True, False), [x, A, B]),
         (
             "triton, launch cache off",
@@ -219,6 +221,7 @@ def profile_steps(
     ``compile_only`` (the tests: launches bind and return)."""
     import torch
 
+    from lora_kernels.triton_ops import launch
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops import single_pass as sp
 
@@ -242,7 +245,11 @@ def profile_steps(
         try:
             _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
             launches.clear()
-            step()
+            saved, launch.CALLS = launch.CALLS, False  # (a call plan's replay goes around the launchers counted)
+            try:
+                step()
+            finally:
+                launch.CALLS = saved
             names = list(launches)
             with torch.no_grad():
                 f_us = _host_us(fwd, [], dev)

@@ -904,8 +904,9 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     extension, eager and through the ops, and a patched PEFT layer over that stub; the tuned TMA path through
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
     itself asserts that the chosen rows took the chosen path); the path down to the launcher
-    (``record_launches``) through Triton's run, through the launch cache and replayed from launch plans:
-    (two-launch TMA and pointer, single-pass): twenty-five rows of positive figures, nothing asserted on time."""
+    (``record_launches``) through Triton's run, through the launch cache, replayed from launch plans and from
+    call plans (two-launch TMA and pointer, single-pass): twenty-eight rows of positive figures, nothing asserted
+    on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -918,8 +919,8 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
     recorded = {f"{path}, {how}" for path, _ in host_overhead.RECORDED_PATHS
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(recorded) == 9 and "single-pass, to the launcher: launch plans" in recorded
-    assert len(rows) == 25 and {r[0].strip() for r in rows} == {
+    assert len(recorded) == 12 and "single-pass, to the launcher: call plans" in recorded
+    assert len(rows) == 28 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
@@ -940,7 +941,8 @@ print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
-    rows for cuBLAS and the Triton backend (launch cache and plans on; plans off; both off: the A/Bs; the
+    rows for cuBLAS and the Triton backend (launch cache, launch plans and call plans on; call plans off; launch
+    plans off; the cache off: the A/Bs; the
     single-pass kernels), one step's Triton launches (four: the backward's sums of its row splits are inside
     them; three single-pass), the CUDA backend's row (here saying why it cannot run), and the cProfile summed by
     area. Without a GPU the command itself exits 2."""
@@ -951,10 +953,14 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    (cublas, _, _, none), (triton_, f_us, fb_us, launched), plans_off, cache_off, single, cuda = out["rows"]
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched), calls_off, plans_off, cache_off, single, cuda = out["rows"]
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
-    for row, name in ((plans_off, "triton, launch plans off"), (cache_off, "triton, launch cache off")):
+    for row, name in (
+        (calls_off, "triton, call plans off"),
+        (plans_off, "triton, launch plans off"),
+        (cache_off, "triton, launch cache off"),
+    ):
         assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row
     assert single[0] == "triton, single-pass" and single[1] > 0 and single[2] > 0, single
     # (dA: the pointer dX kernel's dA programs, a launch of their own after the single-pass backward)

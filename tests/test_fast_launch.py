@@ -68,7 +68,8 @@ with record_launches(seen.append):
         torch.manual_seed(0)
         M, K, N, r, p = case["shape"]
         x = torch.randn(*case.get("lead", []), M, K, dtype=torch.bfloat16, requires_grad=True)
-        W = torch.randn(N, K, dtype=torch.bfloat16)
+        # (K, N)-stored: the TMA kernels take its transpose, a view the launchers make (W_KN)
+        W = torch.randn(K, N, dtype=torch.bfloat16).T if case.get("w_kn") else torch.randn(N, K, dtype=torch.bfloat16)
         A = torch.randn(r, K, requires_grad=True)
         B = torch.randn(N, r, requires_grad=True)
         dy = torch.randn(*x.shape[:-1], N, dtype=torch.bfloat16)
@@ -113,6 +114,13 @@ with record_launches(seen.append):
         plan_hit = step(True, 1234, plans=True)
         plan_other = step(True, 99, plans=True)
         p2 = dict(L.stats())
+        # (why a layout is not replayed whole, per call plan kept; None where it is)
+        whole = sorted(str(c.why) for c in L._CALLS.values())
+        # Call plans off: the launch plans alone replay every launch.
+        L.CALLS = False
+        calls_off = step(True, 99, plans=True)
+        p2b = dict(L.stats())
+        L.CALLS = True
         # Switches that change launches under the same plan key, the backward's integer arguments (its row splits)
         # and the shrink's fixed tiles: the sites that no longer match launch as without plans, and are recorded
         # again.
@@ -154,12 +162,17 @@ with record_launches(seen.append):
             capturing, tri._capturing = tri._capturing, lambda: True
             captured = step(True, 1234, plans=True)
             tri._capturing = capturing
-            after_capture = step(True, 1234, plans=True)
+            after_capture = step(True, 1234, plans=True)  # (tunes: its tuned launches are not a launch plan's)
+            after_capture_again = step(True, 1234, plans=True)  # (so no call plan was kept from that call)
             out[name].update(tuner_slow=tuner_slow, tuner_plan=tuner_plan, captured=captured,
-                             after_capture=after_capture)
+                             after_capture=after_capture, after_capture_again=after_capture_again)
         out[name].update(plan_first=plan_first, plan_hit=plan_hit, plan_other=plan_other,
                          plan_hits_recording=p1["plan_hits"] - p0["plan_hits"],
                          plan_hits=p2["plan_hits"] - p1["plan_hits"],
+                         call_hits=p2["call_hits"] - p1["call_hits"],
+                         call_hits_recording=p1["call_hits"] - p0["call_hits"],
+                         whole=whole, calls_off=calls_off,
+                         calls_off_hits=[p2b[k] - p2[k] for k in ("plan_hits", "call_hits")],
                          cache_calls_replaying=p2["hits"] + p2["misses"] - p1["hits"] - p1["misses"],
                          split_slow=split_slow, split_plan=split_plan, split_again=split_again,
                          split_plan_hits=p4["plan_hits"] - p3["plan_hits"])
@@ -170,6 +183,7 @@ _CASES = {
     "tma p=0": dict(shape=[64, 256, 256, 16, 0.0]),
     "tma p=0.1, 3-D x": dict(shape=[32, 256, 256, 16, 0.1], lead=[2]),
     "tma p=0.1, flattened": dict(shape=[64, 256, 256, 16, 0.1], flat=True),
+    "tma p=0.1, (K, N) weight": dict(shape=[64, 256, 256, 16, 0.1], w_kn=True),
     "pointer K=250 p=0.1": dict(shape=[67, 250, 130, 8, 0.1]),
     "single-pass p=0.1": dict(shape=[64, 256, 256, 16, 0.1], mode="single"),
     "tuned, chosen configs, tma p=0.1": dict(shape=[64, 256, 256, 16, 0.1], tuned=True),
@@ -212,6 +226,15 @@ def test_launch_plans_replay_tritons_launches(steps, case):
     assert got["plan_other"] == got["slow_other"], case
     assert got["plan_hits_recording"] == 0, got
     assert got["plan_hits"] == 2 * n and got["cache_calls_replaying"] == 0, got
+    # Call plans: the two-launch paths replay each forward and backward whole (the single-pass kernels take barrier
+    # words the launchers keep, so their calls replay launch by launch); with call plans off the launch plans replay
+    # the same launches.
+    if case.startswith("single-pass"):
+        assert got["call_hits"] == 0 and all("SYNC" in why for why in got["whole"]), got["whole"]
+    else:
+        assert got["call_hits"] == 4 and got["whole"] == ["None", "None"], (got["call_hits"], got["whole"])
+    assert got["call_hits_recording"] == 0, got
+    assert got["calls_off"] == got["slow_other"] and got["calls_off_hits"] == [n, 0], got["calls_off_hits"]
     assert got["split_slow"] != got["slow"], "the switch changed nothing: it tests nothing"
     if not case.startswith(("pointer", "single-pass")):  # (FLATTEN is the two-launch TMA kernels')
         assert got["other_slow"] != got["slow"], "the switch changed nothing: it tests nothing"
@@ -224,6 +247,7 @@ def test_launch_plans_replay_tritons_launches(steps, case):
         assert got["tuner_plan"] == got["tuner_slow"], case
         assert got["captured"] != got["tuner_slow"], "the capture took the chosen configs: it tests nothing"
         assert got["after_capture"] == got["tuner_slow"], case
+        assert got["after_capture_again"] == got["tuner_slow"], case
     assert got["split_plan"] == got["split_slow"] and got["split_again"] == got["split_slow"], case
     # The forward GEMM replays (single-pass: the forward); the backward's launches were recorded again.
     assert 0 < got["split_plan_hits"] < 2 * n, (case, got)
@@ -353,8 +377,8 @@ with record_launches(seen.append):
     # A plan's varying argument (a seed half) replays only while it keeps the int32 type it was recorded with.
     plan = []
     compiled = L.launch(_seeded, (1,), (t, 5), {})
-    L.record([plan, 0], _seeded, None, {}, {}, (t, 5), compiled, (1,), {})
-    res["varying"] = [L.replay([plan, 0], _seeded, None, {}, {}, (t, v)) for v in (7, -2**31, 2**31, 2**40)]
+    L.record([plan, 0, None], _seeded, None, {}, {}, (t, 5), compiled, (1,), {})
+    res["varying"] = [L.replay([plan, 0, None], _seeded, None, {}, {}, (t, v)) for v in (7, -2**31, 2**31, 2**40)]
 res["cleared_on_exit"] = L.stats()["entries"]
 print(json.dumps(res))
 """
@@ -374,6 +398,132 @@ def test_cache_is_bounded_switchable_and_cleared():
     assert got["flags"]["same"] == [True] * 10 and got["flags"]["hits"] >= 5, got["flags"]
     assert got["cleared_on_exit"] == 0, got
     assert got["varying"] == [True, True, False, False], got["varying"]
+
+
+_CALLS_SCRIPT = r"""
+import json
+import torch
+from lora_kernels.triton_ops import launch as L
+from lora_kernels.triton_ops.compile_only import record_launches
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["seed_lo"])
+def _seeded(X, Y, seed_lo, n):
+    tl.store(X + tl.arange(0, 64), tl.full((64,), seed_lo, tl.float32))
+
+
+SHIFT = 0  # a module switch the launcher reads: rebinding it makes the recipes of this module stale
+
+
+def empty(n):
+    t = torch.empty(n)
+    if L.RECORDING:
+        L.note_empty(t)
+    return t
+
+
+def launcher(x, y, seed, how):
+    out = empty(64)
+    other = y
+    if how == "zeroed":
+        out.zero_()  # a torch op writing the call's tensor: not in a recipe
+    elif how == "zeros":
+        other = torch.zeros(64)  # a tensor of another origin
+    elif how == "view":
+        other = y[:32]
+    elif how == "noted view":
+        other = y[:32]
+        if L.RECORDING:
+            L.note_view(other, y, lambda t: t[:32])
+    if how == "nested":  # a planned call inside this one
+        call(x, seed, "plain", y)
+    lo = seed + 1 if how == "underived" else seed + SHIFT
+    L.planned_launch(_seeded, (1,), (out, other, lo, 64 + SHIFT), {})
+    if how == "sum":
+        return (out, out.sum())
+    return (out,)
+
+
+def derive(seed):
+    return {"seed_lo": seed + SHIFT}
+
+
+def call(x, seed, how, y=None):
+    y = torch.randn(64) if y is None else y
+    key = L.plan_key(("t", how), (x, y, seed), 2)
+    return L.planned(key, launcher, x, y, seed, how, varying=2, derive=derive)
+
+
+def main():  # (in a function: the loop's variables are not globals of the launcher's module, which recipes watch)
+    res = {}
+    seen = []
+    with record_launches(seen.append):
+        x = torch.randn(64)
+        for how in ("plain", "zeroed", "zeros", "view", "noted view", "underived", "sum", "aliased"):
+            L.clear()
+            runs = []
+            for seed in (5, 6, 7):
+                seen.clear()
+                y = x if how == "aliased" and seed == 5 else torch.randn(64)
+                outs = call(x, seed, how, y)
+                (l,) = seen
+                runs.append(dict(seed=l.args[2], n=l.args[3], fresh=l.args[0] is outs[0], y=l.args[1] is y,
+                                 shape=list(l.args[1].shape), stats=L.stats()))
+            res[how] = dict(runs=runs, why=[str(c.why) for c in L._CALLS.values()])
+        L.clear()
+        for seed in (5, 6, 7):
+            seen.clear()
+            call(x, seed, "nested")
+            res.setdefault("nested", []).append([len(seen), L.stats()["call_hits"]])
+        res["nested_why"] = sorted(str(c.why) for c in L._CALLS.values())
+        # A module switch rebound: the recipe is stale, the launcher runs (and records again) with the new value.
+        L.clear()
+        for shift in (0, 0, 3, 3):
+            globals()["SHIFT"] = shift
+            seen.clear()
+            call(x, 5, "plain")
+            res.setdefault("switch", []).append([seen[0].args[2], seen[0].args[3], L.stats()["call_hits"]])
+    print(json.dumps(res))
+
+
+main()
+"""
+
+
+def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
+    """A call plan (``launch.planned`` with ``derive``) replays a whole call from the second on: a fresh allocation
+    per call, the varying value derived from the call's own seed, the inputs and a noted view passed through. A
+    call that writes one of its tensors by a torch op in place, passes a tensor the recorder did not see made
+    (``torch.zeros``, an unnoted view), passes a seed value ``derive`` does not give, returns a tensor made by
+    torch, or was given one tensor at two positions (later calls may give two), is marked as not replayable whole:
+    its launches replay from the launch plan, and with the values each call gives. Rebinding a global of the
+    launcher's module makes its recipe stale: the next call runs the launcher (the new value reaches the launch)
+    and records again. A call with a planned call inside is not replayed whole."""
+    got = _run(_CALLS_SCRIPT)
+    for how in ("plain", "noted view"):
+        runs = got[how]["runs"]
+        assert [r["seed"] for r in runs] == [5, 6, 7] and all(r["fresh"] for r in runs), (how, runs)
+        assert [r["stats"]["call_hits"] for r in runs] == [0, 1, 2], (how, runs)
+        assert got[how]["why"] == ["None"], got[how]
+    assert got["plain"]["runs"][2]["y"] and got["noted view"]["runs"][2]["shape"] == [32]
+    reasons = {"zeroed": "in place", "zeros": "not allocated", "view": "not allocated", "underived": "not derived",
+               "sum": "returns", "aliased": "two positions"}  # fmt: skip
+    for how, why in reasons.items():
+        runs = got[how]["runs"]
+        assert [r["stats"]["call_hits"] for r in runs] == [0, 0, 0], (how, runs)
+        assert len(got[how]["why"]) == 1 and why in got[how]["why"][0], (how, got[how]["why"])
+        expect = [s + 1 for s in (5, 6, 7)] if how == "underived" else [5, 6, 7]
+        assert [r["seed"] for r in runs] == expect, (how, runs)  # each call's own value: launch plans
+        assert [r["stats"]["plan_hits"] for r in runs] == [0, 1, 2], (how, runs)
+        assert how in ("view", "zeros") or all(r["y"] for r in runs), (how, runs)  # each call's own tensor
+    assert got["switch"] == [[5, 64, 0], [5, 64, 1], [8, 67, 1], [8, 67, 2]], got["switch"]
+    # A call with a planned call inside: the outer one is not replayed whole (its recorder would not see the inner
+    # launches); the inner one is, once the outer no longer records.
+    assert got["nested"] == [[2, 0], [2, 0], [2, 1]], got["nested"]
+    assert got["nested_why"] == ["None", "a planned call inside it"], got["nested_why"]
 
 
 def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():

@@ -1300,11 +1300,12 @@ def test_backward_split_sums_under_load(monkeypatch, tuned):
 @requires_gpu
 @pytest.mark.parametrize("K", [4096, 4090], ids=["tma", "pointer"])
 def test_launch_cache_matches_tritons_launch_bitwise(monkeypatch, K):
-    """The launch cache and the launch plans (``lora_kernels.triton_ops.launch``, sessions 38–39) on a GPU: a
-    forward+backward step at 2048×K→4096, bf16 x, fp32 adapters, p = 0.1, fixed tiles, comes out bit-identical
-    with every launch through Triton's ``JITFunction.run`` (cache off), through the cache (its misses, then its
-    hits) and replayed from a plan (recorded, then replayed). K = 4090 takes the pointer kernels (rows not
-    16-byte aligned). The CPU tests compare what reaches the launcher."""
+    """The launch cache, launch plans and call plans (``lora_kernels.triton_ops.launch``, sessions 38–41) on a
+    GPU: a forward+backward step at 2048×K→4096, bf16 x, fp32 adapters, p = 0.1, fixed tiles, comes out
+    bit-identical with every launch through Triton's ``JITFunction.run`` (cache off), through the cache (its
+    misses, then its hits), replayed from a launch plan (recorded, then replayed) and each call replayed whole
+    from a call plan. K = 4090 takes the pointer kernels (rows not 16-byte aligned). The CPU tests compare what
+    reaches the launcher."""
     _skip_unavailable("triton", torch.bfloat16)
     from lora_kernels.triton_ops import launch
     from lora_kernels.triton_ops import lora_linear as tri
@@ -1313,22 +1314,26 @@ def test_launch_cache_matches_tritons_launch_bitwise(monkeypatch, K):
     x, W, A, B, b, lb = make_inputs(2048, K, 4096, 16, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
     dy = torch.randn(2048, 4096, device=DEVICE).to(torch.bfloat16)
 
-    def step(fast: bool, plans: bool) -> tuple:
+    def step(fast: bool, plans: bool, calls: bool = False) -> tuple:
         monkeypatch.setattr(launch, "FAST_LAUNCH", fast)
         monkeypatch.setattr(launch, "PLANS", plans)
+        monkeypatch.setattr(launch, "CALLS", calls)
         xg, Ag, Bg, lbg = (t.detach().clone().requires_grad_() for t in (x, A, B, lb))
         y = lk.lora_linear(xg, W, Ag, Bg, b, lbg, 2.0, 0.1, True, 7, backend="triton")
         y.backward(dy)
         return y, xg.grad, Ag.grad, Bg.grad, lbg.grad
 
     want = step(False, False)
-    for plans, counter in ((False, "hits"), (True, "plan_hits")):
+    for plans, calls, counter, per_step in ((False, False, "hits", 4), (True, False, "plan_hits", 4),
+                                            (True, True, "call_hits", 2)):  # fmt: skip
         before = launch.stats()[counter]
         for _ in range(3):
-            for name, u, v in zip(("y", "dx", "dA", "dB", "dlora_bias"), want, step(True, plans), strict=True):
+            got = step(True, plans, calls)
+            for name, u, v in zip(("y", "dx", "dA", "dB", "dlora_bias"), want, got, strict=True):
                 assert torch.equal(u, v), f"{name} differs between Triton's launch and the cache's ({counter})"
-        # The last two steps: every launch a hit of the cache, then a replay of the plan.
-        assert launch.stats()[counter] - before >= 2 * 4, (counter, launch.stats())
+        # The last two steps: every launch a hit of the cache, then a replay of the launch plan, then the forward
+        # and the backward each replayed whole from its call plan.
+        assert launch.stats()[counter] - before >= 2 * per_step, (counter, launch.stats())
 
 
 @pytest.mark.parametrize("tma", ["auto", "1"])

@@ -25,14 +25,18 @@ those take ``kernel[grid]`` as before.
 
 The second half of the module, launch plans, goes one step further for the eager forward and backward: per input
 layout, each launch's compiled kernel and grid as the launchers chose them, replayed after a short check
-(``LORA_KERNELS_LAUNCH_PLANS=0`` turns them off; off with the cache too).
+(``LORA_KERNELS_LAUNCH_PLANS=0`` turns them off; off with the cache too). Its last part, call plans, replays a
+whole eager forward or backward from a recipe recorded with its launch plan: the allocations and the launches,
+without the launchers' Python (``LORA_KERNELS_CALL_PLANS=0`` turns them off; off with launch plans too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import os
+import sys
 import threading
 
 import torch
@@ -51,8 +55,8 @@ except ImportError:  # pragma: no cover - older Triton: no fast path
     native_specialize_impl = None
 
 __all__ = [
-    "FAST_LAUNCH", "PLANS", "launch", "descriptor", "planned", "plan_slot", "replay", "record", "planned_launch",
-    "clear", "stats",
+    "FAST_LAUNCH", "PLANS", "CALLS", "launch", "descriptor", "planned", "plan_slot", "replay", "record",
+    "planned_launch", "note_empty", "note_kept", "note_view", "on_tensor_device", "clear", "stats",
 ]  # fmt: skip
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
@@ -63,13 +67,15 @@ FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_
 _CACHES: list[dict] = []  # every kernel's cache, for clear() and the bound
 _CACHE_MAX = 4096  # distinct specializations kept in all; past it the caches start over (a miss each, once)
 _LOCK = threading.Lock()
-_STATS = {"hits": 0, "misses": 0, "plan_hits": 0}
+_STATS = {"hits": 0, "misses": 0, "plan_hits": 0, "call_hits": 0}
 
 
 def stats() -> dict:
     """Launches that found their compiled kernel here (``hits``), that went through Triton (``misses``) and that a
-    launch plan replayed (``plan_hits``, below); the cache's ``entries`` and the ``plans`` kept."""
-    return dict(_STATS, entries=sum(map(len, _CACHES)), plans=len(_PLANS))
+    launch plan replayed (``plan_hits``, below: a call plan's launches among them); the eager calls a call plan
+    replayed whole (``call_hits``); the cache's ``entries``, the ``plans`` and the ``calls`` (call plans) kept."""
+    calls = sum(1 for c in _CALLS.values() if c.launches is not None)
+    return dict(_STATS, entries=sum(map(len, _CACHES)), plans=len(_PLANS), calls=calls)
 
 
 def clear() -> None:
@@ -77,7 +83,8 @@ def clear() -> None:
         for cache in _CACHES:
             cache.clear()
         _PLANS.clear()
-        _STATS.update(hits=0, misses=0, plan_hits=0)
+        _CALLS.clear()
+        _STATS.update(hits=0, misses=0, plan_hits=0, call_hits=0)
 
 
 def _cache_of(kernel: JITFunction) -> dict:
@@ -242,6 +249,7 @@ def descriptor(t: torch.Tensor, block_shape: list[int]):
 # falls back to during a CUDA-graph capture), so a plan never freezes a choice the caller would revise.
 
 PLANS = os.environ.get("LORA_KERNELS_LAUNCH_PLANS", "1") != "0"
+CALLS = os.environ.get("LORA_KERNELS_CALL_PLANS", "1") != "0"  # call plans (the end of this module)
 VARYING = frozenset({"seed_lo", "seed_hi"})  # parameters whose value changes from call to call under one plan
 _PLANS: dict = {}  # plan key -> list of sites (None where nothing is recorded)
 _PLAN_MAX = 1024  # plans kept; past it they start over
@@ -250,7 +258,7 @@ _LOCAL = threading.local()
 
 def plan_key(tag: object, args: tuple, varying: int) -> tuple | None:
     """A caller's plan key: ``tag``, then per argument, for a tensor its device, dtype, shape, strides and 16-byte
-    alignment, for the ``varying`` position its type only, else the value itself; and Triton's debug and
+    alignment, for the ``varying`` position its type only, else its type and value; and Triton's debug and
     instrumentation knobs, as in the cache's key. None where a tensor has no data pointer (a subclass, a fake
     tensor): no plan then."""
     key = [tag, knobs.runtime.debug, knobs.compilation.instrumentation_mode]
@@ -258,8 +266,11 @@ def plan_key(tag: object, args: tuple, varying: int) -> tuple | None:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 key.append((a.device, a.dtype, a.shape, a.stride(), a.data_ptr() & 15))
-            else:
-                key.append(type(a) if i == varying else a)
+            elif i == varying:
+                key.append(type(a))
+            else:  # (the type too: 2 == 2.0 == True as keys, which a launch takes as three types)
+                key.append(type(a))
+                key.append(a)
         key = tuple(key)
         hash(key)
     except (RuntimeError, TypeError, NotImplementedError):
@@ -267,11 +278,22 @@ def plan_key(tag: object, args: tuple, varying: int) -> tuple | None:
     return key
 
 
-def planned(key: tuple | None, fn, *args, **kwargs):
+def planned(key: tuple | None, fn, *args, varying: int | None = None, derive=None, **kwargs):
     """``fn(*args, **kwargs)`` with the plan of ``key`` active on this thread (none when key is None, plans are
-    off, or the launch cache is)."""
+    off, or the launch cache is). With ``derive`` (``args[varying]`` -> the values of the VARYING parameters the
+    call's launches take, by name), the call is also kept as a call plan and replayed whole from it (below)."""
     if key is None or not (PLANS and FAST_LAUNCH):
         return fn(*args, **kwargs)
+    rec, outer_rec = None, getattr(_LOCAL, "rec", None)
+    if outer_rec is not None:  # (its recorder would not see this call's launches: no launcher nests calls today)
+        outer_rec.fail = "a planned call inside it"
+    elif derive is not None and CALLS:
+        call = _CALLS.get(key)
+        if call is not None and call.current():
+            if call.launches is not None:
+                return _run_call(args[0], call, args)
+        else:
+            rec = _Recorder(fn, args, derive(args[varying]))
     plan = _PLANS.get(key)
     if plan is None:
         with _LOCK:
@@ -279,11 +301,23 @@ def planned(key: tuple | None, fn, *args, **kwargs):
                 _PLANS.clear()
             plan = _PLANS.setdefault(key, [])
     outer = getattr(_LOCAL, "cursor", None)
-    _LOCAL.cursor = [plan, 0]
+    cursor = _LOCAL.cursor = [plan, 0, rec]
+    if rec is not None:
+        _recording(rec, 1)
     try:
-        return fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
     finally:
         _LOCAL.cursor = outer
+        if rec is not None:
+            _recording(None, -1)
+    if rec is not None:
+        call = rec.finish(out, cursor[1], varying, derive)
+        if call is not None:
+            with _LOCK:
+                if len(_CALLS) >= _PLAN_MAX:
+                    _CALLS.clear()
+                _CALLS[key] = call
+    return out
 
 
 class _Site:
@@ -305,20 +339,21 @@ class _Site:
 
 
 def plan_slot() -> list | None:
-    """The active plan and this launch's index in it, ``[plan, i]`` (advancing the cursor), or None."""
+    """The active plan and this launch's index in it, ``[plan, i, recorder]`` (advancing the cursor; the call plan
+    being recorded, or None), or None."""
     cursor = getattr(_LOCAL, "cursor", None)
     if cursor is None:
         return None
     i = cursor[1]
     cursor[1] = i + 1
-    return [cursor[0], i]
+    return [cursor[0], i, cursor[2]]
 
 
 def replay(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tuple) -> bool:
     """Launch the site recorded at ``slot`` if it matches this launch; False (nothing launched) otherwise."""
     if slot is None:
         return False
-    plan, i = slot
+    plan, i, rec = slot
     site = plan[i] if i < len(plan) else None
     if site is None or not site.matches(kernel, tuner, meta, fixed, args):
         return False
@@ -326,6 +361,8 @@ def replay(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tupl
         args[j].block_shape = list(block)
     _STATS["plan_hits"] += 1
     site.compiled[site.grid](*args, *site.tail)
+    if rec is not None:
+        rec.launched(site, args)
     return True
 
 
@@ -353,11 +390,13 @@ def record(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tupl
     n = len(grid)
     site.compiled, site.grid = compiled, grid if n == 3 else (grid[0], grid[1] if n > 1 else 1, 1)
     site.tail = _tail(kernel, len(args), kw)
-    plan, i = slot
+    plan, i, rec = slot
     with _LOCK:
         if i >= len(plan):
             plan.extend([None] * (i + 1 - len(plan)))
         plan[i] = site
+    if rec is not None:
+        rec.launched(site, args)
 
 
 _NO_TILES: dict = {}  # the ``fixed`` of a launch whose tiles are all in its keywords
@@ -373,3 +412,224 @@ def planned_launch(kernel, grid: tuple, args: tuple, kw: dict) -> None:
         return
     compiled = launch(kernel, grid, args, kw)
     record(slot, kernel, None, kw, _NO_TILES, args, compiled, grid, kw)
+
+
+def on_tensor_device(fn):
+    """Run ``fn(t, ...)`` with ``t``'s GPU current. Triton launches on the current CUDA device (and its
+    stream), so a model spread over GPUs (HF ``device_map="auto"``, pipeline stages) that calls a layer
+    on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU. (The CUDA backend takes a
+    CUDAGuard in C++.)"""
+
+    @functools.wraps(fn)
+    def on_device(t: torch.Tensor, *args, **kwargs):
+        index = t.get_device()  # (-1 off the GPU; one call, where ``t.device`` builds a device object each time)
+        if index >= 0 and t.is_cuda and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return on_device
+
+
+# ----------------------------------------------------------------------------------------------
+# Call plans: one eager call, replayed whole
+# ----------------------------------------------------------------------------------------------
+# With its launch plan replaying, an eager forward or backward still runs its launcher's Python: the tile, split and
+# TMA decisions, the argument tuples, each site's check (about half of a step's profiled host time on a 2-core CPU,
+# bench/NOTES.md, session 41). A call plan is a recipe recorded with the call's launch plan: its allocations (shape,
+# device, dtype), the kept stand-ins and views of inputs it passes, each launch as its recorded site's compiled
+# kernel, grid and tail with the arguments as a template (constants; the positions of the call's tensors, of the
+# host descriptors built on them with their block shapes, of the VARYING values derived from the call's varying
+# argument), and which of those tensors the call returns. A later call with an equal plan key runs the recipe.
+#
+# Why that launches what the launchers would. The plan key fixes the tensors' metadata and every other argument but
+# the varying one (the seed), whose launch values are checked against ``derive`` when recording. What else the
+# launchers read is module state: switches (``BWD_SPLIT_M``, ``TMA_FLATTEN``, ...), functions tests swap in, the
+# autotuner factory. A recipe keeps a snapshot of the globals of the caller's module and of every launched kernel's
+# module (the tuple of their values: 1.4 µs to compare) and is used only while they are the same objects; a
+# rebinding anywhere records again. A recipe is kept only where the whole call was seen: every launch went through a
+# launch plan's site (replayed, or launched through the cache and recorded: not a tuning call, not a capture's
+# fallback tiles), every tensor a launch takes or the call returns is an input, an allocation through the launchers'
+# ``_empty``, a kept stand-in or a view noted with how it was made (``note_*``), and no tensor of the call was
+# written by a torch op in place (their version counters). Anything else (a ``torch.zeros`` counter, a copy of a
+# strided bias, a sum by torch) marks the layout as not replayable whole, under that snapshot: its launches still
+# replay from the launch plan. Off with ``LORA_KERNELS_CALL_PLANS=0``, and with launch plans.
+
+_CALLS: dict = {}  # plan key -> _Call
+RECORDING = 0  # threads recording a call plan now (the allocators' ``note_*`` calls are skipped while none is)
+_KIND_EMPTY, _KIND_KEPT, _KIND_VIEW = 0, 1, 2
+
+
+def _recording(rec, step: int) -> None:
+    global RECORDING
+    with _LOCK:
+        RECORDING += step
+    _LOCAL.rec = rec
+
+
+def _snapshot(modules) -> tuple:
+    return tuple((m, tuple(sys.modules[m].__dict__.values())) for m in sorted(modules))
+
+
+def note_empty(t: torch.Tensor) -> None:
+    """``t`` is a fresh ``torch.empty`` of its shape, device and dtype (the launchers' ``_empty``)."""
+    rec = getattr(_LOCAL, "rec", None)
+    if rec is not None:
+        rec.made(t, (_KIND_EMPTY, tuple(t.shape), t.device, t.dtype))
+
+
+def note_kept(t: torch.Tensor) -> None:
+    """``t`` is kept across calls (a zero-element stand-in): the recipe passes the same tensor."""
+    rec = getattr(_LOCAL, "rec", None)
+    if rec is not None:
+        rec.made(t, (_KIND_KEPT, t))
+
+
+def note_view(t: torch.Tensor, base: torch.Tensor, how) -> None:
+    """``t`` is ``how(base)``, a view (``torch.Tensor.t`` for ``weight.T``)."""
+    rec = getattr(_LOCAL, "rec", None)
+    if rec is not None:
+        i = rec.source(base)
+        if i is None:
+            rec.fail = "a view of a tensor of unknown origin"
+        else:
+            rec.made(t, (_KIND_VIEW, i, how))
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place torch op on it); -1 for an inference tensor, which has none."""
+    return -1 if t.is_inference() else t._version
+
+
+class _Call:
+    """A recorded call: the globals snapshot it holds under, and (None where the layout cannot be replayed whole)
+    the recipe."""
+
+    __slots__ = ("snapshot", "extras", "launches", "returns", "varying", "derive", "why")
+
+    def current(self) -> bool:
+        try:
+            return all(tuple(sys.modules[m].__dict__.values()) == values for m, values in self.snapshot)
+        except Exception:  # (a rebound global whose ``==`` raises: not the same object, so not current)
+            return False
+
+
+class _Recorder:
+    """What one recording call made and launched, by index among the call's values (its arguments first)."""
+
+    def __init__(self, fn, args: tuple, derived: dict):
+        self.modules = {fn.__module__}
+        self.start = _snapshot(self.modules)
+        self.derived = derived
+        self.values = list(args)
+        self.index = {id(a): i for i, a in reversed(list(enumerate(args))) if isinstance(a, torch.Tensor)}
+        self.versions = [(a, _version(a)) for a in args if isinstance(a, torch.Tensor)]
+        self.extras: list = []
+        self.launches: list = []
+        self.fail: str | None = None
+        if len(self.index) < sum(isinstance(a, torch.Tensor) for a in args):
+            # One tensor at two positions: a recipe would pass the first position's tensor for both in every call,
+            # also where they are two tensors (the plan key cannot tell).
+            self.fail = "one tensor passed at two positions"
+
+    def made(self, t: torch.Tensor, op: tuple) -> None:
+        self.index[id(t)] = len(self.values)
+        self.values.append(t)
+        self.versions.append((t, _version(t)))
+        self.extras.append(op)
+
+    def source(self, t: torch.Tensor) -> int | None:
+        i = self.index.get(id(t))
+        return i if i is not None and self.values[i] is t else None
+
+    def launched(self, site: _Site, args: tuple) -> None:
+        if self.fail is not None:
+            return
+        names = site.kernel.arg_names
+        template, fills, descs, seeds = list(args), [], [], []
+        for j, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                i = self.source(a)
+                if i is None:
+                    self.fail = f"{site.kernel.__name__}'s {names[j]}: a tensor not allocated through _empty"
+                    return
+                fills.append((j, i))
+            elif TensorDescriptor is not None and type(a) is TensorDescriptor:
+                i = self.source(a.base)
+                if i is None or list(a.shape) != list(a.base.shape) or list(a.strides) != list(a.base.stride()):
+                    self.fail = f"{site.kernel.__name__}'s {names[j]}: a descriptor of another tensor"
+                    return
+                descs.append((j, i, tuple(a.block_shape)))
+            elif names[j] in VARYING:
+                v = self.derived.get(names[j])
+                if j not in site.varying or type(v) is not int or v != a:
+                    self.fail = f"{site.kernel.__name__}'s {names[j]}: not derived from the varying argument"
+                    return
+                seeds.append((j, names[j]))
+            else:
+                continue
+            template[j] = None
+        self.launches.append((site.compiled, site.grid, site.tail, tuple(template), tuple(fills), tuple(descs),
+                              tuple(seeds)))  # fmt: skip
+        module = getattr(getattr(site.kernel, "fn", None), "__module__", None)
+        if module is not None:
+            self.modules.add(module)
+
+    def finish(self, out, slots: int, varying: int, derive) -> _Call | None:
+        """The call plan, a marker that this layout cannot be replayed whole, or None (record again next call:
+        a launch went around the launch plan, or module state changed during the call)."""
+        if self.fail is None and len(self.launches) != slots:
+            return None  # (a tuning call, a capture's fixed tiles: the next call may go through sites only)
+        returns = []
+        if self.fail is None:
+            if any(_version(t) != v for t, v in self.versions):
+                self.fail = "a tensor of the call written in place by a torch op"
+            elif type(out) is not tuple:
+                self.fail = "the call does not return a tuple"
+            else:
+                for o in out:
+                    i = self.source(o) if isinstance(o, torch.Tensor) else None
+                    if i is None:
+                        self.fail = "it returns what it did not allocate through _empty"
+                        break
+                    returns.append(i)
+        snapshot = _snapshot(self.modules)
+        try:
+            if any(dict(snapshot)[m] != values for m, values in self.start):
+                return None
+        except Exception:  # (a global rebound during the call to one whose ``==`` raises)
+            return None
+        call = _Call()
+        call.snapshot, call.why, call.varying, call.derive = snapshot, self.fail, varying, derive
+        call.extras = call.launches = call.returns = None
+        if self.fail is None:
+            call.extras, call.launches, call.returns = tuple(self.extras), tuple(self.launches), tuple(returns)
+        return call
+
+
+@on_tensor_device
+def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
+    """Run a recipe: its allocations, then its launches; ``t`` is ``args[0]`` (whose GPU is made current)."""
+    vals = list(args)
+    add = vals.append
+    for op in call.extras:
+        kind = op[0]
+        if kind == _KIND_EMPTY:
+            add(torch.empty(op[1], device=op[2], dtype=op[3]))
+        elif kind == _KIND_KEPT:
+            add(op[1])
+        else:
+            add(op[2](vals[op[1]]))
+    derived = call.derive(args[call.varying])
+    for compiled, grid, tail, template, fills, descs, seeds in call.launches:
+        a = list(template)
+        for j, i in fills:
+            a[j] = vals[i]
+        for j, i, block in descs:
+            a[j] = descriptor(vals[i], list(block))
+        for j, name in seeds:
+            a[j] = derived[name]
+        compiled[grid](*a, *tail)
+    _STATS["plan_hits"] += len(call.launches)
+    _STATS["call_hits"] += 1
+    return tuple([vals[i] for i in call.returns])

@@ -1032,8 +1032,12 @@ def _tma_cfg(x: torch.Tensor | None, R: int, backward: bool, regenerate: bool = 
 
 def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Every kernel output is allocated here, uninitialised: tests replace this with a
-    NaN-poisoning allocator so that an element a kernel forgets to write is caught."""
-    return torch.empty(shape, device=device, dtype=dtype)
+    NaN-poisoning allocator so that an element a kernel forgets to write is caught. A call plan being recorded
+    (launch.py) notes each: its recipe allocates the same."""
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if _plans.RECORDING:
+        _plans.note_empty(t)
+    return t
 
 
 def _identity(kernel):
@@ -1052,6 +1056,8 @@ def _stand_in(device: torch.device, dtype: torch.dtype, wrap) -> torch.Tensor:
     t = _NOTHING.get((device, dtype))
     if t is None:
         t = _NOTHING[(device, dtype)] = torch.empty((0,), device=device, dtype=dtype)
+    if _plans.RECORDING:
+        _plans.note_kept(t)
     return t
 
 
@@ -1185,7 +1191,10 @@ def _tma_weight(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     checked by ``_tma_ok``."""
     if weight.stride(1) == 1 or weight.stride(0) != 1:
         return weight, False
-    return weight.T, True
+    wt = weight.T
+    if _plans.RECORDING:
+        _plans.note_view(wt, weight, torch.Tensor.t)
+    return wt, True
 
 
 _W_TILES = {False: ("BLOCK_N", "BLOCK_K"), True: ("BLOCK_K", "BLOCK_N")}  # the weight descriptor's tiles
@@ -1574,21 +1583,7 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
         i += 1
 
 
-def _on_tensor_device(fn):
-    """Run ``fn(t, ...)`` with ``t``'s GPU current. Triton launches on the current CUDA device (and its
-    stream), so a model spread over GPUs (HF ``device_map="auto"``, pipeline stages) that calls a layer
-    on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU. (The CUDA backend takes a
-    CUDAGuard in C++.)"""
-
-    @functools.wraps(fn)
-    def on_device(t: torch.Tensor, *args, **kwargs):
-        index = t.get_device()  # (-1 off the GPU; one call, where ``t.device`` builds a device object each time)
-        if index >= 0 and t.is_cuda and index != torch.cuda.current_device():
-            with torch.cuda.device(index):
-                return fn(t, *args, **kwargs)
-        return fn(t, *args, **kwargs)
-
-    return on_device
+_on_tensor_device = _plans.on_tensor_device  # (launch.py: the call plans' replays take it too)
 
 
 @_on_tensor_device
@@ -2051,8 +2046,9 @@ def _fwd(*args):
     if use_registered_op():
         _flops.reach_active_counters()
         return triton_lora_fwd(*args)
-    # The launches of a layout replay from their plan (launch.py) after the first call; the seed (args[8]) varies.
-    return _plans.planned(_plans.plan_key("fwd", args, 8), lora_fwd, *args)
+    # The launches of a layout replay from their plan (launch.py) after the first call, and the whole call from its
+    # call plan where it can; the seed (args[8]) varies.
+    return _plans.planned(_plans.plan_key("fwd", args, 8), lora_fwd, *args, varying=8, derive=_seed_values)
 
 
 def _bwd(*args, bwd_mode: str | None = None):
@@ -2060,7 +2056,13 @@ def _bwd(*args, bwd_mode: str | None = None):
         _flops.reach_active_counters()
         return triton_lora_bwd(*args)
     key = _plans.plan_key(("bwd", bwd_mode), args, 9)  # (args[9]: the seed)
-    return _plans.planned(key, lora_bwd, *args, bwd_mode=bwd_mode)
+    return _plans.planned(key, lora_bwd, *args, varying=9, derive=_seed_values, bwd_mode=bwd_mode)
+
+
+def _seed_values(seed: int) -> dict:
+    """The values of the VARYING kernel parameters (launch.py) for ``seed``: what a call plan passes."""
+    lo, hi = _seed_parts(seed)
+    return {"seed_lo": lo, "seed_hi": hi}
 
 
 # ----------------------------------------------------------------------------------------------
