@@ -526,6 +526,78 @@ def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
     assert got["nested_why"] == ["None", "a planned call inside it"], got["nested_why"]
 
 
+_MODEL = r"""
+import json, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from triton.tools.tensor_descriptor import TensorDescriptor
+from lora_kernels.integrations import patch
+from lora_kernels.triton_ops import launch as L
+from lora_kernels.triton_ops.compile_only import record_launches
+
+
+def norm(v):
+    if isinstance(v, torch.Tensor):
+        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16]
+    if isinstance(v, TensorDescriptor):
+        return ["D", norm(v.base), list(v.shape), list(v.strides), list(v.block_shape)]
+    return repr(v)
+
+
+def main():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)  # fmt: skip
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=targets))  # fmt: skip
+    report = patch(model, backend="triton", log=False)
+    model.train()
+    ids = torch.randint(0, 512, (2, 32))
+    seen, res = [], {"fused": len(report.accelerated)}
+
+    def step(calls, seed):
+        L.CALLS = calls
+        seen.clear()
+        torch.manual_seed(seed)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+
+    with record_launches(seen.append):
+        for phase in ("plain", "checkpointed"):
+            if phase == "checkpointed":  # (the forward runs again inside the backward)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            step(False, 1)
+            off = step(False, 2)
+            before = L.stats()["call_hits"]
+            on = [step(True, 2), step(True, 2)]
+            res[phase] = dict(launches=len(off), same=[o == off for o in on], hits=L.stats()["call_hits"] - before,
+                              other_seed=step(True, 3) != off)  # fmt: skip
+    print(json.dumps(res))
+
+
+main()
+"""
+
+
+def test_call_plans_over_a_patched_peft_model():
+    """A two-layer Llama with PEFT LoRA on every projection, patched onto the Triton backend: two training steps
+    with call plans reach the launcher with exactly the launches of a step without them (kernels, grids, every
+    parameter), with and without activation checkpointing (which runs each forward again inside the backward);
+    most calls are replayed whole (the first call of each layout records), and another seed changes the launches."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    got = _run(_MODEL)
+    assert got["fused"] == 14, got
+    for phase, launches in (("plain", 56), ("checkpointed", 84)):  # 4 launches per fused layer, forwards again
+        r = got[phase]
+        assert r["launches"] == launches and r["same"] == [True, True] and r["other_seed"], (phase, r)
+        calls = launches  # two steps of launches / 2 calls each (a forward or backward: two launches)
+        assert calls - 10 <= r["hits"] <= calls, (phase, r)  # (at most 10 layouts recorded: 5 shapes, fwd and bwd)
+
+
 def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():
     """Under TRITON_INTERPRET the kernels are not JITFunctions: ``launch`` hands them to ``kernel[grid]``
     unchanged (this process runs the interpreter when CI's suite does)."""
