@@ -42,13 +42,12 @@ def _run(script: str, *argv: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-_STEPS = r"""
-import functools, json, sys
+# The start of the scripts that compare launches: each launch as the launcher receives it, in JSON.
+_LAUNCHES = r"""
+import json
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
-import lora_kernels as lk
 from lora_kernels.triton_ops import launch as L
-from lora_kernels.triton_ops import lora_linear as tri
 from lora_kernels.triton_ops.compile_only import record_launches
 
 
@@ -60,6 +59,15 @@ def norm(v):
         return ["D", norm(v.base), list(v.shape), list(v.strides), list(v.block_shape)]
     return repr(v)
 
+
+def launches(seen):
+    return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+"""
+
+_STEPS = r"""  # (after _LAUNCHES)
+import functools, sys
+import lora_kernels as lk
+from lora_kernels.triton_ops import lora_linear as tri
 
 out = {}
 seen = []
@@ -89,7 +97,7 @@ with record_launches(seen.append):
             seen.clear()
             x.grad = A.grad = B.grad = None
             lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, seed, backend="triton").backward(dy)
-            return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+            return launches(seen)
 
         L.clear()  # (cases may share kernels: count each case's own misses)
         # Tuned: the first step goes through Triton's Autotuner.run, later ones launch the config it chose.
@@ -147,7 +155,7 @@ with record_launches(seen.append):
             seen.clear()
             with torch.no_grad():
                 tri._fwd(x.detach().reshape(-1, K), W, None, A.detach(), B.detach(), None, scaling, p, 1234, True)
-            return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+            return launches(seen)
 
         fwd_only(2.0, True)
         out[name].update(float_plan=fwd_only(2.0, True), int_slow=fwd_only(2, False), int_plan=fwd_only(2, True))
@@ -192,7 +200,7 @@ _CASES = {
 
 @pytest.fixture(scope="module")
 def steps() -> dict:
-    return _run(_STEPS, json.dumps(_CASES))
+    return _run(_LAUNCHES + _STEPS, json.dumps(_CASES))
 
 
 @pytest.mark.parametrize("case", list(_CASES))
@@ -526,22 +534,10 @@ def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
     assert got["nested_why"] == ["None", "a planned call inside it"], got["nested_why"]
 
 
-_MODEL = r"""
-import json, torch
+_MODEL = r"""  # (after _LAUNCHES)
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from triton.tools.tensor_descriptor import TensorDescriptor
 from lora_kernels.integrations import patch
-from lora_kernels.triton_ops import launch as L
-from lora_kernels.triton_ops.compile_only import record_launches
-
-
-def norm(v):
-    if isinstance(v, torch.Tensor):
-        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16]
-    if isinstance(v, TensorDescriptor):
-        return ["D", norm(v.base), list(v.shape), list(v.strides), list(v.block_shape)]
-    return repr(v)
 
 
 def main():
@@ -562,7 +558,7 @@ def main():
         torch.manual_seed(seed)
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
-        return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+        return launches(seen)
 
     with record_launches(seen.append):
         for phase in ("plain", "checkpointed"):
@@ -589,7 +585,7 @@ def test_call_plans_over_a_patched_peft_model():
     most calls are replayed whole (the first call of each layout records), and another seed changes the launches."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    got = _run(_MODEL)
+    got = _run(_LAUNCHES + _MODEL)
     assert got["fused"] == 14, got
     for phase, launches in (("plain", 56), ("checkpointed", 84)):  # 4 launches per fused layer, forwards again
         r = got[phase]
