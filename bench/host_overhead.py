@@ -10,7 +10,8 @@ under ``lora_kernels.triton_ops.compile_only`` on tiny CPU tensors: each launch 
 finds its compiled kernel as on a GPU, then returns instead of launching, so the figures are the host
 path minus the driver's launch (a few µs per kernel on a GPU). The rows "to the launcher" run under
 ``record_launches`` instead: the kernels stay Triton's JITFunctions and each launch reaches the compiled
-kernel's launcher (which records instead of calling the driver), through ``JITFunction.run``, through
+kernel's launcher (which runs Triton's expansion of the host TMA descriptors, then records instead of calling
+the driver), through ``JITFunction.run``, through
 lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), replayed from its launch plans and from its
 call plans, in alternation. The CUDA backend's
 rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension

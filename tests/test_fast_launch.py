@@ -102,6 +102,8 @@ with record_launches(seen.append):
         L.clear()  # (cases may share kernels: count each case's own misses)
         # Tuned: the first step goes through Triton's Autotuner.run, later ones launch the config it chose.
         slow = step(False, 1234)
+        # Per launch: its host descriptors, and the tensor maps Triton's launcher expanded them into (checked).
+        maps = [[l.name, sum(type(a) is TensorDescriptor for a in l.args), len(l.tensor_maps)] for l in seen]
         before = dict(L.stats())
         first = step(True, 1234)     # the cache's misses: Triton launches and the entries are stored
         mid = dict(L.stats())
@@ -109,7 +111,7 @@ with record_launches(seen.append):
         other_seed = step(True, 99)  # the seed is not specialised on: still hits, with its own value
         slow_other = step(False, 99)
         after = dict(L.stats())
-        out[name] = dict(slow=slow, first=first, hit=hit, other_seed=other_seed, slow_other=slow_other,
+        out[name] = dict(slow=slow, first=first, hit=hit, other_seed=other_seed, slow_other=slow_other, maps=maps,
                          misses=mid["misses"] - before["misses"], hits=after["hits"] - mid["hits"],
                          late_misses=after["misses"] - mid["misses"])
         if tuned:  # the keys whose chosen config the later steps launched
@@ -259,6 +261,19 @@ def test_launch_plans_replay_tritons_launches(steps, case):
     assert got["split_plan"] == got["split_slow"] and got["split_again"] == got["split_slow"], case
     # The forward GEMM replays (single-pass: the forward); the backward's launches were recorded again.
     assert 0 < got["split_plan_hits"] < 2 * n, (case, got)
+
+
+def test_recorded_launches_expand_descriptors_as_tritons_launcher(steps):
+    """``record_launches`` runs Triton's own host-descriptor expansion (its launcher's, before the C launcher)
+    on every launch, with the driver's tensor-map encoder replaced by a check of its documented requirements
+    (``compile_only.encode_tiled``): every TMA launch of every case (the single-pass kernels' included) came
+    through it, one checked tensor map per descriptor."""
+    tma = 0
+    for case, got in steps.items():
+        for name, descs, maps in got["maps"]:
+            assert maps == descs, (case, name, descs, maps)
+            tma += descs > 0
+    assert tma >= 10, "the TMA launches were not reached: nothing was checked"
 
 
 def test_cached_launches_cover_each_kernel_of_the_step(steps):
@@ -667,3 +682,83 @@ def test_stand_ins_are_kept_for_eager_calls_only():
     with mock.patch.object(tri, "_empty", wraps=tri._empty) as alloc:
         b = tri._stand_in(dev, torch.int32, lambda k: k)
     assert b is not a and b.numel() == 0 and alloc.call_count == 1
+
+
+def test_tensor_map_check_refuses_what_the_driver_refuses():
+    """``encode_tiled`` (what ``record_launches`` and ``compile_only`` put behind Triton's tensor-map encoder)
+    accepts what cuTensorMapEncodeTiled accepts and refuses, naming the rule, what its documentation (cuda.h)
+    says the driver refuses: the first GPU launch of a bad descriptor would fail there instead."""
+    from lora_kernels.triton_ops.compile_only import TensorMap, encode_tiled
+
+    ok = dict(address=0x7F0000001000, swizzle=3, elem_size=2, elem_type=10, block=[128, 64], shape=[300, 4096],
+              strides=[4096, 1], padding=0)  # fmt: skip
+    assert encode_tiled(**ok) == TensorMap(**{**ok, "block": (128, 64), "shape": (300, 4096), "strides": (4096, 1)})
+    assert encode_tiled(**{**ok, "block": [256, 32], "swizzle": 2}).block == (256, 32)  # 64 bytes in a 64-byte span
+    assert encode_tiled(**{**ok, "block": [8], "shape": [40], "strides": [1], "swizzle": 0}).shape == (40,)
+    bad = {
+        "not 16-byte aligned": dict(address=0x7F0000001008),
+        "stride 0 is 8200 bytes": dict(strides=[4100, 1]),
+        "dimension 0 is 0": dict(shape=[0, 4096]),
+        "box dimension 0 is 512": dict(block=[512, 64]),
+        "inner dimension is 24 bytes (a multiple of 16)": dict(block=[128, 12], swizzle=0),
+        "over the swizzle's 128": dict(block=[128, 128]),
+        "over the swizzle's 32": dict(block=[128, 32], swizzle=1),
+        "swizzle mode 9": dict(swizzle=9),
+        "rank 6": dict(block=[1] * 6, shape=[2] * 6, strides=[8] * 5 + [1]),
+    }
+    for why, change in bad.items():
+        with pytest.raises(RuntimeError, match="Failed to create tensor map descriptor") as err:
+            encode_tiled(**{**ok, **change})
+        assert why in str(err.value), (why, str(err.value))
+
+
+_REFUSED = r"""  # (after _LAUNCHES)
+import lora_kernels as lk
+import triton
+import triton.language as tl
+from lora_kernels.triton_ops import lora_linear as tri
+
+out = {}
+with record_launches(lambda l: None):
+    # Rows of 250 bf16 (500 bytes): no TMA descriptor may span them (the launchers take the pointer path). With the
+    # launchers' check patched to accept them, the launch stops at the tensor-map check, as the driver would.
+    x, W = torch.randn(64, 250, dtype=torch.bfloat16), torch.randn(256, 250, dtype=torch.bfloat16)
+    A, B = torch.randn(16, 250), torch.randn(256, 16)
+    tri._tma_ok = lambda *tensors, traced=False: True
+    try:
+        lk.lora_linear(x, W, A, B, None, None, 2.0, 0.0, True, 1, backend="triton")
+        out["tma"] = "launched"
+    except RuntimeError as e:
+        out["tma"] = str(e)
+
+
+@triton.jit
+def _device_desc(X, n):  # an in-kernel descriptor: Triton's launch needs a global scratch allocation
+    d = tl.make_tensor_descriptor(X, shape=[n, 64], strides=[64, 1], block_shape=[16, 64])
+    d.store([0, 0], d.load([0, 0]) + 1)
+
+
+seen = []
+with record_launches(seen.append):
+    x = torch.zeros(16, 64)
+    try:
+        _device_desc[(1,)](x, 16)
+        out["scratch"] = "launched"
+    except RuntimeError as e:
+        out["scratch"] = str(e)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    _device_desc[(1,)](x, 16)
+    out["with_allocator"] = [l.name for l in seen]
+print(json.dumps(out))
+"""
+
+
+def test_recorded_launches_fail_where_the_gpu_launch_would():
+    """Two launches that a GPU refuses and the CPU's recorder used to take: a host descriptor over rows that are
+    not 16-byte multiples (the launchers never build one, ``_tma_ok``; with that check patched away the launch
+    stops at the tensor-map check), and a kernel that needs a global scratch allocation (in-kernel descriptors)
+    while no allocator is set (Triton's launcher raises; with one set, it launches)."""
+    got = _run(_LAUNCHES + _REFUSED)
+    assert "Failed to create tensor map descriptor" in got["tma"] and "stride 0 is 500 bytes" in got["tma"], got
+    assert "requires a runtime memory allocation, but no allocator was set" in got["scratch"], got
+    assert got["with_allocator"] == ["_device_desc"], got

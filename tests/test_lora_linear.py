@@ -2088,7 +2088,7 @@ def record(c):
         local = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", res))  # spills: STACK
     cfg = [c.kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
     results.append(dict(r=R, p=P, adapters=ADT + "".join("+" + m for m in MODE), kernel=c.kernel, cfg=cfg,
-                        smem=c.compiled.metadata.shared, local=local))
+                        smem=c.compiled.metadata.shared, local=local, maps=len(c.tensor_maps)))
 
 for R, P, ADT, *MODE in json.loads(sys.argv[1]):
     STORE = "regenerate" not in MODE
@@ -2110,7 +2110,8 @@ def test_tuning_tables_fit_an_h100():
     shared memory) without register spills, or it costs compile and tuning time for nothing (the 256-wide dX
     tiles spilled 1 KB with dropout until session 32, unseen: this test read the cubin's LOCAL, which stays 0
     when a kernel spills to its stack). At rank 256 each kernel keeps at least one config that loads (the
-    launcher would otherwise fall back to the fixed tiles)."""
+    launcher would otherwise fall back to the fixed tiles). Each TMA config's three host descriptors, as
+    Triton's launcher would expand them, pass the driver's tensor-map requirements (``compile_only``)."""
     pytest.importorskip("triton")
     cases = [[16, 0.1, "bfloat16"], [64, 0.1, "bfloat16"], [256, 0.1, "bfloat16"], [16, 0.0, "float32"],
              [64, 0.0, "float32"], [16, 0.1, "float32"], [16, 0.1, "float32", "regenerate"], [32, 0.1, "float32"],
@@ -2150,6 +2151,9 @@ def test_tuning_tables_fit_an_h100():
     assert not over, over
     spills = [(c["r"], c["kernel"], c["cfg"], c["local"]) for c in common if c["local"]]
     assert not spills, spills
+    maps = {c["kernel"]: c["maps"] for c in results}  # (compile_only raised on a map the driver would refuse)
+    assert {c["maps"] for c in results if c["kernel"] in ("_fwd_tma_kernel", "_bwd_dx_tma_kernel")} == {3}, maps
+    assert {c["maps"] for c in results if "tma" not in c["kernel"]} == {0}, maps
     for k in kernels | {"_bwd_dx_kernel"}:
         assert any(c["smem"] <= 232448 for c in results if c["r"] == 256 and c["kernel"] == k), k
 

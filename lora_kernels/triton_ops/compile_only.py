@@ -14,7 +14,8 @@ Inside :func:`compile_only`:
 * the kernels of ``lora_linear.py`` and ``single_pass.py`` are wrapped: ``kernel[grid](...)`` compiles
   (``run(warmup=True)``) and reports to ``on_compile``; a compiled kernel whose shared memory exceeds
   ``max_shared`` raises ``OutOfResources`` as its load on that GPU would, so the launchers step down
-  to the tiles the GPU would end up compiling;
+  to the tiles the GPU would end up compiling; its host TMA descriptors are expanded as Triton's launcher
+  would, each tensor map checked against the driver's requirements (:func:`encode_tiled`);
 * the host-side choices are the GPU's: persistent grids of ``num_sms`` programs, the TMA paths on
   sm_90+ (``TMA_MODE`` "1": "auto" would ask the CUDA device), the Triton backend accepting CPU tensors;
 * with ``autotune=True`` an eager launch compiles every config of its tuning table that survives the
@@ -39,11 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import CompiledKernel
+from triton.runtime import _allocation
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
@@ -53,8 +57,8 @@ from . import single_pass as _sp
 from ._build_key import ptxas_version, triton_build_key
 
 __all__ = [
-    "Compiled", "Launch", "compile_only", "record_launches", "triton_build_key", "ptxas_version", "H100_SMEM",
-    "H100_SMS",
+    "Compiled", "Launch", "TensorMap", "compile_only", "encode_tiled", "record_launches", "triton_build_key",
+    "ptxas_version", "H100_SMEM", "H100_SMS",
 ]  # fmt: skip
 
 H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 / H200 (227 KiB)
@@ -72,11 +76,13 @@ _KERNELS = {
 @dataclass
 class Compiled:
     """One compile: the kernel's name, the keyword arguments it was launched with (constexprs, warps,
-    stages) and Triton's ``CompiledKernel`` (``.metadata.shared``, ``.asm``, ``.hash``)."""
+    stages), Triton's ``CompiledKernel`` (``.metadata.shared``, ``.asm``, ``.hash``) and, per host descriptor
+    among its arguments, the :class:`TensorMap` a launch would have the driver encode (checked)."""
 
     kernel: str
     kwargs: dict
     compiled: object
+    tensor_maps: tuple = ()
 
 
 class _Driver:
@@ -93,6 +99,13 @@ class _Driver:
 
     def get_current_target(self) -> GPUTarget:
         return self.target
+
+    @property
+    def utils(self):
+        """The driver utilities Triton's host-descriptor expansion calls: the tensor-map encoder (named
+        ``fill_tma_descriptor`` in Triton 3.6, ``fill_tma_descriptor_tiled`` in 3.8), here a check of the
+        CUDA driver's requirements (:func:`encode_tiled`)."""
+        return _UTILS
 
 
 class CompileOnly:
@@ -112,7 +125,11 @@ class CompileOnly:
 
     def compile(self, *args, **kwargs):
         compiled = self.fn.run(*args, grid=None, warmup=True, **kwargs)
-        self.sink(Compiled(self.fn.__name__, dict(kwargs), compiled))
+        # The host descriptors as the GPU's launch would expand them, the tensor maps checked (encode_tiled).
+        expand = _descriptor_expansion(compiled)
+        bound = tuple(args[i] if i < len(args) else kwargs.get(p.name, p.default) for i, p in enumerate(self.fn.params))
+        maps = expand(bound) if expand is not None else ()
+        self.sink(Compiled(self.fn.__name__, dict(kwargs), compiled, maps))
         return compiled
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
@@ -157,12 +174,125 @@ class _TuneAll:
 @dataclass
 class Launch:
     """One launch that reached the driver's launcher: the compiled kernel's name and hash, the grid, and
-    every parameter's value in signature order (what the launcher receives)."""
+    every parameter's value in signature order (what the launcher receives); ``tensor_maps``, per host
+    descriptor among them, the :class:`TensorMap` Triton's launcher would have the driver encode."""
 
     name: str
     hash: str
     grid: tuple
     args: tuple
+    tensor_maps: tuple = ()
+
+
+class TensorMap(NamedTuple):
+    """The arguments Triton's host-descriptor expansion passes to the driver's tensor-map encoder
+    (``cuTensorMapEncodeTiled``), in its order: shapes and strides outer dimension first, strides in elements."""
+
+    address: int
+    swizzle: int
+    elem_size: int
+    elem_type: int
+    block: tuple
+    shape: tuple
+    strides: tuple
+    padding: int
+
+
+# CU_TENSOR_MAP_SWIZZLE_* -> the span in bytes the box's inner dimension must fit (None: no swizzle)
+_SWIZZLE_SPAN = {0: None, 1: 32, 2: 64, 3: 128, 4: 128, 5: 128, 6: 128}
+_ACCEPTED: set = set()  # parameters checked already, the address by its alignment (the check is a function of them)
+_MAPS = threading.local()  # .maps: the tensor maps of the launch being expanded on this thread
+
+
+def encode_tiled(address, swizzle, elem_size, elem_type, block, shape, strides, padding) -> TensorMap:
+    """Stands in for the driver's ``cuTensorMapEncodeTiled`` behind Triton's ``fill_tma_descriptor``: raises
+    where the CUDA driver documents that it refuses the parameters (cuda.h of CUDA 13.0: a 16-byte aligned
+    address; rank 1 to 5; every dimension in 1..2^32; the outer strides a multiple of 16 bytes below 2^40; box
+    dimensions in 1..256, the inner one a multiple of 16 bytes and within the swizzle's span), which on a GPU
+    is a launch error; else returns the parameters. Triton passes the block as the kernel's metadata has it (a
+    descriptor's tile may be loaded as several boxes) and unit inner strides (it asserts that before)."""
+    m = TensorMap(address, swizzle, elem_size, elem_type, tuple(block), tuple(shape), tuple(strides), padding)
+    key = (address % 16, *m[1:])
+    if key not in _ACCEPTED:  # (host-time rows run this per launch: the verdict is kept, as cheap as the C call)
+        _check_tensor_map(m)
+        _ACCEPTED.add(key)
+    sink = getattr(_MAPS, "maps", None)
+    if sink is not None:
+        sink.append(m)
+    return m
+
+
+def _check_tensor_map(m: TensorMap) -> None:
+    address, swizzle, elem_size, _, block, shape, strides, padding = m
+    rank = len(block)
+    why = []
+    if not 1 <= rank <= 5 or len(shape) != rank or len(strides) != rank:
+        why.append(f"rank {rank} with {len(shape)} dimensions and {len(strides)} strides")
+    if address % 16:
+        why.append(f"the address {address:#x} is not 16-byte aligned")
+    why += [f"dimension {i} is {d} (1..2^32)" for i, d in enumerate(shape) if not 0 < d <= 2**32]
+    for i, st in enumerate(strides[:-1]):
+        if (st * elem_size) % 16 or not 0 <= st * elem_size < 2**40:
+            why.append(f"stride {i} is {st * elem_size} bytes (a multiple of 16 below 2^40)")
+    why += [f"box dimension {i} is {b} (1..256)" for i, b in enumerate(block) if not 0 < b <= 256]
+    inner = block[-1] * elem_size if block else 0
+    if inner % 16:
+        why.append(f"the box's inner dimension is {inner} bytes (a multiple of 16)")
+    if swizzle not in _SWIZZLE_SPAN:
+        why.append(f"swizzle mode {swizzle}")
+    elif _SWIZZLE_SPAN[swizzle] is not None and inner > _SWIZZLE_SPAN[swizzle]:
+        why.append(f"the box's inner dimension is {inner} bytes, over the swizzle's {_SWIZZLE_SPAN[swizzle]}")
+    if padding not in (0, 1):
+        why.append(f"padding {padding}")
+    if why:
+        raise RuntimeError(
+            "Failed to create tensor map descriptor (record_launches' check of cuTensorMapEncodeTiled's "
+            f"requirements): {'; '.join(why)} (block {list(block)}, shape {list(shape)}, strides {list(strides)}, "
+            f"element size {elem_size}, swizzle {swizzle})"
+        )
+
+
+class _Utils:
+    fill_tma_descriptor = fill_tma_descriptor_tiled = staticmethod(encode_tiled)
+
+
+_UTILS = _Utils()
+
+
+def _descriptor_expansion(compiled: CompiledKernel) -> Callable[[tuple], tuple] | None:
+    """Triton's own expansion of a launch's host descriptors (``wrap_handle_tensordesc``, what its
+    ``CudaLauncher`` runs between the runner and the C launcher: per descriptor the driver's tensor map, its
+    shape and strides), calling the encoder of the active driver (:func:`encode_tiled` here). Returns a function
+    of the kernel's arguments that gives the tensor maps, or None where the kernel takes no host descriptor or
+    this Triton's launcher is not one of the two layouts known (3.6: base arguments then the kernel's, 3.8: base
+    arguments then a tuple of the kernel's)."""
+    signature = dict(compiled.src.signature)
+    if not any(isinstance(t, str) and t.startswith("tensordesc") for t in signature.values()):
+        return None
+    try:
+        from triton.backends.nvidia import driver as nv
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return None
+    expand = nv.wrap_handle_tensordesc(_discard, signature, getattr(compiled.metadata, "tensordesc_meta", None))
+    base = getattr(nv, "_BASE_ARGS_FORMAT_LEN", None)
+    pad = (None,) * (base if base is not None else 1)
+
+    def tensor_maps(args: tuple) -> tuple:
+        _MAPS.maps = maps = []
+        try:
+            if base is not None:  # Triton 3.6: the launcher's base arguments, then the kernel's
+                expand(*pad, *args)
+            else:  # Triton 3.8: the base arguments, then a tuple of the kernel's
+                expand(*pad, args)
+        finally:
+            _MAPS.maps = None
+        return tuple(maps)
+
+    return tensor_maps
+
+
+def _discard(*args) -> None:
+    """The C launcher's place behind Triton's descriptor expansion (launching is the recorder's business)."""
 
 
 def _raise_error(err, *args, **kwargs):
@@ -207,9 +337,13 @@ def record_launches(
     tensors: the kernels stay Triton's JITFunctions, so each launch binds, looks up or compiles for
     ``sm_<arch>`` (``JITFunction.run``), or takes :mod:`.launch`'s cache, and ends at the compiled kernel's
     launcher, which here reports a :class:`Launch` to ``on_launch`` instead of calling the driver. A kernel
-    whose shared memory exceeds ``max_shared`` raises ``OutOfResources`` there, as its load would. Fixed
-    tiles (no autotuning: there is nothing to time). What it leaves out of a GPU call: the launcher's own C
-    code (argument conversion, ``cuLaunchKernel``) and the CUDA caching allocator.
+    whose shared memory exceeds ``max_shared`` raises ``OutOfResources`` there, as its load would. Before it
+    reports, the launcher does what Triton's does in Python: a kernel that needs a global scratch allocation
+    raises while no allocator is set, and the host descriptors go through Triton's own expansion with the
+    driver's tensor-map encoder replaced by :func:`encode_tiled` (a descriptor the driver would refuse raises;
+    the launch reports its tensor maps). Fixed tiles (no autotuning: there is nothing to time). What it leaves
+    out of a GPU call: the launcher's C code (argument conversion, ``cuLaunchKernel``), the driver's encoding of
+    each tensor map, the scratch allocations and the CUDA caching allocator.
 
     On exit the compiled kernels it touched lose their stand-in launchers and the launch cache is cleared,
     so nothing recorded here can reach a real launch later in the process."""
@@ -227,9 +361,15 @@ def record_launches(
             self._run = functools.partial(_raise_error, err)
             raise err
         name, digest = self.name, self.hash
+        expand = _descriptor_expansion(self)
+        scratch = getattr(self.metadata, "global_scratch_size", 0)
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-            on_launch(Launch(name, digest, (g0, g1, g2), args))
+            if scratch and _ll._no_allocator_set(_allocation):  # (what Triton's launcher raises on a GPU)
+                raise RuntimeError(f"{name} requires a runtime memory allocation, but no allocator was set")
+            # The host descriptors as Triton's launcher expands them, the tensor maps checked (encode_tiled).
+            maps = expand(args) if expand is not None else ()
+            on_launch(Launch(name, digest, (g0, g1, g2), args, maps))
 
         self.module, self.function, self._run = "recorded", 0, launcher
 
