@@ -39,6 +39,10 @@ Names:
     ``triton-dy1`` ``triton-bitmask`` with the backward's dT and dB from one read of dY (``_bwd_dy1_kernel``,
                 ``LORA_KERNELS_DY_PASSES=1``, opt-in since session 36) for an A/B against the two reads of
                 ``_bwd_dy_kernel``; offered only where it applies (16-bit x, rank ≤ 16).
+    ``triton-devdesc`` ``triton-bitmask`` with the eager TMA launches' descriptors built in the kernel
+                (``LORA_KERNELS_TMA_DESC=device``, opt-in since session 42: no host descriptors for Triton's launcher
+                to expand, a global scratch allocation per launch instead) for an A/B of host and kernel time
+                against the host descriptors; offered only on the TMA path.
     ``cuda-expand`` ``cuda-bitmask`` without the concatenated-K GEMM (``LORA_KERNELS_CUDA_CONCAT_K=0``:
                 an expand kernel writes the low-rank part into y, or dX at p = 0, and the GEMM re-reads
                 it) for an A/B against the default on H100.
@@ -87,6 +91,7 @@ ALL_IMPLS = (
     "triton-nosplitm",
     "triton-dx128",
     "triton-dy1",
+    "triton-devdesc",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",
@@ -463,6 +468,19 @@ def _ours_dy1(prob: Problem) -> Impl:
                 scope=lambda: _setting(tri, "DY_PASSES", "1"))  # fmt: skip
 
 
+def _ours_device_desc(prob: Problem) -> Impl:
+    """``triton-bitmask`` with the TMA kernels' descriptors built in the kernel (``LORA_KERNELS_TMA_DESC=device``)
+    around all of this row's calls: the A/B of session 42's opt-in against the host descriptors."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    base = _ours(prob, "triton", "bitmask", "triton-devdesc")
+    x = prob.xs[0].reshape(-1, prob.K)
+    if not (tri._tma_ok(x, prob.weight) and (prob.N * x.element_size()) % 16 == 0):
+        raise Unavailable("in-kernel descriptors are the TMA kernels' (sm90+, 16-bit x, 16-byte rows)")
+    return Impl(base.name, base.fn, base.owned, base.flops_fwd, base.flops_fwdbwd,
+                scope=lambda: _setting(tri, "TMA_DESC", "device"))  # fmt: skip
+
+
 def _ours_w_kn(prob: Problem) -> Impl:
     """``triton-bitmask`` on a copy of W stored (K, N) (one more W in memory, owned by the row), passed as
     its (N, K) view, as lora_kernels.patch passes a GPT-2 Conv1D layer's weight."""
@@ -552,6 +570,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _ours_dx128(prob)
     if name == "triton-dy1":
         return _ours_dy1(prob)
+    if name == "triton-devdesc":
+        return _ours_device_desc(prob)
     if name == "triton-compile":
         return _ours_compiled(prob)
     backend, _, mode = name.partition("-")

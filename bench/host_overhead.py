@@ -121,7 +121,10 @@ RECORDED_ROWS = (
 )  # fmt: skip
 # (launch cache, launch plans, call plans) per row above
 _RECORDED_MODES = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
-RECORDED_PATHS = (("two-launch, TMA", 256), ("two-launch, pointer (K = 250)", 250), ("single-pass", 256))  # (label, K)
+RECORDED_PATHS = (
+    ("two-launch, TMA", 256), ("two-launch, TMA, in-kernel descriptors", 256), ("two-launch, pointer (K = 250)", 250),
+    ("single-pass", 256),
+)  # (label, K); in-kernel descriptors: LORA_KERNELS_TMA_DESC=device  # fmt: skip
 
 
 def _recorded_rows(reps: int, warmup: int) -> list[dict]:
@@ -134,11 +137,12 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
     from lora_kernels.triton_ops.compile_only import record_launches
 
     rows = []
-    saved = launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE
+    saved = launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC
     try:
         with record_launches(lambda launched: None):
             for label, K in RECORDED_PATHS:
                 tri.FWD_MODE = tri.BWD_MODE = "single" if label == "single-pass" else "two"
+                tri.TMA_DESC = "device" if "in-kernel" in label else "host"
                 x, W, A, B, dy = _inputs(K)
                 best: dict[tuple[bool, bool, bool], tuple[float, float]] = {}
                 for _ in range(2):
@@ -150,7 +154,7 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
                 for mode, how in zip(_RECORDED_MODES, RECORDED_ROWS, strict=True):
                     rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[mode][0], fwdbwd_us=best[mode][1]))
     finally:
-        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE = saved
+        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC = saved
     return rows
 
 

@@ -144,7 +144,7 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
         # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.CALLS off:
         # LORA_KERNELS_CALL_PLANS=0; launch.PLANS off: LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too:
         # LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run) and the single-pass kernels
-        # (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single).
+        # (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single), the in-kernel descriptors (LORA_KERNELS_TMA_DESC=device).
         def run():
             saved = {name: getattr(module, name) for name in values}
             for name, value in values.items():
@@ -181,6 +181,10 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
             [x, A, B],
         ),
     ]
+    # No host descriptors for Triton's launcher to expand (bench/NOTES.md, session 42): its kernels are prewarmed for
+    # the short plan (its benchmark's triton-devdesc row, the same specialization at this shape).
+    rows.append(("triton, in-kernel descriptors", patched(triton_fwd, tri, TMA_DESC="device"),
+                 patched(triton_step, tri, TMA_DESC="device"), [x, A, B]))  # fmt: skip
     if single_pass:  # (opt-in: its kernels are not in the short plan's prewarmed cache; compiling them takes time)
         rows.append(("triton, single-pass", single(triton_fwd), single(triton_step), [x, A, B]))
     # The CUDA backend's C++ launchers: the other route past the Python per call (bench/NOTES.md, session 40).

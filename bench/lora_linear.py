@@ -101,6 +101,7 @@ GPU_IMPLS = (
     "triton-nosplit",
     "triton-dx128",
     "triton-dy1",
+    "triton-devdesc",
     "triton-regen",
     "cuda-bitmask",
     "cuda-expand",

@@ -22,8 +22,10 @@
 # rather than triton-1pass, measured slower in session 28 (the runbook's item 2 measures its variants).
 # triton-dy1 (dT and dB from one read of dY, opt-in since session 36, against the default's two reads) rather
 # than cuda-expand, measured slower than cuda-bitmask in session 28 (2.48 / 2.96 against 1.96 / 2.52 at p = 0).
+# triton-devdesc (the TMA kernels' descriptors built in the kernel, opt-in since session 42) for its kernel time
+# and host_us; its kernels are then in the prewarmed cache for the host step's row too.
 : "${BENCH_ARGS:=--m 8192 --shapes 4096x4096,4096x14336 --ranks 16 --dropout 0,0.1 --budget-s 120
-  --impls cublas,naive,peft,triton-bitmask,triton-regen,triton-dx128,triton-dy1,cuda-bitmask}"
+  --impls cublas,naive,peft,triton-bitmask,triton-regen,triton-dx128,triton-dy1,triton-devdesc,cuda-bitmask}"
 : "${BENCH_AUTOTUNE:=0}"
 # The files whose tests run kernels on the GPU; the CPU-only files (extension build, emulation
 # harness, scripts) already pass in CI.

@@ -761,6 +761,30 @@ def test_dy1_row(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=2e-3)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton kernels unavailable on the CPU: {TRITON_REASON}")
+def test_devdesc_row(monkeypatch):
+    """``triton-devdesc``: refused off the TMA path; elsewhere ``triton-bitmask`` with LORA_KERNELS_TMA_DESC=device
+    for its own calls only (both TMA kernels with in-kernel descriptors, ``triton-bitmask``'s with host ones), the
+    same output and gradients bit for bit."""
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    prob = _tma_row_problem(monkeypatch, "triton-devdesc", 0.1, refusal="TMA kernels'")
+    real_launch, seen = tri._launch, []
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if "DEVICE_DESC" in meta:
+            seen.append((kernel.__name__, meta["DEVICE_DESC"]))
+        return real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    tma = ("_fwd_tma_kernel", "_bwd_dx_tma_kernel")
+    names = ("triton-devdesc", "triton-bitmask")
+    out = _ab_rows(prob, names, seen, lambda name: [(k, name == "triton-devdesc") for k in tma])
+    assert tri.TMA_DESC == "host"
+    for a, b in zip(out["triton-devdesc"], out["triton-bitmask"], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_compiled_row_needs_a_gpu():
     """``triton-compile`` (torch.compile of our Triton path) is refused on a CPU with its reason: the
     interpreter's kernels cannot be traced."""
@@ -919,8 +943,9 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
     recorded = {f"{path}, {how}" for path, _ in host_overhead.RECORDED_PATHS
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(recorded) == 12 and "single-pass, to the launcher: call plans" in recorded
-    assert len(rows) == 28 and {r[0].strip() for r in rows} == {
+    assert len(recorded) == 16 and "single-pass, to the launcher: call plans" in recorded
+    assert "two-launch, TMA, in-kernel descriptors, to the launcher: call plans" in recorded
+    assert len(rows) == 32 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
@@ -942,10 +967,10 @@ print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
     rows for cuBLAS and the Triton backend (launch cache, launch plans and call plans on; call plans off; launch
-    plans off; the cache off: the A/Bs; the
-    single-pass kernels), one step's Triton launches (four: the backward's sums of its row splits are inside
-    them; three single-pass), the CUDA backend's row (here saying why it cannot run), and the cProfile summed by
-    area. Without a GPU the command itself exits 2."""
+    plans off; the cache off; in-kernel TMA descriptors: the A/Bs; the single-pass kernels), one step's Triton
+    launches (four: the backward's sums of its row splits are inside them; three single-pass), the CUDA backend's
+    row (here saying why it cannot run), and the cProfile summed by area. Without a GPU the command itself exits
+    2."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -953,13 +978,15 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    (cublas, _, _, none), (triton_, f_us, fb_us, launched), calls_off, plans_off, cache_off, single, cuda = out["rows"]
+    (cublas, _, _, none), (triton_, f_us, fb_us, launched), *ab, single, cuda = out["rows"]
+    calls_off, plans_off, cache_off, devdesc = ab
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
     for row, name in (
         (calls_off, "triton, call plans off"),
         (plans_off, "triton, launch plans off"),
         (cache_off, "triton, launch cache off"),
+        (devdesc, "triton, in-kernel descriptors"),
     ):
         assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row
     assert single[0] == "triton, single-pass" and single[1] > 0 and single[2] > 0, single

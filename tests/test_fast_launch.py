@@ -83,6 +83,7 @@ with record_launches(seen.append):
         dy = torch.randn(*x.shape[:-1], N, dtype=torch.bfloat16)
         tri.FWD_MODE = tri.BWD_MODE = case.get("mode", "two")
         tri.TMA_FLATTEN = case.get("flat", False)  # (its hook re-points the output descriptors at half tiles)
+        tri.TMA_DESC = case.get("desc", "host")  # "device": the TMA kernels build their descriptors (global scratch)
         tuned = case.get("tuned", False)
         tri.AUTOTUNE = tuned
         if tuned:  # real Autotuners pruned to one config, nothing timed (as bench.host_overhead's tuned rows)
@@ -194,6 +195,7 @@ _CASES = {
     "tma p=0.1, 3-D x": dict(shape=[32, 256, 256, 16, 0.1], lead=[2]),
     "tma p=0.1, flattened": dict(shape=[64, 256, 256, 16, 0.1], flat=True),
     "tma p=0.1, (K, N) weight": dict(shape=[64, 256, 256, 16, 0.1], w_kn=True),
+    "tma p=0.1, in-kernel descriptors": dict(shape=[64, 256, 256, 16, 0.1], desc="device"),
     "pointer K=250 p=0.1": dict(shape=[67, 250, 130, 8, 0.1]),
     "single-pass p=0.1": dict(shape=[64, 256, 256, 16, 0.1], mode="single"),
     "tuned, chosen configs, tma p=0.1": dict(shape=[64, 256, 256, 16, 0.1], tuned=True),
@@ -273,6 +275,8 @@ def test_recorded_launches_expand_descriptors_as_tritons_launcher(steps):
         for name, descs, maps in got["maps"]:
             assert maps == descs, (case, name, descs, maps)
             tma += descs > 0
+            if "in-kernel" in case:  # (LORA_KERNELS_TMA_DESC=device: the kernels take plain tensors)
+                assert descs == 0, (case, name)
     assert tma >= 10, "the TMA launches were not reached: nothing was checked"
 
 

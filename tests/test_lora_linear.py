@@ -416,6 +416,48 @@ def test_tma_dx_wide_tiles_take_the_dropout_epilogue_in_halves(monkeypatch, tile
     assert blocks == [[bm, bk // 2 if halves else bk]], blocks
 
 
+@pytest.mark.parametrize("p,mode", [(0.0, "bitmask"), (0.1, "bitmask"), (0.1, "regenerate")])
+@pytest.mark.parametrize("w_kn", [False, True], ids=["W(N,K)", "W(K,N)"])
+def test_eager_in_kernel_descriptors_match_host_ones(monkeypatch, p, mode, w_kn):
+    """``LORA_KERNELS_TMA_DESC=device``: the eager TMA launches build their descriptors in the kernel (DEVICE_DESC,
+    as torch.compile's launches do) instead of taking host descriptors. Through the public call: both TMA kernels
+    take plain tensors, the output and every gradient match float64, and equal the host descriptors' bit for bit,
+    also for a (K, N)-stored weight (W_KN) and with the mask regenerated."""
+    _skip_unavailable("triton", torch.float16)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    kinds = []
+    real_launch = tri._launch
+
+    def launch(kernel, grid, args, meta, fixed, wrap):
+        if kernel in (tri._fwd_tma_kernel, tri._bwd_dx_tma_kernel):
+            kinds.append((kernel.__name__, meta["DEVICE_DESC"], type(args[0]).__name__))
+        real_launch(kernel, grid, args, meta, fixed, wrap)
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    x, W, A, B, b, lb = make_inputs(67, 296, 72, 16, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    if w_kn:
+        W = W.T.contiguous().T  # stored (K, N), passed as its (N, K) view
+    results = {}
+    for desc in ("host", "device"):
+        monkeypatch.setattr(tri, "TMA_DESC", desc)
+        kinds.clear()
+        xg, Ag, Bg, lbg = (t.detach().clone().requires_grad_() for t in (x, A, B, lb))
+        y = lk.lora_linear(xg, W, Ag, Bg, b, lbg, 2.0, p, True, 1234, backend="triton", dropout_mask=mode)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype))
+        results[desc] = [y, xg.grad, Ag.grad, Bg.grad, lbg.grad]
+        device = desc == "device"
+        want = "Tensor" if device else "TensorDescriptor"
+        assert kinds == [("_fwd_tma_kernel", device, want), ("_bwd_dx_tma_kernel", device, want)], kinds
+    for g, h in zip(results["device"], results["host"], strict=True):
+        assert torch.equal(g, h)
+    monkeypatch.setattr(tri, "TMA_DESC", "device")
+    run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
+
+
 @pytest.mark.parametrize("w_kn", [False, True], ids=["W(N,K)", "W(K,N)"])
 def test_tma_forward_split_store_config(monkeypatch, w_kn):
     """The forward's tuning config with SPLIT_STORE (128×256 with 4 stages on a GPU) stores y in two (BLOCK_M,
@@ -1298,13 +1340,16 @@ def test_backward_split_sums_under_load(monkeypatch, tuned):
 
 
 @requires_gpu
-@pytest.mark.parametrize("K", [4096, 4090], ids=["tma", "pointer"])
-def test_launch_cache_matches_tritons_launch_bitwise(monkeypatch, K):
+@pytest.mark.parametrize("K,desc", [(4096, "host"), (4096, "device"), (4090, "host")],
+                         ids=["tma", "tma-in-kernel-descriptors", "pointer"])  # fmt: skip
+def test_launch_cache_matches_tritons_launch_bitwise(monkeypatch, K, desc):
     """The launch cache, launch plans and call plans (``lora_kernels.triton_ops.launch``, sessions 38–41) on a
     GPU: a forward+backward step at 2048×K→4096, bf16 x, fp32 adapters, p = 0.1, fixed tiles, comes out
     bit-identical with every launch through Triton's ``JITFunction.run`` (cache off), through the cache (its
     misses, then its hits), replayed from a launch plan (recorded, then replayed) and each call replayed whole
-    from a call plan. K = 4090 takes the pointer kernels (rows not 16-byte aligned). The CPU tests compare what
+    from a call plan. K = 4090 takes the pointer kernels (rows not 16-byte aligned). With
+    ``LORA_KERNELS_TMA_DESC=device`` the TMA kernels build their descriptors (a global scratch per launch from the
+    allocator lora_kernels sets) and give the host descriptors' results bit for bit. The CPU tests compare what
     reaches the launcher."""
     _skip_unavailable("triton", torch.bfloat16)
     from lora_kernels.triton_ops import launch
@@ -1324,6 +1369,10 @@ def test_launch_cache_matches_tritons_launch_bitwise(monkeypatch, K):
         return y, xg.grad, Ag.grad, Bg.grad, lbg.grad
 
     want = step(False, False)
+    if desc == "device":
+        monkeypatch.setattr(tri, "TMA_DESC", "device")
+        for name, u, v in zip(("y", "dx", "dA", "dB", "dlora_bias"), want, step(False, False), strict=True):
+            assert torch.equal(u, v), f"{name} differs between host and in-kernel descriptors"
     for plans, calls, counter, per_step in ((False, False, "hits", 4), (True, False, "plan_hits", 4),
                                             (True, True, "call_hits", 2)):  # fmt: skip
         before = launch.stats()[counter]

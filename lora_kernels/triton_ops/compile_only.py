@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import CompiledKernel
 from triton.runtime import _allocation
@@ -339,11 +340,11 @@ def record_launches(
     launcher, which here reports a :class:`Launch` to ``on_launch`` instead of calling the driver. A kernel
     whose shared memory exceeds ``max_shared`` raises ``OutOfResources`` there, as its load would. Before it
     reports, the launcher does what Triton's does in Python: a kernel that needs a global scratch allocation
-    raises while no allocator is set, and the host descriptors go through Triton's own expansion with the
-    driver's tensor-map encoder replaced by :func:`encode_tiled` (a descriptor the driver would refuse raises;
-    the launch reports its tensor maps). Fixed tiles (no autotuning: there is nothing to time). What it leaves
-    out of a GPU call: the launcher's C code (argument conversion, ``cuLaunchKernel``), the driver's encoding of
-    each tensor map, the scratch allocations and the CUDA caching allocator.
+    raises while no allocator is set (and allocates its size per launch on the CPU), and the host descriptors
+    go through Triton's own expansion with the driver's tensor-map encoder replaced by :func:`encode_tiled` (a
+    descriptor the driver would refuse raises; the launch reports its tensor maps). Fixed tiles (no
+    autotuning: there is nothing to time). What it leaves out of a GPU call: the launcher's C code (argument
+    conversion, ``cuLaunchKernel``), the driver's encoding of each tensor map and the CUDA caching allocator.
 
     On exit the compiled kernels it touched lose their stand-in launchers and the launch cache is cleared,
     so nothing recorded here can reach a real launch later in the process."""
@@ -365,8 +366,12 @@ def record_launches(
         scratch = getattr(self.metadata, "global_scratch_size", 0)
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-            if scratch and _ll._no_allocator_set(_allocation):  # (what Triton's launcher raises on a GPU)
-                raise RuntimeError(f"{name} requires a runtime memory allocation, but no allocator was set")
+            if scratch:
+                if _ll._no_allocator_set(_allocation):  # (what Triton's launcher raises on a GPU)
+                    raise RuntimeError(f"{name} requires a runtime memory allocation, but no allocator was set")
+                # Its size per program, allocated per launch (the allocator set allocates on the GPU: a CPU
+                # allocation of the same size stands in, for the host time).
+                torch.empty(g0 * g1 * g2 * scratch, dtype=torch.int8)
             # The host descriptors as Triton's launcher expands them, the tensor maps checked (encode_tiled).
             maps = expand(args) if expand is not None else ()
             on_launch(Launch(name, digest, (g0, g1, g2), args, maps))

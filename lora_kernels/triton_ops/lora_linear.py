@@ -1147,6 +1147,11 @@ DX_WIDE = os.environ.get("LORA_KERNELS_DX_WIDE", "auto")
 # The backward's passes over dY for dT and dB: "2" (default), ``_bwd_dy_kernel``; "1", one pass (``_bwd_dy1_kernel``)
 # at rank ≤ 16 (``_dy_one_pass``): off until measured on a GPU (bench row ``triton-dy1``, bench/NOTES.md, session 36).
 DY_PASSES = os.environ.get("LORA_KERNELS_DY_PASSES", "2")
+# Where the eager TMA launches get their descriptors: "host" (default), ``TensorDescriptor``s built per call, which
+# Triton's launcher expands into driver tensor maps in Python (+20–27 µs of host time per two-launch step on a 2-core
+# CPU, bench/NOTES.md, session 42); "device", built in the kernel from plain tensors, as torch.compile's launches do
+# (a global scratch allocation per launch instead). Off until measured on a GPU (bench row ``triton-devdesc``).
+TMA_DESC = os.environ.get("LORA_KERNELS_TMA_DESC", "host")
 # Eager GPU calls autotune each kernel per (M bucket, N, K, rank, dtype); "0" uses the fixed tiles.
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -1646,8 +1651,9 @@ def lora_fwd(
     if _tma_ok(x, w_tma, y, traced=traced):
         fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=False)}  # (not a default argument: see lora_bwd)
         sms = _grid_sms(x)
+        device_desc = traced or TMA_DESC == "device"
         x_desc, w_desc, y_desc = _tma_operands(
-            traced, fixed, (x, "BLOCK_M", "BLOCK_K"), (w_tma, *_W_TILES[w_kn]), (y, "BLOCK_M", "BLOCK_N")
+            device_desc, fixed, (x, "BLOCK_M", "BLOCK_K"), (w_tma, *_W_TILES[w_kn]), (y, "BLOCK_M", "BLOCK_N")
         )
         _launch(
             _fwd_tma_kernel,
@@ -1655,8 +1661,8 @@ def lora_fwd(
             (x_desc, w_desc, y_desc, bias_arg, t_part, t, lora_B, lbias_arg, M, N, K, R, MB,
              t.stride(0), stride_ts, *lora_B.stride(), x.stride(0), w_tma.stride(0), y.stride(0),
              scaling),
-            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced,
-                 W_KN=w_kn),
+            dict(flags, OUT_DT=_TL_DTYPE[y.dtype], NUM_SMS=sms, DEVICE_DESC=device_desc,
+                 FLATTEN=TMA_FLATTEN and not traced, W_KN=w_kn),
             fixed,
             wrap,
         )  # fmt: skip
@@ -1803,10 +1809,11 @@ def lora_bwd(
         # analysis of what a traced kernel writes fails on one and takes every tensor argument as written.
         fixed = {"SPLIT_STORE": False, **_tma_cfg(x, R, backward=True, regenerate=has_dropout and not load_bits)}
         sms = _grid_sms(x)
+        device_desc = traced or TMA_DESC == "device"
         dy_desc, w_desc, dx_desc = _tma_operands(
-            traced, fixed, (dy, "BLOCK_M", "BLOCK_N"), (w_tma, *_W_TILES[w_kn]), (dx, "BLOCK_M", "BLOCK_K")
+            device_desc, fixed, (dy, "BLOCK_M", "BLOCK_N"), (w_tma, *_W_TILES[w_kn]), (dx, "BLOCK_M", "BLOCK_K")
         )
-        if not traced and _dx_halves(fixed["BLOCK_M"], fixed["BLOCK_K"], has_dropout, fixed.get("SPLIT_STORE")):
+        if not device_desc and _dx_halves(fixed["BLOCK_M"], fixed["BLOCK_K"], has_dropout, fixed.get("SPLIT_STORE")):
             dx_desc.block_shape = [fixed["BLOCK_M"], fixed["BLOCK_K"] // 2]
         _launch(
             _bwd_dx_tma_kernel,
@@ -1818,7 +1825,7 @@ def lora_bwd(
              bits_stride, max(da_part.stride(-2), 1), _split_stride(da_part, splits), dy.stride(0), w_tma.stride(0),
              dx.stride(0), *seeds),
             dict(DO_DA=fused_da, HAS_DROPOUT=has_dropout, LOAD_BITS=load_bits, CDT=cdt, BLOCK_R=BR, DO_DX=True,
-                 OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=traced, FLATTEN=TMA_FLATTEN and not traced,
+                 OUT_DT=_TL_DTYPE[dx.dtype], NUM_SMS=sms, DEVICE_DESC=device_desc, FLATTEN=TMA_FLATTEN and not traced,
                  W_KN=w_kn),
             fixed,
             wrap,
@@ -2048,6 +2055,8 @@ def _fwd(*args):
         return triton_lora_fwd(*args)
     # The launches of a layout replay from their plan (launch.py) after the first call, and the whole call from its
     # call plan where it can; the seed (args[8]) varies.
+    if TMA_DESC == "device" and not _interpret():
+        _ensure_allocator()  # (per thread; before any path that may launch an in-kernel descriptor: plans skip _launch)
     return _plans.planned(_plans.plan_key("fwd", args, 8), lora_fwd, *args, varying=8, derive=_seed_values)
 
 
@@ -2055,6 +2064,8 @@ def _bwd(*args, bwd_mode: str | None = None):
     if use_registered_op():
         _flops.reach_active_counters()
         return triton_lora_bwd(*args)
+    if TMA_DESC == "device" and not _interpret():
+        _ensure_allocator()
     key = _plans.plan_key(("bwd", bwd_mode), args, 9)  # (args[9]: the seed)
     return _plans.planned(key, lora_bwd, *args, varying=9, derive=_seed_values, bwd_mode=bwd_mode)
 
