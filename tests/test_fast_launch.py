@@ -766,3 +766,62 @@ def test_recorded_launches_fail_where_the_gpu_launch_would():
     assert "Failed to create tensor map descriptor" in got["tma"] and "stride 0 is 500 bytes" in got["tma"], got
     assert "requires a runtime memory allocation, but no allocator was set" in got["scratch"], got
     assert got["with_allocator"] == ["_device_desc"], got
+
+
+_SCRATCH = r"""  # (after _LAUNCHES)
+import functools, sys, threading
+import lora_kernels as lk
+from triton.runtime import _allocation
+from lora_kernels.triton_ops import lora_linear as tri
+
+out = {}
+seen = []
+tri.TMA_DESC = "device"
+x = torch.randn(64, 256, dtype=torch.bfloat16)
+W, A, B = torch.randn(256, 256, dtype=torch.bfloat16), torch.randn(16, 256), torch.randn(256, 16)
+with record_launches(seen.append):
+    # A tuned launch straight to the launcher (as verify's mask probe calls it), in a fresh process: no allocator set.
+    tri.AUTOTUNE = True
+    def make(kernel):
+        tuner = tri._make_autotuner(kernel, prune=lambda c, n, **kw: tri._prune(c, n, **kw)[:1])
+        tuner._bench = lambda *args, config, **meta: [0.0, 0.0, 0.0]
+        return tuner
+    tri._autotuner = functools.cache(make)
+    out["none_before"] = tri._no_allocator_set(_allocation)
+    tri.lora_fwd(x, W, None, A, B, None, 2.0, 0.1, 5, True)
+    out["tuned"] = [l.name for l in seen]
+    tri.AUTOTUNE = False
+    # A call plan recorded on this thread, replayed whole on another (Triton's allocator is per thread).
+    def call():
+        with torch.no_grad():
+            lk.lora_linear(x, W, A, B, None, None, 2.0, 0.1, True, 7, backend="triton")
+    for _ in range(3):
+        call()
+    seen.clear()
+    hits = L.stats()["call_hits"]
+    errors = []
+    def other():
+        try:
+            out["thread_none_before"] = tri._no_allocator_set(_allocation)
+            call()
+        except Exception as e:
+            errors.append(repr(e))
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    out["thread"] = [l.name for l in seen]
+    out["thread_errors"] = errors
+    out["thread_call_hits"] = L.stats()["call_hits"] - hits
+print(json.dumps(out))
+"""
+
+
+def test_in_kernel_descriptors_set_the_allocator_on_every_path():
+    """``LORA_KERNELS_TMA_DESC=device``: the in-kernel descriptors need Triton's scratch allocator, which Triton keeps
+    per thread. It is set for a tuned launch made straight to the launcher (no public call before it), and for a call
+    replayed whole from its call plan on a thread that never launched (the recipe skips the launchers)."""
+    got = _run(_LAUNCHES + _SCRATCH)
+    assert got["none_before"] and got["thread_none_before"], got
+    assert got["tuned"] == ["_shrink_kernel", "_fwd_tma_kernel"], got
+    assert got["thread_errors"] == [] and got["thread"] == ["_shrink_kernel", "_fwd_tma_kernel"], got
+    assert got["thread_call_hits"] == 1, got

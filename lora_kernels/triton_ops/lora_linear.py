@@ -1513,6 +1513,8 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     descriptors arrive built with the ``fixed`` tiles. Every eager call comes through here: it is kept
     short (bench/NOTES.md, "host overhead").
     """
+    if meta.get("DEVICE_DESC") and not _interpret():
+        _ensure_allocator()  # in-kernel descriptors: Triton's scratch allocator (per thread), for every path below
     tuned = wrap is _identity and AUTOTUNE and (not _interpret() or _configs is not _default_configs)
     tuner = _autotuner(kernel) if tuned else None
     # Within an eager call's launch plan (launch.py): the launch recorded here for this layout, if it matches.
@@ -1556,8 +1558,6 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
     own = fixed  # (``fixed`` itself stays as the caller gave it: a plan's site compares it)
     if "BLOCK_N" not in kernel.arg_names:
         own = {k: v for k, v in fixed.items() if k not in ("BLOCK_N", "GROUP_M")}
-    if meta.get("DEVICE_DESC") and not _interpret():
-        _ensure_allocator()
     # Untuned eager launches step down if the fixed tiles exceed this GPU's shared memory (the
     # 128×256 TMA tiles plus the low-rank epilogue sit close to the H100's 227 KiB).
     variants = [(meta, own)]
@@ -2056,7 +2056,7 @@ def _fwd(*args):
     # The launches of a layout replay from their plan (launch.py) after the first call, and the whole call from its
     # call plan where it can; the seed (args[8]) varies.
     if TMA_DESC == "device" and not _interpret():
-        _ensure_allocator()  # (per thread; before any path that may launch an in-kernel descriptor: plans skip _launch)
+        _ensure_allocator()  # (as _launch does: a call plan's replay does not go through it)
     return _plans.planned(_plans.plan_key("fwd", args, 8), lora_fwd, *args, varying=8, derive=_seed_values)
 
 
