@@ -58,14 +58,14 @@ def poison_cuda_allocator(nbytes: int = 64 << 20) -> None:
     del blocks, small
 
 
-def record_flatten(monkeypatch, tri) -> list[tuple[str, bool]]:
-    """Patch the Triton launcher to record (kernel name, FLATTEN) for each launch that takes FLATTEN
-    (the persistent TMA kernels); the launches still run."""
+def record_meta(monkeypatch, tri, key: str) -> list[tuple[str, object]]:
+    """Patch the Triton launcher to record (kernel name, the constexpr ``key``) for each launch that takes it
+    (FLATTEN, DEVICE_DESC: the persistent TMA kernels); the launches still run."""
     real, seen = tri._launch, []
 
     def launch(kernel, grid, args, meta, fixed, wrap):
-        if "FLATTEN" in meta:
-            seen.append((kernel.__name__, meta["FLATTEN"]))
+        if key in meta:
+            seen.append((kernel.__name__, meta[key]))
         return real(kernel, grid, args, meta, fixed, wrap)
 
     monkeypatch.setattr(tri, "_launch", launch)

@@ -22,7 +22,7 @@ import torch
 from bench import _impls, _measure, _report, plot
 from bench import lora_linear as bench_ll
 from lora_kernels import available_backends
-from tests._utils import record_flatten
+from tests._utils import record_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -462,7 +462,7 @@ def test_flat_row(monkeypatch):
     from lora_kernels.triton_ops import lora_linear as tri
 
     prob = _tma_row_problem(monkeypatch, "triton-flat", 0.0, refusal="TMA kernels only")
-    seen = record_flatten(monkeypatch, tri)
+    seen = record_meta(monkeypatch, tri, "FLATTEN")
     out = {}
     for name in ("triton-flat", "triton-bitmask"):
         impl = _impls.build(name, prob)
@@ -769,14 +769,7 @@ def test_devdesc_row(monkeypatch):
     from lora_kernels.triton_ops import lora_linear as tri
 
     prob = _tma_row_problem(monkeypatch, "triton-devdesc", 0.1, refusal="TMA kernels'")
-    real_launch, seen = tri._launch, []
-
-    def launch(kernel, grid, args, meta, fixed, wrap):
-        if "DEVICE_DESC" in meta:
-            seen.append((kernel.__name__, meta["DEVICE_DESC"]))
-        return real_launch(kernel, grid, args, meta, fixed, wrap)
-
-    monkeypatch.setattr(tri, "_launch", launch)
+    seen = record_meta(monkeypatch, tri, "DEVICE_DESC")
     tma = ("_fwd_tma_kernel", "_bwd_dx_tma_kernel")
     names = ("triton-devdesc", "triton-bitmask")
     out = _ab_rows(prob, names, seen, lambda name: [(k, name == "triton-devdesc") for k in tma])

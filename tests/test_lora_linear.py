@@ -17,7 +17,7 @@ import lora_kernels as lk
 from lora_kernels.backends import available_backends
 from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 
-from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, record_flatten, requires_gpu
+from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, record_meta, requires_gpu
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", "triton", "cuda"]
@@ -27,6 +27,19 @@ def _skip_unavailable(backend: str, dtype: torch.dtype = torch.float32) -> None:
     reason = available_backends(dtype=dtype, device=DEVICE)[backend]
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
+
+
+def _tma_forced(monkeypatch, dtype: torch.dtype = torch.float16, force: bool = True):
+    """The Triton module with its TMA kernels taken wherever the tensors allow (``TMA_MODE`` "1": in the interpreter
+    on CI, on any GPU); skips where the backend or Triton's host descriptors are unavailable."""
+    _skip_unavailable("triton", dtype)
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    if tri.TensorDescriptor is None:
+        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    if force:
+        monkeypatch.setattr(tri, "TMA_MODE", "1")
+    return tri
 
 
 @pytest.fixture(autouse=True)
@@ -316,12 +329,7 @@ def test_gpu_real_sizes_bf16(backend, shape, p):
 @pytest.mark.parametrize("shape", [(67, 104, 72, 16), (3, 64, 200, 1), (130, 96, 48, 64)], ids=str)
 def test_triton_tma_persistent_path(monkeypatch, dts, p, mode, shape):
     """The Hopper kernels (persistent, TMA descriptors) forced on: in the interpreter on CI, on any GPU."""
-    _skip_unavailable("triton", dts[0])
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    tri = _tma_forced(monkeypatch, dts[0])
     taken = []
     real = tri._tma_ok
     monkeypatch.setattr(tri, "_tma_ok", lambda *ts, **kw: taken.append(real(*ts, **kw)) or taken[-1])
@@ -337,12 +345,7 @@ def test_tma_backward_wide_ranks(monkeypatch, r, p, mode):
     """The dX epilogue steps over the rank 64 columns at a time (2 steps at rank 128; 4 at rank 130, a 256-wide
     rank tile whose last steps are partly or wholly masked), and above rank 128 dA leaves the dX kernel for a
     launch of its own (its accumulator spilled there): gradients vs float64, and the launches."""
-    _skip_unavailable("triton", torch.float16)
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    tri = _tma_forced(monkeypatch)
     launched = []
     real_launch = tri._launch
     monkeypatch.setattr(
@@ -365,11 +368,7 @@ def test_tma_dx_wide_tiles_take_the_dropout_epilogue_in_halves(monkeypatch, tile
     descriptor's block is the half (fixed tiles: the launcher; tuned: the config's pre-hook; in-kernel
     descriptors, the registered op's traceable launch: the kernel), otherwise the whole tile. Gradients vs
     float64; the in-kernel descriptors' results equal the host descriptors' bit for bit."""
-    _skip_unavailable("triton", torch.float16)
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    tri = _tma_forced(monkeypatch, force=False)
     bm, bk = tiles
     split = path == "tuned-split-store"
     monkeypatch.setattr(tri, "TMA_MODE", "1")
@@ -423,12 +422,7 @@ def test_eager_in_kernel_descriptors_match_host_ones(monkeypatch, p, mode, w_kn)
     as torch.compile's launches do) instead of taking host descriptors. Through the public call: both TMA kernels
     take plain tensors, the output and every gradient match float64, and equal the host descriptors' bit for bit,
     also for a (K, N)-stored weight (W_KN) and with the mask regenerated."""
-    _skip_unavailable("triton", torch.float16)
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    tri = _tma_forced(monkeypatch)
     kinds = []
     real_launch = tri._launch
 
@@ -464,11 +458,7 @@ def test_tma_forward_split_store_config(monkeypatch, w_kn):
     BLOCK_N / 2) halves without flattening the loop: its pre-hook gives y's descriptor the half block, the kernel
     stores the halves (here BLOCK_N = 64 with an N of 72: the second N tile's second half wholly out of bounds),
     also when a second call launches the chosen config without the Autotuner. Output and gradients vs float64."""
-    _skip_unavailable("triton", torch.float16)
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
+    tri = _tma_forced(monkeypatch, force=False)
     table = _one_config_tables(tri, block_n=64)()
     table[tri._fwd_tma_kernel] = [tri._c(32, 64, 32, 4, 1, tri._set_fwd_desc_blocks, group_m=4, SPLIT_STORE=True)]
     monkeypatch.setattr(tri, "_configs", lambda: table)
@@ -510,12 +500,7 @@ def test_triton_tma_path_with_a_weight_stored_k_by_n(monkeypatch, dts, p, mode, 
     takes the TMA kernels' W_KN variant, forward and dX: the descriptor over the (K, N) matrix, its tiles
     (BLOCK_K, BLOCK_N) fed to the dot as loaded. K = 200 and N = 24: partial tiles on both of W's axes.
     BLOCK_N = 64, BLOCK_K = 32: a descriptor built with its tiles the other way round fails."""
-    _skip_unavailable("triton", dts[0])
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    tri = _tma_forced(monkeypatch, dts[0])
     real_cfg = tri._tma_cfg
     monkeypatch.setattr(tri, "_tma_cfg", lambda *a, **k: {**real_cfg(*a, **k), "BLOCK_N": 64, "BLOCK_K": 32})
     seen = []
@@ -560,14 +545,9 @@ def test_triton_tma_flattened_path(monkeypatch, p, mode, shape):
     """LORA_KERNELS_TMA_FLATTEN=1 reaches both persistent TMA kernels (the interpreter runs the loops as
     written: the flattening itself is compiled and checked by test_flattened_tma_kernels_pipeline_across_tiles).
     K = 200: 7 dA blocks over 4 programs, so the dX kernel's second loop starts mid-round."""
-    _skip_unavailable("triton", torch.float16)
-    from lora_kernels.triton_ops import lora_linear as tri
-
-    if tri.TensorDescriptor is None:
-        pytest.skip("this Triton has no triton.tools.tensor_descriptor")
-    monkeypatch.setattr(tri, "TMA_MODE", "1")
+    tri = _tma_forced(monkeypatch)
     monkeypatch.setattr(tri, "TMA_FLATTEN", True)
-    seen = record_flatten(monkeypatch, tri)
+    seen = record_meta(monkeypatch, tri, "FLATTEN")
     M, K, N, r = shape
     x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
     run_and_check("triton", x, W, A, B, b, lb, p=p, mode=mode)
