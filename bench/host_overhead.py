@@ -13,7 +13,8 @@ path minus the driver's launch (a few µs per kernel on a GPU). The rows "to the
 kernel's launcher (which runs Triton's expansion of the host TMA descriptors, then records instead of calling
 the driver), through ``JITFunction.run``, through
 lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), replayed from its launch plans and from its
-call plans, in alternation. The CUDA backend's
+call plans (and those once more through Triton's runner, ``CompiledKernel[grid]``, where the others call each
+launcher directly), in alternation. The CUDA backend's
 rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
 replaced by a stub that
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
@@ -117,10 +118,14 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
 
 RECORDED_ROWS = (
     "to the launcher: Triton's run", "to the launcher: launch cache", "to the launcher: launch plans",
-    "to the launcher: call plans",
+    "to the launcher: call plans", "to the launcher: call plans, Triton's runner",
 )  # fmt: skip
-# (launch cache, launch plans, call plans) per row above
-_RECORDED_MODES = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+# (launch cache, launch plans, call plans, launchers called directly) per row above; the last row calls each compiled
+# kernel through Triton's runner (``CompiledKernel[grid]``), as before launch.run_compiled
+_RECORDED_MODES = (
+    (False, False, False, True), (True, False, False, True), (True, True, False, True), (True, True, True, True),
+    (True, True, True, False),
+)  # fmt: skip
 RECORDED_PATHS = (
     ("two-launch, TMA", 256), ("two-launch, TMA, in-kernel descriptors", 256), ("two-launch, pointer (K = 250)", 250),
     ("single-pass", 256),
@@ -131,30 +136,33 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
     """The eager path down to the compiled kernel's launcher (``record_launches``: real JITFunctions, the
     launcher records instead of calling the driver), each launch through ``JITFunction.run``, through
     :mod:`lora_kernels.triton_ops.launch`'s cache, replayed from that module's launch plans, and each call replayed
-    whole from its call plan, measured in alternation (two rounds, the lower median)."""
+    whole from its call plan (its launchers called directly, and again through Triton's runner), measured in
+    alternation (two rounds, the lower median)."""
     from lora_kernels.triton_ops import launch
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops.compile_only import record_launches
 
     rows = []
-    saved = launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC
+    saved = launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC
     try:
         with record_launches(lambda launched: None):
             for label, K in RECORDED_PATHS:
                 tri.FWD_MODE = tri.BWD_MODE = "single" if label == "single-pass" else "two"
                 tri.TMA_DESC = "device" if "in-kernel" in label else "host"
                 x, W, A, B, dy = _inputs(K)
-                best: dict[tuple[bool, bool, bool], tuple[float, float]] = {}
+                best: dict[tuple[bool, ...], tuple[float, float]] = {}
                 for _ in range(2):
                     for mode in _RECORDED_MODES:
-                        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS = mode
+                        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN = mode
                         f_us, fb_us = _time_calls(x, W, A, B, dy, 0.1, reps, warmup)
                         prev = best.get(mode, (f_us, fb_us))
                         best[mode] = (min(prev[0], f_us), min(prev[1], fb_us))
                 for mode, how in zip(_RECORDED_MODES, RECORDED_ROWS, strict=True):
                     rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[mode][0], fwdbwd_us=best[mode][1]))
     finally:
-        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC = saved
+        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC = (
+            saved
+        )
     return rows
 
 

@@ -143,7 +143,8 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     def patched(fn, module, **values):
         # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.CALLS off:
         # LORA_KERNELS_CALL_PLANS=0; launch.PLANS off: LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too:
-        # LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run) and the single-pass kernels
+        # LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run; launch.DIRECT_RUN off: each
+        # compiled kernel through Triton's runner) and the single-pass kernels
         # (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single), the in-kernel descriptors (LORA_KERNELS_TMA_DESC=device).
         def run():
             saved = {name: getattr(module, name) for name in values}
@@ -181,6 +182,10 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
             [x, A, B],
         ),
     ]
+    # Every launch through Triton's runner (``CompiledKernel[grid]``: the hooks' metadata built, the empty hook chains
+    # called) where the launch cache and the plans call each launcher directly (bench/NOTES.md, session 43).
+    rows.append(("triton, Triton's runner", patched(triton_fwd, launch, DIRECT_RUN=False),
+                 patched(triton_step, launch, DIRECT_RUN=False), [x, A, B]))  # fmt: skip
     # No host descriptors for Triton's launcher to expand (bench/NOTES.md, session 42): its kernels are prewarmed for
     # the short plan (its benchmark's triton-devdesc row, the same specialization at this shape).
     rows.append(("triton, in-kernel descriptors", patched(triton_fwd, tri, TMA_DESC="device"),

@@ -922,8 +922,8 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
     itself asserts that the chosen rows took the chosen path); the path down to the launcher
     (``record_launches``) through Triton's run, through the launch cache, replayed from launch plans and from
-    call plans (two-launch TMA and pointer, single-pass): twenty-eight rows of positive figures, nothing asserted
-    on time."""
+    call plans, those also through Triton's runner (two-launch TMA and pointer, single-pass): thirty-six rows of
+    positive figures, nothing asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -936,9 +936,10 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
     recorded = {f"{path}, {how}" for path, _ in host_overhead.RECORDED_PATHS
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(recorded) == 16 and "single-pass, to the launcher: call plans" in recorded
+    assert len(recorded) == 20 and "single-pass, to the launcher: call plans" in recorded
+    assert "two-launch, TMA, to the launcher: call plans, Triton's runner" in recorded
     assert "two-launch, TMA, in-kernel descriptors, to the launcher: call plans" in recorded
-    assert len(rows) == 32 and {r[0].strip() for r in rows} == {
+    assert len(rows) == 36 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
@@ -960,10 +961,10 @@ print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
     rows for cuBLAS and the Triton backend (launch cache, launch plans and call plans on; call plans off; launch
-    plans off; the cache off; in-kernel TMA descriptors: the A/Bs; the single-pass kernels), one step's Triton
-    launches (four: the backward's sums of its row splits are inside them; three single-pass), the CUDA backend's
-    row (here saying why it cannot run), and the cProfile summed by area. Without a GPU the command itself exits
-    2."""
+    plans off; the cache off; every launch through Triton's runner; in-kernel TMA descriptors: the A/Bs; the
+    single-pass kernels), one step's Triton launches (four: the backward's sums of its row splits are inside them;
+    three single-pass), the CUDA backend's row (here saying why it cannot run), and the cProfile summed by area.
+    Without a GPU the command itself exits 2."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -972,13 +973,14 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     (cublas, _, _, none), (triton_, f_us, fb_us, launched), *ab, single, cuda = out["rows"]
-    calls_off, plans_off, cache_off, devdesc = ab
+    calls_off, plans_off, cache_off, runner, devdesc = ab
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
     for row, name in (
         (calls_off, "triton, call plans off"),
         (plans_off, "triton, launch plans off"),
         (cache_off, "triton, launch cache off"),
+        (runner, "triton, Triton's runner"),
         (devdesc, "triton, in-kernel descriptors"),
     ):
         assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row

@@ -61,7 +61,7 @@ def norm(v):
 
 
 def launches(seen):
-    return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args]] for l in seen]
+    return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args], l.stream, repr(l.metadata)] for l in seen]
 """
 
 _STEPS = r"""  # (after _LAUNCHES)
@@ -825,3 +825,86 @@ def test_in_kernel_descriptors_set_the_allocator_on_every_path():
     assert got["tuned"] == ["_shrink_kernel", "_fwd_tma_kernel"], got
     assert got["thread_errors"] == [] and got["thread"] == ["_shrink_kernel", "_fwd_tma_kernel"], got
     assert got["thread_call_hits"] == 1, got
+
+
+_HOOKS = r"""  # (after _LAUNCHES)
+import lora_kernels as lk
+from triton import knobs
+from lora_kernels.triton_ops import compile_only as co
+from lora_kernels.triton_ops import lora_linear as tri
+
+out = {}
+seen = []
+STREAM = [0]
+co._Driver.get_current_stream = lambda self, device=None: STREAM[0]  # (the stand-in driver's current stream)
+torch.manual_seed(0)
+x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+W = torch.randn(256, 256, dtype=torch.bfloat16)
+A, B = torch.randn(16, 256, requires_grad=True), torch.randn(256, 16, requires_grad=True)
+dy = torch.randn(64, 256, dtype=torch.bfloat16)
+metadata = []
+
+
+def hook(md):
+    metadata.append(md.get()["name"])  # (a LazyDict: what a profiler such as proton reads)
+
+
+def step(stream, seed):
+    STREAM[0] = stream
+    seen.clear()
+    x.grad = A.grad = B.grad = None
+    lk.lora_linear(x, W, A, B, None, None, 2.0, 0.1, True, seed, backend="triton").backward(dy)
+    return [[l.name, l.stream, l.hooked] for l in seen], launches(seen)
+
+
+with record_launches(seen.append):
+    for path, (fast, plans, calls) in {"triton": (False, False, False), "cache": (True, False, False),
+                                       "launch plans": (True, True, False), "call plans": (True, True, True)}.items():
+        L.clear()
+        L.FAST_LAUNCH, L.PLANS, L.CALLS = fast, plans, calls
+        step(0, 1)
+        step(0, 1)  # (the cache's misses and the plans' recording step behind)
+        before = dict(L.stats())
+        quiet = [step(100 + i, 5 + i) for i in range(2)]  # the current stream changes between calls
+        mid = dict(L.stats())
+        knobs.runtime.launch_enter_hook.add(hook)
+        knobs.runtime.launch_exit_hook.add(hook)
+        try:
+            metadata.clear()
+            hooked = step(300, 5)
+            names = list(metadata)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+            knobs.runtime.launch_exit_hook.remove(hook)
+        after = dict(L.stats())
+        again = step(400, 5)
+        out[path] = dict(quiet=[q[0] for q in quiet], hooked=hooked[0], names=names, again=again[0],
+                         same=[q[1] for q in quiet[:1]] + [hooked[1], again[1]],
+                         hits=[mid[k] - before[k] for k in ("hits", "plan_hits", "call_hits")],
+                         hooked_hits=[after[k] - mid[k] for k in ("hits", "plan_hits", "call_hits")])
+print(json.dumps(out))
+"""
+
+
+def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
+    """``launch.run_compiled``: the launch cache's hits and the plans' replays call the compiled kernel's launcher
+    directly, without Triton's runner, while no launch hook is set. Each launch still takes the stream current at
+    that call (changed between steps here), and a hook added to Triton's chains (as a profiler adds one) sees every
+    launch of every path with its metadata, each once on entry and once on exit; removed, the launches go direct
+    again. Triton's own path passes its (empty) chains to every launch."""
+    got = _run(_LAUNCHES + _HOOKS)
+    names = ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"]
+    for path, g in got.items():
+        direct = path != "triton"
+        for i, launched in enumerate(g["quiet"]):
+            assert launched == [[n, 100 + i, not direct] for n in names], (path, launched)
+        assert g["hooked"] == [[n, 300, True] for n in names], (path, g["hooked"])
+        assert g["names"] == [n for n in names for _ in range(2)], (path, g["names"])
+        assert g["again"] == [[n, 400, not direct] for n in names], (path, g["again"])
+        # Apart from the stream, the same launches with and without hooks (and on every path: below).
+        assert g["same"][1:] == [[lst[:4] + [s] + lst[5:] for lst in g["same"][0]] for s in (300, 400)], path
+    assert got["triton"]["hits"] == [0, 0, 0]
+    assert got["cache"]["hits"] == [8, 0, 0] and got["cache"]["hooked_hits"] == [4, 0, 0], got["cache"]
+    assert got["launch plans"]["hits"] == [0, 8, 0] and got["launch plans"]["hooked_hits"] == [0, 4, 0]
+    assert got["call plans"]["hits"] == [0, 8, 4] and got["call plans"]["hooked_hits"] == [0, 4, 2]
+    assert len({json.dumps(g["same"]) for g in got.values()}) == 1, "another path, other launches"

@@ -176,13 +176,18 @@ class _TuneAll:
 class Launch:
     """One launch that reached the driver's launcher: the compiled kernel's name and hash, the grid, and
     every parameter's value in signature order (what the launcher receives); ``tensor_maps``, per host
-    descriptor among them, the :class:`TensorMap` Triton's launcher would have the driver encode."""
+    descriptor among them, the :class:`TensorMap` Triton's launcher would have the driver encode; the
+    ``stream`` and packed ``metadata`` it was given, and whether it was given launch hooks to call (``hooked``:
+    Triton's runner passes its hook chains, :func:`.launch.run_compiled` None while they are empty)."""
 
     name: str
     hash: str
     grid: tuple
     args: tuple
     tensor_maps: tuple = ()
+    stream: int = 0
+    metadata: tuple = ()
+    hooked: bool = False
 
 
 class TensorMap(NamedTuple):
@@ -366,6 +371,8 @@ def record_launches(
         scratch = getattr(self.metadata, "global_scratch_size", 0)
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+            if enter is not None:  # (the C launcher calls each hook it is given with the launch metadata)
+                enter(launch_metadata)
             if scratch:
                 if _ll._no_allocator_set(_allocation):  # (what Triton's launcher raises on a GPU)
                     raise RuntimeError(f"{name} requires a runtime memory allocation, but no allocator was set")
@@ -374,7 +381,10 @@ def record_launches(
                 torch.empty(g0 * g1 * g2 * scratch, dtype=torch.int8)
             # The host descriptors as Triton's launcher expands them, the tensor maps checked (encode_tiled).
             maps = expand(args) if expand is not None else ()
-            on_launch(Launch(name, digest, (g0, g1, g2), args, maps))
+            hooked = enter is not None or exit_ is not None
+            on_launch(Launch(name, digest, (g0, g1, g2), args, maps, stream, packed_metadata, hooked))
+            if exit_ is not None:
+                exit_(launch_metadata)
 
         self.module, self.function, self._run = "recorded", 0, launcher
 

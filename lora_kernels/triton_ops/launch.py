@@ -4,7 +4,8 @@
 options among it) and looks the compiled kernel up, on every call: 20–30 µs a launch on a 2-core CPU,
 4–5 launches per training step of one layer (bench/NOTES.md, session 38). :func:`launch` does that once
 per *specialization* and then calls the compiled kernel directly, as ``JITFunction.run`` itself does
-after its lookup (``CompiledKernel[grid](*all_params)``: ``launch_metadata``, then ``run``).
+after its lookup (``CompiledKernel[grid](*all_params)``: ``launch_metadata``, then ``run``), and while no launch
+hook is set goes one step further, to the compiled kernel's launcher itself (:func:`run_compiled`).
 
 Why a hit launches the kernel Triton would have launched. Triton picks a compiled kernel by (a) the
 specialization of each non-constexpr argument, which it computes with ``native_specialize_impl`` (the
@@ -49,17 +50,26 @@ try:
 except ImportError:  # pragma: no cover - Triton without host descriptors
     TensorDescriptor = None
 
+try:  # Triton 3.5+: the launch hooks are chains, called (empty) on every launch unless passed as None
+    from triton.knobs import HookChain
+except ImportError:  # pragma: no cover - older Triton: hooks are None or a function
+    HookChain = None
+
 try:  # Triton 3.4+: the C function both Triton 3.6 and 3.8 bind arguments with
     from triton._C.libtriton import native_specialize_impl
 except ImportError:  # pragma: no cover - older Triton: no fast path
     native_specialize_impl = None
 
 __all__ = [
-    "FAST_LAUNCH", "PLANS", "CALLS", "launch", "descriptor", "planned", "plan_slot", "replay", "record",
-    "planned_launch", "note_empty", "note_kept", "note_view", "on_tensor_device", "clear", "stats",
+    "FAST_LAUNCH", "PLANS", "CALLS", "DIRECT_RUN", "launch", "run_compiled", "direct_stream", "descriptor", "planned",
+    "plan_slot", "replay", "record", "planned_launch", "note_empty", "note_kept", "note_view", "on_tensor_device",
+    "clear", "stats",
 ]  # fmt: skip
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
+# Launch a compiled kernel through its launcher directly, without ``CompiledKernel.__getitem__``'s runner, while no
+# launch hook is set (:func:`run_compiled`); off with the cache.
+DIRECT_RUN = True
 
 # Per kernel (kept on the JITFunction: hashing one runs Python under a lock), (device, debug, instrumentation,
 # keyword items, argument keys) -> (compiled, tail): ``tail`` the values of the parameters after the positional
@@ -159,6 +169,38 @@ def _tail(kernel: JITFunction, n_args: int, kw: dict) -> tuple:
     return tuple(kw[p.name] if p.name in kw else p.default for p in kernel.params[n_args:])
 
 
+def _quiet(hook) -> bool:
+    """Whether a launch hook would do nothing: None, or an empty chain."""
+    return hook is None or (type(hook) is HookChain and not hook.calls)
+
+
+def direct_stream() -> int | None:
+    """The current device's current stream where :func:`run_compiled` may call launchers directly (no launch hook
+    set, ``DIRECT_RUN`` on), else None."""
+    rt = knobs.runtime
+    if DIRECT_RUN and _quiet(rt.launch_enter_hook) and _quiet(rt.launch_exit_hook):
+        active = driver.active
+        return active.get_current_stream(active.get_current_device())
+    return None
+
+
+def run_compiled(compiled, grid: tuple, args, tail: tuple, stream: int | None) -> None:
+    """``compiled[grid](*args, *tail)`` (grid: three dimensions); ``stream``: :func:`direct_stream`'s, taken in this
+    call or earlier in the same call of ours on the same device.
+
+    Triton's runner builds the hooks' launch metadata (a ``LazyDict``) on every launch and its launcher then calls
+    both hook chains, empty unless a profiler added to them (Triton 3.5+: a chain is never None, so the runner's
+    ``is None`` test never skips the metadata). While both chains are empty this calls the launcher itself with
+    None for the metadata and both hooks, what the runner passes where hooks are None: the same launch on the
+    same stream, the same scratch allocations (the launcher's own), without the runner's Python."""
+    if stream is None:
+        compiled[grid](*args, *tail)
+    else:
+        run = compiled.run  # (loads the module first where it is not: ``function`` is set after)
+        run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+            *tail)  # fmt: skip
+
+
 def launch(kernel, grid: tuple, args: tuple, kw: dict):
     """``kernel[grid](*args, **kw)``, through the cache above where it can be; returns the compiled kernel.
     grid: the launch grid as a tuple (not a callable); kw: constexprs and compile options."""
@@ -179,7 +221,7 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict):
         _STATS["hits"] += 1
         compiled, tail = hit
         n = len(grid)  # (the compiled kernel's runner indexes three dimensions: JITFunction.run pads them)
-        compiled[grid if n == 3 else (grid[0], grid[1] if n > 1 else 1, 1)](*args, *tail)
+        run_compiled(compiled, grid if n == 3 else (grid[0], grid[1] if n > 1 else 1, 1), args, tail, direct_stream())
         return compiled
     _STATS["misses"] += 1
     compiled = kernel[grid](*args, **kw)
@@ -360,7 +402,7 @@ def replay(slot: list | None, kernel, tuner, meta: dict, fixed: dict, args: tupl
     for j, block in site.descs:
         args[j].block_shape = list(block)
     _STATS["plan_hits"] += 1
-    site.compiled[site.grid](*args, *site.tail)
+    run_compiled(site.compiled, site.grid, args, site.tail, direct_stream())
     if rec is not None:
         rec.launched(site, args)
     return True
@@ -621,6 +663,7 @@ def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
         else:
             add(op[2](vals[op[1]]))
     derived = call.derive(args[call.varying])
+    stream = direct_stream()  # (one device and stream for the whole call)
     for compiled, grid, tail, template, fills, descs, seeds in call.launches:
         a = list(template)
         for j, i in fills:
@@ -629,7 +672,7 @@ def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
             a[j] = descriptor(vals[i], list(block))
         for j, name in seeds:
             a[j] = derived[name]
-        compiled[grid](*a, *tail)
+        run_compiled(compiled, grid, a, tail, stream)
     _STATS["plan_hits"] += len(call.launches)
     _STATS["call_hits"] += 1
     return tuple([vals[i] for i in call.returns])
