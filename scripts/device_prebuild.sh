@@ -44,6 +44,8 @@ sed -n 's/^\([A-Z_]*\) = /  \1 = /p' "$DEST/_build_info.py"
     --out "${DEVICE_TRITON_CACHE:-.device/triton-cache.tar.gz}" --bench-args "$BENCH_ARGS" --verify-args "$VERIFY_ARGS" "${autotune[@]}"
 )
 # The CUTLASS headers too, for the fallback build there if the binary does not load (28 MB).
-[ -f third_party/cutlass/include/cutlass/cutlass.h ] || PYTHON="$PWD/${GPU_STACK_VENV:-.cache/venv-gpu-stack}/bin/python" bash scripts/vendor_cutlass.sh
+venv=${GPU_STACK_VENV:-.cache/venv-gpu-stack}
+[[ $venv = /* ]] || venv=$PWD/$venv  # (an absolute GPU_STACK_VENV as it is)
+[ -f third_party/cutlass/include/cutlass/cutlass.h ] || PYTHON="$venv/bin/python" bash scripts/vendor_cutlass.sh
 echo "carry both: run(carry=[\"${DEST%%/*}\", \"third_party\"], command=\"GPU_CHECK_PLAN=short ... bash scripts/gpu_check.sh\")" \
   "(bench/NOTES.md, Runbook)"
