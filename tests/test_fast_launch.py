@@ -877,8 +877,17 @@ with record_launches(seen.append):
             knobs.runtime.launch_enter_hook.remove(hook)
             knobs.runtime.launch_exit_hook.remove(hook)
         after = dict(L.stats())
+        # A plain function in place of the chain (Triton's older API): also called on every launch.
+        chain, knobs.runtime.launch_enter_hook = knobs.runtime.launch_enter_hook, hook
+        try:
+            metadata.clear()
+            plain = step(350, 5)
+            plain_names = list(metadata)
+        finally:
+            knobs.runtime.launch_enter_hook = chain
         again = step(400, 5)
         out[path] = dict(quiet=[q[0] for q in quiet], hooked=hooked[0], names=names, again=again[0],
+                         plain=plain[0], plain_names=plain_names,
                          same=[q[1] for q in quiet[:1]] + [hooked[1], again[1]],
                          hits=[mid[k] - before[k] for k in ("hits", "plan_hits", "call_hits")],
                          hooked_hits=[after[k] - mid[k] for k in ("hits", "plan_hits", "call_hits")])
@@ -890,8 +899,9 @@ def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
     """``launch.run_compiled``: the launch cache's hits and the plans' replays call the compiled kernel's launcher
     directly, without Triton's runner, while no launch hook is set. Each launch still takes the stream current at
     that call (changed between steps here), and a hook added to Triton's chains (as a profiler adds one) sees every
-    launch of every path with its metadata, each once on entry and once on exit; removed, the launches go direct
-    again. Triton's own path passes its (empty) chains to every launch."""
+    launch of every path with its metadata, each once on entry and once on exit, as does a plain function set in
+    place of the entry chain (Triton's older API); removed, the launches go direct again. Triton's own path passes
+    its (empty) chains to every launch."""
     got = _run(_LAUNCHES + _HOOKS)
     names = ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"]
     for path, g in got.items():
@@ -900,6 +910,7 @@ def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
             assert launched == [[n, 100 + i, not direct] for n in names], (path, launched)
         assert g["hooked"] == [[n, 300, True] for n in names], (path, g["hooked"])
         assert g["names"] == [n for n in names for _ in range(2)], (path, g["names"])
+        assert g["plain"] == [[n, 350, True] for n in names] and g["plain_names"] == names, (path, g["plain"])
         assert g["again"] == [[n, 400, not direct] for n in names], (path, g["again"])
         # Apart from the stream, the same launches with and without hooks (and on every path: below).
         assert g["same"][1:] == [[lst[:4] + [s] + lst[5:] for lst in g["same"][0]] for s in (300, 400)], path
