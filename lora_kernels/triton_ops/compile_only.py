@@ -371,8 +371,6 @@ def record_launches(
         scratch = getattr(self.metadata, "global_scratch_size", 0)
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-            if enter is not None:  # (the C launcher calls each hook it is given with the launch metadata)
-                enter(launch_metadata)
             if scratch:
                 if _ll._no_allocator_set(_allocation):  # (what Triton's launcher raises on a GPU)
                     raise RuntimeError(f"{name} requires a runtime memory allocation, but no allocator was set")
@@ -381,6 +379,9 @@ def record_launches(
                 torch.empty(g0 * g1 * g2 * scratch, dtype=torch.int8)
             # The host descriptors as Triton's launcher expands them, the tensor maps checked (encode_tiled).
             maps = expand(args) if expand is not None else ()
+            # The C launcher then calls each hook it is given with the launch metadata, around the launch.
+            if enter is not None:
+                enter(launch_metadata)
             hooked = enter is not None or exit_ is not None
             on_launch(Launch(name, digest, (g0, g1, g2), args, maps, stream, packed_metadata, hooked))
             if exit_ is not None:
