@@ -517,6 +517,8 @@ def note_empty(t: torch.Tensor) -> None:
     """``t`` is a fresh ``torch.empty`` of its shape, device and dtype (the launchers' ``_empty``)."""
     rec = getattr(_LOCAL, "rec", None)
     if rec is not None:
+        if t.dim() == 0:  # (the recipe passes the sizes unpacked, which a 0-d shape has none of)
+            rec.fail = "a 0-d allocation"
         rec.made(t, (_KIND_EMPTY, tuple(t.shape), t.device, t.dtype))
 
 
@@ -657,7 +659,7 @@ def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
     for op in call.extras:
         kind = op[0]
         if kind == _KIND_EMPTY:
-            add(torch.empty(op[1], device=op[2], dtype=op[3]))
+            add(torch.empty(*op[1], device=op[2], dtype=op[3]))  # (sizes unpacked: as ``_empty`` calls it)
         elif kind == _KIND_KEPT:
             add(op[1])
         else:

@@ -1034,7 +1034,8 @@ def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     """Every kernel output is allocated here, uninitialised: tests replace this with a
     NaN-poisoning allocator so that an element a kernel forgets to write is caught. A call plan being recorded
     (launch.py) notes each: its recipe allocates the same."""
-    t = torch.empty(shape, device=device, dtype=dtype)
+    # (sizes as separate arguments: torch parses them ≈ 0.5 µs faster than one tuple; shape is never 0-d here)
+    t = torch.empty(*shape, device=device, dtype=dtype)
     if _plans.RECORDING:
         _plans.note_empty(t)
     return t
