@@ -117,6 +117,47 @@ def test_patched_matches_peft_p0(case: dict, monkeypatch: pytest.MonkeyPatch) ->
         assert any(n.endswith("lora_B.default.bias") for n in grads)
 
 
+def test_patched_layer_reads_weights_where_python_finds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The integration reads an nn.Linear's weight and bias from its instance dict, then its parameter registry
+    (``_linear_attr``), as Python's lookup does for that class, without nn.Module.__getattr__. A plain tensor set in
+    place of a parameter (as FSDP1's flat-parameter views are) is read from the instance dict; a base-layer subclass
+    whose class defines ``weight`` (a property over another tensor) by the attribute lookup, so the fused call
+    uses what PEFT's forward would."""
+    torch.manual_seed(0)
+    K, N, r = 24, 20, 4
+
+    class ScaledWeightLinear(nn.Linear):  # (nn.Linear's forward: F.linear(x, self.weight, self.bias))
+        @property
+        def weight(self) -> torch.Tensor:  # (the class's attribute: Python finds it before the registry)
+            return self._parameters["weight"] * 2.0
+
+    def scaled(K: int, N: int) -> nn.Linear:
+        lin = nn.Linear(K, N)
+        lin.__class__ = ScaledWeightLinear  # (after nn.Linear registered its weight)
+        return lin
+
+    for kind in ("plain tensors", "property"):
+        holder = nn.Module()
+        holder.proj = nn.Linear(K, N) if kind == "plain tensors" else scaled(K, N)
+        model = get_peft_model(
+            holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
+        )
+        layer = model.base_model.model.proj
+        if kind == "plain tensors":
+            for lin in (layer.base_layer, layer.lora_B["default"]):
+                w = lin._parameters.pop("weight").detach().clone()
+                object.__setattr__(lin, "weight", w)  # (now only in the instance dict)
+            assert "weight" not in layer.base_layer._parameters and "weight" in layer.base_layer.__dict__
+        x = torch.randn(5, K)
+        expected = layer(x).detach()  # PEFT's own forward
+        patch(model, backend="torch", log=False)
+        spy = _Spy(monkeypatch)
+        got = layer(x).detach()
+        assert len(spy.calls) == 1 and layer._lk_last_fallback is None, (kind, layer._lk_last_fallback)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=kind)
+        monkeypatch.undo()
+
+
 def test_fp32_adapters_under_bf16_base(monkeypatch: pytest.MonkeyPatch) -> None:
     # PEFT's default autocast_adapter_dtype=True keeps adapters in fp32 next to a bf16 base;
     # the torch backend runs bf16 correctly on CPU (the Triton interpreter does not).
