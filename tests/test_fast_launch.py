@@ -429,6 +429,7 @@ def test_cache_is_bounded_switchable_and_cleared():
 
 _CALLS_SCRIPT = r"""
 import json
+import sys
 import torch
 from lora_kernels.triton_ops import launch as L
 from lora_kernels.triton_ops.compile_only import record_launches
@@ -513,6 +514,25 @@ def main():  # (in a function: the loop's variables are not globals of the launc
             seen.clear()
             call(x, 5, "plain")
             res.setdefault("switch", []).append([seen[0].args[2], seen[0].args[3], L.stats()["call_hits"]])
+        # The module watched, as the launchers' modules are: once a recipe found its globals the same, it compares the
+        # module's generation; an attribute set (even to the same object) or deleted moves it on, and the globals are
+        # compared again. A write into the module's __dict__ is not seen then (the launchers' modules make none).
+        mod = sys.modules[__name__]
+        L.watch(__name__)
+        L.clear()
+        mod.EXTRA = 1
+        steps = [("set", 0), ("set", 0), ("none", 0), ("set", 3), ("none", 3), ("dict", 5), ("set", 3), ("del", 3)]
+        for how, shift in steps:
+            if how == "set":
+                mod.SHIFT = shift
+            elif how == "dict":
+                globals()["SHIFT"] = shift
+            elif how == "del":
+                del mod.EXTRA
+            seen.clear()
+            call(x, 5, "plain")
+            res.setdefault("watched", []).append([seen[0].args[2], seen[0].args[3], L.stats()["call_hits"]])
+        res["watched_type"] = type(mod).__name__
     print(json.dumps(res))
 
 
@@ -547,6 +567,12 @@ def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
         assert [r["stats"]["plan_hits"] for r in runs] == [0, 1, 2], (how, runs)
         assert how in ("view", "zeros") or all(r["y"] for r in runs), (how, runs)  # each call's own tensor
     assert got["switch"] == [[5, 64, 0], [5, 64, 1], [8, 67, 1], [8, 67, 2]], got["switch"]
+    # Watched (launch.WatchedModule): record; same globals after a set (replay); the generation alone (replay); a new
+    # value (record); replay; a __dict__ write unseen (replay: the recipe's n = 67, not 69; ``derive`` reads SHIFT
+    # itself); set back to the recipe's value (replay); an attribute deleted (record).
+    assert got["watched_type"] == "WatchedModule", got
+    expect = [[5, 64, 0], [5, 64, 1], [5, 64, 2], [8, 67, 2], [8, 67, 3], [10, 67, 4], [8, 67, 5], [8, 67, 5]]
+    assert got["watched"] == expect, got["watched"]
     # A call with a planned call inside: the outer one is not replayed whole (its recorder would not see the inner
     # launches); the inner one is, once the outer no longer records.
     assert got["nested"] == [[2, 0], [2, 0], [2, 1]], got["nested"]
@@ -919,3 +945,28 @@ def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
     assert got["launch plans"]["hits"] == [0, 8, 0] and got["launch plans"]["hooked_hits"] == [0, 4, 0]
     assert got["call plans"]["hits"] == [0, 8, 4] and got["call plans"]["hooked_hits"] == [0, 4, 2]
     assert len({json.dumps(g["same"]) for g in got.values()}) == 1, "another path, other launches"
+
+
+def test_the_launchers_modules_are_watched_and_rebind_nothing_behind_it():
+    """Call plans compare the launchers' modules' generation (``launch.WatchedModule``), which attribute assignment
+    moves on; a write into a module's ``__dict__`` from its own code would not. So both modules are watched, and
+    neither holds a ``global`` statement, a ``globals()`` or ``vars()`` call, or a ``__dict__`` access."""
+    import ast
+
+    from lora_kernels.triton_ops import launch, lora_linear, single_pass
+
+    for module in (lora_linear, single_pass):
+        assert type(module) is launch.WatchedModule, module.__name__
+        tree = ast.parse(Path(module.__file__).read_text())
+        found = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Global | ast.Nonlocal)]
+        found += [
+            n.lineno
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("globals", "vars")
+        ]
+        found += [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "__dict__"]
+        assert not found, (module.__name__, found)
+        before = launch._GENERATION[module]
+        module.SOME_SWITCH_FOR_THE_TEST = 1
+        del module.SOME_SWITCH_FOR_THE_TEST
+        assert launch._GENERATION[module] > before

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import operator
 import os
 import sys
 import threading
+import types
 
 import torch
 from triton import knobs
@@ -63,7 +65,7 @@ except ImportError:  # pragma: no cover - older Triton: no fast path
 __all__ = [
     "FAST_LAUNCH", "PLANS", "CALLS", "DIRECT_RUN", "launch", "run_compiled", "direct_stream", "descriptor", "planned",
     "plan_slot", "replay", "record", "planned_launch", "note_empty", "note_kept", "note_view", "on_tensor_device",
-    "clear", "stats",
+    "watch", "WatchedModule", "clear", "stats",
 ]  # fmt: skip
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
@@ -488,12 +490,14 @@ def on_tensor_device(fn):
 # the varying one (the seed), whose launch values are checked against ``derive`` when recording. What else the
 # launchers read is module state: switches (``BWD_SPLIT_M``, ``TMA_FLATTEN``, ...), functions tests swap in, the
 # autotuner factory. A recipe keeps a snapshot of the globals of the caller's module and of every launched kernel's
-# module (the tuple of their values: 1.4 µs to compare) and is used only while they are the same objects; a
-# rebinding anywhere records again. A recipe is kept only where the whole call was seen: every launch went through a
-# launch plan's site (replayed, or launched through the cache and recorded: not a tuning call, not a capture's
-# fallback tiles), every tensor a launch takes or the call returns is an input, an allocation through the launchers'
-# ``_empty``, a kept stand-in or a view noted with how it was made (``note_*``), and no tensor of the call was
-# written by a torch op in place (their version counters). Anything else (a ``torch.zeros`` counter, a copy of a
+# module (the tuple of their values: 1.7 µs to compare for the launchers' module) and is used only while they are the
+# same objects; a rebinding anywhere records again. The launchers' modules are watched (``WatchedModule``): once their
+# globals were found the same, the recipe compares their generation (one integer) until an attribute is set on them.
+# A recipe is kept only where the whole call was seen: every launch went through a launch plan's site (replayed, or
+# launched through the cache and recorded: not a tuning call, not a capture's fallback tiles), every tensor a launch
+# takes or the call returns is an input, an allocation through the launchers' ``_empty``, a kept stand-in or a view
+# noted with how it was made (``note_*``), and no tensor of the call was written by a torch op in place (their
+# version counters). Anything else (a ``torch.zeros`` counter, a copy of a
 # strided bias, a sum by torch) marks the layout as not replayable whole, under that snapshot: its launches still
 # replay from the launch plan. Off with ``LORA_KERNELS_CALL_PLANS=0``, and with launch plans.
 
@@ -507,6 +511,50 @@ def _recording(rec, step: int) -> None:
     with _LOCK:
         RECORDING += step
     _LOCAL.rec = rec
+
+
+class WatchedModule(types.ModuleType):
+    """A module whose attribute rebinding (``module.X = v``, ``setattr``, ``monkeypatch``, ``del module.X``) moves
+    its generation on. A recipe that found a watched module's globals the same objects as when it was recorded keeps
+    the generation it found them under, and while that is still the generation it is current without comparing them
+    again: one integer where a comparison of the launchers' module's globals costs 1.7 µs per call on a 2-core CPU. A
+    write into the module's ``__dict__`` itself is not seen (a ``global`` statement in the module, ``vars(module)[k] =
+    v``): the launchers' modules have none (tests/test_fast_launch.py checks), and their switches are set as
+    attributes."""
+
+    def __setattr__(self, name: str, value) -> None:
+        _GENERATION[self] = next(_GENERATIONS)  # (before and after: a check between the two sees neither generation)
+        super().__setattr__(name, value)
+        _GENERATION[self] = next(_GENERATIONS)
+
+    def __delattr__(self, name: str) -> None:
+        _GENERATION[self] = next(_GENERATIONS)
+        super().__delattr__(name)
+        _GENERATION[self] = next(_GENERATIONS)
+
+
+_GENERATION: dict = {}  # watched module -> its generation (unique across modules and bumps: never seen twice)
+_GENERATIONS = itertools.count(1)  # (``next`` is atomic under the GIL)
+
+
+def watch(name: str) -> None:
+    """Watch the module ``name``; called at the end of its own code (a reload, which runs that code again without
+    ``__setattr__``, starts a new generation there too)."""
+    module = sys.modules[name]
+    module.__class__ = WatchedModule
+    _GENERATION[module] = next(_GENERATIONS)
+
+
+def _generations(names) -> tuple | None:
+    """(name, module, generation) per module, or None where one of them is not watched."""
+    gens = []
+    for name in names:
+        module = sys.modules[name]
+        g = _GENERATION.get(module) if type(module) is WatchedModule else None
+        if g is None:
+            return None
+        gens.append((name, module, g))
+    return tuple(gens)
 
 
 def _snapshot(modules) -> tuple:
@@ -549,13 +597,24 @@ class _Call:
     """A recorded call: the globals snapshot it holds under, and (None where the layout cannot be replayed whole)
     the recipe."""
 
-    __slots__ = ("snapshot", "extras", "launches", "returns", "varying", "derive", "why")
+    __slots__ = ("snapshot", "gens", "extras", "launches", "returns", "varying", "derive", "why")
 
     def current(self) -> bool:
+        gens = self.gens
+        if gens is not None:  # (watched modules: not rebound since their globals were last found the same)
+            for name, module, g in gens:
+                if _GENERATION.get(module) != g or sys.modules.get(name) is not module:
+                    break
+            else:
+                return True
         try:
-            return all(tuple(sys.modules[m].__dict__.values()) == values for m, values in self.snapshot)
+            now = _generations(m for m, _ in self.snapshot)  # (read before the comparison: see WatchedModule)
+            same = all(tuple(sys.modules[m].__dict__.values()) == values for m, values in self.snapshot)
         except Exception:  # (a rebound global whose ``==`` raises: not the same object, so not current)
             return False
+        if same:
+            self.gens = now
+        return same
 
 
 class _Recorder:
@@ -645,6 +704,7 @@ class _Recorder:
             return None
         call = _Call()
         call.snapshot, call.why, call.varying, call.derive = snapshot, self.fail, varying, derive
+        call.gens = None  # (the first check compares the globals, then keeps their generations)
         call.extras = call.launches = call.returns = None
         if self.fail is None:
             call.extras, call.launches, call.returns = tuple(self.extras), tuple(self.launches), tuple(returns)

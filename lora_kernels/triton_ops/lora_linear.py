@@ -2174,3 +2174,6 @@ def lora_linear_2d(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed,
         # Degenerate sizes: nothing to launch; the reference gives the right (empty/zero) results.
         return lora_linear_ref(x, weight, lora_A, lora_B, bias, lora_bias, scaling, p, True, seed)
     return LoRALinearTriton.apply(x, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, mask_mode, recompute)
+
+
+_plans.watch(__name__)  # (last: call plans compare this module's generation while it is not rebound, launch.py)

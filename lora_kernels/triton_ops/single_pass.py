@@ -89,6 +89,7 @@ from triton.runtime.errors import OutOfResources
 from ..reference import dropout_threshold
 from . import lora_linear as _ll  # _ll._empty: tests swap in a NaN-poisoning allocator
 from .launch import planned_launch as _planned_launch
+from .launch import watch as _watch
 from .lora_linear import (
     _TL_DTYPE,
     TensorDescriptor,
@@ -844,3 +845,6 @@ def lora_bwd_single_pass(
     # dA: the dA programs of the pointer kernel (no dX tiles), reading x (and the bits) once.
     da = _ll.launch_da(x, lora_A, dt, bits, p, seed) if need_da else _ll._empty((R, K), dev, torch.float32)
     return dx, da, db, colsum
+
+
+_watch(__name__)  # (last: call plans compare this module's generation while it is not rebound, launch.py)
