@@ -14,7 +14,7 @@ kernel's launcher (which runs Triton's expansion of the host TMA descriptors, th
 the driver), through ``JITFunction.run``, through
 lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), replayed from its launch plans and from its
 call plans (and those once more through Triton's runner, ``CompiledKernel[grid]``, where the others call each
-launcher directly), in alternation. The CUDA backend's
+launcher directly, and once more passing tensors where call plans pass their addresses as ints), in alternation. The CUDA backend's
 rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
 replaced by a stub that
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
@@ -119,12 +119,15 @@ def measure(reps: int = 300, warmup: int = 20) -> list[dict]:
 RECORDED_ROWS = (
     "to the launcher: Triton's run", "to the launcher: launch cache", "to the launcher: launch plans",
     "to the launcher: call plans", "to the launcher: call plans, Triton's runner",
+    "to the launcher: call plans, pointers as tensors",
 )  # fmt: skip
-# (launch cache, launch plans, call plans, launchers called directly) per row above; the last row calls each compiled
-# kernel through Triton's runner (``CompiledKernel[grid]``), as before launch.run_compiled
+# (launch cache, launch plans, call plans, launchers called directly, call plans' pointers as ints) per row above; the
+# fifth row calls each compiled kernel through Triton's runner (``CompiledKernel[grid]``), as before
+# launch.run_compiled; the last passes the call plans' tensors to the launcher, which asks each for its address (the
+# driver's check of each address, which follows on a GPU, is not in these rows)
 _RECORDED_MODES = (
-    (False, False, False, True), (True, False, False, True), (True, True, False, True), (True, True, True, True),
-    (True, True, True, False),
+    (False, False, False, True, True), (True, False, False, True, True), (True, True, False, True, True),
+    (True, True, True, True, True), (True, True, True, False, True), (True, True, True, True, False),
 )  # fmt: skip
 RECORDED_PATHS = (
     ("two-launch, TMA", 256), ("two-launch, TMA, in-kernel descriptors", 256), ("two-launch, pointer (K = 250)", 250),
@@ -143,7 +146,8 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
     from lora_kernels.triton_ops.compile_only import record_launches
 
     rows = []
-    saved = launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC
+    saved = (launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, launch.POINTER_INTS, tri.FWD_MODE,
+             tri.BWD_MODE, tri.TMA_DESC)  # fmt: skip
     try:
         with record_launches(lambda launched: None):
             for label, K in RECORDED_PATHS:
@@ -153,16 +157,15 @@ def _recorded_rows(reps: int, warmup: int) -> list[dict]:
                 best: dict[tuple[bool, ...], tuple[float, float]] = {}
                 for _ in range(2):
                     for mode in _RECORDED_MODES:
-                        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN = mode
+                        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, launch.POINTER_INTS = mode
                         f_us, fb_us = _time_calls(x, W, A, B, dy, 0.1, reps, warmup)
                         prev = best.get(mode, (f_us, fb_us))
                         best[mode] = (min(prev[0], f_us), min(prev[1], fb_us))
                 for mode, how in zip(_RECORDED_MODES, RECORDED_ROWS, strict=True):
                     rows.append(dict(path=f"{label}, {how}", p=0.1, fwd_us=best[mode][0], fwdbwd_us=best[mode][1]))
     finally:
-        launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, tri.FWD_MODE, tri.BWD_MODE, tri.TMA_DESC = (
-            saved
-        )
+        (launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, launch.POINTER_INTS, tri.FWD_MODE,
+         tri.BWD_MODE, tri.TMA_DESC) = saved  # fmt: skip
     return rows
 
 

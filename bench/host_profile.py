@@ -8,12 +8,13 @@ issued in 0.2–0.3 ms. ``bench.host_overhead`` measures our Python on any CPU w
 the real path on the device's CPU, so the next change can aim at what costs there:
 
 1. calibration: µs per host call of the things a step is made of (an empty allocation, one aten kernel, a
-   bare Triton launch with 3 and with 30 arguments, a host TMA descriptor), so a step's time can be read as
-   launches × their price plus our Python;
+   bare Triton launch with 3 and with 30 arguments, the compiled launcher alone with 16 pointers given as tensors
+   and as ints, a host TMA descriptor), so a step's time can be read as launches × their price plus our Python;
 2. steps: host µs per step (steps enqueued back to back while the GPU runs behind, as the benchmark's
    ``host_us``) for cuBLAS's frozen F.linear and the Triton backend, forward and forward + backward, with
-   the number of Triton launches per step; the Triton rows three times: as shipped, without launch plans,
-   and without the launch cache (the A/Bs of ``lora_kernels/triton_ops/launch.py``); with ``--single-pass``
+   the number of Triton launches per step; the Triton rows as shipped and with one switch changed for the
+   row (the A/Bs of ``lora_kernels/triton_ops/launch.py``: call plans off, launch plans off, the launch cache
+   off, Triton's runner, call plans passing tensors; in-kernel TMA descriptors); with ``--single-pass``
    the single-pass kernels (the opt-in path); the CUDA backend (its C++ launchers; where it cannot run
    without a build, the row says why);
 3. a cProfile of ``--steps`` Triton forward + backward steps: the functions with the most own time, and the
@@ -25,7 +26,9 @@ CUDA only: exits 2 with a message elsewhere (``bench.host_overhead`` is the CPU 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import functools
 import pstats
 import sys
 import time
@@ -103,6 +106,7 @@ def _calibration(reps: int, dev=None) -> list[tuple[str, float]]:
         ("Triton launch, 3 arguments", _median_us(lambda: _noop3[(1,)](x, 4096, BLOCK=128), reps, 10)),
         ("Triton launch, 30 arguments", _median_us(lambda: _noop30[(1,)](x, *ints, BLOCK=128), reps, 10)),
     ]
+    rows += _pointer_rows(reps, dev)
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -114,6 +118,39 @@ def _calibration(reps: int, dev=None) -> list[tuple[str, float]]:
         pass
     _sync(dev)
     return rows
+
+
+def _pointer_rows(reps: int, dev) -> list[tuple[str, float | None]]:
+    """The compiled launcher alone (``launch.run_compiled``, as call plans launch) with 16 pointer arguments given as
+    tensors (it calls ``data_ptr()`` on each and has the driver check the address) and as ints (taken as they are):
+    the difference is what ``launch.POINTER_INTS`` saves per pointer of a call plan's launch. None (and why, in the
+    name) where there is no compiled kernel to call (the interpreter)."""
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.compiler.compiler import CompiledKernel
+
+    from lora_kernels.triton_ops import launch
+
+    @triton.jit
+    def _noop16p(P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13, P14, P15, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(P0 + offs, tl.zeros((BLOCK,), tl.float32))
+
+    names = ("launcher alone, 16 pointers as tensors", "launcher alone, 16 pointers as ints")
+    ts = [torch.empty(4096, device=dev) for _ in range(16)]
+    compiled = _noop16p[(1,)](*ts, BLOCK=128)
+    if not isinstance(compiled, CompiledKernel):
+        return [(f"{name}: – (no compiled kernel: the interpreter)", None) for name in names]
+    stream = launch.direct_stream()
+    if stream is None:
+        return [(f"{name}: – (a launch hook is set: launches go through Triton's runner)", None) for name in names]
+    ints = [t.data_ptr() for t in ts]
+    grid, tail = (1, 1, 1), launch._tail(_noop16p, 16, {"BLOCK": 128})
+    return [
+        (names[0], _median_us(lambda: launch.run_compiled(compiled, grid, ts, tail, stream), reps, 10)),
+        (names[1], _median_us(lambda: launch.run_compiled(compiled, grid, ints, tail, stream), reps, 10)),
+    ]
 
 
 def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = False):
@@ -140,29 +177,26 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     def triton_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
 
-    def patched(fn, module, **values):
-        # fn with those attributes of ``module`` set while it runs: the A/Bs (launch.CALLS off:
-        # LORA_KERNELS_CALL_PLANS=0; launch.PLANS off: LORA_KERNELS_LAUNCH_PLANS=0; launch.FAST_LAUNCH off too:
-        # LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run; launch.DIRECT_RUN off: each
-        # compiled kernel through Triton's runner) and the single-pass kernels
-        # (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single), the in-kernel descriptors (LORA_KERNELS_TMA_DESC=device).
-        def run():
-            saved = {name: getattr(module, name) for name in values}
-            for name, value in values.items():
+    @contextlib.contextmanager
+    def setting(module, **values):
+        # Those attributes of ``module`` set for a whole row (set once: a per-call switch would move the launchers'
+        # module's generation each call and cost every call plan a full check, launch.WatchedModule): the A/Bs
+        # (launch.CALLS off: LORA_KERNELS_CALL_PLANS=0; launch.PLANS off: LORA_KERNELS_LAUNCH_PLANS=0;
+        # launch.FAST_LAUNCH off too: LORA_KERNELS_FAST_LAUNCH=0, every launch through Triton's JITFunction.run;
+        # launch.DIRECT_RUN off: each compiled kernel through Triton's runner; launch.POINTER_INTS off: call plans pass
+        # tensors) and the single-pass kernels (LORA_KERNELS_FWD=single, LORA_KERNELS_BWD=single), the in-kernel
+        # descriptors (LORA_KERNELS_TMA_DESC=device).
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
+            setattr(module, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
                 setattr(module, name, value)
-            try:
-                return fn()
-            finally:
-                for name, value in saved.items():
-                    setattr(module, name, value)
 
-        return run
-
-    def switched(fn, fast: bool, plans: bool, calls: bool = False):
-        return patched(fn, launch, FAST_LAUNCH=fast, PLANS=plans, CALLS=calls)
-
-    def single(fn):
-        return patched(fn, tri, FWD_MODE="single", BWD_MODE="single")
+    def switched(fast: bool, plans: bool, calls: bool = False):
+        return functools.partial(setting, launch, FAST_LAUNCH=fast, PLANS=plans, CALLS=calls)
 
     def triton_step():
         triton_fwd().backward(dy)
@@ -170,28 +204,29 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     def cuda_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="cuda")
 
+    std = [x, A, B]
     rows = [
         ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
-        ("triton", triton_fwd, triton_step, [x, A, B]),
-        ("triton, call plans off", switched(triton_fwd, True, True), switched(triton_step, True, True), [x, A, B]),
-        ("triton, launch plans off", switched(triton_fwd, True, False), switched(triton_step, True, False), [x, A, B]),
-        (
-            "triton, launch cache off",
-            switched(triton_fwd, False, False),
-            switched(triton_step, False, False),
-            [x, A, B],
-        ),
+        ("triton", triton_fwd, triton_step, std),
+        ("triton, call plans off", triton_fwd, triton_step, std, switched(True, True)),
+        ("triton, launch plans off", triton_fwd, triton_step, std, switched(True, False)),
+        ("triton, launch cache off", triton_fwd, triton_step, std, switched(False, False)),
     ]
     # Every launch through Triton's runner (``CompiledKernel[grid]``: the hooks' metadata built, the empty hook chains
     # called) where the launch cache and the plans call each launcher directly (bench/NOTES.md, session 43).
-    rows.append(("triton, Triton's runner", patched(triton_fwd, launch, DIRECT_RUN=False),
-                 patched(triton_step, launch, DIRECT_RUN=False), [x, A, B]))  # fmt: skip
+    rows.append(("triton, Triton's runner", triton_fwd, triton_step, std,
+                 functools.partial(setting, launch, DIRECT_RUN=False)))  # fmt: skip
+    # Call plans passing tensors, which the launcher asks for their addresses and the driver checks, launch by launch
+    # (bench/NOTES.md, session 44).
+    rows.append(("triton, pointers as tensors", triton_fwd, triton_step, std,
+                 functools.partial(setting, launch, POINTER_INTS=False)))  # fmt: skip
     # No host descriptors for Triton's launcher to expand (bench/NOTES.md, session 42): its kernels are prewarmed for
     # the short plan (its benchmark's triton-devdesc row, the same specialization at this shape).
-    rows.append(("triton, in-kernel descriptors", patched(triton_fwd, tri, TMA_DESC="device"),
-                 patched(triton_step, tri, TMA_DESC="device"), [x, A, B]))  # fmt: skip
+    rows.append(("triton, in-kernel descriptors", triton_fwd, triton_step, std,
+                 functools.partial(setting, tri, TMA_DESC="device")))  # fmt: skip
     if single_pass:  # (opt-in: its kernels are not in the short plan's prewarmed cache; compiling them takes time)
-        rows.append(("triton, single-pass", single(triton_fwd), single(triton_step), [x, A, B]))
+        rows.append(("triton, single-pass", triton_fwd, triton_step, std,
+                     functools.partial(setting, tri, FWD_MODE="single", BWD_MODE="single")))  # fmt: skip
     # The CUDA backend's C++ launchers: the other route past the Python per call (bench/NOTES.md, session 40).
     # As backend="auto" asks (auto=True): where the extension is not built, the row says so instead of building it.
     reason = backends._unavailable("cuda", x, W, A, auto=True)
@@ -249,24 +284,25 @@ def profile_steps(
         if len(step_row) == 1:  # a backend that cannot run here: the row says why
             rows.append((name, None, None, f"unavailable: {step_row[0]}"))
             continue
-        fwd, step, clear = step_row
-        tri._launch, sp._planned_launch = counting(real_launch), counting(real_planned)
-        try:
-            _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
-            launches.clear()
-            saved, launch.CALLS = launch.CALLS, False  # (a call plan's replay goes around the launchers counted)
+        fwd, step, clear, *scope = step_row
+        with scope[0]() if scope else contextlib.nullcontext():
+            tri._launch, sp._planned_launch = counting(real_launch), counting(real_planned)
             try:
-                step()
+                _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
+                launches.clear()
+                saved, launch.CALLS = launch.CALLS, False  # (a call plan's replay goes around the launchers counted)
+                try:
+                    step()
+                finally:
+                    launch.CALLS = saved
+                names = list(launches)
             finally:
-                launch.CALLS = saved
-            names = list(launches)
-            with torch.no_grad():
+                tri._launch, sp._planned_launch = real_launch, real_planned
+            with torch.no_grad():  # (the launchers not wrapped while timed: one generation for the whole row)
                 f_us = _host_us(fwd, [], dev)
             fb_us = _host_us(step, clear, dev)
-        finally:
-            tri._launch, sp._planned_launch = real_launch, real_planned
         rows.append((name, f_us, fb_us, names if name.startswith("triton") else None))
-    _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")
+    _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")[:4]
     _host_us(step, clear, dev, steps=2)
     prof = cProfile.Profile()
     prof.enable()
@@ -297,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {secs / args.steps * 1e6:.0f} |")
     print("\n| host call | µs |\n|---|---|")
     for name, us in calib:
-        print(f"| {name} | {us:.1f} |")
+        print(f"| {name} | {'–' if us is None else f'{us:.1f}'} |")
     print("\n| step | forward host µs | fwd+bwd host µs | Triton launches per fwd+bwd |\n|---|---|---|---|")
     for name, f_us, fb_us, names in rows:
         if f_us is None:

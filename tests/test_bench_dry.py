@@ -922,8 +922,8 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     Triton's Autotuner and through the configs it chose (real Autotuners pruned to one config; the run
     itself asserts that the chosen rows took the chosen path); the path down to the launcher
     (``record_launches``) through Triton's run, through the launch cache, replayed from launch plans and from
-    call plans, those also through Triton's runner (two-launch TMA and pointer, single-pass): thirty-six rows of
-    positive figures, nothing asserted on time."""
+    call plans, those also through Triton's runner and passing tensors (two-launch TMA and pointer, single-pass):
+    forty rows of positive figures, nothing asserted on time."""
     pytest.importorskip("triton")
     pytest.importorskip("peft", reason="the PEFT layer rows need peft")
     from bench import host_overhead
@@ -936,10 +936,11 @@ def test_host_overhead_runs_the_real_launch_path_without_a_gpu():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
     recorded = {f"{path}, {how}" for path, _ in host_overhead.RECORDED_PATHS
                 for how in host_overhead.RECORDED_ROWS}  # fmt: skip
-    assert len(recorded) == 20 and "single-pass, to the launcher: call plans" in recorded
+    assert len(recorded) == 24 and "single-pass, to the launcher: call plans" in recorded
     assert "two-launch, TMA, to the launcher: call plans, Triton's runner" in recorded
+    assert "two-launch, TMA, to the launcher: call plans, pointers as tensors" in recorded
     assert "two-launch, TMA, in-kernel descriptors, to the launcher: call plans" in recorded
-    assert len(rows) == 36 and {r[0].strip() for r in rows} == {
+    assert len(rows) == 40 and {r[0].strip() for r in rows} == {
         "two-launch, TMA", "two-launch, pointer (K = 250)", "single-pass", *host_overhead.TUNED_ROWS, *recorded,
         "cuda layer, eager (direct)", "cuda layer, through the ops", "peft layer, patched (cuda layer)",
     }, proc.stdout  # fmt: skip
@@ -954,14 +955,18 @@ from bench import host_profile as hp
 from lora_kernels.triton_ops.compile_only import compile_only
 with compile_only(lambda c: None):
     rows, stats = hp.profile_steps((64, 256, 256, 16), 0.1, 3, torch.device("cpu"), single_pass=True)
-print(json.dumps({"rows": rows, "areas": hp.area_totals(stats)}))
+from lora_kernels.triton_ops import launch, lora_linear as tri
+after = [launch.FAST_LAUNCH, launch.PLANS, launch.CALLS, launch.DIRECT_RUN, launch.POINTER_INTS, tri.TMA_DESC,
+         tri.FWD_MODE, tri.BWD_MODE]
+print(json.dumps({"rows": rows, "areas": hp.area_totals(stats), "after": after}))
 """
 
 
 def test_host_profile_counts_launches_and_sorts_time_by_area():
     """bench.host_profile (the GPU machine's own host measurement) on the CPU under compile_only: the step
     rows for cuBLAS and the Triton backend (launch cache, launch plans and call plans on; call plans off; launch
-    plans off; the cache off; every launch through Triton's runner; in-kernel TMA descriptors: the A/Bs; the
+    plans off; the cache off; every launch through Triton's runner; call plans passing tensors; in-kernel TMA
+    descriptors: the A/Bs, each switch set for its whole row and restored after; the
     single-pass kernels), one step's Triton launches (four: the backward's sums of its row splits are inside them;
     three single-pass), the CUDA backend's row (here saying why it cannot run), and the cProfile summed by area.
     Without a GPU the command itself exits 2."""
@@ -973,7 +978,9 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     (cublas, _, _, none), (triton_, f_us, fb_us, launched), *ab, single, cuda = out["rows"]
-    calls_off, plans_off, cache_off, runner, devdesc = ab
+    calls_off, plans_off, cache_off, runner, tensors, devdesc = ab
+    # Each row's switches were set for the row (the single-pass row's launches below), and are back as they were.
+    assert out["after"] == [True, True, True, True, True, "host", "two", "two"], out["after"]
     assert cublas == "cublas F.linear" and none is None and triton_ == "triton" and f_us > 0 and fb_us > 0
     assert launched == ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"], launched
     for row, name in (
@@ -981,6 +988,7 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
         (plans_off, "triton, launch plans off"),
         (cache_off, "triton, launch cache off"),
         (runner, "triton, Triton's runner"),
+        (tensors, "triton, pointers as tensors"),
         (devdesc, "triton, in-kernel descriptors"),
     ):
         assert row[0] == name and row[3] == launched and row[1] > 0 and row[2] > 0, row
@@ -1000,7 +1008,28 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calib = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert len(calib) == 5 and all(us > 0 for us in calib.values()), calib
+    assert len(calib) == 7, calib
+    pointers = [name for name, us in calib.items() if us is None]
+    assert [name.split(":")[0] for name in pointers] == ["launcher alone, 16 pointers as tensors",
+                                                         "launcher alone, 16 pointers as ints"], calib  # fmt: skip
+    assert all("interpreter" in name for name in pointers), pointers
+    assert all(us > 0 for us in calib.values() if us is not None), calib
+    # The launcher-alone rows where there is a compiled kernel: here the sm_90 compile with a recording launcher,
+    # which sees the tensors, then their addresses as ints.
+    code = ("import json, torch; from bench import host_profile as hp; "
+            "from lora_kernels.triton_ops.compile_only import record_launches\n"
+            "seen = []\n"
+            "with record_launches(seen.append):\n"
+            "    rows = hp._pointer_rows(3, torch.device('cpu'))\n"
+            "kinds = sorted({tuple(type(a).__name__ for a in l.args[:16]) for l in seen})\n"
+            "print(json.dumps([rows, kinds, len(seen)]))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows, kinds, n = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r[0] for r in rows] == ["launcher alone, 16 pointers as tensors", "launcher alone, 16 pointers as ints"]
+    assert all(r[1] > 0 for r in rows), rows
+    assert kinds == [["Tensor"] * 16, ["int"] * 16] and n == 1 + 2 * (3 + 10), (kinds, n)
 
 
 # ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------

@@ -51,8 +51,24 @@ from lora_kernels.triton_ops import launch as L
 from lora_kernels.triton_ops.compile_only import record_launches
 
 
+class Address(int):  # a tensor's address as a call plan passes it (launch.POINTER_INTS), tagged with the tensor
+    tensor = None
+
+
+def _tagged(t):
+    a = Address(t.data_ptr())
+    a.tensor = t
+    return a
+
+
+L._pointer = _tagged
+
+
 def norm(v):
     # Outputs are new tensors each call: compare what the kernel is given about them.
+    if isinstance(v, Address):  # (an int to the launcher: the tensor's address, which the comparisons describe)
+        assert int(v) == v.tensor.data_ptr()
+        v = v.tensor
     if isinstance(v, torch.Tensor):
         return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16]
     if isinstance(v, TensorDescriptor):
@@ -446,6 +462,23 @@ def _seeded(X, Y, seed_lo, n):
 SHIFT = 0  # a module switch the launcher reads: rebinding it makes the recipes of this module stale
 
 
+class Address(int):  # a tensor's address as a call plan passes it (launch.POINTER_INTS), tagged with the tensor
+    tensor = None
+
+
+def _tagged(t):
+    a = Address(t.data_ptr())
+    a.tensor = t
+    return a
+
+
+L._pointer = _tagged
+
+
+def arg(v):
+    return v.tensor if isinstance(v, Address) else v
+
+
 def empty(n):
     t = torch.empty(n)
     if L.RECORDING:
@@ -498,8 +531,9 @@ def main():  # (in a function: the loop's variables are not globals of the launc
                 y = x if how == "aliased" and seed == 5 else torch.randn(64)
                 outs = call(x, seed, how, y)
                 (l,) = seen
-                runs.append(dict(seed=l.args[2], n=l.args[3], fresh=l.args[0] is outs[0], y=l.args[1] is y,
-                                 shape=list(l.args[1].shape), stats=L.stats()))
+                runs.append(dict(seed=l.args[2], n=l.args[3], fresh=arg(l.args[0]) is outs[0], y=arg(l.args[1]) is y,
+                                 shape=list(arg(l.args[1]).shape), stats=L.stats(),
+                                 ints=[type(a) is Address for a in l.args[:2]]))
             res[how] = dict(runs=runs, why=[str(c.why) for c in L._CALLS.values()])
         L.clear()
         for seed in (5, 6, 7):
@@ -554,6 +588,7 @@ def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
         runs = got[how]["runs"]
         assert [r["seed"] for r in runs] == [5, 6, 7] and all(r["fresh"] for r in runs), (how, runs)
         assert [r["stats"]["call_hits"] for r in runs] == [0, 1, 2], (how, runs)
+        assert [r["ints"] for r in runs] == [[False, False], [True, True], [True, True]], (how, runs)
         assert got[how]["why"] == ["None"], got[how]
     assert got["plain"]["runs"][2]["y"] and got["noted view"]["runs"][2]["shape"] == [32]
     reasons = {"zeroed": "in place", "zeros": "not allocated", "view": "not allocated", "underived": "not derived",
@@ -566,6 +601,7 @@ def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
         assert [r["seed"] for r in runs] == expect, (how, runs)  # each call's own value: launch plans
         assert [r["stats"]["plan_hits"] for r in runs] == [0, 1, 2], (how, runs)
         assert how in ("view", "zeros") or all(r["y"] for r in runs), (how, runs)  # each call's own tensor
+        assert not any(any(r["ints"]) for r in runs), (how, runs)  # (launch plans pass the tensors)
     assert got["switch"] == [[5, 64, 0], [5, 64, 1], [8, 67, 1], [8, 67, 2]], got["switch"]
     # Watched (launch.WatchedModule): record; same globals after a set (replay); the generation alone (replay); a new
     # value (record); replay; a __dict__ write unseen (replay: the recipe's n = 67, not 69; ``derive`` reads SHIFT
@@ -880,7 +916,12 @@ def step(stream, seed):
     seen.clear()
     x.grad = A.grad = B.grad = None
     lk.lora_linear(x, W, A, B, None, None, 2.0, 0.1, True, seed, backend="triton").backward(dy)
+    INTS.append([[type(a) is Address for a in l.args] for l in seen])  # (addresses given as ints)
+    TENSORS.append([[type(a) is torch.Tensor for a in l.args] for l in seen])
     return [[l.name, l.stream, l.hooked] for l in seen], launches(seen)
+
+
+INTS, TENSORS = [], []
 
 
 with record_launches(seen.append):
@@ -912,7 +953,14 @@ with record_launches(seen.append):
         finally:
             knobs.runtime.launch_enter_hook = chain
         again = step(400, 5)
-        out[path] = dict(quiet=[q[0] for q in quiet], hooked=hooked[0], names=names, again=again[0],
+        # Without POINTER_INTS: the call plans pass tensors again.
+        L.POINTER_INTS = False
+        try:
+            off = step(450, 5)
+        finally:
+            L.POINTER_INTS = True
+        out[path] = dict(off=off[1], ints=INTS[-6:], tensors=TENSORS[-6:],
+                         quiet=[q[0] for q in quiet], hooked=hooked[0], names=names, again=again[0],
                          plain=plain[0], plain_names=plain_names,
                          same=[q[1] for q in quiet[:1]] + [hooked[1], again[1]],
                          hits=[mid[k] - before[k] for k in ("hits", "plan_hits", "call_hits")],
@@ -927,7 +975,9 @@ def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
     that call (changed between steps here), and a hook added to Triton's chains (as a profiler adds one) sees every
     launch of every path with its metadata, each once on entry and once on exit, as does a plain function set in
     place of the entry chain (Triton's older API); removed, the launches go direct again. Triton's own path passes
-    its (empty) chains to every launch."""
+    its (empty) chains to every launch. A call plan's direct launches pass each tensor as its address, an int
+    (``launch.POINTER_INTS``: no driver check of the address per launch); through the runner, with that switch off
+    and on every other path the tensors themselves, and otherwise the same launches."""
     got = _run(_LAUNCHES + _HOOKS)
     names = ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"]
     for path, g in got.items():
@@ -945,6 +995,18 @@ def test_direct_launches_take_the_current_stream_and_keep_launch_hooks():
     assert got["launch plans"]["hits"] == [0, 8, 0] and got["launch plans"]["hooked_hits"] == [0, 4, 0]
     assert got["call plans"]["hits"] == [0, 8, 4] and got["call plans"]["hooked_hits"] == [0, 4, 2]
     assert len({json.dumps(g["same"]) for g in got.values()}) == 1, "another path, other launches"
+    # Call plans launching directly pass every tensor as its address (launch.POINTER_INTS); through Triton's runner
+    # (hooks set), with POINTER_INTS off, and on every other path, the tensors themselves (steps: quiet, quiet,
+    # hooked, plain hook, again, off).
+    tensors = got["triton"]["tensors"][0]
+    assert sum(map(sum, tensors)) >= 20, tensors
+    for path, g in got.items():
+        for i, (ints, given) in enumerate(zip(g["ints"], g["tensors"], strict=True)):
+            expect = path == "call plans" and i in (0, 1, 4)
+            assert ints == (tensors if expect else [[False] * len(t) for t in tensors]), (path, i, ints)
+            assert given == ([[False] * len(t) for t in tensors] if expect else tensors), (path, i, given)
+    off = got["call plans"]["off"]
+    assert [lst[:4] + lst[5:] for lst in off] == [lst[:4] + lst[5:] for lst in got["call plans"]["same"][2]], off
 
 
 def test_the_launchers_modules_are_watched_and_rebind_nothing_behind_it():

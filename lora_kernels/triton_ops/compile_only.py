@@ -349,7 +349,8 @@ def record_launches(
     go through Triton's own expansion with the driver's tensor-map encoder replaced by :func:`encode_tiled` (a
     descriptor the driver would refuse raises; the launch reports its tensor maps). Fixed tiles (no
     autotuning: there is nothing to time). What it leaves out of a GPU call: the launcher's C code (argument
-    conversion, ``cuLaunchKernel``), the driver's encoding of each tensor map and the CUDA caching allocator.
+    conversion but for each tensor's ``data_ptr()`` call, the driver's check of each address, ``cuLaunchKernel``), the
+    driver's encoding of each tensor map and the CUDA caching allocator.
 
     On exit the compiled kernels it touched lose their stand-in launchers and the launch cache is cleared,
     so nothing recorded here can reach a real launch later in the process."""
@@ -368,6 +369,7 @@ def record_launches(
             raise err
         name, digest = self.name, self.hash
         expand = _descriptor_expansion(self)
+        pointers = [i for i, t in enumerate(dict(self.src.signature).values()) if isinstance(t, str) and t[:1] == "*"]
         scratch = getattr(self.metadata, "global_scratch_size", 0)
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
@@ -379,6 +381,12 @@ def record_launches(
                 torch.empty(g0 * g1 * g2 * scratch, dtype=torch.int8)
             # The host descriptors as Triton's launcher expands them, the tensor maps checked (encode_tiled).
             maps = expand(args) if expand is not None else ()
+            # The C launcher asks each pointer argument that is not an int (taken as is) or None for its address;
+            # on a GPU the driver then checks that address (cuPointerGetAttribute), which this leaves out.
+            for i in pointers:
+                a = args[i]
+                if type(a) is not int and a is not None and not isinstance(a, int):
+                    a.data_ptr()
             # The C launcher then calls each hook it is given with the launch metadata, around the launch.
             if enter is not None:
                 enter(launch_metadata)

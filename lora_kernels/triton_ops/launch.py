@@ -65,7 +65,7 @@ except ImportError:  # pragma: no cover - older Triton: no fast path
 __all__ = [
     "FAST_LAUNCH", "PLANS", "CALLS", "DIRECT_RUN", "launch", "run_compiled", "direct_stream", "descriptor", "planned",
     "plan_slot", "replay", "record", "planned_launch", "note_empty", "note_kept", "note_view", "on_tensor_device",
-    "watch", "WatchedModule", "clear", "stats",
+    "watch", "WatchedModule", "POINTER_INTS", "clear", "stats",
 ]  # fmt: skip
 
 FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
@@ -502,6 +502,13 @@ def on_tensor_device(fn):
 # replay from the launch plan. Off with ``LORA_KERNELS_CALL_PLANS=0``, and with launch plans.
 
 _CALLS: dict = {}  # plan key -> _Call
+# A recipe's direct launches (no launch hook) pass its tensors' addresses as ints: Triton's launcher takes an int as
+# the device pointer as it is, where for a tensor it calls ``data_ptr()`` and has the driver check the address
+# (``cuPointerGetAttribute``), for every pointer of every launch (27–33 a two-launch step). A recipe's tensors are on
+# the device its plan key names (inputs) or that it allocates them on, where Triton checked them when it was recorded;
+# one ``data_ptr()`` per tensor of the call, not per launch it is passed to. Off: ``LORA_KERNELS_POINTER_INTS=0``.
+POINTER_INTS = os.environ.get("LORA_KERNELS_POINTER_INTS", "1") != "0"
+_pointer = torch.Tensor.data_ptr  # (tests wrap it to see which tensor each address stands for)
 RECORDING = 0  # threads recording a call plan now (the allocators' ``note_*`` calls are skipped while none is)
 _KIND_EMPTY, _KIND_KEPT, _KIND_VIEW = 0, 1, 2
 
@@ -597,7 +604,7 @@ class _Call:
     """A recorded call: the globals snapshot it holds under, and (None where the layout cannot be replayed whole)
     the recipe."""
 
-    __slots__ = ("snapshot", "gens", "extras", "launches", "returns", "varying", "derive", "why")
+    __slots__ = ("snapshot", "gens", "extras", "launches", "pointers", "returns", "varying", "derive", "why")
 
     def current(self) -> bool:
         gens = self.gens
@@ -705,9 +712,10 @@ class _Recorder:
         call = _Call()
         call.snapshot, call.why, call.varying, call.derive = snapshot, self.fail, varying, derive
         call.gens = None  # (the first check compares the globals, then keeps their generations)
-        call.extras = call.launches = call.returns = None
+        call.extras = call.launches = call.pointers = call.returns = None
         if self.fail is None:
             call.extras, call.launches, call.returns = tuple(self.extras), tuple(self.launches), tuple(returns)
+            call.pointers = tuple(sorted({i for launch in self.launches for _, i in launch[4]}))  # (the fills' values)
         return call
 
 
@@ -726,10 +734,16 @@ def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
             add(op[2](vals[op[1]]))
     derived = call.derive(args[call.varying])
     stream = direct_stream()  # (one device and stream for the whole call)
+    passed = vals
+    if stream is not None and POINTER_INTS:  # (see POINTER_INTS; through Triton's runner, hooks see the tensors)
+        passed = vals.copy()
+        pointer = _pointer
+        for i in call.pointers:
+            passed[i] = pointer(vals[i])
     for compiled, grid, tail, template, fills, descs, seeds in call.launches:
         a = list(template)
         for j, i in fills:
-            a[j] = vals[i]
+            a[j] = passed[i]
         for j, i, block in descs:
             a[j] = descriptor(vals[i], list(block))
         for j, name in seeds:
