@@ -42,16 +42,12 @@ def _run(script: str, *argv: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# The start of the scripts that compare launches: each launch as the launcher receives it, in JSON.
-_LAUNCHES = r"""
-import json
-import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
-from lora_kernels.triton_ops import launch as L
-from lora_kernels.triton_ops.compile_only import record_launches
+# Where a script's call plans pass a tensor's address as an int (launch.POINTER_INTS), it is tagged with the tensor.
+_ADDRESSES = r"""
+from lora_kernels.triton_ops import launch as _launch
 
 
-class Address(int):  # a tensor's address as a call plan passes it (launch.POINTER_INTS), tagged with the tensor
+class Address(int):
     tensor = None
 
 
@@ -61,7 +57,18 @@ def _tagged(t):
     return a
 
 
-L._pointer = _tagged
+_launch._pointer = _tagged
+"""
+
+# The start of the scripts that compare launches: each launch as the launcher receives it, in JSON.
+_LAUNCHES = (
+    _ADDRESSES
+    + r"""
+import json
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+from lora_kernels.triton_ops import launch as L
+from lora_kernels.triton_ops.compile_only import record_launches
 
 
 def norm(v):
@@ -79,6 +86,7 @@ def norm(v):
 def launches(seen):
     return [[l.name, l.hash, list(l.grid), [norm(a) for a in l.args], l.stream, repr(l.metadata)] for l in seen]
 """
+)
 
 _STEPS = r"""  # (after _LAUNCHES)
 import functools, sys
@@ -443,7 +451,9 @@ def test_cache_is_bounded_switchable_and_cleared():
     assert got["varying"] == [True, True, False, False], got["varying"]
 
 
-_CALLS_SCRIPT = r"""
+_CALLS_SCRIPT = (
+    _ADDRESSES
+    + r"""
 import json
 import sys
 import torch
@@ -460,19 +470,6 @@ def _seeded(X, Y, seed_lo, n):
 
 
 SHIFT = 0  # a module switch the launcher reads: rebinding it makes the recipes of this module stale
-
-
-class Address(int):  # a tensor's address as a call plan passes it (launch.POINTER_INTS), tagged with the tensor
-    tensor = None
-
-
-def _tagged(t):
-    a = Address(t.data_ptr())
-    a.tensor = t
-    return a
-
-
-L._pointer = _tagged
 
 
 def arg(v):
@@ -572,6 +569,7 @@ def main():  # (in a function: the loop's variables are not globals of the launc
 
 main()
 """
+)
 
 
 def test_call_plans_replay_whole_calls_and_refuse_what_they_cannot_see():
