@@ -14,8 +14,8 @@ kernel's launcher (which runs Triton's expansion of the host TMA descriptors, th
 the driver), through ``JITFunction.run``, through
 lora_kernels' launch cache (``lora_kernels/triton_ops/launch.py``), replayed from its launch plans and from its
 call plans (and those once more through Triton's runner, ``CompiledKernel[grid]``, where the others call each
-launcher directly, and once more passing tensors where call plans pass their addresses as ints), in alternation. The CUDA backend's
-rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
+launcher directly, and once more passing tensors where call plans pass their addresses as ints), in alternation.
+The CUDA backend's rows run its Python layer (checks, autograd Function, op dispatch policy) with the pybind extension
 replaced by a stub that
 returns preallocated outputs: the C++ launcher's own host time is not in them. Each is measured twice
 in the same run, as eager calls are made (straight to the extension) and through the registered
