@@ -320,3 +320,19 @@ def test_a_backend_that_fails_to_import_is_unavailable_with_the_error(monkeypatc
     assert reason == "cannot import the cuda backend: RuntimeError: libcuda.so cannot be found"
     with pytest.raises(RuntimeError, match="libcuda.so cannot be found"):
         backends.resolve("cuda", x, x, x)
+
+
+def test_every_environment_variable_read_is_documented():
+    """Each ``LORA_KERNELS_*`` variable the package or setup.py names as a string (what they read from the
+    environment) appears in README.md or docs/BUILDING.md, where users look for them; and the check sees the
+    ones it should (a few known names)."""
+    import re
+
+    sources = [*sorted((ROOT / "lora_kernels").rglob("*.py")), ROOT / "setup.py"]
+    named = set()
+    for path in sources:
+        named |= set(re.findall(r"[\"'](LORA_KERNELS_[A-Z0-9_]+)[\"']", path.read_text()))
+    assert {"LORA_KERNELS_CALL_PLANS", "LORA_KERNELS_POINTER_INTS", "LORA_KERNELS_SKIP_CUDA_BUILD"} <= named, named
+    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "BUILDING.md").read_text()
+    missing = sorted(v for v in named if not re.search(rf"\b{v}\b", docs))
+    assert not missing, f"undocumented environment variables: {missing}"
