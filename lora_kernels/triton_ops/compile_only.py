@@ -385,7 +385,7 @@ def record_launches(
             # on a GPU the driver then checks that address (cuPointerGetAttribute), which this leaves out.
             for i in pointers:
                 a = args[i]
-                if type(a) is not int and a is not None and not isinstance(a, int):
+                if a is not None and not isinstance(a, int):
                     a.data_ptr()
             # The C launcher then calls each hook it is given with the launch metadata, around the launch.
             if enter is not None:
