@@ -24,9 +24,12 @@ class Deadlock(RuntimeError):
 
 
 @contextlib.contextmanager
-def concurrent_programs(timeout: float = 120.0, max_resident: int | None = None):
+def concurrent_programs(timeout: float = 120.0, max_resident: int | None = None, order=None):
     """``max_resident``: at most this many programs run at once (the rest start as others finish),
-    like a GPU that cannot hold the whole grid (an MPS cap); default: all of them."""
+    like a GPU that cannot hold the whole grid (an MPS cap); default: all of them. ``order``: instead of
+    threads, run the programs one after another in ``order(indices)`` (a permutation of the grid's
+    ``(x, y, z)`` indices, which come in the interpreter's own order): a schedule in which, say, the
+    first program of a group is the last to arrive (kernels whose programs never wait only)."""
     from triton.runtime import interpreter as I
 
     builder = I.interpreter_builder
@@ -81,21 +84,23 @@ def concurrent_programs(timeout: float = 120.0, max_resident: int | None = None)
                     if slots is not None:
                         slots.release()
 
-            threads = [
-                threading.Thread(target=program, args=((x, y, z),), daemon=True)
-                for x in range(grid[0])
-                for y in range(grid[1])
-                for z in range(grid[2])
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout)
-                if t.is_alive():
-                    abort.set()
-                    for u in threads:
-                        u.join(30)
-                    raise Deadlock(f"programs of a grid {grid} still running after {timeout} s")
+            indices = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
+            if order is not None:
+                permuted = list(order(list(indices)))
+                assert sorted(permuted) == indices, "order must return a permutation of the grid's indices"
+                for idx in permuted:
+                    program(idx)
+            else:
+                threads = [threading.Thread(target=program, args=(idx,), daemon=True) for idx in indices]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout)
+                    if t.is_alive():
+                        abort.set()
+                        for u in threads:
+                            u.join(30)
+                        raise Deadlock(f"programs of a grid {grid} still running after {timeout} s")
             if errors:
                 raise errors[0]
         finally:

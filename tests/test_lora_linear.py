@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
+import sys
 
 import pytest
 import torch
@@ -1286,6 +1289,94 @@ def test_backward_split_sums_stay_in_the_two_launches(monkeypatch, tma, da):
             assert Ag.grad is None
             assert_close_ref(xg.grad, rx.grad, dts, "dx (lora_A frozen)")
     assert all(not c.any() for c in counters), counters
+
+
+# Program schedules for the interpreter (tests/_concurrent_interp.py): the grid's programs in reverse or shuffled
+# order, one after another, or all at once in threads switching every few microseconds.
+_SCHEDULES = {
+    "reverse": lambda idx: idx[::-1],
+    "shuffled": lambda idx: random.Random(5).sample(idx, len(idx)),
+    "threads": None,
+}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="schedules the interpreter's programs (CPU)")
+@pytest.mark.parametrize("schedule", list(_SCHEDULES))
+@pytest.mark.parametrize(
+    "tma, da, dy_passes",
+    [("0", "fused", "2"), ("1", "separate", "2"), ("1", "fused", "1")],
+    ids=["pointer-dA-fused", "tma-dA-separate", "tma-one-read-dY"],
+)
+def test_backward_arrivals_in_any_order(monkeypatch, schedule, tma, da, dy_passes):
+    """The backward's sums across programs are made by whichever program arrives last at a counter: the last of a dA
+    K-block's row splits (``_sum_when_last``) and, with one read of dY, the last of a row block's column blocks
+    (``_sum_dt_partials``). Each adds the partials in split / block order, so the gradients must be the same bits
+    whatever order the programs finish in. The interpreter runs a grid's programs in index order, where the last to
+    arrive is always the highest index (other orders were checked only on a GPU: test_backward_split_sums_under_load).
+    Here the same backward runs in reverse order (split 0 last), in a shuffled order, and with every program in its
+    own thread at once (real atomics, threads switching every 10 µs). Each must give the bits of the index-order run,
+    within the table of float64, with every counter re-armed to zero. (A mutant whose last program adds its own dA
+    partial first passes the index-order split-sum test and fails here; one that does so in the dT sums fails the
+    shuffled schedule.)"""
+    _skip_unavailable("triton")
+    from lora_kernels.triton_ops import lora_linear as tri
+
+    from ._concurrent_interp import concurrent_programs
+
+    if tma == "1":
+        _tma_forced(monkeypatch)
+    monkeypatch.setattr(tri, "BWD_SPLIT_M", "3")
+    monkeypatch.setattr(tri, "BWD_DA", da)
+    monkeypatch.setattr(tri, "DY_PASSES", dy_passes)
+    launched, counters = [], []
+    real_launch, real_empty, real_zeros = tri._launch, tri._empty, torch.zeros
+
+    def launch(kernel, *a, **k):
+        launched.append(kernel.__name__)
+        real_launch(kernel, *a, **k)
+
+    def empty(shape, device, dtype):
+        t = real_empty(shape, device, dtype)
+        if dtype == torch.int32:
+            counters.append(t.fill_(0x5A5A))  # (the dY kernel zeroes the dX kernel's counters)
+        return t
+
+    def zeros(*a, **k):
+        t = real_zeros(*a, **k)
+        if t.dtype == torch.int32:
+            counters.append(t)  # (the one-read dY kernel's own counters)
+        return t
+
+    monkeypatch.setattr(tri, "_launch", launch)
+    monkeypatch.setattr(tri, "_empty", empty)
+    monkeypatch.setattr(tri.torch, "zeros", zeros)
+    # N = 136: five 32-column blocks of dY (dT partials), rows 16-byte aligned (TMA); K = 200: seven 32-column dA
+    # K-blocks, three row splits each.
+    x, W, A, B, b, lb = make_inputs(67, 200, 136, 8, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, lb)]
+    y = lk.lora_linear(leaves[0], W, *leaves[1:3], b, leaves[3], 2.0, 0.1, True, 1234, backend="triton")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+    launched.clear()
+    in_order = torch.autograd.grad(y, leaves, dy, retain_graph=True)
+    dy_kernel = "_bwd_dy1_kernel" if dy_passes == "1" else "_bwd_dy_kernel"
+    gemm = "_bwd_dx_tma_kernel" if tma == "1" else "_bwd_dx_kernel"
+    assert launched == [dy_kernel, gemm, *(["_bwd_dx_kernel"] if da == "separate" else [])], launched
+    counters.clear()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with concurrent_programs(timeout=300, order=_SCHEDULES[schedule]):
+            scheduled = torch.autograd.grad(y, leaves, dy)
+    finally:
+        sys.setswitchinterval(switch)
+    assert counters and all(not c.any() for c in counters), counters
+    for name, u, v in zip(("dx", "dA", "dB", "dlora_bias"), in_order, scheduled, strict=True):
+        assert torch.equal(u, v), f"{name}: other bits when the programs run {schedule}"
+    rx, rA, rB, rlb = (t.detach().double().requires_grad_() for t in (x, A, B, lb))
+    y_ref = lora_linear_ref(rx, W.double(), rA, rB, b.double(), rlb, 2.0, 0.1, True, 1234)
+    ref = torch.autograd.grad(y_ref, (rx, rA, rB, rlb), dy.double())
+    for name, u, v in zip(("dx", "dA", "dB", "dlora_bias"), scheduled, ref, strict=True):
+        assert_close_ref(u, v, (x.dtype, A.dtype), name)
 
 
 @requires_gpu

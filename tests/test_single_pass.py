@@ -211,6 +211,24 @@ def test_concurrent_harness_runs_programs_together_and_reports_deadlocks():
         _handshake_kernel[(2,)](torch.zeros(2, dtype=torch.int32), out, WAIT_FOR=1)  # flag[1]: never set
 
 
+@triton.jit
+def _ticket_kernel(COUNT, OUT):
+    # Each program takes the next ticket: the order the programs ran in.
+    tl.store(OUT + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.atomic_add(COUNT, 1))
+
+
+@needs_interpreter
+def test_concurrent_harness_runs_programs_in_a_given_order():
+    """``order=`` runs a grid's programs one after another in the order given (a 2-D grid: indices (x, y, z)), and
+    refuses a list that is not a permutation of them."""
+    count, out = torch.zeros(1, dtype=torch.int32), torch.full((6,), -1, dtype=torch.int32)
+    with concurrent_programs(order=lambda idx: idx[::-1]):
+        _ticket_kernel[(3, 2)](count, out)
+    assert out.tolist() == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(AssertionError, match="permutation"), concurrent_programs(order=lambda idx: idx[1:]):
+        _ticket_kernel[(3, 2)](count, out)
+
+
 _walk_tile = sp._walk_tile
 
 
