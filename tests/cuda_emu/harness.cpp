@@ -100,15 +100,18 @@ void cmp_terms(const char* what, const std::vector<double>& ref, const std::vect
 // of a multiple of 8 elements (ld = K rounded up to 8, plus 8): with 16-bit storage the skinny kernels load
 // its slices as 16-byte vectors along k (T) and along m (dAᵀ), as they load dY when N is a multiple of 8.
 // Its buffer ends at x(M - 1, K - 1), so that under AddressSanitizer a vector read past K in the last row
-// (a partial vector loaded whole) is an overflow.
+// (a partial vector loaded whole) is an overflow. 4 = layout 3 starting one element into its buffer: rows of a
+// multiple of 8 elements at a base 2 bytes past a 16-byte boundary (a view such as big[:, 1:K + 1]), which the
+// kernels must load an element at a time (a GPU faults on a misaligned vector load; the emulation counts it).
 void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t seed, int xlayout, bool save_mask) {
   std::mt19937 rng(M * 131 + K * 7 + N + r);
   std::normal_distribution<float> nd;
-  int64_t sxi, sxc, xsize;
+  int64_t sxi, sxc, xsize, xoff = 0;
   if (xlayout == 0) { sxi = K + 3; sxc = 1; xsize = M * (K + 3) + 1; }
   else if (xlayout == 1) { sxi = 1; sxc = M; xsize = M * K + 1; }
   else if (xlayout == 2) { sxi = 2 * K; sxc = 2; xsize = 2 * M * K + 1; }
   else { sxi = (K + 7) / 8 * 8 + 8; sxc = 1; xsize = std::max<int64_t>(1, (M - 1) * sxi + K); }  // ends at x(M-1, K-1)
+  if (xlayout == 4) { xoff = 1; xsize += 1; }
   std::vector<float> xb(xsize), W(N * K), A(r * K), B(N * r), bias(N), lb(N), dy(M * N);
   for (auto& v : xb) v = nd(rng);
   for (auto& v : W) v = nd(rng); for (auto& v : A) v = nd(rng); for (auto& v : B) v = nd(rng);
@@ -116,7 +119,8 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
   Stored xs(g_store, xb), Ws(g_store, W), biass(g_store, bias), dys(g_store, dy);
   Stored As(g_adapter, A), Bs(g_adapter, B), lbs(g_adapter, lb);
   const double out_tol = g_store == kBF16 ? 1.5e-2 : g_store == kF16 ? 3e-3 : 1e-4;
-  auto X = [&](int64_t m, int64_t k) { return (double)xb[m * sxi + k * sxc]; };
+  auto X = [&](int64_t m, int64_t k) { return (double)xb[xoff + m * sxi + k * sxc]; };
+  void* const x_ptr = static_cast<char*>(xs.ptr()) + xoff * (g_store == kF32 ? 4 : 2);
   const double s = 1.7;
   const bool dropout = p > 0;
   const int64_t G = (K + 7) / 8;
@@ -131,7 +135,7 @@ void run_case(int64_t M, int64_t K, int64_t N, int64_t r, double p, uint64_t see
   std::vector<uint8_t> bits((dropout && save_mask) ? M * G : 0, 0xAB);
   {
     SkinnyArgs a{};
-    a.x = xs.ptr(); a.sxi = sxi; a.sxc = sxc; a.xt = g_store;
+    a.x = x_ptr; a.sxi = sxi; a.sxc = sxc; a.xt = g_store;
     a.a = As.ptr(); a.saj = K; a.sac = 1; a.at = g_adapter;
     a.R = M; a.J = r; a.C = K; a.ones_col = false; a.alpha = 1.f;
     a.mask = dropout ? SkinnyMask::kGenerate : SkinnyMask::kNone;
@@ -267,7 +271,7 @@ done_bits:
   }
   {
     SkinnyArgs a{};
-    a.x = xs.ptr(); a.sxi = sxc; a.sxc = sxi; a.xt = g_store;
+    a.x = x_ptr; a.sxi = sxc; a.sxc = sxi; a.xt = g_store;
     a.a = dT.data(); a.saj = 1; a.sac = r; a.at = kF32;
     a.R = K; a.J = r; a.C = M; a.alpha = 1.f;
     a.mask = dropout ? SkinnyMask::kBitsTransposed : SkinnyMask::kNone;
@@ -415,6 +419,8 @@ int main(int argc, char** argv) {
         one(72, 203, 40, r, p, 1);
       }
     one(300, 264, 136, 16, 0.3, 3);
+    one(70, 208, 48, 16, 0.3, 4);  // x misaligned: element loads for x (dY still as vectors)
+    one(37, 200, 40, 1, 0.0, 4);
   };
   auto vector_set = [&] {
     for (DType st : {kBF16, kF16}) {
@@ -457,7 +463,7 @@ int main(int argc, char** argv) {
       g_adapter = cfg == 2 ? kF16 : kF32;
       g_split_min_c = pick() % 2 ? kTileC : kSplitMinC;
       const double p = pick() % 2 ? 0.3 : 0.0;
-      const int xl = (int)(pick() % 4);
+      const int xl = (int)(pick() % 5);
       const int before = fails;
       run_case(M, K, N, r, p, pick() >> 1, xl, pick() % 2 == 0);
       if (fails != before)
