@@ -38,7 +38,10 @@ Names:
                 default takes 128×256 (rank ≤ 32, more wide tiles than half the SM count, fixed tiles).
     ``triton-dy1`` ``triton-bitmask`` with the backward's dT and dB from one read of dY (``_bwd_dy1_kernel``,
                 ``LORA_KERNELS_DY_PASSES=1``, opt-in since session 36) for an A/B against the two reads of
-                ``_bwd_dy_kernel``; offered only where it applies (16-bit x, rank ≤ 16).
+                ``_bwd_dy_kernel``; offered only where it applies (16-bit x, rank ≤ 16). Its counters come from a
+                ``torch.zeros`` (a memset launch), so its backward has no call plan and pays the launchers' Python:
+                where the step is host-bound its times carry that too; ``bench.kernel_times`` (runbook item 1c)
+                gives the kernels' own A/B.
     ``triton-devdesc`` ``triton-bitmask`` with the eager TMA launches' descriptors built in the kernel
                 (``LORA_KERNELS_TMA_DESC=device``, opt-in since session 42: no host descriptors for Triton's launcher
                 to expand, a global scratch allocation per launch instead) for an A/B of host and kernel time

@@ -166,13 +166,14 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
     W = (torch.randn(N, K, device=dev, generator=g) / K**0.5).to(torch.bfloat16)
-    A = (torch.randn(r, K, device=dev, generator=g) / K**0.5).requires_grad_()  # fp32 adapters: PEFT's default
-    B = (torch.randn(N, r, device=dev, generator=g) / r**0.5).requires_grad_()
+    # bf16 adapters, as the benchmark's rows (``--adapter-dtype same``): the host path is the same as with PEFT's fp32
+    # ones, and the kernels are then the benchmark's, which the short plan's cache holds compiled.
+    A = (torch.randn(r, K, device=dev, generator=g) / K**0.5).to(torch.bfloat16).requires_grad_()
+    B = (torch.randn(N, r, device=dev, generator=g) / r**0.5).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(M, N, device=dev, generator=g).to(torch.bfloat16)
-    Wt = W.clone().requires_grad_()
 
-    def cublas_fwd():
-        return F.linear(x, Wt)
+    def cublas_fwd():  # (W frozen, as the benchmark's cublas row: the backward is dX alone)
+        return F.linear(x, W)
 
     def triton_fwd():
         return lk.lora_linear(x, W, A, B, None, None, 2.0, p, True, 1234, backend="triton")
@@ -206,7 +207,7 @@ def _steps(M: int, K: int, N: int, r: int, p: float, dev, single_pass: bool = Fa
 
     std = [x, A, B]
     rows = [
-        ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x, Wt]),
+        ("cublas F.linear", cublas_fwd, lambda: cublas_fwd().backward(dy), [x]),
         ("triton", triton_fwd, triton_step, std),
         ("triton, call plans off", triton_fwd, triton_step, std, switched(True, True)),
         ("triton, launch plans off", triton_fwd, triton_step, std, switched(True, False)),
@@ -258,14 +259,13 @@ def _host_us(fn, clear, dev, steps: int = 20) -> float:
 
 
 def profile_steps(
-    dims: tuple[int, int, int, int], p: float, steps: int, dev, single_pass: bool = False
-) -> tuple[list[tuple], pstats.Stats]:
+    dims: tuple[int, int, int, int], p: float, steps: int, dev, single_pass: bool = False, report=None
+) -> tuple[list[tuple], pstats.Stats | None]:
     """Rows (name, forward host µs, forward+backward host µs, Triton kernels of one step or None) and a
     cProfile of ``steps`` Triton forward + backward steps. ``dev``: the GPU; a CPU device only under
-    ``compile_only`` (the tests: launches bind and return)."""
-    import torch
-
-    from lora_kernels.triton_ops import launch
+    ``compile_only`` (the tests: launches bind and return). A row whose step raises is (name, None, None,
+    "error: ..."), and the rows after it still run (a path that never ran on a GPU must not cost the others);
+    ``report(row)`` is called as each row ends; the cProfile is None where the Triton step raises."""
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops import single_pass as sp
 
@@ -273,37 +273,29 @@ def profile_steps(
     real_launch, real_planned = tri._launch, sp._planned_launch
 
     def counting(real):
-        def launch(kernel, *a, **k):
+        def counted(kernel, *a, **k):
             launches.append(kernel.__name__)
             return real(kernel, *a, **k)
 
-        return launch
+        return counted
 
     rows = []
     for name, *step_row in _steps(*dims, p, dev, single_pass):
         if len(step_row) == 1:  # a backend that cannot run here: the row says why
-            rows.append((name, None, None, f"unavailable: {step_row[0]}"))
-            continue
-        fwd, step, clear, *scope = step_row
-        with scope[0]() if scope else contextlib.nullcontext():
-            tri._launch, sp._planned_launch = counting(real_launch), counting(real_planned)
+            row = (name, None, None, f"unavailable: {step_row[0]}")
+        else:
             try:
-                _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
-                launches.clear()
-                saved, launch.CALLS = launch.CALLS, False  # (a call plan's replay goes around the launchers counted)
-                try:
-                    step()
-                finally:
-                    launch.CALLS = saved
-                names = list(launches)
-            finally:
-                tri._launch, sp._planned_launch = real_launch, real_planned
-            with torch.no_grad():  # (the launchers not wrapped while timed: one generation for the whole row)
-                f_us = _host_us(fwd, [], dev)
-            fb_us = _host_us(step, clear, dev)
-        rows.append((name, f_us, fb_us, names if name.startswith("triton") else None))
+                row = _step_row(name, step_row, dev, launches, counting, real_launch, real_planned)
+            except Exception as e:  # noqa: BLE001 - the row records it; the next rows still run
+                row = (name, None, None, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        rows.append(row)
+        if report is not None:
+            report(row)
     _, _, step, clear = next(s for s in _steps(*dims, p, dev) if s[0] == "triton")[:4]
-    _host_us(step, clear, dev, steps=2)
+    try:
+        _host_us(step, clear, dev, steps=2)
+    except Exception:  # noqa: BLE001 - the triton row above already says why
+        return rows, None
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
@@ -315,6 +307,35 @@ def profile_steps(
     return rows, pstats.Stats(prof)
 
 
+def _step_row(name: str, step_row: list, dev, launches: list, counting, real_launch, real_planned) -> tuple:
+    """One row of :func:`profile_steps`: the launchers counted through one step, then the timed steps, within the
+    row's scope (its switches)."""
+    import torch
+
+    from lora_kernels.triton_ops import launch
+    from lora_kernels.triton_ops import lora_linear as tri
+    from lora_kernels.triton_ops import single_pass as sp
+
+    fwd, step, clear, *scope = step_row
+    with scope[0]() if scope else contextlib.nullcontext():
+        tri._launch, sp._planned_launch = counting(real_launch), counting(real_planned)
+        try:
+            _host_us(step, clear, dev, steps=1)  # warm-up (compiles, tunes)
+            launches.clear()
+            saved, launch.CALLS = launch.CALLS, False  # (a call plan's replay goes around the launchers counted)
+            try:
+                step()
+            finally:
+                launch.CALLS = saved
+            names = list(launches)
+        finally:
+            tri._launch, sp._planned_launch = real_launch, real_planned
+        with torch.no_grad():  # (the launchers not wrapped while timed: one generation for the whole row)
+            f_us = _host_us(fwd, [], dev)
+        fb_us = _host_us(step, clear, dev)
+    return (name, f_us, fb_us, names if name.startswith("triton") else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -324,24 +345,42 @@ def main(argv: list[str] | None = None) -> int:
               "path on a CPU", file=sys.stderr)  # fmt: skip
         return 2
     print(f"host_profile: {torch.cuda.get_device_name()}, M,K,N,r = {args.shape}, p = {args.p}", flush=True)
+    # Each table as soon as it is measured (a step stopped at its time limit keeps what it printed), then all of them
+    # together last.
     calib = _calibration(args.reps)
-    rows, stats = profile_steps(args.dims, args.p, args.steps, torch.device("cuda"), args.single_pass)
-    print("\n### cProfile: own time, top functions (µs per step)")
-    stats.sort_stats("tottime").print_stats(args.top)
-    print("\n| area | own µs per step |\n|---|---|")
-    for name, secs in area_totals(stats).items():
-        print(f"| {name} | {secs / args.steps * 1e6:.0f} |")
+    _print_calibration(calib)
+    print("host_profile: step rows, as each ends:", flush=True)
+    rows, stats = profile_steps(args.dims, args.p, args.steps, torch.device("cuda"), args.single_pass,
+                                report=lambda row: print(f"  {_step_line(row)}", flush=True))  # fmt: skip
+    if stats is None:
+        print("\n### cProfile: not run (the triton row failed)")
+    else:
+        print(f"\n### cProfile: own time, top functions (seconds over {args.steps} steps)")
+        stats.sort_stats("tottime").print_stats(args.top)
+        print("\n| area | own µs per step |\n|---|---|")
+        for name, secs in area_totals(stats).items():
+            print(f"| {name} | {secs / args.steps * 1e6:.0f} |")
+    _print_calibration(calib)
+    print("\n| step | forward host µs | fwd+bwd host µs | Triton launches per fwd+bwd |\n|---|---|---|---|")
+    for row in rows:
+        print(_step_line(row))
+    return 0 if all(row[1] is not None or not row[3].startswith("error") for row in rows) else 1
+
+
+def _print_calibration(calib: list[tuple]) -> None:
     print("\n| host call | µs |\n|---|---|")
     for name, us in calib:
         print(f"| {name} | {'–' if us is None else f'{us:.1f}'} |")
-    print("\n| step | forward host µs | fwd+bwd host µs | Triton launches per fwd+bwd |\n|---|---|---|---|")
-    for name, f_us, fb_us, names in rows:
-        if f_us is None:
-            print(f"| {name} | – | – | {names} |")
-            continue
-        counted = "" if names is None else f"{len(names)} ({', '.join(names)})"
-        print(f"| {name} | {f_us:.0f} | {fb_us:.0f} | {counted} |")
-    return 0
+    print(flush=True)
+
+
+def _step_line(row: tuple) -> str:
+    """A step row as a table line (a row without figures: its reason in the launches column)."""
+    name, f_us, fb_us, names = row
+    if f_us is None:
+        return f"| {name} | – | – | {names} |"
+    counted = "" if names is None else f"{len(names)} ({', '.join(names)})"
+    return f"| {name} | {f_us:.0f} | {fb_us:.0f} | {counted} |"
 
 
 if __name__ == "__main__":

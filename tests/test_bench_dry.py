@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from bench import _impls, _measure, _report, plot
+from bench import host_profile as hp
 from bench import lora_linear as bench_ll
 from lora_kernels import available_backends
 from tests._utils import record_meta
@@ -1030,6 +1031,34 @@ def test_host_profile_counts_launches_and_sorts_time_by_area():
     assert [r[0] for r in rows] == ["launcher alone, 16 pointers as tensors", "launcher alone, 16 pointers as ints"]
     assert all(r[1] > 0 for r in rows), rows
     assert kinds == [["Tensor"] * 16, ["int"] * 16] and n == 1 + 2 * (3 + 10), (kinds, n)
+
+
+def test_host_profile_rows_survive_a_failing_row(monkeypatch):
+    """A step row that raises (a path that never ran on a GPU) becomes an error row and the rows after it still run;
+    each row is reported as it ends (the device step prints it then, so a step stopped at its limit keeps it); with
+    the triton row itself failing there is no cProfile, and the table says why."""
+    import torch
+
+    def ok():
+        return torch.ones(2)
+
+    def boom():
+        raise RuntimeError("a path that never ran\nits second line")
+
+    steps = [("cublas F.linear", ok, ok, []), ("triton", ok, ok, []), ("triton, broken", ok, boom, []),
+             ("triton, after", ok, ok, []), ("cuda", "no extension here")]  # fmt: skip
+    monkeypatch.setattr(hp, "_steps", lambda *a, **k: list(steps))
+    reported = []
+    rows, stats = hp.profile_steps((1, 1, 1, 1), 0.0, 2, torch.device("cpu"), report=reported.append)
+    assert [r[0] for r in rows] == [s[0] for s in steps] and reported == rows
+    assert rows[2] == ("triton, broken", None, None, "error: RuntimeError: a path that never ran"), rows[2]
+    assert rows[3][1] > 0 and rows[3][2] > 0 and rows[3][3] == [], rows[3]
+    assert rows[4] == ("cuda", None, None, "unavailable: no extension here") and stats is not None
+    assert hp._step_line(rows[2]) == "| triton, broken | – | – | error: RuntimeError: a path that never ran |"
+    assert hp._step_line(rows[3]).startswith("| triton, after | ")
+    steps[1] = ("triton", ok, boom, [])
+    rows, stats = hp.profile_steps((1, 1, 1, 1), 0.0, 2, torch.device("cpu"))
+    assert rows[1][3].startswith("error: RuntimeError") and stats is None
 
 
 # ---- a first GPU run: partial results survive, faults and wrong numbers show ---------------------

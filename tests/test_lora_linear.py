@@ -1055,6 +1055,10 @@ def test_dx_tiles_fill_the_gpu(monkeypatch):
     assert tri._tma_cfg(x(8192), 16, backward=True)["BLOCK_K"] == 32
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the interpreter's 32-column tiles and fp32 x (test_backward_split_sums_under_load[one-read-dY] on a GPU)",
+)
 @pytest.mark.parametrize(
     "M,N,r,splits,xdt",
     [(67, 130, 16, 1, torch.float16), (300, 257, 8, 3, torch.float32), (67, 130, 16, 4, torch.float16),
@@ -1380,17 +1384,22 @@ def test_backward_arrivals_in_any_order(monkeypatch, schedule, tma, da, dy_passe
 
 
 @requires_gpu
-@pytest.mark.parametrize("tuned", [False, True], ids=["fixed", "tuned"])
-def test_backward_split_sums_under_load(monkeypatch, tuned):
+@pytest.mark.parametrize("mode", ["fixed", "tuned", "one-read-dY"])
+def test_backward_split_sums_under_load(monkeypatch, mode):
     """The in-kernel sums of the backward's row splits at a real size (8192×4096→4096, bf16 x, fp32 adapters,
     p = 0.1): 9 splits per dA K-block on an H100/H200, every SM busy, so the dA programs of a K-block finish in
     any order and the last one sums. Ten backwards bit-identical (a race in the arrival count or a partial read
     before it landed would differ run to run) and equal to float64 within the table; "tuned" lets the autotuner
-    time its configs first (repeated launches on the same counters)."""
+    time its configs first (repeated launches on the same counters); "one-read-dY" (LORA_KERNELS_DY_PASSES=1) adds
+    the dT sums of ``_bwd_dy1_kernel``, 16 column blocks arriving at each row block."""
     _skip_unavailable("triton", torch.bfloat16)
     from lora_kernels.triton_ops import lora_linear as tri
 
-    monkeypatch.setattr(tri, "AUTOTUNE", tuned)
+    monkeypatch.setattr(tri, "AUTOTUNE", mode == "tuned")
+    if mode == "one-read-dY":
+        monkeypatch.setattr(tri, "DY_PASSES", "1")
+    launched, real_launch = [], tri._launch
+    monkeypatch.setattr(tri, "_launch", lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
     x, W, A, B, b, lb = make_inputs(8192, 4096, 4096, 16, xdt=torch.bfloat16, adt=torch.float32, lora_bias=True)
     assert tri._row_splits(x, tri._cdiv(4096, 128)) > 1, "this GPU does not split the reductions"
     dy = torch.randn(8192, 4096, device=DEVICE).to(torch.bfloat16)
@@ -1399,6 +1408,8 @@ def test_backward_split_sums_under_load(monkeypatch, tuned):
         xg, Ag, Bg, lbg = (t.detach().clone().requires_grad_() for t in (x, A, B, lb))
         lk.lora_linear(xg, W, Ag, Bg, b, lbg, 2.0, 0.1, True, 99, backend="triton").backward(dy)
         runs.append((xg.grad, Ag.grad, Bg.grad, lbg.grad))
+    dy_kernel = tri._bwd_dy1_kernel if mode == "one-read-dY" else tri._bwd_dy_kernel
+    assert dy_kernel in launched, [k.__name__ for k in launched]
     for run in runs[1:]:
         for name, u, v in zip(("dx", "dA", "dB", "dlora_bias"), runs[0], run, strict=True):
             assert torch.equal(u, v), f"{name} differs run to run"

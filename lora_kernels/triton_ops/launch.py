@@ -18,7 +18,10 @@ arguments' types; every keyword argument of the call (b; Triton's own key holds 
 constexpr True and 1 are one key to both); the values of (c). Equal keys give equal Triton keys
 (tests/test_fast_launch.py checks the keys against ``native_specialize_impl``). A key is stored only after
 Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel that ran
-out of resources. The cache holds compiled kernels and plain values, never a tensor.
+out of resources. The cache holds compiled kernels and plain values, never a tensor. Two checks of
+``JITFunction.run`` a hit does not repeat: its pre-run hooks (none is ever registered on these kernels) and its
+refusal to launch after a global the kernel reads was rebound (``_RED_BLOCK``, ``_DX_WHOLE_TILE``,
+``_UNALIGNED_BITS``: constants nothing rebinds; rebinding one needs :func:`clear` too).
 
 Off with ``LORA_KERNELS_FAST_LAUNCH=0`` (every launch through ``JITFunction.run``), and for anything that
 is not a plain ``JITFunction`` (the interpreter's kernels, ``wrap_triton``, the compile-only stand-ins):
