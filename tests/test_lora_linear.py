@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import sys
 
@@ -20,7 +19,7 @@ import lora_kernels as lk
 from lora_kernels.backends import available_backends
 from lora_kernels.reference import dropout_keep_mask, lora_linear_ref, pack_mask
 
-from ._utils import HAS_CUDA, assert_close_ref, poison_cuda_allocator, record_meta, requires_gpu
+from ._utils import HAS_CUDA, INTERPRET, assert_close_ref, poison_cuda_allocator, record_meta, requires_gpu
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", "triton", "cuda"]
@@ -1056,7 +1055,7 @@ def test_dx_tiles_fill_the_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
+    not INTERPRET,
     reason="the interpreter's 32-column tiles and fp32 x (test_backward_split_sums_under_load[one-read-dY] on a GPU)",
 )
 @pytest.mark.parametrize(
@@ -1304,7 +1303,7 @@ _SCHEDULES = {
 }
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="schedules the interpreter's programs (CPU)")
+@pytest.mark.skipif(not INTERPRET, reason="schedules the interpreter's programs (CPU)")
 @pytest.mark.parametrize("schedule", list(_SCHEDULES))
 @pytest.mark.parametrize(
     "tma, da, dy_passes",
@@ -1632,7 +1631,6 @@ def _run_sm90_script(script: str, cases: list[dict]) -> list:
     (compile only, also on a GPU machine) and return what it printed after RESULTS."""
     import os
     import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
