@@ -109,6 +109,14 @@ def _load_cast(ptrs, mask, CDT: tl.constexpr):
 
 
 @triton.jit
+def _mask_and(mask, cond):
+    """``mask & cond`` for a block mask and a scalar condition, as a load or store takes it. The ``!= 0`` (an
+    ``i1`` compare with false, which the compiler folds away) is for Triton 3.9's interpreter: its broadcast of a
+    scalar bool keeps int32 data, and 3.9's loads refuse an int32 mask (3.6 and 3.8 took it as nonzero)."""
+    return (mask & cond) != 0
+
+
+@triton.jit
 def _mma(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -664,9 +672,15 @@ def _sum_dt_partials(DTP, DT, tile, ok, PARTS, stride_dtps, scaling, BLOCK_M: tl
     tot = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for j in range(0, PARTS, 4):
         p0 = tl.load(DTP + j * stride_dtps + tile, mask=ok, other=0.0, cache_modifier=".cg")
-        p1 = tl.load(DTP + (j + 1) * stride_dtps + tile, mask=ok & (j + 1 < PARTS), other=0.0, cache_modifier=".cg")
-        p2 = tl.load(DTP + (j + 2) * stride_dtps + tile, mask=ok & (j + 2 < PARTS), other=0.0, cache_modifier=".cg")
-        p3 = tl.load(DTP + (j + 3) * stride_dtps + tile, mask=ok & (j + 3 < PARTS), other=0.0, cache_modifier=".cg")
+        p1 = tl.load(
+            DTP + (j + 1) * stride_dtps + tile, mask=_mask_and(ok, j + 1 < PARTS), other=0.0, cache_modifier=".cg"
+        )
+        p2 = tl.load(
+            DTP + (j + 2) * stride_dtps + tile, mask=_mask_and(ok, j + 2 < PARTS), other=0.0, cache_modifier=".cg"
+        )
+        p3 = tl.load(
+            DTP + (j + 3) * stride_dtps + tile, mask=_mask_and(ok, j + 3 < PARTS), other=0.0, cache_modifier=".cg"
+        )
         tot += (p0 + p1) + (p2 + p3)
     tl.store(DT + tile, tot * scaling, mask=ok)
 

@@ -104,6 +104,7 @@ from .lora_linear import (
     _interpret,
     _load_cast,
     _m_bucket,
+    _mask_and,
     _seed_parts,
     _shrink_step,
     _x_dot_wt,
@@ -244,10 +245,14 @@ def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, scale, BLOCK_M: tl.cons
         ptrs = P + tl.cast(j0, tl.int64) * stride_pn + p_off
         p0 = tl.load(ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
         if U > 1:
-            p1 = tl.load(ptrs + stride_pn, mask=p_mask & (j0 + 1 < NUM_PROD), other=0.0, cache_modifier=".cg")
+            p1 = tl.load(ptrs + stride_pn, mask=_mask_and(p_mask, j0 + 1 < NUM_PROD), other=0.0, cache_modifier=".cg")
         if U > 2:
-            p2 = tl.load(ptrs + 2 * stride_pn, mask=p_mask & (j0 + 2 < NUM_PROD), other=0.0, cache_modifier=".cg")
-            p3 = tl.load(ptrs + 3 * stride_pn, mask=p_mask & (j0 + 3 < NUM_PROD), other=0.0, cache_modifier=".cg")
+            p2 = tl.load(
+                ptrs + 2 * stride_pn, mask=_mask_and(p_mask, j0 + 2 < NUM_PROD), other=0.0, cache_modifier=".cg"
+            )
+            p3 = tl.load(
+                ptrs + 3 * stride_pn, mask=_mask_and(p_mask, j0 + 3 < NUM_PROD), other=0.0, cache_modifier=".cg"
+            )
         acc += p0
         if U > 1:
             if j0 + 1 < NUM_PROD:
