@@ -430,6 +430,33 @@ with record_launches(seen.append):
     compiled = L.launch(_seeded, (1,), (t, 5), {})
     L.record([plan, 0, None], _seeded, None, {}, {}, (t, 5), compiled, (1,), {})
     res["varying"] = [L.replay([plan, 0, None], _seeded, None, {}, {}, (t, v)) for v in (7, -2**31, 2**31, 2**40)]
+    # A knob JITFunction.run folds into the options, changed between launches: a miss, Triton's debug kernel.
+    from triton import knobs
+    L.clear()
+    plain = L.launch(_flag_kernel, (1,), (t,), {"FLAG": True})
+    with knobs.runtime.scope():
+        knobs.runtime.debug = True
+        dbg = [L.launch(_flag_kernel, (1,), (t,), {"FLAG": True}) for _ in range(2)]
+    again = L.launch(_flag_kernel, (1,), (t,), {"FLAG": True})
+    res["debug"] = dict(L.stats(), differ=dbg[0] is not plain, debug=bool(dbg[0].metadata.debug),
+                        same=dbg[1] is dbg[0], back=again is plain)
+    # A stage-inspection hook adds its pipeline's hash to Triton's key on every launch: nothing cached or planned.
+    calls = []
+
+    def hook(*a):
+        calls.append(len(a))
+        return None if a else ("", "lk-test-pipeline")
+
+    before = L.stats()
+    with knobs.runtime.scope():
+        knobs.runtime.add_stages_inspection_hook = hook
+        hooked = [L.launch(_flag_kernel, (1,), (t,), {"FLAG": True}) for _ in range(2)]
+        no_plan = L.plan_key("tag", (t,), 0) is None
+    import inspect
+    from triton.runtime.jit import JITFunction
+
+    res["hook"] = dict(before=before, after=L.stats(), differ=hooked[0] is not plain, keyed=calls.count(0),
+                       no_plan=no_plan, run_keys=("add_stages_inspection_hook" in inspect.getsource(JITFunction.run)))
 res["cleared_on_exit"] = L.stats()["entries"]
 print(json.dumps(res))
 """
@@ -449,6 +476,40 @@ def test_cache_is_bounded_switchable_and_cleared():
     assert got["flags"]["same"] == [True] * 10 and got["flags"]["hits"] >= 5, got["flags"]
     assert got["cleared_on_exit"] == 0, got
     assert got["varying"] == [True, True, False, False], got["varying"]
+    # A knob changed between launches (Triton's debug) misses and launches Triton's debug kernel, then hits it.
+    debug = got["debug"]
+    assert debug["differ"] and debug["debug"] and debug["same"] and debug["back"], debug
+    assert debug["misses"] == 2 and debug["hits"] == 2, debug
+    # Under a stage-inspection hook every launch is Triton's own, and no plan; from Triton 3.8 its run puts the hook's
+    # pipeline in its key, asking the hook on every launch (3.6 calls it only in the compile).
+    hook = got["hook"]
+    assert hook["before"] == hook["after"] and hook["no_plan"], hook
+    if hook["run_keys"]:
+        assert hook["differ"] and hook["keyed"] >= 2, hook
+
+
+def test_keys_hold_every_knob_tritons_run_folds_into_the_options():
+    """Every ``kwargs[...] = ...knobs.<group>.<name>`` in the installed Triton's ``JITFunction.run`` is in the launch
+    cache's and plans' key (``launch._run_knobs``): each changed alone changes the key. A knob a newer Triton adds
+    (3.9 added fpsan's) fails here rather than as a cached kernel compiled without it."""
+    import inspect
+    import re
+
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    from lora_kernels.triton_ops import launch as L
+
+    folded = re.findall(r'kwargs\["(\w+)"\]\s*=[^\n]*?knobs\.(\w+)\.(\w+)', inspect.getsource(JITFunction.run))
+    assert {name for name, _, _ in folded} >= {"debug", "instrumentation_mode"}, folded
+    base = L._run_knobs()
+    for name, group, attr in folded:
+        knob_group = getattr(knobs, group)
+        value = getattr(knob_group, attr)
+        with knob_group.scope():
+            setattr(knob_group, attr, (not value) if isinstance(value, bool) else f"{value}-changed")
+            assert L._run_knobs() != base, (name, group, attr)
+        assert L._run_knobs() == base, (name, group, attr)
 
 
 _CALLS_SCRIPT = (
@@ -689,6 +750,72 @@ def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():
     before = L.stats()
     assert L.launch(Stand(), (3,), (torch.empty(1), 7), {"BLOCK": 32}) == "launched"
     assert calls == [((3,), calls[0][1], {"BLOCK": 32})] and L.stats() == before
+
+
+_OLDER_TRITON = r"""
+import json, sys, types
+import triton
+
+layout = sys.argv[1]
+# launch.py as it imports under that layout; Triton's own modules (some import later) keep the real knobs.
+real = sys.modules["triton.knobs"]
+if layout == "3.2":  # no triton.knobs at all (Triton 3.2 and 3.3: torch 2.6 and 2.7)
+    del triton.knobs
+
+    class _NoKnobs:
+        def find_spec(self, name, path=None, target=None):
+            if name == "triton.knobs":
+                raise ImportError("no triton.knobs before Triton 3.4")
+
+    sys.meta_path.insert(0, _NoKnobs())
+    del sys.modules["triton.knobs"]
+else:  # 3.4 and 3.5 (torch 2.8 and 2.9): knobs, but run folds only debug in, and no inspection hook
+    rt = types.SimpleNamespace(debug=False, launch_enter_hook=None, launch_exit_hook=None)
+    triton.knobs = types.SimpleNamespace(runtime=rt, compilation=types.SimpleNamespace())
+from lora_kernels.triton_ops import launch as L
+
+if layout == "3.2":
+    sys.meta_path.pop(0)
+sys.modules["triton.knobs"] = triton.knobs = real
+
+import torch
+import lora_kernels as lk
+
+torch.manual_seed(0)
+x = torch.randn(67, 72, requires_grad=True)
+W, A, B = torch.randn(40, 72), torch.randn(8, 72, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+dy = torch.randn(67, 40)
+got = []
+for backend in ("triton", "torch"):
+    y = lk.lora_linear(x, W, A, B, scaling=2.0, dropout_p=0.1, seed=3, backend=backend)
+    y.backward(dy)
+    got.append([y.detach(), x.grad, A.grad, B.grad])
+    x.grad = A.grad = B.grad = None
+err = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(*got)]
+print(json.dumps(dict(fast=L.FAST_LAUNCH, names=list(L._KNOB_NAMES), knobs=list(L._run_knobs()),
+                      key=L.plan_key("tag", (x, 1), 1) is not None, err=err)))
+"""
+
+
+@pytest.mark.parametrize("layout", ["3.2", "3.4"])
+def test_older_tritons_knobs_leave_the_backend_working(layout):
+    """The README's torch 2.6–2.9 take Triton 3.2–3.5: 3.2 and 3.3 have no ``triton.knobs`` (importing it stopped the
+    whole Triton backend), 3.4 and 3.5 fold only ``debug`` into a launch's options and have no instrumentation mode
+    (reading it raised in every call). Here, in the interpreter, with the installed Triton's knobs taken away or cut
+    to 3.4's: the Triton backend runs forward and backward against the reference, no launch cache where there are no
+    knobs. (Checked by hand under the real Triton 3.2.0, 3.3.1, 3.4.0 and 3.5.1 too: bench/NOTES.md, session 46.)"""
+    import json
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _OLDER_TRITON, layout], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(got["err"]) < 1e-5 and got["key"], got
+    if layout == "3.2":
+        assert got["fast"] is False and got["names"] == [] and got["knobs"] == [], got
+    else:
+        assert got["names"] == ["runtime.debug"] and got["knobs"] == [False], got
 
 
 def test_descriptors_without_checks_equal_tritons():

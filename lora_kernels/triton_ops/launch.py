@@ -11,12 +11,13 @@ Why a hit launches the kernel Triton would have launched. Triton picks a compile
 specialization of each non-constexpr argument, which it computes with ``native_specialize_impl`` (the
 dtype and 16-byte alignment of a tensor; the type of an integer, whether it equals 1 and whether 16
 divides it; a descriptor's dtype and block shape; the type of a float), (b) the constexprs and compile
-options (``num_warps``, ``num_stages``, ...), (c) the device and the debug and instrumentation knobs. The
-key here holds (a) as each argument's value where the value determines it (integers Triton specialises on,
-floats, bools, constexprs), else as that same function computes it with the parameter's own flags, plus the
-arguments' types; every keyword argument of the call (b; Triton's own key holds constexprs by value too, so a
-constexpr True and 1 are one key to both); the values of (c). Equal keys give equal Triton keys
-(tests/test_fast_launch.py checks the keys against ``native_specialize_impl``). A key is stored only after
+options (``num_warps``, ``num_stages``, ...), (c) the device, the knobs ``run`` folds into the options (debug,
+instrumentation; 3.9: fpsan's casts) and a stage-inspection hook's pipeline. The key here holds (a) as each
+argument's value where the value determines it (integers Triton specialises on, floats, bools, constexprs), else
+as that same function computes it with the parameter's own flags, plus the arguments' types; every keyword
+argument of the call (b; Triton's own key holds constexprs by value too, so a constexpr True and 1 are one key to
+both); the values of (c), none of it while an inspection hook is set (:func:`_run_knobs`). Equal keys give equal
+Triton keys (tests/test_fast_launch.py checks the keys against ``native_specialize_impl``). A key is stored only after
 Triton itself launched it, so a hit never compiles, never loads a module and never meets a kernel that ran
 out of resources. The cache holds compiled kernels and plain values, never a tensor. Two checks of
 ``JITFunction.run`` a hit does not repeat: its pre-run hooks (none is ever registered on these kernels) and its
@@ -46,9 +47,13 @@ import threading
 import types
 
 import torch
-from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:  # Triton 3.4+ (torch 2.8+); before it, no launch cache (below) and no knobs to read
+    from triton import knobs
+except ImportError:  # pragma: no cover - Triton 3.2/3.3
+    knobs = None
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -71,12 +76,14 @@ __all__ = [
     "watch", "WatchedModule", "POINTER_INTS", "clear", "stats",
 ]  # fmt: skip
 
-FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None
+FAST_LAUNCH = (
+    os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0" and native_specialize_impl is not None and knobs is not None
+)
 # Launch a compiled kernel through its launcher directly, without ``CompiledKernel.__getitem__``'s runner, while no
 # launch hook is set (:func:`run_compiled`); off with the cache.
 DIRECT_RUN = True
 
-# Per kernel (kept on the JITFunction: hashing one runs Python under a lock), (device, debug, instrumentation,
+# Per kernel (kept on the JITFunction: hashing one runs Python under a lock), (device, run knobs,
 # keyword items, argument keys) -> (compiled, tail): ``tail`` the values of the parameters after the positional
 # ones (keywords, then defaults).
 _CACHES: list[dict] = []  # every kernel's cache, for clear() and the bound
@@ -182,8 +189,8 @@ def _quiet(hook) -> bool:
 def direct_stream() -> int | None:
     """The current device's current stream where :func:`run_compiled` may call launchers directly (no launch hook
     set, ``DIRECT_RUN`` on), else None."""
-    rt = knobs.runtime
-    if DIRECT_RUN and _quiet(rt.launch_enter_hook) and _quiet(rt.launch_exit_hook):
+    rt = knobs.runtime if knobs is not None else None
+    if DIRECT_RUN and rt is not None and _quiet(rt.launch_enter_hook) and _quiet(rt.launch_exit_hook):
         active = driver.active
         return active.get_current_stream(active.get_current_device())
     return None
@@ -206,19 +213,48 @@ def run_compiled(compiled, grid: tuple, args, tail: tuple, stream: int | None) -
             *tail)  # fmt: skip
 
 
+# The knobs ``JITFunction.run`` folds into each launch's compile options, those this Triton has: debug (3.4+), the
+# instrumentation mode (3.6+), fpsan's homomorphic casts (3.9+). The stage-inspection hook: 3.6+ (run keys on it: 3.8+).
+_KNOB_NAMES = tuple(
+    f"{group}.{name}"
+    for group, name in (
+        ("runtime", "debug"),
+        ("compilation", "instrumentation_mode"),
+        ("compilation", "fpsan_homomorphic_casts"),
+    )  # fmt: skip
+    if knobs is not None and hasattr(getattr(knobs, group), name)
+)
+if len(_KNOB_NAMES) > 1:
+    _knob_values = operator.attrgetter(*_KNOB_NAMES)  # (a tuple of the values)
+else:  # (one name: attrgetter would return the bare value)
+    _knob_values = (lambda k, get=operator.attrgetter(*_KNOB_NAMES): (get(k),)) if _KNOB_NAMES else (lambda k: ())
+_STAGES_HOOK = knobs is not None and hasattr(knobs.runtime, "add_stages_inspection_hook")
+
+
+def _run_knobs() -> tuple | None:
+    """The values of the knobs ``JITFunction.run`` folds into each launch's compile options (``_KNOB_NAMES``), read
+    as it reads them. Part of the cache's and the plans' keys, so a knob changed between two launches misses here
+    as it does in Triton's key (tests/test_fast_launch.py checks the names against ``JITFunction.run``'s source).
+    None while Triton's stage-inspection hook is set: it adds a pipeline of its choosing to Triton's key on every
+    launch, so those launches take ``kernel[grid]`` and no plan."""
+    if _STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None:
+        return None
+    return _knob_values(knobs)
+
+
 def launch(kernel, grid: tuple, args: tuple, kw: dict):
     """``kernel[grid](*args, **kw)``, through the cache above where it can be; returns the compiled kernel.
     grid: the launch grid as a tuple (not a callable); kw: constexprs and compile options."""
     if not FAST_LAUNCH or type(kernel) is not JITFunction:
         return kernel[grid](*args, **kw)
+    run_knobs = _run_knobs()
+    if run_knobs is None:
+        return kernel[grid](*args, **kw)
     device = driver.active.get_current_device()
     cache = _cache_of(kernel)
     try:
         backend = kernel.device_caches[device][3]  # the binder's backend (created on first use, as run does)
-        key = (
-            device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(kw.items()),
-            _specs(backend, kernel, args),
-        )  # fmt: skip
+        key = (device, run_knobs, tuple(kw.items()), _specs(backend, kernel, args))
         hit = cache.get(key)
     except (TypeError, IndexError, AttributeError):  # an unhashable value, or another Triton's layout
         return kernel[grid](*args, **kw)
@@ -305,10 +341,13 @@ _LOCAL = threading.local()
 
 def plan_key(tag: object, args: tuple, varying: int) -> tuple | None:
     """A caller's plan key: ``tag``, then per argument, for a tensor its device, dtype, shape, strides and 16-byte
-    alignment, for the ``varying`` position its type only, else its type and value; and Triton's debug and
-    instrumentation knobs, as in the cache's key. None where a tensor has no data pointer (a subclass, a fake
-    tensor): no plan then."""
-    key = [tag, knobs.runtime.debug, knobs.compilation.instrumentation_mode]
+    alignment, for the ``varying`` position its type only, else its type and value; and :func:`_run_knobs`, as in the
+    cache's key. None where a tensor has no data pointer (a subclass, a fake tensor) or a stage-inspection hook is
+    set: no plan then."""
+    run_knobs = _run_knobs()
+    if run_knobs is None:
+        return None
+    key = [tag, run_knobs]
     try:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
