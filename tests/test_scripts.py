@@ -33,6 +33,23 @@ def test_gpu_stack_stage_declines_without_disk(tmp_path):
     assert not venv.exists() and not (tmp_path / "src").exists()  # nothing installed, nothing copied
 
 
+def test_next_triton_stage_declines_without_disk_or_when_switched_off(tmp_path):
+    """The next Triton's smoke (scripts/run_next_triton_tests.sh) exits 75 with its reason and installs nothing
+    where the disk is short, and runs nothing with NEXT_TRITON=0 (exit 0, said so)."""
+    target = tmp_path / "triton-next"
+    env = {**os.environ, "NEXT_TRITON_DIR": str(target), "NEXT_TRITON_MIN_FREE_GB": "1000000"}
+    env.pop("NEXT_TRITON", None)
+    proc = subprocess.run(["bash", "scripts/run_next_triton_tests.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "not run: installing triton 3.9.0 needs 1000000 GB free" in proc.stdout, proc.stdout
+    assert not target.exists()
+    proc = subprocess.run(["bash", "scripts/run_next_triton_tests.sh"], cwd=ROOT, env={**env, "NEXT_TRITON": "0"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "not run (NEXT_TRITON=0)" in proc.stdout, proc.stdout + proc.stderr
+    assert not target.exists()
+
+
 # ---- scripts/run_tests.sh (`make test`): the main suite and the GPU-image stack's suite side by side ----
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for .venv/bin/python: the main suite, the fallback's pip and version probe and its pytest.
@@ -40,7 +57,10 @@ case "$*" in
   *"-m pip install"*) for a; do [ "$prev" = --target ] && mkdir -p "$a"; prev=$a; done; exit 0 ;;
   "-c "*) echo "triton 3.6.0 numpy 2.3.5"; exit 0 ;;
 esac
-if [ -n "${PYTHONPATH:-}" ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
+if [ -n "${PYTHONPATH:-}" ]; then
+  if [ "$LORA_KERNELS_EXPECT_TRITON" = 3.6.0 ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
+  echo "next pytest $(date +%s.%N) triton=$LORA_KERNELS_EXPECT_TRITON $*" >> "$REC/calls"; exit "${NEXT_RC:-0}"
+fi
 echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep 1
 echo "main sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
@@ -66,28 +86,34 @@ def _run_tests_tree(root: Path, stack: str = _FAKE_STACK, python: str = _FAKE_PY
     environment to run it with (none of the switches that pick its mode)."""
     (root / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "run_tests.sh", root / "scripts")
+    shutil.copy(ROOT / "scripts" / "run_next_triton_tests.sh", root / "scripts")
     (root / "scripts" / "run_gpu_stack_tests.sh").write_text(stack)
     py = root / "venv" / "bin" / "python"
     py.parent.mkdir(parents=True)
     py.write_text(python)
     py.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL")}
+    switches = ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL", "NEXT_TRITON", "NEXT_TRITON_MIN_FREE_GB")
+    env = {k: v for k, v in os.environ.items() if k not in switches}
     return {**env, "VENV": str(root / "venv")}
 
 
 @pytest.mark.parametrize(
-    ("main_rc", "stack_rc", "fallback_rc", "expect"),
-    [(0, 0, 0, 0), (1, 0, 0, 1), (0, 3, 0, 3), (2, 3, 0, 2), (0, 75, 0, 0), (1, 75, 0, 1), (0, 75, 4, 4)],
-)
+    ("main_rc", "stack_rc", "fallback_rc", "next_rc", "expect"),
+    [(0, 0, 0, 0, 0), (1, 0, 0, 0, 1), (0, 3, 0, 0, 3), (2, 3, 0, 0, 2), (0, 75, 0, 0, 0), (1, 75, 0, 0, 1),
+     (0, 75, 4, 0, 4), (0, 0, 0, 6, 6), (1, 0, 0, 6, 1), (0, 3, 0, 6, 3), (0, 75, 4, 6, 4), (0, 75, 0, 6, 6)],
+)  # fmt: skip
 @pytest.mark.parametrize("serial", [False, True])
-def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack_rc, fallback_rc, expect, serial):
+def test_run_tests_runs_the_stack_beside_the_main_suite(
+    tmp_path, main_rc, stack_rc, fallback_rc, next_rc, expect, serial
+):
     """Both suites run, at the same time unless GPU_STACK_SERIAL=1; the exit code is the main suite's
-    failure, else the stack's; the stack's 75 (no disk) brings the Triton-3.6 fallback, whose code counts."""
+    failure, else the stack's; the stack's 75 (no disk) brings the Triton-3.6 fallback, whose code counts.
+    After the main suite, the kernels' smoke under the next Triton (3.9): its failure counts last."""
     env = _run_tests_tree(tmp_path)
     rec = tmp_path / "rec"
     rec.mkdir()
-    env.update(REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc),
-               FALLBACK_RC=str(fallback_rc), GPU_STACK_SERIAL="1" if serial else "0")  # fmt: skip
+    env.update(REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc), FALLBACK_RC=str(fallback_rc),
+               NEXT_RC=str(next_rc), GPU_STACK_SERIAL="1" if serial else "0")  # fmt: skip
     proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60, preexec_fn=_terminal_signals)  # fmt: skip
     assert proc.returncode == expect, proc.stdout + proc.stderr
@@ -106,6 +132,11 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(tmp_path, main_rc, stack
         head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
         assert head < proc.stdout.index("the stack's own output"), proc.stdout
     assert any(c.startswith("fallback pytest") for c in calls) is (stack_rc == 75), calls
+    # The next Triton's smoke: once, after the main suite, from its own target directory, on the kernel tests.
+    nxt = [c.split() for c in calls if c.startswith("next pytest")]
+    assert len(nxt) == 1 and float(nxt[0][2]) > t["main end"] and nxt[0][3] == "triton=3.9.0", calls
+    assert {"tests/test_bench_dry.py", "tests/test_single_pass.py", "tests/test_fast_launch.py"} <= set(nxt[0]), calls
+    assert (tmp_path / ".cache" / "triton-3.9.0" / ".complete").exists()
 
 
 def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_path):
@@ -119,6 +150,7 @@ def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_pa
         assert proc.returncode == 5, proc.stdout + proc.stderr
         calls = (rec / "calls").read_text()
         assert "stack" not in calls and "fallback" not in calls and "GPU-stack" not in proc.stdout, calls
+        assert "next" not in calls and "next Triton" not in proc.stdout, calls
         assert f"args=-m pytest -q -ra --durations=15 tests {' '.join(args)}".rstrip() in calls, calls
 
 
