@@ -221,7 +221,7 @@ _KNOB_NAMES = tuple(
         ("runtime", "debug"),
         ("compilation", "instrumentation_mode"),
         ("compilation", "fpsan_homomorphic_casts"),
-    )  # fmt: skip
+    )
     if knobs is not None and hasattr(getattr(knobs, group), name)
 )
 if len(_KNOB_NAMES) > 1:
