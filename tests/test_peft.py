@@ -78,11 +78,14 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[dict] = []
+        self.out_dtypes: list[torch.dtype] = []
         real = lkp.lora_linear
 
         def spy(*args, **kwargs):
             self.calls.append(kwargs)
-            return real(*args, **kwargs)
+            out = real(*args, **kwargs)
+            self.out_dtypes.append(out.dtype)
+            return out
 
         monkeypatch.setattr(lkp, "lora_linear", spy)
 
@@ -171,7 +174,9 @@ def test_fp32_adapters_under_bf16_base(monkeypatch: pytest.MonkeyPatch) -> None:
     patch(model, backend="torch")
     spy = _Spy(monkeypatch)
     logits, grads = _run(model, ids)
-    assert len(spy.calls) == N_LINEAR and logits.dtype == torch.bfloat16
+    # Each fused call returns bf16; the logits' dtype is the model's (transformers < 4.46 upcast them).
+    assert len(spy.calls) == N_LINEAR and spy.out_dtypes == [torch.bfloat16] * N_LINEAR
+    assert logits.dtype == peft_logits.dtype
     assert all(g.dtype == torch.float32 for g in grads.values())
     _assert_model_close(logits, grads, ref_logits, ref_grads, [torch.bfloat16])
     # PEFT's own bf16 run meets the same bound: the patch is no less accurate than PEFT.
@@ -687,19 +692,25 @@ class _TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _trainer_run(tmp_path, backend: str | None, p: float, checkpointing: bool) -> dict:
+def _trainer_run(tmp_path, backend: str | None, p: float, checkpointing: str | None) -> dict:
     """Three SGD steps of transformers' Trainer (two micro-batches each); the adapters afterwards.
-    ``backend=None``: PEFT's own layers."""
+    ``backend=None``: PEFT's own layers. ``checkpointing``: None, "reentrant" or "non-reentrant", named
+    rather than left to transformers' default, which changed in 5.0 (4.x: reentrant)."""
     from transformers import Trainer, TrainingArguments
 
     model = _peft_model(lora_dropout=p)
     if backend is not None:
         patch(model, backend=backend, log=False)
+    if checkpointing == "reentrant":
+        # Reentrant checkpointing gives the adapters no gradient unless the checkpointed block's input
+        # requires grad (frozen embeddings): PEFT's recipe (prepare_model_for_kbit_training) does this.
+        model.enable_input_require_grads()
     args = TrainingArguments(
         output_dir=str(tmp_path / f"trainer-{backend}"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
         max_steps=3, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", seed=0, report_to=[],
         save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing is not None,
+        gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"} if checkpointing else None,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=_TokenDataset()).train()
     if backend is not None:  # every LoRA Linear's last call ran fused
@@ -708,10 +719,15 @@ def _trainer_run(tmp_path, backend: str | None, p: float, checkpointing: bool) -
 
 
 @pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="triton is not installed")
-@pytest.mark.parametrize("p, checkpointing", [(0.0, False), (0.1, True)], ids=["p0", "p0.1-checkpointing"])
-def test_hf_trainer_trains_a_patched_model(tmp_path, p: float, checkpointing: bool) -> None:
+@pytest.mark.parametrize(
+    "p, checkpointing",
+    [(0.0, None), (0.1, "non-reentrant"), (0.1, "reentrant")],
+    ids=["p0", "p0.1-checkpointing", "p0.1-reentrant-checkpointing"],
+)
+def test_hf_trainer_trains_a_patched_model(tmp_path, p: float, checkpointing: str | None) -> None:
     """transformers' Trainer (which TRL's SFTTrainer builds on) trains a patched model: its own loss,
-    gradient accumulation, optimizer and, at p = 0.1, gradient checkpointing. The adapters after three
+    gradient accumulation, optimizer and, at p = 0.1, gradient checkpointing of either kind (transformers
+    5's default, non-reentrant, and 4.x's, reentrant with PEFT's input-grads hook). The adapters after three
     steps on the Triton kernels match the same run on PEFT's own layers (p = 0) or, where PEFT's dropout
     masks differ from ours, on the reference backend (the same masks)."""
     init = {n: t.detach().double() for n, t in _peft_model().named_parameters() if t.requires_grad}
