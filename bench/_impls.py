@@ -57,6 +57,7 @@ Names:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -73,6 +74,7 @@ __all__ = [
     "Problem",
     "Unavailable",
     "build",
+    "import_peft",
     "make_problem",
     "num_copies",
 ]
@@ -292,9 +294,24 @@ def _addmm(prob: Problem) -> Impl:
     return Impl("addmm", fn, [W, A, B] + ([b] if b is not None else []), prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 
 
+def import_peft() -> tuple[type, Callable]:
+    """PEFT's ``(LoraConfig, get_peft_model)``, ready for a fresh process; ImportError without peft.
+
+    PEFT (0.21 at least) builds each LoRA layer through an ``isinstance(w, torch.distributed.tensor.DTensor)``
+    check without importing that submodule: where nothing else did (torch 2.11 with transformers 4.45,
+    seen here), every get_peft_model raises AttributeError. Importing it first is what torch 2.14's
+    stack does anyway."""
+    from peft import LoraConfig, get_peft_model
+
+    if torch.distributed.is_available():
+        importlib.import_module("torch.distributed.tensor")
+
+    return LoraConfig, get_peft_model
+
+
 def _peft(prob: Problem) -> Impl:
     try:
-        from peft import LoraConfig, get_peft_model
+        LoraConfig, get_peft_model = import_peft()
     except ImportError as e:
         raise Unavailable(f"peft is not installed ({e})") from e
 

@@ -186,10 +186,10 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
 
 def prepare(variant: str, args: argparse.Namespace):
     """(model, trainable params) for one variant."""
-    from peft import LoraConfig, get_peft_model
-
+    from bench._impls import import_peft
     from lora_kernels.integrations import patch
 
+    LoraConfig, get_peft_model = import_peft()
     model = build_model(args)
     if variant == "floor":
         model.requires_grad_(False)

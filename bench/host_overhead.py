@@ -271,8 +271,10 @@ def _time_module(module, x, dy, reps: int, warmup: int) -> tuple[float, float]:
 def _peft_layer_rows(x, W, A, B, dy, reps: int, warmup: int) -> list[dict]:
     """A patched ``peft.tuners.lora.Linear`` called as a training stack calls it (module call, PEFT's
     state checks, the integration's plan) on to the stubbed CUDA layer; none if peft is not installed."""
+    from bench._impls import import_peft
+
     try:
-        from peft import LoraConfig, get_peft_model
+        LoraConfig, get_peft_model = import_peft()
     except ImportError:
         return []
     import torch
