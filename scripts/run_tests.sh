@@ -39,19 +39,23 @@ fi
 
 main_rc=0
 "$VENV/bin/python" -m pytest -q -ra --durations=15 tests "$@" || main_rc=$?
+# When each part ended, in seconds since this script began (bash's SECONDS): which of the two chains, the main
+# suite then the next Triton's smoke or the stack's suite, decides CI's time (bench/NOTES.md, session 48).
+echo "=== run_tests: the main suite ended at ${SECONDS} s (exit $main_rc)"
 [ "$stack" = 1 ] || exit "$main_rc"
 
 # The kernels' smoke under the newest Triton (scripts/run_next_triton_tests.sh), on the core the main suite
 # freed; its 75 (no disk) said why and ran nothing. Its failure counts after the main suite's and the stack's.
 next_rc=0
 bash scripts/run_next_triton_tests.sh || next_rc=$?
+echo "=== run_tests: the next Triton's smoke ended at ${SECONDS} s (exit $next_rc)"
 [ "$next_rc" -eq 75 ] && next_rc=0
 
 rc=0
 if [ -n "$pid" ]; then
   wait "$pid" || rc=$?
   trap - INT TERM
-  echo "=== run_tests: the GPU-stack suite (exit $rc), from $LOG"
+  echo "=== run_tests: the GPU-stack suite (exit $rc), from $LOG (its own times: 'gpu-stack: ... at N s')"
   cat "$LOG"
 else
   bash scripts/run_gpu_stack_tests.sh || rc=$?

@@ -137,6 +137,9 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     assert len(nxt) == 1 and float(nxt[0][2]) > t["main end"] and nxt[0][3] == "triton=3.9.0", calls
     assert {"tests/test_bench_dry.py", "tests/test_single_pass.py", "tests/test_fast_launch.py"} <= set(nxt[0]), calls
     assert (tmp_path / ".cache" / "triton-3.9.0" / ".complete").exists()
+    # When each chain's parts ended (CI's log says which chain decides its time).
+    assert "=== run_tests: the main suite ended at " in proc.stdout and f"s (exit {main_rc})" in proc.stdout
+    assert "=== run_tests: the next Triton's smoke ended at " in proc.stdout, proc.stdout
 
 
 def test_run_tests_with_arguments_or_gpu_stack_0_runs_the_main_suite_only(tmp_path):
