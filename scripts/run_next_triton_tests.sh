@@ -8,8 +8,9 @@
 # path once end to end in the interpreter (tests/test_bench_dry.py), the single-pass kernels and the launch
 # cache against that Triton's binder, launcher and knobs (tests/test_fast_launch.py). Not the sm_90 register
 # and spill checks: those hold the tiles to the CI's Triton and the GPU image's (3.9 spills 8-24 bytes in
-# some of them, NOTES). NEXT_TRITON=0 skips it; NEXT_TRITON=x.y.z picks the version. Exit 75 (nothing run)
-# where the disk has less than NEXT_TRITON_MIN_FREE_GB free.
+# some of them, NOTES). Split in as many processes as cores (below). NEXT_TRITON=0 skips it;
+# NEXT_TRITON=x.y.z picks the version. Exit 75 (nothing run) where the disk has less than NEXT_TRITON_MIN_FREE_GB
+# free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -34,6 +35,39 @@ if [ ! -f "$DIR/.complete" ]; then
 fi
 echo "=== next Triton: kernel smoke under $(PYTHONPATH="$DIR" "$VENV/bin/python" -c \
   'import triton, numpy; print("triton", triton.__version__, "numpy", numpy.__version__)') (torch from $VENV)"
-PYTHONPATH="$DIR" LORA_KERNELS_EXPECT_TRITON="$VERSION" HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -ra \
-  -p no:cacheprovider -W ignore::DeprecationWarning tests/test_bench_dry.py tests/test_single_pass.py \
-  tests/test_fast_launch.py
+FILES=(tests/test_bench_dry.py tests/test_single_pass.py tests/test_fast_launch.py)
+smoke() {
+  PYTHONPATH="$DIR" LORA_KERNELS_EXPECT_TRITON="$VERSION" HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -ra \
+    -p no:cacheprovider -W ignore::DeprecationWarning "${FILES[@]}" "$@"
+}
+# As many processes as cores (at most 4), each running every N-th test (tests/conftest.py's --shard): the smoke
+# runs after the main suite, and on CI it is the last thing left, so run as one process it kept one core busy and
+# left the other idle for its whole 9 minutes (bench/NOTES.md, session 49). Split by file it was no better than
+# its longest file. Each shard's output goes to a log, printed in order when all have ended. Started with job
+# control on (set -m), as run_tests.sh starts the stack: each in a process group of its own, with SIGINT and
+# SIGQUIT at their defaults (bash ignores them in a background command without it), and killed with its
+# children on Ctrl-C or a TERM to this script. NEXT_TRITON_JOBS=N: N processes.
+jobs=${NEXT_TRITON_JOBS:-$(nproc)}
+[ "$jobs" -gt 4 ] && [ -z "${NEXT_TRITON_JOBS:-}" ] && jobs=4
+if [ "$jobs" -le 1 ]; then
+  smoke
+  exit
+fi
+mkdir -p .cache
+pids=()
+trap 'for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done; exit 130' INT TERM
+set -m
+for ((i = 0; i < jobs; i++)); do
+  smoke --shard "$i/$jobs" > ".cache/next-triton-shard-$i.log" 2>&1 &
+  pids+=("$!")
+done
+set +m
+rc=0
+for ((i = 0; i < jobs; i++)); do
+  part=0
+  wait "${pids[$i]}" || part=$?
+  echo "=== next Triton: shard $i/$jobs (exit $part)"
+  cat ".cache/next-triton-shard-$i.log"
+  [ "$rc" -eq 0 ] && rc=$part
+done
+exit "$rc"

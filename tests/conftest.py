@@ -34,6 +34,32 @@ def pytest_configure(config):
         raise pytest.UsageError(f"LORA_KERNELS_EXPECT_TORCH={want} but torch {torch.__version__} was imported")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard",
+        metavar="I/N",
+        help="run every N-th collected test from the I-th (0-based) on: N processes with I = 0 .. N-1 run the "
+        "selection between them (scripts/run_next_triton_tests.sh runs its smoke so, one process per core)",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard takes I/N (two integers), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--shard {spec}: I must be in 0 .. N-1")
+    # Every N-th test, not a contiguous block: a file's parametrized cases sit together and cost alike, so
+    # taking turns gives each shard about the same share of each file.
+    config.hook.pytest_deselected(items=[t for k, t in enumerate(items) if k % n != i])
+    items[:] = items[i::n]
+
+
 # A time-limited device session (scripts/gpu_check.sh's budget) stops starting tests at this moment
 # (epoch seconds; 0 or unset: never), so pytest ends with its summary instead of being killed mid-run.
 _DEADLINE = float(os.environ.get("LORA_KERNELS_TEST_DEADLINE") or 0)

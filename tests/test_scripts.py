@@ -50,6 +50,27 @@ def test_next_triton_stage_declines_without_disk_or_when_switched_off(tmp_path):
     assert not target.exists()
 
 
+def test_shard_option_splits_the_selection_between_processes():
+    """--shard I/N (tests/conftest.py), with which the next Triton's smoke runs as one process per core: the N
+    shards run every selected test once between them, taking turns; a malformed or out-of-range one is a usage
+    error, not a silent empty run."""
+
+    def collect(*args: str) -> tuple[int, list[str]]:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--collect-only",
+                               "tests/test_scripts.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        return proc.returncode, [line for line in proc.stdout.splitlines() if "::" in line]
+
+    rc, whole = collect()
+    assert rc == 0 and len(whole) > 10, whole
+    shards = [collect("--shard", f"{i}/2") for i in range(2)]
+    assert [rc for rc, _ in shards] == [0, 0], shards
+    assert shards[0][1] == whole[0::2] and shards[1][1] == whole[1::2]
+    for bad in ("2/2", "one/2"):
+        rc, _ = collect("--shard", bad)
+        assert rc == pytest.ExitCode.USAGE_ERROR, bad
+
+
 # ---- scripts/run_tests.sh (`make test`): the main suite and the GPU-image stack's suite side by side ----
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for .venv/bin/python: the main suite, the fallback's pip and version probe and its pytest.
@@ -59,7 +80,9 @@ case "$*" in
 esac
 if [ -n "${PYTHONPATH:-}" ]; then
   if [ "$LORA_KERNELS_EXPECT_TRITON" = 3.6.0 ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
-  echo "next pytest $(date +%s.%N) triton=$LORA_KERNELS_EXPECT_TRITON $*" >> "$REC/calls"; exit "${NEXT_RC:-0}"
+  echo "next start $(date +%s.%N) triton=$LORA_KERNELS_EXPECT_TRITON $*" >> "$REC/calls"; sleep 1
+  echo "next sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
+  echo "next end $(date +%s.%N)" >> "$REC/calls"; echo "next's own output"; exit "${NEXT_RC:-0}"
 fi
 echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep 1
 echo "main sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
@@ -92,7 +115,14 @@ def _run_tests_tree(root: Path, stack: str = _FAKE_STACK, python: str = _FAKE_PY
     py.parent.mkdir(parents=True)
     py.write_text(python)
     py.chmod(0o755)
-    switches = ("GPU_STACK", "TRITON_COMPAT", "GPU_STACK_SERIAL", "NEXT_TRITON", "NEXT_TRITON_MIN_FREE_GB")
+    switches = (
+        "GPU_STACK",
+        "TRITON_COMPAT",
+        "GPU_STACK_SERIAL",
+        "NEXT_TRITON",
+        "NEXT_TRITON_MIN_FREE_GB",
+        "NEXT_TRITON_JOBS",
+    )
     env = {k: v for k, v in os.environ.items() if k not in switches}
     return {**env, "VENV": str(root / "venv")}
 
@@ -113,12 +143,13 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     rec = tmp_path / "rec"
     rec.mkdir()
     env.update(REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc), FALLBACK_RC=str(fallback_rc),
-               NEXT_RC=str(next_rc), GPU_STACK_SERIAL="1" if serial else "0")  # fmt: skip
+               NEXT_RC=str(next_rc), GPU_STACK_SERIAL="1" if serial else "0", NEXT_TRITON_JOBS="2")  # fmt: skip
     proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60, preexec_fn=_terminal_signals)  # fmt: skip
     assert proc.returncode == expect, proc.stdout + proc.stderr
     calls = (rec / "calls").read_text().splitlines()
-    t = {c.split()[0] + " " + c.split()[1]: float(c.split()[2]) for c in calls if c.split()[1] in ("start", "end")}
+    t = {c.split()[0] + " " + c.split()[1]: float(c.split()[2]) for c in calls
+         if c.split()[1] in ("start", "end") and c.split()[0] != "next"}  # fmt: skip
     assert set(t) == {"main start", "main end", "stack start", "stack end"}, calls
     overlap = t["stack start"] < t["main end"] and t["main start"] < t["stack end"]
     assert overlap is not serial, calls
@@ -126,16 +157,27 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     # The stack's tests see the signals as the main suite's do: not the SIGINT / SIGQUIT that bash ignores
     # in a background command without job control.
     ignored = {c.split()[0]: int(c.split()[2], 16) for c in calls if c.split()[1] == "sigign"}
-    assert ignored["stack"] == ignored["main"] and not ignored["main"] & _INT_QUIT, calls
+    assert ignored["stack"] == ignored["main"] == ignored["next"] and not ignored["main"] & _INT_QUIT, calls
     if not serial:
         # Its log is printed after the main suite, under a line with the stack's exit code.
         head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
         assert head < proc.stdout.index("the stack's own output"), proc.stdout
     assert any(c.startswith("fallback pytest") for c in calls) is (stack_rc == 75), calls
-    # The next Triton's smoke: once, after the main suite, from its own target directory, on the kernel tests.
-    nxt = [c.split() for c in calls if c.startswith("next pytest")]
-    assert len(nxt) == 1 and float(nxt[0][2]) > t["main end"] and nxt[0][3] == "triton=3.9.0", calls
-    assert {"tests/test_bench_dry.py", "tests/test_single_pass.py", "tests/test_fast_launch.py"} <= set(nxt[0]), calls
+    # The next Triton's smoke: after the main suite, from its own target directory, on the kernel tests, in two
+    # shards (NEXT_TRITON_JOBS=2) that run at the same time; each shard's output printed under its exit code.
+    starts = [c.split() for c in calls if c.startswith("next start")]
+    ends = [float(c.split()[2]) for c in calls if c.startswith("next end")]
+    assert len(starts) == 2 and len(ends) == 2, calls
+    assert all(float(s[2]) > t["main end"] and s[3] == "triton=3.9.0" for s in starts), calls
+    assert all({"tests/test_bench_dry.py", "tests/test_single_pass.py", "tests/test_fast_launch.py"} <= set(s)
+               for s in starts), calls  # fmt: skip
+    assert sorted(s[s.index("--shard") + 1] for s in starts) == ["0/2", "1/2"], calls
+    assert max(float(s[2]) for s in starts) < min(ends), calls
+    for i in range(2):
+        head = proc.stdout.index(f"=== next Triton: shard {i}/2 (exit {next_rc})")
+        assert proc.stdout.index("next's own output", head) < proc.stdout.index("next Triton's smoke ended"), (
+            proc.stdout
+        )
     assert (tmp_path / ".cache" / "triton-3.9.0" / ".complete").exists()
     # When each chain's parts ended (CI's log says which chain decides its time).
     assert "=== run_tests: the main suite ended at " in proc.stdout and f"s (exit {main_rc})" in proc.stdout
@@ -179,6 +221,38 @@ def test_run_tests_interrupted_stops_the_stack_beside_it(tmp_path, sig):
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{child}").exists(), "the stack's child outlived run_tests.sh"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
+def test_next_triton_smoke_interrupted_stops_its_shards(tmp_path, sig):
+    """The next Triton's smoke runs its shards as background jobs, each in a process group of its own: Ctrl-C
+    or SIGTERM to the script's group ends it with 130 and kills every shard with its children."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / ".complete").touch()
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text('#!/usr/bin/env bash\ncase "$*" in "-c "*) echo "triton 3.9.0 numpy 2.4.6"; exit 0 ;; esac\n'
+                  'sleep 60 & echo $! >> "$REC/shards"; wait\n')  # fmt: skip
+    py.chmod(0o755)
+    env = {**os.environ, "VENV": str(py.parents[1]), "NEXT_TRITON_DIR": str(tmp_path / "triton"),
+           "NEXT_TRITON_JOBS": "3", "REC": str(tmp_path)}  # fmt: skip
+    env.pop("NEXT_TRITON", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run_next_triton_tests.sh")], cwd=ROOT, env=env,
+                            start_new_session=True, preexec_fn=_terminal_signals,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    shards = tmp_path / "shards"
+    deadline = time.monotonic() + 30
+    while not (shards.exists() and len(shards.read_text().split()) == 3):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    children = [int(v) for v in shards.read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "a shard outlived run_next_triton_tests.sh"
 
 
 # ---- scripts/gpu_check.sh: the device session's plan (steps in order, a time budget, a prebuilt _C) ----
