@@ -79,17 +79,20 @@ case "$*" in
   "-c "*) echo "triton 3.6.0 numpy 2.3.5"; exit 0 ;;
 esac
 if [ -n "${PYTHONPATH:-}" ]; then
-  if [ "$LORA_KERNELS_EXPECT_TRITON" = 3.6.0 ]; then echo "fallback pytest $*" >> "$REC/calls"; exit "$FALLBACK_RC"; fi
+  if [ "$LORA_KERNELS_EXPECT_TRITON" = 3.6.0 ]; then
+    echo "fallback pytest $(date +%s.%N) $*" >> "$REC/calls"; exit "$FALLBACK_RC"
+  fi
   echo "next start $(date +%s.%N) triton=$LORA_KERNELS_EXPECT_TRITON $*" >> "$REC/calls"; sleep 1
   echo "next sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
   echo "next end $(date +%s.%N)" >> "$REC/calls"; echo "next's own output"; exit "${NEXT_RC:-0}"
 fi
-echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+echo "main start $(date +%s.%N)" >> "$REC/calls"; sleep "${MAIN_SLEEP:-1}"
 echo "main sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
 """
 _FAKE_STACK = r"""#!/usr/bin/env bash
-echo "stack start $(date +%s.%N)" >> "$REC/calls"; sleep 1
+# As the real one, it steps aside (75) at once, before installing anything.
+echo "stack start $(date +%s.%N)" >> "$REC/calls"; [ "$STACK_RC" = 75 ] || sleep 1
 echo "stack sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; exit "$STACK_RC"
 """
@@ -143,7 +146,8 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     rec = tmp_path / "rec"
     rec.mkdir()
     env.update(REC=str(rec), MAIN_RC=str(main_rc), STACK_RC=str(stack_rc), FALLBACK_RC=str(fallback_rc),
-               NEXT_RC=str(next_rc), GPU_STACK_SERIAL="1" if serial else "0", NEXT_TRITON_JOBS="2")  # fmt: skip
+               NEXT_RC=str(next_rc), GPU_STACK_SERIAL="1" if serial else "0", NEXT_TRITON_JOBS="2",
+               MAIN_SLEEP="3" if stack_rc == 75 and not serial else "1")  # fmt: skip
     proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60, preexec_fn=_terminal_signals)  # fmt: skip
     assert proc.returncode == expect, proc.stdout + proc.stderr
@@ -159,10 +163,17 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     ignored = {c.split()[0]: int(c.split()[2], 16) for c in calls if c.split()[1] == "sigign"}
     assert ignored["stack"] == ignored["main"] == ignored["next"] and not ignored["main"] & _INT_QUIT, calls
     if not serial:
-        # Its log is printed after the main suite, under a line with the stack's exit code.
-        head = proc.stdout.index(f"the GPU-stack suite (exit {stack_rc}), from .cache/gpu-stack.log")
+        # Its log is printed after the main suite, under a line with its chain's exit code: the stack's, or where
+        # it stepped aside the Triton 3.6 rerun's.
+        chain_rc = fallback_rc if stack_rc == 75 else stack_rc
+        head = proc.stdout.index(f"the GPU-stack suite (exit {chain_rc}), from .cache/gpu-stack.log")
         assert head < proc.stdout.index("the stack's own output"), proc.stdout
-    assert any(c.startswith("fallback pytest") for c in calls) is (stack_rc == 75), calls
+    fallback = [float(c.split()[2]) for c in calls if c.startswith("fallback pytest")]
+    assert len(fallback) == (stack_rc == 75), calls
+    if fallback and not serial:
+        # In the stack's place beside the main suite, not after it (that left a core idle for the main suite's hour).
+        assert fallback[0] < t["main end"], calls
+        assert "the GPU-stack suite stepped aside (exit 75)" in proc.stdout, proc.stdout
     # The next Triton's smoke: after the main suite, from its own target directory, on the kernel tests, in two
     # shards (NEXT_TRITON_JOBS=2) that run at the same time; each shard's output printed under its exit code.
     starts = [c.split() for c in calls if c.startswith("next start")]
