@@ -91,8 +91,7 @@ echo "main sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/ca
 echo "main end $(date +%s.%N) args=$*" >> "$REC/calls"; exit "$MAIN_RC"
 """
 _FAKE_STACK = r"""#!/usr/bin/env bash
-# As the real one, it steps aside (75) at once, before installing anything.
-echo "stack start $(date +%s.%N)" >> "$REC/calls"; [ "$STACK_RC" = 75 ] || sleep 1
+echo "stack start $(date +%s.%N)" >> "$REC/calls"; sleep 1
 echo "stack sigign $(awk '/^SigIgn/ { print $2 }' /proc/self/status)" >> "$REC/calls"
 echo "stack end $(date +%s.%N)" >> "$REC/calls"; echo "the stack's own output"; exit "$STACK_RC"
 """
@@ -171,7 +170,8 @@ def test_run_tests_runs_the_stack_beside_the_main_suite(
     fallback = [float(c.split()[2]) for c in calls if c.startswith("fallback pytest")]
     assert len(fallback) == (stack_rc == 75), calls
     if fallback and not serial:
-        # In the stack's place beside the main suite, not after it (that left a core idle for the main suite's hour).
+        # In the stack's place beside the main suite, not after it (that left a core idle for the main suite's hour):
+        # it starts about 1 s in, after the stand-in stack; the main suite's stand-in takes 3 s here.
         assert fallback[0] < t["main end"], calls
         assert "the GPU-stack suite stepped aside (exit 75)" in proc.stdout, proc.stdout
     # The next Triton's smoke: after the main suite, from its own target directory, on the kernel tests, in two
