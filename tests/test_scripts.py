@@ -240,6 +240,8 @@ def test_next_triton_smoke_interrupted_stops_its_shards(tmp_path, sig):
     or SIGTERM to the script's group ends it with 130 and kills every shard with its children."""
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / ".complete").touch()
+    (tmp_path / "scripts").mkdir()  # a copy, so that the shards' logs go to tmp_path/.cache, not the checkout's
+    shutil.copy(ROOT / "scripts" / "run_next_triton_tests.sh", tmp_path / "scripts")
     py = tmp_path / "venv" / "bin" / "python"
     py.parent.mkdir(parents=True)
     py.write_text('#!/usr/bin/env bash\ncase "$*" in "-c "*) echo "triton 3.9.0 numpy 2.4.6"; exit 0 ;; esac\n'
@@ -248,7 +250,7 @@ def test_next_triton_smoke_interrupted_stops_its_shards(tmp_path, sig):
     env = {**os.environ, "VENV": str(py.parents[1]), "NEXT_TRITON_DIR": str(tmp_path / "triton"),
            "NEXT_TRITON_JOBS": "3", "REC": str(tmp_path)}  # fmt: skip
     env.pop("NEXT_TRITON", None)
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run_next_triton_tests.sh")], cwd=ROOT, env=env,
+    proc = subprocess.Popen(["bash", "scripts/run_next_triton_tests.sh"], cwd=tmp_path, env=env,
                             start_new_session=True, preexec_fn=_terminal_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     shards = tmp_path / "shards"
