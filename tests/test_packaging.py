@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import types
 import zipfile
 from pathlib import Path
@@ -204,12 +206,49 @@ def test_build_configuration_honours_its_environment(monkeypatch, tmp_path):
     assert _build.cutlass_include_dirs() == [str(tree / "include"), str(tree / "tools" / "util" / "include")]
     monkeypatch.setenv("NVCC_THREADS", "7")
     assert "--threads=7" in _build.compile_flags(["80"])["nvcc"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the links to the wheels' headers go
     inc = _wheel_headers(monkeypatch, tmp_path, "cublas_v2.h")
     toolkit = tmp_path / "cuda-13.0"
     (toolkit / "include").mkdir(parents=True)
-    assert str(inc) in _build.cuda_extra_include_dirs(str(toolkit))
+    assert str(inc) not in _build.cuda_extra_include_dirs(str(toolkit))
+    _links_to(inc, _build.cuda_extra_include_dirs(str(toolkit)))
     (toolkit / "include" / "cublas_v2.h").write_text("")
     assert _build.cuda_extra_include_dirs(str(toolkit)) == []
+
+
+def _links_to(inc: Path, dirs: list[str]) -> Path:
+    """The one directory of ``dirs`` whose links lead into ``inc``."""
+    (shim,) = [Path(d) for d in dirs if (Path(d) / "cublas_v2.h").resolve() == (inc / "cublas_v2.h").resolve()]
+    return shim
+
+
+def test_wheel_headers_beside_a_toolkit_add_only_what_it_lacks(monkeypatch, tmp_path):
+    """torch's CUDA wheels carry the runtime's and CCCL's headers of torch's CUDA release too: next to a
+    toolkit of another release (torch 2.15's cu132 wheels, nvcc 13.0) nvcc stops at "CUDA compiler and
+    CUDA toolkit headers are incompatible". Only the headers the toolkit lacks are added, through a
+    directory of links whose path stays the same from one build to the next."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    inc = _wheel_headers(monkeypatch, tmp_path, "cublas_v2.h")
+    for name in ("cusparse.h", "cuda_runtime_api.h"):
+        (inc / name).write_text("// 13.2")
+    (inc / "cccl" / "cuda").mkdir(parents=True)
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include" / "cccl").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("// 13.0")
+    dirs = _build.cuda_extra_include_dirs(str(toolkit))  # (this venv's own CUDA wheels' too, if any)
+    shim = _links_to(inc, dirs)
+    assert shim.parent == tmp_path / "tmp" and str(inc) not in dirs
+    assert sorted(p.name for p in shim.iterdir()) == ["cublas_v2.h", "cusparse.h"]
+    assert all((shim / n).resolve() == (inc / n).resolve() for n in ("cublas_v2.h", "cusparse.h"))
+    assert _build.cuda_extra_include_dirs(str(toolkit)) == dirs  # the same paths again
+    (shim / "cusparse.h").unlink()  # a broken one (a half-cleaned temp dir) is made again
+    assert _build.cuda_extra_include_dirs(str(toolkit)) == dirs
+    assert sorted(p.name for p in shim.iterdir()) == ["cublas_v2.h", "cusparse.h"]
+    assert all(re.fullmatch(r"lora_kernels-cuda-headers-[0-9a-f]{16}", p.name) for p in shim.parent.iterdir())
+    (toolkit / "include" / "cusparse.h").write_text("")  # what the toolkit has comes from it
+    other = _links_to(inc, _build.cuda_extra_include_dirs(str(toolkit)))
+    assert other != shim and sorted(p.name for p in other.iterdir()) == ["cublas_v2.h"]
 
 
 def test_toolkit_is_found_behind_an_nvcc_wrapper(monkeypatch, tmp_path):

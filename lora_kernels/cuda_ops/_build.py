@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the source tree (repository root)
@@ -159,8 +160,14 @@ def cutlass_include_dirs() -> list[str]:
 def cuda_extra_include_dirs(cuda_home: str | None) -> list[str]:
     """Header dirs of pip-installed CUDA libraries (cuBLAS, cuSPARSE, ...) that torch's headers
     include but a minimal toolkit lacks: ``nvidia/cu13/include`` (CUDA 13 wheels) or the per-library
-    ``nvidia/<lib>/include`` dirs (CUDA 12 wheels)."""
-    if cuda_home and (Path(cuda_home) / "include" / "cublas_v2.h").exists():
+    ``nvidia/<lib>/include`` dirs (CUDA 12 wheels).
+
+    Beside a toolkit, only what its ``include/`` lacks is added (:func:`missing_headers_dir`): the
+    wheels' directory also holds the CUDA runtime's and CCCL's headers of torch's CUDA release, which
+    nvcc refuses when its own release differs ("CUDA compiler and CUDA toolkit headers are
+    incompatible": torch 2.15's cu132 wheels beside nvcc 13.0)."""
+    toolkit_inc = Path(cuda_home) / "include" if cuda_home else None
+    if toolkit_inc is not None and (toolkit_inc / "cublas_v2.h").exists():
         return []
     found = []
     for site_dir in _site_dirs():
@@ -169,8 +176,38 @@ def cuda_extra_include_dirs(cuda_home: str | None) -> list[str]:
             continue
         for inc in sorted(nv.glob("cu*/include")) + sorted(nv.glob("*/include")):
             if any((inc / h).exists() for h in ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "curand.h")):
-                found.append(str(inc))
-    return list(dict.fromkeys(found))
+                found.append(inc)
+    found = list(dict.fromkeys(found))
+    if toolkit_inc is None or not toolkit_inc.is_dir():
+        return [str(inc) for inc in found]
+    return [str(missing_headers_dir(inc, toolkit_inc)) for inc in found]
+
+
+def missing_headers_dir(wheel_inc: Path, toolkit_inc: Path) -> Path:
+    """A directory of symlinks to the entries of ``wheel_inc`` that ``toolkit_inc`` lacks (cuBLAS's,
+    cuSPARSE's, cuSOLVER's headers...), so that a header both have comes from the toolkit that
+    compiles. Kept in the temp dir under a name keyed by both paths and that list, so that the
+    compile commands, and ninja's, stay the same from one build to the next."""
+    missing = sorted(e.name for e in wheel_inc.iterdir() if not (toolkit_inc / e.name).exists())
+    key = hashlib.sha256("\0".join([str(wheel_inc), str(toolkit_inc), *missing]).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"lora_kernels-cuda-headers-{key}"
+
+    def complete() -> bool:
+        return out.is_dir() and sorted(e.name for e in out.iterdir()) == missing
+
+    if complete():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    for name in missing:
+        (tmp / name).symlink_to(wheel_inc / name)
+    try:
+        os.replace(tmp, out)  # atomic where out is absent (or empty)
+    except OSError:  # another build made it meanwhile, or a broken one is in the way
+        if not complete():
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def include_dirs(cuda_home: str | None) -> list[str]:
