@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-ci.txt
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements-axolotl.txt
 CUDA_HOME=$(bash scripts/find_cuda_home.sh)
 if [ -n "$CUDA_HOME" ]; then
   export CUDA_HOME
