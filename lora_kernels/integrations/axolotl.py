@@ -29,6 +29,8 @@ from typing import Any, Literal
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field
 
+from ..api import MASK_MODES
+from ..backends import BACKENDS
 from . import patch
 
 __all__ = ["LoraKernelsPlugin", "LoraKernelsArgs", "AXOLOTL_LORA_KERNEL_KEYS"]
@@ -39,13 +41,24 @@ log = logging.getLogger("lora_kernels")
 AXOLOTL_LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 
+def _refuse_axolotl_kernels(cfg: Any, state: str) -> None:
+    on = [k for k in AXOLOTL_LORA_KERNEL_KEYS if cfg.get(k)]
+    if on:
+        raise ValueError(
+            f"lora_kernels' Axolotl plugin: {', '.join(on)} {'is' if len(on) == 1 else 'are'} {state}. "
+            "Axolotl's LoRA kernels replace the attention/MLP forward and read the LoRA weights themselves, "
+            f"so the fused layers would never run: set {' and '.join(on)} to false, or remove "
+            f"{__name__}.LoraKernelsPlugin from plugins"
+        )
+
+
 class LoraKernelsArgs(BaseModel):
     """The plugin's keys in an Axolotl config (merged into Axolotl's schema, validated with it)."""
 
-    lora_kernels_backend: Literal["auto", "triton", "cuda", "torch"] | None = Field(
+    lora_kernels_backend: Literal[("auto", *BACKENDS)] | None = Field(  # type: ignore[valid-type]
         default=None, json_schema_extra={"description": "lora_kernels backend for the fused layers (default auto)"}
     )
-    lora_kernels_dropout_mask: Literal["bitmask", "regenerate"] | None = Field(
+    lora_kernels_dropout_mask: Literal[MASK_MODES] | None = Field(  # type: ignore[valid-type]
         default=None,
         json_schema_extra={
             "description": "what backward keeps of the dropout mask: a bitmask (default) or nothing (regenerate)"
@@ -73,15 +86,7 @@ class LoraKernelsPlugin(BasePlugin):
         """Runs on the raw config, before Axolotl validates it (and before it auto-enables its kernels)."""
         if not self._listed(cfg):
             return
-        on = [k for k in AXOLOTL_LORA_KERNEL_KEYS if cfg.get(k)]
-        if on:
-            raise ValueError(
-                f"lora_kernels' Axolotl plugin: {', '.join(on)} {'is' if len(on) == 1 else 'are'} set to true. "
-                "Axolotl's LoRA kernels replace the attention/MLP forward and read the LoRA weights "
-                "themselves, so the fused layers would never run: set "
-                f"{' and '.join(on)} to false, or remove lora_kernels.integrations.axolotl.LoraKernelsPlugin "
-                "from plugins"
-            )
+        _refuse_axolotl_kernels(cfg, "set to true")
         self._defaulted = [k for k in AXOLOTL_LORA_KERNEL_KEYS if cfg.get(k) is None]
         for k in self._defaulted:
             cfg[k] = False
@@ -97,13 +102,7 @@ class LoraKernelsPlugin(BasePlugin):
     def post_model_load(self, cfg: Any, model: Any) -> None:
         if not self._listed(cfg):
             return
-        # Another plugin could have switched Axolotl's kernels back on after register().
-        on = [k for k in AXOLOTL_LORA_KERNEL_KEYS if cfg.get(k)]
-        if on:
-            raise ValueError(
-                f"lora_kernels' Axolotl plugin: {', '.join(on)} turned on after the plugin registered; "
-                "Axolotl's LoRA kernels bypass the fused layers: set them to false"
-            )
+        _refuse_axolotl_kernels(cfg, "on after the plugin registered (another plugin?)")
         # patch() logs its report (INFO; WARNING when no layer could be fused).
         patch(
             model,
