@@ -121,8 +121,8 @@ def _load_and_step(cfg: DictDefault) -> dict:
     }
 
 
-def run(scenario: dict, model_dir: str) -> dict:
-    out_dir = tempfile.mkdtemp(prefix="axolotl-out-")
+def run(scenario: dict, model_dir: str, work: str) -> dict:
+    out_dir = tempfile.mkdtemp(prefix="out-", dir=work)
     raw = _config(model_dir, out_dir, scenario["cfg"])
     try:
         cfg = _validated(raw)
@@ -138,10 +138,11 @@ def run(scenario: dict, model_dir: str) -> dict:
 def main(out: str, scenarios_json: str) -> None:
     with open(scenarios_json) as f:
         scenarios = json.load(f)
-    model_dir = tempfile.mkdtemp(prefix="axolotl-model-")
+    work = os.path.dirname(os.path.abspath(out))  # everything it writes goes beside OUT
+    model_dir = tempfile.mkdtemp(prefix="model-", dir=work)
     _llama().save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)
-    torch.save({name: run(s, model_dir) for name, s in scenarios.items()}, out)
+    torch.save({name: run(s, model_dir, work) for name, s in scenarios.items()}, out)
 
 
 if __name__ == "__main__":
