@@ -83,6 +83,7 @@ ALL_IMPLS = (
     "cublas",
     "naive",
     "peft",
+    "axolotl",
     "compile",
     "addmm",
     "torch",
@@ -343,6 +344,24 @@ def _peft(prob: Problem) -> Impl:
     return Impl("peft", layer, owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
 
 
+def _axolotl(prob: Problem) -> Impl:
+    """Axolotl's LoRA kernel for one projection (``axolotl.kernels.lora.apply_lora_linear``: ``LoRA_O``, what its
+    ``lora_o_kernel`` runs, on by default for LoRA runs) over the ``peft`` row's layer: X·Wᵀ, then
+    ``addmm_(X̃·Aᵀ, Bᵀ)`` with the adapters cast to x's dtype, custom backward (dA, dB, dX from dY·B once); at
+    p > 0 it keeps the dropped copy of x that PEFT's dropout module makes."""
+    try:
+        from axolotl.kernels.lora import apply_lora_linear
+    except ImportError as e:
+        raise Unavailable(f"axolotl is not installed ({e})") from e
+    peft = _peft(prob)
+    layer = peft.fn
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return apply_lora_linear(layer, x.unsqueeze(0)).squeeze(0)  # LoRA_O's backward takes (batch, seq, K)
+
+    return Impl("axolotl", fn, peft.owned, prob.lora_flops_fwd, prob.lora_flops_fwdbwd)
+
+
 def _ours(prob: Problem, backend: str, mask_mode: str, name: str, weight: torch.Tensor | None = None) -> Impl:
     """``weight``: the frozen weight to pass instead of ``prob.weight`` (same values, another layout)."""
     from lora_kernels import available_backends, lora_linear
@@ -568,6 +587,8 @@ def build(name: str, prob: Problem) -> Impl:
         return _addmm(prob)
     if name == "peft":
         return _peft(prob)
+    if name == "axolotl":
+        return _axolotl(prob)
     if name == "torch":
         return _ours(prob, "torch", "bitmask", name)
     if name == "triton-1pass":

@@ -92,6 +92,7 @@ GPU_IMPLS = (
     "cublas",
     "naive",
     "peft",
+    "axolotl",
     "compile",
     "addmm",
     "triton-bitmask",
@@ -110,7 +111,7 @@ GPU_IMPLS = (
 )
 # triton-compile (a compile per configuration, like `compile`) only when asked for with --impls.
 # torch.compile is left out of the dry run: inductor's C++ build takes minutes on a small CPU.
-DRY_IMPLS = ("cublas", "naive", "peft", "addmm", "torch", "triton-bitmask", "triton-regen")
+DRY_IMPLS = ("cublas", "naive", "peft", "axolotl", "addmm", "torch", "triton-bitmask", "triton-regen")
 
 
 def _int_list(s: str) -> list[int]:

@@ -28,9 +28,9 @@ CONFIGS = [
     Config(m, k, n, r, p) for (k, n) in _Q["shapes"] for m in _Q["m"] for r in _Q["ranks"] for p in _Q["dropout"]
 ]
 CONFIGS += _Q["extra"]
-# The benchmark's GPU rows but peft and compile: this suite tracks our kernels against the floor and
-# naive; the peft and compile rows stay in `python -m bench.lora_linear`.
-IMPLS = tuple(name for name in GPU_IMPLS if name not in ("peft", "compile"))
+# The benchmark's GPU rows but peft, axolotl and compile: this suite tracks our kernels against the floor and
+# naive; the peft, axolotl and compile rows stay in `python -m bench.lora_linear`.
+IMPLS = tuple(name for name in GPU_IMPLS if name not in ("peft", "axolotl", "compile"))
 
 
 def _cfg_id(c: Config) -> str:

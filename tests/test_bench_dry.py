@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # The dry run is on the CPU: its Triton rows run iff the interpreter is on (tests/conftest.py turns it
 # on when there is no GPU); otherwise they must be skipped with the backend's own reason.
 TRITON_REASON = available_backends(dtype=torch.float32, device="cpu")["triton"]
+# The axolotl row runs where axolotl is installed (CI installs it for tests/test_axolotl.py).
+try:
+    import axolotl.kernels.lora  # noqa: F401
+
+    AXOLOTL_REASON = None
+except ImportError as _e:
+    AXOLOTL_REASON = f"axolotl is not installed ({_e})"
 # The accounting tests run on the CPU and, where there is one, on the GPU (where the real kernels run).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -75,6 +82,11 @@ def test_dry_run_writes_every_row_and_column(dry_run):
             assert float(r["rel_err"]) < 1e-5, (impl, r["rel_err"])
     assert by[("triton-regen", 0.0)]["status"].startswith("skipped: p = 0")
     assert by[("addmm", 0.0)]["status"] == "ok" and by[("addmm", 0.1)]["status"].startswith("skipped: Unsloth")
+    for p in (0.0, 0.1):
+        if AXOLOTL_REASON is None:
+            assert by[("axolotl", p)]["status"] == "ok", by[("axolotl", p)]["status"]
+        else:
+            assert by[("axolotl", p)]["status"] == f"skipped: {AXOLOTL_REASON}"
     for key in (("triton-bitmask", 0.0), ("triton-bitmask", 0.1), ("triton-regen", 0.1)):
         if TRITON_REASON is None:
             assert by[key]["status"] == "ok", by[key]["status"]
@@ -96,6 +108,8 @@ def test_dry_run_derived_columns_follow_from_the_measurements(dry_run):
         ("cublas", 0.0): 0, ("cublas", 0.1): 0, ("naive", 0.0): M * r * 4,
         ("triton-bitmask", 0.0): M * r * 4, ("triton-bitmask", 0.1): M * r * 4 + M * math.ceil(K / 8),
         ("triton-regen", 0.1): M * r * 4,
+        # Axolotl's LoRA_O recomputes x·Aᵀ in backward: nothing beyond x at p = 0
+        ("axolotl", 0.0): 0,
     }  # fmt: skip
     checked = 0
     for row in rows:
@@ -111,7 +125,11 @@ def test_dry_run_derived_columns_follow_from_the_measurements(dry_run):
             assert row["saved_mib"] * 2**20 == saved[(row["impl"], row["p"])], (row["impl"], row["p"])
             checked += 1
         assert row["adapter_dtype"] == "fp32" and row["copies"] > 1
-    assert checked >= (6 if TRITON_REASON is None else 3)
+    assert checked >= (6 if TRITON_REASON is None else 3) + (AXOLOTL_REASON is None)
+    if AXOLOTL_REASON is None:
+        ax, pf = (next(r for r in rows if r["impl"] == i and r["p"] == 0.1) for i in ("axolotl", "peft"))
+        # At p > 0 both keep what PEFT's dropout module keeps (the dropped copy of x); PEFT keeps T = x̃·Aᵀ too.
+        assert ax["saved_mib"] * 2**20 == pf["saved_mib"] * 2**20 - M * r * 4 > 0
 
 
 def test_rows_time_every_input_copy_with_cleared_gradients():
