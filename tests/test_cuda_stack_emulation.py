@@ -24,6 +24,7 @@ import lora_kernels as lk
 from lora_kernels.cuda_ops import _ext
 from lora_kernels.reference import lora_linear_ref
 
+from . import _big_offsets_worker as big
 from ._utils import assert_close_ref
 
 H100, A100 = (9, 0), (8, 0)
@@ -225,3 +226,29 @@ def test_compiled_call_matches_eager(emu_cuda):
     for g1, g2 in zip(g_c, g_e, strict=True):
         assert torch.equal(g1, g2)
     assert emu_cuda.calls.count("lora_fwd") == 2 and emu_cuda.calls.count("lora_bwd") == 2
+
+
+# backend="cuda" with inputs whose row or column index times its stride passes 2**31 (tests/_big_offsets_worker.py)
+BIG_CUDA_LAUNCHES = {  # (entry point, the base GEMM's path: lora_ops.h's GemmBackend) per call
+    "cuda-emu-rows": [["lora_fwd", 4], ["lora_bwd", 3]],  # concatenated-K sm90, then the accumulating sm90 GEMM
+    "cuda-emu-cols": [["lora_fwd", 1], ["lora_bwd", 1]],  # column-major x and dY: cuBLAS
+    "cuda-emu-rows-wkn": [["lora_fwd", 4], ["lora_bwd", 3]],
+}
+
+
+@pytest.fixture(scope="module")
+def big_offsets_cuda(_cuda_ops_emu_build) -> dict:
+    """tests/_big_offsets_worker.py's CUDA cases over this session's emulated extension, in a process of its own
+    (a 32-bit offset segfaults it)."""
+    run = big.run_worker(["--cuda-emu", _cuda_ops_emu_build.__file__])
+    if "skip" in run:
+        pytest.skip(run["skip"])
+    return run
+
+
+@pytest.mark.parametrize("case", list(big.CUDA_EMU_CASES))
+def test_64_bit_offsets_end_to_end(big_offsets_cuda, case):
+    """x, weight, lora_A, lora_B and dY each a view into one storage of 2**32 elements, their rows or columns 2**25
+    to 2**30 elements apart, so that index times stride passes 2**31 in every one: lora_ops.cpp's strides and the
+    low-rank kernels' offsets are 64-bit (the CUTLASS GEMMs are modelled here: their strides are CuTe's int64)."""
+    big.check_case(big_offsets_cuda, case, big.CUDA_EMU_CASES[case][0], BIG_CUDA_LAUNCHES[case])

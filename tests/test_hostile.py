@@ -6,6 +6,9 @@ Run over the "torch" (reference) and "triton" backends (the Triton CPU interpret
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from lora_kernels.reference import (
     lora_linear_ref,
     philox4x32_10,
 )
+from tests import _big_offsets_worker as big
 from tests._utils import HAS_CUDA, assert_close_ref, requires_gpu
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -553,12 +557,38 @@ def test_keep_rows_helper_is_the_reference_mask():
     assert torch.equal(keep_rows(seed, rows, 21, 0.3), full[rows])
 
 
+@pytest.fixture
+def one_big_gpu_test_at_a_time():
+    """Tests that hold ~13 GB of the GPU take turns across pytest-xdist workers (gpu_check.sh runs 8), and hand the
+    memory back after: each worker's caching allocator would keep it, and six such tests at once, or six workers
+    each keeping one's cache, do not fit an H100's 80 GB beside the other tests."""
+    import fcntl
+    import gc
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "lora_kernels-big-gpu-test.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# (K, N): "tall", M·K > 2³¹ (x, dX, the bitmask, the backward's transposed reads of x); "wide", M·N > 2³¹ (y and dY:
+# a LoRA on an output layer, vocabulary-wide N, over a long batch), with the bitmask only
+BIG_SHAPES = {"tall": (4096, 64), "wide": (64, 4096)}
+BIG_CASES = [(b, m, "tall") for b in ("triton", "triton-single", "cuda") for m in ("bitmask", "regenerate")]
+BIG_CASES += [(b, "bitmask", "wide") for b in ("triton", "triton-single", "cuda")]
+
+
 @requires_gpu
-@pytest.mark.parametrize("backend", ["triton", "triton-single", "cuda"])
-@pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
-def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
-    """M·K > 2³¹ (about 13 GB of GPU memory): every offset in the kernels must be 64-bit (x, dx, the
-    bitmask, the transposed reads of the backward reductions, the single-pass partials). Rows around
+@pytest.mark.parametrize("backend,mask_mode,shape", BIG_CASES)
+@pytest.mark.usefixtures("one_big_gpu_test_at_a_time")
+def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode, shape):
+    """M·K or M·N > 2³¹ (about 13 GB of GPU memory): every offset in the kernels must be 64-bit (x, dx, the
+    bitmask, the transposed reads of the backward reductions, the single-pass partials; y and dY). Rows around
     element 2³¹ are checked against float64, dA and dB against a chunked float32 reference."""
     single, taken = backend == "triton-single", []
     if single:  # the opt-in single-pass kernels (LORA_KERNELS_FWD/BWD=single)
@@ -576,8 +606,9 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
     reason = backends.available_backends(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16))[backend]
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run here: {reason}")
-    k, n, r, p, seed, s = 4096, 64, 16, 0.1, 2**35 + 3, 2.0
-    m = 2**31 // k + 1000  # the last 1000 rows lie beyond element 2**31
+    (k, n), r, p, seed, s = BIG_SHAPES[shape], 16, 0.1, 2**35 + 3, 2.0
+    past = 2**31 // max(k, n)  # the first row that starts beyond element 2**31 (of x, or of y and dY)
+    m = past + 1000
     dt = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=dt, generator=g).requires_grad_(True)
@@ -589,7 +620,7 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
     y.backward(dy)
     if single:
         assert taken == ["lora_fwd_single_pass", "lora_bwd_single_pass"], "the single-pass kernels did not run"
-    rows = torch.cat([torch.arange(0, 8), torch.arange(2**31 // k - 4, 2**31 // k + 4), torch.arange(m - 8, m)])
+    rows = torch.cat([torch.arange(0, 8), torch.arange(past - 4, past + 4), torch.arange(m - 8, m)])
     rows = rows.cuda()
     keep = keep_rows(seed, rows, k, p)
     x64, dy64 = x.detach()[rows].double(), dy[rows].double()
@@ -611,3 +642,63 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode):
         dA += ((s * dyc @ B.detach().float()).t() @ hc).double()
     assert_close_ref(A.grad, dA, [dt], "dA over > 2**31 elements")
     assert_close_ref(B.grad, dB, [dt], "dB over > 2**31 elements")
+
+
+# ------------------------------------------------------------------------------------------------
+# 64-bit offsets without 13 GB: views with strides of 2**25-2**30 elements, in the interpreter (CPU)
+
+# what each case must launch: the path it names ran (pointer, TMA, single-pass; the one-read dY kernel; dA apart)
+BIG_LAUNCHES = {
+    "pointer": ["_shrink_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel"],
+    "pointer-rows-dy1": ["_shrink_kernel", "_fwd_kernel", "_bwd_dy1_kernel", "_bwd_dx_kernel"],
+    "tma": ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"],
+    "tma-rows-da-separate": ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel",
+                             "_bwd_dx_kernel"],
+    "single": ["_fwd_single_pass_kernel"] * 2 + ["_bwd_single_pass_kernel"] * 2 + ["_bwd_dx_kernel"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_offsets() -> dict:
+    """tests/_big_offsets_worker.py's Triton cases, in a process of its own (a 32-bit offset segfaults it)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton (its CPU interpreter runs the kernels)")
+    run = big.run_worker([], {"TRITON_INTERPRET": "1"})
+    if "skip" in run:
+        pytest.skip(run["skip"])
+    return run
+
+
+@pytest.mark.parametrize("case", list(big.CASES))
+def test_64_bit_offsets_in_the_interpreter(big_offsets, case):
+    """Each input a view whose row or column index times its stride passes 2**31 (x, weight, lora_A, lora_B and dY
+    at once): forward and every gradient against float64, on the pointer, TMA and single-pass paths. A kernel that
+    forms such an offset in 32 bits wraps it negative and reads outside the storage: the worker segfaults (on a GPU,
+    an illegal address) or the values are wrong. (More than 2**31 elements: test_more_than_2_pow_31_elements, GPU.)"""
+    layout = big.CASES[case][0]
+    big.check_case(big_offsets, case, layout, BIG_LAUNCHES.get(case) or BIG_LAUNCHES[case.split("-")[0]])
+
+
+def test_rank_strides_past_int32_are_compacted():
+    """The kernels index the rank in 32 bits: lora_A / lora_B whose rank stride would carry that past 2**31 are
+    copied with the rank innermost; any other layout passes through untouched (no copy, the same tensor)."""
+    pytest.importorskip("triton")
+    from lora_kernels.triton_ops.lora_linear import _rank_offsets_fit
+
+    A, B = torch.randn(16, 40), torch.randn(24, 16)
+    assert all(a is b for a, b in zip(_rank_offsets_fit(A, B), (A, B), strict=True))
+    At, Bt = torch.randn(40, 16).t(), torch.randn(16, 24).t()  # (K, r)- and (r, N)-stored: strides 1 and r
+    assert all(a is b for a, b in zip(_rank_offsets_fit(At, Bt), (At, Bt), strict=True))
+    try:  # 4 GiB of address space; the rows touched are 40 and 24 elements each
+        store = torch.empty(2**31 + 256, dtype=torch.float16)
+    except RuntimeError as e:  # an address-space limit (ulimit -v, strict overcommit)
+        pytest.skip(f"cannot reserve 4 GiB of address space: {e}")
+    A, B = A.half(), B.half()
+    wide_A = store.as_strided((16, 40), (2**31 // 15 + 1, 1))  # row 15 starts past element 2**31
+    wide_B = store.as_strided((24, 16), (1, 2**31 // 15 + 1), 64)  # (and beside wide_A's rows, not on them)
+    with torch.no_grad():
+        wide_A.copy_(A)
+        wide_B.copy_(B)
+    A2, B2 = _rank_offsets_fit(wide_A, wide_B)
+    assert A2.stride() == (1, 16) and B2.stride() == (16, 1)
+    assert torch.equal(A2, A) and torch.equal(B2, B)

@@ -1604,6 +1604,21 @@ def _launch(kernel, grid, args: tuple, meta: dict, fixed: dict, wrap) -> None:
 
 
 _on_tensor_device = _plans.on_tensor_device  # (launch.py: the call plans' replays take it too)
+_INT32_MAX = 2**31 - 1
+
+
+def _rank_offsets_fit(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A (r, K) and lora_B (N, r) as the kernels can index them. They form offsets along the rank in 32 bits
+    (``offs_r · stride``, r ≤ 256 lanes: cheaper than 64 in every tile load), along K and N in 64. A rank stride that
+    carries that product past 2³¹ (rows or columns 2³¹ / r elements apart: a view no LoRA library makes) would wrap
+    to a negative offset, an illegal address; such a tensor is copied, r·K or N·r elements, with the rank innermost
+    (tests/test_hostile.py, test_64_bit_offsets_in_the_interpreter)."""
+    top = lora_A.shape[0] - 1
+    if top * lora_A.stride(0) > _INT32_MAX:
+        lora_A = lora_A.t().contiguous().t()
+    if top * lora_B.stride(1) > _INT32_MAX:
+        lora_B = lora_B.contiguous()
+    return lora_A, lora_B
 
 
 @_on_tensor_device
@@ -1627,6 +1642,7 @@ def lora_fwd(
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    lora_A, lora_B = _rank_offsets_fit(lora_A, lora_B)
     single = FWD_MODE == "single" and wrap is _identity and (N * x.element_size()) % 16 == 0
     if single and _tma_ok(x, _tma_weight(weight)[0]):
         from .single_pass import lora_fwd_single_pass, single_pass_reason
@@ -1724,6 +1740,7 @@ def lora_bwd(
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    lora_A, lora_B = _rank_offsets_fit(lora_A, lora_B)
     single = (bwd_mode or BWD_MODE) == "single"
     if single and need_dx and wrap is _identity and (K * x.element_size()) % 16 == 0:
         if _tma_ok(dy, _tma_weight(weight)[0]):
