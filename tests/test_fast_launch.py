@@ -752,6 +752,28 @@ def test_the_interpreter_and_wrapped_kernels_bypass_the_cache():
     assert calls == [((3,), calls[0][1], {"BLOCK": 32})] and L.stats() == before
 
 
+def test_a_call_without_launches_replays_in_the_interpreter():
+    """A backward that launches no kernel (only the frozen weight's gradient asked for: torch computes it) is kept as
+    a call plan with no launches, on any machine. Replayed, it asks for no stream: under TRITON_INTERPRET on a CPU
+    the second such call raised "0 active drivers" (found by a random fuzz campaign, session 53)."""
+    import torch
+
+    import lora_kernels as lk
+    from lora_kernels.triton_ops import launch as L
+    from tests._utils import INTERPRET
+
+    if not INTERPRET:
+        pytest.skip("the interpreter's case (on a GPU a stream is there to ask for)")
+    g = torch.Generator().manual_seed(0)
+    x, A, B, dy = (torch.randn(*s, generator=g) for s in ((3, 32), (4, 32), (40, 4), (3, 40)))
+    hits = L.stats()["call_hits"]
+    for _ in range(3):
+        W = torch.randn(40, 32, generator=g, requires_grad=True)
+        lk.lora_linear(x, W, A, B, scaling=2.0, backend="triton").backward(dy)
+        torch.testing.assert_close(W.grad, dy.t() @ x)
+    assert L.stats()["call_hits"] - hits >= 2 or not (L.PLANS and L.CALLS and L.FAST_LAUNCH), L.stats()
+
+
 _OLDER_TRITON = r"""
 import json, sys, types
 import triton

@@ -775,7 +775,9 @@ def _run_call(t: torch.Tensor, call: _Call, args: tuple) -> tuple:
         else:
             add(op[2](vals[op[1]]))
     derived = call.derive(args[call.varying])
-    stream = direct_stream()  # (one device and stream for the whole call)
+    # (one device and stream for the whole call; none to ask for without launches: a backward with only the weight's
+    # gradient, which a CPU under TRITON_INTERPRET records too, and whose Triton has no active driver to ask)
+    stream = direct_stream() if call.launches else None
     passed = vals
     if stream is not None and POINTER_INTS:  # (see POINTER_INTS; through Triton's runner, hooks see the tensors)
         passed = vals.copy()
