@@ -11,11 +11,13 @@ in the interpreter (an illegal address on a GPU), or wrong values. The interpret
 types, with Triton's: an int32 stride argument times an int32 index wraps there as on a GPU.
 
 Each case runs the forward and backward of ``lora_linear(backend="triton")`` on such views (x, weight,
-lora_A, lora_B and dY: their rows, or their columns, far apart) and prints one JSON line: the launches made,
-the strides the kernels were given, and each result's error against the float64 reference of the same
-values. "start <case>" goes to stderr first, so a crash names the case. Run in a process of its own, with
-TRITON_INTERPRET=1 in its environment, so a segfault fails a test instead of pytest. (Importing this module
-imports nothing of lora_kernels or Triton: the test reads CASES from it.)
+lora_A, lora_B and dY: their rows, or their columns, far apart), with the launchers' own buffers (y, T, the
+bitmask, dT, dX, split partials) placed far apart likewise in a second 8 GiB storage (:class:`FarBuffers`), and
+prints one JSON line: the launches made, the strides the kernels were given, the buffers placed far, and each
+result's error against the float64 reference of the same values. "start <case>" goes to stderr first, so a
+crash names the case. Run in a process of its own, with TRITON_INTERPRET=1 in its environment, so a segfault
+fails a test instead of pytest. (Importing this module imports nothing of lora_kernels or Triton: the test
+reads CASES from it.)
 """
 
 from __future__ import annotations
@@ -64,13 +66,21 @@ LAYOUTS = {
     },
 }
 
+
+def _dy1_cfg_16(x) -> dict:
+    """The one-read dY kernel's tiles with 16 columns (the interpreter's are 32: two partials at N = 40)."""
+    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
 # case -> (layout, module switches, dropout mask mode)
 CASES = {
     "pointer-rows-bitmask": ("rows", {"TMA_MODE": "0"}, "bitmask"),
     "pointer-rows-regenerate": ("rows", {"TMA_MODE": "0"}, "regenerate"),
     "pointer-cols-bitmask": ("cols", {"TMA_MODE": "0"}, "bitmask"),
-    "pointer-cols-split": ("cols", {"TMA_MODE": "0", "SHRINK_SPLIT_K": "2", "BWD_SPLIT_M": "2"}, "bitmask"),
+    "pointer-cols-split": ("cols", {"TMA_MODE": "0", "SHRINK_SPLIT_K": "3", "BWD_SPLIT_M": "2"}, "bitmask"),
     "pointer-rows-dy1": ("rows", {"TMA_MODE": "0", "DY_PASSES": "1"}, "bitmask"),
+    # three dT partials (N = 40 in 16-column blocks), the third past 2**31 (FAR_LEAD)
+    "pointer-rows-dy1-parts": ("rows", {"TMA_MODE": "0", "DY_PASSES": "1", "_dy1_cfg": _dy1_cfg_16}, "bitmask"),
     "tma-rows-bitmask": ("rows", {"TMA_MODE": "1"}, "bitmask"),
     "tma-rows-regenerate": ("rows", {"TMA_MODE": "1"}, "regenerate"),
     "tma-rows-wkn": ("rows_wkn", {"TMA_MODE": "1"}, "bitmask"),
@@ -78,6 +88,9 @@ CASES = {
     "single-rows-bitmask": ("rows", {"TMA_MODE": "1", "FWD_MODE": "single", "BWD_MODE": "single"}, "bitmask"),
     "single-rows-wkn": ("rows_wkn", {"TMA_MODE": "1", "FWD_MODE": "single", "BWD_MODE": "single"}, "regenerate"),
 }
+
+# cases whose buffers have the partials' leading dim far apart, not the rows (FarBuffers)
+FAR_LEAD = {"pointer-cols-split", "pointer-rows-dy1-parts", "single-rows-wkn"}
 
 # backend="cuda" over the emulated extension (tests/test_cuda_stack_emulation.py): case -> (layout, mask mode)
 CUDA_EMU_CASES = {
@@ -135,11 +148,67 @@ def _errors(t: dict, out: tuple[torch.Tensor, ...]) -> dict:
     return errs
 
 
+class FarBuffers:
+    """The launchers' allocator (``lora_linear._empty``) for a case: every buffer whose rows are x's rows (shape
+    ``(M, C)`` or ``(L, M, C)``: y, T and its split partials, the bitmask, dT and its partials, dX) comes back as a
+    view into one byte storage, placed so that the kernels' offsets into their own M-sized buffers pass 2³¹, as
+    they do with more than 2³¹ elements (test_more_than_2_pow_31_elements, GPU):
+
+    * ``"rows"``: rows ``S`` elements apart, ``(M - 1)·S`` past 2³¹; the leading dim of a partial (splits,
+      producers) interleaves within a row's band, so the extent stays one band per row;
+    * ``"lead"``: a leading dim of three or more (partials of T or dT) with its index ``L - 1`` past 2³¹ on a
+      stride below 2³¹ (an int32 argument, as on a GPU), rows near (the kernels index a partial's rows with T's
+      row stride: T's rows are near too).
+
+    8 GiB of address space in either, of which the elements written are backed. Each buffer is NaN-filled
+    (integers: 0xA5), so an element a kernel forgets to write is caught. Other shapes (dA, dB, 1-D counters) are
+    allocated as usual."""
+
+    SLOT = 2**14  # bytes between two buffers' first elements in a band: more than a row ("rows"), a slab ("lead")
+    FAR = 2**31 + 1  # elements: an index times its stride reaches this
+
+    BYTES = 4 * (FAR + 64 * 128) + 64 * SLOT  # the storage: room for fp32 rows up to M = 128
+
+    def __init__(self, store: torch.Tensor, m: int, mode: str, real) -> None:
+        assert store.dtype == torch.uint8 and store.numel() >= self.BYTES and 2 <= m <= 128
+        self.bytes, self.m, self.mode, self.real, self.next = store, m, mode, real, 0
+        # a multiple of 64 elements (TMA wants 16-byte row strides) with (m - 1)·S ≥ 2**31 + 1
+        self.row_stride = -(-self.FAR // (m - 1) // 64) * 64
+        self.far: list[str] = []
+
+    def __call__(self, shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
+        if len(shape) not in (2, 3) or shape[-2] != self.m or 0 in shape:
+            return self.real(shape, device, dtype)
+        size = torch.empty((), dtype=dtype).element_size()
+        width = -(-shape[-1] // 16) * 16  # elements
+        lead = shape[0] if len(shape) == 3 else 1
+        if self.mode == "rows":
+            strides, far, slab = [self.row_stride, 1], True, lead * width * size  # slab: one band's share
+            if len(shape) == 3:
+                strides.insert(0, width)
+        else:  # an int32 stride (below 2**31) whose index L - 1 ≥ 2 reaches past 2**31; two partials stay near
+            far = len(shape) == 3 and lead >= 3
+            strides, slab = [width, 1], (1 if far else lead) * self.m * width * size
+            if len(shape) == 3:
+                strides.insert(0, -(-self.FAR // (lead - 1) // 64) * 64 if far else self.m * width)
+        assert slab <= self.SLOT and self.next < 64, (shape, self.next)
+        base = self.next * self.SLOT // size
+        self.next += 1
+        # set_ rather than a view: the buffers share the storage, not one autograd base (a view of a base that
+        # another buffer's fill_ modified could not be returned from the custom Function)
+        v = torch.empty(0, dtype=dtype).set_(self.bytes.untyped_storage(), base, shape, strides)
+        with torch.no_grad():
+            v.fill_(float("nan") if dtype.is_floating_point else 0xA5)
+        if far:
+            self.far.append(f"{tuple(shape)}:{str(dtype).removeprefix('torch.')}")
+        return v
+
+
 def _strides(t: dict) -> dict:
     return {k: list(t[k].stride()) for k in LAYOUTS["rows"]}
 
 
-def run_case(store: torch.Tensor, name: str) -> dict:
+def run_case(store: torch.Tensor, name: str, out_store: torch.Tensor) -> dict:
     """A Triton case: the kernels in the interpreter, the module's switches set for the case."""
     from lora_kernels.triton_ops import lora_linear as tri
     from lora_kernels.triton_ops import single_pass as sp
@@ -162,17 +231,19 @@ def run_case(store: torch.Tensor, name: str) -> dict:
         return real_bwd(dy, *a, **k)
 
     t = _inputs(store, layout, len(name))
+    real_empty = tri._empty
+    far = FarBuffers(out_store, t["x"].shape[0], "lead" if name in FAR_LEAD else "rows", real_empty)
     try:
         for k, v in switches.items():
             setattr(tri, k, v)
-        tri._launch, sp._planned_launch, tri._bwd = launch, planned, bwd
+        tri._launch, sp._planned_launch, tri._bwd, tri._empty = launch, planned, bwd, far
         out = _step(t, "triton", mask_mode)
     finally:
         for k, v in saved.items():
             setattr(tri, k, v)
-        tri._launch, sp._planned_launch, tri._bwd = real_launch, real_planned, real_bwd
+        tri._launch, sp._planned_launch, tri._bwd, tri._empty = real_launch, real_planned, real_bwd, real_empty
     strides = _strides(t) | seen  # (dY: as the backward's launcher received it)
-    return {"case": name, "launched": launched, "strides": strides, "errors": _errors(t, out)}
+    return {"case": name, "launched": launched, "strides": strides, "far_outputs": far.far, "errors": _errors(t, out)}
 
 
 def run_cuda_emu_case(store: torch.Tensor, name: str, ext) -> dict:
@@ -234,13 +305,14 @@ def main(argv: list[str]) -> None:
         sys.exit("run with TRITON_INTERPRET=1 in the environment (the Triton kernels in the CPU interpreter)")
     try:
         store = torch.empty(STORE, dtype=DT)
+        out_store = None if emu else torch.empty(FarBuffers.BYTES, dtype=torch.uint8)  # (the Triton cases' buffers)
     except (RuntimeError, MemoryError) as e:  # an address-space limit (ulimit -v, strict overcommit)
-        print(json.dumps({"skip": f"cannot reserve 8 GiB of address space for the strided views: {e}"}))
+        print(json.dumps({"skip": f"cannot reserve 8 GiB (twice) of address space for the strided views: {e}"}))
         return
     ext = _load_emulated_extension(emu) if emu else None
     for name in argv or list(CUDA_EMU_CASES if emu else CASES):
         print(f"start {name}", file=sys.stderr, flush=True)
-        res = run_cuda_emu_case(store, name, ext) if emu else run_case(store, name)
+        res = run_cuda_emu_case(store, name, ext) if emu else run_case(store, name, out_store)
         print(json.dumps(res), flush=True)
 
 
@@ -283,6 +355,15 @@ def check_case(run: dict, case: str, layout: str, launched: list) -> None:
         pytest.fail(f"the worker ended (exit {run['rc']}) {where}: a 32-bit offset read outside the tensors?\n"
                     f"{run['stderr']}")  # fmt: skip
     assert res["launched"] == launched, res["launched"]
+    if "far_outputs" in res:  # a Triton case: the kernels' own buffers were placed far apart (FarBuffers)
+        m = M_COLS if layout == "cols" else M_ROWS
+        if case in FAR_LEAD:  # three partials of T or dT (the shrink's splits, dY's column blocks, the producers')
+            want = {f"(3, {m}, {R}):float32"}
+        else:  # y, T, dX and the bitmask
+            want = {f"({m}, {N}):float16", f"({m}, {R}):float32", f"({m}, {K}):float16"}
+            if CASES[case][2] == "bitmask":
+                want.add(f"({m}, {(K + 7) // 8}):uint8")
+        assert want <= set(res["far_outputs"]), res["far_outputs"]
     assert res["strides"] == {k: list(v[1]) for k, v in LAYOUTS[layout].items()}, res["strides"]
     atol, rtol = TOL[DT]
     for label, (err, scale) in res["errors"].items():

@@ -651,6 +651,7 @@ def test_more_than_2_pow_31_elements(monkeypatch, backend, mask_mode, shape):
 BIG_LAUNCHES = {
     "pointer": ["_shrink_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_bwd_dx_kernel"],
     "pointer-rows-dy1": ["_shrink_kernel", "_fwd_kernel", "_bwd_dy1_kernel", "_bwd_dx_kernel"],
+    "pointer-rows-dy1-parts": ["_shrink_kernel", "_fwd_kernel", "_bwd_dy1_kernel", "_bwd_dx_kernel"],
     "tma": ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel"],
     "tma-rows-da-separate": ["_shrink_kernel", "_fwd_tma_kernel", "_bwd_dy_kernel", "_bwd_dx_tma_kernel",
                              "_bwd_dx_kernel"],
@@ -672,9 +673,11 @@ def big_offsets() -> dict:
 @pytest.mark.parametrize("case", list(big.CASES))
 def test_64_bit_offsets_in_the_interpreter(big_offsets, case):
     """Each input a view whose row or column index times its stride passes 2**31 (x, weight, lora_A, lora_B and dY
-    at once): forward and every gradient against float64, on the pointer, TMA and single-pass paths. A kernel that
-    forms such an offset in 32 bits wraps it negative and reads outside the storage: the worker segfaults (on a GPU,
-    an illegal address) or the values are wrong. (More than 2**31 elements: test_more_than_2_pow_31_elements, GPU.)"""
+    at once): forward and every gradient against float64, on the pointer, TMA and single-pass paths. The kernels' own
+    buffers too (y, T, the bitmask, dT, dX: rows far apart; three split partials of T or dT: the third far off), as
+    the launchers' allocator hands them out (``FarBuffers``). A kernel that forms such an offset in 32 bits wraps it
+    negative and reads outside the storage: the worker segfaults (on a GPU, an illegal address) or the values are
+    wrong. (More than 2**31 elements: test_more_than_2_pow_31_elements, GPU.)"""
     layout = big.CASES[case][0]
     big.check_case(big_offsets, case, layout, BIG_LAUNCHES.get(case) or BIG_LAUNCHES[case.split("-")[0]])
 

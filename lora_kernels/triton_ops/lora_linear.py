@@ -670,17 +670,14 @@ def _sum_dt_partials(DTP, DT, tile, ok, PARTS, stride_dtps, scaling, BLOCK_M: tl
     """DT[tile] = scaling · Σ_j DTP[j][tile] over the PARTS fp32 partials, four loads in flight at a time (from L2:
     .cg, past the L1 that may hold none of them but must not serve a stale line), added in a fixed order."""
     tot = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # In 64 bits: j·stride passes 2**31 once the partials do (⌈N/256⌉·M·r elements: M ≥ 2.4 M rows at N = 14336).
+    step = tl.cast(stride_dtps, tl.int64)
     for j in range(0, PARTS, 4):
-        p0 = tl.load(DTP + j * stride_dtps + tile, mask=ok, other=0.0, cache_modifier=".cg")
-        p1 = tl.load(
-            DTP + (j + 1) * stride_dtps + tile, mask=_mask_and(ok, j + 1 < PARTS), other=0.0, cache_modifier=".cg"
-        )
-        p2 = tl.load(
-            DTP + (j + 2) * stride_dtps + tile, mask=_mask_and(ok, j + 2 < PARTS), other=0.0, cache_modifier=".cg"
-        )
-        p3 = tl.load(
-            DTP + (j + 3) * stride_dtps + tile, mask=_mask_and(ok, j + 3 < PARTS), other=0.0, cache_modifier=".cg"
-        )
+        ptrs = DTP + j * step + tile
+        p0 = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+        p1 = tl.load(ptrs + step, mask=_mask_and(ok, j + 1 < PARTS), other=0.0, cache_modifier=".cg")
+        p2 = tl.load(ptrs + 2 * step, mask=_mask_and(ok, j + 2 < PARTS), other=0.0, cache_modifier=".cg")
+        p3 = tl.load(ptrs + 3 * step, mask=_mask_and(ok, j + 3 < PARTS), other=0.0, cache_modifier=".cg")
         tot += (p0 + p1) + (p2 + p3)
     tl.store(DT + tile, tot * scaling, mask=ok)
 
@@ -733,7 +730,7 @@ def _bwd_dy1_kernel(
         if num_pid_n == 1:
             tl.store(DT + tile, dt * scaling, mask=ok)
         else:
-            tl.store(DTP + pid_n * stride_dtps + tile, dt, mask=ok)
+            tl.store(DTP + pid_n.to(tl.int64) * stride_dtps + tile, dt, mask=ok)  # (64 bits: _sum_dt_partials)
             if _last_to_arrive(CNT + m0 // BLOCK_M, num_pid_n):
                 _sum_dt_partials(DTP, DT, tile, ok, num_pid_n, stride_dtps, scaling, BLOCK_M, BLOCK_R)
                 tl.atomic_xchg(CNT + m0 // BLOCK_M, 0, sem="relaxed")

@@ -241,18 +241,16 @@ def _sum_partials(P, stride_pn, p_off, p_mask, NUM_PROD, scale, BLOCK_M: tl.cons
     # ≤ 64 keeps the loads in flight at ≤ 32 registers a thread next to the live accumulator tile.
     # .cg: read at L2, where the other SMs' stores are (never a stale L1 line).
     U: tl.constexpr = 4 if BLOCK_R <= 16 else (2 if BLOCK_R <= 32 else 1)
+    # In 64 bits: j·stride and 2·stride, 3·stride pass 2**31 once the partials do (NUM_PROD·M·r elements).
+    step = tl.cast(stride_pn, tl.int64)
     for j0 in range(0, NUM_PROD, U):
-        ptrs = P + tl.cast(j0, tl.int64) * stride_pn + p_off
+        ptrs = P + j0 * step + p_off
         p0 = tl.load(ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
         if U > 1:
-            p1 = tl.load(ptrs + stride_pn, mask=_mask_and(p_mask, j0 + 1 < NUM_PROD), other=0.0, cache_modifier=".cg")
+            p1 = tl.load(ptrs + step, mask=_mask_and(p_mask, j0 + 1 < NUM_PROD), other=0.0, cache_modifier=".cg")
         if U > 2:
-            p2 = tl.load(
-                ptrs + 2 * stride_pn, mask=_mask_and(p_mask, j0 + 2 < NUM_PROD), other=0.0, cache_modifier=".cg"
-            )
-            p3 = tl.load(
-                ptrs + 3 * stride_pn, mask=_mask_and(p_mask, j0 + 3 < NUM_PROD), other=0.0, cache_modifier=".cg"
-            )
+            p2 = tl.load(ptrs + 2 * step, mask=_mask_and(p_mask, j0 + 2 < NUM_PROD), other=0.0, cache_modifier=".cg")
+            p3 = tl.load(ptrs + 3 * step, mask=_mask_and(p_mask, j0 + 3 < NUM_PROD), other=0.0, cache_modifier=".cg")
         acc += p0
         if U > 1:
             if j0 + 1 < NUM_PROD:
