@@ -19,7 +19,8 @@ kernels produce bit-identical masks:
   counter ``(c0, c1, c2, c3) = (g, m mod 2³², m >> 32, 0)``, key ``(seed mod 2³², seed >> 32)``;
 * column ``k = 8 g + j`` uses the 16-bit half ``j // 4`` (0 = low) of output lane ``j % 4``;
 * the element is kept iff that 16-bit value ``u >= threshold`` with
-  ``threshold = round(p · 65536)`` (so ``p`` is resolved to 1/65536);
+  ``threshold = round(p · 65536)`` (so ``p`` is resolved to 1/65536, while the scale stays exactly
+  ``1 / (1 - p)``; from ``p = 1 - 2⁻¹⁷`` on the threshold is 65536 and every element is dropped);
 * the packed *bitmask* saved for backward holds group ``g`` of row ``m`` in byte ``[m, g]``,
   bit ``j`` set iff column ``8 g + j`` is kept: ``M · ceil(K / 8)`` bytes.
 

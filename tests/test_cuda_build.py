@@ -239,6 +239,8 @@ def test_host_philox_matches_reference(ext):
         (7, 11, 40, 0.999),
         (99, 4, 23, 1.5 / 65536),  # threshold rounds half to even, like Python's round()
         (99, 4, 23, 2.5 / 65536),
+        (7, 11, 40, 1 - 2**-18),  # threshold 65536: every element dropped (a 16-bit threshold would keep all)
+        (121, 11, 40, 1 - 2**-16),  # threshold 65535: only draws of 65535 are kept (seed 121 has one)
         (3, 0, 16, 0.1),  # M = 0
     ],
 )

@@ -86,6 +86,8 @@ CASES = [
     ((6,), 19, 11, 2, torch.float32, torch.float32, 0.3, "regenerate", False, False, "contiguous", A100),
     ((1,), 8, 8, 1, torch.bfloat16, torch.float32, 0.5, "bitmask", True, True, "contiguous", H100),
     ((0, 3), 16, 8, 2, torch.bfloat16, torch.float32, 0.1, "bitmask", True, True, "contiguous", H100),
+    # p next to 1 (threshold 65535, scale 2¹⁶): only elements whose draw is 65535 are kept (seed 4321 + 71: one)
+    ((8,), 40, 71, 2, torch.float32, torch.float32, 1 - 2**-16, "bitmask", True, True, "contiguous", A100),
 ]
 
 

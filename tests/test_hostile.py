@@ -15,6 +15,7 @@ import torch
 
 from lora_kernels import backends, lora_linear
 from lora_kernels.reference import (
+    dropout_draws,
     dropout_keep_mask,
     dropout_threshold,
     lora_linear_ref,
@@ -548,6 +549,42 @@ def keep_rows(seed: int, rows: torch.Tensor, K: int, p: float) -> torch.Tensor:
     halves = [(lane >> (16 * h)) & 0xFFFF for h in (0, 1) for lane in lanes]
     u16 = torch.stack(halves, dim=-1).reshape(rows.numel(), G * 8)[:, :K]
     return u16 >= dropout_threshold(p)
+
+
+@pytest.mark.parametrize("mask_mode", ["bitmask", "regenerate"])
+def test_dropout_p_next_to_one(backend, mask_mode):
+    """p is resolved to 1/65536 (threshold = round(65536 p), the draws are 16-bit) while the scale stays
+    1 / (1 - p). From p = 1 - 2⁻¹⁷ on, the threshold is 65536, above every draw: every element is dropped
+    although the scale is up to 2¹⁷ (0 · scale must stay 0, not NaN, and a 16-bit compare would wrap the
+    threshold to 0 and keep them all). Just below, at threshold 65535, only a draw of 65535 keeps its
+    element, at that scale: a seed with such draws in x is searched for, so the case is not vacuous."""
+    seed_kept = next(s for s in range(5000) if (dropout_draws(s, M, K) == 65535).any())
+    kept = int((dropout_draws(seed_kept, M, K) == 65535).sum())
+    for p, seed, n_kept in ((1 - 2**-18, 7, 0), (1 - 2**-16, seed_kept, kept)):
+        assert dropout_threshold(p) == 65536 - (n_kept > 0)
+        assert int(dropout_keep_mask(seed, M, K, p).sum()) == n_kept
+
+        def make(cast):
+            leaves = {
+                "x": cast(_randn(M, K, seed=1)).requires_grad_(True),
+                "lora_A": cast(_randn(R, K, seed=2, std=K**-0.5)).requires_grad_(True),
+                "lora_B": cast(_randn(N, R, seed=3, std=R**-0.5)).requires_grad_(True),
+                "lora_bias": cast(_randn(N, seed=4, std=0.1)).requires_grad_(True),
+            }
+            w, b = cast(_randn(N, K, seed=5, std=K**-0.5)), cast(_randn(N, seed=6, std=0.1))
+            return (leaves["x"], w, leaves["lora_A"], leaves["lora_B"], b, leaves["lora_bias"]), leaves
+
+        # outputs and gradients against float64, the kept elements scaled by 1 / (1 - p) = 2¹⁶
+        _check_against_reference(backend, make, dropout_p=p, seed=seed, scaling=0.5, dropout_mask=mask_mode)
+        args, leaves = make(lambda t: t.to(DEVICE))
+        y = lora_linear(*args, dropout_p=p, seed=seed, scaling=0.5, dropout_mask=mask_mode, backend=backend)
+        assert torch.isfinite(y).all()
+        y.backward(torch.ones_like(y))
+        if n_kept == 0:  # T = dropout(x)·Aᵀ = 0: nothing reaches lora_A or lora_B
+            assert not leaves["lora_A"].grad.any() and not leaves["lora_B"].grad.any()
+        else:  # the kept elements' columns of dA, and nothing else
+            cols = dropout_keep_mask(seed, M, K, p).any(0).to(DEVICE)
+            assert leaves["lora_A"].grad[:, cols].abs().sum() > 0 and not leaves["lora_A"].grad[:, ~cols].any()
 
 
 def test_keep_rows_helper_is_the_reference_mask():
