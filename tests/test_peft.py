@@ -1229,3 +1229,84 @@ def test_patch_options_are_checked_before_anything_changes() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         register_fused_peft_module(LoraConfig(r=4), backend="tpu")
     assert lkp.inspect_model(model).accelerated == []  # nothing was patched
+
+
+# PEFT's LoRA variants besides DoRA (``lora_variant``, peft >= 0.16): each changes the layer's forward, backward or
+# what its adapter holds. (config keyword, its value built from peft's config module, the variant's class)
+_VARIANTS = {
+    "velora": ("velora_config", lambda c: c.VeloraConfig(), "VeloraLinearVariant"),
+    "kasa": ("kasa_config", lambda c: c.KasaConfig(), "KasaLinearVariant"),
+    "monteclora": ("monteclora_config", lambda c: c.MontecloraConfig(), "MontecloraLinearVariant"),
+    "mica": ("init_lora_weights", lambda c: "mica", "MiCALinearVariant"),
+    "alora": ("alora_invocation_tokens", lambda c: [5, 6], "ALoraLinearVariant"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+@pytest.mark.filterwarnings("ignore:aLoRA is currently only supported")
+def test_lora_variants_take_peft_s_path(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model built with one of PEFT's LoRA variants (VeLoRA, KaSA, MonteCLoRA, MiCA, aLoRA: a custom backward,
+    singular values, Monte Carlo sampling, another init with its own forward, adapters active from an invocation
+    token on) is patched, but every call takes PEFT's path, reported with the variant's class, and the model's
+    outputs and every gradient are PEFT's bit for bit (the same torch seed before each run)."""
+    import dataclasses
+
+    import peft
+    import peft.tuners.lora.config as peft_config
+
+    key, value, cls = _VARIANTS[variant]
+    field = {f.name: f for f in dataclasses.fields(LoraConfig)}.get(key)
+    if field is None or (key == "init_lora_weights" and "mica" not in field.metadata.get("lora_variants", ())):
+        pytest.skip(f"peft {peft.__version__} has no {variant} variant")
+    ref = _peft_model(**{key: value(peft_config)})
+    model = copy.deepcopy(ref)
+    report = patch(model, backend="torch", log=False)
+    assert report.accelerated == [] and len(report.fallback) == N_LINEAR, report
+    assert all(f"LoRA variant ({cls})" in why for why in report.fallback.values()), report.fallback
+    ids = _ids()
+    ids[:, 3], ids[:, 4] = 5, 6  # (aLoRA's invocation tokens: its adapters act from there on)
+    spy = _Spy(monkeypatch)
+    torch.manual_seed(0)
+    logits, grads = _run(model, ids)
+    torch.manual_seed(0)
+    ref_logits, ref_grads = _run(ref, ids)
+    assert not spy.calls, "a variant's layer reached the fused op"
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+def test_a_lora_layer_subclass_or_a_quantized_base_weight_stays_peft_s() -> None:
+    """A subclass of PEFT's lora.Linear with a forward of its own (the fused op would skip it), a base weight that is
+    not a float tensor (int8, as quantizers store it) or is a tensor subclass: each such layer is skipped with
+    its reason, the others are fused, and the model's outputs are PEFT's."""
+
+    class ClippedLoraLinear(PeftLoraLinear):
+        def forward(self, x, *args, **kwargs):
+            return super().forward(x, *args, **kwargs).clamp(-0.05, 0.05)
+
+    class TaggedTensor(torch.Tensor):
+        pass
+
+    model = _peft_model(target_modules=["q_proj", "k_proj", "v_proj"])
+    ids = _ids()
+    attn0, attn1 = (layer.self_attn for layer in model.base_model.model.model.layers)
+    attn0.q_proj.__class__ = ClippedLoraLinear
+    attn1.v_proj.base_layer.weight = nn.Parameter(TaggedTensor(attn1.v_proj.base_layer.weight.detach()),
+                                                  requires_grad=False)  # fmt: skip
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    int8 = nn.Parameter(torch.ones(attn1.k_proj.base_layer.weight.shape, dtype=torch.int8), requires_grad=False)
+    real_k = attn1.k_proj.base_layer.weight
+    attn1.k_proj.base_layer.weight = int8
+    report = patch(model, backend="torch", log=False)
+    prefix = "base_model.model.model.layers"
+    assert report.skipped == {
+        f"{prefix}.0.self_attn.q_proj": "ClippedLoraLinear overrides peft's lora.Linear.forward",
+        f"{prefix}.1.self_attn.k_proj": "base weight is Parameter of torch.int8 (quantized or tensor subclass)",
+        f"{prefix}.1.self_attn.v_proj": "base weight is TaggedTensor of torch.float32 (quantized or tensor subclass)",
+    }, report.skipped
+    assert len(report.accelerated) == 3
+    attn1.k_proj.base_layer.weight = real_k  # (an int8 weight does not run through nn.Linear: for the comparison)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(after, before)
