@@ -572,6 +572,66 @@ def test_dx_tma_kernel_walks_every_tile_once_in_the_single_loops_order():
             assert got.tolist() == want, (step, start)
 
 
+def test_tma_ok_refuses_what_a_descriptor_cannot_describe(monkeypatch):
+    """A TMA descriptor describes a 2-D row-major tensor with a 16-byte aligned base and row stride whose rows do
+    not overlap. A base 2 bytes off, an expanded tensor (row stride 0), overlapping windows, a 3-D or column-major
+    tensor and fp32 each send the launch to the pointer kernels (on a GPU the driver refuses such a tensor map,
+    or the kernel reads other rows); the aligned view of the same buffer is taken."""
+    tri = _tma_forced(monkeypatch)
+    buf = torch.randn(64, 72, dtype=torch.float16, device=DEVICE)  # rows of 144 bytes
+    assert buf.data_ptr() % 16 == 0 and tri._tma_ok(buf[:, :64]) and tri._tma_ok(buf[1:, 8:])
+    flat = torch.randn(64 * 8 + 64, dtype=torch.float16, device=DEVICE)
+    refused = {
+        "base 2 bytes off": buf[:, 1:65],
+        "expanded rows": buf[0].expand(64, 72),
+        "overlapping rows": flat.as_strided((64, 64), (8, 1)),
+        "3-D": buf.view(2, 32, 72),
+        "column-major": buf[:, :64].t(),
+        "fp32": buf.float(),
+    }
+    for why, t in refused.items():
+        assert not tri._tma_ok(t), why
+        # (the launchers pass tensors of one dtype: the first one's decides)
+        assert why == "fp32" or not tri._tma_ok(buf[:, :64], t), f"{why}, second tensor"
+
+
+@pytest.mark.parametrize("case", ["x-base-2-bytes-off", "dy-expanded"])
+def test_triton_tma_sends_a_misaligned_x_or_an_expanded_dy_to_the_pointer_kernels(monkeypatch, case):
+    """x a view 2 bytes into its buffer: the forward takes the pointer kernels, the dX kernel (on autograd's dY)
+    the TMA one. dY expanded from one row (the gradient of ``y.sum(0)``, strides (0, 1)): the forward takes TMA,
+    the dX kernel the pointer one. Outputs and every gradient against float64 either way."""
+    tri = _tma_forced(monkeypatch)
+    taken = []
+    real = tri._tma_ok
+    monkeypatch.setattr(tri, "_tma_ok", lambda *ts, **kw: taken.append(real(*ts, **kw)) or taken[-1])
+    M, K, N, r, p, seed = 67, 64, 48, 8, 0.1, 99
+    x, W, A, B, b, lb = make_inputs(M, K, N, r, xdt=torch.float16, adt=torch.float32, lora_bias=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (A, B, lb)]
+    if case == "x-base-2-bytes-off":
+        buf = torch.zeros(M, K + 8, dtype=x.dtype, device=x.device)
+        buf[:, 1 : K + 1] = x
+        buf.requires_grad_()
+        xin = buf[:, 1 : K + 1]
+        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    else:
+        xin = x.detach().clone().requires_grad_()
+        dy = torch.randn(N, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype).expand(M, N)
+    y = lk.lora_linear(xin, W, *leaves[:2], b, leaves[2], 2.0, p, True, seed, backend="triton")
+    y.backward(dy)
+    assert taken == ([False, True] if case == "x-base-2-bytes-off" else [True, False]), taken
+    dx = buf.grad[:, 1 : K + 1] if case == "x-base-2-bytes-off" else xin.grad
+    if case == "x-base-2-bytes-off":
+        assert not buf.grad[:, 0].any() and not buf.grad[:, K + 1 :].any()
+    ref = [t.detach().double().requires_grad_() for t in (x, A, B, lb)]
+    yr = lora_linear_ref(ref[0], W.double(), ref[1], ref[2], b.double(), ref[3], 2.0, p, True, seed)
+    yr.backward(dy.double())
+    dts = (x.dtype, A.dtype)
+    assert_close_ref(y, yr, dts, "y")
+    for name, got, want in zip(("dx", "dA", "dB", "dlora_bias"), (dx, *(t.grad for t in leaves)),
+                               (t.grad for t in ref), strict=True):  # fmt: skip
+        assert_close_ref(got, want, dts, name)
+
+
 @pytest.mark.parametrize("shape", [(67, 100, 72), (67, 104, 70)], ids=str)
 def test_triton_tma_falls_back_on_unaligned_rows(monkeypatch, shape):
     """Rows that are not 16-byte aligned (K or N not a multiple of 8 in fp16) use the pointer kernels."""
