@@ -193,3 +193,26 @@ def test_double_backward(backend: str) -> None:
     y = lk.lora_linear(t["x"], weight, t["lora_A"], t["lora_B"], backend=backend, recompute_weight=t["weight"].clone)
     with pytest.raises(RuntimeError, match="create_graph=True.*recompute_weight=None"):
         torch.autograd.grad(y, [t["x"], weight], t["dy"], create_graph=True)
+
+
+def test_under_torch_compile_it_runs_eagerly_or_says_it_is_eager_only() -> None:
+    """Eager only (a Python callable kept for backward is nothing the compiler traces): under torch.compile the call
+    breaks the graph and runs eagerly, with the same results and one recompute in backward; with fullgraph=True,
+    where a graph break is an error, the error carries the reason."""
+    t = _tensors(M=9, K=32, N=24, r=4)
+    kw = dict(bias=t["bias"], lora_bias=t["lora_bias"], scaling=0.7, backend="torch")
+    want = _grads(lk.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], **kw), t)
+    rec = _Recorder(t["weight"])
+
+    def f(x):
+        return lk.lora_linear(x, t["weight"], t["lora_A"], t["lora_B"], recompute_weight=rec, **kw)
+
+    torch._dynamo.reset()
+    got = _grads(torch.compile(f)(t["x"]), t)
+    assert rec.calls == 1
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="recompute_weight is eager only"):
+        torch.compile(f, fullgraph=True)(t["x"])
+    torch._dynamo.reset()
