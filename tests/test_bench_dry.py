@@ -807,6 +807,20 @@ def test_compiled_row_needs_a_gpu():
         _impls.build("triton-compile", prob)
 
 
+def test_compile_row_and_a_biased_base_on_the_cpu(tmp_path):
+    """The rows the dry run leaves out: ``compile`` (torch.compile of the naive math, inductor's C++ backend on a
+    CPU; its GPU rows are item 6 of the runbook) and a base layer with a bias (``--bias``), for naive, peft and
+    ours. Every row ok; at p = 0 each computes cuBLAS's row's function with its bias."""
+    rows = bench_ll.main(["--dry", "--bias", "--impls", "naive,peft,compile,torch", "--cpu-reps", "1", "--no-plot",
+                          "--out", str(tmp_path)])  # fmt: skip
+    by = {(r["impl"], r["p"]): r for r in rows}
+    assert set(by) == {(i, p) for i in ("cublas", "naive", "peft", "compile", "torch") for p in (0.0, 0.1)}, by
+    assert all(r["status"] == "ok" for r in rows), [(k, r["status"]) for k, r in by.items()]
+    for impl in ("naive", "peft", "compile", "torch"):
+        assert float(by[(impl, 0.0)]["rel_err"]) < 1e-5, (impl, by[(impl, 0.0)]["rel_err"])
+    torch._dynamo.reset()
+
+
 def _ncu_csv(rows) -> str:
     """Text in the layout of ``ncu --csv --page details``: a banner, then one row per (launch, metric)."""
     head = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",

@@ -42,6 +42,9 @@ def test_parse_archs_spellings():
         _build.parse_archs("75;80")
     with pytest.raises(ValueError, match="cannot parse"):
         _build.parse_archs("hopper")
+    assert _build.parse_archs(" ;90;;80, ") == ["80", "90"]  # empty items between separators are skipped
+    with pytest.raises(ValueError, match="is empty"):
+        _build.parse_archs(" ; ,")
 
 
 def test_arch_flags_use_sm90a_and_ptx_of_newest():
