@@ -525,3 +525,157 @@ def test_cuda_backend_host_code_every_partial_backward(emu_cuda, cuda_ops_emu):
             _check_cuda_emu(prob, gpu, fast, pad_edge, emu_cuda, cuda_ops_emu)
         except AssertionError as e:
             raise AssertionError(f"{e}\nproblem: {prob}, gpu {gpu}, fast {fast}, pad_edge {pad_edge}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT models: a patched model against PEFT's own, on random adapter configurations
+
+
+class _TwoLayers(torch.nn.Module):
+    """x -> up (nn.Linear) -> tanh -> down (nn.Linear, or transformers' Conv1D, whose weight is stored (K, N))."""
+
+    def __init__(self, K: int, H: int, N: int, bias_up: bool, bias_down: bool, conv1d: bool) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(K, H, bias=bias_up)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            self.down = Conv1D(N, H)  # (nf, nx): always with a bias
+        else:
+            self.down = torch.nn.Linear(H, N, bias=bias_down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+@st.composite
+def peft_problems(draw) -> dict:
+    adapter = st.fixed_dictionaries({
+        "r": sizes(16),
+        "alpha": st.sampled_from([1, 8, 16, 32]),
+        "rslora": st.booleans(),
+        "lora_bias": st.sampled_from([False, False, False, True]),
+        "targets": st.sampled_from([["up"], ["down"], ["up", "down"], ["up", "down"]]),
+    })  # fmt: skip
+    adapters = draw(st.lists(adapter, min_size=1, max_size=3))
+    active = draw(st.lists(st.booleans(), min_size=len(adapters), max_size=len(adapters)))
+    if not any(active):
+        active[draw(st.integers(0, len(adapters) - 1))] = True
+    p = draw(st.sampled_from([0.0, 0.0, 0.1]))
+    merge_ok = not any(a["lora_bias"] for a, on in zip(adapters, active, strict=True) if on)
+    return {
+        "lead": tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=2))),
+        "K": draw(sizes(40)),
+        "H": draw(sizes(40)),
+        "N": draw(sizes(40)),
+        "bias_up": draw(st.booleans()),
+        "bias_down": draw(st.booleans()),
+        "conv1d": draw(st.booleans()),
+        "adapters": adapters,
+        "active": active,
+        "p": p,
+        # PEFT's dropout masks are torch's, not ours: with p > 0 the two agree in eval mode only
+        "training": p == 0.0 and draw(st.booleans() | st.just(True)),
+        "x_grad": draw(st.booleans()),
+        "state": draw(st.sampled_from(["plain", "plain", "disabled"] + (["merged"] if merge_ok else []))),
+        "data_seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _check_patched_peft(prob: dict, backend: str) -> None:
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from lora_kernels.integrations import patch
+
+    torch.manual_seed(prob["data_seed"])
+    base = _TwoLayers(prob["K"], prob["H"], prob["N"], prob["bias_up"], prob["bias_down"], prob["conv1d"])
+    names = [f"a{i}" for i in range(len(prob["adapters"]))]
+
+    def config(a: dict) -> LoraConfig:
+        # init_lora_weights=False: B random too (B = 0 would hide every dA); fan_in_fan_out follows the layer
+        return LoraConfig(r=a["r"], lora_alpha=a["alpha"], use_rslora=a["rslora"], lora_bias=a["lora_bias"],
+                          target_modules=a["targets"], lora_dropout=prob["p"], init_lora_weights=False,
+                          fan_in_fan_out=prob["conv1d"] and a["targets"] == ["down"])  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out corrected per layer, with PEFT's warning
+        model = get_peft_model(base, config(prob["adapters"][0]), adapter_name=names[0])
+        for name, a in zip(names[1:], prob["adapters"][1:], strict=True):
+            model.add_adapter(name, config(a))
+    for m in model.modules():  # lora_bias starts at zero: give it values, as training would
+        if isinstance(m, LoraLayer):
+            for lin in m.lora_B.values():
+                if lin.bias is not None:
+                    torch.nn.init.normal_(lin.bias, std=0.1)
+    active = [n for n, on in zip(names, prob["active"], strict=True) if on]
+    model.base_model.set_adapter(active)
+    ref = copy.deepcopy(model).double()
+    report = patch(model, backend=backend, log=False)
+    assert not report.skipped, report.skipped
+    model.train(prob["training"])
+    ref.train(prob["training"])
+    if prob["state"] == "merged":
+        model.merge_adapter(active)
+        ref.merge_adapter(active)
+
+    g = torch.Generator().manual_seed(prob["data_seed"] ^ 0x5EED)
+    x = torch.randn(*prob["lead"], prob["K"], generator=g)
+    dy = torch.randn(*prob["lead"], prob["N"], generator=g)
+
+    def step(net: torch.nn.Module, dtype: torch.dtype):
+        xs = x.to(dtype, copy=True).requires_grad_(prob["x_grad"])
+        net.zero_grad(set_to_none=True)
+        if prob["state"] == "disabled":
+            with net.disable_adapter():
+                y = net(xs)
+        else:
+            y = net(xs)
+        if y.requires_grad:  # (not under disable_adapter() with x frozen: nothing trains)
+            y.backward(dy.to(dtype))
+        grads = {n: q.grad for n, q in net.named_parameters() if q.requires_grad}
+        return y.detach(), grads, xs.grad
+
+    y, grads, dx = step(model, torch.float32)
+    y64, grads64, dx64 = step(ref, torch.float64)
+    dts = [torch.float32]
+    assert_close_ref(y, y64, dts, "y")
+    if prob["x_grad"]:
+        assert_close_ref(dx, dx64, dts, "dx")
+    assert grads.keys() == grads64.keys()
+    for n, gr in grads.items():
+        if grads64[n] is None:
+            assert gr is None or not gr.any(), n
+        else:
+            assert gr is not None, f"no gradient for {n}"
+            assert_close_ref(gr, grads64[n], dts, n)
+    for name, m in model.named_modules():  # the fused path ran where it applies, PEFT's elsewhere
+        if isinstance(m, LoraLayer):
+            has_active = any(a in m.lora_A for a in active)
+            fused = prob["state"] == "plain" and has_active
+            assert (m._lk_last_fallback is None) == fused, (name, m._lk_last_fallback)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patched_peft_models_match_peft_on_random_adapter_configurations(backend):
+    """A two-layer model (nn.Linear, then nn.Linear or GPT-2's Conv1D) with 1 to 3 PEFT LoRA adapters of random
+    ranks, alphas, rsLoRA, lora_bias and targets, any subset of them active, patched, against PEFT's own model in
+    float64: outputs, dX and every trainable parameter's gradient, in train mode (p = 0) or eval mode (p = 0.1),
+    plain, merged or under ``disable_adapter()``; the fused path runs exactly where an active adapter is on the
+    layer and nothing is merged or disabled."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    _skip_unless_available(backend)
+
+    @settings(settings.get_profile(PROFILE), max_examples=max(30, settings.get_profile(PROFILE).max_examples // 2))
+    @given(prob=peft_problems())
+    def check(prob):
+        try:
+            _check_patched_peft(prob, backend)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nproblem: {prob}") from None
+
+    check()
