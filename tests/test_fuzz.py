@@ -549,7 +549,7 @@ class _TwoLayers(torch.nn.Module):
 
 
 @st.composite
-def peft_problems(draw) -> dict:
+def peft_problems(draw, backend: str) -> dict:
     adapter = st.fixed_dictionaries({
         "r": sizes(16),
         "alpha": st.sampled_from([1, 8, 16, 32]),
@@ -578,6 +578,10 @@ def peft_problems(draw) -> dict:
         "training": p == 0.0 and draw(st.booleans() | st.just(True)),
         "x_grad": draw(st.booleans()),
         "state": draw(st.sampled_from(["plain", "plain", "disabled"] + (["merged"] if merge_ok else []))),
+        # the base layers' dtype; PEFT keeps the adapters in float32 (autocast_adapter_dtype)
+        "dtype": draw(
+            st.sampled_from([n for n in ("fp32", "fp32", "fp16+fp32a", "bf16+fp32a") if n in _dtype_names(backend)])
+        ),  # fmt: skip
         "data_seed": draw(st.integers(0, 2**31 - 1)),
     }
 
@@ -593,6 +597,8 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
 
     torch.manual_seed(prob["data_seed"])
     base = _TwoLayers(prob["K"], prob["H"], prob["N"], prob["bias_up"], prob["bias_down"], prob["conv1d"])
+    x_dt, a_dt = DTYPES[prob["dtype"]]
+    base.to(x_dt)
     names = [f"a{i}" for i in range(len(prob["adapters"]))]
 
     def config(a: dict) -> LoraConfig:
@@ -623,8 +629,8 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
         ref.merge_adapter(active)
 
     g = torch.Generator().manual_seed(prob["data_seed"] ^ 0x5EED)
-    x = torch.randn(*prob["lead"], prob["K"], generator=g)
-    dy = torch.randn(*prob["lead"], prob["N"], generator=g)
+    x = torch.randn(*prob["lead"], prob["K"], generator=g).to(x_dt)  # (the float64 run sees the same values)
+    dy = torch.randn(*prob["lead"], prob["N"], generator=g).to(x_dt)
 
     def step(net: torch.nn.Module, dtype: torch.dtype):
         xs = x.to(dtype, copy=True).requires_grad_(prob["x_grad"])
@@ -639,9 +645,10 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
         grads = {n: q.grad for n, q in net.named_parameters() if q.requires_grad}
         return y.detach(), grads, xs.grad
 
-    y, grads, dx = step(model, torch.float32)
+    assert all(q.dtype == a_dt for n, q in model.named_parameters() if "lora_" in n)
+    y, grads, dx = step(model, x_dt)
     y64, grads64, dx64 = step(ref, torch.float64)
-    dts = [torch.float32]
+    dts = [x_dt, a_dt]
     assert_close_ref(y, y64, dts, "y")
     if prob["x_grad"]:
         assert_close_ref(dx, dx64, dts, "dx")
@@ -662,8 +669,9 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_patched_peft_models_match_peft_on_random_adapter_configurations(backend):
     """A two-layer model (nn.Linear, then nn.Linear or GPT-2's Conv1D) with 1 to 3 PEFT LoRA adapters of random
-    ranks, alphas, rsLoRA, lora_bias and targets, any subset of them active, patched, against PEFT's own model in
-    float64: outputs, dX and every trainable parameter's gradient, in train mode (p = 0) or eval mode (p = 0.1),
+    ranks, alphas, rsLoRA, lora_bias and targets, any subset of them active, a float32, float16 or bfloat16 base
+    (float32 adapters, PEFT's default), patched, against PEFT's own model in float64: outputs, dX and every
+    trainable parameter's gradient, in train mode (p = 0) or eval mode (p = 0.1),
     plain, merged or under ``disable_adapter()``; the fused path runs exactly where an active adapter is on the
     layer and nothing is merged or disabled."""
     pytest.importorskip("peft")
@@ -671,7 +679,7 @@ def test_patched_peft_models_match_peft_on_random_adapter_configurations(backend
     _skip_unless_available(backend)
 
     @settings(settings.get_profile(PROFILE), max_examples=max(30, settings.get_profile(PROFILE).max_examples // 2))
-    @given(prob=peft_problems())
+    @given(prob=peft_problems(backend))
     def check(prob):
         try:
             _check_patched_peft(prob, backend)
