@@ -620,13 +620,13 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
     active = [n for n, on in zip(names, prob["active"], strict=True) if on]
     model.base_model.set_adapter(active)
     ref = copy.deepcopy(model).double()
+    own = copy.deepcopy(model)  # PEFT's own model in the same dtypes
     report = patch(model, backend=backend, log=False)
     assert not report.skipped, report.skipped
-    model.train(prob["training"])
-    ref.train(prob["training"])
-    if prob["state"] == "merged":
-        model.merge_adapter(active)
-        ref.merge_adapter(active)
+    for net in (model, ref, own):
+        net.train(prob["training"])
+        if prob["state"] == "merged":
+            net.merge_adapter(active)
 
     g = torch.Generator().manual_seed(prob["data_seed"] ^ 0x5EED)
     x = torch.randn(*prob["lead"], prob["K"], generator=g).to(x_dt)  # (the float64 run sees the same values)
@@ -648,17 +648,29 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
     assert all(q.dtype == a_dt for n, q in model.named_parameters() if "lora_" in n)
     y, grads, dx = step(model, x_dt)
     y64, grads64, dx64 = step(ref, torch.float64)
+    y_own, grads_own, dx_own = step(own, x_dt)
     dts = [x_dt, a_dt]
-    assert_close_ref(y, y64, dts, "y")
+
+    def close(got: torch.Tensor, own: torch.Tensor, want: torch.Tensor, name: str) -> None:
+        # The tolerance table bounds one layer's rounding. Through two 16-bit layers the first one's gradients
+        # also carry the second's rounded backward: there, no further from float64 than twice PEFT's own error.
+        try:
+            assert_close_ref(got, want, dts, name)
+        except AssertionError:
+            err, own_err = ((t.double() - want).abs().max().item() for t in (got, own))
+            if x_dt == torch.float32 or err > 2 * own_err:
+                raise AssertionError(f"{name}: max abs err {err:.3e}, PEFT's own {own_err:.3e}") from None
+
+    close(y, y_own, y64, "y")
     if prob["x_grad"]:
-        assert_close_ref(dx, dx64, dts, "dx")
-    assert grads.keys() == grads64.keys()
+        close(dx, dx_own, dx64, "dx")
+    assert grads.keys() == grads64.keys() == grads_own.keys()
     for n, gr in grads.items():
         if grads64[n] is None:
             assert gr is None or not gr.any(), n
         else:
             assert gr is not None, f"no gradient for {n}"
-            assert_close_ref(gr, grads64[n], dts, n)
+            close(gr, grads_own[n], grads64[n], n)
     for name, m in model.named_modules():  # the fused path ran where it applies, PEFT's elsewhere
         if isinstance(m, LoraLayer):
             has_active = any(a in m.lora_A for a in active)
