@@ -652,13 +652,14 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
     dts = [x_dt, a_dt]
 
     def close(got: torch.Tensor, own: torch.Tensor, want: torch.Tensor, name: str) -> None:
-        # The tolerance table bounds one layer's rounding. Through two 16-bit layers the first one's gradients
-        # also carry the second's rounded backward: there, no further from float64 than twice PEFT's own error.
+        # The tolerance table bounds one op's rounding. Through two layers the first one's gradients also carry
+        # the second's rounded backward (and a hidden width of 1 a gradient that may cancel): beyond the table, no
+        # further from float64 than twice PEFT's own error in the same dtypes.
         try:
             assert_close_ref(got, want, dts, name)
         except AssertionError:
             err, own_err = ((t.double() - want).abs().max().item() for t in (got, own))
-            if x_dt == torch.float32 or err > 2 * own_err:
+            if err > 2 * own_err:
                 raise AssertionError(f"{name}: max abs err {err:.3e}, PEFT's own {own_err:.3e}") from None
 
     close(y, y_own, y64, "y")
