@@ -554,7 +554,7 @@ def peft_problems(draw, backend: str) -> dict:
         "r": sizes(16),
         "alpha": st.sampled_from([1, 8, 16, 32]),
         "rslora": st.booleans(),
-        "lora_bias": st.sampled_from([False, False, False, True]),
+        "lora_bias": st.booleans(),
         "targets": st.sampled_from([["up"], ["down"], ["up", "down"], ["up", "down"]]),
     })  # fmt: skip
     adapters = draw(st.lists(adapter, min_size=1, max_size=3))
