@@ -598,7 +598,7 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
     torch.manual_seed(prob["data_seed"])
     base = _TwoLayers(prob["K"], prob["H"], prob["N"], prob["bias_up"], prob["bias_down"], prob["conv1d"])
     x_dt, a_dt = DTYPES[prob["dtype"]]
-    base.to(x_dt)
+    base.to(device=DEVICE, dtype=x_dt)  # (on a GPU the Triton backend runs its kernels: the model goes there)
     names = [f"a{i}" for i in range(len(prob["adapters"]))]
 
     def config(a: dict) -> LoraConfig:
@@ -629,8 +629,8 @@ def _check_patched_peft(prob: dict, backend: str) -> None:
             net.merge_adapter(active)
 
     g = torch.Generator().manual_seed(prob["data_seed"] ^ 0x5EED)
-    x = torch.randn(*prob["lead"], prob["K"], generator=g).to(x_dt)  # (the float64 run sees the same values)
-    dy = torch.randn(*prob["lead"], prob["N"], generator=g).to(x_dt)
+    x = torch.randn(*prob["lead"], prob["K"], generator=g).to(DEVICE, x_dt)  # (float64 sees the same values)
+    dy = torch.randn(*prob["lead"], prob["N"], generator=g).to(DEVICE, x_dt)
 
     def step(net: torch.nn.Module, dtype: torch.dtype):
         xs = x.to(dtype, copy=True).requires_grad_(prob["x_grad"])
@@ -684,9 +684,9 @@ def test_patched_peft_models_match_peft_on_random_adapter_configurations(backend
     """A two-layer model (nn.Linear, then nn.Linear or GPT-2's Conv1D) with 1 to 3 PEFT LoRA adapters of random
     ranks, alphas, rsLoRA, lora_bias and targets, any subset of them active, a float32, float16 or bfloat16 base
     (float32 adapters, PEFT's default), patched, against PEFT's own model in float64: outputs, dX and every
-    trainable parameter's gradient, in train mode (p = 0) or eval mode (p = 0.1),
-    plain, merged or under ``disable_adapter()``; the fused path runs exactly where an active adapter is on the
-    layer and nothing is merged or disabled."""
+    trainable parameter's gradient, in train mode (p = 0) or eval mode (p = 0.1), plain, merged or under
+    ``disable_adapter()``; the fused path runs exactly where an active adapter is on the layer and nothing is
+    merged or disabled."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     _skip_unless_available(backend)
